@@ -1,0 +1,80 @@
+"""The rolling salt: every node derives the same per-epoch MAC key from a shared master secret.
+
+No messages pass between nodes: the key for epoch ``e`` is HKDF-SHA256 over the master secret with
+``info = b"synproxy-cookie-salt-v1" || e (8 bytes, big endian)``. See docs/cookie.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+SALT_INFO_PREFIX = b"synproxy-cookie-salt-v1"
+SALT_BYTES = 16
+EPOCH_BITS = 2
+EPOCH_SLOTS = 1 << EPOCH_BITS
+MIN_SECRET_BYTES = 16
+
+
+@functools.lru_cache(maxsize=64)
+def derive_salt(secret: bytes, epoch: int) -> bytes:
+    """The 16-byte SipHash key for ``epoch`` (cached: called once per packet otherwise)."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=SALT_BYTES, salt=None,
+                info=SALT_INFO_PREFIX + epoch.to_bytes(8, "big"))
+    return hkdf.derive(secret)
+
+
+def epoch_at(now: float, period: float) -> int:
+    """Epoch number of unix time ``now``."""
+    return math.floor(now / period)
+
+
+@dataclass(frozen=True)
+class SaltSchedule:
+    """Which epochs and secrets a node accepts at a given time.
+
+    ``secrets[0]`` makes new cookies; every secret validates (the others are retired secrets kept for
+    a grace period while the master secret rotates). A cookie is accepted while its epoch overlaps
+    ``[now - period - skew, now + skew]``: the current and previous epoch, widened by the tolerated
+    clock skew between nodes.
+    """
+
+    secrets: tuple[bytes, ...]
+    period: float = 60.0
+    skew: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.secrets:
+            raise ValueError("at least one master secret is required")
+        if any(len(s) < MIN_SECRET_BYTES for s in self.secrets):
+            raise ValueError(f"a master secret must be at least {MIN_SECRET_BYTES} bytes")
+        if self.period <= 0:
+            raise ValueError("salt period must be positive")
+        if not 0 <= self.skew <= self.period:
+            raise ValueError("clock skew tolerance must be between 0 and the salt period")
+
+    def current_epoch(self, now: float) -> int:
+        return epoch_at(now, self.period)
+
+    def accepted_epochs(self, now: float) -> range:
+        """Epochs whose cookies validate at ``now`` (at most four, so two bits tell them apart)."""
+        return range(epoch_at(now - self.period - self.skew, self.period),
+                     epoch_at(now + self.skew, self.period) + 1)
+
+    def epoch_for_bits(self, epoch_bits: int, now: float) -> int | None:
+        """The one accepted epoch whose low bits are ``epoch_bits``, or None."""
+        for epoch in self.accepted_epochs(now):
+            if epoch % EPOCH_SLOTS == epoch_bits:
+                return epoch
+        return None
+
+    def minting_salt(self, now: float) -> tuple[int, bytes]:
+        epoch = self.current_epoch(now)
+        return epoch, derive_salt(self.secrets[0], epoch)
+
+    def validating_salts(self, epoch: int) -> list[bytes]:
+        return [derive_salt(secret, epoch) for secret in self.secrets]
