@@ -11,8 +11,16 @@ import json
 import random
 from pathlib import Path
 
-from synproxy.cookie import (MSS_TABLE, SynOptions, WSCALE_MAX, cookie_mac, encode_data, mac_input,
-                             make_cookie, mss_index)
+from synproxy.cookie import (
+    MSS_TABLE,
+    WSCALE_MAX,
+    SynOptions,
+    cookie_mac,
+    encode_data,
+    mac_input,
+    make_cookie,
+    mss_index,
+)
 from synproxy.salt import derive_salt
 
 OUT = Path(__file__).with_name("cookies.json")
@@ -52,7 +60,7 @@ def vector(rng: random.Random, family: int, options: SynOptions, epoch: int, cli
     }
 
 
-def main() -> None:
+def build_document() -> dict:
     rng = random.Random(20261123)
     vectors = []
     for family, table in MSS_TABLE.items():
@@ -73,14 +81,18 @@ def main() -> None:
         for epoch in EPOCHS:
             vectors.append(vector(rng, family, SynOptions(table[2], 0, False, True), epoch, table[2],
                                   f"v{family} epoch {epoch}"))
-    document = {
-        "spec": "docs/cookie.md",
-        "secret": SECRET.hex(),
-        "period_seconds": PERIOD,
-        "vectors": vectors,
-    }
-    OUT.write_text(json.dumps(document, indent=1) + "\n")
-    print(f"wrote {len(vectors)} vectors to {OUT}")
+    return {"spec": "docs/cookie.md", "secret": SECRET.hex(), "period_seconds": PERIOD,
+            "vectors": vectors}
+
+
+def render(document: dict) -> str:
+    return json.dumps(document, indent=1) + "\n"
+
+
+def main() -> None:
+    document = build_document()
+    OUT.write_text(render(document))
+    print(f"wrote {len(document['vectors'])} vectors to {OUT}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,23 @@
+# `make demo` and `make test` each do all set-up on a fresh Debian 12 machine (as root).
+PYTHON ?= python3
+
+.PHONY: setup test demo bench vectors lint
+
+setup:
+	./deploy/install-deps.sh
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+demo: setup
+	$(PYTHON) -m synproxy.cli selftest
+	$(PYTHON) benchmarks/bench_cookie.py --count 50000
+
+bench: setup
+	$(PYTHON) benchmarks/bench_cookie.py
+
+vectors:
+	$(PYTHON) tests/vectors/generate.py
+
+lint:
+	ruff check synproxy tests benchmarks

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install everything synproxy, its tests and its lab need on a Debian 12 host. Idempotent: packages
+# already present are not fetched again, so `make test` and `make demo` can call it every time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  clang-19 libbpf-dev linux-libc-dev libc6-dev    # build the BPF programs
+  iproute2 iptables nftables procps               # netns lab, NFQUEUE rules, sysctls
+  libnetfilter-queue-dev gcc python3-dev          # build the netfilterqueue binding
+  curl hping3 netsniff-ng tcpdump                 # clients, flood generators, debugging
+  make
+)
+
+missing=()
+for package in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  echo "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The project itself (editable, so the lab's processes run this checkout) and its test tools.
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[test]'

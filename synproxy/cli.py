@@ -1,0 +1,61 @@
+"""The `synproxy` command: one entry point for every role, errors as one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from synproxy.config import ConfigError, load_config
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    print(f"{args.file}: ok ({len(config.vips)} VIPs, {len(config.ports)} ports, "
+          f"{len(config.backends)} backends, {len(config.fronts)} fronts)")
+    return 0
+
+
+def _selftest(args: argparse.Namespace) -> int:
+    from synproxy.selftest import run
+    return run(print)
+
+
+def _backend(args: argparse.Namespace) -> int:
+    from synproxy.backend.loader import main
+    return main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="synproxy", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    check = commands.add_parser("check-config", help="validate a configuration file and its secret")
+    check.add_argument("file")
+    check.set_defaults(handler=_check_config)
+
+    selftest = commands.add_parser("selftest", help="a handshake through the cookie core, no network")
+    selftest.set_defaults(handler=_selftest)
+
+    backend = commands.add_parser("backend", help="run the BPF data plane on a backend")
+    backend.add_argument("--config", required=True, help="YAML configuration file")
+    backend.add_argument("--interface", help="override backend.interface from the config")
+    mode = backend.add_mutually_exclusive_group()
+    mode.add_argument("--detach", action="store_true", help="remove the program (after a crash, too)")
+    mode.add_argument("--stats", action="store_true", help="print the program's counters")
+    backend.set_defaults(handler=_backend)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"synproxy: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The cookie against its specification: vectors, round trips, epochs, binding and forgery rate."""
+
+import ipaddress
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from synproxy.cookie import (
+    MSS_TABLE,
+    WSCALE_MAX,
+    Reject,
+    SynOptions,
+    check_cookie,
+    cookie_mac,
+    decode_data,
+    encode_data,
+    mac_input,
+    make_cookie,
+    mss_index,
+)
+from synproxy.salt import SaltSchedule, derive_salt
+from tests.conftest import VECTORS_FILE
+from tests.vectors import generate
+
+SECRET = b"k" * 32
+PERIOD = 60.0
+SCHEDULE = SaltSchedule((SECRET,), period=PERIOD, skew=0.0)
+
+families = st.sampled_from([4, 6])
+ports = st.integers(0, 65535)
+u32 = st.integers(0, 2**32 - 1)
+options = st.builds(SynOptions, mss=st.integers(0, 65535) | st.none(),
+                    wscale=st.integers(0, 255) | st.none(), sack=st.booleans(), ecn=st.booleans())
+
+
+def addresses(family):
+    return st.binary(min_size=4 if family == 4 else 16, max_size=4 if family == 4 else 16)
+
+
+@st.composite
+def flows(draw):
+    family = draw(families)
+    return (draw(addresses(family)), draw(addresses(family)), draw(ports), draw(ports), draw(u32))
+
+
+def expected_options(family: int, syn: SynOptions) -> SynOptions:
+    wscale = None if syn.wscale is None else min(syn.wscale, WSCALE_MAX)
+    return SynOptions(MSS_TABLE[family][mss_index(family, syn.mss)], wscale, syn.sack, syn.ecn)
+
+
+def mint(flow, syn: SynOptions, now: float, secret: bytes = SECRET) -> int:
+    epoch = SCHEDULE.current_epoch(now)
+    return make_cookie(derive_salt(secret, epoch), epoch, *flow, syn)
+
+
+def test_vectors_file_is_what_the_generator_writes():
+    assert VECTORS_FILE.read_text() == generate.render(generate.build_document())
+
+
+def test_vectors_match_the_implementation(cookie_vectors):
+    secret = bytes.fromhex(cookie_vectors["secret"])
+    schedule = SaltSchedule((secret,), period=cookie_vectors["period_seconds"], skew=0.0)
+    assert len(cookie_vectors["vectors"]) > 100
+    for v in cookie_vectors["vectors"]:
+        saddr = ipaddress.ip_address(v["saddr"]).packed
+        daddr = ipaddress.ip_address(v["daddr"]).packed
+        syn = SynOptions(v["syn"]["mss"], v["syn"]["wscale"], v["syn"]["sack"], v["syn"]["ecn"])
+        assert derive_salt(secret, v["epoch"]).hex() == v["salt"], v["name"]
+        assert encode_data(v["family"], syn, v["epoch"]) == v["data"], v["name"]
+        message = mac_input(saddr, daddr, v["sport"], v["dport"], v["client_isn"], v["epoch"], v["data"])
+        assert message.hex() == v["mac_input"], v["name"]
+        assert cookie_mac(bytes.fromhex(v["salt"]), message) == v["mac"], v["name"]
+        assert v["cookie"] == v["mac"] << 10 | v["data"] and v["ack"] == (v["cookie"] + 1) % 2**32
+        now = v["epoch"] * schedule.period + 1
+        decoded = check_cookie(schedule, now, saddr, daddr, v["sport"], v["dport"], v["client_isn"],
+                               v["cookie"])
+        assert decoded == SynOptions(**v["decoded"]), v["name"]
+
+
+def test_vectors_cover_every_option_value(cookie_vectors):
+    seen = {(v["family"], v["mss_index"], v["decoded"]["wscale"], v["decoded"]["sack"], v["decoded"]["ecn"])
+            for v in cookie_vectors["vectors"]}
+    for family in (4, 6):
+        assert {s[1] for s in seen if s[0] == family} == {0, 1, 2, 3}
+        assert {s[2] for s in seen if s[0] == family} == {*range(15), None}
+        assert {(s[3], s[4]) for s in seen if s[0] == family} == {(a, b) for a in (0, 1) for b in (0, 1)}
+
+
+@given(flows(), options, st.floats(0, 2**40))
+def test_round_trip_of_every_option_combination(flow, syn, now):
+    family = 4 if len(flow[0]) == 4 else 6
+    cookie = mint(flow, syn, now)
+    assert check_cookie(SCHEDULE, now, *flow, cookie) == expected_options(family, syn)
+    assert decode_data(family, cookie & 0x3FF) == expected_options(family, syn)
+
+
+@given(flows(), options, st.integers(0, 2**33), st.floats(0, 1, exclude_max=True))
+def test_epoch_n_validates_in_n_and_n_plus_1_not_n_plus_2(flow, syn, epoch, where):
+    cookie = mint(flow, syn, (epoch + where) * PERIOD)
+    for later, valid in ((0, True), (1, True), (2, False), (3, False), (4, False)):
+        result = check_cookie(SCHEDULE, (epoch + later + where) * PERIOD, *flow, cookie)
+        assert isinstance(result, SynOptions) is valid, later
+    if epoch:
+        # A cookie from the future is refused unless the skew tolerance covers it.
+        assert check_cookie(SCHEDULE, (epoch - 1 + where) * PERIOD, *flow, cookie) == Reject.EXPIRED_EPOCH
+
+
+def test_skew_tolerance_accepts_slightly_fast_and_slow_clocks():
+    schedule = SaltSchedule((SECRET,), period=PERIOD, skew=2.0)
+    flow = (b"\1\2\3\4", b"\5\6\7\10", 1000, 80, 7)
+    epoch = 1000
+    cookie = mint(flow, SynOptions(1460, 7, True, False), (epoch + 1) * PERIOD - 0.5)
+    # Minted by a node 1 s ahead: a node still in the previous epoch accepts it.
+    assert isinstance(check_cookie(schedule, epoch * PERIOD - 1.0, *flow, cookie), SynOptions)
+    # Beyond the tolerance it is refused as an epoch not (yet or any more) accepted.
+    assert check_cookie(schedule, epoch * PERIOD - 3.0, *flow, cookie) == Reject.EXPIRED_EPOCH
+    assert isinstance(check_cookie(schedule, (epoch + 2) * PERIOD + 1.0, *flow, cookie), SynOptions)
+    assert check_cookie(schedule, (epoch + 2) * PERIOD + 3.0, *flow, cookie) == Reject.EXPIRED_EPOCH
+
+
+@given(flows(), options, st.integers(0, 4), st.data())
+def test_cookie_is_bound_to_tuple_and_client_isn(flow, syn, field, data):
+    cookie = mint(flow, syn, 1e9)
+    changed = list(flow)
+    original = changed[field]
+    if isinstance(original, bytes):
+        changed[field] = data.draw(st.binary(min_size=len(original), max_size=len(original))
+                                   .filter(lambda b: b != original))
+    else:
+        limit = 65535 if field in (2, 3) else 2**32 - 1
+        changed[field] = data.draw(st.integers(0, limit).filter(lambda n: n != original))
+    assert check_cookie(SCHEDULE, 1e9, *changed, cookie) == Reject.BAD_MAC
+
+
+@given(flows(), options, st.binary(min_size=16, max_size=64).filter(lambda s: s != SECRET))
+def test_cookie_is_bound_to_the_secret(flow, syn, other_secret):
+    cookie = mint(flow, syn, 1e9, secret=other_secret)
+    assert check_cookie(SCHEDULE, 1e9, *flow, cookie) == Reject.BAD_MAC
+
+
+@given(flows(), options, st.integers(0, 9))
+def test_options_are_authenticated(flow, syn, bit):
+    """Changing any data bit (options or epoch) breaks the MAC: an attacker cannot pick options."""
+    cookie = mint(flow, syn, 1e9) ^ (1 << bit)
+    assert isinstance(check_cookie(SCHEDULE, 1e9, *flow, cookie), Reject)
+
+
+def test_retired_secret_validates_during_rotation():
+    new = b"n" * 32
+    flow = (b"\1\2\3\4", b"\5\6\7\10", 1000, 80, 7)
+    old_cookie = mint(flow, SynOptions(1460, 7, True, False), 1e9, secret=SECRET)
+    rotating = SaltSchedule((new, SECRET), period=PERIOD, skew=0.0)
+    assert isinstance(check_cookie(rotating, 1e9, *flow, old_cookie), SynOptions)
+    assert rotating.minting_salt(1e9)[1] == derive_salt(new, SCHEDULE.current_epoch(1e9))
+    after_grace = SaltSchedule((new,), period=PERIOD, skew=0.0)
+    assert check_cookie(after_grace, 1e9, *flow, old_cookie) == Reject.BAD_MAC
+
+
+def test_forgery_rate_of_random_acks_fits_the_specification():
+    """10^6 random cookies: acceptance must fit p = 2^-22 per ACK (expected about 0.1 here).
+
+    With skew 0, at mid-epoch two of the four epoch-bit values name an accepted epoch, so half
+    the guesses die as expired epochs and the rest face the 22-bit MAC.
+    """
+    rng = random.Random(1)
+    trials = 1_000_000
+    now = 1000.5 * PERIOD
+    accepted = expired = 0
+    flow = (b"\1\2\3\4", b"\5\6\7\10", 1000, 80, 7)
+    for _ in range(trials):
+        result = check_cookie(SCHEDULE, now, *flow, rng.getrandbits(32))
+        if result is Reject.EXPIRED_EPOCH:
+            expired += 1
+        elif result is not Reject.BAD_MAC:
+            accepted += 1
+    # Expected accepted: 10^6 * 0.5 * 2^-22 = 0.12; P(Poisson(0.12) >= 4) < 1e-5.
+    assert accepted <= 3
+    # Expired is Binomial(10^6, 0.5): within 5 standard deviations (500 each).
+    assert abs(expired - trials / 2) < 2500

@@ -1,0 +1,141 @@
+"""The packet module against scapy (an independent implementation) and against garbage."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+from scapy.packet import raw
+
+from synproxy.packet import (
+    ACK,
+    SYN,
+    MalformedPacket,
+    TcpOptions,
+    build_tcp_options,
+    build_tcp_packet,
+    internet_checksum,
+    parse_tcp,
+    parse_tcp_options,
+)
+
+V4 = (bytes([198, 18, 1, 2]), bytes([198, 19, 0, 10]))
+V6 = (bytes.fromhex("20010db8000100000000000000000002"), bytes.fromhex("20010db8ffff00000000000000000010"))
+
+tcp_options = st.builds(TcpOptions, mss=st.none() | st.integers(0, 65535),
+                        wscale=st.none() | st.integers(0, 14), sack_permitted=st.booleans(),
+                        timestamp=st.none() | st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)))
+
+
+def scapy_checksums(packet: bytes, family: int) -> tuple[int, int]:
+    """Checksums scapy computes for the same packet with ours removed."""
+    layer = IP if family == 4 else IPv6
+    parsed = layer(packet)
+    if family == 4:
+        del parsed[IP].chksum
+    del parsed[TCP].chksum
+    again = layer(raw(parsed))
+    return (again[IP].chksum if family == 4 else 0), again[TCP].chksum
+
+
+@given(st.sampled_from([V4, V6]), st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 2**32 - 1),
+       st.integers(0, 2**32 - 1), tcp_options, st.binary(max_size=64))
+def test_built_packets_parse_back_and_checksum_like_scapy(addresses, sport, dport, seq, ack, options,
+                                                          payload):
+    saddr, daddr = addresses
+    packet = build_tcp_packet(saddr, daddr, sport, dport, seq, ack, SYN | ACK, 65535,
+                              build_tcp_options(options), payload)
+    segment = parse_tcp(packet)
+    assert (segment.saddr, segment.daddr, segment.sport, segment.dport) == (saddr, daddr, sport, dport)
+    assert (segment.seq, segment.ack, segment.flags, segment.payload_length) == (seq, ack, SYN | ACK,
+                                                                                  len(payload))
+    assert parse_tcp_options(segment.raw_options) == options
+    family = 4 if len(saddr) == 4 else 6
+    ip_checksum, tcp_checksum = scapy_checksums(packet, family)
+    if family == 4:
+        assert int.from_bytes(packet[10:12], "big") == ip_checksum
+    header = 20 if family == 4 else 40
+    assert int.from_bytes(packet[header + 16:header + 18], "big") == tcp_checksum
+
+
+def test_parses_scapy_syn_with_ip_options_and_unknown_tcp_options():
+    packet = raw(IP(src="198.18.1.2", dst="198.19.0.10", options=b"\x01\x01\x01\x00")
+                 / TCP(sport=4000, dport=80, flags="S", seq=9,
+                       options=[("MSS", 1300), ("NOP", None), ("WScale", 3), ("SAckOK", b""),
+                                (30, b"\x00\x01"), ("Timestamp", (7, 0))]))
+    segment = parse_tcp(packet)
+    assert (segment.sport, segment.dport, segment.seq, segment.flags) == (4000, 80, 9, SYN)
+    assert parse_tcp_options(segment.raw_options) == TcpOptions(1300, 3, True, (7, 0))
+
+
+@pytest.mark.parametrize("raw_options", [
+    b"\x02",                      # kind with no length byte
+    b"\x02\x00\x05\xb4",          # length 0
+    b"\x02\x01\x05\xb4",          # length 1
+    b"\x02\x08\x05\xb4",          # runs past the end
+    b"\x03\x04\x07\x00",          # window scale with the wrong length
+    b"\x1e\x09\x00\x00",          # unknown option running past the end
+])
+def test_bad_option_lengths_are_malformed(raw_options):
+    with pytest.raises(MalformedPacket) as caught:
+        parse_tcp_options(raw_options)
+    assert caught.value.reason == "bad_tcp_option"
+
+
+def test_end_of_options_stops_parsing():
+    assert parse_tcp_options(b"\x02\x04\x05\xb4\x00\xff\xff\xff") == TcpOptions(mss=1460)
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda p: p[:19], "truncated_ip"),
+    (lambda p: b"", "truncated_ip"),
+    (lambda p: bytes([0x44]) + p[1:], "bad_ip_length"),             # IHL 4
+    (lambda p: p[:2] + (9999).to_bytes(2, "big") + p[4:], "bad_ip_length"),
+    (lambda p: p[:6] + b"\x20\x00" + p[8:], "fragment"),             # more fragments
+    (lambda p: p[:6] + b"\x00\x10" + p[8:], "fragment"),             # non-zero offset
+    (lambda p: p[:9] + b"\x11" + p[10:], "not_tcp"),
+    (lambda p: bytes([0x55]) + p[1:], "bad_ip_version"),
+    (lambda p: p[:32] + bytes([0x40]) + p[33:], "bad_tcp_offset"),   # data offset 4
+    (lambda p: p[:32] + bytes([0xF0]) + p[33:], "bad_tcp_offset"),   # past the packet
+    (lambda p: p[:2] + (30).to_bytes(2, "big") + p[4:30], "truncated_tcp"),
+])
+def test_malformed_ipv4_gets_a_reason(mutate, reason):
+    packet = build_tcp_packet(*V4, 1, 2, 3, 4, ACK, 100)
+    with pytest.raises(MalformedPacket) as caught:
+        parse_tcp(mutate(packet))
+    assert caught.value.reason == reason
+
+
+def test_truncated_ipv6_and_extension_headers_are_malformed():
+    packet = build_tcp_packet(*V6, 1, 2, 3, 4, ACK, 100)
+    for bad, reason in ((packet[:39], "truncated_ip"), (packet[:50], "bad_ip_length"),
+                        (packet[:6] + b"\x00" + packet[7:], "not_tcp")):
+        with pytest.raises(MalformedPacket) as caught:
+            parse_tcp(bad)
+        assert caught.value.reason == reason
+
+
+@settings(max_examples=3000)
+@given(st.binary(max_size=120))
+def test_garbage_only_ever_raises_malformed_packet(data):
+    try:
+        segment = parse_tcp(data)
+        parse_tcp_options(segment.raw_options)
+    except MalformedPacket:
+        pass
+
+
+@settings(max_examples=2000)
+@given(st.binary(max_size=40))
+def test_garbage_options_only_ever_raise_malformed_packet(data):
+    try:
+        parse_tcp_options(data)
+    except MalformedPacket:
+        pass
+
+
+@given(st.binary(max_size=200))
+def test_checksum_verifies_to_zero(data):
+    padded = data + b"\0" * (len(data) % 2)
+    checksum = internet_checksum(padded)
+    assert internet_checksum(padded + checksum.to_bytes(2, "big")) == 0
