@@ -25,6 +25,11 @@ def _backend(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _front(args: argparse.Namespace) -> int:
+    from synproxy.front.service import main
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synproxy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     selftest = commands.add_parser("selftest", help="a handshake through the cookie core, no network")
     selftest.set_defaults(handler=_selftest)
+
+    front = commands.add_parser("front", help="answer SYNs with cookies on this node (NFQUEUE)")
+    front.add_argument("--config", required=True, help="YAML configuration file")
+    front.set_defaults(handler=_front)
 
     backend = commands.add_parser("backend", help="run the BPF data plane on a backend")
     backend.add_argument("--config", required=True, help="YAML configuration file")

@@ -1,0 +1,124 @@
+"""The front's per-packet decision, sans-IO: bytes in, a verdict out (no sockets, no scapy).
+
+A SYN becomes a SYN-ACK whose ISN is the cookie (returned in place of the SYN, so the NFQUEUE shell
+needs one verdict and no second socket). Every other packet to a protected VIP and port is
+encapsulated to the backend the Maglev table picks; a handshake ACK whose cookie validates is flagged
+VALIDATED so the backend creates the connection. No per-flow state is kept.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from synproxy import encap
+from synproxy.cookie import Reject, SynOptions, check_cookie, make_cookie
+from synproxy.maglev import build_table, flow_hash
+from synproxy.packet import (
+    ACK,
+    CWR,
+    ECE,
+    FIN,
+    RST,
+    SYN,
+    MalformedPacket,
+    TcpOptions,
+    build_tcp_options,
+    build_tcp_packet,
+    parse_tcp,
+    parse_tcp_options,
+)
+from synproxy.salt import SaltSchedule
+
+SYN_ACK_WINDOW = 65535
+_IPV6_EXTRA = 20  # an IPv6 header is 20 bytes longer than an IPv4 one
+
+
+class Action(enum.Enum):
+    REPLY = "reply"      # send the returned packet back towards the client
+    FORWARD = "forward"  # send the returned (encapsulated) packet to a backend
+    DROP = "drop"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: Action
+    packet: bytes | None
+    outcome: str          # counter label: what happened and why
+    backend: int = -1     # index into FrontPolicy.backends for FORWARD
+
+
+@dataclass(frozen=True)
+class FrontPolicy:
+    """What a front needs to decide, built once from the configuration."""
+
+    vips: frozenset[bytes]
+    ports: frozenset[int]
+    farm_address: bytes
+    backends: tuple[bytes, ...]
+    encap_port: int
+    backend_mss: int = 1460
+    server_wscale: int = 7
+    sack: bool = True
+    ecn: bool = True
+
+    def __post_init__(self) -> None:
+        table = build_table([addr.hex() for addr in self.backends])
+        object.__setattr__(self, "_table", table)
+
+    def backend_for(self, flow: int) -> int:
+        table = self._table
+        return table[flow % len(table)]
+
+    def announced_mss(self, family: int) -> int:
+        """The MSS clients may send: the backends' less the encapsulation (and IPv6's longer header)."""
+        return self.backend_mss - encap.OVERHEAD - (_IPV6_EXTRA if family == 6 else 0)
+
+
+def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolicy) -> Verdict:
+    """Decide what to do with one packet queued to this front."""
+    try:
+        segment = parse_tcp(packet)
+    except MalformedPacket as error:
+        return Verdict(Action.DROP, None, f"malformed_{error.reason}")
+    if segment.daddr not in policy.vips or segment.dport not in policy.ports:
+        return Verdict(Action.DROP, None, "not_protected")
+    flags = segment.flags
+    if flags & SYN:
+        if flags & (ACK | RST | FIN):
+            return Verdict(Action.DROP, None, "invalid_flags")
+        try:
+            return _answer_syn(segment, now, schedule, policy)
+        except MalformedPacket as error:
+            return Verdict(Action.DROP, None, f"malformed_{error.reason}")
+    validated = False
+    outcome = "forwarded"
+    if flags & ACK and not flags & (RST | FIN):
+        result = check_cookie(schedule, now, segment.saddr, segment.daddr, segment.sport, segment.dport,
+                              (segment.seq - 1) & 0xFFFFFFFF, (segment.ack - 1) & 0xFFFFFFFF)
+        validated = not isinstance(result, Reject)
+        outcome = "validated" if validated else "forwarded"
+    flow = flow_hash(segment.saddr, segment.daddr, segment.sport, segment.dport)
+    backend = policy.backend_for(flow)
+    wrapped = encap.encapsulate(packet, policy.farm_address, policy.backends[backend], policy.encap_port,
+                                flow, validated)
+    return Verdict(Action.FORWARD, wrapped, outcome, backend)
+
+
+def _answer_syn(segment, now: float, schedule: SaltSchedule, policy: FrontPolicy) -> Verdict:
+    offered = parse_tcp_options(segment.raw_options)
+    ecn = policy.ecn and segment.flags & (ECE | CWR) == (ECE | CWR)
+    sack = policy.sack and offered.sack_permitted
+    epoch, salt = schedule.minting_salt(now)
+    cookie = make_cookie(salt, epoch, segment.saddr, segment.daddr, segment.sport, segment.dport,
+                         segment.seq, SynOptions(offered.mss, offered.wscale, sack, ecn))
+    timestamp = None
+    if offered.timestamp is not None:
+        timestamp = (int(now * 1000) & 0xFFFFFFFF, offered.timestamp[0])
+    options = TcpOptions(mss=policy.announced_mss(segment.family),
+                         wscale=policy.server_wscale if offered.wscale is not None else None,
+                         sack_permitted=sack, timestamp=timestamp)
+    reply = build_tcp_packet(segment.daddr, segment.saddr, segment.dport, segment.sport, cookie,
+                             (segment.seq + 1) & 0xFFFFFFFF, SYN | ACK | (ECE if ecn else 0),
+                             SYN_ACK_WINDOW, build_tcp_options(options))
+    return Verdict(Action.REPLY, reply, "syn_answered")

@@ -1,0 +1,134 @@
+"""`synproxy front`: the NFQUEUE shell around the sans-IO handler.
+
+It installs its packet-filter rules, binds the queue, gives every packet one verdict (the SYN-ACK or
+the encapsulated packet replaces the payload; everything else is dropped), serves its metrics, and
+removes its rules on exit. SIGHUP reloads the configuration and the secrets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import select
+import signal
+import time
+
+from netfilterqueue import NetfilterQueue
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from synproxy import firewall
+from synproxy.config import Config, ConfigError, load_config
+from synproxy.front.handler import Action, FrontPolicy, handle
+from synproxy.logs import log
+from synproxy.netlink import local_addresses
+
+QUEUE_MAX_LENGTH = 8192
+
+
+def farm_address(config: Config):
+    """The configured front address, or the one of `fronts` that is local to this node."""
+    if config.front.farm_address is not None:
+        return config.front.farm_address
+    local = local_addresses() & set(config.fronts)
+    if len(local) != 1:
+        raise ConfigError(f"{config.source}: front.farm_address: not set, and "
+                          f"{'none' if not local else 'more than one'} of `fronts` is local to this node")
+    return local.pop()
+
+
+def build_policy(config: Config) -> FrontPolicy:
+    if not config.backends:
+        raise ConfigError(f"{config.source}: backends: a front needs at least one backend")
+    return FrontPolicy(vips=frozenset(vip.packed for vip in config.vips), ports=frozenset(config.ports),
+                       farm_address=farm_address(config).packed,
+                       backends=tuple(b.packed for b in config.backends), encap_port=config.encap_port,
+                       backend_mss=config.backend_mss, server_wscale=config.server_wscale)
+
+
+class FrontMetrics:
+    """Prometheus metrics of one front process (label children cached: the hot path does one dict get)."""
+
+    def __init__(self, backends: tuple[str, ...]):
+        self.registry = CollectorRegistry()
+        self.packets = Counter("synproxy_front_packets", "Packets handled, by outcome", ["outcome"],
+                               registry=self.registry)
+        self.forwarded = Counter("synproxy_front_forwarded_packets", "Packets forwarded, by backend",
+                                 ["backend"], registry=self.registry)
+        self.epoch = Gauge("synproxy_front_salt_epoch", "Current salt epoch", registry=self.registry)
+        self._outcomes: dict[str, Counter] = {}
+        self._backends = [self.forwarded.labels(b) for b in backends]
+
+    def count(self, outcome: str, backend: int) -> None:
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = self.packets.labels(outcome)
+        child.inc()
+        if backend >= 0:
+            self._backends[backend].inc()
+
+
+class Front:
+    def __init__(self, config_path: str):
+        self.config_path = config_path
+        self.load()
+        self.metrics = FrontMetrics(tuple(str(b) for b in self.config.backends))
+
+    def load(self) -> None:
+        config = load_config(self.config_path)
+        self.policy = build_policy(config)
+        self.schedule = config.salt_schedule()
+        self.config = config
+
+    def on_packet(self, packet) -> None:
+        verdict = handle(packet.get_payload(), time.time(), self.schedule, self.policy)
+        if verdict.action is Action.DROP:
+            packet.drop()
+        else:
+            packet.set_payload(verdict.packet)
+            packet.accept()
+        self.metrics.count(verdict.outcome, verdict.backend)
+
+    def run(self) -> int:
+        config = self.config
+        queue_num = config.front.queue_num
+        if config.front.metrics_address:
+            host, _, port = config.front.metrics_address.rpartition(":")
+            start_http_server(int(port), host.strip("[]"), registry=self.metrics.registry)
+        stop = []
+        reload = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+        signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+        signal.signal(signal.SIGHUP, lambda *_: reload.append(True))
+        queue = NetfilterQueue()
+        try:
+            queue.bind(queue_num, self.on_packet, max_len=QUEUE_MAX_LENGTH)
+        except OSError as error:
+            raise SystemExit(f"synproxy: cannot bind NFQUEUE {queue_num}: {error} (root needed?)") from None
+        firewall.install(config.vips, config.ports, queue_num)
+        log("front_started", queue=queue_num, vips=[str(v) for v in config.vips], ports=list(config.ports),
+            backends=[str(b) for b in config.backends], farm_address=str(farm_address(config)))
+        try:
+            fd = queue.get_fd()
+            while not stop:
+                self.metrics.epoch.set(self.schedule.current_epoch(time.time()))
+                if reload:
+                    reload.clear()
+                    self.reload()
+                ready, _, _ = select.select([fd], [], [], 1.0)
+                if ready:
+                    queue.run(block=False)
+        finally:
+            firewall.remove(config.vips, config.ports, queue_num)
+            queue.unbind()
+            log("front_stopped", queue=queue_num)
+        return 0
+
+    def reload(self) -> None:
+        try:
+            self.load()
+            log("config_reloaded", source=str(self.config.source))
+        except ConfigError as error:
+            log("config_reload_failed", error=str(error))
+
+
+def main(args: argparse.Namespace) -> int:
+    return Front(args.config).run()

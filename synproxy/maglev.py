@@ -1,0 +1,50 @@
+"""Maglev consistent hashing (Eisenbud et al., NSDI 2016), as Katran uses it.
+
+Every front builds the same lookup table from the same backend list, so all pick the same backend
+for a flow without talking to each other; removing a backend moves only the flows it had.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from siphash24 import siphash24
+
+DEFAULT_TABLE_SIZE = 65537  # prime, much larger than any backend count
+_FLOW_KEY = bytes(16)  # fixed, not secret: the choice must survive master-secret rotation
+_PORTS = struct.Struct("!HH")
+
+
+def _hash(data: bytes, seed: int) -> int:
+    return siphash24(data, key=seed.to_bytes(16, "little")).intdigest()
+
+
+def build_table(backends: list[str], size: int = DEFAULT_TABLE_SIZE) -> list[int]:
+    """Lookup table of backend indexes; ``backends`` are stable names (their addresses)."""
+    if not backends:
+        raise ValueError("Maglev needs at least one backend")
+    permutations = []
+    for name in backends:
+        data = name.encode()
+        offset = _hash(data, 1) % size
+        skip = _hash(data, 2) % (size - 1) + 1
+        permutations.append((offset, skip))
+    table = [-1] * size
+    next_index = [0] * len(backends)
+    filled = 0
+    while True:
+        for backend, (offset, skip) in enumerate(permutations):
+            slot = (offset + next_index[backend] * skip) % size
+            while table[slot] >= 0:
+                next_index[backend] += 1
+                slot = (offset + next_index[backend] * skip) % size
+            table[slot] = backend
+            next_index[backend] += 1
+            filled += 1
+            if filled == size:
+                return table
+
+
+def flow_hash(saddr: bytes, daddr: bytes, sport: int, dport: int) -> int:
+    """A 64-bit hash of the 4-tuple, the same on every front."""
+    return siphash24(saddr + daddr + _PORTS.pack(sport, dport), key=_FLOW_KEY).intdigest()

@@ -1,0 +1,165 @@
+"""The front's sans-IO decision for every kind of packet, checked by parsing its output with scapy."""
+
+import dataclasses
+import ipaddress
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.packet import raw
+
+from synproxy import encap
+from synproxy.front.handler import Action, FrontPolicy, handle
+from synproxy.maglev import build_table
+from synproxy.salt import SaltSchedule
+
+SCHEDULE = SaltSchedule((b"f" * 32,))
+NOW = 1.8e9
+VIP4, VIP6 = "198.19.0.10", "2001:db8:ffff::10"
+CLIENT4, CLIENT6 = "198.18.1.2", "2001:db8:1::2"
+BACKENDS = ("198.18.20.2", "198.18.21.2")
+POLICY = FrontPolicy(vips=frozenset({ipaddress.ip_address(VIP4).packed, ipaddress.ip_address(VIP6).packed}),
+                     ports=frozenset({80}), farm_address=ipaddress.ip_address("198.18.10.2").packed,
+                     backends=tuple(ipaddress.ip_address(b).packed for b in BACKENDS), encap_port=6080)
+
+
+def syn(family=4, options=(), flags="S", dport=80, sport=40000):
+    layer = IP(src=CLIENT4, dst=VIP4) if family == 4 else IPv6(src=CLIENT6, dst=VIP6)
+    return raw(layer / TCP(sport=sport, dport=dport, flags=flags, seq=1000, options=list(options)))
+
+
+def answer(packet):
+    verdict = handle(packet, NOW, SCHEDULE, POLICY)
+    assert verdict.action is Action.REPLY, verdict.outcome
+    return (IP if packet[0] >> 4 == 4 else IPv6)(verdict.packet)
+
+
+def client_ack(synack, flags="A", payload=b""):
+    layer = IP(src=CLIENT4, dst=VIP4) if IP in synack else IPv6(src=CLIENT6, dst=VIP6)
+    return raw(layer / TCP(sport=40000, dport=80, flags=flags, seq=1001, ack=synack[TCP].seq + 1) / payload)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("wscale", [None, 0, 7, 14])
+@pytest.mark.parametrize("sack", [False, True])
+@pytest.mark.parametrize("timestamps", [False, True])
+@pytest.mark.parametrize("ecn", [False, True])
+def test_syn_gets_a_syn_ack_that_answers_what_the_client_offered(family, wscale, sack, timestamps, ecn):
+    options = [("MSS", 1460)]
+    if sack:
+        options.append(("SAckOK", b""))
+    if timestamps:
+        options.append(("Timestamp", (4242, 0)))
+    if wscale is not None:
+        options.append(("WScale", wscale))
+    reply = answer(syn(family, options, flags="SEC" if ecn else "S"))
+    tcp = reply[TCP]
+    got = dict(tcp.options)
+    assert (reply.src, reply.dst) == ((VIP4, CLIENT4) if family == 4 else (VIP6, CLIENT6))
+    assert (tcp.sport, tcp.dport, tcp.ack) == (80, 40000, 1001)
+    assert tcp.flags == ("SAE" if ecn else "SA")
+    assert tcp.window == 65535, "a real window, not SYNPROXY's zero"
+    assert got["MSS"] == (1460 - 32 if family == 4 else 1460 - 32 - 20)
+    assert ("SAckOK" in got) == sack
+    assert got.get("WScale") == (None if wscale is None else 7)
+    assert (got["Timestamp"][1] if timestamps else None) == (4242 if timestamps else None)
+    assert {name for name, _ in tcp.options} <= {"MSS", "SAckOK", "Timestamp", "WScale", "NOP"}
+    # The client's ACK validates and is forwarded, flagged, to a backend.
+    verdict = handle(client_ack(reply), NOW, SCHEDULE, POLICY)
+    assert (verdict.action, verdict.outcome) == (Action.FORWARD, "validated")
+
+
+def test_unknown_client_options_are_not_echoed():
+    reply = answer(syn(4, [("MSS", 1400), (30, b"\x00\x01\x02\x03"), (34, b"")]))
+    assert [name for name, _ in reply[TCP].options] == ["MSS"]
+
+
+def test_forwarded_packet_is_the_client_packet_inside_the_encapsulation():
+    reply = answer(syn(4, [("MSS", 1460)]))
+    original = client_ack(reply, flags="PA", payload=b"GET / HTTP/1.0\r\n\r\n")
+    verdict = handle(original, NOW, SCHEDULE, POLICY)
+    outer = IP(verdict.packet)
+    assert (outer.src, outer.dst, outer[UDP].dport) == ("198.18.10.2", BACKENDS[verdict.backend], 6080)
+    assert outer.flags == "DF" and outer.chksum == IP(raw(IP(raw(outer)[:20]))).chksum
+    header = raw(outer[UDP].payload)[:4]
+    assert header == bytes([encap.MAGIC, encap.FLAG_VALIDATED, 0, 0])
+    assert raw(outer[UDP].payload)[4:] == original
+    assert len(verdict.packet) == len(original) + encap.OVERHEAD
+
+
+def client_packet(flags, seq, ack):
+    return raw(IP(src=CLIENT4, dst=VIP4) / TCP(sport=40000, dport=80, flags=flags, seq=seq, ack=ack))
+
+
+@pytest.mark.parametrize("describe, flags, seq, ack_offset", [
+    ("wrong cookie", "A", 1001, 2),
+    ("wrong client ISN", "A", 1002, 1),
+    ("established traffic", "PA", 5000, 12345),
+    ("fin", "FA", 1001, 1),
+    ("rst", "RA", 1001, 1),
+])
+def test_other_packets_are_forwarded_unflagged(describe, flags, seq, ack_offset):
+    cookie = answer(syn(4, [("MSS", 1460)]))[TCP].seq
+    verdict = handle(client_packet(flags, seq, (cookie + ack_offset) % 2**32), NOW, SCHEDULE, POLICY)
+    assert (verdict.action, verdict.outcome) == (Action.FORWARD, "forwarded"), describe
+    assert verdict.packet[29] == 0, "not flagged VALIDATED"
+
+
+def test_ack_of_an_old_epoch_is_not_flagged():
+    reply = answer(syn(4, [("MSS", 1460)]))
+    verdict = handle(client_ack(reply), NOW + 2 * SCHEDULE.period + SCHEDULE.skew + 1, SCHEDULE, POLICY)
+    assert verdict.outcome == "forwarded"
+
+
+@pytest.mark.parametrize("packet, outcome", [
+    (syn(flags="SA"), "invalid_flags"),
+    (syn(flags="SR"), "invalid_flags"),
+    (syn(flags="SF"), "invalid_flags"),
+    (syn(dport=22), "not_protected"),
+    (raw(IP(src=CLIENT4, dst="198.19.0.99") / TCP(dport=80, flags="S")), "not_protected"),
+    (syn()[:30], "malformed_bad_ip_length"),
+    (raw(IP(src=CLIENT4, dst=VIP4) / UDP(dport=80)), "malformed_not_tcp"),
+    (raw(IP(src=CLIENT4, dst=VIP4) / TCP(dport=80, flags="S", dataofs=6) / b"\x02\x09\x05\xb4"),
+     "malformed_bad_tcp_option"),
+])
+def test_bad_packets_are_dropped_with_a_reason(packet, outcome):
+    verdict = handle(packet, NOW, SCHEDULE, POLICY)
+    assert (verdict.action, verdict.outcome) == (Action.DROP, outcome)
+
+
+@settings(max_examples=3000)
+@given(st.binary(max_size=100))
+def test_garbage_gets_a_verdict(data):
+    verdict = handle(data, NOW, SCHEDULE, POLICY)
+    assert verdict.action in Action
+
+
+@settings(max_examples=500)
+@given(st.binary(min_size=0, max_size=40))
+def test_syn_with_garbage_options_gets_a_verdict(options):
+    padded = options + b"\0" * (-len(options) % 4)
+    packet = raw(IP(src=CLIENT4, dst=VIP4) / TCP(sport=1, dport=80, flags="S", dataofs=5 + len(padded) // 4)
+                 / padded)
+    assert handle(packet, NOW, SCHEDULE, POLICY).action in (Action.REPLY, Action.DROP)
+
+
+def test_every_front_picks_the_same_backend_and_load_is_spread():
+    other = dataclasses.replace(POLICY, farm_address=ipaddress.ip_address("198.18.11.2").packed)
+    chosen = Counter()
+    for sport in range(1024, 3024):
+        packet = raw(IP(src=CLIENT4, dst=VIP4) / TCP(sport=sport, dport=80, flags="A", seq=1, ack=1))
+        first, second = handle(packet, NOW, SCHEDULE, POLICY), handle(packet, NOW, SCHEDULE, other)
+        assert first.backend == second.backend
+        chosen[first.backend] += 1
+    assert min(chosen.values()) > 800
+
+
+def test_maglev_moves_only_the_removed_backends_flows():
+    three = build_table(["a", "b", "c"], size=65537)
+    two = build_table(["a", "c"], size=65537)
+    kept = {0: 0, 2: 1}
+    moved = sum(1 for old, new in zip(three, two) if old in kept and kept[old] != new)
+    assert moved < 0.02 * len(three)
