@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from synproxy.config import ConfigError, load_config
@@ -30,6 +31,35 @@ def _front(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _lab(args: argparse.Namespace) -> int:
+    import json
+
+    from synproxy.lab.demo import run_demo
+    from synproxy.lab.topology import Lab, LabError
+    lab = Lab(name=args.name)
+    try:
+        if args.action == "up":
+            lab.up()
+            print(f"lab {lab.name!r} is up; configuration: {lab.config_path}")
+        elif args.action == "down":
+            lab.down()
+            print(f"lab {lab.name!r} is down")
+        elif args.action == "status":
+            print(json.dumps(lab.status(), indent=1))
+        else:
+            return run_demo(lab)
+    except LabError as error:
+        print(f"synproxy: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _lab_name(text: str) -> str:
+    if not re.fullmatch(r"[a-z][a-z0-9]{0,11}", text):
+        raise argparse.ArgumentTypeError("1-12 lower-case letters and digits, starting with a letter")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synproxy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -45,12 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     front.add_argument("--config", required=True, help="YAML configuration file")
     front.set_defaults(handler=_front)
 
+    lab = commands.add_parser("lab", help="the namespace lab: client, attacker, ECMP router, fronts, backends")
+    lab.add_argument("action", choices=["up", "down", "status", "demo"])
+    lab.add_argument("--name", default="splab", type=_lab_name, help="lab name, the prefix of its namespaces")
+    lab.set_defaults(handler=_lab)
+
     backend = commands.add_parser("backend", help="run the BPF data plane on a backend")
     backend.add_argument("--config", required=True, help="YAML configuration file")
     backend.add_argument("--interface", help="override backend.interface from the config")
     mode = backend.add_mutually_exclusive_group()
     mode.add_argument("--detach", action="store_true", help="remove the program (after a crash, too)")
     mode.add_argument("--stats", action="store_true", help="print the program's counters")
+    backend.add_argument("--json", action="store_true", help="with --stats: one JSON object")
     backend.set_defaults(handler=_backend)
     return parser
 

@@ -1,0 +1,1 @@
+"""A small edge in network namespaces: clients, an ECMP router, three fronts and two backends."""

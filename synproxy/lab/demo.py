@@ -1,0 +1,82 @@
+"""`synproxy lab demo`: the lab under a spoofed SYN flood while real clients connect, then a report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+from pyroute2 import netns
+
+from synproxy.lab.topology import VIP, Lab
+
+CROSS_NODE_PORTS = (50000, 50999)
+
+
+def scrape(lab: Lab, host: str, address: str, port: int) -> dict[tuple, float]:
+    """One node's Prometheus metrics, fetched from inside the lab (the client's namespace)."""
+    netns.pushns(lab.ns("client"))
+    try:
+        text = urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=5).read().decode()
+    finally:
+        netns.popns()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def metric(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def run_demo(lab: Lab, clients: int = 25, flood_count: int = 300_000, flood_seconds: float = 15) -> int:
+    python = sys.executable
+    print(f"== bringing up lab {lab.name!r}: client, attacker, router (ECMP), "
+          f"{len(lab.by_role('front'))} fronts, {len(lab.by_role('backend'))} backends")
+    lab.up()
+    try:
+        lab.steer_handshakes(CROSS_NODE_PORTS, syn_front="front0", ack_front="front2")
+        flood = lab.popen("attacker", [python, "-m", "synproxy.lab.flood", "--target", VIP,
+                                       "--count", str(flood_count), "--seconds", str(flood_seconds)],
+                          stdout=subprocess.PIPE, text=True)
+        print(f"== attacker floods spoofed SYNs (at most {flood_count} in {flood_seconds:.0f} s); "
+              f"clients connect meanwhile")
+        ordinary = json.loads(lab.run("client", [python, "-m", "synproxy.lab.clients", "--target", VIP,
+                                                 "--count", str(clients)], timeout=300).stdout)
+        crossed = json.loads(lab.run("client", [python, "-m", "synproxy.lab.clients", "--target", VIP,
+                                                "--count", "5", "--source-port-from",
+                                                str(CROSS_NODE_PORTS[0])], timeout=120).stdout)
+        curls = [lab.run("client", ["curl", "-sS", "-m", "5", f"http://{VIP}/"], check=False)
+                 for _ in range(5)]
+        flooded = json.loads(flood.communicate(timeout=flood_seconds + 60)[0])
+        report(lab, ordinary, crossed, curls, flooded)
+        ok = ordinary["failed"] == 0 and crossed["failed"] == 0 and all(c.returncode == 0 for c in curls)
+        return 0 if ok else 1
+    finally:
+        print(f"== tearing down lab {lab.name!r}")
+        lab.down()
+
+
+def report(lab: Lab, ordinary: dict, crossed: dict, curls: list, flooded: dict) -> None:
+    print("\n== report")
+    print(f"flood: {flooded['sent']} spoofed SYNs in {flooded['seconds']} s ({flooded['rate_pps']}/s)")
+    print(f"python clients: {ordinary['completed']}/{ordinary['attempted']} connections completed "
+          f"(HTTP + echo), backends {ordinary['backends']}, connect p50 {ordinary['connect_p50_ms']} ms, "
+          f"p99 {ordinary['connect_p99_ms']} ms")
+    print(f"curl: {sum(c.returncode == 0 for c in curls)}/{len(curls)} requests answered")
+    print(f"cross-node handshakes (SYN to front0, ACK to front2): "
+          f"{crossed['completed']}/{crossed['attempted']} completed")
+    print(f"{'front':8} {'SYN-ACKs sent':>14} {'ACKs validated':>15} {'forwarded':>10} {'dropped':>8}")
+    for host in lab.by_role("front"):
+        samples = scrape(lab, host.name, host.address, 9100)
+        outcomes = {dict(labels).get("outcome"): value for (name, labels), value in samples.items()
+                    if name == "synproxy_front_packets_total"}
+        dropped = sum(v for k, v in outcomes.items() if k not in ("syn_answered", "validated", "forwarded"))
+        print(f"{host.name:8} {outcomes.get('syn_answered', 0):14.0f} {outcomes.get('validated', 0):15.0f} "
+              f"{outcomes.get('forwarded', 0):10.0f} {dropped:8.0f}")
+    print(f"{'backend':8} {'connections created':>20} {'SYNs received':>14}")
+    for host in lab.by_role("backend"):
+        stats = json.loads(lab.run(host.name, [sys.executable, "-m", "synproxy.cli", "backend", "--config",
+                                               str(lab.config_path), "--stats", "--json"]).stdout)
+        print(f"{host.name:8} {stats.get('created', 0):20} {stats.get('syn_received', 0):14}")

@@ -1,0 +1,276 @@
+"""Build, run and remove the namespace lab.
+
+Every host is a network namespace named ``<lab>-<host>``; hosts are joined by veth pairs to one
+router namespace (no bridge, nothing in the root namespace, so the host's FORWARD policy does not
+matter). The router spreads traffic to the VIP over the fronts by ECMP with an L4 hash. Fronts and
+backends run the product's own commands with one shared configuration. What was created is written
+to a state file first, so `down` removes everything even after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import NetNS, netns
+
+STATE_ROOT = Path("/run/synproxy-lab")
+VIP = "198.19.0.10"
+PORTS = (80, 7)
+SPOOFED_SOURCES = "198.18.128.0/17"  # the attacker's spoofed range; the router blackholes replies
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    address: str        # the host's address on its link to the router (/24)
+    router_side: str    # the router's address on that link
+    role: str           # client, attacker, front or backend
+
+
+def default_hosts(fronts: int = 3, backends: int = 2) -> list[Host]:
+    hosts = [Host("client", "198.18.1.2", "198.18.1.1", "client"),
+             Host("attacker", "198.18.2.2", "198.18.2.1", "attacker")]
+    hosts += [Host(f"front{i}", f"198.18.{10 + i}.2", f"198.18.{10 + i}.1", "front") for i in range(fronts)]
+    hosts += [Host(f"backend{i}", f"198.18.{20 + i}.2", f"198.18.{20 + i}.1", "backend")
+              for i in range(backends)]
+    return hosts
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def _sysctl(namespace: str, settings: dict[str, str]) -> None:
+    """Write sysctls inside a namespace (/proc/sys/net follows the opener's network namespace)."""
+    netns.pushns(namespace)
+    try:
+        for key, value in settings.items():
+            Path("/proc/sys", *key.split(".")).write_text(value)
+    finally:
+        netns.popns()
+
+
+@dataclass
+class Lab:
+    name: str = "splab"
+    hosts: list[Host] = field(default_factory=default_hosts)
+
+    @property
+    def state_dir(self) -> Path:
+        return STATE_ROOT / self.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.state_dir / "synproxy.yaml"
+
+    def ns(self, host: str) -> str:
+        return f"{self.name}-{host}"
+
+    def by_role(self, role: str) -> list[Host]:
+        return [h for h in self.hosts if h.role == role]
+
+    # --- state -------------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        path = self.state_dir / "state.json"
+        return json.loads(path.read_text()) if path.exists() else {"namespaces": [], "pids": {}}
+
+    def _save(self, state: dict) -> None:
+        (self.state_dir / "state.json").write_text(json.dumps(state, indent=1))
+
+    def _remember(self, key: str, item, value=None) -> None:
+        state = self._state()
+        if key == "namespaces":
+            state["namespaces"].append(item)
+        else:
+            state["pids"][item] = value
+        self._save(state)
+
+    # --- up ----------------------------------------------------------------------------------
+
+    def up(self) -> None:
+        if (self.state_dir / "state.json").exists():
+            raise LabError(f"lab {self.name!r} exists: run `synproxy lab down --name {self.name}` first")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "logs").mkdir(exist_ok=True)
+        self._save({"namespaces": [], "pids": {}})
+        try:
+            self._build_network()
+            self._write_config()
+            for host in self.by_role("backend"):
+                self._start(host.name, "backend", [sys.executable, "-m", "synproxy.cli", "backend",
+                                                   "--config", str(self.config_path)], "backend_attached")
+                self._start(f"{host.name}-servers", "backend",
+                            [sys.executable, "-m", "synproxy.lab.servers", "--name", host.name],
+                            "servers_ready", namespace=self.ns(host.name))
+            for host in self.by_role("front"):
+                self._start(host.name, "front", [sys.executable, "-m", "synproxy.cli", "front",
+                                                 "--config", str(self.config_path)], "front_started")
+        except BaseException:
+            self.down()
+            raise
+
+    def _build_network(self) -> None:
+        router = self.ns("router")
+        for namespace in [router, *(self.ns(h.name) for h in self.hosts)]:
+            netns.create(namespace)
+            self._remember("namespaces", namespace)
+            _sysctl(namespace, {"net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0"})
+        _sysctl(router, {"net.ipv4.ip_forward": "1", "net.ipv4.fib_multipath_hash_policy": "1",
+                         "net.ipv4.conf.all.ignore_routes_with_linkdown": "1"})
+        for host in self.hosts:
+            namespace = self.ns(host.name)
+            with NetNS(namespace) as ns:
+                ns.link("add", ifname="eth0", kind="veth", peer={"ifname": host.name, "net_ns_fd": router})
+                eth0 = ns.link_lookup(ifname="eth0")[0]
+                ns.addr("add", index=eth0, address=host.address, prefixlen=24)
+                ns.link("set", index=eth0, state="up")
+                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+                ns.route("add", dst="0.0.0.0/0", gateway=host.router_side)
+                if host.role == "backend":
+                    ns.addr("add", index=ns.link_lookup(ifname="lo")[0], address=VIP, prefixlen=32)
+                if host.role == "front":
+                    # A front never routes VIP traffic itself: what its queue does not rewrite dies here.
+                    ns.route("add", dst=f"{VIP}/32", type="blackhole")
+            if host.role == "front":
+                _sysctl(namespace, {"net.ipv4.ip_forward": "1"})
+            if host.role == "backend":
+                _sysctl(namespace, {"net.ipv4.tcp_ecn": "1"})
+            with NetNS(router) as ns:
+                link = ns.link_lookup(ifname=host.name)[0]
+                ns.addr("add", index=link, address=host.router_side, prefixlen=24)
+                ns.link("set", index=link, state="up")
+        with NetNS(router) as ns:
+            ns.route("add", dst=f"{VIP}/32",
+                     multipath=[{"gateway": h.address} for h in self.by_role("front")])
+            # Replies to spoofed sources, and anything else unknown, end here.
+            ns.route("add", dst="0.0.0.0/0", type="blackhole")
+
+    def _write_config(self) -> None:
+        secret = self.state_dir / "secret.hex"
+        secret.touch(mode=0o600)
+        secret.write_text(os.urandom(32).hex() + "\n")
+        fronts = ", ".join(h.address for h in self.by_role("front"))
+        backends = ", ".join(h.address for h in self.by_role("backend"))
+        self.config_path.write_text(
+            "# Written by `synproxy lab up`: one configuration for every front and backend.\n"
+            f"vips: [{VIP}]\nports: [{', '.join(map(str, PORTS))}]\nsecret_file: secret.hex\n"
+            f"fronts: [{fronts}]\nbackends: [{backends}]\n"
+            "front:\n  metrics_address: 0.0.0.0:9100\n"
+            "backend:\n  interface: eth0\n  metrics_address: 0.0.0.0:9101\n")
+
+    def _start(self, label: str, host_role: str, argv: list[str], ready_event: str,
+               namespace: str | None = None) -> None:
+        log_path = self.state_dir / "logs" / f"{label}.log"
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                ["ip", "netns", "exec", namespace or self.ns(label), *argv],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, start_new_session=True)
+        self._remember("pids", label, process.pid)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if f'"event": "{ready_event}"' in log_path.read_text(errors="replace"):
+                return
+            if process.poll() is not None:
+                break
+            time.sleep(0.05)
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise LabError(f"{label} did not start ({host_role}); its log ends:\n{tail}")
+
+    # --- running things inside -----------------------------------------------------------------
+
+    def run(self, host: str, argv: list[str], timeout: float = 60, check: bool = True,
+            **kwargs) -> subprocess.CompletedProcess:
+        """Run a command inside a host's namespace and wait for it (bounded by ``timeout``)."""
+        return subprocess.run(["ip", "netns", "exec", self.ns(host), *argv], capture_output=True, text=True,
+                              timeout=timeout, check=check, cwd=REPO_ROOT,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, **kwargs)
+
+    def popen(self, host: str, argv: list[str], **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.ns(host), *argv], cwd=REPO_ROOT,
+                                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, **kwargs)
+
+    def pid(self, label: str) -> int | None:
+        return self._state()["pids"].get(label)
+
+    def stop_process(self, label: str, sig: int = signal.SIGTERM, wait: float = 10) -> None:
+        """Stop one of the lab's own processes by the PID it recorded, escalating to SIGKILL."""
+        pid = self.pid(label)
+        if pid is None:
+            return
+        _signal_and_wait(pid, sig, wait)
+        state = self._state()
+        state["pids"].pop(label, None)
+        self._save(state)
+
+    def steer_handshakes(self, source_ports: tuple[int, int], syn_front: str, ack_front: str) -> None:
+        """Make the router send SYNs from these client ports to one front and the rest to another.
+
+        Forces cross-node validation: the ACK reaches a front that never saw the SYN.
+        """
+        first, last = source_ports
+        address = {h.name: h.address for h in self.by_role("front")}
+        for mark, match, front in ((0x51, ["--syn"], syn_front), (0x52, ["!", "--syn"], ack_front)):
+            self.run("router", ["iptables", "-w", "-t", "mangle", "-A", "PREROUTING", "-i", "client", "-p", "tcp",
+                                "--sport", f"{first}:{last}", *match, "-j", "MARK", "--set-mark", str(mark)])
+            with NetNS(self.ns("router")) as ns:
+                ns.route("add", dst=f"{VIP}/32", gateway=address[front], table=mark)
+                ns.rule("add", fwmark=mark, table=mark, priority=100)
+
+    # --- down and status -------------------------------------------------------------------------
+
+    def down(self) -> None:
+        state = self._state()
+        # Fronts first (they remove their rules), then backends (they detach), then namespaces.
+        for label, pid in sorted(state["pids"].items(), key=lambda item: not item[0].startswith("front")):
+            _signal_and_wait(pid, signal.SIGTERM, 10)
+        known = set(state["namespaces"]) | {n for n in netns.listnetns() if n.startswith(f"{self.name}-")}
+        for namespace in sorted(known):
+            if namespace in netns.listnetns():
+                netns.remove(namespace)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def status(self) -> dict:
+        state = self._state()
+        return {"name": self.name, "exists": (self.state_dir / "state.json").exists(),
+                "namespaces": [n for n in state["namespaces"] if n in netns.listnetns()],
+                "processes": {label: _alive(pid) for label, pid in state["pids"].items()}}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _signal_and_wait(pid: int, sig: int, wait: float) -> None:
+    """Signal a process this lab started, wait for it, and SIGKILL it if it does not go."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            finished, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # not our child (another `synproxy lab` invocation started it)
+            finished = 0 if _alive(pid) else pid
+        if finished:
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
