@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from siphash24 import siphash24
 
@@ -32,9 +32,8 @@ MAC_INPUT_BYTES = _MAC_INPUT.size
 _V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
 
-@dataclass(frozen=True, slots=True)
-class SynOptions:
-    """What a client's SYN negotiated, as far as the cookie remembers it."""
+class SynOptions(NamedTuple):
+    """What a client's SYN negotiated, as far as the cookie remembers it (a tuple: cheap to build)."""
 
     mss: int
     wscale: int | None
@@ -116,12 +115,13 @@ def check_cookie(schedule: SaltSchedule, now: float, saddr: bytes, daddr: bytes,
     The epoch bits name one accepted epoch, so this costs one MAC per secret, never a search.
     """
     data = cookie & DATA_MASK
-    epoch = schedule.epoch_for_bits(data_epoch_bits(data), now)
-    if epoch is None:
+    candidate = schedule.salts_for_bits(data_epoch_bits(data), now)
+    if candidate is None:
         return Reject.EXPIRED_EPOCH
+    epoch, salts = candidate
     message = mac_input(saddr, daddr, sport, dport, client_isn, epoch, data)
     mac = cookie >> DATA_BITS
-    for salt in schedule.validating_salts(epoch):
+    for salt in salts:
         if cookie_mac(salt, message) == mac:
             return decode_data(4 if len(saddr) == 4 else 6, data)
     return Reject.BAD_MAC

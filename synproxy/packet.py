@@ -7,7 +7,7 @@ nothing else, so a caller handling untrusted packets catches exactly one excepti
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = (1 << i for i in range(8))
 PROTO_TCP = 6
@@ -31,16 +31,14 @@ class MalformedPacket(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class TcpOptions:
+class TcpOptions(NamedTuple):
     mss: int | None = None
     wscale: int | None = None
     sack_permitted: bool = False
     timestamp: tuple[int, int] | None = None  # (TSval, TSecr)
 
 
-@dataclass(frozen=True, slots=True)
-class TcpSegment:
+class TcpSegment(NamedTuple):
     """The fields of an IP + TCP packet the proxy acts on; options stay unparsed until asked for."""
 
     family: int

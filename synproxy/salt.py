@@ -18,6 +18,7 @@ SALT_BYTES = 16
 EPOCH_BITS = 2
 EPOCH_SLOTS = 1 << EPOCH_BITS
 MIN_SECRET_BYTES = 16
+_MISSING = object()
 
 
 @functools.lru_cache(maxsize=64)
@@ -56,6 +57,7 @@ class SaltSchedule:
             raise ValueError("salt period must be positive")
         if not 0 <= self.skew <= self.period:
             raise ValueError("clock skew tolerance must be between 0 and the salt period")
+        object.__setattr__(self, "_window_cache", {})
 
     def current_epoch(self, now: float) -> int:
         return epoch_at(now, self.period)
@@ -71,6 +73,22 @@ class SaltSchedule:
             if epoch % EPOCH_SLOTS == epoch_bits:
                 return epoch
         return None
+
+    def salts_for_bits(self, epoch_bits: int, now: float) -> tuple[int, tuple[bytes, ...]] | None:
+        """The accepted epoch named by ``epoch_bits`` and every secret's salt for it, or None.
+
+        Cached per acceptance window: this runs for every ACK a front sees.
+        """
+        window = (epoch_at(now - self.period - self.skew, self.period), epoch_at(now + self.skew, self.period),
+                  epoch_bits)
+        cache = self._window_cache
+        found = cache.get(window, _MISSING)
+        if found is _MISSING:
+            if len(cache) > 64:
+                cache.clear()
+            epoch = self.epoch_for_bits(epoch_bits, now)
+            found = cache[window] = None if epoch is None else (epoch, tuple(self.validating_salts(epoch)))
+        return found
 
     def minting_salt(self, now: float) -> tuple[int, bytes]:
         epoch = self.current_epoch(now)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from synproxy import encap
 from synproxy.cookie import Reject, SynOptions, check_cookie, make_cookie
@@ -40,8 +41,7 @@ class Action(enum.Enum):
     DROP = "drop"
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     action: Action
     packet: bytes | None
     outcome: str          # counter label: what happened and why

@@ -63,6 +63,8 @@ def _sysctl(namespace: str, settings: dict[str, str]) -> None:
 class Lab:
     name: str = "splab"
     hosts: list[Host] = field(default_factory=default_hosts)
+    salt_period_seconds: float = 60.0
+    clock_skew_seconds: float = 2.0
 
     @property
     def state_dir(self) -> Path:
@@ -165,6 +167,7 @@ class Lab:
             "# Written by `synproxy lab up`: one configuration for every front and backend.\n"
             f"vips: [{VIP}]\nports: [{', '.join(map(str, PORTS))}]\nsecret_file: secret.hex\n"
             f"fronts: [{fronts}]\nbackends: [{backends}]\n"
+            f"salt_period_seconds: {self.salt_period_seconds}\nclock_skew_seconds: {self.clock_skew_seconds}\n"
             "front:\n  metrics_address: 0.0.0.0:9100\n"
             "backend:\n  interface: eth0\n  metrics_address: 0.0.0.0:9101\n")
 
@@ -226,6 +229,14 @@ class Lab:
             with NetNS(self.ns("router")) as ns:
                 ns.route("add", dst=f"{VIP}/32", gateway=address[front], table=mark)
                 ns.rule("add", fwmark=mark, table=mark, priority=100)
+
+    def set_link(self, host: str, up: bool) -> None:
+        """Take a host's only link down (the node is gone for the router) or back up."""
+        with NetNS(self.ns(host)) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="eth0")[0], state="up" if up else "down")
+
+    def sysctl(self, host: str, settings: dict[str, str]) -> None:
+        _sysctl(self.ns(host), settings)
 
     # --- down and status -------------------------------------------------------------------------
 

@@ -1,0 +1,196 @@
+"""The whole chain with real TCP: client → ECMP router → front (NFQUEUE) → backend (tc-BPF + kfunc)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from synproxy.lab.topology import VIP, Lab
+from tests.lab_fixtures import backend_stats, needs_root, total_created, unique_lab_name
+
+pytestmark = [pytest.mark.netns, needs_root]
+PERIOD, SKEW = 3.0, 0.5
+PYTHON = sys.executable
+
+# One HTTP request; prints the server's JSON answer and the client's own view of the connection.
+HTTP_WITH_INFO = textwrap.dedent("""
+    import json, socket, sys
+    from synproxy.tcpinfo import negotiated
+    target, mss = sys.argv[1], int(sys.argv[2])
+    sock = socket.socket()
+    sock.settimeout(5)
+    if mss:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
+    sock.connect((target, 80))
+    sock.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    print(json.dumps({"server": json.loads(answer.partition(b"\\r\\n\\r\\n")[2]), "client": negotiated(sock)}))
+""")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = Lab(name=unique_lab_name("spl"), salt_period_seconds=PERIOD, clock_skew_seconds=SKEW)
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
+def clients(lab: Lab, count: int, *extra: str) -> dict:
+    return json.loads(lab.run("client", [PYTHON, "-m", "synproxy.lab.clients", "--target", VIP,
+                                         "--count", str(count), *extra], timeout=120).stdout)
+
+
+def test_curl_and_python_clients_reach_both_backends_with_their_real_address(lab):
+    result = clients(lab, 20)
+    assert result["failed"] == 0, result["errors"]
+    assert set(result["backends"]) == {"backend0", "backend1"}
+    for _ in range(5):
+        answer = json.loads(lab.run("client", ["curl", "-sS", "-m", "5", f"http://{VIP}/"]).stdout)
+        assert answer["client"].startswith("198.18.1.2:")
+
+
+def test_ack_validated_by_a_front_that_never_saw_the_syn(lab):
+    before = {h.name: _front_outcomes(lab, h) for h in lab.by_role("front")}
+    lab.steer_handshakes((40000, 40099), syn_front="front0", ack_front="front2")
+    result = clients(lab, 5, "--source-port-from", "40000")
+    assert result["failed"] == 0, result["errors"]
+    after = {h.name: _front_outcomes(lab, h) for h in lab.by_role("front")}
+    assert after["front0"].get("syn_answered", 0) - before["front0"].get("syn_answered", 0) >= 10
+    assert after["front2"].get("validated", 0) - before["front2"].get("validated", 0) >= 10
+    assert after["front0"].get("validated", 0) == before["front0"].get("validated", 0)
+
+
+@pytest.mark.parametrize("timestamps", [0, 1])
+@pytest.mark.parametrize("window_scaling", [0, 1])
+@pytest.mark.parametrize("sack", [0, 1])
+@pytest.mark.parametrize("ecn", [0, 1])
+@pytest.mark.parametrize("mss", [0, 536])
+def test_options_matrix(lab, timestamps, window_scaling, sack, ecn, mss):
+    lab.sysctl("client", {"net.ipv4.tcp_timestamps": str(timestamps),
+                          "net.ipv4.tcp_window_scaling": str(window_scaling),
+                          "net.ipv4.tcp_sack": str(sack), "net.ipv4.tcp_ecn": str(ecn)})
+    try:
+        seen = json.loads(lab.run("client", [PYTHON, "-c", HTTP_WITH_INFO, VIP, str(mss)]).stdout)
+    finally:
+        lab.sysctl("client", {"net.ipv4.tcp_timestamps": "1", "net.ipv4.tcp_window_scaling": "1",
+                              "net.ipv4.tcp_sack": "1", "net.ipv4.tcp_ecn": "2"})
+    server, client = seen["server"]["tcp_info"], seen["client"]
+    assert server["timestamps"] is client["timestamps"] is bool(timestamps)
+    assert server["sack"] is client["sack"] is bool(sack)
+    assert server["ecn"] is client["ecn"] is bool(ecn)
+    assert server["wscale"] is client["wscale"] is bool(window_scaling)
+    if window_scaling:
+        assert server["rcv_wscale"] == client["snd_wscale"] == 7, "the front's announced scale"
+        assert server["snd_wscale"] == client["rcv_wscale"]
+    option_bytes = 12 if timestamps else 0
+    client_mss = mss or 1460
+    assert server["snd_mss"] == {536: 536, 1460: 1460}[client_mss] - option_bytes
+    assert client["snd_mss"] == 1460 - 32 - option_bytes
+
+
+def _blocked_handshake(lab: Lab, hold: float) -> subprocess.CompletedProcess:
+    """Connect while the client's ACKs and data are held back for ``hold`` seconds, then ask."""
+    rule = ["OUTPUT", "-p", "tcp", "-d", VIP, "--dport", "80", "--tcp-flags", "SYN", "NONE", "-j", "DROP"]
+    lab.run("client", ["iptables", "-w", "-I", *rule])
+    script = textwrap.dedent(f"""
+        import socket, sys, time
+        sock = socket.create_connection(("{VIP}", 80), timeout=30)
+        sock.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        try:
+            print(sock.recv(65536)[:12].decode())
+        except OSError as error:
+            print(type(error).__name__)
+    """)
+    process = lab.popen("client", [PYTHON, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(hold)
+    finally:
+        lab.run("client", ["iptables", "-w", "-D", *rule])
+    out, _ = process.communicate(timeout=40)
+    return out.strip()
+
+
+def test_handshake_straddling_a_salt_rotation_succeeds(lab):
+    # SYN answered in epoch N; the ACK (with the request) reaches a front only in epoch N+1.
+    time.sleep(PERIOD - (time.time() % PERIOD) + 0.2)
+    assert _blocked_handshake(lab, PERIOD) == "HTTP/1.0 200"
+
+
+def test_ack_two_epochs_old_creates_no_connection(lab):
+    created = total_created(lab)
+    assert _blocked_handshake(lab, 2 * PERIOD + SKEW + 1) in ("ConnectionResetError", "")
+    assert total_created(lab) == created
+
+
+def test_forged_ack_creates_no_connection(lab):
+    created = total_created(lab)
+    forge = textwrap.dedent(f"""
+        from scapy.all import IP, TCP, send
+        for port in range(45000, 45050):
+            send(IP(dst="{VIP}") / TCP(sport=port, dport=80, flags="A", seq=1000, ack=port * 7919), verbose=0)
+    """)
+    lab.run("client", [PYTHON, "-c", forge])
+    time.sleep(0.5)
+    assert total_created(lab) == created
+
+
+def test_no_syn_reaches_a_backend_during_a_flood(lab):
+    flood = lab.popen("attacker", [PYTHON, "-m", "synproxy.lab.flood", "--target", VIP, "--count", "50000",
+                                   "--seconds", "10"], stdout=subprocess.PIPE, text=True)
+    result = clients(lab, 10)
+    sent = json.loads(flood.communicate(timeout=60)[0])["sent"]
+    assert sent > 1000
+    assert result["failed"] == 0, result["errors"]
+    for host in lab.by_role("backend"):
+        assert backend_stats(lab, host.name)["syn_received"] == 0
+
+
+def test_losing_a_front_loses_no_established_connection(lab):
+    """Last in this module: it takes front1 away for good."""
+    holder = textwrap.dedent(f"""
+        import json, socket, sys
+        conns = [socket.create_connection(("{VIP}", 7), timeout=5) for _ in range(30)]
+        def round_trip():
+            ok = 0
+            for i, sock in enumerate(conns):
+                message = f"message {{i}}".encode()
+                sock.sendall(message)
+                ok += sock.recv(100) == message
+            return ok
+        print(json.dumps({{"before": round_trip()}}), flush=True)
+        sys.stdin.readline()
+        print(json.dumps({{"after": round_trip()}}), flush=True)
+    """)
+    process = lab.popen("client", [PYTHON, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        text=True)
+    try:
+        assert json.loads(process.stdout.readline()) == {"before": 30}
+        carried = _front_outcomes(lab, lab.by_role("front")[1]).get("forwarded", 0)
+        assert carried > 0, "front1 carried none of the connections"
+        lab.stop_process("front1")
+        lab.set_link("front1", up=False)
+        time.sleep(0.5)
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        assert json.loads(process.stdout.readline()) == {"after": 30}
+    finally:
+        process.kill()
+        process.wait()
+    assert clients(lab, 5)["failed"] == 0
+
+
+def _front_outcomes(lab: Lab, host) -> dict:
+    from synproxy.lab.demo import scrape
+    samples = scrape(lab, host.name, host.address, 9100)
+    return {dict(labels)["outcome"]: value for (name, labels), value in samples.items()
+            if name == "synproxy_front_packets_total"}
