@@ -1,0 +1,1 @@
+"""The backend: the tc-BPF program that turns validated ACKs into connections, and its loader."""

@@ -1,0 +1,257 @@
+"""A thin ctypes shell over libbpf (Debian's libbpf1): open/load objects, maps, tc attach, test runs.
+
+Only what the backend needs. Every failure becomes :class:`BpfError` with the errno's text.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from pathlib import Path
+
+BPF_TC_INGRESS = 1
+BPF_TC_F_REPLACE = 1
+BPF_ANY = 0
+
+
+class BpfError(OSError):
+    pass
+
+
+def _load_library() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        return ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        raise BpfError(errno.ENOENT, "libbpf not found: install the libbpf1 (or libbpf-dev) package") from None
+
+
+_lib = _load_library()
+_voidp = ctypes.c_void_p
+
+
+def _declare(name: str, restype, *argtypes) -> None:
+    function = getattr(_lib, name)
+    function.restype = restype
+    function.argtypes = list(argtypes)
+
+
+_declare("bpf_object__open_file", _voidp, ctypes.c_char_p, _voidp)
+_declare("bpf_object__load", ctypes.c_int, _voidp)
+_declare("bpf_object__close", None, _voidp)
+_declare("bpf_object__find_program_by_name", _voidp, _voidp, ctypes.c_char_p)
+_declare("bpf_object__find_map_by_name", _voidp, _voidp, ctypes.c_char_p)
+_declare("bpf_program__fd", ctypes.c_int, _voidp)
+_declare("bpf_map__fd", ctypes.c_int, _voidp)
+_declare("bpf_map_update_elem", ctypes.c_int, ctypes.c_int, _voidp, _voidp, ctypes.c_uint64)
+_declare("bpf_map_lookup_elem", ctypes.c_int, ctypes.c_int, _voidp, _voidp)
+_declare("bpf_map_delete_elem", ctypes.c_int, ctypes.c_int, _voidp)
+_declare("bpf_map_get_next_key", ctypes.c_int, ctypes.c_int, _voidp, _voidp)
+_declare("bpf_tc_hook_create", ctypes.c_int, _voidp)
+_declare("bpf_tc_attach", ctypes.c_int, _voidp, _voidp)
+_declare("bpf_tc_detach", ctypes.c_int, _voidp, _voidp)
+_declare("bpf_tc_query", ctypes.c_int, _voidp, _voidp)
+_declare("bpf_prog_test_run_opts", ctypes.c_int, ctypes.c_int, _voidp)
+_declare("bpf_prog_get_fd_by_id", ctypes.c_int, ctypes.c_uint32)
+_declare("bpf_map_get_fd_by_id", ctypes.c_int, ctypes.c_uint32)
+_declare("bpf_obj_get_info_by_fd", ctypes.c_int, ctypes.c_int, _voidp, ctypes.POINTER(ctypes.c_uint32))
+
+
+def _check(result: int, what: str) -> int:
+    """libbpf 1.x returns -errno (and sets errno); turn it into an exception."""
+    if result < 0:
+        code = -result if result != -1 else (ctypes.get_errno() or errno.EINVAL)
+        raise BpfError(code, f"{what}: {os.strerror(code)}")
+    return result
+
+
+class TcHook(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("ifindex", ctypes.c_int), ("attach_point", ctypes.c_int),
+                ("parent", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+
+
+class TcOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("prog_fd", ctypes.c_int), ("flags", ctypes.c_uint32),
+                ("prog_id", ctypes.c_uint32), ("handle", ctypes.c_uint32), ("priority", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32)]
+
+
+class _TestRunOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("data_in", _voidp), ("data_out", _voidp),
+                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+                ("ctx_in", _voidp), ("ctx_out", _voidp), ("ctx_size_in", ctypes.c_uint32),
+                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
+                ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
+                ("batch_size", ctypes.c_uint32)]
+
+
+assert ctypes.sizeof(TcHook) == 24 and ctypes.sizeof(TcOpts) == 32 and ctypes.sizeof(_TestRunOpts) == 80
+
+
+def possible_cpus() -> int:
+    """Per-CPU maps hold one value per possible CPU (not online CPU)."""
+    count = 0
+    for part in Path("/sys/devices/system/cpu/possible").read_text().strip().split(","):
+        low, _, high = part.partition("-")
+        count += int(high or low) - int(low) + 1
+    return count
+
+
+class Map:
+    """A map by file descriptor, with fixed key and value sizes."""
+
+    def __init__(self, fd: int, key_size: int, value_size: int, per_cpu: bool = False):
+        self.fd, self.key_size, self.value_size, self.per_cpu = fd, key_size, value_size, per_cpu
+
+    def update(self, key: bytes, value: bytes) -> None:
+        assert len(key) == self.key_size and len(value) == self.value_size
+        _check(_lib.bpf_map_update_elem(self.fd, key, value, BPF_ANY), "bpf_map_update_elem")
+
+    def delete(self, key: bytes) -> None:
+        result = _lib.bpf_map_delete_elem(self.fd, key)
+        if result < 0 and -result != errno.ENOENT:
+            _check(result, "bpf_map_delete_elem")
+
+    def keys(self) -> list[bytes]:
+        found, previous = [], None
+        current = ctypes.create_string_buffer(self.key_size)
+        while _lib.bpf_map_get_next_key(self.fd, previous, current) == 0:
+            found.append(current.raw)
+            previous = ctypes.create_string_buffer(current.raw, self.key_size)
+        return found
+
+    def lookup(self, key: bytes) -> list[bytes] | bytes | None:
+        """The value, or for a per-CPU map one value per possible CPU (each padded to 8 bytes)."""
+        stride = (self.value_size + 7) // 8 * 8
+        size = stride * possible_cpus() if self.per_cpu else self.value_size
+        buffer = ctypes.create_string_buffer(size)
+        result = _lib.bpf_map_lookup_elem(self.fd, key, buffer)
+        if result < 0:
+            if -result == errno.ENOENT or ctypes.get_errno() == errno.ENOENT:
+                return None
+            _check(result, "bpf_map_lookup_elem")
+        if self.per_cpu:
+            return [buffer.raw[i:i + self.value_size] for i in range(0, size, stride)]
+        return buffer.raw
+
+
+class BpfObject:
+    """A loaded BPF object file; closing it releases the maps and programs it holds."""
+
+    def __init__(self, path: Path):
+        self._obj = _lib.bpf_object__open_file(str(path).encode(), None)
+        if not self._obj:
+            code = ctypes.get_errno() or errno.EINVAL
+            raise BpfError(code, f"cannot open BPF object {path}: {os.strerror(code)}")
+        result = _lib.bpf_object__load(self._obj)
+        if result:
+            _lib.bpf_object__close(self._obj)
+            self._obj = None
+            _check(result if result < 0 else -errno.EINVAL, f"loading {path.name} (the verifier's log is above)")
+
+    def program_fd(self, name: str) -> int:
+        program = _lib.bpf_object__find_program_by_name(self._obj, name.encode())
+        if not program:
+            raise BpfError(errno.ENOENT, f"no program {name!r} in the object")
+        return _lib.bpf_program__fd(program)
+
+    def map(self, name: str, key_size: int, value_size: int, per_cpu: bool = False) -> Map:
+        found = _lib.bpf_object__find_map_by_name(self._obj, name.encode())
+        if not found:
+            raise BpfError(errno.ENOENT, f"no map {name!r} in the object")
+        return Map(_lib.bpf_map__fd(found), key_size, value_size, per_cpu)
+
+    def close(self) -> None:
+        if self._obj:
+            _lib.bpf_object__close(self._obj)
+            self._obj = None
+
+
+def _hook(ifindex: int) -> TcHook:
+    return TcHook(sz=ctypes.sizeof(TcHook), ifindex=ifindex, attach_point=BPF_TC_INGRESS)
+
+
+def tc_attach(ifindex: int, prog_fd: int, handle: int, priority: int) -> None:
+    """Attach to tc ingress (creating clsact if needed), replacing our own earlier filter."""
+    result = _lib.bpf_tc_hook_create(ctypes.byref(_hook(ifindex)))
+    if result < 0 and -result != errno.EEXIST:
+        _check(result, "bpf_tc_hook_create")
+    opts = TcOpts(sz=ctypes.sizeof(TcOpts), prog_fd=prog_fd, flags=BPF_TC_F_REPLACE, handle=handle,
+                  priority=priority)
+    _check(_lib.bpf_tc_attach(ctypes.byref(_hook(ifindex)), ctypes.byref(opts)), "bpf_tc_attach")
+
+
+def tc_attached_program(ifindex: int, handle: int, priority: int) -> int | None:
+    """The id of the program in our filter slot, or None."""
+    opts = TcOpts(sz=ctypes.sizeof(TcOpts), handle=handle, priority=priority)
+    result = _lib.bpf_tc_query(ctypes.byref(_hook(ifindex)), ctypes.byref(opts))
+    if result < 0:
+        if -result in (errno.ENOENT, errno.EINVAL):
+            return None
+        _check(result, "bpf_tc_query")
+    return opts.prog_id
+
+
+def tc_detach(ifindex: int, handle: int, priority: int) -> bool:
+    """Remove our filter; False when there was none."""
+    opts = TcOpts(sz=ctypes.sizeof(TcOpts), handle=handle, priority=priority)
+    result = _lib.bpf_tc_detach(ctypes.byref(_hook(ifindex)), ctypes.byref(opts))
+    if result < 0 and -result in (errno.ENOENT, errno.EINVAL):
+        return False
+    _check(result, "bpf_tc_detach")
+    return True
+
+
+# struct bpf_prog_info / bpf_map_info (linux/bpf.h): only the leading fields we read.
+class _ProgInfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
+                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
+                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16)]
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
+                ("map_flags", ctypes.c_uint32), ("name", ctypes.c_char * 16)]
+
+
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+
+
+def program_maps(prog_id: int) -> dict[str, Map]:
+    """The maps of a loaded program by their names, found through its id (no pinning needed)."""
+    prog_fd = _check(_lib.bpf_prog_get_fd_by_id(prog_id), "bpf_prog_get_fd_by_id")
+    try:
+        info = _ProgInfo()
+        length = ctypes.c_uint32(ctypes.sizeof(info))
+        _check(_lib.bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(length)), "prog info")
+        ids = (ctypes.c_uint32 * info.nr_map_ids)()
+        info = _ProgInfo(nr_map_ids=len(ids), map_ids=ctypes.addressof(ids))
+        length = ctypes.c_uint32(ctypes.sizeof(info))
+        _check(_lib.bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(length)), "prog info")
+    finally:
+        os.close(prog_fd)
+    maps = {}
+    for map_id in ids:
+        fd = _check(_lib.bpf_map_get_fd_by_id(map_id), "bpf_map_get_fd_by_id")
+        map_info = _MapInfo()
+        length = ctypes.c_uint32(ctypes.sizeof(map_info))
+        _check(_lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(map_info), ctypes.byref(length)), "map info")
+        maps[map_info.name.decode()] = Map(fd, map_info.key_size, map_info.value_size,
+                                           per_cpu=map_info.type == BPF_MAP_TYPE_PERCPU_ARRAY)
+    return maps
+
+
+def prog_test_run(prog_fd: int, packet: bytes, out_size: int = 2048) -> tuple[int, bytes]:
+    """Run the program once on ``packet`` (BPF_PROG_TEST_RUN): its return code and the packet after."""
+    data_in = ctypes.create_string_buffer(packet, len(packet))
+    data_out = ctypes.create_string_buffer(out_size)
+    opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(data_in),
+                       data_out=ctypes.addressof(data_out), data_size_in=len(packet), data_size_out=out_size,
+                       repeat=1)
+    _check(_lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "bpf_prog_test_run_opts")
+    return opts.retval, data_out.raw[:opts.data_size_out]
