@@ -11,6 +11,7 @@ import argparse
 import select
 import signal
 import time
+from pathlib import Path
 
 from netfilterqueue import NetfilterQueue
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -22,6 +23,17 @@ from synproxy.logs import log
 from synproxy.netlink import local_addresses
 
 QUEUE_MAX_LENGTH = 8192
+# Forwarding for the rewritten packets; accept_local because an encapsulated packet leaves with this
+# node's own address as source, which the kernel otherwise drops as a martian when it routes it.
+FRONT_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.accept_local": "1"}
+
+
+def ensure_sysctls() -> None:
+    for key, value in FRONT_SYSCTLS.items():
+        path = Path("/proc/sys", *key.split("."))
+        if path.read_text().strip() != value:
+            path.write_text(value)
+            log("sysctl_set", key=key, value=value)
 
 
 def farm_address(config: Config):
@@ -103,6 +115,7 @@ class Front:
             queue.bind(queue_num, self.on_packet, max_len=QUEUE_MAX_LENGTH)
         except OSError as error:
             raise SystemExit(f"synproxy: cannot bind NFQUEUE {queue_num}: {error} (root needed?)") from None
+        ensure_sysctls()
         firewall.install(config.vips, config.ports, queue_num)
         log("front_started", queue=queue_num, vips=[str(v) for v in config.vips], ports=list(config.ports),
             backends=[str(b) for b in config.backends], farm_address=str(farm_address(config)))

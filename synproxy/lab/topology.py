@@ -143,8 +143,6 @@ class Lab:
                 if host.role == "front":
                     # A front never routes VIP traffic itself: what its queue does not rewrite dies here.
                     ns.route("add", dst=f"{VIP}/32", type="blackhole")
-            if host.role == "front":
-                _sysctl(namespace, {"net.ipv4.ip_forward": "1"})
             if host.role == "backend":
                 _sysctl(namespace, {"net.ipv4.tcp_ecn": "1"})
             with NetNS(router) as ns:
