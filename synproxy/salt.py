@@ -64,7 +64,7 @@ class SaltSchedule:
 
     def accepted_epochs(self, now: float) -> range:
         """Epochs whose cookies validate at ``now`` (at most four, so two bits tell them apart)."""
-        return range(epoch_at(now - self.period - self.skew, self.period),
+        return range(max(0, epoch_at(now - self.period - self.skew, self.period)),
                      epoch_at(now + self.skew, self.period) + 1)
 
     def epoch_for_bits(self, epoch_bits: int, now: float) -> int | None:
