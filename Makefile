@@ -11,7 +11,7 @@ test: setup
 
 demo: setup
 	$(PYTHON) -m synproxy.cli selftest
-	$(PYTHON) benchmarks/bench_cookie.py --count 50000
+	$(PYTHON) -m synproxy.cli lab demo
 
 bench: setup
 	$(PYTHON) benchmarks/bench_cookie.py

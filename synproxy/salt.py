@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -96,3 +96,25 @@ class SaltSchedule:
 
     def validating_salts(self, epoch: int) -> list[bytes]:
         return [derive_salt(secret, epoch) for secret in self.secrets]
+
+
+class SecretRotation:
+    """Keeps a replaced secret accepted for a grace period, so handshakes in flight survive a rotation.
+
+    When a reload drops a secret, cookies minted with it may still be in flight: it stays accepted
+    (after the configured ones) for ``2 × period + skew``, the longest a cookie lives.
+    """
+
+    def __init__(self) -> None:
+        self._retired: dict[bytes, float] = {}
+
+    def effective(self, configured: SaltSchedule, previous: SaltSchedule | None, now: float) -> SaltSchedule:
+        grace = 2 * configured.period + configured.skew
+        for secret in previous.secrets if previous else ():
+            if secret not in configured.secrets:
+                self._retired.setdefault(secret, now + grace)
+        self._retired = {secret: until for secret, until in self._retired.items()
+                         if until > now and secret not in configured.secrets}
+        if not self._retired:
+            return configured
+        return replace(configured, secrets=configured.secrets + tuple(self._retired))

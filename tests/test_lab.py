@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from synproxy.lab.demo import front_summary, scrape
 from synproxy.lab.topology import VIP, Lab
 from tests.lab_fixtures import backend_stats, needs_root, total_created, unique_lab_name
 
@@ -190,7 +191,4 @@ def test_losing_a_front_loses_no_established_connection(lab):
 
 
 def _front_outcomes(lab: Lab, host) -> dict:
-    from synproxy.lab.demo import scrape
-    samples = scrape(lab, host.name, host.address, 9100)
-    return {dict(labels)["outcome"]: value for (name, labels), value in samples.items()
-            if name == "synproxy_front_packets_total"}
+    return front_summary(scrape(lab, host.name, host.address, 9100))

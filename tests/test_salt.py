@@ -1,6 +1,6 @@
 import pytest
 
-from synproxy.salt import SaltSchedule, derive_salt
+from synproxy.salt import SaltSchedule, SecretRotation, derive_salt
 
 
 def test_salt_is_deterministic_and_differs_per_epoch_and_secret():
@@ -36,3 +36,14 @@ def test_epoch_bits_name_one_epoch():
 def test_invalid_schedules_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SaltSchedule(**kwargs)
+
+
+def test_replaced_secret_stays_accepted_for_the_grace_period_only():
+    old, new = b"o" * 32, b"n" * 32
+    rotation = SecretRotation()
+    before = rotation.effective(SaltSchedule((old,), period=60, skew=2), None, 1000.0)
+    assert before.secrets == (old,)
+    after = rotation.effective(SaltSchedule((new,), period=60, skew=2), before, 1000.0)
+    assert after.secrets == (new, old)
+    assert rotation.effective(SaltSchedule((new,), period=60, skew=2), after, 1121.0).secrets == (new, old)
+    assert rotation.effective(SaltSchedule((new,), period=60, skew=2), after, 1123.0).secrets == (new,)

@@ -32,6 +32,7 @@ from synproxy.packet import (
 from synproxy.salt import SaltSchedule
 
 SYN_ACK_WINDOW = 65535
+_REJECTED = {reason: f"forwarded_{reason.value}" for reason in Reject}
 _IPV6_EXTRA = 20  # an IPv6 header is 20 bytes longer than an IPv4 one
 
 
@@ -44,7 +45,7 @@ class Action(enum.Enum):
 class Verdict(NamedTuple):
     action: Action
     packet: bytes | None
-    outcome: str          # counter label: what happened and why
+    outcome: str          # counter label: what happened and why (docs/metrics.md)
     backend: int = -1     # index into FrontPolicy.backends for FORWARD
 
 
@@ -97,7 +98,8 @@ def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolic
         result = check_cookie(schedule, now, segment.saddr, segment.daddr, segment.sport, segment.dport,
                               (segment.seq - 1) & 0xFFFFFFFF, (segment.ack - 1) & 0xFFFFFFFF)
         validated = not isinstance(result, Reject)
-        outcome = "validated" if validated else "forwarded"
+        # Established traffic carries no cookie either: it is forwarded under the same labels.
+        outcome = "validated" if validated else _REJECTED[result]
     flow = flow_hash(segment.saddr, segment.daddr, segment.sport, segment.dport)
     backend = policy.backend_for(flow)
     wrapped = encap.encapsulate(packet, policy.farm_address, policy.backends[backend], policy.encap_port,

@@ -14,15 +14,20 @@ import time
 from pathlib import Path
 
 from netfilterqueue import NetfilterQueue
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from synproxy import firewall
 from synproxy.config import Config, ConfigError, load_config
 from synproxy.front.handler import Action, FrontPolicy, handle
 from synproxy.logs import log
 from synproxy.netlink import local_addresses
+from synproxy.salt import SecretRotation
 
 QUEUE_MAX_LENGTH = 8192
+NFQUEUE_STATS = Path("/proc/net/netfilter/nfnetlink_queue")
+# Timing every packet into a histogram would cost as much as handling it: time one in 16.
+TIMING_SAMPLE_MASK = 15
 # Forwarding for the rewritten packets; accept_local because an encapsulated packet leaves with this
 # node's own address as source, which the kernel otherwise drops as a martian when it routes it.
 FRONT_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.accept_local": "1"}
@@ -56,11 +61,46 @@ def build_policy(config: Config) -> FrontPolicy:
                        backend_mss=config.backend_mss, server_wscale=config.server_wscale)
 
 
+def queue_stats(queue_num: int, text: str) -> dict[str, int] | None:
+    """One queue's line of /proc/net/netfilter/nfnetlink_queue: its length and the kernel's drops."""
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 7 and fields[0] == str(queue_num):
+            return {"length": int(fields[2]), "dropped": int(fields[5]), "user_dropped": int(fields[6])}
+    return None
+
+
+class _QueueCollector:
+    """The kernel's view of this front's queue, read at scrape time."""
+
+    def __init__(self, queue_num: int):
+        self.queue_num = queue_num
+
+    def collect(self):
+        try:
+            stats = queue_stats(self.queue_num, NFQUEUE_STATS.read_text())
+        except OSError:
+            stats = None
+        if stats is None:
+            return
+        yield GaugeMetricFamily("synproxy_front_queue_length", "Packets waiting in the NFQUEUE",
+                                value=stats["length"])
+        yield CounterMetricFamily("synproxy_front_queue_dropped", "Packets the kernel dropped: queue full",
+                                  value=stats["dropped"])
+        yield CounterMetricFamily("synproxy_front_queue_user_dropped",
+                                  "Packets the kernel dropped: netlink buffer full", value=stats["user_dropped"])
+
+
 class FrontMetrics:
     """Prometheus metrics of one front process (label children cached: the hot path does one dict get)."""
 
-    def __init__(self, backends: tuple[str, ...]):
+    def __init__(self, backends: tuple[str, ...], queue_num: int):
         self.registry = CollectorRegistry()
+        self.registry.register(_QueueCollector(queue_num))
+        self.processing = Histogram("synproxy_front_packet_processing_seconds",
+                                    "Time to decide and give the verdict for one packet (1 in 16 sampled)",
+                                    buckets=(2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2),
+                                    registry=self.registry)
         self.packets = Counter("synproxy_front_packets", "Packets handled, by outcome", ["outcome"],
                                registry=self.registry)
         self.forwarded = Counter("synproxy_front_forwarded_packets", "Packets forwarded, by backend",
@@ -81,16 +121,27 @@ class FrontMetrics:
 class Front:
     def __init__(self, config_path: str):
         self.config_path = config_path
+        self.rotation = SecretRotation()
         self.load()
-        self.metrics = FrontMetrics(tuple(str(b) for b in self.config.backends))
+        self.metrics = FrontMetrics(tuple(str(b) for b in self.config.backends), self.config.front.queue_num)
+        self.packets_seen = 0
 
     def load(self) -> None:
         config = load_config(self.config_path)
         self.policy = build_policy(config)
-        self.schedule = config.salt_schedule()
+        self.configured_schedule = config.salt_schedule()
+        self.schedule = self.rotation.effective(self.configured_schedule, getattr(self, "schedule", None),
+                                                time.time())
         self.config = config
 
+    def expire_retired_secrets(self) -> None:
+        schedule = self.rotation.effective(self.configured_schedule, self.schedule, time.time())
+        if schedule.secrets != self.schedule.secrets:
+            self.schedule = schedule
+            log("retired_secrets_expired", secrets_accepted=len(schedule.secrets))
+
     def on_packet(self, packet) -> None:
+        started = time.perf_counter()
         verdict = handle(packet.get_payload(), time.time(), self.schedule, self.policy)
         if verdict.action is Action.DROP:
             packet.drop()
@@ -98,6 +149,9 @@ class Front:
             packet.set_payload(verdict.packet)
             packet.accept()
         self.metrics.count(verdict.outcome, verdict.backend)
+        self.packets_seen += 1
+        if not self.packets_seen & TIMING_SAMPLE_MASK:
+            self.metrics.processing.observe(time.perf_counter() - started)
 
     def run(self) -> int:
         config = self.config
@@ -123,6 +177,7 @@ class Front:
             fd = queue.get_fd()
             while not stop:
                 self.metrics.epoch.set(self.schedule.current_epoch(time.time()))
+                self.expire_retired_secrets()
                 if reload:
                     reload.clear()
                     self.reload()
@@ -138,7 +193,7 @@ class Front:
     def reload(self) -> None:
         try:
             self.load()
-            log("config_reloaded", source=str(self.config.source))
+            log("config_reloaded", source=str(self.config.source), secrets_accepted=len(self.schedule.secrets))
         except ConfigError as error:
             log("config_reload_failed", error=str(error))
 

@@ -26,8 +26,16 @@ def scrape(lab: Lab, host: str, address: str, port: int) -> dict[tuple, float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
-def metric(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+def front_summary(samples: dict) -> dict[str, float]:
+    """A front's packet outcomes folded into what the report shows: answered, validated, forwarded, dropped."""
+    summary = {"syn_answered": 0.0, "validated": 0.0, "forwarded": 0.0, "dropped": 0.0}
+    for (name, labels), value in samples.items():
+        if name != "synproxy_front_packets_total":
+            continue
+        outcome = dict(labels)["outcome"]
+        key = outcome if outcome in summary else "forwarded" if outcome.startswith("forwarded") else "dropped"
+        summary[key] += value
+    return summary
 
 
 def run_demo(lab: Lab, clients: int = 25, flood_count: int = 300_000, flood_seconds: float = 15) -> int:
@@ -69,12 +77,9 @@ def report(lab: Lab, ordinary: dict, crossed: dict, curls: list, flooded: dict) 
           f"{crossed['completed']}/{crossed['attempted']} completed")
     print(f"{'front':8} {'SYN-ACKs sent':>14} {'ACKs validated':>15} {'forwarded':>10} {'dropped':>8}")
     for host in lab.by_role("front"):
-        samples = scrape(lab, host.name, host.address, 9100)
-        outcomes = {dict(labels).get("outcome"): value for (name, labels), value in samples.items()
-                    if name == "synproxy_front_packets_total"}
-        dropped = sum(v for k, v in outcomes.items() if k not in ("syn_answered", "validated", "forwarded"))
-        print(f"{host.name:8} {outcomes.get('syn_answered', 0):14.0f} {outcomes.get('validated', 0):15.0f} "
-              f"{outcomes.get('forwarded', 0):10.0f} {dropped:8.0f}")
+        summary = front_summary(scrape(lab, host.name, host.address, 9100))
+        print(f"{host.name:8} {summary['syn_answered']:14.0f} {summary['validated']:15.0f} "
+              f"{summary['forwarded']:10.0f} {summary['dropped']:8.0f}")
     print(f"{'backend':8} {'connections created':>20} {'SYNs received':>14}")
     for host in lab.by_role("backend"):
         stats = json.loads(lab.run(host.name, [sys.executable, "-m", "synproxy.cli", "backend", "--config",
