@@ -9,6 +9,7 @@ APT_PACKAGES=(
   iproute2 iptables nftables procps               # netns lab, NFQUEUE rules, sysctls
   libnetfilter-queue-dev gcc python3-dev          # build the netfilterqueue binding
   curl hping3 netsniff-ng tcpdump                 # clients, flood generators, debugging
+  prometheus                                      # scrapes the lab (`synproxy lab up --prometheus`)
   make
 )
 

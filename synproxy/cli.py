@@ -36,11 +36,13 @@ def _lab(args: argparse.Namespace) -> int:
 
     from synproxy.lab.demo import run_demo
     from synproxy.lab.topology import Lab, LabError
-    lab = Lab(name=args.name)
+    lab = Lab(name=args.name, prometheus=args.prometheus)
     try:
         if args.action == "up":
             lab.up()
             print(f"lab {lab.name!r} is up; configuration: {lab.config_path}")
+            if args.prometheus:
+                print(f"Prometheus: `ip netns exec {lab.ns('router')} curl localhost:9090/api/v1/targets`")
         elif args.action == "down":
             lab.down()
             print(f"lab {lab.name!r} is down")
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab = commands.add_parser("lab", help="the namespace lab: client, attacker, ECMP router, fronts, backends")
     lab.add_argument("action", choices=["up", "down", "status", "demo"])
     lab.add_argument("--name", default="splab", type=_lab_name, help="lab name, the prefix of its namespaces")
+    lab.add_argument("--prometheus", action="store_true", help="with up: also run Prometheus scraping every node")
     lab.set_defaults(handler=_lab)
 
     backend = commands.add_parser("backend", help="run the BPF data plane on a backend")

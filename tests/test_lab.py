@@ -11,7 +11,7 @@ import time
 import pytest
 
 from synproxy.lab.demo import front_summary, scrape
-from synproxy.lab.topology import VIP, Lab
+from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, Lab
 from tests.lab_fixtures import backend_stats, needs_root, total_created, unique_lab_name
 
 pytestmark = [pytest.mark.netns, needs_root]
@@ -191,4 +191,4 @@ def test_losing_a_front_loses_no_established_connection(lab):
 
 
 def _front_outcomes(lab: Lab, host) -> dict:
-    return front_summary(scrape(lab, host.name, host.address, 9100))
+    return front_summary(scrape(lab, host.name, host.address, FRONT_METRICS_PORT))

@@ -10,7 +10,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import netns
 
-from synproxy.lab.topology import VIP, Lab
+from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, Lab
 
 CROSS_NODE_PORTS = (50000, 50999)
 
@@ -77,7 +77,7 @@ def report(lab: Lab, ordinary: dict, crossed: dict, curls: list, flooded: dict) 
           f"{crossed['completed']}/{crossed['attempted']} completed")
     print(f"{'front':8} {'SYN-ACKs sent':>14} {'ACKs validated':>15} {'forwarded':>10} {'dropped':>8}")
     for host in lab.by_role("front"):
-        summary = front_summary(scrape(lab, host.name, host.address, 9100))
+        summary = front_summary(scrape(lab, host.name, host.address, FRONT_METRICS_PORT))
         print(f"{host.name:8} {summary['syn_answered']:14.0f} {summary['validated']:15.0f} "
               f"{summary['forwarded']:10.0f} {summary['dropped']:8.0f}")
     print(f"{'backend':8} {'connections created':>20} {'SYNs received':>14}")

@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,7 @@ VIP = "198.19.0.10"
 PORTS = (80, 7)
 SPOOFED_SOURCES = "198.18.128.0/17"  # the attacker's spoofed range; the router blackholes replies
 REPO_ROOT = Path(__file__).resolve().parents[2]
+FRONT_METRICS_PORT, BACKEND_METRICS_PORT, PROMETHEUS_PORT = 9100, 9101, 9090
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Lab:
     hosts: list[Host] = field(default_factory=default_hosts)
     salt_period_seconds: float = 60.0
     clock_skew_seconds: float = 2.0
+    prometheus: bool = False
 
     @property
     def state_dir(self) -> Path:
@@ -109,14 +113,16 @@ class Lab:
             self._build_network()
             self._write_config()
             for host in self.by_role("backend"):
-                self._start(host.name, "backend", [sys.executable, "-m", "synproxy.cli", "backend",
-                                                   "--config", str(self.config_path)], "backend_attached")
-                self._start(f"{host.name}-servers", "backend",
-                            [sys.executable, "-m", "synproxy.lab.servers", "--name", host.name],
-                            "servers_ready", namespace=self.ns(host.name))
+                self._start(host.name, [sys.executable, "-m", "synproxy.cli", "backend",
+                                        "--config", str(self.config_path)], '"event": "backend_attached"')
+                self._start(f"{host.name}-servers", [sys.executable, "-m", "synproxy.lab.servers", "--name",
+                                                     host.name],
+                            '"event": "servers_ready"', namespace=self.ns(host.name))
             for host in self.by_role("front"):
-                self._start(host.name, "front", [sys.executable, "-m", "synproxy.cli", "front",
-                                                 "--config", str(self.config_path)], "front_started")
+                self._start(host.name, [sys.executable, "-m", "synproxy.cli", "front",
+                                        "--config", str(self.config_path)], '"event": "front_started"')
+            if self.prometheus:
+                self._start_prometheus()
         except BaseException:
             self.down()
             raise
@@ -166,11 +172,27 @@ class Lab:
             f"vips: [{VIP}]\nports: [{', '.join(map(str, PORTS))}]\nsecret_file: secret.hex\n"
             f"fronts: [{fronts}]\nbackends: [{backends}]\n"
             f"salt_period_seconds: {self.salt_period_seconds}\nclock_skew_seconds: {self.clock_skew_seconds}\n"
-            "front:\n  metrics_address: 0.0.0.0:9100\n"
-            "backend:\n  interface: eth0\n  metrics_address: 0.0.0.0:9101\n")
+            f"front:\n  metrics_address: 0.0.0.0:{FRONT_METRICS_PORT}\n"
+            f"backend:\n  interface: eth0\n  metrics_address: 0.0.0.0:{BACKEND_METRICS_PORT}\n")
 
-    def _start(self, label: str, host_role: str, argv: list[str], ready_event: str,
-               namespace: str | None = None) -> None:
+    def _start_prometheus(self) -> None:
+        """Debian's Prometheus in the router's namespace, scraping every front and backend each second."""
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise LabError("prometheus not found: install Debian's prometheus package")
+        targets = {"front": [f"{h.address}:{FRONT_METRICS_PORT}" for h in self.by_role("front")],
+                   "backend": [f"{h.address}:{BACKEND_METRICS_PORT}" for h in self.by_role("backend")]}
+        config = self.state_dir / "prometheus.yml"
+        config.write_text(json.dumps({  # JSON is YAML
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": addresses}]}
+                               for job, addresses in targets.items()]}))
+        self._start("prometheus", [binary, f"--config.file={config}",
+                                   f"--storage.tsdb.path={self.state_dir / 'prometheus-data'}",
+                                   f"--web.listen-address=0.0.0.0:{PROMETHEUS_PORT}"],
+                    "Server is ready to receive web requests", namespace=self.ns("router"))
+
+    def _start(self, label: str, argv: list[str], ready_text: str, namespace: str | None = None) -> None:
         log_path = self.state_dir / "logs" / f"{label}.log"
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
@@ -180,13 +202,13 @@ class Lab:
         self._remember("pids", label, process.pid)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if f'"event": "{ready_event}"' in log_path.read_text(errors="replace"):
+            if ready_text in log_path.read_text(errors="replace"):
                 return
             if process.poll() is not None:
                 break
             time.sleep(0.05)
         tail = log_path.read_text(errors="replace")[-2000:]
-        raise LabError(f"{label} did not start ({host_role}); its log ends:\n{tail}")
+        raise LabError(f"{label} did not start; its log ends:\n{tail}")
 
     # --- running things inside -----------------------------------------------------------------
 
@@ -203,6 +225,18 @@ class Lab:
 
     def pid(self, label: str) -> int | None:
         return self._state()["pids"].get(label)
+
+    def query_prometheus(self, expression: str) -> list[dict]:
+        """An instant query against the lab's Prometheus (reached from inside the router namespace)."""
+        url = f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
+        netns.pushns(self.ns("router"))
+        try:
+            answer = json.loads(urllib.request.urlopen(url, timeout=5).read())
+        finally:
+            netns.popns()
+        if answer.get("status") != "success":
+            raise LabError(f"Prometheus query {expression!r} failed: {answer}")
+        return answer["data"]["result"]
 
     def stop_process(self, label: str, sig: int = signal.SIGTERM, wait: float = 10) -> None:
         """Stop one of the lab's own processes by the PID it recorded, escalating to SIGKILL."""
