@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Build the docker-compose lab's image with no registry: a Debian base made by debootstrap and
+# `docker import`, then the project on top. Run from anywhere, as root, with dockerd running.
+# The BPF object is built here on the host (the image carries no compiler) and Python wheels that
+# Debian does not package are built here too.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+work="${SYNPROXY_IMAGE_WORK:-/var/tmp/synproxy-images}"
+base_image="synproxy-base:bookworm"
+image="synproxy-lab:latest"
+
+# The Debian mirror this host already uses (first "URIs:" of a deb822 source, else sources.list).
+mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+[ -n "$mirror" ] || mirror=$(awk '/^deb / {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+[ -n "$mirror" ] || { echo "no Debian mirror found in /etc/apt sources" >&2; exit 1; }
+
+packages=python3,python3-pip,python3-yaml,python3-cryptography,python3-cffi-backend,python3-prometheus-client,python3-pyroute2,\
+python3-scapy,iproute2,iptables,libnetfilter-queue1,libbpf1,curl,procps,prometheus,ca-certificates
+
+if ! docker image inspect "$base_image" >/dev/null 2>&1; then
+  rm -rf "$work/rootfs" && mkdir -p "$work"
+  echo "debootstrap bookworm from $mirror"
+  debootstrap --variant=minbase --include="$packages" bookworm "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 \
+    || { tail -20 "$work/debootstrap.log" >&2; exit 1; }
+  tar -C "$work/rootfs" -c . | docker import - "$base_image" >/dev/null
+  rm -rf "$work/rootfs"
+fi
+
+context="$work/context"
+rm -rf "$context" && mkdir -p "$context/wheels"
+python3 -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$context/wheels" siphash24 netfilterqueue
+python3 -c "from synproxy.backend.loader import build_object; print(build_object())" >/dev/null
+cp -r "$repo/synproxy" "$repo/bpf" "$repo/pyproject.toml" "$repo/README.md" "$context/"
+find "$context" -name __pycache__ -prune -exec rm -rf {} +
+cp "$here/Dockerfile" "$here/start.sh" "$context/"
+docker build --quiet -t "$image" "$context" >/dev/null
+echo "$image"
