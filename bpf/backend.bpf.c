@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Backend data plane (tc ingress, direct action): remove the fronts' encapsulation, re-check the
  * cookie of VALIDATED ACKs, and let the kernel create the connection with bpf_sk_assign_tcp_reqsk.
- * docs/backend.md describes what it trusts; docs/cookie.md the cookie. */
+ * docs/backend.md describes what it trusts; docs/cookie.md the cookie. Outer IPv4; inner IPv4 or IPv6. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -14,6 +14,8 @@
 #include <bpf/bpf_helpers.h>
 
 #include "synproxy.h"
+
+#define IP_MF_OR_OFFSET 0x3fff
 
 /* The kernel's struct sock, only ever passed through. libbpf matches the kfunc's prototype against the
  * kernel's BTF kind by kind, and a forward declaration (FWD) would not match its STRUCT. */
@@ -39,6 +41,13 @@ struct {
 } trusted_fronts SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u8[16]); /* the VIPs, same form: only SYNs to these are counted */
+	__type(value, __u8);
+} protected_vips SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, COOKIE_EPOCH_SLOTS);
 	__type(key, __u32);
@@ -59,23 +68,96 @@ struct {
 	__type(value, __u64);
 } kfunc_errors SEC(".maps");
 
-static __always_inline void count(__u32 index, void *map)
+static __always_inline void count_in(void *map, __u32 index)
 {
 	__u64 *value = bpf_map_lookup_elem(map, &index);
 
 	if (value)
 		*value += 1;
 }
-#define COUNT(index) count((index), &counters)
+#define COUNT(index) count_in(&counters, (index))
+
+/* A TCP segment of the (inner) packet, addresses in the MAC message's 16-byte form. */
+struct segment {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u32 seq;
+	__u32 ack;
+	__u32 tcp_offset; /* from the start of the Ethernet header */
+	__u32 tcp_length; /* header with options */
+	__u8 family;      /* 4 or 6 */
+	__u8 flags;       /* TCP flags byte (FIN 0x01 ... CWR 0x80) */
+};
+
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
+
+static __always_inline void ipv4_mapped(__u8 out[16], const void *address)
+{
+	__builtin_memset(out, 0, 10);
+	out[10] = 0xff;
+	out[11] = 0xff;
+	__builtin_memcpy(&out[12], address, 4);
+}
+
+/* Parse Ethernet + IPv4/IPv6 + TCP at the packet's start; 0 when it is not an unfragmented TCP
+ * segment (IPv6 extension headers are not walked: a client's handshake ACK carries none). */
+static __always_inline int parse_segment(struct __sk_buff *skb, struct segment *seg)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct tcphdr *tcp;
+
+	if ((void *)(eth + 1) > data_end)
+		return 0;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < 5 ||
+		    ip->protocol != IPPROTO_TCP || (ip->frag_off & bpf_htons(IP_MF_OR_OFFSET)))
+			return 0;
+		tcp = (void *)ip + ip->ihl * 4;
+		if ((void *)(tcp + 1) > data_end)
+			return 0;
+		ipv4_mapped(seg->saddr, &ip->saddr);
+		ipv4_mapped(seg->daddr, &ip->daddr);
+		seg->family = 4;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end || ip6->nexthdr != IPPROTO_TCP)
+			return 0;
+		tcp = (void *)(ip6 + 1);
+		if ((void *)(tcp + 1) > data_end)
+			return 0;
+		__builtin_memcpy(seg->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(seg->daddr, &ip6->daddr, 16);
+		seg->family = 6;
+	} else {
+		return 0;
+	}
+	seg->sport = tcp->source;
+	seg->dport = tcp->dest;
+	seg->seq = bpf_ntohl(tcp->seq);
+	seg->ack = bpf_ntohl(tcp->ack_seq);
+	seg->tcp_offset = (void *)tcp - data;
+	seg->tcp_length = tcp->doff * 4;
+	seg->flags = ((__u8 *)tcp)[13];
+	return 1;
+}
 
 union cookie_message {
 	__u8 bytes[COOKIE_MAC_INPUT_BYTES];
 	__u64 words[COOKIE_MAC_INPUT_BYTES / 8];
 };
 
-/* Does `cookie` carry a valid MAC for this IPv4 flow? (docs/cookie.md, "Validation") */
-static __always_inline int cookie_valid_v4(__u32 cookie, __u32 client_isn, const struct iphdr *ip,
-					   const struct tcphdr *tcp)
+/* Does `cookie` carry a valid MAC for this segment under an accepted salt? (docs/cookie.md) */
+static __always_inline int cookie_valid(const struct segment *seg, __u32 cookie)
 {
 	__u32 data = cookie & COOKIE_DATA_MASK;
 	__u32 slot_index = (data >> COOKIE_EPOCH_SHIFT) & (COOKIE_EPOCH_SLOTS - 1);
@@ -84,22 +166,18 @@ static __always_inline int cookie_valid_v4(__u32 cookie, __u32 client_isn, const
 
 	if (!slot || !slot->valid)
 		return 0;
-	message.bytes[10] = 0xff;
-	message.bytes[11] = 0xff;
-	__builtin_memcpy(&message.bytes[12], &ip->saddr, 4);
-	message.bytes[26] = 0xff;
-	message.bytes[27] = 0xff;
-	__builtin_memcpy(&message.bytes[28], &ip->daddr, 4);
-	__builtin_memcpy(&message.bytes[32], &tcp->source, 2);
-	__builtin_memcpy(&message.bytes[34], &tcp->dest, 2);
-	__u32 isn_be = bpf_htonl(client_isn);
+	__builtin_memcpy(&message.bytes[0], seg->saddr, 16);
+	__builtin_memcpy(&message.bytes[16], seg->daddr, 16);
+	__builtin_memcpy(&message.bytes[32], &seg->sport, 2);
+	__builtin_memcpy(&message.bytes[34], &seg->dport, 2);
+	__u32 client_isn_be = bpf_htonl(seg->seq - 1);
 	__u32 epoch_be = bpf_htonl((__u32)slot->epoch);
 	__u16 data_be = bpf_htons((__u16)data);
-	__builtin_memcpy(&message.bytes[36], &isn_be, 4);
+	__builtin_memcpy(&message.bytes[36], &client_isn_be, 4);
 	__builtin_memcpy(&message.bytes[40], &epoch_be, 4);
 	__builtin_memcpy(&message.bytes[44], &data_be, 2);
 #pragma unroll
-	for (int i = 0; i < MAX_SECRETS; i++) {
+	for (__u32 i = 0; i < MAX_SECRETS; i++) {
 		if (i < slot->nkeys &&
 		    (siphash24_48(message.words, slot->keys[i]) & COOKIE_MAC_MASK) == cookie >> COOKIE_DATA_BITS)
 			return 1;
@@ -108,31 +186,34 @@ static __always_inline int cookie_valid_v4(__u32 cookie, __u32 client_isn, const
 }
 
 /* The ACK's own timestamp option, if any: TSval is the client's clock, TSecr the front's. Walks a
- * scalar offset with bpf_skb_load_bytes (packet-pointer walks defeat the verifier's pruning); a
- * timestamp after the 16th option is not looked for. */
-#define MAX_OPTIONS_WALKED 16
-static __always_inline int ack_timestamps(struct __sk_buff *skb, __u32 tcp_offset, __u32 tcp_length,
+ * scalar offset with bpf_skb_load_bytes (packet-pointer walks defeat the verifier's pruning); 40
+ * bytes of options hold at most 40 options, so the bound never cuts a real header short. */
+#define TCPOPT_EOL 0
+#define TCPOPT_NOP 1
+#define TCPOPT_TIMESTAMP 8
+#define TCPOLEN_TIMESTAMP 10
+#define MAX_OPTIONS_WALKED 40
+static __always_inline int ack_timestamps(struct __sk_buff *skb, const struct segment *seg,
 					  __u32 *tsval, __u32 *tsecr)
 {
-	__u32 offset = tcp_offset + sizeof(struct tcphdr);
-	__u32 end = tcp_offset + tcp_length;
-	__u8 option[10];
+	__u32 offset = seg->tcp_offset + sizeof(struct tcphdr);
+	__u32 end = seg->tcp_offset + seg->tcp_length;
+	__u8 option[TCPOLEN_TIMESTAMP];
 
 	for (int i = 0; i < MAX_OPTIONS_WALKED; i++) {
 		if (offset >= end || offset > 0xffff)
 			return 0;
-		if (bpf_skb_load_bytes(skb, offset, option, 1))
+		if (bpf_skb_load_bytes(skb, offset, option, 1) || option[0] == TCPOPT_EOL)
 			return 0;
-		if (option[0] == 0)
-			return 0;
-		if (option[0] == 1) {
+		if (option[0] == TCPOPT_NOP) {
 			offset += 1;
 			continue;
 		}
 		if (offset + 2 > end || bpf_skb_load_bytes(skb, offset, option, 2) || option[1] < 2)
 			return 0;
-		if (option[0] == 8 && option[1] == 10) {
-			if (offset + 10 > end || bpf_skb_load_bytes(skb, offset, option, 10))
+		if (option[0] == TCPOPT_TIMESTAMP && option[1] == TCPOLEN_TIMESTAMP) {
+			if (offset + TCPOLEN_TIMESTAMP > end ||
+			    bpf_skb_load_bytes(skb, offset, option, TCPOLEN_TIMESTAMP))
 				return 0;
 			__builtin_memcpy(tsval, &option[2], 4);
 			__builtin_memcpy(tsecr, &option[6], 4);
@@ -145,85 +226,104 @@ static __always_inline int ack_timestamps(struct __sk_buff *skb, __u32 tcp_offse
 	return 0;
 }
 
-/* A VALIDATED handshake ACK (already decapsulated): check the cookie, then create the connection. */
-static __always_inline int create_connection_v4(struct __sk_buff *skb, const struct backend_config *cfg)
+/* The request-socket attributes the cookie's data bits and the ACK's timestamps describe. */
+static __always_inline void fill_attrs(struct __sk_buff *skb, const struct segment *seg, __u32 data,
+				       const struct backend_config *cfg, struct bpf_tcp_req_attrs *attrs)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct iphdr *ip = data + sizeof(struct ethhdr);
-	struct tcphdr *tcp;
+	__u32 wscale = (data >> COOKIE_WSCALE_SHIFT) & 0xf;
 
-	if ((void *)(ip + 1) > data_end || ip->protocol != IPPROTO_TCP || ip->ihl != 5)
-		return TC_ACT_OK;
-	tcp = (void *)(ip + 1);
-	if ((void *)(tcp + 1) > data_end || !tcp->ack || tcp->syn || tcp->rst || tcp->fin)
-		return TC_ACT_OK;
+	attrs->mss = seg->family == 4 ? mss_table_v4[data & COOKIE_MSS_MASK]
+				      : mss_table_v6[data & COOKIE_MSS_MASK];
+	if (wscale != COOKIE_WSCALE_NONE) {
+		attrs->wscale_ok = 1;
+		attrs->snd_wscale = wscale;
+		attrs->rcv_wscale = cfg->server_wscale;
+	}
+	attrs->sack_ok = !!(data & COOKIE_SACK_BIT);
+	attrs->ecn_ok = !!(data & COOKIE_ECN_BIT);
+	attrs->tstamp_ok = ack_timestamps(skb, seg, &attrs->rcv_tsval, &attrs->rcv_tsecr);
+}
 
-	__u32 cookie = bpf_ntohl(tcp->ack_seq) - 1;
-	if (!cookie_valid_v4(cookie, bpf_ntohl(tcp->seq) - 1, ip, tcp)) {
+/* A decapsulated VALIDATED segment: if it is a handshake ACK with a valid cookie and a listener waits on
+ * its tuple, have the kernel create the connection. */
+static __always_inline int create_connection(struct __sk_buff *skb, const struct segment *seg,
+					     const struct backend_config *cfg)
+{
+	if ((seg->flags & (TCP_FLAG_ACK | TCP_FLAG_SYN | TCP_FLAG_RST | TCP_FLAG_FIN)) != TCP_FLAG_ACK)
+		return TC_ACT_OK;
+	__u32 cookie = seg->ack - 1;
+	if (!cookie_valid(seg, cookie)) {
 		COUNT(COUNTER_COOKIE_BAD);
 		return TC_ACT_SHOT;
 	}
 
 	struct bpf_sock_tuple tuple = {};
-	tuple.ipv4.saddr = ip->saddr;
-	tuple.ipv4.daddr = ip->daddr;
-	tuple.ipv4.sport = tcp->source;
-	tuple.ipv4.dport = tcp->dest;
-	struct bpf_sock *skc = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	__u32 tuple_size;
+	if (seg->family == 4) {
+		__builtin_memcpy(&tuple.ipv4.saddr, &seg->saddr[12], 4);
+		__builtin_memcpy(&tuple.ipv4.daddr, &seg->daddr[12], 4);
+		tuple.ipv4.sport = seg->sport;
+		tuple.ipv4.dport = seg->dport;
+		tuple_size = sizeof(tuple.ipv4);
+	} else {
+		__builtin_memcpy(tuple.ipv6.saddr, seg->saddr, 16);
+		__builtin_memcpy(tuple.ipv6.daddr, seg->daddr, 16);
+		tuple.ipv6.sport = seg->sport;
+		tuple.ipv6.dport = seg->dport;
+		tuple_size = sizeof(tuple.ipv6);
+	}
+	struct bpf_sock *skc = bpf_skc_lookup_tcp(skb, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
 	if (!skc) {
 		COUNT(COUNTER_NO_SOCKET);
 		return TC_ACT_OK;
 	}
-	if (skc->state != BPF_TCP_LISTEN) {
-		COUNT(COUNTER_NOT_LISTENER);
-		bpf_sk_release(skc);
-		return TC_ACT_OK;
-	}
-	struct tcp_sock *listener = bpf_skc_to_tcp_sock(skc);
+	/* The lookup also finds established, request and time-wait sockets: only a listener is ours. */
+	struct tcp_sock *listener = skc->state == BPF_TCP_LISTEN ? bpf_skc_to_tcp_sock(skc) : 0;
 	if (!listener) {
 		COUNT(COUNTER_NOT_LISTENER);
 		bpf_sk_release(skc);
 		return TC_ACT_OK;
 	}
 
-	__u32 data_bits = cookie & COOKIE_DATA_MASK;
-	__u32 wscale = (data_bits >> COOKIE_WSCALE_SHIFT) & 0xf;
 	struct bpf_tcp_req_attrs attrs = {};
-	attrs.mss = mss_table_v4[data_bits & COOKIE_MSS_MASK];
-	if (wscale != COOKIE_WSCALE_NONE) {
-		attrs.wscale_ok = 1;
-		attrs.snd_wscale = wscale;
-		attrs.rcv_wscale = cfg->server_wscale;
-	}
-	attrs.sack_ok = !!(data_bits & COOKIE_SACK_BIT);
-	attrs.ecn_ok = !!(data_bits & COOKIE_ECN_BIT);
-	if (ack_timestamps(skb, sizeof(struct ethhdr) + sizeof(struct iphdr), tcp->doff * 4, &attrs.rcv_tsval,
-			   &attrs.rcv_tsecr))
-		attrs.tstamp_ok = 1;
-
+	fill_attrs(skb, seg, cookie & COOKIE_DATA_MASK, cfg, &attrs);
 	int err = bpf_sk_assign_tcp_reqsk(skb, (struct sock *)listener, &attrs, sizeof(attrs));
 	bpf_sk_release(skc);
 	if (err) {
-		__u32 slot = -err < KFUNC_ERRNO_SLOTS ? -err : KFUNC_ERRNO_SLOTS - 1;
+		__u32 errno_slot = -err;
+
 		COUNT(COUNTER_KFUNC_FAILED);
-		count(slot, &kfunc_errors);
+		count_in(&kfunc_errors, errno_slot < KFUNC_ERRNO_SLOTS ? errno_slot : KFUNC_ERRNO_SLOTS - 1);
 		return TC_ACT_OK;
 	}
 	COUNT(COUNTER_CREATED);
 	return TC_ACT_OK;
 }
 
-static __always_inline void count_syn(struct __sk_buff *skb)
+/* Parse the (plain or decapsulated) packet; behind fronts no SYN to a protected VIP should ever reach a
+ * backend, so count those that do (SYNs to the backend's own address, e.g. a metrics scrape, are not). */
+static __always_inline int parse_and_count_syn(struct __sk_buff *skb, struct segment *seg)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct iphdr *ip = data + sizeof(struct ethhdr);
-	struct tcphdr *tcp = (void *)(ip + 1);
-
-	if ((void *)(tcp + 1) <= data_end && ip->protocol == IPPROTO_TCP && ip->ihl == 5 && tcp->syn &&
-	    !tcp->ack)
+	if (!parse_segment(skb, seg))
+		return 0;
+	if ((seg->flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN &&
+	    bpf_map_lookup_elem(&protected_vips, seg->daddr))
 		COUNT(COUNTER_SYN_RECEIVED);
+	return 1;
+}
+
+/* Strip outer IPv4 + UDP + header; the inner family becomes skb->protocol and the Ethernet type. */
+static __always_inline int decapsulate(struct __sk_buff *skb, __u8 inner_version)
+{
+	__be16 inner_proto = bpf_htons(inner_version == 6 ? ETH_P_IPV6 : ETH_P_IP);
+	__u64 flags = inner_version == 6 ? ADJ_ROOM_DECAP_L3_IPV6 : ADJ_ROOM_DECAP_L3_IPV4;
+
+	if (bpf_skb_adjust_room(skb, -ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC, flags))
+		return -1;
+	if (inner_version == 6 &&
+	    bpf_skb_store_bytes(skb, __builtin_offsetof(struct ethhdr, h_proto), &inner_proto, 2, 0))
+		return -1;
+	return 0;
 }
 
 SEC("tc")
@@ -237,44 +337,38 @@ int synproxy_backend(struct __sk_buff *skb)
 	struct encap_header *header = (void *)(udp + 1);
 	__u32 zero = 0;
 	struct backend_config *cfg = bpf_map_lookup_elem(&config, &zero);
+	struct segment seg = {};
 
-	if (!cfg || (void *)(ip + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP)) {
+	/* Encapsulated means: outer IPv4 without options or fragmentation, UDP to the encap port. A
+	 * front always sends it so (DF set); anything else is ordinary traffic. */
+	if (!cfg || (void *)(udp + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
+	    ip->ihl != 5 || ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(IP_MF_OR_OFFSET)) ||
+	    udp->dest != bpf_htons(cfg->encap_port)) {
+		parse_and_count_syn(skb, &seg);
 		COUNT(COUNTER_PASSED);
 		return TC_ACT_OK;
 	}
-	if (ip->protocol != IPPROTO_UDP || ip->ihl != 5 || (void *)(udp + 1) > data_end ||
-	    udp->dest != bpf_htons(cfg->encap_port) || (ip->frag_off & bpf_htons(0x3fff))) {
-		count_syn(skb);
-		COUNT(COUNTER_PASSED);
-		return TC_ACT_OK;
-	}
 
-	__u8 front[16] = {};
-	front[10] = 0xff;
-	front[11] = 0xff;
-	__builtin_memcpy(&front[12], &ip->saddr, 4);
+	__u8 front[16];
+	ipv4_mapped(front, &ip->saddr);
 	if (!bpf_map_lookup_elem(&trusted_fronts, front)) {
 		COUNT(COUNTER_UNTRUSTED);
 		return TC_ACT_SHOT;
 	}
-	if ((void *)(header + 1) + 1 > data_end || header->magic != ENCAP_MAGIC || header->reserved) {
+	__u8 *inner = (void *)(header + 1);
+	if ((void *)(inner + 1) > data_end || header->magic != ENCAP_MAGIC || header->reserved) {
 		COUNT(COUNTER_MALFORMED);
 		return TC_ACT_SHOT;
 	}
 	__u8 flags = header->flags;
-	__u8 inner_version = *(__u8 *)(header + 1) >> 4;
-	if (inner_version != 4) {
-		COUNT(inner_version == 6 ? COUNTER_UNSUPPORTED : COUNTER_MALFORMED);
-		return TC_ACT_SHOT;
-	}
-	if (bpf_skb_adjust_room(skb, -ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC, 0)) {
+	__u8 inner_version = *inner >> 4;
+	if ((inner_version != 4 && inner_version != 6) || decapsulate(skb, inner_version)) {
 		COUNT(COUNTER_MALFORMED);
 		return TC_ACT_SHOT;
 	}
 	COUNT(COUNTER_DECAPSULATED);
-	count_syn(skb);
-	if (flags & ENCAP_FLAG_VALIDATED)
-		return create_connection_v4(skb, cfg);
+	if (parse_and_count_syn(skb, &seg) && (flags & ENCAP_FLAG_VALIDATED))
+		return create_connection(skb, &seg, cfg);
 	return TC_ACT_OK;
 }
 

@@ -1,6 +1,7 @@
-"""A thin ctypes shell over libbpf (Debian's libbpf1): open/load objects, maps, tc attach, test runs.
+"""A thin ctypes shell over libbpf (Debian's libbpf1 1.1): objects, maps, tc attach, test runs, BTF.
 
-Only what the backend needs. Every failure becomes :class:`BpfError` with the errno's text.
+Only what the backend needs. Every failure becomes :class:`BpfError` (an OSError with the errno's
+text), never a crash. Struct layouts are those of /usr/include/bpf/libbpf.h and bpf.h (checked by size).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from pathlib import Path
 BPF_TC_INGRESS = 1
 BPF_TC_F_REPLACE = 1
 BPF_ANY = 0
+BTF_KIND_FUNC = 12
+# Map types whose lookups return one value per possible CPU (linux/bpf.h enum bpf_map_type).
+PER_CPU_MAP_TYPES = {5, 6, 10, 21}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, PERCPU_CGROUP_STORAGE
 
 
 class BpfError(OSError):
@@ -25,11 +29,12 @@ def _load_library() -> ctypes.CDLL:
     try:
         return ctypes.CDLL(name, use_errno=True)
     except OSError:
-        raise BpfError(errno.ENOENT, "libbpf not found: install the libbpf1 (or libbpf-dev) package") from None
+        raise BpfError(errno.ENOENT, "libbpf not found: install the libbpf1 package") from None
 
 
 _lib = _load_library()
 _voidp = ctypes.c_void_p
+_u32 = ctypes.c_uint32
 
 
 def _declare(name: str, restype, *argtypes) -> None:
@@ -45,6 +50,9 @@ _declare("bpf_object__find_program_by_name", _voidp, _voidp, ctypes.c_char_p)
 _declare("bpf_object__find_map_by_name", _voidp, _voidp, ctypes.c_char_p)
 _declare("bpf_program__fd", ctypes.c_int, _voidp)
 _declare("bpf_map__fd", ctypes.c_int, _voidp)
+_declare("bpf_map__type", ctypes.c_int, _voidp)
+_declare("bpf_map__key_size", _u32, _voidp)
+_declare("bpf_map__value_size", _u32, _voidp)
 _declare("bpf_map_update_elem", ctypes.c_int, ctypes.c_int, _voidp, _voidp, ctypes.c_uint64)
 _declare("bpf_map_lookup_elem", ctypes.c_int, ctypes.c_int, _voidp, _voidp)
 _declare("bpf_map_delete_elem", ctypes.c_int, ctypes.c_int, _voidp)
@@ -54,44 +62,44 @@ _declare("bpf_tc_attach", ctypes.c_int, _voidp, _voidp)
 _declare("bpf_tc_detach", ctypes.c_int, _voidp, _voidp)
 _declare("bpf_tc_query", ctypes.c_int, _voidp, _voidp)
 _declare("bpf_prog_test_run_opts", ctypes.c_int, ctypes.c_int, _voidp)
-_declare("bpf_prog_get_fd_by_id", ctypes.c_int, ctypes.c_uint32)
-_declare("bpf_map_get_fd_by_id", ctypes.c_int, ctypes.c_uint32)
-_declare("bpf_obj_get_info_by_fd", ctypes.c_int, ctypes.c_int, _voidp, ctypes.POINTER(ctypes.c_uint32))
+_declare("bpf_prog_get_fd_by_id", ctypes.c_int, _u32)
+_declare("bpf_map_get_fd_by_id", ctypes.c_int, _u32)
+_declare("bpf_obj_get_info_by_fd", ctypes.c_int, ctypes.c_int, _voidp, ctypes.POINTER(_u32))
+_declare("btf__load_vmlinux_btf", _voidp)
+_declare("btf__find_by_name_kind", ctypes.c_int, _voidp, ctypes.c_char_p, _u32)
+_declare("btf__free", None, _voidp)
 
 
 def _check(result: int, what: str) -> int:
-    """libbpf 1.x returns -errno (and sets errno); turn it into an exception."""
+    """libbpf 1.x returns -errno (and sets errno); turn a failure into an exception."""
     if result < 0:
         code = -result if result != -1 else (ctypes.get_errno() or errno.EINVAL)
         raise BpfError(code, f"{what}: {os.strerror(code)}")
     return result
 
 
-class TcHook(ctypes.Structure):
+class TcHook(ctypes.Structure):  # struct bpf_tc_hook
     _fields_ = [("sz", ctypes.c_size_t), ("ifindex", ctypes.c_int), ("attach_point", ctypes.c_int),
-                ("parent", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+                ("parent", _u32), ("_pad", _u32)]
 
 
-class TcOpts(ctypes.Structure):
-    _fields_ = [("sz", ctypes.c_size_t), ("prog_fd", ctypes.c_int), ("flags", ctypes.c_uint32),
-                ("prog_id", ctypes.c_uint32), ("handle", ctypes.c_uint32), ("priority", ctypes.c_uint32),
-                ("_pad", ctypes.c_uint32)]
+class TcOpts(ctypes.Structure):  # struct bpf_tc_opts
+    _fields_ = [("sz", ctypes.c_size_t), ("prog_fd", ctypes.c_int), ("flags", _u32), ("prog_id", _u32),
+                ("handle", _u32), ("priority", _u32), ("_pad", _u32)]
 
 
-class _TestRunOpts(ctypes.Structure):
+class _TestRunOpts(ctypes.Structure):  # struct bpf_test_run_opts
     _fields_ = [("sz", ctypes.c_size_t), ("data_in", _voidp), ("data_out", _voidp),
-                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-                ("ctx_in", _voidp), ("ctx_out", _voidp), ("ctx_size_in", ctypes.c_uint32),
-                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
-                ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                ("batch_size", ctypes.c_uint32)]
+                ("data_size_in", _u32), ("data_size_out", _u32), ("ctx_in", _voidp), ("ctx_out", _voidp),
+                ("ctx_size_in", _u32), ("ctx_size_out", _u32), ("retval", _u32), ("repeat", ctypes.c_int),
+                ("duration", _u32), ("flags", _u32), ("cpu", _u32), ("batch_size", _u32)]
 
 
 assert ctypes.sizeof(TcHook) == 24 and ctypes.sizeof(TcOpts) == 32 and ctypes.sizeof(_TestRunOpts) == 80
 
 
 def possible_cpus() -> int:
-    """Per-CPU maps hold one value per possible CPU (not online CPU)."""
+    """Per-CPU maps hold one value per possible CPU (not per online CPU)."""
     count = 0
     for part in Path("/sys/devices/system/cpu/possible").read_text().strip().split(","):
         low, _, high = part.partition("-")
@@ -100,13 +108,15 @@ def possible_cpus() -> int:
 
 
 class Map:
-    """A map by file descriptor, with fixed key and value sizes."""
+    """A map by file descriptor, with its key and value sizes."""
 
     def __init__(self, fd: int, key_size: int, value_size: int, per_cpu: bool = False):
         self.fd, self.key_size, self.value_size, self.per_cpu = fd, key_size, value_size, per_cpu
 
     def update(self, key: bytes, value: bytes) -> None:
-        assert len(key) == self.key_size and len(value) == self.value_size
+        if len(key) != self.key_size or len(value) != self.value_size:
+            raise BpfError(errno.EINVAL, f"map entry of {len(key)}+{len(value)} bytes, "
+                                         f"expected {self.key_size}+{self.value_size}")
         _check(_lib.bpf_map_update_elem(self.fd, key, value, BPF_ANY), "bpf_map_update_elem")
 
     def delete(self, key: bytes) -> None:
@@ -123,13 +133,13 @@ class Map:
         return found
 
     def lookup(self, key: bytes) -> list[bytes] | bytes | None:
-        """The value, or for a per-CPU map one value per possible CPU (each padded to 8 bytes)."""
+        """The value, or for a per-CPU map one value per possible CPU (each stored 8-byte aligned)."""
         stride = (self.value_size + 7) // 8 * 8
         size = stride * possible_cpus() if self.per_cpu else self.value_size
         buffer = ctypes.create_string_buffer(size)
         result = _lib.bpf_map_lookup_elem(self.fd, key, buffer)
         if result < 0:
-            if -result == errno.ENOENT or ctypes.get_errno() == errno.ENOENT:
+            if -result == errno.ENOENT:
                 return None
             _check(result, "bpf_map_lookup_elem")
         if self.per_cpu:
@@ -138,7 +148,7 @@ class Map:
 
 
 class BpfObject:
-    """A loaded BPF object file; closing it releases the maps and programs it holds."""
+    """A loaded BPF object file; closing it releases what no attachment still holds."""
 
     def __init__(self, path: Path):
         self._obj = _lib.bpf_object__open_file(str(path).encode(), None)
@@ -149,7 +159,7 @@ class BpfObject:
         if result:
             _lib.bpf_object__close(self._obj)
             self._obj = None
-            _check(result if result < 0 else -errno.EINVAL, f"loading {path.name} (the verifier's log is above)")
+            _check(result if result < 0 else -errno.EINVAL, f"loading {path.name} (libbpf's log is above)")
 
     def program_fd(self, name: str) -> int:
         program = _lib.bpf_object__find_program_by_name(self._obj, name.encode())
@@ -157,16 +167,29 @@ class BpfObject:
             raise BpfError(errno.ENOENT, f"no program {name!r} in the object")
         return _lib.bpf_program__fd(program)
 
-    def map(self, name: str, key_size: int, value_size: int, per_cpu: bool = False) -> Map:
+    def map(self, name: str) -> Map:
         found = _lib.bpf_object__find_map_by_name(self._obj, name.encode())
         if not found:
             raise BpfError(errno.ENOENT, f"no map {name!r} in the object")
-        return Map(_lib.bpf_map__fd(found), key_size, value_size, per_cpu)
+        return Map(_lib.bpf_map__fd(found), _lib.bpf_map__key_size(found), _lib.bpf_map__value_size(found),
+                   per_cpu=_lib.bpf_map__type(found) in PER_CPU_MAP_TYPES)
 
     def close(self) -> None:
         if self._obj:
             _lib.bpf_object__close(self._obj)
             self._obj = None
+
+
+def kernel_has_function(name: str) -> bool:
+    """Is ``name`` a function in the running kernel's BTF (how libbpf resolves a kfunc)?"""
+    btf = _lib.btf__load_vmlinux_btf()
+    if not btf:
+        code = ctypes.get_errno() or errno.ENOENT
+        raise BpfError(code, f"cannot read the kernel's BTF: {os.strerror(code)}")
+    try:
+        return _lib.btf__find_by_name_kind(btf, name.encode(), BTF_KIND_FUNC) > 0
+    finally:
+        _lib.btf__free(btf)
 
 
 def _hook(ifindex: int) -> TcHook:
@@ -204,45 +227,46 @@ def tc_detach(ifindex: int, handle: int, priority: int) -> bool:
     return True
 
 
-# struct bpf_prog_info / bpf_map_info (linux/bpf.h): only the leading fields we read.
+# struct bpf_prog_info / bpf_map_info (linux/bpf.h): only the leading fields read here.
 class _ProgInfo(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
-                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
-                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
-                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
-                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16)]
+    _fields_ = [("type", _u32), ("id", _u32), ("tag", ctypes.c_uint8 * 8), ("jited_prog_len", _u32),
+                ("xlated_prog_len", _u32), ("jited_prog_insns", ctypes.c_uint64),
+                ("xlated_prog_insns", ctypes.c_uint64), ("load_time", ctypes.c_uint64),
+                ("created_by_uid", _u32), ("nr_map_ids", _u32), ("map_ids", ctypes.c_uint64),
+                ("name", ctypes.c_char * 16)]
 
 
 class _MapInfo(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
-                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
-                ("map_flags", ctypes.c_uint32), ("name", ctypes.c_char * 16)]
+    _fields_ = [("type", _u32), ("id", _u32), ("key_size", _u32), ("value_size", _u32),
+                ("max_entries", _u32), ("map_flags", _u32), ("name", ctypes.c_char * 16)]
 
 
-BPF_MAP_TYPE_PERCPU_ARRAY = 6
+def _info(fd: int, info: ctypes.Structure, what: str) -> None:
+    length = _u32(ctypes.sizeof(info))
+    _check(_lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(length)), what)
 
 
 def program_maps(prog_id: int) -> dict[str, Map]:
-    """The maps of a loaded program by their names, found through its id (no pinning needed)."""
+    """The maps of a loaded program by name, found through its id.
+
+    Works from any process and mount namespace; pinned paths would not survive `ip netns exec`, which
+    mounts a fresh /sys (and so a fresh, empty bpffs) for every command it runs.
+    """
     prog_fd = _check(_lib.bpf_prog_get_fd_by_id(prog_id), "bpf_prog_get_fd_by_id")
     try:
         info = _ProgInfo()
-        length = ctypes.c_uint32(ctypes.sizeof(info))
-        _check(_lib.bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(length)), "prog info")
-        ids = (ctypes.c_uint32 * info.nr_map_ids)()
-        info = _ProgInfo(nr_map_ids=len(ids), map_ids=ctypes.addressof(ids))
-        length = ctypes.c_uint32(ctypes.sizeof(info))
-        _check(_lib.bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(length)), "prog info")
+        _info(prog_fd, info, "program info")
+        ids = (_u32 * info.nr_map_ids)()
+        _info(prog_fd, _ProgInfo(nr_map_ids=len(ids), map_ids=ctypes.addressof(ids)), "program info")
     finally:
         os.close(prog_fd)
     maps = {}
     for map_id in ids:
         fd = _check(_lib.bpf_map_get_fd_by_id(map_id), "bpf_map_get_fd_by_id")
         map_info = _MapInfo()
-        length = ctypes.c_uint32(ctypes.sizeof(map_info))
-        _check(_lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(map_info), ctypes.byref(length)), "map info")
+        _info(fd, map_info, "map info")
         maps[map_info.name.decode()] = Map(fd, map_info.key_size, map_info.value_size,
-                                           per_cpu=map_info.type == BPF_MAP_TYPE_PERCPU_ARRAY)
+                                           per_cpu=map_info.type in PER_CPU_MAP_TYPES)
     return maps
 
 
@@ -251,7 +275,7 @@ def prog_test_run(prog_fd: int, packet: bytes, out_size: int = 2048) -> tuple[in
     data_in = ctypes.create_string_buffer(packet, len(packet))
     data_out = ctypes.create_string_buffer(out_size)
     opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(data_in),
-                       data_out=ctypes.addressof(data_out), data_size_in=len(packet), data_size_out=out_size,
-                       repeat=1)
+                        data_out=ctypes.addressof(data_out), data_size_in=len(packet), data_size_out=out_size,
+                        repeat=1)
     _check(_lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "bpf_prog_test_run_opts")
     return opts.retval, data_out.raw[:opts.data_size_out]

@@ -1,15 +1,17 @@
 """`synproxy backend`: build, load, attach and feed bpf/backend.bpf.c on a backend's interface.
 
 The program needs, in its maps: the encap port and server window scale, the trusted front addresses,
-and the salts of the accepted epochs (refreshed every few seconds from the same master secret the
-fronts use). The loader stays running to keep the salts fresh; on SIGTERM/SIGINT it detaches. It
-finds a running program through tc and the program's map ids, so `--stats` and `--detach` work from
-any process (no bpffs pinning, which `ip netns exec` would hide).
+and the salts of the accepted epochs (kept current from the same master secret the fronts use). The
+loader stays running to keep the salts current; on SIGTERM/SIGINT it detaches. `--stats` and
+`--detach` find a running program through its tc filter and the program's map ids, so they work from
+any process: maps pinned in bpffs would not, because `ip netns exec` mounts a fresh /sys (and with
+it an empty bpffs) for every command.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import ipaddress
@@ -22,7 +24,9 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -32,6 +36,7 @@ from synproxy.backend.libbpf import (
     BpfError,
     BpfObject,
     Map,
+    kernel_has_function,
     program_maps,
     tc_attach,
     tc_attached_program,
@@ -39,21 +44,23 @@ from synproxy.backend.libbpf import (
 )
 from synproxy.config import ConfigError, load_config
 from synproxy.logs import log
-from synproxy.salt import EPOCH_SLOTS, SaltSchedule
+from synproxy.salt import EPOCH_SLOTS, SaltSchedule, SecretRotation
 
 REPO_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 SOURCES = ("backend.bpf.c", "synproxy.h")
 PROGRAM = "synproxy_backend"
-TC_HANDLE = 0x5350
-TC_PRIORITY = 0x5350
-MAX_SECRETS = 2
-KFUNC = b"bpf_sk_assign_tcp_reqsk\0"
+TC_HANDLE = TC_PRIORITY = 0x5350  # "SP": a fixed filter slot, so a later run or --detach finds it
+KFUNC = "bpf_sk_assign_tcp_reqsk"
+MAX_SECRETS = 2  # key slots per epoch in struct salt_slot
+KFUNC_ERRNO_SLOTS = 64
+SALT_CHECK_SECONDS = 0.25  # how late a newly accepted epoch may reach the map
 # enum counter in bpf/synproxy.h, in order.
 COUNTERS = ("passed", "decapsulated", "untrusted", "malformed", "cookie_bad", "no_socket", "not_listener",
-            "created", "kfunc_failed", "syn_received", "unsupported")
-_CONFIG = struct.Struct("<HBx")
-_SALT_SLOT = struct.Struct("<IIQ16s16s")
+            "created", "kfunc_failed", "syn_received")
+_CONFIG = struct.Struct("<HBx")            # struct backend_config
+_SALT_SLOT = struct.Struct("<IIQ16s16s")   # struct salt_slot
 _KEY = struct.Struct("<I")
+_COUNTER = struct.Struct("<Q")
 
 
 class BackendError(RuntimeError):
@@ -72,9 +79,15 @@ def _clang() -> str:
 
 
 def build_object() -> Path:
-    """Compile the program unless an object built from the same sources exists; return its path."""
+    """Compile the program unless an object of the same sources and flags exists; return its path.
+
+    Objects live in <bpf dir>/build (or $SYNPROXY_BUILD_DIR) under a hash of the sources and flags, so a
+    host without a compiler (the lab's image) runs an object built elsewhere; clang is needed only to build.
+    """
     source_dir = bpf_dir()
-    digest = hashlib.sha256()
+    flags = ["-O2", "-g", "-Wall", "-target", "bpf", "-D__TARGET_ARCH_x86",
+             f"-I/usr/include/{os.uname().machine}-linux-gnu"]
+    digest = hashlib.sha256(" ".join(flags).encode())
     for name in SOURCES:
         try:
             digest.update((source_dir / name).read_bytes())
@@ -84,13 +97,13 @@ def build_object() -> Path:
     target = build_dir / f"backend-{digest.hexdigest()[:16]}.bpf.o"
     if target.exists():
         return target
+    clang = _clang()
     build_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=build_dir, suffix=".o", delete=False) as partial:
         pass
-    command = [_clang(), "-O2", "-g", "-target", "bpf", "-D__TARGET_ARCH_x86",
-               f"-I/usr/include/{os.uname().machine}-linux-gnu", f"-I{source_dir}", "-c",
-               str(source_dir / "backend.bpf.c"), "-o", partial.name]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run([clang, *flags, f"-I{source_dir}", "-c", str(source_dir / "backend.bpf.c"), "-o",
+                           partial.name],
+                          capture_output=True, text=True, check=False)
     if done.returncode:
         os.unlink(partial.name)
         raise BackendError(f"building the BPF program failed:\n{done.stderr.strip()}")
@@ -98,26 +111,37 @@ def build_object() -> Path:
     return target
 
 
-def check_kernel() -> None:
+def require_root() -> None:
     if os.geteuid() != 0:
-        raise BackendError("the backend must run as root (it loads BPF and attaches to tc)")
-    btf = Path("/sys/kernel/btf/vmlinux")
-    if not btf.exists():
+        raise BackendError("the backend must run as root (it loads BPF programs and attaches to tc)")
+
+
+def check_kernel() -> None:
+    """Refuse early, in one line, on a kernel that cannot run the program."""
+    if not Path("/sys/kernel/btf/vmlinux").exists():
         raise BackendError("this kernel has no BTF (/sys/kernel/btf/vmlinux): CONFIG_DEBUG_INFO_BTF is needed")
-    if KFUNC not in btf.read_bytes():
-        raise BackendError("this kernel lacks the kfunc bpf_sk_assign_tcp_reqsk (Linux 6.9 or later)")
+    try:
+        known = kernel_has_function(KFUNC)
+    except BpfError as error:
+        raise BackendError(error.strerror) from None
+    if not known:
+        raise BackendError(f"this kernel lacks the kfunc {KFUNC} (Linux 6.9 or later is needed)")
 
 
-def ensure_syncookies() -> None:
-    """The kernel ignores an assigned request socket unless tcp_syncookies is 1 or 2."""
+def ensure_sysctls() -> None:
+    """The kernel ignores an assigned request socket unless tcp_syncookies is 1 or 2 (2 is kept)."""
     path = Path("/proc/sys/net/ipv4/tcp_syncookies")
     if path.read_text().strip() == "0":
-        path.write_text("1")
+        try:
+            path.write_text("1")
+        except OSError as error:
+            raise BackendError(f"net.ipv4.tcp_syncookies is 0 and cannot be set here ({error.strerror}): "
+                               "set it to 1 (a container needs it in its sysctls)") from None
         log("sysctl_set", key="net.ipv4.tcp_syncookies", value=1)
     for name in ("tcp_sack", "tcp_timestamps", "tcp_window_scaling"):
         if Path("/proc/sys/net/ipv4", name).read_text().strip() == "0":
             log("sysctl_warning", key=f"net.ipv4.{name}", value=0,
-                note="the kernel refuses connections whose cookie asks for this option")
+                note="the kernel refuses connections whose cookie or ACK asks for this option")
 
 
 def mapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
@@ -128,60 +152,85 @@ def mapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
 
 
 def salt_slots(schedule: SaltSchedule, now: float) -> dict[int, bytes]:
-    """The `salts` map's four slots: the accepted epochs' salts, every other slot invalid."""
+    """The `salts` map's four slots: the accepted epochs' salts (at most two secrets), others invalid."""
     slots = {slot: _SALT_SLOT.pack(0, 0, 0, bytes(16), bytes(16)) for slot in range(EPOCH_SLOTS)}
     for epoch in schedule.accepted_epochs(now):
         keys = schedule.validating_salts(epoch)[:MAX_SECRETS]
-        keys += [bytes(16)] * (MAX_SECRETS - len(keys))
-        slots[epoch % EPOCH_SLOTS] = _SALT_SLOT.pack(1, min(len(schedule.secrets), MAX_SECRETS), epoch, *keys)
+        nkeys = len(keys)
+        keys += [bytes(16)] * (MAX_SECRETS - nkeys)
+        slots[epoch % EPOCH_SLOTS] = _SALT_SLOT.pack(1, nkeys, epoch, *keys)
     return slots
 
 
+def _replace_addresses(address_map: Map, addresses) -> None:
+    """Make an address-keyed map hold exactly ``addresses`` (in the program's 16-byte form)."""
+    wanted = {mapped(address) for address in addresses}
+    for key in set(address_map.keys()) - wanted:
+        address_map.delete(key)
+    for key in wanted:
+        address_map.update(key, b"\x01")
+
+
 class DataPlane:
-    """The loaded program and its maps."""
+    """The loaded (not yet attached) program and its maps."""
 
     def __init__(self, object_path: Path):
         self.object = BpfObject(object_path)
-        self.prog_fd = self.object.program_fd(PROGRAM)
-        self.config = self.object.map("config", 4, _CONFIG.size)
-        self.trusted_fronts = self.object.map("trusted_fronts", 16, 1)
-        self.salts = self.object.map("salts", 4, _SALT_SLOT.size)
-        self.counters = self.object.map("counters", 4, 8, per_cpu=True)
-        self.kfunc_errors = self.object.map("kfunc_errors", 4, 8, per_cpu=True)
+        try:
+            self.prog_fd = self.object.program_fd(PROGRAM)
+            self.config = self._map("config", _CONFIG.size)
+            self.trusted_fronts = self._map("trusted_fronts", 1)
+            self.protected_vips = self._map("protected_vips", 1)
+            self.salts = self._map("salts", _SALT_SLOT.size)
+            self.counters = self._map("counters", _COUNTER.size)
+            self.kfunc_errors = self._map("kfunc_errors", _COUNTER.size)
+        except BaseException:
+            self.object.close()
+            raise
+        self._salts_written: dict[int, bytes] = {}
+
+    def _map(self, name: str, value_size: int) -> Map:
+        found = self.object.map(name)
+        if found.value_size != value_size:
+            raise BackendError(f"map {name!r} holds {found.value_size}-byte values, the loader packs "
+                               f"{value_size}: bpf/synproxy.h and {__name__} disagree")
+        return found
 
     def configure(self, encap_port: int, server_wscale: int) -> None:
         self.config.update(_KEY.pack(0), _CONFIG.pack(encap_port, server_wscale))
 
-    def trust(self, fronts) -> None:
-        wanted = {mapped(address) for address in fronts}
-        for key in set(self.trusted_fronts.keys()) - wanted:
-            self.trusted_fronts.delete(key)
-        for key in wanted:
-            self.trusted_fronts.update(key, b"\x01")
+    def trust(self, fronts: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
+        _replace_addresses(self.trusted_fronts, fronts)
+
+    def protect(self, vips: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
+        """The VIPs whose SYNs count as having bypassed the fronts."""
+        _replace_addresses(self.protected_vips, vips)
 
     def refresh_salts(self, schedule: SaltSchedule, now: float) -> None:
+        """Write the slots that changed (an unchanged slot is never rewritten under a reader)."""
         for slot, value in salt_slots(schedule, now).items():
-            self.salts.update(_KEY.pack(slot), value)
+            if self._salts_written.get(slot) != value:
+                self.salts.update(_KEY.pack(slot), value)
+                self._salts_written[slot] = value
 
     def close(self) -> None:
         self.object.close()
 
 
 def read_counters(counters: Map, kfunc_errors: Map) -> dict:
-    """Sum the per-CPU counters; kfunc errors by errno name."""
-    totals = {name: sum(struct.unpack("<Q", v)[0] for v in counters.lookup(_KEY.pack(i)))
-              for i, name in enumerate(COUNTERS)}
-    errors = {}
-    for code in range(64):
-        value = sum(struct.unpack("<Q", v)[0] for v in kfunc_errors.lookup(_KEY.pack(code)))
-        if value:
-            errors[errno_name(code)] = value
-    totals["kfunc_errors"] = errors
+    """Per-CPU counters summed, by name; kfunc failures under "kfunc_errors" by errno name.
+
+    The 64 errno slots are read only when some kfunc call failed (each failure counts in both maps).
+    """
+    def total(counter_map: Map, index: int) -> int:
+        return sum(_COUNTER.unpack(value)[0] for value in counter_map.lookup(_KEY.pack(index)))
+
+    totals: dict = {name: total(counters, index) for index, name in enumerate(COUNTERS)}
+    totals["kfunc_errors"] = {}
+    if totals["kfunc_failed"]:
+        totals["kfunc_errors"] = {errno.errorcode.get(code, str(code)): value for code in range(KFUNC_ERRNO_SLOTS)
+                                  if (value := total(kfunc_errors, code))}
     return totals
-
-
-def errno_name(code: int) -> str:
-    return errno.errorcode.get(code, str(code))
 
 
 def interface_index(name: str) -> int:
@@ -191,12 +240,53 @@ def interface_index(name: str) -> int:
         raise BackendError(f"no network interface {name!r} here") from None
 
 
-def running_stats(ifindex: int) -> dict:
-    prog_id = tc_attached_program(ifindex, TC_HANDLE, TC_PRIORITY)
+def read_stats(interface: str) -> dict:
+    """The counters of the program attached to ``interface`` (in this network namespace)."""
+    prog_id = tc_attached_program(interface_index(interface), TC_HANDLE, TC_PRIORITY)
     if not prog_id:
-        raise BackendError("no synproxy backend program is attached to this interface")
+        raise BackendError(f"no synproxy backend program is attached to {interface}")
     maps = program_maps(prog_id)
-    return read_counters(maps["counters"], maps["kfunc_errors"])
+    try:
+        return read_counters(maps["counters"], maps["kfunc_errors"])
+    finally:
+        for found in maps.values():
+            os.close(found.fd)
+
+
+def detach(interface: str) -> bool:
+    """Remove the program from ``interface`` (also after a crash); False when none was attached."""
+    return tc_detach(interface_index(interface), TC_HANDLE, TC_PRIORITY)
+
+
+@contextlib.contextmanager
+def attached(interface: str, fronts: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address],
+             vips: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address], encap_port: int, server_wscale: int,
+             schedule: SaltSchedule) -> Iterator[DataPlane]:
+    """The program built, loaded, filled and attached to ``interface``'s tc ingress; detached on exit."""
+    fronts = tuple(fronts)
+    check_kernel()
+    ifindex = interface_index(interface)
+    object_path = build_object()
+    try:
+        plane = DataPlane(object_path)
+    except BpfError as error:
+        raise BackendError(f"loading the BPF program failed: {error.strerror}") from None
+    try:
+        ensure_sysctls()
+        plane.configure(encap_port, server_wscale)
+        plane.trust(fronts)
+        plane.protect(vips)
+        plane.refresh_salts(schedule, time.time())
+        tc_attach(ifindex, plane.prog_fd, TC_HANDLE, TC_PRIORITY)
+        try:
+            log("backend_attached", interface=interface, object=object_path.name, encap_port=encap_port,
+                fronts=[str(front) for front in fronts])
+            yield plane
+        finally:
+            tc_detach(ifindex, TC_HANDLE, TC_PRIORITY)
+            log("backend_detached", interface=interface)
+    finally:
+        plane.close()
 
 
 class _CountersCollector:
@@ -219,72 +309,76 @@ class _CountersCollector:
         yield failures
 
 
-def serve(config, ifindex: int, interface: str) -> int:
-    check_kernel()
-    object_path = build_object()
-    try:
-        plane = DataPlane(object_path)
-    except BpfError as error:
-        raise BackendError(f"loading the BPF program failed: {error.strerror}") from None
-    ensure_syncookies()
-    schedule = config.salt_schedule()
-    plane.configure(config.encap_port, config.server_wscale)
-    plane.trust(config.fronts)
-    plane.refresh_salts(schedule, time.time())
-    if config.backend.metrics_address:
-        registry = CollectorRegistry()
-        registry.register(_CountersCollector(plane))
-        host, _, port = config.backend.metrics_address.rpartition(":")
-        start_http_server(int(port), host.strip("[]"), registry=registry)
-    stop, reload = [], []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
-    signal.signal(signal.SIGHUP, lambda *_: reload.append(True))
-    tc_attach(ifindex, plane.prog_fd, TC_HANDLE, TC_PRIORITY)
-    log("backend_attached", interface=interface, object=object_path.name, fronts=[str(f) for f in config.fronts],
-        encap_port=config.encap_port)
-    try:
-        refresh_every = min(5.0, schedule.period / 4)
+def serve(config, interface: str) -> int:
+    """Run until SIGTERM/SIGINT: keep the salts current; SIGHUP reloads the configuration."""
+    stop, reload, wake = [], [], threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        (reload if signum == signal.SIGHUP else stop).append(signum)
+        wake.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    rotation = SecretRotation()
+    configured = config.salt_schedule()
+    schedule = rotation.effective(configured, None, time.time())
+    _warn_if_secrets_unchecked(schedule)
+    with attached(interface, config.fronts, config.vips, config.encap_port, config.server_wscale,
+                  schedule) as plane:
+        if config.backend.metrics_address:
+            registry = CollectorRegistry()
+            registry.register(_CountersCollector(plane))
+            host, _, port = config.backend.metrics_address.rpartition(":")
+            start_http_server(int(port), host.strip("[]"), registry=registry)
         while not stop:
-            time.sleep(min(refresh_every, 0.5))
+            wake.wait(SALT_CHECK_SECONDS)
+            wake.clear()
             if reload:
                 reload.clear()
                 try:
                     config = load_config(config.source)
-                    schedule = config.salt_schedule()
+                    configured = config.salt_schedule()
                     plane.configure(config.encap_port, config.server_wscale)
                     plane.trust(config.fronts)
+                    plane.protect(config.vips)
                     log("config_reloaded", source=str(config.source))
                 except ConfigError as error:
                     log("config_reload_failed", error=str(error))
-            plane.refresh_salts(schedule, time.time())
-    finally:
-        tc_detach(ifindex, TC_HANDLE, TC_PRIORITY)
-        plane.close()
-        log("backend_detached", interface=interface)
+            now = time.time()
+            previous, schedule = schedule, rotation.effective(configured, schedule, now)
+            if schedule.secrets != previous.secrets:
+                _warn_if_secrets_unchecked(schedule)
+            plane.refresh_salts(schedule, now)
     return 0
 
 
+def _warn_if_secrets_unchecked(schedule: SaltSchedule) -> None:
+    if len(schedule.secrets) > MAX_SECRETS:
+        log("secrets_unchecked", accepted=len(schedule.secrets), checked=MAX_SECRETS,
+            note="the backend checks the primary and the first retired secret only; fronts accept more")
+
+
 def main(args: argparse.Namespace) -> int:
+    """`synproxy backend --config FILE [--interface IF] [--detach | --stats [--json]]`."""
     config = load_config(args.config)
     interface = args.interface or config.backend.interface
     try:
         if not interface:
             raise BackendError("no interface: set backend.interface in the config or pass --interface")
-        ifindex = interface_index(interface)
+        require_root()
         if args.detach:
-            removed = tc_detach(ifindex, TC_HANDLE, TC_PRIORITY)
-            print(f"{interface}: {'detached' if removed else 'nothing was attached'}")
+            print(f"{interface}: {'detached' if detach(interface) else 'nothing was attached'}")
             return 0
         if args.stats:
-            totals = running_stats(ifindex)
-            if args.json:
+            totals = read_stats(interface)
+            if getattr(args, "json", False):
                 print(json.dumps(totals))
             else:
                 for name, value in totals.items():
                     print(f"{name:16} {value}")
             return 0
-        return serve(config, ifindex, interface)
+        return serve(config, interface)
     except (BackendError, BpfError) as error:
-        print(f"synproxy backend: {error}", file=sys.stderr)
+        message = error.strerror if isinstance(error, BpfError) else str(error)
+        print(f"synproxy backend: {message}", file=sys.stderr)
         return 1

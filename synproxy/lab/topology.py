@@ -156,6 +156,7 @@ class Lab:
                 ns.addr("add", index=link, address=host.router_side, prefixlen=24)
                 ns.link("set", index=link, state="up")
         with NetNS(router) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
             ns.route("add", dst=f"{VIP}/32",
                      multipath=[{"gateway": h.address} for h in self.by_role("front")])
             # Replies to spoofed sources, and anything else unknown, end here.
@@ -191,6 +192,13 @@ class Lab:
                                    f"--storage.tsdb.path={self.state_dir / 'prometheus-data'}",
                                    f"--web.listen-address=0.0.0.0:{PROMETHEUS_PORT}"],
                     "Server is ready to receive web requests", namespace=self.ns("router"))
+        # Prometheus hands discovered targets to its scrapers at most every 5 s: wait for every node.
+        expected = sum(len(addresses) for addresses in targets.values())
+        deadline = time.monotonic() + 30
+        while len(self.query_prometheus("up == 1")) < expected:
+            if time.monotonic() > deadline:
+                raise LabError(f"Prometheus did not scrape all {expected} nodes within 30 s")
+            time.sleep(0.5)
 
     def _start(self, label: str, argv: list[str], ready_text: str, namespace: str | None = None) -> None:
         log_path = self.state_dir / "logs" / f"{label}.log"

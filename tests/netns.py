@@ -1,0 +1,97 @@
+"""Network-namespace plumbing for tests: unique names, removal even on failure, veth links, and
+running code or commands inside a namespace.
+
+Sockets and netlink handles belong to the namespace of the thread that creates them, so entering a
+namespace with :func:`inside` is enough to create a listener or a raw socket there from the test
+process itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from pyroute2 import NetNS, netns
+
+
+def unique_name(prefix: str) -> str:
+    """Unique per run, so two runs on one machine never share a namespace (kept short for ifnames)."""
+    return f"{prefix}{os.getpid() % 10000}{secrets.token_hex(2)}"
+
+
+@contextlib.contextmanager
+def namespaces(*names: str) -> Iterator[tuple[str, ...]]:
+    """Create the namespaces; remove them on exit, also when the body fails."""
+    created = []
+    try:
+        for name in names:
+            netns.create(name)
+            created.append(name)
+        yield names
+    finally:
+        for name in created:
+            if name in netns.listnetns():
+                netns.remove(name)
+
+
+@contextlib.contextmanager
+def inside(name: str) -> Iterator[None]:
+    """Run the body with this thread in namespace ``name`` (sockets created here stay there)."""
+    netns.pushns(name)
+    try:
+        yield
+    finally:
+        netns.popns()
+
+
+def link(namespace_a: str, ifname_a: str, namespace_b: str, ifname_b: str) -> None:
+    """A veth pair between two namespaces, both ends and both loopbacks up."""
+    with NetNS(namespace_a) as ns:
+        ns.link("add", ifname=ifname_a, kind="veth", peer={"ifname": ifname_b, "net_ns_fd": namespace_b})
+    for namespace, ifname in ((namespace_a, ifname_a), (namespace_b, ifname_b)):
+        with NetNS(namespace) as ns:
+            for name in (ifname, "lo"):
+                ns.link("set", index=ns.link_lookup(ifname=name)[0], state="up")
+
+
+def add_addresses(namespace: str, ifname: str, *networks: str) -> None:
+    """Addresses in CIDR form; IPv6 ones skip duplicate detection so they are usable at once."""
+    with NetNS(namespace) as ns:
+        index = ns.link_lookup(ifname=ifname)[0]
+        for network in networks:
+            interface = ipaddress.ip_interface(network)
+            extra = {"flags": 0x02} if interface.version == 6 else {}  # IFA_F_NODAD
+            ns.addr("add", index=index, address=str(interface.ip), prefixlen=interface.network.prefixlen,
+                    **extra)
+
+
+def add_route(namespace: str, destination: str, gateway: str) -> None:
+    with NetNS(namespace) as ns:
+        ns.route("add", dst=destination, gateway=gateway)
+
+
+def write_sysctls(namespace: str, settings: dict[str, str]) -> None:
+    """/proc/sys/net follows the network namespace of the thread that opens it."""
+    with inside(namespace):
+        for key, value in settings.items():
+            Path("/proc/sys", *key.split(".")).write_text(value)
+
+
+def read_sysctl(namespace: str, key: str) -> str:
+    with inside(namespace):
+        return Path("/proc/sys", *key.split(".")).read_text().strip()
+
+
+def run(namespace: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """Run a command inside ``namespace`` and check it succeeded."""
+    return subprocess.run(["ip", "netns", "exec", namespace, *argv], check=True, capture_output=True,
+                          text=True, timeout=60, **kwargs)
+
+
+def popen(namespace: str, argv: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(["ip", "netns", "exec", namespace, *argv], **kwargs)

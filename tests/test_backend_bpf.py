@@ -1,0 +1,184 @@
+"""The backend program under BPF_PROG_TEST_RUN (loaded, not attached): the cookie vectors of both
+families and every verdict, read from its counters and its output packet."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw, raw
+
+from synproxy.backend import loader
+from synproxy.backend.libbpf import kernel_has_function, prog_test_run
+from synproxy.backend.loader import (
+    COUNTERS,
+    BackendError,
+    DataPlane,
+    build_object,
+    check_kernel,
+    read_counters,
+)
+from synproxy.salt import SaltSchedule
+from tests.lab_fixtures import needs_root
+
+pytestmark = needs_root
+TC_ACT_OK, TC_ACT_SHOT = 0, 2
+FRONT, BACKEND, ENCAP_PORT = "198.18.10.2", "198.18.20.2", 6080
+PERIOD = 60
+ETH_HEADER = 14
+
+
+def test_the_kfunc_is_found_in_the_kernels_btf_and_its_absence_is_named(monkeypatch):
+    assert kernel_has_function("bpf_sk_assign_tcp_reqsk")
+    check_kernel()
+    monkeypatch.setattr(loader, "KFUNC", "bpf_no_such_kfunc")
+    with pytest.raises(BackendError, match="this kernel lacks the kfunc bpf_no_such_kfunc"):
+        check_kernel()
+
+
+@pytest.fixture(scope="module")
+def plane():
+    plane = DataPlane(build_object())
+    plane.configure(ENCAP_PORT, 7)
+    plane.trust([ipaddress.ip_address(FRONT)])
+    plane.protect([ipaddress.ip_address("198.19.0.10"), ipaddress.ip_address("2001:db8:ffff::10")])
+    yield plane
+    plane.close()
+
+
+def encapsulated(inner: bytes, source: str = FRONT, flags: int = 1, magic: int = 0x5C,
+                 reserved: int = 0) -> bytes:
+    return raw(Ether() / IP(src=source, dst=BACKEND) / UDP(sport=50000, dport=ENCAP_PORT, chksum=0)
+               / Raw(bytes([magic, flags]) + reserved.to_bytes(2, "big") + inner))
+
+
+def run(plane: DataPlane, packet: bytes) -> tuple[int, bytes, dict]:
+    """The program's verdict, the packet it leaves, and the counters that moved."""
+    before = read_counters(plane.counters, plane.kfunc_errors)
+    verdict, out = prog_test_run(plane.prog_fd, packet)
+    after = read_counters(plane.counters, plane.kfunc_errors)
+    changed = {name: after[name] - before[name] for name in COUNTERS if after[name] != before[name]}
+    return verdict, out, changed
+
+
+def ack_of(vector: dict, ack: int | None = None, seq_offset: int = 1) -> bytes:
+    """The client's handshake ACK for a vector (seq = client ISN + 1), with its timestamp option."""
+    layer = IP if vector["family"] == 4 else IPv6
+    return raw(layer(src=vector["saddr"], dst=vector["daddr"])
+               / TCP(sport=vector["sport"], dport=vector["dport"], flags="A",
+                     seq=(vector["client_isn"] + seq_offset) % 2**32,
+                     ack=vector["ack"] if ack is None else ack,
+                     options=[("NOP", None), ("NOP", None), ("Timestamp", (1234, 5678))]))
+
+
+def load_salts(plane: DataPlane, cookie_vectors: dict, vector: dict, *secrets: bytes) -> None:
+    """The salts the loader would hold during the vector's epoch (skew 0: it and the one before)."""
+    schedule = SaltSchedule(secrets or (bytes.fromhex(cookie_vectors["secret"]),), period=PERIOD, skew=0)
+    plane.refresh_salts(schedule, vector["epoch"] * PERIOD + 1)
+
+
+
+def test_every_vector_passes_the_mac_and_any_tampering_fails(plane, cookie_vectors):
+    vectors = cookie_vectors["vectors"]
+    assert {v["family"] for v in vectors} == {4, 6} and len(vectors) > 120
+    for vector in vectors:
+        load_salts(plane, cookie_vectors, vector)
+        verdict, _, changed = run(plane, encapsulated(ack_of(vector)))
+        # The MAC holds; nothing listens here, so the ACK ends at the socket lookup.
+        assert (verdict, changed) == (TC_ACT_OK, {"decapsulated": 1, "no_socket": 1}), vector["name"]
+        for tampered, packet in (
+            ("MAC bit", ack_of(vector, ack=vector["ack"] ^ (1 << 20))),
+            ("SACK bit", ack_of(vector, ack=vector["ack"] ^ (1 << 3))),
+            ("MSS bit", ack_of(vector, ack=vector["ack"] ^ 1)),
+            ("epoch bit", ack_of(vector, ack=vector["ack"] ^ (1 << 8))),
+            ("client ISN", ack_of(vector, seq_offset=2)),
+        ):
+            verdict, _, changed = run(plane, encapsulated(packet))
+            assert (verdict, changed) == (TC_ACT_SHOT, {"decapsulated": 1, "cookie_bad": 1}), \
+                (vector["name"], tampered)
+
+
+def first_vector(cookie_vectors: dict, family: int) -> dict:
+    return next(v for v in cookie_vectors["vectors"] if v["family"] == family)
+
+
+def test_cookie_of_a_retired_secret_passes_while_rotating(plane, cookie_vectors):
+    vector = first_vector(cookie_vectors, 4)
+    old = bytes.fromhex(cookie_vectors["secret"])
+    load_salts(plane, cookie_vectors, vector, b"n" * 32)
+    assert run(plane, encapsulated(ack_of(vector)))[2] == {"decapsulated": 1, "cookie_bad": 1}
+    load_salts(plane, cookie_vectors, vector, b"n" * 32, old)
+    assert run(plane, encapsulated(ack_of(vector)))[2] == {"decapsulated": 1, "no_socket": 1}
+
+
+def test_cookie_of_an_epoch_the_loader_no_longer_holds_fails(plane, cookie_vectors):
+    vector = first_vector(cookie_vectors, 4)
+    schedule = SaltSchedule((bytes.fromhex(cookie_vectors["secret"]),), period=PERIOD, skew=0)
+    plane.refresh_salts(schedule, (vector["epoch"] + 2) * PERIOD + 1)
+    verdict, _, changed = run(plane, encapsulated(ack_of(vector)))
+    assert (verdict, changed) == (TC_ACT_SHOT, {"decapsulated": 1, "cookie_bad": 1})
+
+
+def test_untrusted_source_is_dropped_before_anything_is_parsed(plane, cookie_vectors):
+    vector = first_vector(cookie_vectors, 4)
+    load_salts(plane, cookie_vectors, vector)
+    for packet in (encapsulated(ack_of(vector), source="198.18.99.9"),
+                   encapsulated(b"garbage", source="198.18.99.9", magic=0)):
+        verdict, _, changed = run(plane, packet)
+        assert (verdict, changed) == (TC_ACT_SHOT, {"untrusted": 1})
+
+
+@pytest.mark.parametrize("packet", [
+    encapsulated(raw(IP() / TCP()), magic=0x5D),
+    encapsulated(raw(IP() / TCP()), reserved=1),
+    encapsulated(b"")[:-2],                    # the header cut short
+    encapsulated(b""),                         # a header and nothing inside
+    encapsulated(b"\x50" + bytes(39)),          # inner IP version 5
+], ids=["bad magic", "reserved bits", "truncated header", "no inner packet", "inner version"])
+def test_malformed_encapsulation_is_dropped(plane, packet):
+    verdict, _, changed = run(plane, packet)
+    assert (verdict, changed) == (TC_ACT_SHOT, {"malformed": 1})
+
+
+@pytest.mark.parametrize("inner, ether_type", [
+    (raw(IP(src="198.18.1.2", dst="198.19.0.10") / TCP(sport=4000, dport=80, flags="PA", seq=5, ack=9)
+         / b"data"), b"\x08\x00"),
+    (raw(IPv6(src="2001:db8:1::2", dst="2001:db8:ffff::10") / TCP(sport=4000, dport=80, flags="PA")
+         / b"data"), b"\x86\xdd"),
+], ids=["ipv4", "ipv6"])
+def test_unvalidated_packet_is_decapsulated_and_passed(plane, inner, ether_type):
+    packet = encapsulated(inner, flags=0)
+    verdict, out, changed = run(plane, packet)
+    assert (verdict, changed) == (TC_ACT_OK, {"decapsulated": 1})
+    assert out[:12] == packet[:12] and out[12:14] == ether_type and out[ETH_HEADER:] == inner
+
+
+def test_validated_flag_on_a_non_handshake_segment_only_decapsulates(plane, cookie_vectors):
+    vector = first_vector(cookie_vectors, 4)
+    load_salts(plane, cookie_vectors, vector)
+    for flags in ("S", "FA", "RA"):
+        inner = raw(IP(src=vector["saddr"], dst=vector["daddr"])
+                    / TCP(sport=vector["sport"], dport=vector["dport"], flags=flags, ack=vector["ack"]))
+        verdict, out, changed = run(plane, encapsulated(inner))
+        assert verdict == TC_ACT_OK and out[ETH_HEADER:] == inner
+        assert set(changed) <= {"decapsulated", "syn_received"}, flags
+
+
+def test_plain_traffic_passes_untouched_and_syns_are_counted(plane):
+    for layer in (IP(src="198.18.1.2", dst="198.19.0.10"), IPv6(src="2001:db8:1::2", dst="2001:db8:ffff::10")):
+        packet = raw(Ether() / layer / TCP(sport=4000, dport=80, flags="S"))
+        assert run(plane, packet) == (TC_ACT_OK, packet, {"passed": 1, "syn_received": 1})
+    # A SYN to the backend's own address (a metrics scrape, say) did not bypass any front.
+    for packet in (raw(Ether() / IP(src=FRONT, dst=BACKEND) / TCP(sport=4000, dport=9101, flags="S")),
+                   raw(Ether() / IP(src=FRONT, dst=BACKEND) / TCP(sport=4000, dport=80, flags="A")),
+                   raw(Ether() / IP(src=FRONT, dst=BACKEND) / UDP(sport=1, dport=53) / b"x")):
+        assert run(plane, packet) == (TC_ACT_OK, packet, {"passed": 1})
+
+
+def test_encapsulated_syn_is_counted(plane):
+    inner = raw(IP(src="198.18.1.2", dst="198.19.0.10") / TCP(sport=4000, dport=80, flags="S"))
+    verdict, _, changed = run(plane, encapsulated(inner, flags=0))
+    assert (verdict, changed) == (TC_ACT_OK, {"decapsulated": 1, "syn_received": 1})

@@ -1,0 +1,389 @@
+"""The backend end to end: `synproxy backend` on one side of a veth, the test playing client and front on
+the other. A cookie made by synproxy.cookie rides an encapsulated handshake ACK; the backend's kernel
+must create the connection with exactly the options the cookie and the ACK carried, and data must flow
+both ways with the cookie as the server's ISN. Forged, unvalidated and tampered ACKs must create nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import raw
+
+from synproxy import encap
+from synproxy.backend.loader import read_stats
+from synproxy.config import load_config
+from synproxy.cookie import MSS_TABLE, SynOptions, make_cookie
+from synproxy.salt import SaltSchedule
+from synproxy.tcpinfo import negotiated
+from tests import netns
+from tests.lab_fixtures import needs_root
+
+pytestmark = [pytest.mark.netns, needs_root]
+
+VIP = {4: "198.19.0.10", 6: "2001:db8:ffff::10"}
+CLIENT = {4: "198.18.0.2", 6: "2001:db8:1::2"}
+BACKEND, FRONT, STRANGER = "198.18.0.1", "198.18.0.3", "198.18.0.4"
+BACKEND6 = "2001:db8:1::1"
+PORT, CLOSED_PORT, ENCAP_PORT, SERVER_WSCALE = 8080, 8081, 6080, 7
+BACKEND_IF, CLIENT_IF = "be0", "cl0"
+FRONT_TSVAL, CLIENT_TSVAL = 0x7000_0000, 0x1234_5678  # the front's SYN-ACK clock; the client's
+ECT_MASK, ECT0 = 0x3, 0x2
+ETH_P_ALL = 0x0003
+NO_CONNECTION_WAIT = 0.5
+# Short epochs, so one test sees the loader drop an expired epoch; the skew leaves the loader's
+# quarter-second refresh a margin before a new epoch's first cookie.
+PERIOD, SKEW, REFRESH_MARGIN = 1.0, 0.5, 0.3
+
+
+@dataclass
+class Bed:
+    """The two namespaces, the running loader, and the sockets the test acts through."""
+
+    backend: str
+    client: str
+    config: Path
+    log: Path
+    loader: subprocess.Popen
+    schedule: SaltSchedule
+    listeners: dict[int, socket.socket]
+    sender: socket.socket
+    capture: socket.socket
+
+    def stats(self) -> dict:
+        with netns.inside(self.backend):
+            return read_stats(BACKEND_IF)
+
+    def stop_loader(self) -> int:
+        return stop(self.loader)
+
+
+def stop(process: subprocess.Popen) -> int:
+    """SIGTERM a process and return its exit code (SIGKILL after 10 s)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    return process.returncode
+
+
+def _wait_for_event(bed: Bed, event: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if f'"event": "{event}"' in bed.log.read_text(errors="replace"):
+            return
+        if bed.loader.poll() is not None:
+            break
+        time.sleep(0.05)
+    pytest.fail(f"the loader did not log {event}; its log:\n{bed.log.read_text(errors='replace')[-3000:]}")
+
+
+def _write_config(directory: Path, backend_if: str) -> Path:
+    secret = directory / "secret.hex"
+    secret.touch(mode=0o600)
+    secret.write_text(os.urandom(32).hex() + "\n")
+    config = directory / "synproxy.yaml"
+    config.write_text(f"vips: [{VIP[4]}, {VIP[6]}]\nports: [{PORT}]\nsecret_file: {secret}\n"
+                      f"fronts: [{FRONT}]\nencap_port: {ENCAP_PORT}\nserver_wscale: {SERVER_WSCALE}\n"
+                      f"salt_period_seconds: {PERIOD}\nclock_skew_seconds: {SKEW}\n"
+                      f"backend:\n  interface: {backend_if}\n")
+    return config
+
+
+def _listener(family: int, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((VIP[family], port))
+    sock.listen(64)
+    return sock
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory):
+    backend, client = netns.unique_name("spb"), netns.unique_name("spc")
+    directory = tmp_path_factory.mktemp("backend-e2e")
+    with netns.namespaces(backend, client), contextlib.ExitStack() as cleanup:
+        netns.link(backend, BACKEND_IF, client, CLIENT_IF)
+        netns.add_addresses(backend, BACKEND_IF, f"{BACKEND}/24", f"{BACKEND6}/64")
+        netns.add_addresses(backend, "lo", f"{VIP[4]}/32", f"{VIP[6]}/128")
+        netns.add_addresses(client, CLIENT_IF, f"{CLIENT[4]}/24", f"{FRONT}/24", f"{STRANGER}/24",
+                            f"{CLIENT[6]}/64")
+        netns.add_route(client, f"{VIP[4]}/32", BACKEND)
+        netns.add_route(client, f"{VIP[6]}/128", BACKEND6)
+        # The loader must raise tcp_syncookies itself; ECN only survives where the backend allows it.
+        netns.write_sysctls(backend, {"net.ipv4.tcp_syncookies": "0", "net.ipv4.tcp_ecn": "1"})
+        # The client is raw: its kernel must not reset connections it knows nothing about.
+        for tool in ("iptables", "ip6tables"):
+            netns.run(client, [tool, "-A", "OUTPUT", "-p", "tcp", "--tcp-flags", "RST", "RST", "-j", "DROP"])
+        config = _write_config(directory, BACKEND_IF)
+        log = directory / "loader.log"
+        with open(log, "wb") as log_file:
+            loader = netns.popen(backend, [sys.executable, "-m", "synproxy.cli", "backend", "--config",
+                                           str(config)], stdout=log_file, stderr=subprocess.STDOUT)
+        cleanup.callback(stop, loader)
+        with netns.inside(backend):
+            listeners = {family: cleanup.enter_context(_listener(family, PORT)) for family in (4, 6)}
+        with netns.inside(client):
+            sender = cleanup.enter_context(socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW))
+            capture = cleanup.enter_context(socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
+                                                          socket.htons(ETH_P_ALL)))
+            capture.bind((CLIENT_IF, 0))
+        bed = Bed(backend, client, config, log, loader, load_config(config).salt_schedule(), listeners,
+                  sender, capture)
+        _wait_for_event(bed, "backend_attached")
+        yield bed
+
+
+class Case(NamedTuple):
+    family: int
+    mss_index: int
+    wscale: int | None
+    sack: bool
+    ecn: bool
+    timestamps: bool
+
+    @property
+    def mss(self) -> int:
+        return MSS_TABLE[self.family][self.mss_index]
+
+
+class Handshake(NamedTuple):
+    case: Case
+    sport: int
+    client_isn: int
+    cookie: int
+    ack_packet: bytes  # the inner IP packet
+
+
+def _tcp_options(timestamps: bool, tsval: int, tsecr: int) -> list:
+    return [("NOP", None), ("NOP", None), ("Timestamp", (tsval, tsecr))] if timestamps else []
+
+
+def _ip(family: int, source: str, destination: str):
+    return IP(src=source, dst=destination) if family == 4 else IPv6(src=source, dst=destination)
+
+
+_ports = iter(range(40000, 60000))
+
+
+def handshake(bed: Bed, case: Case, port: int = PORT) -> Handshake:
+    """The ACK a client sends after the front's SYN-ACK (whose ISN is the cookie)."""
+    sport, client_isn = next(_ports), int.from_bytes(os.urandom(4), "big")
+    epoch, salt = bed.schedule.minting_salt(time.time())
+    saddr, daddr = (ipaddress.ip_address(a).packed for a in (CLIENT[case.family], VIP[case.family]))
+    cookie = make_cookie(salt, epoch, saddr, daddr, sport, port, client_isn,
+                         SynOptions(case.mss, case.wscale, case.sack, case.ecn))
+    ack = raw(_ip(case.family, CLIENT[case.family], VIP[case.family])
+              / TCP(sport=sport, dport=port, flags="A", seq=(client_isn + 1) % 2**32,
+                    ack=(cookie + 1) % 2**32, window=4096,
+                    options=_tcp_options(case.timestamps, CLIENT_TSVAL, FRONT_TSVAL)))
+    return Handshake(case, sport, client_isn, cookie, ack)
+
+
+def send_via_front(bed: Bed, inner: bytes, validated: bool = True, front: str = FRONT) -> None:
+    """Encapsulate as a front does (synproxy.encap) and send from the front's address."""
+    packet = encap.encapsulate(inner, ipaddress.ip_address(front).packed, ipaddress.ip_address(BACKEND).packed,
+                               ENCAP_PORT, 0, validated)
+    bed.sender.sendto(packet, (BACKEND, 0))
+
+
+def segment_from_server(bed: Bed, hs: Handshake, wanted, timeout: float = 3.0):
+    """The next segment the server sends to this handshake's client port that ``wanted`` accepts."""
+    family = hs.case.family
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        bed.capture.settimeout(remaining)
+        try:
+            frame = Ether(bed.capture.recv(65535))
+        except TimeoutError:
+            break
+        layer = IP if family == 4 else IPv6
+        if (layer in frame and TCP in frame and frame[layer].src == VIP[family]
+                and frame[TCP].dport == hs.sport and wanted(frame)):
+            return frame
+    pytest.fail(f"no matching segment from the server to port {hs.sport}")
+
+
+def counters_after(bed: Bed, action) -> dict:
+    """Run ``action`` and return the counters that moved, with their increments.
+
+    "passed" is left out: ARP and neighbour discovery on the link move it at any time.
+    """
+    before = bed.stats()
+    action()
+    after = bed.stats()
+    return {name: after[name] - before[name] for name in after
+            if name not in ("passed", "kfunc_errors") and after[name] != before[name]}
+
+
+def accept(bed: Bed, family: int, timeout: float) -> socket.socket | None:
+    listener = bed.listeners[family]
+    listener.settimeout(timeout)
+    try:
+        return listener.accept()[0]
+    except TimeoutError:
+        return None
+
+
+CASES = [
+    Case(4, mss_index=3, wscale=7, sack=True, ecn=True, timestamps=True),
+    Case(4, mss_index=0, wscale=None, sack=False, ecn=False, timestamps=False),
+    Case(4, mss_index=1, wscale=0, sack=True, ecn=False, timestamps=True),
+    Case(4, mss_index=2, wscale=14, sack=False, ecn=True, timestamps=False),
+    Case(6, mss_index=3, wscale=7, sack=True, ecn=True, timestamps=True),
+    Case(6, mss_index=0, wscale=None, sack=False, ecn=False, timestamps=False),
+    Case(6, mss_index=2, wscale=14, sack=True, ecn=False, timestamps=True),
+]
+
+
+def expected_snd_mss(case: Case) -> int:
+    """The cookie's MSS, capped by the 1500-byte veth path, less the timestamp option when in use."""
+    path_mss = 1500 - (20 if case.family == 4 else 40) - 20
+    return min(case.mss, path_mss) - (12 if case.timestamps else 0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: (f"v{c.family}-mss{c.mss}-ws{c.wscale}-sack{int(c.sack)}"
+                                                       f"-ecn{int(c.ecn)}-ts{int(c.timestamps)}"))
+def test_validated_ack_becomes_a_connection_with_the_cookies_options(bed, case):
+    hs = handshake(bed, case)
+    conn = None
+
+    def ack_and_accept():
+        nonlocal conn
+        send_via_front(bed, hs.ack_packet)
+        conn = accept(bed, case.family, timeout=3)
+
+    moved = counters_after(bed, ack_and_accept)
+    assert conn is not None, f"no connection; counters moved: {moved}"
+    with conn:
+        assert moved == {"decapsulated": 1, "created": 1}
+        info = negotiated(conn)
+        assert info["timestamps"] == case.timestamps
+        assert info["sack"] == case.sack
+        assert info["ecn"] == case.ecn
+        assert info["wscale"] == (case.wscale is not None)
+        if case.wscale is not None:
+            assert (info["snd_wscale"], info["rcv_wscale"]) == (case.wscale, SERVER_WSCALE)
+        assert info["snd_mss"] == expected_snd_mss(case)
+
+        # Server to client: the cookie is the server's ISN.
+        conn.sendall(b"from the backend")
+        data = segment_from_server(bed, hs, lambda f: bytes(f[TCP].payload) == b"from the backend")
+        assert (data[TCP].seq, data[TCP].ack) == ((hs.cookie + 1) % 2**32, (hs.client_isn + 1) % 2**32)
+        traffic_class = data[IP].tos if case.family == 4 else data[IPv6].tc
+        assert traffic_class & ECT_MASK == (ECT0 if case.ecn else 0)
+        timestamp = dict(data[TCP].options).get("Timestamp")
+        if case.timestamps:
+            tsval, tsecr = timestamp
+            assert tsecr == CLIENT_TSVAL  # the ACK's TSval became ts_recent
+            assert (tsval - FRONT_TSVAL) % 2**32 < 10_000  # the backend's clock continues the front's
+        else:
+            assert timestamp is None
+
+        # Client to server, through the front unvalidated, as every later packet goes.
+        client_seq = (hs.client_isn + 1) % 2**32
+        server_next = (hs.cookie + 1 + len(b"from the backend")) % 2**32
+        options = _tcp_options(case.timestamps, CLIENT_TSVAL + 1, timestamp[0] if timestamp else 0)
+        segment = raw(_ip(case.family, CLIENT[case.family], VIP[case.family])
+                      / TCP(sport=hs.sport, dport=PORT, flags="PA", seq=client_seq, ack=server_next, window=4096,
+                            options=options) / b"from the client")
+        send_via_front(bed, segment, validated=False)
+        conn.settimeout(3)
+        assert conn.recv(100) == b"from the client"
+        acked = (client_seq + len(b"from the client")) % 2**32
+        segment_from_server(bed, hs, lambda f: f[TCP].ack == acked)
+
+
+def test_retransmitted_handshake_ack_finds_the_connection_not_the_listener(bed):
+    hs = handshake(bed, CASES[0])
+    send_via_front(bed, hs.ack_packet)
+    conn = accept(bed, 4, timeout=3)
+    assert conn is not None
+    with conn:
+        assert counters_after(bed, lambda: send_via_front(bed, hs.ack_packet)) == {"decapsulated": 1,
+                                                                                   "not_listener": 1}
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_valid_cookie_without_a_listener_creates_nothing(bed, family):
+    hs = handshake(bed, CASES[0]._replace(family=family), port=CLOSED_PORT)
+    assert counters_after(bed, lambda: send_via_front(bed, hs.ack_packet)) == {"decapsulated": 1, "no_socket": 1}
+
+
+def _tampered(hs: Handshake) -> bytes:
+    packet = IP(hs.ack_packet)
+    packet[TCP].ack ^= 1 << 15  # a MAC bit
+    del packet[IP].chksum, packet[TCP].chksum
+    return raw(packet)
+
+
+@pytest.mark.parametrize("forgery, send, expected", [
+    ("untrusted source", lambda bed, hs: send_via_front(bed, hs.ack_packet, front=STRANGER), {"untrusted": 1}),
+    ("not flagged validated", lambda bed, hs: send_via_front(bed, hs.ack_packet, validated=False),
+     {"decapsulated": 1}),
+    ("tampered cookie", lambda bed, hs: send_via_front(bed, _tampered(hs)), {"decapsulated": 1, "cookie_bad": 1}),
+])
+def test_forged_acks_create_no_connection(bed, forgery, send, expected):
+    hs = handshake(bed, CASES[0])
+    conn = None
+
+    def send_and_accept():
+        nonlocal conn
+        send(bed, hs)
+        conn = accept(bed, 4, timeout=NO_CONNECTION_WAIT)
+
+    moved = counters_after(bed, send_and_accept)
+    if conn is not None:
+        conn.close()
+    assert conn is None, forgery
+    assert moved == expected
+
+
+def test_loader_drops_expired_epochs_and_adds_new_ones(bed):
+    old = handshake(bed, CASES[0])
+    minted_epoch = bed.schedule.current_epoch(time.time())
+    while bed.schedule.accepted_epochs(time.time()).start <= minted_epoch:
+        time.sleep(0.05)
+    time.sleep(REFRESH_MARGIN)
+    assert counters_after(bed, lambda: send_via_front(bed, old.ack_packet)) == {"decapsulated": 1,
+                                                                                "cookie_bad": 1}
+    fresh = handshake(bed, CASES[0])
+    send_via_front(bed, fresh.ack_packet)
+    conn = accept(bed, 4, timeout=3)
+    assert conn is not None
+    conn.close()
+
+
+def test_loader_raised_syncookies_and_reports_to_other_processes(bed):
+    assert netns.read_sysctl(bed.backend, "net.ipv4.tcp_syncookies") == "1"
+    result = netns.run(bed.backend, [sys.executable, "-m", "synproxy.cli", "backend", "--config", str(bed.config),
+                                     "--stats", "--json"])
+    stats = json.loads(result.stdout)
+    assert stats["created"] >= len(CASES) and stats["kfunc_failed"] == 0 and stats["kfunc_errors"] == {}
+
+
+def test_sigterm_detaches_the_program(bed):
+    """Runs last: it stops the module's loader."""
+    assert bed.stop_loader() == 0
+    assert '"event": "backend_detached"' in bed.log.read_text()
+    result = netns.run(bed.backend, [sys.executable, "-m", "synproxy.cli", "backend", "--config", str(bed.config),
+                                     "--detach"])
+    assert result.stdout.strip() == f"{BACKEND_IF}: nothing was attached"

@@ -1,0 +1,84 @@
+"""The backend loader's pure parts: map layouts it packs and the salts it keeps (no kernel needed)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from synproxy.backend.loader import COUNTERS, BackendError, bpf_dir, build_object, main, mapped, salt_slots
+from synproxy.salt import SaltSchedule, derive_salt
+
+SALT_SLOT = struct.Struct("<IIQ16s16s")
+
+
+def test_counter_names_follow_the_enum_in_the_header():
+    header = (bpf_dir() / "synproxy.h").read_text()
+    enum = re.search(r"enum counter \{(.*?)\};", header, re.DOTALL).group(1)
+    names = [name.lower() for name in re.findall(r"COUNTER_(\w+),", enum) if name != "MAX"]
+    assert tuple(names) == COUNTERS
+
+
+def test_fronts_are_keyed_as_ipv4_mapped_ipv6():
+    assert mapped(ipaddress.ip_address("198.18.10.2")) == bytes(10) + b"\xff\xff" + bytes([198, 18, 10, 2])
+    assert mapped(ipaddress.ip_address("2001:db8::1")) == ipaddress.ip_address("2001:db8::1").packed
+
+
+def test_salt_slots_hold_the_accepted_epochs_and_invalidate_the_rest():
+    primary, retired, third = b"p" * 32, b"r" * 32, b"t" * 32
+    schedule = SaltSchedule((primary, retired, third), period=60, skew=2)
+    now = 1000 * 60 + 1  # epochs 998 (skew), 999 and 1000 are accepted
+    slots = {slot: SALT_SLOT.unpack(value) for slot, value in salt_slots(schedule, now).items()}
+    assert sorted(slots) == [0, 1, 2, 3]
+    for epoch in (998, 999, 1000):
+        # Two key slots: the primary and the first retired secret.
+        assert slots[epoch % 4] == (1, 2, epoch, derive_salt(primary, epoch), derive_salt(retired, epoch))
+    assert slots[997 % 4][0] == 0
+
+
+def test_a_single_secret_fills_one_key():
+    schedule = SaltSchedule((b"p" * 32,), period=60, skew=0)
+    valid, nkeys, epoch, first, second = SALT_SLOT.unpack(salt_slots(schedule, 30)[0])
+    assert (valid, nkeys, epoch, first, second) == (1, 1, 0, derive_salt(b"p" * 32, 0), bytes(16))
+
+
+def _config(directory: Path, interface: str | None) -> Path:
+    secret = directory / "secret.hex"
+    secret.touch(mode=0o600)
+    secret.write_text("ab" * 32)
+    config = directory / "synproxy.yaml"
+    config.write_text("vips: [198.19.0.10]\nports: [80]\nsecret_file: secret.hex\nfronts: [198.18.10.2]\n"
+                      + (f"backend:\n  interface: {interface}\n" if interface else ""))
+    return config
+
+
+@pytest.mark.parametrize("interface, euid, message", [
+    (None, 0, "synproxy backend: no interface: set backend.interface in the config or pass --interface\n"),
+    ("lo", 1000, "synproxy backend: the backend must run as root (it loads BPF programs and attaches to tc)\n"),
+])
+def test_operator_errors_are_one_line_and_exit_1(tmp_path, monkeypatch, capsys, interface, euid, message):
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    args = argparse.Namespace(config=_config(tmp_path, interface), interface=None, detach=False, stats=True)
+    assert main(args) == 1
+    assert capsys.readouterr().err == message
+
+
+def test_missing_clang_is_named_when_a_build_is_needed(monkeypatch, tmp_path):
+    monkeypatch.setenv("SYNPROXY_BUILD_DIR", str(tmp_path))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(BackendError, match="clang not found: install clang-19"):
+        build_object()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_object_built_elsewhere_needs_no_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("SYNPROXY_BUILD_DIR", str(tmp_path))
+    built = build_object()
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert build_object() == built
