@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import sys
 
 import pytest
@@ -12,11 +11,6 @@ import pytest
 from synproxy.lab.topology import Lab
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (network namespaces, BPF)")
-
-
-def unique_lab_name(prefix: str) -> str:
-    """Unique per run, so two runs on one machine never share a namespace."""
-    return f"{prefix}{os.getpid() % 10000}{secrets.token_hex(2)}"
 
 
 def backend_stats(lab: Lab, host: str) -> dict:

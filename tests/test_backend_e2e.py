@@ -25,13 +25,12 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
 
-from synproxy import encap
+from synproxy import encap, netns
 from synproxy.backend.loader import read_stats
 from synproxy.config import load_config
 from synproxy.cookie import MSS_TABLE, SynOptions, make_cookie
 from synproxy.salt import SaltSchedule
 from synproxy.tcpinfo import negotiated
-from tests import netns
 from tests.lab_fixtures import needs_root
 
 pytestmark = [pytest.mark.netns, needs_root]

@@ -12,7 +12,8 @@ import pytest
 
 from synproxy.lab.demo import front_summary, scrape
 from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, Lab
-from tests.lab_fixtures import backend_stats, needs_root, total_created, unique_lab_name
+from synproxy.netns import unique_name
+from tests.lab_fixtures import backend_stats, needs_root, total_created
 
 pytestmark = [pytest.mark.netns, needs_root]
 PERIOD, SKEW = 3.0, 0.5
@@ -38,7 +39,7 @@ HTTP_WITH_INFO = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab(name=unique_lab_name("spl"), salt_period_seconds=PERIOD, clock_skew_seconds=SKEW)
+    lab = Lab(name=unique_name("spl"), salt_period_seconds=PERIOD, clock_skew_seconds=SKEW)
     try:
         lab.up()
         yield lab

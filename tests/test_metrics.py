@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from synproxy.lab.topology import VIP, Lab
-from tests.lab_fixtures import needs_root, unique_lab_name
+from synproxy.netns import unique_name
+from tests.lab_fixtures import needs_root
 
 pytestmark = [pytest.mark.netns, needs_root]
 PYTHON = sys.executable
@@ -23,7 +24,7 @@ FORGED = 40
 @pytest.fixture(scope="module")
 def traffic():
     """A lab with Prometheus; real clients, a bounded flood and forged ACKs; then a settled scrape."""
-    lab = Lab(name=unique_lab_name("spm"), prometheus=True)
+    lab = Lab(name=unique_name("spm"), prometheus=True)
     try:
         lab.up()
         clients = json.loads(lab.run("client", [PYTHON, "-m", "synproxy.lab.clients", "--target", VIP,

@@ -8,20 +8,17 @@ import sys
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
-from pyroute2 import netns
 
 from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, Lab
+from synproxy.netns import inside
 
 CROSS_NODE_PORTS = (50000, 50999)
 
 
 def scrape(lab: Lab, host: str, address: str, port: int) -> dict[tuple, float]:
     """One node's Prometheus metrics, fetched from inside the lab (the client's namespace)."""
-    netns.pushns(lab.ns("client"))
-    try:
+    with inside(lab.ns("client")):
         text = urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=5).read().decode()
-    finally:
-        netns.popns()
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples}
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from pyroute2 import NetNS, netns
 
+from synproxy.netns import inside, write_sysctls
+
 STATE_ROOT = Path("/run/synproxy-lab")
 VIP = "198.19.0.10"
 PORTS = (80, 7)
@@ -50,16 +52,6 @@ def default_hosts(fronts: int = 3, backends: int = 2) -> list[Host]:
 
 class LabError(RuntimeError):
     pass
-
-
-def _sysctl(namespace: str, settings: dict[str, str]) -> None:
-    """Write sysctls inside a namespace (/proc/sys/net follows the opener's network namespace)."""
-    netns.pushns(namespace)
-    try:
-        for key, value in settings.items():
-            Path("/proc/sys", *key.split(".")).write_text(value)
-    finally:
-        netns.popns()
 
 
 @dataclass
@@ -132,8 +124,8 @@ class Lab:
         for namespace in [router, *(self.ns(h.name) for h in self.hosts)]:
             netns.create(namespace)
             self._remember("namespaces", namespace)
-            _sysctl(namespace, {"net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0"})
-        _sysctl(router, {"net.ipv4.ip_forward": "1", "net.ipv4.fib_multipath_hash_policy": "1",
+            write_sysctls(namespace, {"net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0"})
+        write_sysctls(router, {"net.ipv4.ip_forward": "1", "net.ipv4.fib_multipath_hash_policy": "1",
                          "net.ipv4.conf.all.ignore_routes_with_linkdown": "1"})
         for host in self.hosts:
             namespace = self.ns(host.name)
@@ -150,7 +142,7 @@ class Lab:
                     # A front never routes VIP traffic itself: what its queue does not rewrite dies here.
                     ns.route("add", dst=f"{VIP}/32", type="blackhole")
             if host.role == "backend":
-                _sysctl(namespace, {"net.ipv4.tcp_ecn": "1"})
+                write_sysctls(namespace, {"net.ipv4.tcp_ecn": "1"})
             with NetNS(router) as ns:
                 link = ns.link_lookup(ifname=host.name)[0]
                 ns.addr("add", index=link, address=host.router_side, prefixlen=24)
@@ -237,11 +229,8 @@ class Lab:
     def query_prometheus(self, expression: str) -> list[dict]:
         """An instant query against the lab's Prometheus (reached from inside the router namespace)."""
         url = f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
-        netns.pushns(self.ns("router"))
-        try:
+        with inside(self.ns("router")):
             answer = json.loads(urllib.request.urlopen(url, timeout=5).read())
-        finally:
-            netns.popns()
         if answer.get("status") != "success":
             raise LabError(f"Prometheus query {expression!r} failed: {answer}")
         return answer["data"]["result"]
@@ -276,7 +265,7 @@ class Lab:
             ns.link("set", index=ns.link_lookup(ifname="eth0")[0], state="up" if up else "down")
 
     def sysctl(self, host: str, settings: dict[str, str]) -> None:
-        _sysctl(self.ns(host), settings)
+        write_sysctls(self.ns(host), settings)
 
     # --- down and status -------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Network-namespace plumbing for tests: unique names, removal even on failure, veth links, and
+"""Network-namespace plumbing for the lab and the tests: unique names, removal even on failure, veth links, and
 running code or commands inside a namespace.
 
 Sockets and netlink handles belong to the namespace of the thread that creates them, so entering a
