@@ -7,6 +7,7 @@ import re
 import sys
 
 from synproxy.config import ConfigError, load_config
+from synproxy.firewall import FirewallError
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"synproxy: {error}", file=sys.stderr)
         return 2
+    except FirewallError as error:
+        print(f"synproxy: cannot install packet-filter rules: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -1,9 +1,13 @@
-"""The front's packet-filter rules: queue traffic to the protected VIPs and ports, remove them on exit.
+"""Packet-filter rules the product installs for itself, in a chain of its own, removed on exit.
 
-Rules live in a chain of their own (one per queue number) in the raw table's PREROUTING, before
-connection tracking, which is switched off for these packets (the front keeps no state, nor should
-the kernel for it). There is no --queue-bypass: when no front process is bound, or the queue is full,
-the kernel drops the packets, so no SYN ever reaches a backend unanswered by a cookie (fail closed).
+Fronts: in the raw table's PREROUTING, before connection tracking, traffic to the protected VIPs and
+ports is untracked and queued to NFQUEUE. There is no --queue-bypass: when no front process is bound,
+or the queue is full, the kernel drops the packets, so no SYN ever reaches a backend unanswered by a
+cookie (fail closed).
+
+Backends: VIP traffic is untracked both ways. A connection that bpf_sk_assign_tcp_reqsk created was
+reset by the backend's kernel when connection tracking handled its packets (seen in Docker
+containers, whose embedded DNS installs NAT rules); the stateless design needs no tracking there.
 """
 
 from __future__ import annotations
@@ -16,10 +20,6 @@ from synproxy.config import IPAddress
 
 class FirewallError(RuntimeError):
     pass
-
-
-def chain_name(queue_num: int) -> str:
-    return f"SYNPROXY-Q{queue_num}"
 
 
 def _tool(address: IPAddress) -> str:
@@ -36,29 +36,46 @@ def _run(args: list[str], check: bool = True) -> bool:
     return done.returncode == 0
 
 
-def _jump_rules(vips: Iterable[IPAddress], ports: Iterable[int], queue_num: int):
-    for vip in vips:
-        for port in ports:
-            yield _tool(vip), ["-d", str(vip), "-p", "tcp", "--dport", str(port), "-j", chain_name(queue_num)]
+class RawChain:
+    """A chain in the raw table holding ``actions``, reached by one jump per VIP, port and hook."""
+
+    def __init__(self, name: str, actions: list[list[str]], hooks: dict[str, tuple[str, str]]):
+        self.name = name
+        self.actions = actions
+        self.hooks = hooks  # hook -> (address match, port match), e.g. "PREROUTING": ("-d", "--dport")
+
+    def _jumps(self, vips: Iterable[IPAddress], ports: Iterable[int]):
+        for vip in vips:
+            for port in ports:
+                for hook, (address, port_match) in self.hooks.items():
+                    yield _tool(vip), hook, [address, str(vip), "-p", "tcp", port_match, str(port), "-j", self.name]
+
+    def install(self, vips: tuple[IPAddress, ...], ports: tuple[int, ...]) -> None:
+        """Create the chain and the jumps (after removing any left by a crashed run)."""
+        self.remove(vips, ports)
+        for tool in sorted({_tool(vip) for vip in vips}):
+            _run([tool, "-w", "-t", "raw", "-N", self.name])
+            for action in self.actions:
+                _run([tool, "-w", "-t", "raw", "-A", self.name, *action])
+        for tool, hook, rule in self._jumps(vips, ports):
+            _run([tool, "-w", "-t", "raw", "-I", hook, *rule])
+
+    def remove(self, vips: tuple[IPAddress, ...], ports: tuple[int, ...]) -> None:
+        """Remove the jumps and the chain; absent ones are fine."""
+        for tool, hook, rule in self._jumps(vips, ports):
+            while _run([tool, "-w", "-t", "raw", "-D", hook, *rule], check=False):
+                pass
+        for tool in sorted({_tool(vip) for vip in vips}):
+            _run([tool, "-w", "-t", "raw", "-F", self.name], check=False)
+            _run([tool, "-w", "-t", "raw", "-X", self.name], check=False)
 
 
-def install(vips: tuple[IPAddress, ...], ports: tuple[int, ...], queue_num: int) -> None:
-    """Create the chain and the jumps (after removing any left by a crashed run)."""
-    remove(vips, ports, queue_num)
-    chain = chain_name(queue_num)
-    for tool in sorted({_tool(vip) for vip in vips}):
-        _run([tool, "-w", "-t", "raw", "-N", chain])
-        _run([tool, "-w", "-t", "raw", "-A", chain, "-j", "CT", "--notrack"])
-        _run([tool, "-w", "-t", "raw", "-A", chain, "-j", "NFQUEUE", "--queue-num", str(queue_num)])
-    for tool, rule in _jump_rules(vips, ports, queue_num):
-        _run([tool, "-w", "-t", "raw", "-I", "PREROUTING", *rule])
+def front_chain(queue_num: int) -> RawChain:
+    return RawChain(f"SYNPROXY-Q{queue_num}",
+                    [["-j", "CT", "--notrack"], ["-j", "NFQUEUE", "--queue-num", str(queue_num)]],
+                    {"PREROUTING": ("-d", "--dport")})
 
 
-def remove(vips: tuple[IPAddress, ...], ports: tuple[int, ...], queue_num: int) -> None:
-    """Remove the jumps and the chain; absent ones are fine."""
-    for tool, rule in _jump_rules(vips, ports, queue_num):
-        while _run([tool, "-w", "-t", "raw", "-D", "PREROUTING", *rule], check=False):
-            pass
-    for tool in sorted({_tool(vip) for vip in vips}):
-        _run([tool, "-w", "-t", "raw", "-F", chain_name(queue_num)], check=False)
-        _run([tool, "-w", "-t", "raw", "-X", chain_name(queue_num)], check=False)
+def backend_chain() -> RawChain:
+    return RawChain("SYNPROXY-BACKEND", [["-j", "CT", "--notrack"]],
+                    {"PREROUTING": ("-d", "--dport"), "OUTPUT": ("-s", "--sport")})

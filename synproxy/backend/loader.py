@@ -32,6 +32,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
+from synproxy import firewall
 from synproxy.backend.libbpf import (
     BpfError,
     BpfObject,
@@ -323,8 +324,12 @@ def serve(config, interface: str) -> int:
     configured = config.salt_schedule()
     schedule = rotation.effective(configured, None, time.time())
     _warn_if_secrets_unchecked(schedule)
-    with attached(interface, config.fronts, config.vips, config.encap_port, config.server_wscale,
-                  schedule) as plane:
+    untracked = firewall.backend_chain()
+    untracked.install(config.vips, config.ports)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(lambda: untracked.remove(config.vips, config.ports))
+        plane = cleanup.enter_context(attached(interface, config.fronts, config.vips, config.encap_port,
+                                               config.server_wscale, schedule))
         if config.backend.metrics_address:
             registry = CollectorRegistry()
             registry.register(_CountersCollector(plane))
@@ -336,8 +341,11 @@ def serve(config, interface: str) -> int:
             if reload:
                 reload.clear()
                 try:
-                    config = load_config(config.source)
+                    previous_config, config = config, load_config(config.source)
                     configured = config.salt_schedule()
+                    if (config.vips, config.ports) != (previous_config.vips, previous_config.ports):
+                        untracked.remove(previous_config.vips, previous_config.ports)
+                        untracked.install(config.vips, config.ports)
                     plane.configure(config.encap_port, config.server_wscale)
                     plane.trust(config.fronts)
                     plane.protect(config.vips)

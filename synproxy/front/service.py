@@ -170,7 +170,8 @@ class Front:
         except OSError as error:
             raise SystemExit(f"synproxy: cannot bind NFQUEUE {queue_num}: {error} (root needed?)") from None
         ensure_sysctls()
-        firewall.install(config.vips, config.ports, queue_num)
+        rules = firewall.front_chain(queue_num)
+        rules.install(config.vips, config.ports)
         log("front_started", queue=queue_num, vips=[str(v) for v in config.vips], ports=list(config.ports),
             backends=[str(b) for b in config.backends], farm_address=str(farm_address(config)))
         try:
@@ -185,7 +186,7 @@ class Front:
                 if ready:
                     queue.run(block=False)
         finally:
-            firewall.remove(config.vips, config.ports, queue_num)
+            rules.remove(config.vips, config.ports)
             queue.unbind()
             log("front_stopped", queue=queue_num)
         return 0
