@@ -10,6 +10,7 @@ APT_PACKAGES=(
   libnetfilter-queue-dev gcc python3-dev          # build the netfilterqueue binding
   curl hping3 netsniff-ng tcpdump                 # clients, flood generators, debugging
   prometheus                                      # scrapes the lab (`synproxy lab up --prometheus`)
+  docker.io docker-compose debootstrap            # the docker-compose lab (deploy/README.md)
   make
 )
 
