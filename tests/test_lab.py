@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -100,7 +102,7 @@ def test_options_matrix(lab, timestamps, window_scaling, sack, ecn, mss):
     assert client["snd_mss"] == min(client_mss, 1460 - 32) - option_bytes  # TCP_MAXSEG caps both ways
 
 
-def _blocked_handshake(lab: Lab, hold: float) -> subprocess.CompletedProcess:
+def _blocked_handshake(lab: Lab, hold: float, meanwhile=lambda: None) -> str:
     """Connect while the client's ACKs and data are held back for ``hold`` seconds, then ask."""
     rule = ["OUTPUT", "-p", "tcp", "-d", VIP, "--dport", "80", "--tcp-flags", "SYN", "NONE", "-j", "DROP"]
     lab.run("client", ["iptables", "-w", "-I", *rule])
@@ -115,7 +117,9 @@ def _blocked_handshake(lab: Lab, hold: float) -> subprocess.CompletedProcess:
     """)
     process = lab.popen("client", [PYTHON, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(hold)
+        time.sleep(0.5)
+        meanwhile()
+        time.sleep(max(0.0, hold - 0.5))
     finally:
         lab.run("client", ["iptables", "-w", "-D", *rule])
     out, _ = process.communicate(timeout=40)
@@ -132,6 +136,22 @@ def test_ack_two_epochs_old_creates_no_connection(lab):
     created = total_created(lab)
     assert _blocked_handshake(lab, 2 * PERIOD + SKEW + 1) in ("ConnectionResetError", "")
     assert total_created(lab) == created
+
+
+def test_master_secret_rotation_by_sighup_loses_no_handshake_in_flight(lab):
+    secret = lab.state_dir / "secret.hex"
+    old = secret.read_text()
+
+    def rotate():
+        secret.write_text(os.urandom(32).hex() + "\n")
+        for host in lab.by_role("front") + lab.by_role("backend"):
+            os.kill(lab.pid(host.name), signal.SIGHUP)
+        time.sleep(0.5)  # the backends' loaders and the fronts pick it up
+
+    # The SYN was answered under the old secret; the ACK arrives after every node switched.
+    assert _blocked_handshake(lab, 1.5, meanwhile=rotate) == "HTTP/1.0 200"
+    assert secret.read_text() != old
+    assert clients(lab, 5)["failed"] == 0, "new handshakes use the new secret"
 
 
 def test_forged_ack_creates_no_connection(lab):
