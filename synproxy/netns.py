@@ -87,6 +87,23 @@ def read_sysctl(namespace: str, key: str) -> str:
         return Path("/proc/sys", *key.split(".")).read_text().strip()
 
 
+def pids_inside(name: str) -> list[int]:
+    """Processes whose network namespace is ``name`` (by inode: /proc/PID/ns/net against /run/netns)."""
+    try:
+        target = os.stat(f"/run/netns/{name}").st_ino
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.stat(entry / "ns" / "net").st_ino == target:
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile, or a kernel thread
+                continue
+    return found
+
+
 def run(namespace: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
     """Run a command inside ``namespace`` and check it succeeded."""
     return subprocess.run(["ip", "netns", "exec", namespace, *argv], check=True, capture_output=True,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pyroute2 import NetNS, netns
 
-from synproxy.netns import inside, write_sysctls
+from synproxy.netns import inside, pids_inside, write_sysctls
 
 STATE_ROOT = Path("/run/synproxy-lab")
 VIP = "198.19.0.10"
@@ -275,6 +275,11 @@ class Lab:
         for label, pid in sorted(state["pids"].items(), key=lambda item: not item[0].startswith("front")):
             _signal_and_wait(pid, signal.SIGTERM, 10)
         known = set(state["namespaces"]) | {n for n in netns.listnetns() if n.startswith(f"{self.name}-")}
+        # After a crash the state file may be gone: whatever still runs inside the lab's namespaces
+        # was started for the lab.
+        for namespace in sorted(known):
+            for pid in pids_inside(namespace):
+                _signal_and_wait(pid, signal.SIGTERM, 5)
         for namespace in sorted(known):
             if namespace in netns.listnetns():
                 netns.remove(namespace)
