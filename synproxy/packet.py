@@ -76,6 +76,15 @@ def transport_checksum(saddr: bytes, daddr: bytes, protocol: int, segment: bytes
     return internet_checksum(_pseudo_header(saddr, daddr, protocol, len(segment)) + segment)
 
 
+def tcp_checksum_valid(packet: bytes, segment: TcpSegment) -> bool:
+    """Whether the TCP checksum holds (the kernel checks it only at local delivery, after NFQUEUE)."""
+    if segment.family == 4:
+        start, end = (packet[0] & 0xF) * 4, int.from_bytes(packet[2:4], "big")
+    else:
+        start, end = 40, 40 + int.from_bytes(packet[4:6], "big")
+    return transport_checksum(segment.saddr, segment.daddr, PROTO_TCP, packet[start:end]) == 0
+
+
 def parse_tcp(packet: bytes) -> TcpSegment:
     """Parse an IPv4 or IPv6 packet carrying TCP (no IPv6 extension headers, no fragments)."""
     if not packet:

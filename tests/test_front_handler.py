@@ -122,6 +122,7 @@ def test_ack_of_an_old_epoch_is_not_flagged():
     (syn(dport=22), "not_protected"),
     (raw(IP(src=CLIENT4, dst="198.19.0.99") / TCP(dport=80, flags="S")), "not_protected"),
     (syn()[:30], "malformed_bad_ip_length"),
+    (syn()[:36] + bytes([syn()[36] ^ 0xFF]) + syn()[37:], "malformed_bad_checksum"),
     (raw(IP(src=CLIENT4, dst=VIP4) / UDP(dport=80)), "malformed_not_tcp"),
     (raw(IP(src=CLIENT4, dst=VIP4) / TCP(dport=80, flags="S", dataofs=6) / b"\x02\x09\x05\xb4"),
      "malformed_bad_tcp_option"),

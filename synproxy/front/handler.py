@@ -28,6 +28,7 @@ from synproxy.packet import (
     build_tcp_packet,
     parse_tcp,
     parse_tcp_options,
+    tcp_checksum_valid,
 )
 from synproxy.salt import SaltSchedule
 
@@ -88,6 +89,8 @@ def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolic
     if flags & SYN:
         if flags & (ACK | RST | FIN):
             return Verdict(Action.DROP, None, "invalid_flags")
+        if not tcp_checksum_valid(packet, segment):
+            return Verdict(Action.DROP, None, "malformed_bad_checksum")
         try:
             return _answer_syn(segment, now, schedule, policy)
         except MalformedPacket as error:
@@ -98,6 +101,8 @@ def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolic
         result = check_cookie(schedule, now, segment.saddr, segment.daddr, segment.sport, segment.dport,
                               (segment.seq - 1) & 0xFFFFFFFF, (segment.ack - 1) & 0xFFFFFFFF)
         validated = not isinstance(result, Reject)
+        if validated and not tcp_checksum_valid(packet, segment):
+            return Verdict(Action.DROP, None, "malformed_bad_checksum")
         # Established traffic carries no cookie either: it is forwarded under the same labels.
         outcome = "validated" if validated else _REJECTED[result]
     flow = flow_hash(segment.saddr, segment.daddr, segment.sport, segment.dport)
