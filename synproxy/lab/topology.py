@@ -111,8 +111,7 @@ class Lab:
                                                      host.name],
                             '"event": "servers_ready"', namespace=self.ns(host.name))
             for host in self.by_role("front"):
-                self._start(host.name, [sys.executable, "-m", "synproxy.cli", "front",
-                                        "--config", str(self.config_path)], '"event": "front_started"')
+                self.start_front(host.name)
             if self.prometheus:
                 self._start_prometheus()
         except BaseException:
@@ -168,6 +167,11 @@ class Lab:
             f"front:\n  metrics_address: 0.0.0.0:{FRONT_METRICS_PORT}\n"
             f"backend:\n  interface: eth0\n  metrics_address: 0.0.0.0:{BACKEND_METRICS_PORT}\n")
 
+    def start_front(self, name: str) -> None:
+        """Start (or, after a crash, restart) a front's process; it clears rules a dead one left."""
+        self._start(name, [sys.executable, "-m", "synproxy.cli", "front", "--config", str(self.config_path)],
+                    '"event": "front_started"')
+
     def _start_prometheus(self) -> None:
         """Debian's Prometheus in the router's namespace, scraping every front and backend each second."""
         binary = shutil.which("prometheus")
@@ -194,6 +198,7 @@ class Lab:
 
     def _start(self, label: str, argv: list[str], ready_text: str, namespace: str | None = None) -> None:
         log_path = self.state_dir / "logs" / f"{label}.log"
+        start_offset = log_path.stat().st_size if log_path.exists() else 0  # a restart appends
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
                 ["ip", "netns", "exec", namespace or self.ns(label), *argv],
@@ -202,7 +207,7 @@ class Lab:
         self._remember("pids", label, process.pid)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if ready_text in log_path.read_text(errors="replace"):
+            if ready_text in log_path.read_text(errors="replace")[start_offset:]:
                 return
             if process.poll() is not None:
                 break
@@ -260,9 +265,15 @@ class Lab:
                 ns.rule("add", fwmark=mark, table=mark, priority=100)
 
     def set_link(self, host: str, up: bool) -> None:
-        """Take a host's only link down (the node is gone for the router) or back up."""
+        """Take a host's only link down (the node is gone for the router) or back up.
+
+        The kernel deletes a host's routes through a link that goes down; coming up restores them.
+        """
         with NetNS(self.ns(host)) as ns:
             ns.link("set", index=ns.link_lookup(ifname="eth0")[0], state="up" if up else "down")
+            if up:
+                gateway = next(h.router_side for h in self.hosts if h.name == host)
+                ns.route("replace", dst="0.0.0.0/0", gateway=gateway)
 
     def sysctl(self, host: str, settings: dict[str, str]) -> None:
         write_sysctls(self.ns(host), settings)
