@@ -24,9 +24,12 @@ def scrape(lab: Lab, host: str, address: str, port: int) -> dict[tuple, float]:
 
 
 def front_summary(samples: dict) -> dict[str, float]:
-    """A front's packet outcomes folded into what the report shows: answered, validated, forwarded, dropped."""
-    summary = {"syn_answered": 0.0, "validated": 0.0, "forwarded": 0.0, "dropped": 0.0}
+    """A front's packet outcomes folded into what the report shows: answered, validated, forwarded, dropped
+    by the front, and dropped by the kernel at its full queue."""
+    summary = {"syn_answered": 0.0, "validated": 0.0, "forwarded": 0.0, "dropped": 0.0, "queue_dropped": 0.0}
     for (name, labels), value in samples.items():
+        if name in ("synproxy_front_queue_dropped_total", "synproxy_front_queue_user_dropped_total"):
+            summary["queue_dropped"] += value
         if name != "synproxy_front_packets_total":
             continue
         outcome = dict(labels)["outcome"]
@@ -72,11 +75,12 @@ def report(lab: Lab, ordinary: dict, crossed: dict, curls: list, flooded: dict) 
     print(f"curl: {sum(c.returncode == 0 for c in curls)}/{len(curls)} requests answered")
     print(f"cross-node handshakes (SYN to front0, ACK to front2): "
           f"{crossed['completed']}/{crossed['attempted']} completed")
-    print(f"{'front':8} {'SYN-ACKs sent':>14} {'ACKs validated':>15} {'forwarded':>10} {'dropped':>8}")
+    print(f"{'front':8} {'SYN-ACKs sent':>14} {'ACKs validated':>15} {'forwarded':>10} {'dropped':>8} "
+          f"{'queue drops':>12}")
     for host in lab.by_role("front"):
         summary = front_summary(scrape(lab, host.name, host.address, FRONT_METRICS_PORT))
         print(f"{host.name:8} {summary['syn_answered']:14.0f} {summary['validated']:15.0f} "
-              f"{summary['forwarded']:10.0f} {summary['dropped']:8.0f}")
+              f"{summary['forwarded']:10.0f} {summary['dropped']:8.0f} {summary['queue_dropped']:12.0f}")
     print(f"{'backend':8} {'connections created':>20} {'SYNs received':>14}")
     for host in lab.by_role("backend"):
         stats = json.loads(lab.run(host.name, [sys.executable, "-m", "synproxy.cli", "backend", "--config",
