@@ -165,3 +165,18 @@ def test_maglev_moves_only_the_removed_backends_flows():
     kept = {0: 0, 2: 1}
     moved = sum(1 for old, new in zip(three, two) if old in kept and kept[old] != new)
     assert moved < 0.02 * len(three)
+
+
+@pytest.mark.parametrize("offset, validates", [(-1.5, True), (1.5, True), (-3.0, False)])
+def test_clock_skew_between_fronts(offset, validates):
+    """Front A answers the SYN; front B, whose clock is ``offset`` s off, gets the ACK (skew 2 s).
+
+    A answers just after an epoch boundary: a B that is behind still lives in the previous epoch and
+    accepts the new one only within the tolerance. A B that is ahead sees an epoch it accepts anyway.
+    """
+    front_b = dataclasses.replace(POLICY, farm_address=ipaddress.ip_address("198.18.11.2").packed)
+    boundary = (NOW // SCHEDULE.period + 1) * SCHEDULE.period
+    syn_time = boundary + 0.5
+    reply = (IP)(handle(syn(4, [("MSS", 1460)]), syn_time, SCHEDULE, POLICY).packet)
+    verdict = handle(client_ack(reply), syn_time + 0.01 + offset, SCHEDULE, front_b)
+    assert verdict.outcome == ("validated" if validates else "forwarded_expired_epoch")
