@@ -15,8 +15,7 @@ import pytest
 from synproxy.front.service import queue_stats
 from synproxy.lab.demo import front_summary, scrape
 from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, Lab
-from synproxy.netns import unique_name
-from tests.lab_fixtures import backend_stats, needs_root, total_created
+from tests.lab_fixtures import backend_stats, clients, needs_root, running_lab, total_created
 
 pytestmark = [pytest.mark.netns, needs_root]
 PERIOD, SKEW = 3.0, 0.5
@@ -40,17 +39,8 @@ HOLDER = textwrap.dedent(f"""
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab(name=unique_name("spf"), salt_period_seconds=PERIOD, clock_skew_seconds=SKEW)
-    try:
-        lab.up()
+    with running_lab("spf", salt_period_seconds=PERIOD, clock_skew_seconds=SKEW) as lab:
         yield lab
-    finally:
-        lab.down()
-
-
-def clients(lab: Lab, count: int, timeout: float = 5) -> dict:
-    return json.loads(lab.run("client", [PYTHON, "-m", "synproxy.lab.clients", "--target", VIP, "--count",
-                                         str(count), "--timeout", str(timeout)], timeout=300).stdout)
 
 
 def flood(lab: Lab, count: int, seconds: float, *extra: str) -> subprocess.Popen:
@@ -79,7 +69,7 @@ def test_queue_overflow_drops_and_lets_no_syn_through(lab):
     assert dropped > 0 and dropped + sum(q["length"] for q in queued) == sent
     assert syns_at_backends(lab) == 0
     time.sleep(1)
-    assert clients(lab, 5)["failed"] == 0, "the fronts resume"
+    assert clients(lab, 5, "--timeout", "5")["failed"] == 0, "the fronts resume"
 
 
 def test_killed_and_unplugged_front_loses_no_connection_and_restarts(lab):
@@ -92,7 +82,7 @@ def test_killed_and_unplugged_front_loses_no_connection_and_restarts(lab):
         lab.stop_process("front1", signal.SIGKILL)  # crash: its rules stay, its queue drops (fail closed)
         lab.set_link("front1", up=False)           # and the node is gone for the router
         time.sleep(0.5)
-        during = clients(lab, 10)
+        during = clients(lab, 10, "--timeout", "5")
         holder.stdin.write("go\n")
         holder.stdin.flush()
         assert json.loads(holder.stdout.readline()) == 30, "every established connection still carries data"
@@ -105,7 +95,7 @@ def test_killed_and_unplugged_front_loses_no_connection_and_restarts(lab):
     lab.set_link("front1", up=True)
     lab.start_front("front1")
     before = front_summary(scrape(lab, "front1", "198.18.11.2", FRONT_METRICS_PORT))["syn_answered"]
-    assert clients(lab, 20)["failed"] == 0
+    assert clients(lab, 20, "--timeout", "5")["failed"] == 0
     after = front_summary(scrape(lab, "front1", "198.18.11.2", FRONT_METRICS_PORT))["syn_answered"]
     assert after > before, "the restarted front answers its share again"
 
@@ -114,7 +104,7 @@ def test_salt_rotations_under_load_lose_no_handshake(lab):
     attack = flood(lab, 200_000, 3 * PERIOD)
     started, completed, errors = time.time(), 0, []
     while time.time() - started < 2 * PERIOD:  # across at least one rotation, usually two
-        result = clients(lab, 10)
+        result = clients(lab, 10, "--timeout", "5")
         completed += result["completed"]
         errors += result["errors"] if result["failed"] else []
     json.loads(attack.communicate(timeout=60)[0])
@@ -140,7 +130,7 @@ def test_master_secret_rotation_under_load_loses_no_handshake(lab):
 def test_forged_ack_flood_creates_nothing_and_clients_keep_connecting(lab):
     created = total_created(lab)
     attack = flood(lab, 300_000, 15, "--ack")
-    result = clients(lab, 10)
+    result = clients(lab, 10, "--timeout", "5")
     sent = json.loads(attack.communicate(timeout=60)[0])["sent"]
     legit = 2 * 10
     forged = total_created(lab) - created - legit

@@ -14,8 +14,7 @@ import pytest
 
 from synproxy.lab.demo import front_summary, scrape
 from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, Lab
-from synproxy.netns import unique_name
-from tests.lab_fixtures import backend_stats, needs_root, total_created
+from tests.lab_fixtures import backend_stats, clients, needs_root, running_lab, total_created
 
 pytestmark = [pytest.mark.netns, needs_root]
 PERIOD, SKEW = 3.0, 0.5
@@ -41,17 +40,8 @@ HTTP_WITH_INFO = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab(name=unique_name("spl"), salt_period_seconds=PERIOD, clock_skew_seconds=SKEW)
-    try:
-        lab.up()
+    with running_lab("spl", salt_period_seconds=PERIOD, clock_skew_seconds=SKEW) as lab:
         yield lab
-    finally:
-        lab.down()
-
-
-def clients(lab: Lab, count: int, *extra: str) -> dict:
-    return json.loads(lab.run("client", [PYTHON, "-m", "synproxy.lab.clients", "--target", VIP,
-                                         "--count", str(count), *extra], timeout=120).stdout)
 
 
 def test_curl_and_python_clients_reach_both_backends_with_their_real_address(lab):

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from synproxy.lab.topology import VIP, Lab
-from synproxy.netns import unique_name
-from tests.lab_fixtures import needs_root
+from tests.lab_fixtures import clients, needs_root, running_lab
 
 pytestmark = [pytest.mark.netns, needs_root]
 PYTHON = sys.executable
@@ -24,11 +23,8 @@ FORGED = 40
 @pytest.fixture(scope="module")
 def traffic():
     """A lab with Prometheus; real clients, a bounded flood and forged ACKs; then a settled scrape."""
-    lab = Lab(name=unique_name("spm"), prometheus=True)
-    try:
-        lab.up()
-        clients = json.loads(lab.run("client", [PYTHON, "-m", "synproxy.lab.clients", "--target", VIP,
-                                                "--count", str(CLIENTS)], timeout=120).stdout)
+    with running_lab("spm", prometheus=True) as lab:
+        made = clients(lab, CLIENTS)
         flood = json.loads(lab.run("attacker", [PYTHON, "-m", "synproxy.lab.flood", "--target", VIP, "--count",
                                                 str(FLOOD), "--seconds", "30"], timeout=60).stdout)
         forge = textwrap.dedent(f"""
@@ -38,9 +34,7 @@ def traffic():
         """)
         lab.run("client", [PYTHON, "-c", forge])
         time.sleep(3)  # two scrapes at 1 s
-        yield lab, clients, flood
-    finally:
-        lab.down()
+        yield lab, made, flood
 
 
 def value(lab: Lab, expression: str) -> float:
@@ -55,9 +49,9 @@ def test_every_node_is_scraped(traffic):
 
 
 def test_front_counters_match_the_traffic(traffic):
-    lab, clients, flood = traffic
-    assert clients["failed"] == 0
-    connections = clients["completed"]
+    lab, made, flood = traffic
+    assert made["failed"] == 0
+    connections = made["completed"]
     dropped = value(lab, "sum(synproxy_front_queue_dropped_total) + sum(synproxy_front_queue_user_dropped_total)")
     answered = value(lab, 'sum(synproxy_front_packets_total{outcome="syn_answered"})')
     assert answered + dropped == connections + flood["sent"], (answered, dropped, connections, flood)
@@ -80,12 +74,12 @@ def test_front_gauges_and_histogram(traffic):
 
 
 def test_backend_counters_match_the_traffic(traffic):
-    lab, clients, _ = traffic
-    assert value(lab, 'sum(synproxy_backend_packets_total{outcome="created"})') == clients["completed"]
+    lab, made, _ = traffic
+    assert value(lab, 'sum(synproxy_backend_packets_total{outcome="created"})') == made["completed"]
     assert value(lab, 'sum(synproxy_backend_packets_total{outcome="syn_received"})') == 0
     assert value(lab, 'sum(synproxy_backend_packets_total{outcome="cookie_bad"})') == 0
     assert value(lab, 'sum(synproxy_backend_packets_total{outcome="untrusted"})') == 0
-    assert value(lab, 'sum(synproxy_backend_packets_total{outcome="decapsulated"})') >= clients["completed"]
+    assert value(lab, 'sum(synproxy_backend_packets_total{outcome="decapsulated"})') >= made["completed"]
     assert lab.query_prometheus("synproxy_backend_kfunc_failures_total") == []
 
 
