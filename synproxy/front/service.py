@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import select
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -30,7 +31,8 @@ NFQUEUE_STATS = Path("/proc/net/netfilter/nfnetlink_queue")
 TIMING_SAMPLE_MASK = 15
 # Forwarding for the rewritten packets; accept_local because an encapsulated packet leaves with this
 # node's own address as source, which the kernel otherwise drops as a martian when it routes it.
-FRONT_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.accept_local": "1"}
+FRONT_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.accept_local": "1",
+                 "net.ipv6.conf.all.forwarding": "1"}
 
 
 def ensure_sysctls() -> None:
@@ -101,18 +103,19 @@ class FrontMetrics:
                                     "Time to decide and give the verdict for one packet (1 in 16 sampled)",
                                     buckets=(2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2),
                                     registry=self.registry)
-        self.packets = Counter("synproxy_front_packets", "Packets handled, by outcome", ["outcome"],
-                               registry=self.registry)
+        self.packets = Counter("synproxy_front_packets", "Packets handled, by outcome and IP version",
+                               ["outcome", "family"], registry=self.registry)
         self.forwarded = Counter("synproxy_front_forwarded_packets", "Packets forwarded, by backend",
                                  ["backend"], registry=self.registry)
         self.epoch = Gauge("synproxy_front_salt_epoch", "Current salt epoch", registry=self.registry)
-        self._outcomes: dict[str, Counter] = {}
+        self._outcomes: dict[tuple[str, int], Counter] = {}
         self._backends = [self.forwarded.labels(b) for b in backends]
 
-    def count(self, outcome: str, backend: int) -> None:
-        child = self._outcomes.get(outcome)
+    def count(self, outcome: str, backend: int, family: int) -> None:
+        key = (outcome, family)
+        child = self._outcomes.get(key)
         if child is None:
-            child = self._outcomes[outcome] = self.packets.labels(outcome)
+            child = self._outcomes[key] = self.packets.labels(outcome, f"ipv{family}" if family in (4, 6) else "other")
         child.inc()
         if backend >= 0:
             self._backends[backend].inc()
@@ -124,6 +127,7 @@ class Front:
         self.rotation = SecretRotation()
         self.load()
         self.metrics = FrontMetrics(tuple(str(b) for b in self.config.backends), self.config.front.queue_num)
+        self.raw_ipv4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self.packets_seen = 0
 
     def load(self) -> None:
@@ -142,13 +146,20 @@ class Front:
 
     def on_packet(self, packet) -> None:
         started = time.perf_counter()
-        verdict = handle(packet.get_payload(), time.time(), self.schedule, self.policy)
+        payload = packet.get_payload()
+        verdict = handle(payload, time.time(), self.schedule, self.policy)
+        family = payload[0] >> 4 if payload else 0
         if verdict.action is Action.DROP:
+            packet.drop()
+        elif verdict.action is Action.FORWARD and family == 6:
+            # The encapsulation is IPv4: a queued IPv6 packet cannot become one in place, so it
+            # leaves through a raw socket and the original is dropped.
+            self.raw_ipv4.sendto(verdict.packet, (socket.inet_ntoa(verdict.packet[16:20]), 0))
             packet.drop()
         else:
             packet.set_payload(verdict.packet)
             packet.accept()
-        self.metrics.count(verdict.outcome, verdict.backend)
+        self.metrics.count(verdict.outcome, verdict.backend, family)
         self.packets_seen += 1
         if not self.packets_seen & TIMING_SAMPLE_MASK:
             self.metrics.processing.observe(time.perf_counter() - started)

@@ -21,8 +21,9 @@ def percentile(values: list[float], fraction: float) -> float | None:
 
 def connect(target: str, port: int, timeout: float, source_port: int | None) -> socket.socket:
     """A TCP connection, from a chosen source port when the router steers by port."""
+    any_address = "::" if ":" in target else "0.0.0.0"
     return socket.create_connection((target, port), timeout=timeout,
-                                    source_address=("0.0.0.0", source_port) if source_port else None)
+                                    source_address=(any_address, source_port) if source_port else None)
 
 
 def http_get(target: str, port: int, timeout: float, source_port: int | None = None) -> tuple[float, dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,19 +45,34 @@ class _EchoServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
 
 
+def _v6_only(server_class):
+    """The same server on IPv6 alone, so each family has its own listener and IPv4 clients keep
+    their plain addresses."""
+    class V6Only(server_class):
+        address_family = socket.AF_INET6
+
+        def server_bind(self):
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            super().server_bind()
+    return V6Only
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--name", required=True)
     parser.add_argument("--http-port", type=int, default=80)
     parser.add_argument("--echo-port", type=int, default=7)
     args = parser.parse_args()
-    http = ThreadingHTTPServer(("0.0.0.0", args.http_port), _Http)
-    http.daemon_threads = True
-    http.backend_name = args.name
-    echo = _EchoServer(("0.0.0.0", args.echo_port), _Echo)
-    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    servers = []
+    for any_address, wrap in (("0.0.0.0", lambda cls: cls), ("::", _v6_only)):
+        http = wrap(ThreadingHTTPServer)((any_address, args.http_port), _Http)
+        http.daemon_threads = True
+        http.backend_name = args.name
+        servers += [http, wrap(_EchoServer)((any_address, args.echo_port), _Echo)]
+    for server in servers[1:]:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
     print(json.dumps({"event": "servers_ready", "backend": args.name}), flush=True)
-    http.serve_forever()
+    servers[0].serve_forever()
 
 
 if __name__ == "__main__":

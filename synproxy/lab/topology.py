@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,10 +24,11 @@ from pathlib import Path
 
 from pyroute2 import NetNS, netns
 
-from synproxy.netns import inside, pids_inside, write_sysctls
+from synproxy.netns import add_addresses, inside, link, pids_inside, write_sysctls
 
 STATE_ROOT = Path("/run/synproxy-lab")
 VIP = "198.19.0.10"
+VIP6 = "2001:db8:ffff::10"
 PORTS = (80, 7)
 SPOOFED_SOURCES = "198.18.128.0/17"  # the attacker's spoofed range; the router blackholes replies
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -36,18 +38,30 @@ FRONT_METRICS_PORT, BACKEND_METRICS_PORT, PROMETHEUS_PORT = 9100, 9101, 9090
 @dataclass(frozen=True)
 class Host:
     name: str
-    address: str        # the host's address on its link to the router (/24)
-    router_side: str    # the router's address on that link
     role: str           # client, attacker, front or backend
+    link: int           # its link to the router: 198.18.<link>.0/24 and 2001:db8:<link>::/64
+
+    @property
+    def address(self) -> str:
+        return f"198.18.{self.link}.2"
+
+    @property
+    def router_side(self) -> str:
+        return f"198.18.{self.link}.1"
+
+    @property
+    def address6(self) -> str:
+        return f"2001:db8:{self.link}::2"
+
+    @property
+    def router_side6(self) -> str:
+        return f"2001:db8:{self.link}::1"
 
 
 def default_hosts(fronts: int = 3, backends: int = 2) -> list[Host]:
-    hosts = [Host("client", "198.18.1.2", "198.18.1.1", "client"),
-             Host("attacker", "198.18.2.2", "198.18.2.1", "attacker")]
-    hosts += [Host(f"front{i}", f"198.18.{10 + i}.2", f"198.18.{10 + i}.1", "front") for i in range(fronts)]
-    hosts += [Host(f"backend{i}", f"198.18.{20 + i}.2", f"198.18.{20 + i}.1", "backend")
-              for i in range(backends)]
-    return hosts
+    return [Host("client", "client", 1), Host("attacker", "attacker", 2),
+            *(Host(f"front{i}", "front", 10 + i) for i in range(fronts)),
+            *(Host(f"backend{i}", "backend", 20 + i) for i in range(backends))]
 
 
 class LabError(RuntimeError):
@@ -123,35 +137,39 @@ class Lab:
         for namespace in [router, *(self.ns(h.name) for h in self.hosts)]:
             netns.create(namespace)
             self._remember("namespaces", namespace)
-            write_sysctls(namespace, {"net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0"})
+            # No duplicate-address detection: addresses (link-local ones too) are usable at once.
+            write_sysctls(namespace, {"net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0",
+                                      "net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"})
         write_sysctls(router, {"net.ipv4.ip_forward": "1", "net.ipv4.fib_multipath_hash_policy": "1",
-                         "net.ipv4.conf.all.ignore_routes_with_linkdown": "1"})
+                               "net.ipv4.conf.all.ignore_routes_with_linkdown": "1",
+                               "net.ipv6.conf.all.forwarding": "1", "net.ipv6.fib_multipath_hash_policy": "1",
+                               "net.ipv6.conf.all.ignore_routes_with_linkdown": "1"})
         for host in self.hosts:
             namespace = self.ns(host.name)
-            with NetNS(namespace) as ns:
-                ns.link("add", ifname="eth0", kind="veth", peer={"ifname": host.name, "net_ns_fd": router})
-                eth0 = ns.link_lookup(ifname="eth0")[0]
-                ns.addr("add", index=eth0, address=host.address, prefixlen=24)
-                ns.link("set", index=eth0, state="up")
-                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-                ns.route("add", dst="0.0.0.0/0", gateway=host.router_side)
-                if host.role == "backend":
-                    ns.addr("add", index=ns.link_lookup(ifname="lo")[0], address=VIP, prefixlen=32)
-                if host.role == "front":
-                    # A front never routes VIP traffic itself: what its queue does not rewrite dies here.
-                    ns.route("add", dst=f"{VIP}/32", type="blackhole")
+            link(namespace, "eth0", router, host.name)
+            add_addresses(namespace, "eth0", f"{host.address}/24", f"{host.address6}/64")
+            add_addresses(router, host.name, f"{host.router_side}/24", f"{host.router_side6}/64")
+            self._default_routes(host)
             if host.role == "backend":
+                add_addresses(namespace, "lo", f"{VIP}/32", f"{VIP6}/128")
                 write_sysctls(namespace, {"net.ipv4.tcp_ecn": "1"})
-            with NetNS(router) as ns:
-                link = ns.link_lookup(ifname=host.name)[0]
-                ns.addr("add", index=link, address=host.router_side, prefixlen=24)
-                ns.link("set", index=link, state="up")
+            if host.role == "front":
+                # A front never routes VIP traffic itself: what its queue does not rewrite dies here.
+                with NetNS(namespace) as ns:
+                    for vip in (f"{VIP}/32", f"{VIP6}/128"):
+                        ns.route("add", dst=vip, type="blackhole")
         with NetNS(router) as ns:
-            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-            ns.route("add", dst=f"{VIP}/32",
-                     multipath=[{"gateway": h.address} for h in self.by_role("front")])
+            fronts = self.by_role("front")
+            ns.route("add", dst=f"{VIP}/32", multipath=[{"gateway": h.address} for h in fronts])
+            ns.route("add", dst=f"{VIP6}/128", multipath=[{"gateway": h.address6} for h in fronts])
             # Replies to spoofed sources, and anything else unknown, end here.
             ns.route("add", dst="0.0.0.0/0", type="blackhole")
+            ns.route("add", dst="::/0", type="blackhole")
+
+    def _default_routes(self, host: Host) -> None:
+        with NetNS(self.ns(host.name)) as ns:
+            ns.route("replace", dst="0.0.0.0/0", gateway=host.router_side)
+            ns.route("replace", dst="::/0", gateway=host.router_side6)
 
     def _write_config(self) -> None:
         secret = self.state_dir / "secret.hex"
@@ -161,7 +179,7 @@ class Lab:
         backends = ", ".join(h.address for h in self.by_role("backend"))
         self.config_path.write_text(
             "# Written by `synproxy lab up`: one configuration for every front and backend.\n"
-            f"vips: [{VIP}]\nports: [{', '.join(map(str, PORTS))}]\nsecret_file: secret.hex\n"
+            f"vips: [{VIP}, {VIP6}]\nports: [{', '.join(map(str, PORTS))}]\nsecret_file: secret.hex\n"
             f"fronts: [{fronts}]\nbackends: [{backends}]\n"
             f"salt_period_seconds: {self.salt_period_seconds}\nclock_skew_seconds: {self.clock_skew_seconds}\n"
             f"front:\n  metrics_address: 0.0.0.0:{FRONT_METRICS_PORT}\n"
@@ -256,13 +274,16 @@ class Lab:
         Forces cross-node validation: the ACK reaches a front that never saw the SYN.
         """
         first, last = source_ports
-        address = {h.name: h.address for h in self.by_role("front")}
+        fronts = {h.name: h for h in self.by_role("front")}
         for mark, match, front in ((0x51, ["--syn"], syn_front), (0x52, ["!", "--syn"], ack_front)):
-            self.run("router", ["iptables", "-w", "-t", "mangle", "-A", "PREROUTING", "-i", "client", "-p", "tcp",
-                                "--sport", f"{first}:{last}", *match, "-j", "MARK", "--set-mark", str(mark)])
+            for tool in ("iptables", "ip6tables"):
+                self.run("router", [tool, "-w", "-t", "mangle", "-A", "PREROUTING", "-i", "client", "-p", "tcp",
+                                    "--sport", f"{first}:{last}", *match, "-j", "MARK", "--set-mark", str(mark)])
             with NetNS(self.ns("router")) as ns:
-                ns.route("add", dst=f"{VIP}/32", gateway=address[front], table=mark)
-                ns.rule("add", fwmark=mark, table=mark, priority=100)
+                ns.route("add", dst=f"{VIP}/32", gateway=fronts[front].address, table=mark)
+                ns.route("add", dst=f"{VIP6}/128", gateway=fronts[front].address6, table=mark)
+                for family in (socket.AF_INET, socket.AF_INET6):
+                    ns.rule("add", fwmark=mark, table=mark, priority=100, family=family)
 
     def set_link(self, host: str, up: bool) -> None:
         """Take a host's only link down (the node is gone for the router) or back up.
@@ -271,9 +292,8 @@ class Lab:
         """
         with NetNS(self.ns(host)) as ns:
             ns.link("set", index=ns.link_lookup(ifname="eth0")[0], state="up" if up else "down")
-            if up:
-                gateway = next(h.router_side for h in self.hosts if h.name == host)
-                ns.route("replace", dst="0.0.0.0/0", gateway=gateway)
+        if up:
+            self._default_routes(next(h for h in self.hosts if h.name == host))
 
     def sysctl(self, host: str, settings: dict[str, str]) -> None:
         write_sysctls(self.ns(host), settings)
