@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.lab_fixtures import needs_root
 
@@ -103,8 +104,9 @@ def test_front_metrics_and_backend_counters(compose):
     compose("client", "curl", "-sS", "-m", "5", f"http://{VIP}/", check=True)
     fronts = [compose("client", "curl", "-sS", f"http://198.18.120.{20 + i}:9100/metrics", check=True).stdout
               for i in range(3)]
-    answered = sum(float(line.split()[-1]) for text in fronts for line in text.splitlines()
-                   if line.startswith('synproxy_front_packets_total{outcome="syn_answered"}'))
+    answered = sum(sample.value for text in fronts for family in text_string_to_metric_families(text)
+                   for sample in family.samples
+                   if sample.name == "synproxy_front_packets_total" and sample.labels["outcome"] == "syn_answered")
     assert answered >= 1
     stats = [json.loads(compose(b, "python3", "-m", "synproxy.cli", "backend", "--config",
                                 "/etc/synproxy/synproxy.yaml", "--stats", "--json", check=True).stdout)

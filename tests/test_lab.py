@@ -13,7 +13,7 @@ import time
 import pytest
 
 from synproxy.lab.demo import front_summary, scrape
-from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, Lab
+from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, VIP6, Lab
 from tests.lab_fixtures import backend_stats, clients, needs_root, running_lab, total_created
 
 pytestmark = [pytest.mark.netns, needs_root]
@@ -25,7 +25,7 @@ HTTP_WITH_INFO = textwrap.dedent("""
     import json, socket, sys
     from synproxy.tcpinfo import negotiated
     target, mss = sys.argv[1], int(sys.argv[2])
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET)
     sock.settimeout(5)
     if mss:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
@@ -44,19 +44,34 @@ def lab():
         yield lab
 
 
-def test_curl_and_python_clients_reach_both_backends_with_their_real_address(lab):
-    result = clients(lab, 20)
+FAMILIES = {4: (VIP, "198.18.1.2", "iptables"), 6: (VIP6, "2001:db8:1::2", "ip6tables")}
+
+
+def url(vip: str) -> str:
+    return f"http://[{vip}]/" if ":" in vip else f"http://{vip}/"
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_curl_and_python_clients_reach_both_backends_with_their_real_address(lab, family):
+    vip, client_address, _ = FAMILIES[family]
+    result = clients(lab, 20, "--target", vip)
     assert result["failed"] == 0, result["errors"]
     assert set(result["backends"]) == {"backend0", "backend1"}
     for _ in range(5):
-        answer = json.loads(lab.run("client", ["curl", "-sS", "-m", "5", f"http://{VIP}/"]).stdout)
-        assert answer["client"].startswith("198.18.1.2:")
+        answer = json.loads(lab.run("client", ["curl", "-sS", f"-{family}", "-m", "5", url(vip)]).stdout)
+        assert answer["client"].startswith(f"{client_address}:")
 
 
-def test_ack_validated_by_a_front_that_never_saw_the_syn(lab):
+def test_dual_stack_client_reaches_the_same_backends_over_both_families(lab):
+    seen = {family: set(clients(lab, 10, "--target", FAMILIES[family][0])["backends"]) for family in (4, 6)}
+    assert seen[4] == seen[6] == {"backend0", "backend1"}
+
+
+@pytest.mark.parametrize("family, ports", [(4, 40000), (6, 41000)])
+def test_ack_validated_by_a_front_that_never_saw_the_syn(lab, family, ports):
     before = {h.name: _front_outcomes(lab, h) for h in lab.by_role("front")}
-    lab.steer_handshakes((40000, 40099), syn_front="front0", ack_front="front2")
-    result = clients(lab, 5, "--source-port-from", "40000")
+    lab.steer_handshakes((ports, ports + 99), syn_front="front0", ack_front="front2")
+    result = clients(lab, 5, "--source-port-from", str(ports), "--target", FAMILIES[family][0])
     assert result["failed"] == 0, result["errors"]
     after = {h.name: _front_outcomes(lab, h) for h in lab.by_role("front")}
     assert after["front0"].get("syn_answered", 0) - before["front0"].get("syn_answered", 0) >= 10
@@ -68,13 +83,13 @@ def test_ack_validated_by_a_front_that_never_saw_the_syn(lab):
 @pytest.mark.parametrize("window_scaling", [0, 1])
 @pytest.mark.parametrize("sack", [0, 1])
 @pytest.mark.parametrize("ecn", [0, 1])
-@pytest.mark.parametrize("mss", [0, 536])
-def test_options_matrix(lab, timestamps, window_scaling, sack, ecn, mss):
+@pytest.mark.parametrize("family, mss", [(4, 0), (4, 536), (6, 0), (6, 1220)])
+def test_options_matrix(lab, timestamps, window_scaling, sack, ecn, family, mss):
     lab.sysctl("client", {"net.ipv4.tcp_timestamps": str(timestamps),
                           "net.ipv4.tcp_window_scaling": str(window_scaling),
                           "net.ipv4.tcp_sack": str(sack), "net.ipv4.tcp_ecn": str(ecn)})
     try:
-        seen = json.loads(lab.run("client", [PYTHON, "-c", HTTP_WITH_INFO, VIP, str(mss)]).stdout)
+        seen = json.loads(lab.run("client", [PYTHON, "-c", HTTP_WITH_INFO, FAMILIES[family][0], str(mss)]).stdout)
     finally:
         lab.sysctl("client", {"net.ipv4.tcp_timestamps": "1", "net.ipv4.tcp_window_scaling": "1",
                               "net.ipv4.tcp_sack": "1", "net.ipv4.tcp_ecn": "2"})
@@ -87,18 +102,20 @@ def test_options_matrix(lab, timestamps, window_scaling, sack, ecn, mss):
         assert server["rcv_wscale"] == client["snd_wscale"] == 7, "the front's announced scale"
         assert server["snd_wscale"] == client["rcv_wscale"]
     option_bytes = 12 if timestamps else 0
-    client_mss = mss or 1460
-    assert server["snd_mss"] == {536: 536, 1460: 1460}[client_mss] - option_bytes
-    assert client["snd_mss"] == min(client_mss, 1460 - 32) - option_bytes  # TCP_MAXSEG caps both ways
+    client_mss = mss or (1460 if family == 4 else 1440)  # the client's link MSS
+    announced = 1460 - 32 - (20 if family == 6 else 0)  # backend MSS less encapsulation (and v6 header)
+    assert server["snd_mss"] == client_mss - option_bytes  # every client MSS here is a table value
+    assert client["snd_mss"] == min(client_mss, announced) - option_bytes  # TCP_MAXSEG caps both ways
 
 
-def _blocked_handshake(lab: Lab, hold: float, meanwhile=lambda: None) -> str:
+def _blocked_handshake(lab: Lab, hold: float, meanwhile=lambda: None, family: int = 4) -> str:
     """Connect while the client's ACKs and data are held back for ``hold`` seconds, then ask."""
-    rule = ["OUTPUT", "-p", "tcp", "-d", VIP, "--dport", "80", "--tcp-flags", "SYN", "NONE", "-j", "DROP"]
-    lab.run("client", ["iptables", "-w", "-I", *rule])
+    vip, _, tool = FAMILIES[family]
+    rule = ["OUTPUT", "-p", "tcp", "-d", vip, "--dport", "80", "--tcp-flags", "SYN", "NONE", "-j", "DROP"]
+    lab.run("client", [tool, "-w", "-I", *rule])
     script = textwrap.dedent(f"""
         import socket, sys, time
-        sock = socket.create_connection(("{VIP}", 80), timeout=30)
+        sock = socket.create_connection(("{vip}", 80), timeout=30)
         sock.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
         try:
             print(sock.recv(65536)[:12].decode())
@@ -111,15 +128,16 @@ def _blocked_handshake(lab: Lab, hold: float, meanwhile=lambda: None) -> str:
         meanwhile()
         time.sleep(max(0.0, hold - 0.5))
     finally:
-        lab.run("client", ["iptables", "-w", "-D", *rule])
+        lab.run("client", [tool, "-w", "-D", *rule])
     out, _ = process.communicate(timeout=40)
     return out.strip()
 
 
-def test_handshake_straddling_a_salt_rotation_succeeds(lab):
+@pytest.mark.parametrize("family", [4, 6])
+def test_handshake_straddling_a_salt_rotation_succeeds(lab, family):
     # SYN answered in epoch N; the ACK (with the request) reaches a front only in epoch N+1.
     time.sleep(PERIOD - (time.time() % PERIOD) + 0.2)
-    assert _blocked_handshake(lab, PERIOD) == "HTTP/1.0 200"
+    assert _blocked_handshake(lab, PERIOD, family=family) == "HTTP/1.0 200"
 
 
 def test_ack_two_epochs_old_creates_no_connection(lab):
@@ -171,7 +189,7 @@ def test_losing_a_front_loses_no_established_connection(lab):
     """Last in this module: it takes front1 away for good."""
     holder = textwrap.dedent(f"""
         import json, socket, sys
-        conns = [socket.create_connection(("{VIP}", 7), timeout=5) for _ in range(30)]
+        conns = [socket.create_connection((vip, 7), timeout=5) for vip in ("{VIP}", "{VIP6}") for _ in range(15)]
         def round_trip():
             ok = 0
             for i, sock in enumerate(conns):

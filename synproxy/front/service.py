@@ -29,17 +29,25 @@ QUEUE_MAX_LENGTH = 8192
 NFQUEUE_STATS = Path("/proc/net/netfilter/nfnetlink_queue")
 # Timing every packet into a histogram would cost as much as handling it: time one in 16.
 TIMING_SAMPLE_MASK = 15
+HOUSEKEEPING_SECONDS = 0.5  # how often the loop handles signals, salt epochs and secret expiry
 # Forwarding for the rewritten packets; accept_local because an encapsulated packet leaves with this
 # node's own address as source, which the kernel otherwise drops as a martian when it routes it.
-FRONT_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.accept_local": "1",
-                 "net.ipv6.conf.all.forwarding": "1"}
+FRONT_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.accept_local": "1"}
+IPV6_FRONT_SYSCTLS = {"net.ipv6.conf.all.forwarding": "1"}  # only with an IPv6 VIP
 
 
-def ensure_sysctls() -> None:
-    for key, value in FRONT_SYSCTLS.items():
+def ensure_sysctls(config: Config) -> None:
+    wanted = dict(FRONT_SYSCTLS)
+    if any(vip.version == 6 for vip in config.vips):
+        wanted.update(IPV6_FRONT_SYSCTLS)
+    for key, value in wanted.items():
         path = Path("/proc/sys", *key.split("."))
         if path.read_text().strip() != value:
-            path.write_text(value)
+            try:
+                path.write_text(value)
+            except OSError as error:
+                raise ConfigError(f"{key} must be {value} on a front and cannot be set here ({error.strerror}); "
+                                  "set it beforehand (a container needs it in its sysctls)") from None
             log("sysctl_set", key=key, value=value)
 
 
@@ -121,6 +129,10 @@ class FrontMetrics:
             self._backends[backend].inc()
 
 
+class _BackToMainLoop(Exception):
+    """Raised from the packet callback, after its verdict, to get out of NetfilterQueue.run()."""
+
+
 class Front:
     def __init__(self, config_path: str):
         self.config_path = config_path
@@ -128,6 +140,9 @@ class Front:
         self.load()
         self.metrics = FrontMetrics(tuple(str(b) for b in self.config.backends), self.config.front.queue_num)
         self.raw_ipv4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        self.stop_requested: list[bool] = []
+        self.reload_requested: list[bool] = []
+        self.housekeeping_due = 0.0
         self.packets_seen = 0
 
     def load(self) -> None:
@@ -163,6 +178,10 @@ class Front:
         self.packets_seen += 1
         if not self.packets_seen & TIMING_SAMPLE_MASK:
             self.metrics.processing.observe(time.perf_counter() - started)
+            # run() only returns once the queue is empty, never under a sustained flood: leave it
+            # (after this packet's verdict) when a signal waits or housekeeping is due.
+            if self.stop_requested or self.reload_requested or time.monotonic() >= self.housekeeping_due:
+                raise _BackToMainLoop
 
     def run(self) -> int:
         config = self.config
@@ -170,8 +189,7 @@ class Front:
         if config.front.metrics_address:
             host, _, port = config.front.metrics_address.rpartition(":")
             start_http_server(int(port), host.strip("[]"), registry=self.metrics.registry)
-        stop = []
-        reload = []
+        stop, reload = self.stop_requested, self.reload_requested
         signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
         signal.signal(signal.SIGINT, lambda *_: stop.append(True))
         signal.signal(signal.SIGHUP, lambda *_: reload.append(True))
@@ -180,7 +198,7 @@ class Front:
             queue.bind(queue_num, self.on_packet, max_len=QUEUE_MAX_LENGTH)
         except OSError as error:
             raise SystemExit(f"synproxy: cannot bind NFQUEUE {queue_num}: {error} (root needed?)") from None
-        ensure_sysctls()
+        ensure_sysctls(config)
         rules = firewall.front_chain(queue_num)
         rules.install(config.vips, config.ports)
         log("front_started", queue=queue_num, vips=[str(v) for v in config.vips], ports=list(config.ports),
@@ -193,9 +211,13 @@ class Front:
                 if reload:
                     reload.clear()
                     self.reload()
-                ready, _, _ = select.select([fd], [], [], 1.0)
+                self.housekeeping_due = time.monotonic() + HOUSEKEEPING_SECONDS
+                ready, _, _ = select.select([fd], [], [], HOUSEKEEPING_SECONDS)
                 if ready:
-                    queue.run(block=False)
+                    try:
+                        queue.run(block=False)
+                    except _BackToMainLoop:
+                        pass
         finally:
             rules.remove(config.vips, config.ports)
             queue.unbind()

@@ -65,10 +65,14 @@ def main() -> None:
     args = parser.parse_args()
     servers = []
     for any_address, wrap in (("0.0.0.0", lambda cls: cls), ("::", _v6_only)):
-        http = wrap(ThreadingHTTPServer)((any_address, args.http_port), _Http)
-        http.daemon_threads = True
-        http.backend_name = args.name
-        servers += [http, wrap(_EchoServer)((any_address, args.echo_port), _Echo)]
+        try:
+            http = wrap(ThreadingHTTPServer)((any_address, args.http_port), _Http)
+            http.daemon_threads = True
+            http.backend_name = args.name
+            servers += [http, wrap(_EchoServer)((any_address, args.echo_port), _Echo)]
+        except OSError as error:  # no IPv6 here (a Docker network without it): serve IPv4 alone
+            print(json.dumps({"event": "family_unavailable", "address": any_address, "error": error.strerror}),
+                  flush=True)
     for server in servers[1:]:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     print(json.dumps({"event": "servers_ready", "backend": args.name}), flush=True)

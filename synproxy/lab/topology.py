@@ -9,6 +9,7 @@ to a state file first, so `down` removes everything even after a crash.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyroute2 import NetNS, netns
+from pyroute2.netlink.exceptions import NetlinkError
 
 from synproxy.netns import add_addresses, inside, link, pids_inside, write_sysctls
 
@@ -137,9 +139,12 @@ class Lab:
         for namespace in [router, *(self.ns(h.name) for h in self.hosts)]:
             netns.create(namespace)
             self._remember("namespaces", namespace)
-            # No duplicate-address detection: addresses (link-local ones too) are usable at once.
+            # No duplicate-address detection (addresses, link-local ones too, are usable at once), and
+            # IPv6 addresses survive a link going down, as IPv4 ones do.
             write_sysctls(namespace, {"net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0",
-                                      "net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"})
+                                      "net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0",
+                                      "net.ipv6.conf.all.keep_addr_on_down": "1",
+                                      "net.ipv6.conf.default.keep_addr_on_down": "1"})
         write_sysctls(router, {"net.ipv4.ip_forward": "1", "net.ipv4.fib_multipath_hash_policy": "1",
                                "net.ipv4.conf.all.ignore_routes_with_linkdown": "1",
                                "net.ipv6.conf.all.forwarding": "1", "net.ipv6.fib_multipath_hash_policy": "1",
@@ -280,10 +285,14 @@ class Lab:
                 self.run("router", [tool, "-w", "-t", "mangle", "-A", "PREROUTING", "-i", "client", "-p", "tcp",
                                     "--sport", f"{first}:{last}", *match, "-j", "MARK", "--set-mark", str(mark)])
             with NetNS(self.ns("router")) as ns:
-                ns.route("add", dst=f"{VIP}/32", gateway=fronts[front].address, table=mark)
-                ns.route("add", dst=f"{VIP6}/128", gateway=fronts[front].address6, table=mark)
+                ns.route("replace", dst=f"{VIP}/32", gateway=fronts[front].address, table=mark)
+                ns.route("replace", dst=f"{VIP6}/128", gateway=fronts[front].address6, table=mark)
                 for family in (socket.AF_INET, socket.AF_INET6):
-                    ns.rule("add", fwmark=mark, table=mark, priority=100, family=family)
+                    try:
+                        ns.rule("add", fwmark=mark, table=mark, priority=100, family=family)
+                    except NetlinkError as error:
+                        if error.code != errno.EEXIST:  # steered before: the rule is there
+                            raise
 
     def set_link(self, host: str, up: bool) -> None:
         """Take a host's only link down (the node is gone for the router) or back up.
