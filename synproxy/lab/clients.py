@@ -22,8 +22,11 @@ def percentile(values: list[float], fraction: float) -> float | None:
 def connect(target: str, port: int, timeout: float, source_port: int | None) -> socket.socket:
     """A TCP connection, from a chosen source port when the router steers by port."""
     any_address = "::" if ":" in target else "0.0.0.0"
-    return socket.create_connection((target, port), timeout=timeout,
-                                    source_address=(any_address, source_port) if source_port else None)
+    try:
+        return socket.create_connection((target, port), timeout=timeout,
+                                        source_address=(any_address, source_port) if source_port else None)
+    except OSError as error:  # say which phase failed: a lost handshake is not a lost answer
+        raise OSError(f"connect to port {port}: {error}") from error
 
 
 def http_get(target: str, port: int, timeout: float, source_port: int | None = None) -> tuple[float, dict]:
