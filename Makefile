@@ -15,6 +15,7 @@ demo: setup
 
 bench: setup
 	$(PYTHON) benchmarks/bench_cookie.py
+	$(PYTHON) -m synproxy.cli bench --profile
 
 vectors:
 	$(PYTHON) tests/vectors/generate.py

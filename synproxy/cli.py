@@ -32,6 +32,11 @@ def _front(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from benchmarks.harness import main
+    return main(args)
+
+
 def _lab(args: argparse.Namespace) -> int:
     import json
 
@@ -83,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--name", default="splab", type=_lab_name, help="lab name, the prefix of its namespaces")
     lab.add_argument("--prometheus", action="store_true", help="with up: also run Prometheus scraping every node")
     lab.set_defaults(handler=_lab)
+
+    try:
+        from benchmarks.options import add_arguments as add_bench_arguments
+    except ImportError:  # an install without the benchmarks, such as the lab's container image
+        add_bench_arguments = None
+    if add_bench_arguments is not None:
+        bench = commands.add_parser("bench", help="the front against kernel SYN cookies and iptables SYNPROXY")
+        add_bench_arguments(bench)
+        bench.set_defaults(handler=_bench)
 
     backend = commands.add_parser("backend", help="run the BPF data plane on a backend")
     backend.add_argument("--config", required=True, help="YAML configuration file")

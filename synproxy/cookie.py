@@ -6,6 +6,7 @@ both this module and the backend's BPF program. Pure functions over integers and
 
 from __future__ import annotations
 
+import bisect
 import enum
 import struct
 from typing import NamedTuple
@@ -50,14 +51,9 @@ class Reject(enum.Enum):
 
 def mss_index(family: int, mss: int | None) -> int:
     """Index of the largest table MSS not above the client's (0 when it is smaller than all or absent)."""
-    table = MSS_TABLE[family]
     if mss is None:
         return 0
-    index = 0
-    for i, value in enumerate(table):
-        if value <= mss:
-            index = i
-    return index
+    return max(bisect.bisect_right(MSS_TABLE[family], mss) - 1, 0)
 
 
 def encode_data(family: int, options: SynOptions, epoch: int) -> int:

@@ -121,8 +121,7 @@ class Lab:
             self._build_network()
             self._write_config()
             for host in self.by_role("backend"):
-                self._start(host.name, [sys.executable, "-m", "synproxy.cli", "backend",
-                                        "--config", str(self.config_path)], '"event": "backend_attached"')
+                self.start_backend(host.name)
                 self._start(f"{host.name}-servers", [sys.executable, "-m", "synproxy.lab.servers", "--name",
                                                      host.name],
                             '"event": "servers_ready"', namespace=self.ns(host.name))
@@ -194,6 +193,11 @@ class Lab:
         """Start (or, after a crash, restart) a front's process; it clears rules a dead one left."""
         self._start(name, [sys.executable, "-m", "synproxy.cli", "front", "--config", str(self.config_path)],
                     '"event": "front_started"')
+
+    def start_backend(self, name: str) -> None:
+        """Start (or restart) a backend's data plane: it attaches its program and fills its maps."""
+        self._start(name, [sys.executable, "-m", "synproxy.cli", "backend", "--config", str(self.config_path)],
+                    '"event": "backend_attached"')
 
     def _start_prometheus(self) -> None:
         """Debian's Prometheus in the router's namespace, scraping every front and backend each second."""

@@ -1,0 +1,65 @@
+"""`synproxy bench --quick`: every contender produces figures (speed is reported, never asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.harness import hot_functions
+from benchmarks.options import rate_list
+from benchmarks.report import PLOTS
+from tests.lab_fixtures import needs_root
+
+
+@pytest.mark.netns
+@needs_root
+def test_quick_bench_gives_figures_for_every_contender(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "synproxy.cli", "bench", "--quick", "--output", str(tmp_path)],
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["contenders"]) == {"sink", "nfqueue-floor", "synproxy-front", "kernel-syncookies",
+                                          "iptables-synproxy"}
+    for name, figures in results["summary"].items():
+        steps = [s for s in results["steps"] if s["contender"] == name]
+        assert len(steps) == 2 and all(s["sent"] > 0 and s["answered"] > 0 for s in steps), name
+        assert figures["capacity_pps"] > 0, name
+        if name != "sink":
+            assert figures["cpu_us"] is not None, name
+        if name in ("synproxy-front", "kernel-syncookies", "iptables-synproxy"):
+            assert all(s["legit"]["attempts"] > 0 for s in steps), name
+    assert "| synproxy-front |" in (tmp_path / "results.md").read_text()
+    for plot in PLOTS:
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rates_parse_and_bad_ones_are_refused():
+    assert rate_list("10000, 20000,max") == (10000, 20000, 0)
+    for bad in ("fast", "-5", "10,,20", "99999999"):
+        with pytest.raises(Exception, match="SYN/s"):
+            rate_list(bad)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--rates", "fast"], "SYN/s"),
+    (["--seconds", "0.1"], "--seconds"),
+    (["--contenders", "synproxy-front,nope"], "unknown contender 'nope'"),
+])
+def test_bad_bench_arguments_exit_cleanly(arguments, message):
+    if "--rates" not in arguments and os.geteuid() != 0:
+        pytest.skip("the bench checks root before its other arguments")
+    done = subprocess.run([sys.executable, "-m", "synproxy.cli", "bench", *arguments],
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and message in done.stderr
+
+
+def test_profile_summary_counts_inclusive_and_own_time(tmp_path):
+    raw = tmp_path / "profile.raw"
+    raw.write_text("main (a.py:1);loop (a.py:5);handle (h.py:9) 30\nmain (a.py:1);loop (a.py:6) 10\n")
+    text = hot_functions(raw)
+    assert "40 samples" in text
+    assert "100.0   0.0  main" in text and " 75.0  75.0  handle" in text and "100.0  25.0  loop" in text
