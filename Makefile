@@ -14,7 +14,7 @@ demo: setup
 	$(PYTHON) -m synproxy.cli lab demo
 
 bench: setup
-	$(PYTHON) benchmarks/bench_cookie.py
+	$(PYTHON) -m benchmarks.bench_cookie
 	$(PYTHON) -m synproxy.cli bench --profile
 
 vectors:

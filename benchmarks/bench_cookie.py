@@ -1,6 +1,6 @@
-"""Micro-benchmark of the cookie core: ns per cookie minted and per ACK validated (CPython, one core).
+"""Micro-benchmark of the cookie core and the front's handler: ns per call (CPython, one core, warm).
 
-Run: python3 benchmarks/bench_cookie.py [--count N]. The anchor in the same run is one bare SipHash call,
+Run: python3 -m benchmarks.bench_cookie [--count N]. The anchor in the same run is one bare SipHash call,
 the floor any Python MAC pays.
 """
 
@@ -13,7 +13,8 @@ import time
 from siphash24 import siphash24
 
 from synproxy.cookie import SynOptions, check_cookie, make_cookie
-from synproxy.packet import ACK, build_tcp_packet, parse_tcp
+from synproxy.front.handler import FrontPolicy, handle
+from synproxy.packet import ACK, SYN, build_tcp_options, build_tcp_packet, parse_tcp
 from synproxy.salt import SaltSchedule
 
 
@@ -36,6 +37,10 @@ def main() -> None:
     cookie = make_cookie(salt, epoch, saddr, daddr, 40000, 80, 1234, options)
     ack_packet = build_tcp_packet(saddr, daddr, 40000, 80, 1235, cookie + 1, ACK, 502)
     message = bytes(48)
+    policy = FrontPolicy(vips=frozenset({daddr}), ports=frozenset({80}), farm_address=bytes([198, 18, 10, 2]),
+                         backends=(bytes([198, 18, 20, 2]),), encap_port=6080)
+    linux_syn = build_tcp_packet(saddr, daddr, 40000, 80, 1234, 0, SYN, 64240,
+                                 build_tcp_options(1460, 7, True, (123456, 0)))
 
     def parse_and_validate():
         ack = parse_tcp(ack_packet)
@@ -50,10 +55,13 @@ def main() -> None:
         ("check_cookie (bad MAC)", per_call_ns(lambda: check_cookie(schedule, now, saddr, daddr, 40000, 80,
                                                                     1234, cookie ^ 0x400), count)),
         ("parse_tcp + check_cookie", per_call_ns(parse_and_validate, count)),
+        ("handle: SYN -> SYN-ACK", per_call_ns(lambda: handle(linux_syn, now, schedule, policy), count)),
+        ("handle: ACK -> validated, encapsulated", per_call_ns(lambda: handle(ack_packet, now, schedule, policy),
+                                                               count)),
     ]
-    print(f"{'operation':34} {'ns/call':>9}   ({count} calls each)")
+    print(f"{'operation':40} {'ns/call':>9}   ({count} calls each)")
     for name, ns in rows:
-        print(f"{name:34} {ns:9.0f}")
+        print(f"{name:40} {ns:9.0f}")
 
 
 if __name__ == "__main__":

@@ -64,12 +64,15 @@ class NfqueueFloor(Contender):
     serves_clients = False
     answers = "packets read"
 
+    floor_args: tuple[str, ...] = ()
+
     def __init__(self):
         self.process: subprocess.Popen | None = None
 
     def enter(self, lab: Lab) -> None:
         self.process = lab.popen(FRONT, [sys.executable, "-m", "benchmarks.nfqueue_floor", "--queue", str(QUEUE),
-                                         "--vip", VIP, "--port", str(PORT)], stdout=subprocess.PIPE, text=True)
+                                         "--vip", VIP, "--port", str(PORT), *self.floor_args],
+                                 stdout=subprocess.PIPE, text=True)
         if self.process.stdout.readline().strip() != "ready":
             self.process.wait(timeout=10)
             raise RuntimeError("the NFQUEUE floor consumer did not start")
@@ -82,6 +85,13 @@ class NfqueueFloor(Contender):
 
     def pid(self, lab: Lab) -> int | None:
         return self.process.pid if self.process else None
+
+
+class NfqueueAnswerFloor(NfqueueFloor):
+    name = "nfqueue-answer-floor"
+    description = ("the same, sending every packet back with its addresses swapped: the least an answer "
+                   "through NFQUEUE costs (a verdict with a payload, then forwarding), no parsing, no cookie")
+    floor_args = ("--answer",)
 
 
 class Front(Contender):
@@ -176,4 +186,4 @@ def lab_host(lab: Lab, name: str):
     return next(host for host in lab.hosts if host.name == name)
 
 
-ALL = (Sink, NfqueueFloor, Front, KernelSyncookies, IptablesSynproxy)
+ALL = (Sink, NfqueueFloor, NfqueueAnswerFloor, Front, KernelSyncookies, IptablesSynproxy)

@@ -98,6 +98,7 @@ def ratio_lines(results: dict, summary: dict[str, dict]) -> str:
     # Against the floor, both processes' own CPU (the machine-wide figure of a 7 µs consumer drowns
     # in the generator's share); against the kernel, which has no process, the machine's.
     for other, key, what in (("nfqueue-floor", "process_us_per_answer", "process CPU"),
+                             ("nfqueue-answer-floor", "process_us_per_answer", "process CPU"),
                              ("kernel-syncookies", "cpu_us_per_answer", "CPU"),
                              ("iptables-synproxy", "cpu_us_per_answer", "CPU")):
         matched = matched_ratio(results, "synproxy-front", other, key)
@@ -105,7 +106,7 @@ def ratio_lines(results: dict, summary: dict[str, dict]) -> str:
             parts.append(f"{what} per SYN, synproxy-front / {other} at {matched[0]} SYN/s offered: "
                          f"**{matched[1]:.2f}×**")
         front, theirs = summary.get("synproxy-front", {}), summary.get(other, {})
-        if front.get("capacity_pps") and theirs.get("capacity_pps") and other != "nfqueue-floor":
+        if front.get("capacity_pps") and theirs.get("capacity_pps") and not other.startswith("nfqueue"):
             parts.append(f"capacity, synproxy-front / {other}: {front['capacity_pps'] / theirs['capacity_pps']:.2f}×")
     return "; ".join(parts) + "." if parts else "Ratios need the front and at least one other contender."
 

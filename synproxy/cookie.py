@@ -6,7 +6,6 @@ both this module and the backend's BPF program. Pure functions over integers and
 
 from __future__ import annotations
 
-import bisect
 import enum
 import struct
 from typing import NamedTuple
@@ -29,6 +28,7 @@ _WSCALE_SHIFT = 4
 _EPOCH_SHIFT = 8
 
 _MAC_INPUT = struct.Struct("!16s16sHHIIHxx")
+_MAC_INPUT_V4 = struct.Struct("!12s4s12s4sHHIIHxx")  # the same 48 bytes, the mapped prefixes packed apart
 MAC_INPUT_BYTES = _MAC_INPUT.size
 _V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
@@ -50,21 +50,28 @@ class Reject(enum.Enum):
 
 
 def mss_index(family: int, mss: int | None) -> int:
-    """Index of the largest table MSS not above the client's (0 when it is smaller than all or absent)."""
+    """Index of the largest table MSS not above the client's (0 when it is smaller than all or absent).
+
+    Searched from the top: most clients offer at least the largest entry, so one comparison.
+    """
     if mss is None:
         return 0
-    return max(bisect.bisect_right(MSS_TABLE[family], mss) - 1, 0)
+    table = MSS_TABLE[family]
+    index = len(table) - 1
+    while index and mss < table[index]:
+        index -= 1
+    return index
 
 
 def encode_data(family: int, options: SynOptions, epoch: int) -> int:
-    """The cookie's 10 data bits: epoch mod 4, window scale code, SACK, ECN, MSS index."""
-    if options.wscale is None:
-        wscale_code = WSCALE_NONE
-    else:
-        wscale_code = min(options.wscale, WSCALE_MAX)
+    """The cookie's 10 data bits: epoch mod 4, window scale code, SACK, ECN, MSS index.
+
+    ``options`` may be any (mss, wscale, sack, ecn) tuple: the front passes a plain one.
+    """
+    mss, wscale, sack, ecn = options
+    wscale_code = WSCALE_NONE if wscale is None else min(WSCALE_MAX, wscale)
     return ((epoch % EPOCH_SLOTS) << _EPOCH_SHIFT | wscale_code << _WSCALE_SHIFT
-            | (_SACK_BIT if options.sack else 0) | (_ECN_BIT if options.ecn else 0)
-            | mss_index(family, options.mss))
+            | (_SACK_BIT if sack else 0) | (_ECN_BIT if ecn else 0) | mss_index(family, mss))
 
 
 def decode_data(family: int, data: int) -> SynOptions:
@@ -79,15 +86,13 @@ def data_epoch_bits(data: int) -> int:
     return (data >> _EPOCH_SHIFT) & (EPOCH_SLOTS - 1)
 
 
-def _as_ipv6(address: bytes) -> bytes:
-    return _V4_MAPPED_PREFIX + address if len(address) == 4 else address
-
-
 def mac_input(saddr: bytes, daddr: bytes, sport: int, dport: int, client_isn: int, epoch: int,
               data: int) -> bytes:
     """The 48 bytes the MAC covers; IPv4 addresses enter as IPv4-mapped IPv6 (::ffff:a.b.c.d)."""
-    return _MAC_INPUT.pack(_as_ipv6(saddr), _as_ipv6(daddr), sport, dport, client_isn,
-                           epoch & 0xFFFFFFFF, data)
+    if len(saddr) == 4:
+        return _MAC_INPUT_V4.pack(_V4_MAPPED_PREFIX, saddr, _V4_MAPPED_PREFIX, daddr, sport, dport, client_isn,
+                                  epoch & 0xFFFFFFFF, data)
+    return _MAC_INPUT.pack(saddr, daddr, sport, dport, client_isn, epoch & 0xFFFFFFFF, data)
 
 
 def cookie_mac(salt: bytes, message: bytes) -> int:
@@ -98,10 +103,9 @@ def cookie_mac(salt: bytes, message: bytes) -> int:
 def make_cookie(salt: bytes, epoch: int, saddr: bytes, daddr: bytes, sport: int, dport: int,
                 client_isn: int, options: SynOptions) -> int:
     """The ISN for a SYN-ACK answering a SYN from ``saddr:sport`` to ``daddr:dport``."""
-    family = 4 if len(saddr) == 4 else 6
-    data = encode_data(family, options, epoch)
-    mac = cookie_mac(salt, mac_input(saddr, daddr, sport, dport, client_isn, epoch, data))
-    return mac << DATA_BITS | data
+    data = encode_data(4 if len(saddr) == 4 else 6, options, epoch)
+    message = mac_input(saddr, daddr, sport, dport, client_isn, epoch, data)
+    return cookie_mac(salt, message) << DATA_BITS | data
 
 
 def check_cookie(schedule: SaltSchedule, now: float, saddr: bytes, daddr: bytes, sport: int,

@@ -58,6 +58,7 @@ class SaltSchedule:
         if not 0 <= self.skew <= self.period:
             raise ValueError("clock skew tolerance must be between 0 and the salt period")
         object.__setattr__(self, "_window_cache", {})
+        object.__setattr__(self, "_minting", (0.0, 0.0, None))
 
     def current_epoch(self, now: float) -> int:
         return epoch_at(now, self.period)
@@ -91,8 +92,14 @@ class SaltSchedule:
         return found
 
     def minting_salt(self, now: float) -> tuple[int, bytes]:
+        """The current epoch and the salt new cookies use (cached for the epoch: every SYN asks)."""
+        start, end, minting = self._minting
+        if start <= now < end:
+            return minting
         epoch = self.current_epoch(now)
-        return epoch, derive_salt(self.secrets[0], epoch)
+        minting = (epoch, derive_salt(self.secrets[0], epoch))
+        object.__setattr__(self, "_minting", (epoch * self.period, (epoch + 1) * self.period, minting))
+        return minting
 
     def validating_salts(self, epoch: int) -> list[bytes]:
         return [derive_salt(secret, epoch) for secret in self.secrets]

@@ -14,7 +14,6 @@ from synproxy.cookie import Reject, SynOptions, check_cookie, make_cookie
 from synproxy.packet import (
     ACK,
     SYN,
-    TcpOptions,
     build_tcp_options,
     build_tcp_packet,
     parse_tcp,
@@ -32,7 +31,7 @@ def run(say: Callable[[str], None]) -> int:
     for family, (client, vip) in CLIENTS.items():
         saddr, daddr = ipaddress.ip_address(client).packed, ipaddress.ip_address(vip).packed
         syn = build_tcp_packet(saddr, daddr, 40000, 80, 123456, 0, SYN, 64240,
-                               build_tcp_options(TcpOptions(1460, 7, True, (1000, 0))))
+                               build_tcp_options(1460, 7, True, (1000, 0)))
         segment = parse_tcp(syn)
         offered = parse_tcp_options(segment.raw_options)
         epoch, salt = schedule.minting_salt(now)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import struct
 
-from synproxy.packet import ACK, FIN, RST, SYN, TcpOptions, build_tcp_options, build_tcp_packet
+from synproxy.packet import ACK, FIN, RST, SYN, build_tcp_options, build_tcp_packet
 
 VIP4 = bytes([198, 19, 0, 10])
 VIP6 = bytes.fromhex("20010db8ffff00000000000000000010")
@@ -21,7 +21,7 @@ def _base(rng: random.Random, flags: int = SYN, family: int = 4, options: bytes 
           port: int = 80, payload: bytes = b"") -> bytearray:
     saddr, daddr = (CLIENT4, VIP4) if family == 4 else (CLIENT6, VIP6)
     if options is None:
-        options = build_tcp_options(TcpOptions(1460, rng.randrange(15), True, (rng.getrandbits(32), 0)))
+        options = build_tcp_options(1460, rng.randrange(15), True, (rng.getrandbits(32), 0))
     return bytearray(build_tcp_packet(saddr, daddr, rng.randrange(1024, 65536), port, rng.getrandbits(32),
                                       rng.getrandbits(32), flags, 64240, options, payload))
 

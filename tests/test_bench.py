@@ -22,8 +22,8 @@ def test_quick_bench_gives_figures_for_every_contender(tmp_path):
                           check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["contenders"]) == {"sink", "nfqueue-floor", "synproxy-front", "kernel-syncookies",
-                                          "iptables-synproxy"}
+    assert set(results["contenders"]) == {"sink", "nfqueue-floor", "nfqueue-answer-floor", "synproxy-front",
+                                          "kernel-syncookies", "iptables-synproxy"}
     for name, figures in results["summary"].items():
         steps = [s for s in results["steps"] if s["contender"] == name]
         assert len(steps) == 2 and all(s["sent"] > 0 and s["answered"] > 0 for s in steps), name

@@ -95,7 +95,9 @@ def test_round_trip_of_every_option_combination(flow, syn, now):
     assert decode_data(family, cookie & 0x3FF) == expected_options(family, syn)
 
 
-@given(flows(), options, st.integers(0, 2**33), st.floats(0, 1, exclude_max=True))
+# `where` stays clear of the epoch's end: epoch + later + 0.9999999999999999 rounds up to the next
+# whole number in floating point, which moves the check into a later epoch than the test means.
+@given(flows(), options, st.integers(0, 2**33), st.floats(0, 0.99))
 def test_epoch_n_validates_in_n_and_n_plus_1_not_n_plus_2(flow, syn, epoch, where):
     cookie = mint(flow, syn, (epoch + where) * PERIOD)
     for later, valid in ((0, True), (1, True), (2, False), (3, False), (4, False)):

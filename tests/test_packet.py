@@ -17,6 +17,7 @@ from synproxy.packet import (
     internet_checksum,
     parse_tcp,
     parse_tcp_options,
+    tcp_checksum_valid,
 )
 
 V4 = (bytes([198, 18, 1, 2]), bytes([198, 19, 0, 10]))
@@ -44,7 +45,7 @@ def test_built_packets_parse_back_and_checksum_like_scapy(addresses, sport, dpor
                                                           payload):
     saddr, daddr = addresses
     packet = build_tcp_packet(saddr, daddr, sport, dport, seq, ack, SYN | ACK, 65535,
-                              build_tcp_options(options), payload)
+                              build_tcp_options(*options), payload)
     segment = parse_tcp(packet)
     assert (segment.saddr, segment.daddr, segment.sport, segment.dport) == (saddr, daddr, sport, dport)
     assert (segment.seq, segment.ack, segment.flags, segment.payload_length) == (seq, ack, SYN | ACK,
@@ -139,3 +140,20 @@ def test_checksum_verifies_to_zero(data):
     padded = data + b"\0" * (len(data) % 2)
     checksum = internet_checksum(padded)
     assert internet_checksum(padded + checksum.to_bytes(2, "big")) == 0
+
+
+@given(st.sampled_from(["v4", "v4-ip-options", "v6"]), st.binary(max_size=33), st.integers(0, 2**32 - 1),
+       st.data())
+def test_tcp_checksum_check_agrees_with_scapy_and_catches_a_flipped_bit(kind, payload, seq, data):
+    tcp = TCP(sport=40000, dport=80, flags="PA", seq=seq, options=[("MSS", 1460)]) / payload
+    if kind == "v6":
+        packet = raw(IPv6(src="2001:db8:1::2", dst="2001:db8:ffff::10") / tcp)
+    else:
+        packet = raw(IP(src="198.18.1.2", dst="198.19.0.10",
+                        options=b"\x01\x01\x01\x00" if kind == "v4-ip-options" else b"") / tcp)
+    assert tcp_checksum_valid(packet, parse_tcp(packet))
+    start = 40 if kind == "v6" else (packet[0] & 0xF) * 4
+    flipped = data.draw(st.integers(start, len(packet) - 1).filter(lambda i: i != start + 12))  # not the offset
+    bit = 1 << data.draw(st.integers(0, 7))
+    corrupted = packet[:flipped] + bytes([packet[flipped] ^ bit]) + packet[flipped + 1:]
+    assert not tcp_checksum_valid(corrupted, parse_tcp(corrupted))

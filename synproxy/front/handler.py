@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from synproxy import encap
-from synproxy.cookie import Reject, SynOptions, check_cookie, make_cookie
+from synproxy.cookie import Reject, check_cookie, make_cookie
 from synproxy.maglev import build_table, flow_hash
 from synproxy.packet import (
     ACK,
@@ -23,9 +23,9 @@ from synproxy.packet import (
     RST,
     SYN,
     MalformedPacket,
-    TcpOptions,
     build_tcp_options,
     build_tcp_packet,
+    new_record,
     parse_tcp,
     parse_tcp_options,
     tcp_checksum_valid,
@@ -113,19 +113,18 @@ def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolic
 
 
 def _answer_syn(segment, now: float, schedule: SaltSchedule, policy: FrontPolicy) -> Verdict:
-    offered = parse_tcp_options(segment.raw_options)
+    # Every SYN of a flood comes here: plain tuples and new_record instead of NamedTuple constructors.
+    mss, wscale, sack_permitted, timestamp = parse_tcp_options(segment.raw_options)
     ecn = policy.ecn and segment.flags & (ECE | CWR) == (ECE | CWR)
-    sack = policy.sack and offered.sack_permitted
+    sack = policy.sack and sack_permitted
     epoch, salt = schedule.minting_salt(now)
     cookie = make_cookie(salt, epoch, segment.saddr, segment.daddr, segment.sport, segment.dport,
-                         segment.seq, SynOptions(offered.mss, offered.wscale, sack, ecn))
-    timestamp = None
-    if offered.timestamp is not None:
-        timestamp = (int(now * 1000) & 0xFFFFFFFF, offered.timestamp[0])
-    options = TcpOptions(mss=policy.announced_mss(segment.family),
-                         wscale=policy.server_wscale if offered.wscale is not None else None,
-                         sack_permitted=sack, timestamp=timestamp)
+                         segment.seq, (mss, wscale, sack, ecn))
+    if timestamp is not None:
+        timestamp = (int(now * 1000) & 0xFFFFFFFF, timestamp[0])
+    options = build_tcp_options(policy.announced_mss(segment.family),
+                                policy.server_wscale if wscale is not None else None, sack, timestamp)
     reply = build_tcp_packet(segment.daddr, segment.saddr, segment.dport, segment.sport, cookie,
                              (segment.seq + 1) & 0xFFFFFFFF, SYN | ACK | (ECE if ecn else 0),
-                             SYN_ACK_WINDOW, build_tcp_options(options))
-    return Verdict(Action.REPLY, reply, "syn_answered")
+                             SYN_ACK_WINDOW, options)
+    return new_record(Verdict, (Action.REPLY, reply, "syn_answered", -1))

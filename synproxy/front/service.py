@@ -13,6 +13,7 @@ import signal
 import socket
 import struct
 import time
+from collections import defaultdict
 from pathlib import Path
 
 from netfilterqueue import NetfilterQueue
@@ -118,8 +119,8 @@ class _QueueCollector:
 class FrontMetrics:
     """Prometheus metrics of one front process.
 
-    The per-packet counts are plain integers the packet loop adds to and a collector reads at
-    scrape time: a prometheus_client Counter takes a lock on every increment.
+    The per-packet counts are plain integers the packet loop adds to (Front.on_packet) and a
+    collector reads at scrape time: a prometheus_client Counter takes a lock on every increment.
     """
 
     def __init__(self, backends: tuple[str, ...], queue_num: int):
@@ -131,15 +132,9 @@ class FrontMetrics:
                                     registry=self.registry)
         self.epoch = Gauge("synproxy_front_salt_epoch", "Current salt epoch", registry=self.registry)
         self.backends = backends
-        self.packets: dict[tuple[str, int], int] = {}
+        self.packets: defaultdict[tuple[str, int], int] = defaultdict(int)  # (outcome, IP version)
         self.forwarded = [0] * len(backends)
         self.registry.register(self)
-
-    def count(self, outcome: str, backend: int, family: int) -> None:
-        key = (outcome, family)
-        self.packets[key] = self.packets.get(key, 0) + 1
-        if backend >= 0:
-            self.forwarded[backend] += 1
 
     def collect(self):
         packets = CounterMetricFamily("synproxy_front_packets", "Packets handled, by outcome and IP version",
@@ -201,24 +196,29 @@ class Front:
             log("retired_secrets_expired", secrets_accepted=len(schedule.secrets))
 
     def on_packet(self, packet) -> None:
-        started = time.perf_counter()
+        self.packets_seen += 1
+        timed = not self.packets_seen & TIMING_SAMPLE_MASK
+        if timed:
+            started = time.perf_counter()
         payload = packet.get_payload()
-        verdict = handle(payload, time.time(), self.schedule, self.policy)
+        action, reply, outcome, backend = handle(payload, time.time(), self.schedule, self.policy)
         family = payload[0] >> 4 if payload else 0
-        if verdict.action is Action.DROP:
+        if action is Action.DROP:
             packet.drop()
-        elif verdict.action is Action.FORWARD and family == 6:
+        elif action is Action.FORWARD and family == 6:
             # The encapsulation is IPv4: a queued IPv6 packet cannot become one in place, so it
             # leaves through a raw socket and the original is dropped.
-            self.raw_ipv4.sendto(verdict.packet, (socket.inet_ntoa(verdict.packet[16:20]), 0))
+            self.raw_ipv4.sendto(reply, (socket.inet_ntoa(reply[16:20]), 0))
             packet.drop()
         else:
-            packet.set_payload(verdict.packet)
+            packet.set_payload(reply)
             packet.accept()
-        self.metrics.count(verdict.outcome, verdict.backend, family)
-        self.packets_seen += 1
-        if not self.packets_seen & TIMING_SAMPLE_MASK:
-            self.metrics.processing.observe(time.perf_counter() - started)
+        metrics = self.metrics
+        metrics.packets[outcome, family] += 1
+        if backend >= 0:
+            metrics.forwarded[backend] += 1
+        if timed:
+            metrics.processing.observe(time.perf_counter() - started)
 
     def run(self) -> int:
         config = self.config

@@ -16,7 +16,7 @@ import random
 import socket
 import time
 
-from synproxy.packet import ACK, SYN, TcpOptions, build_tcp_options, build_tcp_packet
+from synproxy.packet import ACK, SYN, build_tcp_options, build_tcp_packet
 
 SPOOFED = ipaddress.ip_network("198.18.128.0/17")
 PACE_EVERY = 64  # packets between clock checks (deadline and pacing)
@@ -35,7 +35,7 @@ def main() -> None:
         parser.error("--count must be positive, --seconds between 0 and 600 and --rate not negative")
     target = ipaddress.ip_address(args.target).packed
     flags, options = ((ACK, b"") if args.ack
-                      else (SYN, build_tcp_options(TcpOptions(mss=1460, wscale=7, sack_permitted=True))))
+                      else (SYN, build_tcp_options(mss=1460, wscale=7, sack_permitted=True)))
     first, size = int(SPOOFED.network_address), SPOOFED.num_addresses
     rng = random.Random()
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
