@@ -171,7 +171,7 @@ class Bench:
         queue_dropped = (queue_after["dropped"] + queue_after["user_dropped"]
                          - queue_before["dropped"] - queue_before["user_dropped"])
         if contender.answers == "packets read":
-            answered = queue_after["id_sequence"] - queue_before["id_sequence"] - queue_dropped
+            answered = packets_read(queue_before, queue_after)
         elif contender.answers == "packets dropped":
             answered = sent
         else:
@@ -187,6 +187,14 @@ class Bench:
             "queue_dropped": queue_dropped, "flood_syns_at_backend": after["flood_syns"] - before["flood_syns"],
             "legit": legit,
         }
+
+
+def packets_read(before: dict, after: dict) -> int:
+    """Packets a queue's reader got between two readings of its stats. The kernel numbers a packet
+    (id_sequence) only once it fits in the queue, so overflow drops ("dropped") were never numbered;
+    numbered packets the socket could not take ("user_dropped") and those still queued were not read."""
+    return (after["id_sequence"] - before["id_sequence"] - (after["user_dropped"] - before["user_dropped"])
+            - (after["length"] - before["length"]))
 
 
 def cpu_per_answer(steps: list[dict]) -> None:
