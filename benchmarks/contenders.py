@@ -14,6 +14,7 @@ import sys
 from pyroute2 import NetNS
 
 from synproxy.lab.topology import SPOOFED_SOURCES, VIP, Lab
+from synproxy.netns import set_tx_checksum_offload
 
 FRONT, BACKEND = "front0", "backend0"
 PORT = 80  # flooded, protected and probed: the HTTP server's port
@@ -108,6 +109,20 @@ class Front(Contender):
         return lab.pid(FRONT)
 
 
+class FrontFastPath(Front):
+    name = "synproxy-front-fast-path"
+    description = ("the same with `front.fast_path_interfaces: [eth0]`: a tc program (bpf/front.bpf.c) answers "
+                   "SYNs, the queue gets the rest; the client sends complete checksums, as from a wire")
+
+    def enter(self, lab: Lab) -> None:
+        set_tx_checksum_offload(lab.ns("client"), "eth0", False)
+        lab.start_front(FRONT, fast_path=True)
+
+    def leave(self, lab: Lab) -> None:
+        lab.stop_process(FRONT)
+        set_tx_checksum_offload(lab.ns("client"), "eth0", True)
+
+
 class PlainBackend(Contender):
     """A kernel contender: the backend is a plain server (the BPF data plane detached)."""
 
@@ -186,4 +201,4 @@ def lab_host(lab: Lab, name: str):
     return next(host for host in lab.hosts if host.name == name)
 
 
-ALL = (Sink, NfqueueFloor, NfqueueAnswerFloor, Front, KernelSyncookies, IptablesSynproxy)
+ALL = (Sink, NfqueueFloor, NfqueueAnswerFloor, Front, FrontFastPath, KernelSyncookies, IptablesSynproxy)

@@ -93,21 +93,32 @@ def matched_ratio(results: dict, ours: str, theirs: str, key: str) -> tuple[int,
     return rate, mine[rate] / other[rate]
 
 
+# Per front contender, what to set it against. The NFQUEUE front against the floors by both processes'
+# own CPU (the machine-wide figure of a 7 µs consumer drowns in the generator's share); everything else,
+# and the fast path (whose SYNs cost no process time at all), by the machine's.
+COMPARISONS = {
+    "synproxy-front": (("nfqueue-floor", "process_us_per_answer", "process CPU"),
+                       ("nfqueue-answer-floor", "process_us_per_answer", "process CPU"),
+                       ("kernel-syncookies", "cpu_us_per_answer", "CPU"),
+                       ("iptables-synproxy", "cpu_us_per_answer", "CPU")),
+    "synproxy-front-fast-path": (("nfqueue-floor", "cpu_us_per_answer", "CPU"),
+                                 ("synproxy-front", "cpu_us_per_answer", "CPU"),
+                                 ("kernel-syncookies", "cpu_us_per_answer", "CPU"),
+                                 ("iptables-synproxy", "cpu_us_per_answer", "CPU")),
+}
+
+
 def ratio_lines(results: dict, summary: dict[str, dict]) -> str:
     parts = []
-    # Against the floor, both processes' own CPU (the machine-wide figure of a 7 µs consumer drowns
-    # in the generator's share); against the kernel, which has no process, the machine's.
-    for other, key, what in (("nfqueue-floor", "process_us_per_answer", "process CPU"),
-                             ("nfqueue-answer-floor", "process_us_per_answer", "process CPU"),
-                             ("kernel-syncookies", "cpu_us_per_answer", "CPU"),
-                             ("iptables-synproxy", "cpu_us_per_answer", "CPU")):
-        matched = matched_ratio(results, "synproxy-front", other, key)
-        if matched:
-            parts.append(f"{what} per SYN, synproxy-front / {other} at {matched[0]} SYN/s offered: "
-                         f"**{matched[1]:.2f}×**")
-        front, theirs = summary.get("synproxy-front", {}), summary.get(other, {})
-        if front.get("capacity_pps") and theirs.get("capacity_pps") and not other.startswith("nfqueue"):
-            parts.append(f"capacity, synproxy-front / {other}: {front['capacity_pps'] / theirs['capacity_pps']:.2f}×")
+    for ours, comparisons in COMPARISONS.items():
+        for other, key, what in comparisons:
+            matched = matched_ratio(results, ours, other, key)
+            if matched:
+                parts.append(f"{what} per SYN, {ours} / {other} at {matched[0]} SYN/s offered: "
+                             f"**{matched[1]:.2f}×**")
+            front, theirs = summary.get(ours, {}), summary.get(other, {})
+            if front.get("capacity_pps") and theirs.get("capacity_pps") and not other.startswith("nfqueue"):
+                parts.append(f"capacity, {ours} / {other}: {front['capacity_pps'] / theirs['capacity_pps']:.2f}×")
     return "; ".join(parts) + "." if parts else "Ratios need the front and at least one other contender."
 
 

@@ -15,8 +15,6 @@
 
 #include "synproxy.h"
 
-#define IP_MF_OR_OFFSET 0x3fff
-
 /* The kernel's struct sock, only ever passed through. libbpf matches the kfunc's prototype against the
  * kernel's BTF kind by kind, and a forward declaration (FWD) would not match its STRUCT. */
 struct sock {
@@ -41,20 +39,6 @@ struct {
 } trusted_fronts SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u8[16]); /* the VIPs, same form: only SYNs to these are counted */
-	__type(value, __u8);
-} protected_vips SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, COOKIE_EPOCH_SLOTS);
-	__type(key, __u32);
-	__type(value, struct salt_slot);
-} salts SEC(".maps");
-
-struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, COUNTER_MAX);
 	__type(key, __u32);
@@ -77,105 +61,17 @@ static __always_inline void count_in(void *map, __u32 index)
 }
 #define COUNT(index) count_in(&counters, (index))
 
-/* A TCP segment of the (inner) packet, addresses in the MAC message's 16-byte form. */
-struct segment {
-	__u8 saddr[16];
-	__u8 daddr[16];
-	__be16 sport;
-	__be16 dport;
-	__u32 seq;
-	__u32 ack;
-	__u32 tcp_offset; /* from the start of the Ethernet header */
-	__u32 tcp_length; /* header with options */
-	__u8 family;      /* 4 or 6 */
-	__u8 flags;       /* TCP flags byte (FIN 0x01 ... CWR 0x80) */
-};
-
-#define TCP_FLAG_FIN 0x01
-#define TCP_FLAG_SYN 0x02
-#define TCP_FLAG_RST 0x04
-#define TCP_FLAG_ACK 0x10
-
-static __always_inline void ipv4_mapped(__u8 out[16], const void *address)
-{
-	__builtin_memset(out, 0, 10);
-	out[10] = 0xff;
-	out[11] = 0xff;
-	__builtin_memcpy(&out[12], address, 4);
-}
-
-/* Parse Ethernet + IPv4/IPv6 + TCP at the packet's start; 0 when it is not an unfragmented TCP
- * segment (IPv6 extension headers are not walked: a client's handshake ACK carries none). */
-static __always_inline int parse_segment(struct __sk_buff *skb, struct segment *seg)
-{
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct tcphdr *tcp;
-
-	if ((void *)(eth + 1) > data_end)
-		return 0;
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = (void *)(eth + 1);
-
-		if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < 5 ||
-		    ip->protocol != IPPROTO_TCP || (ip->frag_off & bpf_htons(IP_MF_OR_OFFSET)))
-			return 0;
-		tcp = (void *)ip + ip->ihl * 4;
-		if ((void *)(tcp + 1) > data_end)
-			return 0;
-		ipv4_mapped(seg->saddr, &ip->saddr);
-		ipv4_mapped(seg->daddr, &ip->daddr);
-		seg->family = 4;
-	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = (void *)(eth + 1);
-
-		if ((void *)(ip6 + 1) > data_end || ip6->nexthdr != IPPROTO_TCP)
-			return 0;
-		tcp = (void *)(ip6 + 1);
-		if ((void *)(tcp + 1) > data_end)
-			return 0;
-		__builtin_memcpy(seg->saddr, &ip6->saddr, 16);
-		__builtin_memcpy(seg->daddr, &ip6->daddr, 16);
-		seg->family = 6;
-	} else {
-		return 0;
-	}
-	seg->sport = tcp->source;
-	seg->dport = tcp->dest;
-	seg->seq = bpf_ntohl(tcp->seq);
-	seg->ack = bpf_ntohl(tcp->ack_seq);
-	seg->tcp_offset = (void *)tcp - data;
-	seg->tcp_length = tcp->doff * 4;
-	seg->flags = ((__u8 *)tcp)[13];
-	return 1;
-}
-
-union cookie_message {
-	__u8 bytes[COOKIE_MAC_INPUT_BYTES];
-	__u64 words[COOKIE_MAC_INPUT_BYTES / 8];
-};
-
 /* Does `cookie` carry a valid MAC for this segment under an accepted salt? (docs/cookie.md) */
 static __always_inline int cookie_valid(const struct segment *seg, __u32 cookie)
 {
 	__u32 data = cookie & COOKIE_DATA_MASK;
 	__u32 slot_index = (data >> COOKIE_EPOCH_SHIFT) & (COOKIE_EPOCH_SLOTS - 1);
 	struct salt_slot *slot = bpf_map_lookup_elem(&salts, &slot_index);
-	union cookie_message message = {};
+	union cookie_message message;
 
 	if (!slot || !slot->valid)
 		return 0;
-	__builtin_memcpy(&message.bytes[0], seg->saddr, 16);
-	__builtin_memcpy(&message.bytes[16], seg->daddr, 16);
-	__builtin_memcpy(&message.bytes[32], &seg->sport, 2);
-	__builtin_memcpy(&message.bytes[34], &seg->dport, 2);
-	__u32 client_isn_be = bpf_htonl(seg->seq - 1);
-	__u32 epoch_be = bpf_htonl((__u32)slot->epoch);
-	__u16 data_be = bpf_htons((__u16)data);
-	__builtin_memcpy(&message.bytes[36], &client_isn_be, 4);
-	__builtin_memcpy(&message.bytes[40], &epoch_be, 4);
-	__builtin_memcpy(&message.bytes[44], &data_be, 2);
+	cookie_message_of(&message, seg, seg->seq - 1, slot->epoch, data);
 #pragma unroll
 	for (__u32 i = 0; i < MAX_SECRETS; i++) {
 		if (i < slot->nkeys &&
@@ -188,11 +84,6 @@ static __always_inline int cookie_valid(const struct segment *seg, __u32 cookie)
 /* The ACK's own timestamp option, if any: TSval is the client's clock, TSecr the front's. Walks a
  * scalar offset with bpf_skb_load_bytes (packet-pointer walks defeat the verifier's pruning); 40
  * bytes of options hold at most 40 options, so the bound never cuts a real header short. */
-#define TCPOPT_EOL 0
-#define TCPOPT_NOP 1
-#define TCPOPT_TIMESTAMP 8
-#define TCPOLEN_TIMESTAMP 10
-#define MAX_OPTIONS_WALKED 40
 static __always_inline int ack_timestamps(struct __sk_buff *skb, const struct segment *seg,
 					  __u32 *tsval, __u32 *tsecr)
 {

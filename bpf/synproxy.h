@@ -1,11 +1,19 @@
 /* Shared definitions of the synproxy BPF programs: the cookie (docs/cookie.md), the front -> backend
- * encapsulation (docs/backend.md), SipHash-2-4, and the map value layouts that
- * synproxy/backend/loader.py packs. Needs only the uapi headers and libbpf's bpf_helpers.h: no
- * vmlinux.h, so building needs no bpftool. */
+ * encapsulation (docs/backend.md), SipHash-2-4, TCP segment parsing, and the map value layouts that
+ * synproxy/backend/loader.py and synproxy/front/fastpath.py pack. Needs only the uapi headers and
+ * libbpf's bpf_helpers.h: no vmlinux.h, so building needs no bpftool. */
 #ifndef SYNPROXY_H
 #define SYNPROXY_H
 
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
 #include <linux/types.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
 
 /* --- cookie layout: MAC 31..10 | epoch 9..8 | wscale 7..4 | SACK 3 | ECN 2 | MSS index 1..0 --- */
 #define COOKIE_DATA_BITS 10
@@ -15,6 +23,7 @@
 #define COOKIE_EPOCH_SLOTS 4
 #define COOKIE_WSCALE_SHIFT 4
 #define COOKIE_WSCALE_NONE 15
+#define COOKIE_WSCALE_MAX 14
 #define COOKIE_SACK_BIT (1u << 3)
 #define COOKIE_ECN_BIT (1u << 2)
 #define COOKIE_MSS_MASK 0x3u
@@ -54,6 +63,48 @@ struct salt_slot {          /* one per epoch mod 4 */
 	__u32 nkeys;        /* primary secret first, then a retired one while rotating */
 	__u64 epoch;        /* its low 32 bits enter the MAC */
 	__u8 keys[MAX_SECRETS][16];
+};
+
+struct front_config {
+	__u64 period_ns;       /* salt epoch length; 0 until the loader has written the rest */
+	__s64 clock_offset_ns; /* CLOCK_REALTIME - CLOCK_TAI: epochs and TSval follow the wall clock */
+	__u16 mss[2];          /* the MSS announced to IPv4 and to IPv6 clients */
+	__u8 server_wscale;
+	__u8 sack;             /* offer SACK when the client does */
+	__u8 ecn;              /* accept ECN when the client asks for it */
+	__u8 pad;
+};
+
+/* Both programs' salts, slot = epoch mod 4, written by their loaders (the backend: every accepted epoch;
+ * the front: the current and the next). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, COOKIE_EPOCH_SLOTS);
+	__type(key, __u32);
+	__type(value, struct salt_slot);
+} salts SEC(".maps");
+
+/* Both programs' protected VIPs (the front answers SYNs to these, the backend counts those that reach it),
+ * IPv4 as ::ffff:a.b.c.d. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u8[16]);
+	__type(value, __u8);
+} protected_vips SEC(".maps");
+
+/* Outcomes of the front program, counted per IP version in its per-CPU `counters` (index = outcome * 2
+ * + (IPv6 ? 1 : 0)); synproxy/front/fastpath.py names them in this order. */
+enum front_counter {
+	FRONT_NOT_PROTECTED, /* TCP, but not to a protected VIP and port: left to the kernel */
+	FRONT_QUEUED,        /* protected, but not a SYN this program answers (ACKs, data, a SYN with payload,
+			      * IP options or malformed options): left to the NFQUEUE */
+	FRONT_UNVERIFIED,    /* a SYN whose checksum does not hold here (bad, or a local sender's partial
+			      * one): left to the NFQUEUE */
+	FRONT_NO_SALT,       /* a SYN left to the NFQUEUE: the map holds no salt for the current epoch */
+	FRONT_SYN_ANSWERED,  /* a SYN answered: a SYN-ACK sent */
+	FRONT_UNSENT,        /* a SYN dropped unanswered: no route back to its source (or no rewrite) */
+	FRONT_COUNTER_MAX,
 };
 
 /* Indices of the per-CPU `counters` map; synproxy/backend/loader.py names them in this order. */
@@ -129,6 +180,124 @@ static __always_inline __u64 siphash24_48(const __u64 m[COOKIE_MAC_INPUT_BYTES /
 	SIP_ROUND;
 	SIP_ROUND;
 	return v0 ^ v1 ^ v2 ^ v3;
+}
+
+/* A TCP segment of the (inner) packet, addresses in the MAC message's 16-byte form. */
+struct segment {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u32 seq;
+	__u32 ack;
+	__u32 tcp_offset; /* from the start of the Ethernet header */
+	__u32 tcp_length; /* header with options */
+	__u32 ip_length;  /* the IP packet's own length field: header(s) and payload (IPv6: 40 + payload) */
+	__u8 family;      /* 4 or 6 */
+	__u8 flags;       /* TCP flags byte (FIN 0x01 ... CWR 0x80) */
+};
+
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
+#define TCP_FLAG_ECE 0x40
+#define TCP_FLAG_CWR 0x80
+#define IP_MF_OR_OFFSET 0x3fff
+
+#define TCPOPT_EOL 0
+#define TCPOPT_NOP 1
+#define TCPOPT_MSS 2
+#define TCPOPT_WINDOW 3
+#define TCPOPT_SACK_PERM 4
+#define TCPOPT_TIMESTAMP 8
+#define TCPOLEN_MSS 4
+#define TCPOLEN_WINDOW 3
+#define TCPOLEN_SACK_PERM 2
+#define TCPOLEN_TIMESTAMP 10
+#define TCP_MAX_OPTION_BYTES 40
+#define MAX_OPTIONS_WALKED TCP_MAX_OPTION_BYTES /* each option is at least one byte */
+
+static __always_inline void ipv4_mapped(__u8 out[16], const void *address)
+{
+	__builtin_memset(out, 0, 10);
+	out[10] = 0xff;
+	out[11] = 0xff;
+	__builtin_memcpy(&out[12], address, 4);
+}
+
+/* Parse Ethernet + IPv4/IPv6 + TCP at the packet's start; 0 when it is not an unfragmented TCP
+ * segment (IPv6 extension headers are not walked: a client's handshake ACK carries none). */
+static __always_inline int parse_segment(struct __sk_buff *skb, struct segment *seg)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct tcphdr *tcp;
+
+	if ((void *)(eth + 1) > data_end)
+		return 0;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < 5 ||
+		    ip->protocol != IPPROTO_TCP || (ip->frag_off & bpf_htons(IP_MF_OR_OFFSET)))
+			return 0;
+		tcp = (void *)ip + ip->ihl * 4;
+		if ((void *)(tcp + 1) > data_end)
+			return 0;
+		ipv4_mapped(seg->saddr, &ip->saddr);
+		ipv4_mapped(seg->daddr, &ip->daddr);
+		seg->ip_length = bpf_ntohs(ip->tot_len);
+		seg->family = 4;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end || ip6->nexthdr != IPPROTO_TCP)
+			return 0;
+		tcp = (void *)(ip6 + 1);
+		if ((void *)(tcp + 1) > data_end)
+			return 0;
+		__builtin_memcpy(seg->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(seg->daddr, &ip6->daddr, 16);
+		seg->ip_length = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+		seg->family = 6;
+	} else {
+		return 0;
+	}
+	seg->sport = tcp->source;
+	seg->dport = tcp->dest;
+	seg->seq = bpf_ntohl(tcp->seq);
+	seg->ack = bpf_ntohl(tcp->ack_seq);
+	seg->tcp_offset = (void *)tcp - data;
+	seg->tcp_length = tcp->doff * 4;
+	seg->flags = ((__u8 *)tcp)[13];
+	return 1;
+}
+
+union cookie_message {
+	__u8 bytes[COOKIE_MAC_INPUT_BYTES];
+	__u64 words[COOKIE_MAC_INPUT_BYTES / 8];
+};
+
+
+/* The 48 bytes the MAC covers: addresses (16-byte form), ports, the client's ISN, the epoch's low 32 bits
+ * and the data bits, big endian (docs/cookie.md). */
+static __always_inline void cookie_message_of(union cookie_message *message, const struct segment *seg,
+					      __u32 client_isn, __u64 epoch, __u32 data)
+{
+	__u32 client_isn_be = bpf_htonl(client_isn);
+	__u32 epoch_be = bpf_htonl((__u32)epoch);
+	__u16 data_be = bpf_htons((__u16)data);
+
+	__builtin_memset(message, 0, sizeof(*message));
+	__builtin_memcpy(&message->bytes[0], seg->saddr, 16);
+	__builtin_memcpy(&message->bytes[16], seg->daddr, 16);
+	__builtin_memcpy(&message->bytes[32], &seg->sport, 2);
+	__builtin_memcpy(&message->bytes[34], &seg->dport, 2);
+	__builtin_memcpy(&message->bytes[36], &client_isn_be, 4);
+	__builtin_memcpy(&message->bytes[40], &epoch_be, 4);
+	__builtin_memcpy(&message->bytes[44], &data_be, 2);
 }
 
 #endif

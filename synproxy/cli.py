@@ -42,7 +42,7 @@ def _lab(args: argparse.Namespace) -> int:
 
     from synproxy.lab.demo import run_demo
     from synproxy.lab.topology import Lab, LabError
-    lab = Lab(name=args.name, prometheus=args.prometheus)
+    lab = Lab(name=args.name, prometheus=args.prometheus, fast_path=args.fast_path)
     try:
         if args.action == "up":
             lab.up()
@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("action", choices=["up", "down", "status", "demo"])
     lab.add_argument("--name", default="splab", type=_lab_name, help="lab name, the prefix of its namespaces")
     lab.add_argument("--prometheus", action="store_true", help="with up: also run Prometheus scraping every node")
+    lab.add_argument("--fast-path", action="store_true",
+                     help="with up and demo: fronts answer SYNs in their tc fast path (bpf/front.bpf.c)")
     lab.set_defaults(handler=_lab)
 
     try:

@@ -30,6 +30,7 @@ class FrontConfig:
     queue_num: int
     farm_address: IPAddress | None
     metrics_address: str | None
+    fast_path_interfaces: tuple[str, ...]  # tc ingress answers SYNs here (bpf/front.bpf.c)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ FRONT_SCHEMA = {
     "queue_num": _Field(_integer(0, 65535), 0),
     "farm_address": _Field(_address),
     "metrics_address": _Field(_host_port),
+    "fast_path_interfaces": _Field(_text, (), many=True),
 }
 BACKEND_SCHEMA = {
     "interface": _Field(_text),

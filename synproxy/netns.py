@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pyroute2 import NetNS, netns
+from pyroute2.ethtool import Ethtool
 
 
 def unique_name(prefix: str) -> str:
@@ -68,6 +69,18 @@ def add_addresses(namespace: str, ifname: str, *networks: str) -> None:
             extra = {"flags": 0x02} if interface.version == 6 else {}  # IFA_F_NODAD
             ns.addr("add", index=index, address=str(interface.ip), prefixlen=interface.network.prefixlen,
                     **extra)
+
+
+def set_tx_checksum_offload(namespace: str, ifname: str, enabled: bool) -> None:
+    """Whether the interface leaves TCP/UDP checksums for the device to finish (a veth never does)."""
+    with inside(namespace):
+        tool = Ethtool()
+        try:
+            features = tool.get_features(ifname)
+            features.features["tx-checksum-ip-generic"].enable = enabled
+            tool.set_features(ifname, features)
+        finally:
+            tool.close()
 
 
 def add_route(namespace: str, destination: str, gateway: str) -> None:

@@ -23,14 +23,14 @@ def test_quick_bench_gives_figures_for_every_contender(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["contenders"]) == {"sink", "nfqueue-floor", "nfqueue-answer-floor", "synproxy-front",
-                                          "kernel-syncookies", "iptables-synproxy"}
+                                          "synproxy-front-fast-path", "kernel-syncookies", "iptables-synproxy"}
     for name, figures in results["summary"].items():
         steps = [s for s in results["steps"] if s["contender"] == name]
         assert len(steps) == 2 and all(s["sent"] > 0 and s["answered"] > 0 for s in steps), name
         assert figures["capacity_pps"] > 0, name
         if name != "sink":
             assert figures["cpu_us"] is not None, name
-        if name in ("synproxy-front", "kernel-syncookies", "iptables-synproxy"):
+        if name in ("synproxy-front", "synproxy-front-fast-path", "kernel-syncookies", "iptables-synproxy"):
             assert all(s["legit"]["attempts"] > 0 for s in steps), name
     assert "| synproxy-front |" in (tmp_path / "results.md").read_text()
     for plot in PLOTS:

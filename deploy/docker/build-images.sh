@@ -30,11 +30,12 @@ fi
 context="$work/context"
 rm -rf "$context" && mkdir -p "$context/wheels"
 python3 -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$context/wheels" siphash24 netfilterqueue
-object=$(cd "$repo" && python3 -c "from synproxy.backend.loader import build_object; print(build_object())")
+objects=$(cd "$repo" && python3 -c "from synproxy.backend.loader import build_object
+print(build_object('backend'), build_object('front'))")
 mkdir -p "$context/bpf/build"
 cp -r "$repo/synproxy" "$repo/pyproject.toml" "$repo/README.md" "$context/"
 cp "$repo"/bpf/*.c "$repo"/bpf/*.h "$context/bpf/"
-cp "$object" "$context/bpf/build/"
+cp $objects "$context/bpf/build/"
 find "$context" -name __pycache__ -prune -exec rm -rf {} +
 cp "$here/Dockerfile" "$here/start.sh" "$context/"
 docker build --quiet -t "$image" "$context" >/dev/null

@@ -48,7 +48,7 @@ from synproxy.logs import log
 from synproxy.salt import EPOCH_SLOTS, SaltSchedule, SecretRotation
 
 REPO_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
-SOURCES = ("backend.bpf.c", "synproxy.h")
+SHARED_HEADER = "synproxy.h"
 PROGRAM = "synproxy_backend"
 TC_HANDLE = TC_PRIORITY = 0x5350  # "SP": a fixed filter slot, so a later run or --detach finds it
 KFUNC = "bpf_sk_assign_tcp_reqsk"
@@ -79,8 +79,8 @@ def _clang() -> str:
     raise BackendError("clang not found: install clang-19 (it builds the BPF program)")
 
 
-def build_object() -> Path:
-    """Compile the program unless an object of the same sources and flags exists; return its path.
+def build_object(program: str = "backend") -> Path:
+    """Compile bpf/<program>.bpf.c unless an object of the same sources and flags exists; return its path.
 
     Objects live in <bpf dir>/build (or $SYNPROXY_BUILD_DIR) under a hash of the sources and flags, so a
     host without a compiler (the lab's image) runs an object built elsewhere; clang is needed only to build.
@@ -89,20 +89,21 @@ def build_object() -> Path:
     flags = ["-O2", "-g", "-Wall", "-target", "bpf", "-D__TARGET_ARCH_x86",
              f"-I/usr/include/{os.uname().machine}-linux-gnu"]
     digest = hashlib.sha256(" ".join(flags).encode())
-    for name in SOURCES:
+    source = f"{program}.bpf.c"
+    for name in (source, SHARED_HEADER):
         try:
             digest.update((source_dir / name).read_bytes())
         except OSError as error:
             raise BackendError(f"BPF source {source_dir / name}: {error.strerror}") from None
     build_dir = Path(os.environ.get("SYNPROXY_BUILD_DIR", source_dir / "build"))
-    target = build_dir / f"backend-{digest.hexdigest()[:16]}.bpf.o"
+    target = build_dir / f"{program}-{digest.hexdigest()[:16]}.bpf.o"
     if target.exists():
         return target
     clang = _clang()
     build_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=build_dir, suffix=".o", delete=False) as partial:
         pass
-    done = subprocess.run([clang, *flags, f"-I{source_dir}", "-c", str(source_dir / "backend.bpf.c"), "-o",
+    done = subprocess.run([clang, *flags, f"-I{source_dir}", "-c", str(source_dir / source), "-o",
                            partial.name],
                           capture_output=True, text=True, check=False)
     if done.returncode:
@@ -152,10 +153,11 @@ def mapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
     return address.packed
 
 
-def salt_slots(schedule: SaltSchedule, now: float) -> dict[int, bytes]:
-    """The `salts` map's four slots: the accepted epochs' salts (at most two secrets), others invalid."""
+def salt_slots(schedule: SaltSchedule, epochs: Iterable[int]) -> dict[int, bytes]:
+    """A `salts` map's four slots: these epochs' salts (at most two secrets, the minting one first),
+    the other slots invalid. At most four consecutive epochs, so no two share a slot."""
     slots = {slot: _SALT_SLOT.pack(0, 0, 0, bytes(16), bytes(16)) for slot in range(EPOCH_SLOTS)}
-    for epoch in schedule.accepted_epochs(now):
+    for epoch in epochs:
         keys = schedule.validating_salts(epoch)[:MAX_SECRETS]
         nkeys = len(keys)
         keys += [bytes(16)] * (MAX_SECRETS - nkeys)
@@ -163,13 +165,36 @@ def salt_slots(schedule: SaltSchedule, now: float) -> dict[int, bytes]:
     return slots
 
 
-def _replace_addresses(address_map: Map, addresses) -> None:
-    """Make an address-keyed map hold exactly ``addresses`` (in the program's 16-byte form)."""
-    wanted = {mapped(address) for address in addresses}
-    for key in set(address_map.keys()) - wanted:
-        address_map.delete(key)
+def sized_map(bpf_object: BpfObject, name: str, value_size: int) -> Map:
+    """A map of a loaded object, refused when its values are not the size the loader packs."""
+    found = bpf_object.map(name)
+    if found.value_size != value_size:
+        raise BackendError(f"map {name!r} holds {found.value_size}-byte values, the loader packs "
+                           f"{value_size}: bpf/synproxy.h and the loader disagree")
+    return found
+
+
+class SaltMap:
+    """A program's `salts` map, rewritten slot by slot only where a slot changed (never under a reader
+    that could still use it)."""
+
+    def __init__(self, salt_map: Map):
+        self.map = salt_map
+        self._written: dict[int, bytes] = {}
+
+    def refresh(self, schedule: SaltSchedule, epochs: Iterable[int]) -> None:
+        for slot, value in salt_slots(schedule, epochs).items():
+            if self._written.get(slot) != value:
+                self.map.update(_KEY.pack(slot), value)
+                self._written[slot] = value
+
+
+def replace_keys(flag_map: Map, wanted: set[bytes]) -> None:
+    """Make a map of flags (key -> 1) hold exactly the keys ``wanted``."""
+    for key in set(flag_map.keys()) - wanted:
+        flag_map.delete(key)
     for key in wanted:
-        address_map.update(key, b"\x01")
+        flag_map.update(key, b"\x01")
 
 
 class DataPlane:
@@ -182,37 +207,29 @@ class DataPlane:
             self.config = self._map("config", _CONFIG.size)
             self.trusted_fronts = self._map("trusted_fronts", 1)
             self.protected_vips = self._map("protected_vips", 1)
-            self.salts = self._map("salts", _SALT_SLOT.size)
+            self.salts = SaltMap(self._map("salts", _SALT_SLOT.size))
             self.counters = self._map("counters", _COUNTER.size)
             self.kfunc_errors = self._map("kfunc_errors", _COUNTER.size)
         except BaseException:
             self.object.close()
             raise
-        self._salts_written: dict[int, bytes] = {}
 
     def _map(self, name: str, value_size: int) -> Map:
-        found = self.object.map(name)
-        if found.value_size != value_size:
-            raise BackendError(f"map {name!r} holds {found.value_size}-byte values, the loader packs "
-                               f"{value_size}: bpf/synproxy.h and {__name__} disagree")
-        return found
+        return sized_map(self.object, name, value_size)
 
     def configure(self, encap_port: int, server_wscale: int) -> None:
         self.config.update(_KEY.pack(0), _CONFIG.pack(encap_port, server_wscale))
 
     def trust(self, fronts: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
-        _replace_addresses(self.trusted_fronts, fronts)
+        replace_keys(self.trusted_fronts, {mapped(front) for front in fronts})
 
     def protect(self, vips: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
         """The VIPs whose SYNs count as having bypassed the fronts."""
-        _replace_addresses(self.protected_vips, vips)
+        replace_keys(self.protected_vips, {mapped(vip) for vip in vips})
 
     def refresh_salts(self, schedule: SaltSchedule, now: float) -> None:
-        """Write the slots that changed (an unchanged slot is never rewritten under a reader)."""
-        for slot, value in salt_slots(schedule, now).items():
-            if self._salts_written.get(slot) != value:
-                self.salts.update(_KEY.pack(slot), value)
-                self._salts_written[slot] = value
+        """The accepted epochs' salts."""
+        self.salts.refresh(schedule, schedule.accepted_epochs(now))
 
     def close(self) -> None:
         self.object.close()

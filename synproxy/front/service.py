@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from synproxy import firewall
 from synproxy.config import Config, ConfigError, load_config
+from synproxy.front import fastpath
 from synproxy.front.handler import Action, FrontPolicy, handle
 from synproxy.logs import log
 from synproxy.netlink import local_addresses
@@ -132,6 +133,7 @@ class FrontMetrics:
                                     registry=self.registry)
         self.epoch = Gauge("synproxy_front_salt_epoch", "Current salt epoch", registry=self.registry)
         self.backends = backends
+        self.fast_path: fastpath.FastPath | None = None
         self.packets: defaultdict[tuple[str, int], int] = defaultdict(int)  # (outcome, IP version)
         self.forwarded = [0] * len(backends)
         self.registry.register(self)
@@ -147,6 +149,13 @@ class FrontMetrics:
         for backend, value in zip(self.backends, list(self.forwarded)):
             forwarded.add_metric([backend], value)
         yield forwarded
+        if self.fast_path is not None:
+            fast = CounterMetricFamily("synproxy_front_fast_path_packets",
+                                       "Packets the tc fast path saw, by outcome and IP version",
+                                       labels=["outcome", "family"])
+            for (outcome, family), value in self.fast_path.counts().items():
+                fast.add_metric([outcome, f"ipv{family}"], value)
+            yield fast
 
 
 class _BoundedReader:
@@ -180,6 +189,7 @@ class Front:
         self.reload_requested: list[bool] = []
         self.housekeeping_due = 0.0
         self.packets_seen = 0
+        self.fast_path: fastpath.FastPath | None = None
 
     def load(self) -> None:
         config = load_config(self.config_path)
@@ -237,8 +247,17 @@ class Front:
         ensure_sysctls(config)
         rules = firewall.front_chain(queue_num)
         rules.install(config.vips, config.ports)
+        try:
+            self.fast_path = (fastpath.start(config, self.policy, self.schedule)
+                              if config.front.fast_path_interfaces else None)
+        except fastpath.FastPathError as error:
+            rules.remove(config.vips, config.ports)
+            queue.unbind()
+            raise SystemExit(f"synproxy: front fast path: {error}") from None
+        self.metrics.fast_path = self.fast_path
         log("front_started", queue=queue_num, vips=[str(v) for v in config.vips], ports=list(config.ports),
-            backends=[str(b) for b in config.backends], farm_address=str(farm_address(config)))
+            backends=[str(b) for b in config.backends], farm_address=str(farm_address(config)),
+            fast_path_interfaces=list(config.front.fast_path_interfaces))
         # A duplicate of the queue's descriptor, read blocking with the kernel's receive timeout:
         # one system call per packet (a select() before each non-blocking read cost twice the CPU
         # per SYN at 10k SYN/s; Python's own socket timeout polls before every read too). When the
@@ -255,10 +274,14 @@ class Front:
                 if reload:
                     reload.clear()
                     self.reload()
+                if self.fast_path is not None:
+                    self.fast_path.refresh(self.policy, self.schedule, time.time())
                 self.housekeeping_due = time.monotonic() + HOUSEKEEPING_SECONDS
                 queue.run_socket(reader)
         finally:
             sock.close()
+            if self.fast_path is not None:
+                self.fast_path.close()
             rules.remove(config.vips, config.ports)
             queue.unbind()
             log("front_stopped", queue=queue_num)
@@ -267,6 +290,8 @@ class Front:
     def reload(self) -> None:
         try:
             self.load()
+            if self.fast_path is not None:
+                self.fast_path.configure(self.policy, self.schedule)
             log("config_reloaded", source=str(self.config.source), secrets_accepted=len(self.schedule.secrets))
         except ConfigError as error:
             log("config_reload_failed", error=str(error))

@@ -24,15 +24,17 @@ def scrape(lab: Lab, host: str, address: str, port: int) -> dict[tuple, float]:
 
 
 def front_summary(samples: dict) -> dict[str, float]:
-    """A front's packet outcomes folded into what the report shows: answered, validated, forwarded, dropped
-    by the front, and dropped by the kernel at its full queue."""
+    """A front's packet outcomes folded into what the report shows: answered (by the queue or the tc fast
+    path), validated, forwarded, dropped by the front, and dropped by the kernel at its full queue."""
     summary = {"syn_answered": 0.0, "validated": 0.0, "forwarded": 0.0, "dropped": 0.0, "queue_dropped": 0.0}
     for (name, labels), value in samples.items():
         if name in ("synproxy_front_queue_dropped_total", "synproxy_front_queue_user_dropped_total"):
             summary["queue_dropped"] += value
+        outcome = dict(labels).get("outcome")
+        if name == "synproxy_front_fast_path_packets_total" and outcome in ("syn_answered", "unsent"):
+            summary["syn_answered" if outcome == "syn_answered" else "dropped"] += value  # answered in tc
         if name != "synproxy_front_packets_total":
             continue
-        outcome = dict(labels)["outcome"]
         key = outcome if outcome in summary else "forwarded" if outcome.startswith("forwarded") else "dropped"
         summary[key] += value
     return summary

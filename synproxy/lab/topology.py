@@ -26,7 +26,7 @@ from pathlib import Path
 from pyroute2 import NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from synproxy.netns import add_addresses, inside, link, pids_inside, write_sysctls
+from synproxy.netns import add_addresses, inside, link, pids_inside, set_tx_checksum_offload, write_sysctls
 
 STATE_ROOT = Path("/run/synproxy-lab")
 VIP = "198.19.0.10"
@@ -77,6 +77,7 @@ class Lab:
     salt_period_seconds: float = 60.0
     clock_skew_seconds: float = 2.0
     prometheus: bool = False
+    fast_path: bool = False  # fronts answer SYNs in tc (front.fast_path_interfaces: [eth0])
 
     @property
     def state_dir(self) -> Path:
@@ -85,6 +86,11 @@ class Lab:
     @property
     def config_path(self) -> Path:
         return self.state_dir / "synproxy.yaml"
+
+    @property
+    def fast_path_config_path(self) -> Path:
+        """The same configuration with the fronts' tc fast path on eth0."""
+        return self.state_dir / "synproxy-fast-path.yaml"
 
     def ns(self, host: str) -> str:
         return f"{self.name}-{host}"
@@ -154,6 +160,10 @@ class Lab:
             add_addresses(namespace, "eth0", f"{host.address}/24", f"{host.address6}/64")
             add_addresses(router, host.name, f"{host.router_side}/24", f"{host.router_side6}/64")
             self._default_routes(host)
+            if host.role == "client" and self.fast_path:
+                # A veth leaves a local sender's checksums unfinished (the receiver trusts them); from a
+                # wire they arrive complete. The fast path answers only SYNs whose checksum it can verify.
+                set_tx_checksum_offload(namespace, "eth0", False)
             if host.role == "backend":
                 add_addresses(namespace, "lo", f"{VIP}/32", f"{VIP6}/128")
                 write_sysctls(namespace, {"net.ipv4.tcp_ecn": "1"})
@@ -181,17 +191,21 @@ class Lab:
         secret.write_text(os.urandom(32).hex() + "\n")
         fronts = ", ".join(h.address for h in self.by_role("front"))
         backends = ", ".join(h.address for h in self.by_role("backend"))
-        self.config_path.write_text(
+        text = (
             "# Written by `synproxy lab up`: one configuration for every front and backend.\n"
             f"vips: [{VIP}, {VIP6}]\nports: [{', '.join(map(str, PORTS))}]\nsecret_file: secret.hex\n"
             f"fronts: [{fronts}]\nbackends: [{backends}]\n"
             f"salt_period_seconds: {self.salt_period_seconds}\nclock_skew_seconds: {self.clock_skew_seconds}\n"
             f"front:\n  metrics_address: 0.0.0.0:{FRONT_METRICS_PORT}\n"
             f"backend:\n  interface: eth0\n  metrics_address: 0.0.0.0:{BACKEND_METRICS_PORT}\n")
+        self.config_path.write_text(text)
+        self.fast_path_config_path.write_text(text.replace("\nfront:\n", "\nfront:\n  fast_path_interfaces: [eth0]\n"))
 
-    def start_front(self, name: str) -> None:
-        """Start (or, after a crash, restart) a front's process; it clears rules a dead one left."""
-        self._start(name, [sys.executable, "-m", "synproxy.cli", "front", "--config", str(self.config_path)],
+    def start_front(self, name: str, fast_path: bool | None = None) -> None:
+        """Start (or, after a crash, restart) a front's process; it clears rules a dead one left.
+        ``fast_path`` overrides the lab's choice of the tc fast path for this start."""
+        config = self.fast_path_config_path if (self.fast_path if fast_path is None else fast_path) else self.config_path
+        self._start(name, [sys.executable, "-m", "synproxy.cli", "front", "--config", str(config)],
                     '"event": "front_started"')
 
     def start_backend(self, name: str) -> None:
