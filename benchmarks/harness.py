@@ -32,6 +32,11 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 GENERATOR_CPU = 0                # trafgen runs on this CPU; the rest of the machine is the contenders'
 COUNTERS_TABLE = "synproxy_bench"
 PROBE_INTERVAL = 0.02            # one real HTTP request every 20 ms while the flood runs
+# Each probe request gets a source port of its own, none reused within a run: a 4-tuple reused while
+# the backend still holds its previous connection in TIME_WAIT fails through the proxy (the backend
+# never sees the SYN that would recycle it; docs/backend.md), and the kernel's own choice here
+# reused ports after ~20 s, which read as flood losses in the later steps.
+PROBE_PORTS = range(20000, 60000)
 PROFILE_FILE = "front-profile.txt"
 
 
@@ -82,6 +87,7 @@ class Bench:
         self.seconds = seconds
         self.work_dir = work_dir
         self.trafgen_config = work_dir / "syn.trafgen"
+        self.next_probe_port = PROBE_PORTS.start
         with NetNS(lab.ns("router")) as ns:
             router_side = ns.get_links(ns.link_lookup(ifname="attacker")[0])[0].get_attr("IFLA_ADDRESS")
         self.trafgen_config.write_text(trafgen_config(router_side, VIP, PORT))
@@ -129,7 +135,9 @@ class Bench:
         if contender.serves_clients:
             probe = self.lab.popen("client", [sys.executable, "-m", "benchmarks.probe", "--target", VIP,
                                               "--port", str(PORT), "--seconds", str(self.seconds),
-                                              "--interval", str(PROBE_INTERVAL)], stdout=subprocess.PIPE,
+                                              "--interval", str(PROBE_INTERVAL),
+                                              "--source-port-from", str(self._probe_ports())],
+                                   stdout=subprocess.PIPE,
                                    text=True)
         profiler = self._profile(contender) if profile else None
         before = self.snapshot(contender)
@@ -147,6 +155,15 @@ class Bench:
         if profiler is not None:
             profiler.wait(timeout=60)
         return self._figures(contender, rate, flood_seconds, before, after, legit)
+
+    def _probe_ports(self) -> int:
+        """The first of the next step's probe source ports (one per request it can make)."""
+        first = self.next_probe_port
+        needed = int(self.seconds / PROBE_INTERVAL) + 1
+        if first + needed > PROBE_PORTS.stop:
+            first = PROBE_PORTS.start
+        self.next_probe_port = first + needed
+        return first
 
     def _drain(self) -> None:
         """Let the queue empty (the work it still holds belongs to this step), at most 3 s."""

@@ -22,14 +22,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--interval", type=float, default=0.02)
     parser.add_argument("--timeout", type=float, default=3.0)
+    parser.add_argument("--source-port-from", type=int,
+                        help="request N uses this port + N (default: the kernel picks, and may reuse)")
     args = parser.parse_args()
     if not 0 < args.seconds <= 600 or args.interval <= 0 or args.timeout <= 0:
         parser.error("--seconds must be in (0, 600], --interval and --timeout positive")
+    if args.source_port_from is not None and not 1024 <= args.source_port_from <= 65535 - args.seconds / args.interval:
+        parser.error("--source-port-from leaves no room for one port per request")
     connect_times, errors = [], []
 
-    def attempt() -> None:
+    def attempt(index: int) -> None:
+        source_port = None if args.source_port_from is None else args.source_port_from + index
         try:
-            connect_times.append(http_get(args.target, args.port, args.timeout)[0])
+            connect_times.append(http_get(args.target, args.port, args.timeout, source_port)[0])
         except (OSError, ValueError) as error:
             errors.append(str(error))
 
@@ -38,7 +43,7 @@ def main() -> None:
     while (now := time.monotonic()) < started + args.seconds:
         if (wait := started + len(threads) * args.interval - now) > 0:
             time.sleep(wait)
-        threads.append(threading.Thread(target=attempt))
+        threads.append(threading.Thread(target=attempt, args=(len(threads),)))
         threads[-1].start()
     for thread in threads:
         thread.join()

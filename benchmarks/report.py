@@ -80,17 +80,19 @@ def markdown(results: dict, summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def matched_ratio(results: dict, ours: str, theirs: str, key: str) -> tuple[int, float] | None:
-    """A per-answer cost, ours / theirs, at the highest paced rate both answered unsaturated."""
+def matched_ratio(results: dict, ours: str, theirs: str, key: str) -> tuple[list[int], float] | None:
+    """A per-answer cost, ours / theirs: the median of the ratios at the paced rates both answered
+    unsaturated (the same offered load), and those rates. A median, because one step's figure can be
+    far off: net of the generator's share, a cheap contender's cost at a high rate is a small
+    difference of two large numbers."""
     def unsaturated(name: str) -> dict[int, float]:
         return {s["offered_pps"]: s[key] for s in results["steps"]
                 if s["contender"] == name and s[key] and s["answered"] >= UNSATURATED * s["sent"]}
     mine, other = unsaturated(ours), unsaturated(theirs)
-    common = [rate for rate in mine if rate in other and rate]  # paced rates: the same offered load
+    common = sorted(rate for rate in mine if rate in other and rate)
     if not common:
         return None
-    rate = max(common)
-    return rate, mine[rate] / other[rate]
+    return common, statistics.median(mine[rate] / other[rate] for rate in common)
 
 
 # Per front contender, what to set it against. The NFQUEUE front against the floors by both processes'
@@ -114,7 +116,9 @@ def ratio_lines(results: dict, summary: dict[str, dict]) -> str:
         for other, key, what in comparisons:
             matched = matched_ratio(results, ours, other, key)
             if matched:
-                parts.append(f"{what} per SYN, {ours} / {other} at {matched[0]} SYN/s offered: "
+                rates = "–".join(str(rate) for rate in (matched[0][0], matched[0][-1]) if rate) \
+                    if len(matched[0]) > 1 else str(matched[0][0])
+                parts.append(f"{what} per SYN, {ours} / {other} (median over {rates} SYN/s offered): "
                              f"**{matched[1]:.2f}×**")
             front, theirs = summary.get(ours, {}), summary.get(other, {})
             if front.get("capacity_pps") and theirs.get("capacity_pps") and not other.startswith("nfqueue"):

@@ -189,6 +189,35 @@ static __always_inline const struct salt_slot *minting_slot(__u64 epoch)
 	return slot;
 }
 
+static __always_inline int v4_mapped(const __u8 address[16])
+{
+	__u64 head;
+	__u16 middle;
+
+	__builtin_memcpy(&head, address, 8);
+	__builtin_memcpy(&middle, &address[8], 2);
+	return !head && !middle && address[10] == 0xff && address[11] == 0xff;
+}
+
+/* Packets the kernel drops before netfilter (IPv6: a multicast, loopback, unspecified or IPv4-mapped
+ * source, an IPv4-mapped destination) or whose answer it would not send (IPv4: a zero-network,
+ * loopback, multicast or broadcast source): left to it, so the program answers no SYN the queue
+ * path would not. */
+static __always_inline int addresses_refused(const struct segment *seg)
+{
+	if (seg->family == 4) {
+		__u8 first = seg->saddr[12];
+
+		return first == 0 || first == 127 || first >= 224;
+	}
+	__u64 high, low;
+
+	__builtin_memcpy(&high, seg->saddr, 8);
+	__builtin_memcpy(&low, &seg->saddr[8], 8);
+	return seg->saddr[0] == 0xff || (!high && (!low || low == bpf_cpu_to_be64(1))) ||
+	       v4_mapped(seg->saddr) || v4_mapped(seg->daddr);
+}
+
 /* The route back to the client, looked up as the kernel would forward the SYN-ACK it got from the queue.
  * Returns the bpf_fib_lookup result; the egress interface and MAC addresses are left in `fib`. */
 static __always_inline int route_back(struct __sk_buff *skb, const struct segment *seg, __u32 length,
@@ -315,7 +344,7 @@ static __always_inline int answer_syn(struct __sk_buff *skb, const struct segmen
 	struct bpf_fib_lookup fib = {};
 	int route = route_back(skb, seg, ip_length + reply_length, &fib);
 	if (route != BPF_FIB_LKUP_RET_SUCCESS && route != BPF_FIB_LKUP_RET_NO_NEIGH)
-		return count(seg, FRONT_UNSENT, TC_ACT_SHOT);
+		return count(seg, FRONT_UNROUTED, TC_ACT_OK); /* the kernel's own routing decides */
 
 	/* Rewrite the packet: IP header, TCP header, nothing after. */
 	if (bpf_skb_change_tail(skb, sizeof(struct ethhdr) + ip_length + reply_length, 0))
@@ -340,8 +369,18 @@ static __always_inline int answer_syn(struct __sk_buff *skb, const struct segmen
 	}
 	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr) + ip_length, reply, reply_length, BPF_F_RECOMPUTE_CSUM))
 		return count(seg, FRONT_UNSENT, TC_ACT_SHOT);
-	if (route == BPF_FIB_LKUP_RET_NO_NEIGH) /* the kernel resolves the next hop's address */
-		return count(seg, FRONT_SYN_ANSWERED, bpf_redirect_neigh(fib.ifindex, 0, 0, 0));
+	if (route == BPF_FIB_LKUP_RET_NO_NEIGH) { /* the kernel resolves the next hop's address */
+		struct bpf_redir_neigh next_hop = {};
+
+		if (seg->family == 4) {
+			next_hop.nh_family = AF_INET;
+			next_hop.ipv4_nh = fib.ipv4_dst;
+		} else {
+			next_hop.nh_family = AF_INET6;
+			__builtin_memcpy(next_hop.ipv6_nh, fib.ipv6_dst, 16);
+		}
+		return count(seg, FRONT_SYN_ANSWERED, bpf_redirect_neigh(fib.ifindex, &next_hop, sizeof(next_hop), 0));
+	}
 	if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
 	    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
 		return count(seg, FRONT_UNSENT, TC_ACT_SHOT);
@@ -355,7 +394,10 @@ int synproxy_front(struct __sk_buff *skb)
 	const struct front_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct segment seg = {};
 
-	if (!cfg || !cfg->period_ns || skb->pkt_type != PACKET_HOST || !parse_segment(skb, &seg))
+	/* A VLAN tag the device took off stays in the skb: the route back and the redirect would not
+	 * carry it, so tagged traffic goes the kernel's way. */
+	if (!cfg || !cfg->period_ns || skb->pkt_type != PACKET_HOST || skb->vlan_present ||
+	    !parse_segment(skb, &seg) || addresses_refused(&seg))
 		return TC_ACT_OK;
 	__u16 port = bpf_ntohs(seg.dport);
 	if (!bpf_map_lookup_elem(&protected_vips, seg.daddr) || !bpf_map_lookup_elem(&protected_ports, &port))

@@ -103,7 +103,8 @@ enum front_counter {
 			      * one): left to the NFQUEUE */
 	FRONT_NO_SALT,       /* a SYN left to the NFQUEUE: the map holds no salt for the current epoch */
 	FRONT_SYN_ANSWERED,  /* a SYN answered: a SYN-ACK sent */
-	FRONT_UNSENT,        /* a SYN dropped unanswered: no route back to its source (or no rewrite) */
+	FRONT_UNROUTED,      /* a SYN left to the NFQUEUE: no route back to its source found here */
+	FRONT_UNSENT,        /* a SYN dropped: rewriting the packet failed */
 	FRONT_COUNTER_MAX,
 };
 
@@ -253,7 +254,7 @@ static __always_inline int parse_segment(struct __sk_buff *skb, struct segment *
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 
-		if ((void *)(ip6 + 1) > data_end || ip6->nexthdr != IPPROTO_TCP)
+		if ((void *)(ip6 + 1) > data_end || ip6->version != 6 || ip6->nexthdr != IPPROTO_TCP)
 			return 0;
 		tcp = (void *)(ip6 + 1);
 		if ((void *)(tcp + 1) > data_end)

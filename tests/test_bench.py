@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks.harness import hot_functions, packets_read
 from benchmarks.options import rate_list
-from benchmarks.report import PLOTS
+from benchmarks.report import PLOTS, matched_ratio
 from tests.lab_fixtures import needs_root
 
 
@@ -43,6 +43,17 @@ def test_packets_read_leaves_out_what_the_reader_never_got():
     before = {"id_sequence": 1000, "dropped": 5, "user_dropped": 2, "length": 0}
     after = {"id_sequence": 37000, "dropped": 60000, "user_dropped": 12, "length": 40}
     assert packets_read(before, after) == 36000 - 10 - 40
+
+
+def test_matched_ratio_is_the_median_over_common_unsaturated_paced_rates():
+    def step(name, rate, cost, answered=100):
+        return {"contender": name, "offered_pps": rate, "cpu_us_per_answer": cost, "answered": answered, "sent": 100}
+    results = {"steps": [step("a", 10, 2.0), step("b", 10, 4.0), step("a", 20, 3.0), step("b", 20, 3.0),
+                         step("a", 40, 9.0), step("b", 40, 0.1),          # one far-off step
+                         step("a", 80, 1.0, answered=50), step("b", 80, 1.0),  # saturated: left out
+                         step("a", 0, 1.0), step("b", 0, 1.0)]}            # unpaced: left out
+    assert matched_ratio(results, "a", "b", "cpu_us_per_answer") == ([10, 20, 40], 1.0)
+    assert matched_ratio(results, "a", "c", "cpu_us_per_answer") is None
 
 
 def test_rates_parse_and_bad_ones_are_refused():

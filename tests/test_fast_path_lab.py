@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import pytest
@@ -81,3 +84,27 @@ def test_a_stopped_front_takes_its_program_away_and_a_restarted_one_brings_it_ba
         lab.start_front("front0")
     assert attached_program(lab, "front0")
     assert clients(lab, 10)["failed"] == 0
+
+
+def test_sighup_moves_the_rules_and_the_program_to_the_new_ports(lab):
+    """Last in this module: it leaves the fronts protecting port 80 only."""
+    config = lab.fast_path_config_path
+    config.write_text(config.read_text().replace("ports: [80, 7]", "ports: [80]"))
+    before = outcomes(lab)
+    for host in lab.by_role("front"):
+        os.kill(lab.pid(host.name), signal.SIGHUP)
+    time.sleep(1.5)  # the reload happens at the next housekeeping (every 0.5 s)
+    rules = lab.run("front0", ["iptables", "-w", "-t", "raw", "-S", "PREROUTING"]).stdout
+    assert "--dport 80 " in rules and "--dport 7 " not in rules
+    lab.run("client", [sys.executable, "-c", SYN_TO_PORT_7])
+    time.sleep(0.5)
+    moved = outcomes(lab) - before
+    assert moved["fast_path", "not_protected", "ipv4"] >= 1 and moved["fast_path", "syn_answered", "ipv4"] == 0
+    for _ in range(3):  # port 80 still protected (the lab's clients tool also uses port 7)
+        assert json.loads(lab.run("client", ["curl", "-sS", "-m", "5", f"http://{VIP}/"]).stdout)["client"]
+
+
+SYN_TO_PORT_7 = f"""
+from scapy.all import IP, TCP, send
+send(IP(dst="{VIP}") / TCP(sport=43210, dport=7, flags="S"), verbose=0)
+"""

@@ -22,7 +22,7 @@ from synproxy import netns
 from synproxy.backend.libbpf import prog_test_run
 from synproxy.backend.loader import bpf_dir, build_object
 from synproxy.front import fastpath
-from synproxy.front.fastpath import FAMILIES, OUTCOMES, FastPath
+from synproxy.front.fastpath import FAMILIES, OUTCOMES, FastPath, FastPathError
 from synproxy.front.handler import Action, FrontPolicy, handle
 from synproxy.packet import SYN, build_tcp_packet, internet_checksum, parse_tcp, tcp_checksum_valid
 from synproxy.salt import SaltSchedule
@@ -227,11 +227,36 @@ def test_without_the_current_epochs_salt_the_syn_goes_to_the_queue(monkeypatch, 
     assert run(route_namespace, fast_path, frame) == (TC_ACT_OK, frame, {("no_salt", 4): 1})
 
 
-def test_a_syn_with_no_route_back_is_dropped_and_counted(monkeypatch, route_namespace, fast_path, policy,
-                                                         schedule):
+def test_a_syn_with_no_route_back_goes_the_kernels_way(monkeypatch, route_namespace, fast_path, policy, schedule):
     set_clock(monkeypatch, fast_path, policy, schedule, 1000 * PERIOD + 1)
-    verdict, _, changed = run(route_namespace, fast_path, syn("203.0.113.7", VIP4))
-    assert (verdict, changed) == (TC_ACT_SHOT, {("unsent", 4): 1})
+    frame = syn("203.0.113.7", VIP4)
+    assert run(route_namespace, fast_path, frame) == (TC_ACT_OK, frame, {("unrouted", 4): 1})
+
+
+@pytest.mark.parametrize("case, frame", [
+    ("IPv4 loopback source", syn("127.0.0.1", VIP4)),
+    ("IPv4 zero-network source", syn("0.0.0.0", VIP4)),
+    ("IPv4 multicast source", syn("224.0.0.9", VIP4)),
+    ("IPv4 broadcast source", syn("255.255.255.255", VIP4)),
+    ("IPv6 multicast source", syn("ff02::1", VIP6)),
+    ("IPv6 loopback source", syn("::1", VIP6)),
+    ("IPv6 unspecified source", syn("::", VIP6)),
+    ("IPv6 IPv4-mapped source", syn("::ffff:198.18.1.2", VIP6)),
+    ("IPv6 IPv4-mapped destination", syn("2001:db8:1::2", "::ffff:" + VIP4)),
+    ("IPv6 EtherType, version 4", syn("2001:db8:1::2", VIP6)[:14] + b"\x40" + syn("2001:db8:1::2", VIP6)[15:]),
+])
+def test_what_the_kernel_refuses_is_left_to_it(monkeypatch, route_namespace, fast_path, policy, schedule, case,
+                                               frame):
+    set_clock(monkeypatch, fast_path, policy, schedule, 1000 * PERIOD + 1)
+    assert run(route_namespace, fast_path, frame) == (TC_ACT_OK, frame, {}), case
+
+
+def test_more_ports_than_the_map_holds_is_a_clear_error(fast_path, policy, schedule):
+    crowded = FrontPolicy(vips=policy.vips, ports=frozenset(range(1, 1100)), farm_address=bytes(4),
+                          backends=(bytes(4),), encap_port=6080)
+    with pytest.raises(FastPathError, match="1099 ports: the fast path holds at most 1024"):
+        fast_path.configure(crowded, schedule)
+    fast_path.configure(policy, schedule)
 
 
 def test_counter_names_follow_the_programs_enum():

@@ -53,6 +53,7 @@ _declare("bpf_map__fd", ctypes.c_int, _voidp)
 _declare("bpf_map__type", ctypes.c_int, _voidp)
 _declare("bpf_map__key_size", _u32, _voidp)
 _declare("bpf_map__value_size", _u32, _voidp)
+_declare("bpf_map__max_entries", _u32, _voidp)
 _declare("bpf_map_update_elem", ctypes.c_int, ctypes.c_int, _voidp, _voidp, ctypes.c_uint64)
 _declare("bpf_map_lookup_elem", ctypes.c_int, ctypes.c_int, _voidp, _voidp)
 _declare("bpf_map_delete_elem", ctypes.c_int, ctypes.c_int, _voidp)
@@ -110,8 +111,9 @@ def possible_cpus() -> int:
 class Map:
     """A map by file descriptor, with its key and value sizes."""
 
-    def __init__(self, fd: int, key_size: int, value_size: int, per_cpu: bool = False):
+    def __init__(self, fd: int, key_size: int, value_size: int, per_cpu: bool = False, max_entries: int = 0):
         self.fd, self.key_size, self.value_size, self.per_cpu = fd, key_size, value_size, per_cpu
+        self.max_entries = max_entries
 
     def update(self, key: bytes, value: bytes) -> None:
         if len(key) != self.key_size or len(value) != self.value_size:
@@ -172,7 +174,8 @@ class BpfObject:
         if not found:
             raise BpfError(errno.ENOENT, f"no map {name!r} in the object")
         return Map(_lib.bpf_map__fd(found), _lib.bpf_map__key_size(found), _lib.bpf_map__value_size(found),
-                   per_cpu=_lib.bpf_map__type(found) in PER_CPU_MAP_TYPES)
+                   per_cpu=_lib.bpf_map__type(found) in PER_CPU_MAP_TYPES,
+                   max_entries=_lib.bpf_map__max_entries(found))
 
     def close(self) -> None:
         if self._obj:
@@ -266,7 +269,8 @@ def program_maps(prog_id: int) -> dict[str, Map]:
         map_info = _MapInfo()
         _info(fd, map_info, "map info")
         maps[map_info.name.decode()] = Map(fd, map_info.key_size, map_info.value_size,
-                                           per_cpu=map_info.type in PER_CPU_MAP_TYPES)
+                                           per_cpu=map_info.type in PER_CPU_MAP_TYPES,
+                                           max_entries=map_info.max_entries)
     return maps
 
 

@@ -32,7 +32,7 @@ from synproxy.salt import SaltSchedule
 PROGRAM = "synproxy_front"
 TC_HANDLE = TC_PRIORITY = 0x5346  # "SF": the backend program uses "SP", so one node can run both
 # enum front_counter in bpf/synproxy.h, in order; each counted per IP version.
-OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", "unsent")
+OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", "unrouted", "unsent")
 FAMILIES = (4, 6)
 _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
 _SALT_SLOT_BYTES = 48                 # struct salt_slot
@@ -71,20 +71,30 @@ class FastPath:
 
     def configure(self, policy: FrontPolicy, schedule: SaltSchedule) -> None:
         """What the program protects and announces, then the salts and the clock (refresh())."""
-        replace_keys(self.protected_vips, {mapped(ipaddress.ip_address(vip)) for vip in policy.vips})
-        replace_keys(self.protected_ports, {_PORT.pack(port) for port in policy.ports})
+        for what, wanted, flag_map in (("VIPs", policy.vips, self.protected_vips),
+                                       ("ports", policy.ports, self.protected_ports)):
+            if len(wanted) > flag_map.max_entries:
+                raise FastPathError(f"{len(wanted)} {what}: the fast path holds at most {flag_map.max_entries}")
+        try:
+            replace_keys(self.protected_vips, {mapped(ipaddress.ip_address(vip)) for vip in policy.vips})
+            replace_keys(self.protected_ports, {_PORT.pack(port) for port in policy.ports})
+        except BpfError as error:
+            raise FastPathError(f"filling the fast path's maps failed: {error.strerror}") from None
         self.refresh(policy, schedule, time.time())
 
     def refresh(self, policy: FrontPolicy, schedule: SaltSchedule, now: float) -> None:
         """At every housekeeping: the salts of the current and the next epoch (a SYN arriving just past
         an epoch boundary finds its salt), and the configuration when it changed."""
         epoch = schedule.current_epoch(now)
-        self.salts.refresh(schedule, (epoch, epoch + 1))
         value = _CONFIG.pack(round(schedule.period * 1e9), clock_offset_ns(), policy.announced_mss(4),
                              policy.announced_mss(6), policy.server_wscale, policy.sack, policy.ecn)
-        if value != self._config_written:
-            self.config.update(_KEY.pack(0), value)
-            self._config_written = value
+        try:
+            self.salts.refresh(schedule, (epoch, epoch + 1))
+            if value != self._config_written:
+                self.config.update(_KEY.pack(0), value)
+                self._config_written = value
+        except BpfError as error:
+            raise FastPathError(f"updating the fast path's maps failed: {error.strerror}") from None
 
     def attach(self, interfaces: Iterable[str]) -> None:
         for name in interfaces:

@@ -134,6 +134,8 @@ class FrontMetrics:
         self.epoch = Gauge("synproxy_front_salt_epoch", "Current salt epoch", registry=self.registry)
         self.backends = backends
         self.fast_path: fastpath.FastPath | None = None
+        self.rules: firewall.RawChain | None = None
+        self.protected: tuple = ((), ())  # the VIPs and ports the rules hold
         self.packets: defaultdict[tuple[str, int], int] = defaultdict(int)  # (outcome, IP version)
         self.forwarded = [0] * len(backends)
         self.registry.register(self)
@@ -245,13 +247,14 @@ class Front:
         except OSError as error:
             raise SystemExit(f"synproxy: cannot bind NFQUEUE {queue_num}: {error} (root needed?)") from None
         ensure_sysctls(config)
-        rules = firewall.front_chain(queue_num)
-        rules.install(config.vips, config.ports)
+        self.rules = firewall.front_chain(queue_num)
+        self.rules.install(config.vips, config.ports)
+        self.protected = (config.vips, config.ports)
         try:
             self.fast_path = (fastpath.start(config, self.policy, self.schedule)
                               if config.front.fast_path_interfaces else None)
         except fastpath.FastPathError as error:
-            rules.remove(config.vips, config.ports)
+            self.rules.remove(config.vips, config.ports)
             queue.unbind()
             raise SystemExit(f"synproxy: front fast path: {error}") from None
         self.metrics.fast_path = self.fast_path
@@ -275,25 +278,36 @@ class Front:
                     reload.clear()
                     self.reload()
                 if self.fast_path is not None:
-                    self.fast_path.refresh(self.policy, self.schedule, time.time())
+                    try:
+                        self.fast_path.refresh(self.policy, self.schedule, time.time())
+                    except fastpath.FastPathError as error:  # its SYNs fall back to the queue (no_salt)
+                        log("fast_path_refresh_failed", error=str(error))
                 self.housekeeping_due = time.monotonic() + HOUSEKEEPING_SECONDS
                 queue.run_socket(reader)
         finally:
             sock.close()
             if self.fast_path is not None:
                 self.fast_path.close()
-            rules.remove(config.vips, config.ports)
+            self.rules.remove(*self.protected)
             queue.unbind()
             log("front_stopped", queue=queue_num)
         return 0
 
     def reload(self) -> None:
+        """SIGHUP: the configuration and secrets again; the queue's rules and the fast path's maps follow
+        the VIPs and ports (the queue number and the fast path's interfaces need a restart)."""
         try:
             self.load()
+            ensure_sysctls(self.config)
+            wanted = (self.config.vips, self.config.ports)
+            if wanted != self.protected:
+                self.rules.remove(*self.protected)
+                self.rules.install(*wanted)
+                self.protected = wanted
             if self.fast_path is not None:
                 self.fast_path.configure(self.policy, self.schedule)
             log("config_reloaded", source=str(self.config.source), secrets_accepted=len(self.schedule.secrets))
-        except ConfigError as error:
+        except (ConfigError, firewall.FirewallError, fastpath.FastPathError) as error:
             log("config_reload_failed", error=str(error))
 
 
