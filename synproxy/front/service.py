@@ -134,8 +134,6 @@ class FrontMetrics:
         self.epoch = Gauge("synproxy_front_salt_epoch", "Current salt epoch", registry=self.registry)
         self.backends = backends
         self.fast_path: fastpath.FastPath | None = None
-        self.rules: firewall.RawChain | None = None
-        self.protected: tuple = ((), ())  # the VIPs and ports the rules hold
         self.packets: defaultdict[tuple[str, int], int] = defaultdict(int)  # (outcome, IP version)
         self.forwarded = [0] * len(backends)
         self.registry.register(self)
@@ -192,6 +190,8 @@ class Front:
         self.housekeeping_due = 0.0
         self.packets_seen = 0
         self.fast_path: fastpath.FastPath | None = None
+        self.rules: firewall.RawChain | None = None
+        self.protected: tuple = ((), ())  # the VIPs and ports the rules hold
 
     def load(self) -> None:
         config = load_config(self.config_path)
