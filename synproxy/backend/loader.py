@@ -59,9 +59,9 @@ SALT_CHECK_SECONDS = 0.25  # how late a newly accepted epoch may reach the map
 COUNTERS = ("passed", "decapsulated", "untrusted", "malformed", "cookie_bad", "no_socket", "not_listener",
             "created", "kfunc_failed", "syn_received")
 _CONFIG = struct.Struct("<HBx")            # struct backend_config
-_SALT_SLOT = struct.Struct("<IIQ16s16s")   # struct salt_slot
-_KEY = struct.Struct("<I")
-_COUNTER = struct.Struct("<Q")
+SALT_SLOT = struct.Struct("<IIQ16s16s")   # struct salt_slot
+MAP_KEY = struct.Struct("<I")   # array map index
+COUNTER = struct.Struct("<Q")   # one CPU's value in a per-CPU counter map
 
 
 class BackendError(RuntimeError):
@@ -156,12 +156,12 @@ def mapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
 def salt_slots(schedule: SaltSchedule, epochs: Iterable[int]) -> dict[int, bytes]:
     """A `salts` map's four slots: these epochs' salts (at most two secrets, the minting one first),
     the other slots invalid. At most four consecutive epochs, so no two share a slot."""
-    slots = {slot: _SALT_SLOT.pack(0, 0, 0, bytes(16), bytes(16)) for slot in range(EPOCH_SLOTS)}
+    slots = {slot: SALT_SLOT.pack(0, 0, 0, bytes(16), bytes(16)) for slot in range(EPOCH_SLOTS)}
     for epoch in epochs:
         keys = schedule.validating_salts(epoch)[:MAX_SECRETS]
         nkeys = len(keys)
         keys += [bytes(16)] * (MAX_SECRETS - nkeys)
-        slots[epoch % EPOCH_SLOTS] = _SALT_SLOT.pack(1, nkeys, epoch, *keys)
+        slots[epoch % EPOCH_SLOTS] = SALT_SLOT.pack(1, nkeys, epoch, *keys)
     return slots
 
 
@@ -185,7 +185,7 @@ class SaltMap:
     def refresh(self, schedule: SaltSchedule, epochs: Iterable[int]) -> None:
         for slot, value in salt_slots(schedule, epochs).items():
             if self._written.get(slot) != value:
-                self.map.update(_KEY.pack(slot), value)
+                self.map.update(MAP_KEY.pack(slot), value)
                 self._written[slot] = value
 
 
@@ -207,9 +207,9 @@ class DataPlane:
             self.config = self._map("config", _CONFIG.size)
             self.trusted_fronts = self._map("trusted_fronts", 1)
             self.protected_vips = self._map("protected_vips", 1)
-            self.salts = SaltMap(self._map("salts", _SALT_SLOT.size))
-            self.counters = self._map("counters", _COUNTER.size)
-            self.kfunc_errors = self._map("kfunc_errors", _COUNTER.size)
+            self.salts = SaltMap(self._map("salts", SALT_SLOT.size))
+            self.counters = self._map("counters", COUNTER.size)
+            self.kfunc_errors = self._map("kfunc_errors", COUNTER.size)
         except BaseException:
             self.object.close()
             raise
@@ -218,7 +218,7 @@ class DataPlane:
         return sized_map(self.object, name, value_size)
 
     def configure(self, encap_port: int, server_wscale: int) -> None:
-        self.config.update(_KEY.pack(0), _CONFIG.pack(encap_port, server_wscale))
+        self.config.update(MAP_KEY.pack(0), _CONFIG.pack(encap_port, server_wscale))
 
     def trust(self, fronts: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
         replace_keys(self.trusted_fronts, {mapped(front) for front in fronts})
@@ -235,19 +235,21 @@ class DataPlane:
         self.object.close()
 
 
+def counter_total(counter_map: Map, index: int) -> int:
+    """One slot of a per-CPU counter map, summed over the CPUs."""
+    return sum(COUNTER.unpack(value)[0] for value in counter_map.lookup(MAP_KEY.pack(index)))
+
+
 def read_counters(counters: Map, kfunc_errors: Map) -> dict:
     """Per-CPU counters summed, by name; kfunc failures under "kfunc_errors" by errno name.
 
     The 64 errno slots are read only when some kfunc call failed (each failure counts in both maps).
     """
-    def total(counter_map: Map, index: int) -> int:
-        return sum(_COUNTER.unpack(value)[0] for value in counter_map.lookup(_KEY.pack(index)))
-
-    totals: dict = {name: total(counters, index) for index, name in enumerate(COUNTERS)}
+    totals: dict = {name: counter_total(counters, index) for index, name in enumerate(COUNTERS)}
     totals["kfunc_errors"] = {}
     if totals["kfunc_failed"]:
         totals["kfunc_errors"] = {errno.errorcode.get(code, str(code)): value for code in range(KFUNC_ERRNO_SLOTS)
-                                  if (value := total(kfunc_errors, code))}
+                                  if (value := counter_total(kfunc_errors, code))}
     return totals
 
 

@@ -17,9 +17,13 @@ from pathlib import Path
 
 from synproxy.backend.libbpf import BpfError, BpfObject, tc_attach, tc_detach
 from synproxy.backend.loader import (
+    COUNTER,
+    MAP_KEY,
+    SALT_SLOT,
     BackendError,
     SaltMap,
     build_object,
+    counter_total,
     interface_index,
     mapped,
     replace_keys,
@@ -35,10 +39,7 @@ TC_HANDLE = TC_PRIORITY = 0x5346  # "SF": the backend program uses "SP", so one 
 OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", "unrouted", "unsent")
 FAMILIES = (4, 6)
 _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
-_SALT_SLOT_BYTES = 48                 # struct salt_slot
-_KEY = struct.Struct("=I")
 _PORT = struct.Struct("=H")
-_COUNTER = struct.Struct("=Q")
 
 
 class FastPathError(RuntimeError):
@@ -61,8 +62,8 @@ class FastPath:
             self.config = sized_map(self.object, "config", _CONFIG.size)
             self.protected_vips = sized_map(self.object, "protected_vips", 1)
             self.protected_ports = sized_map(self.object, "protected_ports", 1)
-            self.salts = SaltMap(sized_map(self.object, "salts", _SALT_SLOT_BYTES))
-            self.counters = sized_map(self.object, "counters", _COUNTER.size)
+            self.salts = SaltMap(sized_map(self.object, "salts", SALT_SLOT.size))
+            self.counters = sized_map(self.object, "counters", COUNTER.size)
         except BaseException:
             self.object.close()
             raise
@@ -91,7 +92,7 @@ class FastPath:
         try:
             self.salts.refresh(schedule, (epoch, epoch + 1))
             if value != self._config_written:
-                self.config.update(_KEY.pack(0), value)
+                self.config.update(MAP_KEY.pack(0), value)
                 self._config_written = value
         except BpfError as error:
             raise FastPathError(f"updating the fast path's maps failed: {error.strerror}") from None
@@ -113,8 +114,7 @@ class FastPath:
         totals = {}
         for index, outcome in enumerate(OUTCOMES):
             for offset, family in enumerate(FAMILIES):
-                values = self.counters.lookup(_KEY.pack(index * 2 + offset))
-                totals[outcome, family] = sum(_COUNTER.unpack(value)[0] for value in values)
+                totals[outcome, family] = counter_total(self.counters, index * 2 + offset)
         return totals
 
     def close(self) -> None:
