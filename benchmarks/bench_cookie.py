@@ -38,7 +38,8 @@ def main() -> None:
     ack_packet = build_tcp_packet(saddr, daddr, 40000, 80, 1235, cookie + 1, ACK, 502)
     message = bytes(48)
     policy = FrontPolicy(vips=frozenset({daddr}), ports=frozenset({80}), farm_address=bytes([198, 18, 10, 2]),
-                         backends=(bytes([198, 18, 20, 2]),), encap_port=6080)
+                         backends=(bytes([198, 18, 20, 2]),), encap_port=6080,
+                         flow_key=os.urandom(16))
     linux_syn = build_tcp_packet(saddr, daddr, 40000, 80, 1234, 0, SYN, 64240,
                                  build_tcp_options(1460, 7, True, (123456, 0)))
 

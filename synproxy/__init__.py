@@ -1,3 +1,1 @@
-"""Stateless SYN proxy with a shared rolling-salt cookie."""
-
-__version__ = "0.1.0"
+"""Stateless SYN proxy with a shared rolling-salt cookie (version: pyproject.toml, `synproxy --version`)."""

@@ -3,18 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import re
 import sys
+import tomllib
+from pathlib import Path
 
-from synproxy.config import ConfigError, load_config
+from synproxy.config import ConfigError, load_config, role_warnings
 from synproxy.firewall import FirewallError
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    """Exit 0 with warnings on stderr (one line each), 2 on the first error."""
     config = load_config(args.file)
+    warnings = list(config.warnings)
+    if args.role:
+        from synproxy.netlink import blackholed, local_addresses
+        warnings += role_warnings(config, args.role, local_addresses(),
+                                  blackholed(config.vips) if args.role == "front" else set())
+    for warning in warnings:
+        print(f"synproxy: warning: {warning}", file=sys.stderr)
     print(f"{args.file}: ok ({len(config.vips)} VIPs, {len(config.ports)} ports, "
-          f"{len(config.backends)} backends, {len(config.fronts)} fronts)")
+          f"{len(config.backends)} backends, {len(config.fronts)} fronts"
+          f"{f', {len(warnings)} warnings' if warnings else ''})")
     return 0
+
+
+def version() -> str:
+    """The version pyproject.toml gives: read from it in a source tree (the lab's image runs one, and an
+    editable install's metadata may be another checkout's), else from the installed package's metadata."""
+    try:
+        project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+        if project.get("name") == "synproxy":
+            return project["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        pass
+    try:
+        return importlib.metadata.version("synproxy")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (neither a source tree nor installed)"
 
 
 def _selftest(args: argparse.Namespace) -> int:
@@ -70,9 +97,14 @@ def _lab_name(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synproxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"synproxy {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    check = commands.add_parser("check-config", help="validate a configuration file and its secret")
+    check = commands.add_parser("check-config", help="validate a configuration file and its secrets; with "
+                                "--role, also this node's addresses and routes for that role")
+    check.add_argument("--role", choices=["front", "backend"],
+                       help="front: farm_address is local and each VIP has a blackhole route; "
+                            "backend: the VIPs are configured here")
     check.add_argument("file")
     check.set_defaults(handler=_check_config)
 

@@ -1,24 +1,35 @@
 """YAML configuration shared by fronts and backends: a schema, defaults, and errors that name the line.
 
-Every error is a :class:`ConfigError` whose message is ``FILE:LINE: KEY: what is wrong``. The master
-secret lives in its own file, readable by its owner only; its bytes never appear in any message.
+Every error is a :class:`ConfigError` whose message is ``FILE:LINE: KEY: what is wrong``, naming the
+bad value; warnings (a deprecated key, a risky combination) have the same form and are kept in
+``Config.warnings``. A key given no value (``front:`` with nothing under it) means its default. The
+master secret lives in its own file, readable by its owner only; its bytes never appear in any message.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import shlex
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from synproxy.salt import MIN_SECRET_BYTES, SaltSchedule
+from synproxy.logs import log
+from synproxy.maglev import derive_flow_key
+from synproxy.salt import MAX_SECRETS, MIN_SECRET_BYTES, SaltSchedule
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Fronts refresh their fast path's salts every 0.5 s and backends their program's every 0.25 s, each
+# writing the epochs it accepts or mints next: a period several times longer keeps every new epoch's
+# salt in the maps well before its first cookie. A cookie also lives at least one period (docs/cookie.md),
+# which must exceed a client's round trip, and clock_skew_seconds (default 2) may not exceed it.
+MIN_SALT_PERIOD_SECONDS = 2.0
+SECRET_COMMAND = "(umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' > {path})"
 
 
 class ConfigError(ValueError):
@@ -45,7 +56,8 @@ class Config:
     vips: tuple[IPAddress, ...]
     ports: tuple[int, ...]
     secret_file: Path
-    retired_secret_files: tuple[Path, ...]
+    accepted_secret_files: tuple[Path, ...]  # validate, never mint: the two-phase rotation's other secret
+    flow_secret_file: Path | None             # the flow hash's key comes from it (secret_file when None)
     salt_period_seconds: float
     clock_skew_seconds: float
     server_wscale: int
@@ -55,11 +67,32 @@ class Config:
     backends: tuple[IPAddress, ...]
     front: FrontConfig
     backend: BackendConfig
+    warnings: tuple[str, ...] = ()
+    lines: dict[str, int] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def salt_schedule(self) -> SaltSchedule:
         """Read the secrets now (so a reload picks up a rotated secret) and build the schedule."""
-        secrets = tuple(read_secret(path) for path in (self.secret_file, *self.retired_secret_files))
+        secrets = tuple(read_secret(path) for path in (self.secret_file, *self.accepted_secret_files))
         return SaltSchedule(secrets, period=self.salt_period_seconds, skew=self.clock_skew_seconds)
+
+    def flow_key(self) -> bytes:
+        """The key every front hashes flows with (maglev.flow_hash), read now like the secrets."""
+        return derive_flow_key(read_secret(self.flow_secret_file or self.secret_file))
+
+    def where(self, key: str) -> str:
+        """``FILE:LINE: key`` for a message about ``key`` (its section's line when it was not given)."""
+        line = self.lines.get(key) or self.lines.get(key.rpartition(".")[0])
+        return f"{self.source}{f':{line}' if line else ''}: {key}"
+
+    def farm_address_among(self, local: set[IPAddress]) -> IPAddress:
+        """A front's farm address: ``front.farm_address``, or the one of ``fronts`` among ``local``."""
+        if self.front.farm_address is not None:
+            return self.front.farm_address
+        found = local & set(self.fronts)
+        if len(found) != 1:
+            raise ConfigError(f"{self.where('front.farm_address')}: not set, and "
+                              f"{'none' if not found else 'more than one'} of `fronts` is local to this node")
+        return found.pop()
 
 
 def read_secret(path: Path) -> bytes:
@@ -70,6 +103,9 @@ def read_secret(path: Path) -> bytes:
             raise ConfigError(f"{path}: secret file is accessible to group or others "
                               f"(mode {stat.S_IMODE(mode):o}); chmod 600 it")
         text = path.read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: secret file does not exist; make it once, then copy it to every node: "
+                          + SECRET_COMMAND.format(path=shlex.quote(str(path)))) from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot read secret file: {error.strerror}") from None
     except UnicodeDecodeError:
@@ -85,12 +121,16 @@ def read_secret(path: Path) -> bytes:
 
 
 # Value checkers: each takes the constructed YAML value and returns the typed one, or raises
-# TypeError / ValueError with a message for the operator.
+# TypeError / ValueError with a message for the operator that names the value.
+
+def _shown(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+
 
 def _integer(low: int, high: int) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"expected an integer, got {type(value).__name__}")
+            raise TypeError(f"expected an integer, got {_shown(value)}")
         if not low <= value <= high:
             raise ValueError(f"must be between {low} and {high}, got {value}")
         return value
@@ -100,25 +140,40 @@ def _integer(low: int, high: int) -> Callable[[Any], int]:
 def _seconds(minimum: float, strict: bool) -> Callable[[Any], float]:
     def check(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"expected a number of seconds, got {type(value).__name__}")
+            raise TypeError(f"expected a number of seconds, got {_shown(value)}")
         if value < minimum or (strict and value == minimum):
             raise ValueError(f"must be {'above' if strict else 'at least'} {minimum}, got {value}")
         return float(value)
     return check
 
 
-def _address(value: Any) -> IPAddress:
-    if not isinstance(value, str):
-        raise TypeError(f"expected an IP address, got {type(value).__name__}")
+def _ip_literal(value: Any) -> IPAddress:
     try:
         return ipaddress.ip_address(value)
     except ValueError:
-        raise ValueError(f"not an IP address: {value!r}") from None
+        raise ValueError(f"not an IP address: {_shown(value)}") from None
+
+
+def _address(value: Any) -> IPAddress:
+    """A unicast address a packet can be sent to and from: not 0.0.0.0, ::, multicast, loopback,
+    link-local or reserved (which includes 255.255.255.255 and IPv4-mapped IPv6)."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected an IP address, got {_shown(value)}")
+    address = _ip_literal(value)
+    for kind, described in _UNUSABLE.items():
+        if getattr(address, f"is_{kind}"):
+            raise ValueError(f"{value} is {described}, not a unicast address of a host")
+    return address
+
+
+_UNUSABLE = {"unspecified": "the unspecified address", "multicast": "a multicast address",
+             "loopback": "a loopback address", "link_local": "a link-local address",
+             "reserved": "a reserved address"}
 
 
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise TypeError("expected a non-empty string")
+        raise TypeError(f"expected a non-empty string, got {_shown(value)}")
     return value
 
 
@@ -127,10 +182,20 @@ def _path(value: Any) -> Path:
 
 
 def _host_port(value: Any) -> str:
+    """``IPV4:PORT`` or ``[IPV6]:PORT``. A host name is refused: resolving it would happen at start-up,
+    where an unresolvable one hung for 10 s before failing."""
     host, sep, port = _text(value).rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    _integer(1, 65535)(int(port) if port.isdigit() else -1)
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected IP:PORT or [IPV6]:PORT, got {_shown(value)}")
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        address = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        raise ValueError(f"the host must be an IP address (names are not resolved), got {host!r}") from None
+    if (address.version == 6) != bracketed:
+        raise ValueError(f"an IPv6 host goes in brackets ([::]:9100), an IPv4 one not, got {_shown(value)}")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"the port must be between 1 and 65535, got {port}")
     return value
 
 
@@ -158,17 +223,19 @@ SCHEMA = {
     "vips": _Field(_address, required=True, many=True),
     "ports": _Field(PORT, required=True, many=True),
     "secret_file": _Field(_path, required=True),
-    "retired_secret_files": _Field(_path, (), many=True),
-    "salt_period_seconds": _Field(_seconds(0, strict=True), 60.0),
+    "accepted_secret_files": _Field(_path, (), many=True),
+    "flow_secret_file": _Field(_path),
+    "salt_period_seconds": _Field(_seconds(MIN_SALT_PERIOD_SECONDS, strict=False), 60.0),
     "clock_skew_seconds": _Field(_seconds(0, strict=False), 2.0),
     "server_wscale": _Field(_integer(0, 14), 7),
     "backend_mss": _Field(_integer(536, 9000), 1460),
     "encap_port": _Field(PORT, 6080),
     "fronts": _Field(_address, (), many=True),
-    "backends": _Field(_address, (), many=True),
+    "backends": _Field(_address, required=True, many=True),
     "front": _Field(FRONT_SCHEMA, {}),
     "backend": _Field(BACKEND_SCHEMA, {}),
 }
+RENAMED = {"retired_secret_files": "accepted_secret_files"}  # old name -> new name, still read
 
 
 class _Reader:
@@ -177,51 +244,86 @@ class _Reader:
     def __init__(self, source: Path):
         self.source = source
         self.constructor = yaml.SafeLoader("")
+        self.warnings: list[str] = []
+        self.lines: dict[str, int] = {}
 
     def error(self, node: yaml.Node | None, key: str, message: str) -> ConfigError:
-        line = f":{node.start_mark.line + 1}" if node is not None else ""
-        return ConfigError(f"{self.source}{line}: {key}: {message}")
+        return ConfigError(self.message(node, key, message))
 
-    def section(self, node: yaml.Node, schema: dict, prefix: str) -> dict:
+    def message(self, node: yaml.Node | None, key: str, message: str) -> str:
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        return f"{self.source}{line}: {key}: {message}"
+
+    def section(self, node: yaml.Node, schema: dict, name: str) -> dict:
+        prefix = f"{name}." if name else ""
+        if _is_empty(node):
+            node = yaml.MappingNode("tag:yaml.org,2002:map", [], node.start_mark)
         if not isinstance(node, yaml.MappingNode):
-            raise self.error(node, prefix or "(top level)", "expected a mapping of keys to values")
+            raise self.error(node, name or "(top level)",
+                             f"expected a mapping of keys to values, got {_described(node)}")
         values: dict[str, Any] = {}
         for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            name = f"{prefix}{key}"
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else _described(key_node)
+            if key in RENAMED and not prefix:
+                self.warnings.append(self.message(key_node, key, f"deprecated: renamed {RENAMED[key]} "
+                                                  "(same meaning); the old name will go"))
+                key = RENAMED[key]
             if key not in schema:
-                raise self.error(key_node, name, f"unknown key (known: {', '.join(sorted(schema))})")
+                raise self.error(key_node, f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(schema))})")
             if key in values:
-                raise self.error(key_node, name, "given twice")
-            values[key] = self.value(value_node, schema[key], name)
-        for key, field in schema.items():
+                raise self.error(key_node, f"{prefix}{key}", "given twice")
+            self.lines[f"{prefix}{key}"] = key_node.start_mark.line + 1
+            values[key] = self.value(value_node, schema[key], f"{prefix}{key}")
+        for key, field_ in schema.items():
             if key in values:
                 continue
-            if field.required:
+            if field_.required:
                 raise self.error(node, f"{prefix}{key}", "required key is missing")
-            values[key] = (self.section(yaml.MappingNode("tag:yaml.org,2002:map", []), field.check,
-                                        f"{prefix}{key}.") if isinstance(field.check, dict)
-                           else field.default)
+            values[key] = self.default(node, field_, f"{prefix}{key}")
         return values
 
-    def value(self, node: yaml.Node, field: _Field, name: str) -> Any:
-        if isinstance(field.check, dict):
-            return self.section(node, field.check, f"{name}.")
-        if field.many:
+    def default(self, node: yaml.Node, field_: _Field, name: str) -> Any:
+        if isinstance(field_.check, dict):
+            return self.section(yaml.MappingNode("tag:yaml.org,2002:map", [], node.start_mark), field_.check, name)
+        return field_.default
+
+    def value(self, node: yaml.Node, field_: _Field, name: str) -> Any:
+        if isinstance(field_.check, dict):
+            return self.section(node, field_.check, name)
+        if _is_empty(node):
+            if field_.required:
+                raise self.error(node, name, "required, but given no value")
+            return field_.default
+        if field_.many:
             if not isinstance(node, yaml.SequenceNode):
-                raise self.error(node, name, "expected a list")
-            if field.required and not node.value:
+                raise self.error(node, name, f"expected a list, got {_described(node)}")
+            if field_.required and not node.value:
                 raise self.error(node, name, "must not be empty")
-            return tuple(self.scalar(item, field.check, name) for item in node.value)
-        return self.scalar(node, field.check, name)
+            return tuple(self.scalar(item, field_.check, name) for item in node.value)
+        return self.scalar(node, field_.check, name)
 
     def scalar(self, node: yaml.Node, check: Callable[[Any], Any], name: str) -> Any:
         if not isinstance(node, yaml.ScalarNode):
-            raise self.error(node, name, "expected a single value")
+            raise self.error(node, name, f"expected a single value, got {_described(node)}")
         try:
             return check(self.constructor.construct_object(node))
         except (ValueError, TypeError, yaml.YAMLError) as error:
             raise self.error(node, name, str(error)) from None
+
+
+def _is_empty(node: yaml.Node) -> bool:
+    """``key:`` with nothing after it (or ``~``, ``null``)."""
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _described(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    if _is_empty(node):
+        return "nothing"
+    return node.value if node.style is None else repr(node.value)  # as written: 80, 'eighty
 
 
 def parse_config(text: str, source: Path) -> Config:
@@ -237,22 +339,27 @@ def parse_config(text: str, source: Path) -> Config:
     reader = _Reader(source)
     values = reader.section(root, SCHEMA, "")
     _check_relations(values, root, reader)
-    secret_file = values["secret_file"]
     base = source.parent
+
+    def resolved(path: Path) -> Path:
+        return path if path.is_absolute() else base / path
+
     return Config(
         source=source, vips=values["vips"], ports=values["ports"],
-        secret_file=secret_file if secret_file.is_absolute() else base / secret_file,
-        retired_secret_files=tuple(p if p.is_absolute() else base / p
-                                   for p in values["retired_secret_files"]),
+        secret_file=resolved(values["secret_file"]),
+        accepted_secret_files=tuple(map(resolved, values["accepted_secret_files"])),
+        flow_secret_file=values["flow_secret_file"] and resolved(values["flow_secret_file"]),
         salt_period_seconds=values["salt_period_seconds"],
         clock_skew_seconds=values["clock_skew_seconds"], server_wscale=values["server_wscale"],
         backend_mss=values["backend_mss"], encap_port=values["encap_port"],
         fronts=values["fronts"], backends=values["backends"],
-        front=FrontConfig(**values["front"]), backend=BackendConfig(**values["backend"]))
+        front=FrontConfig(**values["front"]), backend=BackendConfig(**values["backend"]),
+        warnings=tuple(reader.warnings), lines=reader.lines)
 
 
 def _key_node(root: yaml.MappingNode, key: str) -> yaml.Node:
-    return next((value for k, value in root.value if k.value == key), root)
+    names = {key} | {old for old, new in RENAMED.items() if new == key}
+    return next((value for k, value in root.value if k.value in names), root)
 
 
 def _check_relations(values: dict, root: yaml.MappingNode, reader: _Reader) -> None:
@@ -267,10 +374,24 @@ def _check_relations(values: dict, root: yaml.MappingNode, reader: _Reader) -> N
     if overlap:
         raise reader.error(_key_node(root, "vips"), "vips",
                            f"{', '.join(map(str, sorted(overlap)))} is also a front or backend address")
+    accepted = values["accepted_secret_files"]
+    if len(accepted) > MAX_SECRETS - 1:
+        raise reader.error(_key_node(root, "accepted_secret_files"), "accepted_secret_files",
+                           f"at most {MAX_SECRETS - 1}, got {len(accepted)}: the backends check {MAX_SECRETS} "
+                           "secrets (secret_file and one accepted); finish a rotation before starting the next")
+    if values["secret_file"] in accepted:
+        raise reader.error(_key_node(root, "accepted_secret_files"), "accepted_secret_files",
+                           f"lists secret_file ({values['secret_file']})")
+    if accepted and values["flow_secret_file"] is None:
+        reader.warnings.append(reader.message(
+            _key_node(root, "accepted_secret_files"), "accepted_secret_files",
+            "rotating without flow_secret_file: the flow hash's key comes from secret_file, so when it "
+            "changes every established flow moves to another backend; set flow_secret_file to the current "
+            "secret_file first (docs/cookie.md)"))
 
 
 def load_config(path: str | os.PathLike) -> Config:
-    """Load and validate a config file; the secret file is checked too, so errors come at start-up."""
+    """Load and validate a config file; the secret files are checked too, so errors come at start-up."""
     source = Path(path)
     try:
         text = source.read_text()
@@ -281,6 +402,37 @@ def load_config(path: str | os.PathLike) -> Config:
     config = parse_config(text, source)
     try:
         config.salt_schedule()
+        config.flow_key()
     except ValueError as error:  # ConfigError included: it is already phrased with its file.
         raise ConfigError(str(error)) from None
     return config
+
+
+def log_warnings(config: Config) -> None:
+    """A running node's warnings go to its log (check-config prints them)."""
+    for warning in config.warnings:
+        log("config_warning", warning=warning)
+
+
+def role_warnings(config: Config, role: str, local: set[IPAddress], blackholed: set[IPAddress]) -> list[str]:
+    """What makes this file wrong for this node in ``role``, given the node's addresses and the VIPs its
+    routes blackhole (netlink facts the caller gathers)."""
+    warnings = []
+    if role == "front":
+        try:
+            farm = config.farm_address_among(local)
+            if farm not in local:
+                warnings.append(f"{config.where('front.farm_address')}: {farm} is not an address of this node")
+        except ConfigError as error:
+            warnings.append(str(error))
+        for vip in config.vips:
+            if vip not in blackholed:
+                warnings.append(f"{config.where('vips')}: {vip} has no blackhole route on this node: VIP traffic "
+                                f"the queue does not rewrite would be routed back out "
+                                f"(ip route add blackhole {vip}/{vip.max_prefixlen})")
+    elif role == "backend":
+        missing = [str(vip) for vip in config.vips if vip not in local]
+        if missing:
+            warnings.append(f"{config.where('vips')}: {', '.join(missing)} not configured on this node: "
+                            "a backend answers from the VIPs (ip address add VIP dev lo)")
+    return warnings

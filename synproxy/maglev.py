@@ -10,9 +10,18 @@ import struct
 
 from siphash24 import siphash24
 
+from synproxy.salt import derive_key
+
 DEFAULT_TABLE_SIZE = 65537  # prime, much larger than any backend count
-_FLOW_KEY = bytes(16)  # fixed, not secret: the choice must survive master-secret rotation
+FLOW_KEY_INFO = b"synproxy-flow-key-v1"
 _PORTS = struct.Struct("!HH")
+
+
+def derive_flow_key(secret: bytes) -> bytes:
+    """The flow hash's key, secret so that no one outside can aim a flood at one backend by choosing
+    4-tuples that hash to it. It must outlive cookie secrets (a new key re-maps every established flow):
+    config.flow_secret_file pins the secret it comes from (docs/cookie.md, rotation)."""
+    return derive_key(secret, FLOW_KEY_INFO)
 
 
 def _hash(data: bytes, seed: int) -> int:
@@ -45,6 +54,6 @@ def build_table(backends: list[str], size: int = DEFAULT_TABLE_SIZE) -> list[int
                 return table
 
 
-def flow_hash(saddr: bytes, daddr: bytes, sport: int, dport: int) -> int:
-    """A 64-bit hash of the 4-tuple, the same on every front."""
-    return siphash24(saddr + daddr + _PORTS.pack(sport, dport), key=_FLOW_KEY).intdigest()
+def flow_hash(saddr: bytes, daddr: bytes, sport: int, dport: int, key: bytes) -> int:
+    """A 64-bit hash of the 4-tuple, the same on every front (they share ``key``)."""
+    return siphash24(saddr + daddr + _PORTS.pack(sport, dport), key=key).intdigest()

@@ -18,15 +18,22 @@ SALT_BYTES = 16
 EPOCH_BITS = 2
 EPOCH_SLOTS = 1 << EPOCH_BITS
 MIN_SECRET_BYTES = 16
+# Secrets the backend's program checks per epoch (struct salt_slot in bpf/synproxy.h): the minting one
+# and one accepted secret, which is what a two-phase rotation needs (docs/cookie.md).
+MAX_SECRETS = 2
 _MISSING = object()
+
+
+def derive_key(secret: bytes, info: bytes) -> bytes:
+    """A 16-byte SipHash key from the master secret: HKDF-SHA256, one ``info`` string per use, so no
+    two uses share a key and none reveals the secret."""
+    return HKDF(algorithm=hashes.SHA256(), length=SALT_BYTES, salt=None, info=info).derive(secret)
 
 
 @functools.lru_cache(maxsize=64)
 def derive_salt(secret: bytes, epoch: int) -> bytes:
     """The 16-byte SipHash key for ``epoch`` (cached: called once per packet otherwise)."""
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=SALT_BYTES, salt=None,
-                info=SALT_INFO_PREFIX + epoch.to_bytes(8, "big"))
-    return hkdf.derive(secret)
+    return derive_key(secret, SALT_INFO_PREFIX + epoch.to_bytes(8, "big"))
 
 
 def epoch_at(now: float, period: float) -> int:
@@ -38,8 +45,8 @@ def epoch_at(now: float, period: float) -> int:
 class SaltSchedule:
     """Which epochs and secrets a node accepts at a given time.
 
-    ``secrets[0]`` makes new cookies; every secret validates (the others are retired secrets kept for
-    a grace period while the master secret rotates). A cookie is accepted while its epoch overlaps
+    ``secrets[0]`` makes new cookies; every secret validates (the others are accepted secrets: the next
+    one, before every node mints with it, or the previous one, for a grace period after). A cookie is accepted while its epoch overlaps
     ``[now - period - skew, now + skew]``: the current and previous epoch, widened by the tolerated
     clock skew between nodes.
     """

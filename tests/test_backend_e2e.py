@@ -101,7 +101,7 @@ def _write_config(directory: Path, backend_if: str) -> Path:
     secret.write_text(os.urandom(32).hex() + "\n")
     config = directory / "synproxy.yaml"
     config.write_text(f"vips: [{VIP[4]}, {VIP[6]}]\nports: [{PORT}]\nsecret_file: {secret}\n"
-                      f"fronts: [{FRONT}]\nencap_port: {ENCAP_PORT}\nserver_wscale: {SERVER_WSCALE}\n"
+                      f"fronts: [{FRONT}]\nbackends: [{BACKEND}]\nencap_port: {ENCAP_PORT}\nserver_wscale: {SERVER_WSCALE}\n"
                       f"salt_period_seconds: {PERIOD}\nclock_skew_seconds: {SKEW}\n"
                       f"backend:\n  interface: {backend_if}\n")
     return config

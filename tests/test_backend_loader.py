@@ -53,7 +53,7 @@ def _config(directory: Path, interface: str | None) -> Path:
     secret.touch(mode=0o600)
     secret.write_text("ab" * 32)
     config = directory / "synproxy.yaml"
-    config.write_text("vips: [198.19.0.10]\nports: [80]\nsecret_file: secret.hex\nfronts: [198.18.10.2]\n"
+    config.write_text("vips: [198.19.0.10]\nports: [80]\nsecret_file: secret.hex\nfronts: [198.18.10.2]\nbackends: [198.18.20.2]\n"
                       + (f"backend:\n  interface: {interface}\n" if interface else ""))
     return config
 

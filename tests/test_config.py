@@ -1,12 +1,24 @@
-"""Configuration: every kind of mistake gives one clear line naming file, line and key, and exit 2."""
+"""Configuration: every kind of mistake gives one clear line naming file, line, key and value, and exit 2."""
 
 import os
+import re
+import subprocess
+import sys
+import time
+import tomllib
 from pathlib import Path
 
 import pytest
+from pyroute2 import NetNS
 
 from synproxy.cli import main
 from synproxy.config import ConfigError, load_config
+from synproxy.maglev import FLOW_KEY_INFO, derive_flow_key
+from synproxy.netns import add_addresses, namespaces, unique_name
+from synproxy.salt import derive_key
+from tests.lab_fixtures import needs_root
+
+REPO = Path(__file__).resolve().parents[1]
 
 GOOD = """\
 vips: [198.19.0.10, 2001:db8:ffff::10]
@@ -45,12 +57,16 @@ def test_good_config_loads_with_defaults(workdir):
 
 
 @pytest.mark.parametrize("change, expected", [
-    (("ports: [80, 443]", "ports: [eighty]"), ":2: ports: expected an integer, got str"),
-    (("ports: [80, 443]", "ports: [80, 70000]"), ":2: ports: must be between 1 and 65535"),
-    (("ports: [80, 443]", "ports: 80"), ":2: ports: expected a list"),
+    (("ports: [80, 443]", "ports: [eighty]"), ":2: ports: expected an integer, got 'eighty'"),
+    (("ports: [80, 443]", "ports: [80, 70000]"), ":2: ports: must be between 1 and 65535, got 70000"),
+    (("ports: [80, 443]", "ports: 80"), ":2: ports: expected a list, got 80"),
+    (("ports: [80, 443]", "ports:"), ":2: ports: required, but given no value"),
     (("  queue_num: 3", "  queue_num: 3\n  colour: blue"), ":8: front.colour: unknown key"),
     (("front:", "frontend: 1\nfront:"), ":6: frontend: unknown key"),
-    (("vips: [198.19.0.10, 2001:db8:ffff::10]", "vips: [198.19.0.300]"), ":1: vips: not an IP address"),
+    (("front:\n  queue_num: 3", "front: yes"), ":6: front: expected a mapping of keys to values, got yes"),
+    (("  queue_num: 3", "  farm_address: [198.18.10.2]"), ":7: front.farm_address: expected a single value, got a list"),
+    (("  queue_num: 3", "  farm_address: 7"), ":7: front.farm_address: expected an IP address, got 7"),
+    (("vips: [198.19.0.10, 2001:db8:ffff::10]", "vips: [198.19.0.300]"), ":1: vips: not an IP address: '198.19.0.300'"),
     (("vips: [198.19.0.10, 2001:db8:ffff::10]", "vips: [198.19.0.10, 198.19.0.10]"),
      ":1: vips: lists the same entry twice"),
     (("vips: [198.19.0.10, 2001:db8:ffff::10]", "vips: [198.18.20.2]"),
@@ -58,8 +74,6 @@ def test_good_config_loads_with_defaults(workdir):
     (("secret_file: secret.hex\n", ""), ": secret_file: required key is missing"),
     (("ports: [80, 443]", "ports: [80, 443]\nclock_skew_seconds: 90"),
      ":3: clock_skew_seconds: must not exceed salt_period_seconds"),
-    (("ports: [80, 443]", "ports: [80, 443]\nsalt_period_seconds: 0"),
-     ":3: salt_period_seconds: must be above 0"),
     (("ports: [80, 443]", "ports: [80, 443\n"), "not valid YAML"),
 ])
 def test_mistakes_name_file_line_and_key(workdir, change, expected, capsys):
@@ -87,7 +101,10 @@ def test_secret_file_problems(workdir, capsys):
     with pytest.raises(ConfigError, match="at least 16 bytes"):
         load_config(path)
     os.remove(secret)
-    with pytest.raises(ConfigError, match="cannot read secret file"):
+    with pytest.raises(ConfigError, match="secret file does not exist; make it once, then copy it"):
+        load_config(path)
+    secret.mkdir(mode=0o700)
+    with pytest.raises(ConfigError, match="cannot read secret file: Is a directory"):
         load_config(path)
 
 
@@ -108,7 +125,201 @@ def test_missing_and_empty_files(tmp_path, capsys):
 
 
 def test_check_config_accepts_the_example(workdir, capsys):
-    example = Path(__file__).parent.parent / "deploy" / "example.yaml"
-    path = write(workdir, example.read_text())
+    path = write(workdir, (REPO / "deploy" / "example.yaml").read_text())
     assert main(["check-config", str(path)]) == 0
-    assert "ok" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "ok" in captured.out and captured.err == ""
+
+
+def cli(*args: str, cwd: Path | None = None, namespace: str | None = None) -> subprocess.CompletedProcess:
+    """The entry point as an operator runs it (in ``namespace``, when given), with this checkout's code."""
+    inside = ["ip", "netns", "exec", namespace] if namespace else []
+    return subprocess.run([*inside, sys.executable, "-m", "synproxy.cli", *args], capture_output=True, text=True,
+                          timeout=30, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+
+
+def test_example_as_shipped_says_how_to_make_its_secret_and_passes_once_made(tmp_path):
+    shipped = REPO / "deploy" / "example.yaml"
+    text = shipped.read_text()
+    done = cli("check-config", str(shipped))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "secret file does not exist" in done.stderr
+    # The comment's command, run where the example lives, makes a secret it accepts.
+    command = re.search(r"^#\s+(\(umask 077;.*\))$", text, re.MULTILINE).group(1)
+    (tmp_path / "example.yaml").write_text(text)
+    subprocess.run(["sh", "-c", command], cwd=tmp_path, check=True)
+    done = cli("check-config", "example.yaml", cwd=tmp_path)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    for page in re.findall(r"docs/[a-z-]+\.md", text):
+        assert (REPO / page).exists(), page
+    assert "metrics_address: 0.0.0.0:9100" in text
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["check-config"], "the following arguments are required: file"),
+    (["check-config", "--role", "router", "x.yaml"], "invalid choice: 'router'"),
+    (["check-config", "absent.yaml"], "absent.yaml: cannot read config: No such file or directory"),
+])
+def test_cli_errors_are_one_line_without_traceback(tmp_path, args, expected):
+    done = cli(*args, cwd=tmp_path)
+    assert done.returncode == 2
+    assert expected in done.stderr.strip().splitlines()[-1] and "Traceback" not in done.stderr
+
+
+def test_version_comes_from_pyproject():
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    done = cli("--version")
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"synproxy {version}\n", "")
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("ports: [80, 443]", "ports: [80, 443]\nsalt_period_seconds: 1"),
+     ":3: salt_period_seconds: must be at least 2.0, got 1"),
+    (("ports: [80, 443]", "ports: [80, 443]\nsalt_period_seconds: 0"),
+     ":3: salt_period_seconds: must be at least 2.0, got 0"),
+    (("backends: [198.18.20.2, 198.18.21.2]", "backends: []"), ":5: backends: must not be empty"),
+    (("backends: [198.18.20.2, 198.18.21.2]\n", ""), ": backends: required key is missing"),
+    (("backends: [198.18.20.2, 198.18.21.2]", "backends: [0.0.0.0]"),
+     ":5: backends: 0.0.0.0 is the unspecified address"),
+] + [
+    (("vips: [198.19.0.10, 2001:db8:ffff::10]", f"vips: ['{vip}']"), f":1: vips: {vip} is {described}")
+    for vip, described in [("0.0.0.0", "the unspecified address"), ("::", "the unspecified address"),
+                           ("224.0.0.1", "a multicast address"), ("ff02::1", "a multicast address"),
+                           ("127.0.0.1", "a loopback address"), ("::1", "a loopback address"),
+                           ("169.254.1.1", "a link-local address"), ("fe80::1", "a link-local address"),
+                           ("255.255.255.255", "a reserved address"), ("::ffff:198.19.0.10", "a reserved address")]
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_bounds_refuse_what_cannot_work(workdir, change, expected, capsys):
+    """Before: a 0 s or 1 s period, VIP 0.0.0.0 and no backends all passed check-config."""
+    path = write(workdir, GOOD.replace(*change))
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_empty_section_or_value_means_the_defaults(workdir):
+    """Before: `front:` with nothing under it was refused as `front.: expected a mapping`."""
+    text = GOOD.replace("  queue_num: 3\n", "").replace("  interface: eth0\n", "") + "clock_skew_seconds:\n"
+    config = load_config(write(workdir, text))
+    assert (config.front.queue_num, config.backend.interface, config.clock_skew_seconds) == (0, None, 2.0)
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:9100", "[::]:9100", "198.18.10.2:9100", "[2001:db8::1]:9100"])
+def test_metrics_address_takes_ip_literals(workdir, address):
+    config = load_config(write(workdir, GOOD.replace("  queue_num: 3", f"  metrics_address: '{address}'")))
+    assert config.front.metrics_address == address
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("nosuchhost.invalid:9100", "the host must be an IP address (names are not resolved), got 'nosuchhost.invalid'"),
+    ("localhost:9100", "got 'localhost'"),
+    ("::1:9100", "an IPv6 host goes in brackets"),
+    ("0.0.0.0:99999", "the port must be between 1 and 65535, got 99999"),
+    ("9100", "expected IP:PORT or [IPV6]:PORT, got '9100'"),
+])
+def test_metrics_address_refuses_names_at_once(workdir, address, expected, capsys):
+    """Before: a host name passed and the node hung 10 s resolving it at start-up, then crashed."""
+    path = write(workdir, GOOD.replace("  queue_num: 3", f"  metrics_address: '{address}'"))
+    started = time.monotonic()
+    assert main(["check-config", str(path)]) == 2
+    assert time.monotonic() - started < 1
+    err = capsys.readouterr().err
+    assert ":7: front.metrics_address: " in err and expected in err
+
+
+def secret(workdir: Path, name: str, byte: str) -> str:
+    (workdir / name).write_text(byte * 32)
+    (workdir / name).chmod(0o600)
+    return name
+
+
+def test_accepted_secrets_validate_and_the_old_name_still_works_with_one_warning(workdir, capsys):
+    secret(workdir, "next.hex", "cd")
+    config = load_config(write(workdir, GOOD + "flow_secret_file: secret.hex\naccepted_secret_files: [next.hex]\n"))
+    assert config.salt_schedule().secrets == (bytes.fromhex("ab" * 32), bytes.fromhex("cd" * 32))
+    assert config.warnings == ()
+    path = write(workdir, GOOD + "flow_secret_file: secret.hex\nretired_secret_files: [next.hex]\n")
+    config = load_config(path)
+    assert config.accepted_secret_files == (workdir / "next.hex",)
+    assert config.warnings == ((f"{path}:11: retired_secret_files: deprecated: renamed accepted_secret_files "
+                                "(same meaning); the old name will go"),)
+    assert main(["check-config", str(path)]) == 0
+    assert capsys.readouterr().err == f"synproxy: warning: {config.warnings[0]}\n"
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ("accepted_secret_files: [next.hex]\nretired_secret_files: [next.hex]\n",
+     ":11: accepted_secret_files: given twice"),
+    ("accepted_secret_files: [next.hex, other.hex]\n",
+     ":10: accepted_secret_files: at most 1, got 2: the backends check 2 secrets"),
+    ("accepted_secret_files: [secret.hex]\n", ":10: accepted_secret_files: lists secret_file"),
+])
+def test_accepted_secret_mistakes(workdir, extra, expected):
+    secret(workdir, "next.hex", "cd")
+    secret(workdir, "other.hex", "ef")
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(write(workdir, GOOD + extra))
+
+
+def test_rotating_without_a_flow_secret_warns(workdir):
+    secret(workdir, "next.hex", "cd")
+    config = load_config(write(workdir, GOOD + "accepted_secret_files: [next.hex]\n"))
+    assert len(config.warnings) == 1
+    assert ":10: accepted_secret_files: rotating without flow_secret_file" in config.warnings[0]
+
+
+def test_flow_key_is_secret_and_survives_a_cookie_secret_rotation(workdir):
+    """Before: every front hashed flows with a fixed, public key (zeros)."""
+    first = load_config(write(workdir, GOOD))
+    assert first.flow_key() == derive_key(bytes.fromhex("ab" * 32), FLOW_KEY_INFO) != bytes(16)
+    # Pinned to the first secret, the key stays when secret_file moves on.
+    secret(workdir, "first.hex", "ab")
+    secret(workdir, "next.hex", "cd")
+    rotated = load_config(write(workdir, GOOD.replace("secret.hex", "next.hex")
+                                + "flow_secret_file: first.hex\naccepted_secret_files: [secret.hex]\n"))
+    assert rotated.flow_key() == first.flow_key()
+    assert derive_flow_key(bytes.fromhex("cd" * 32)) != first.flow_key()
+
+
+@pytest.fixture
+def node(tmp_path):
+    """A namespace standing for a node: 198.18.10.2 on its loopback, 198.19.0.10 blackholed."""
+    name = unique_name("cfg")
+    with namespaces(name):
+        with NetNS(name) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            ns.route("add", dst="198.19.0.10/32", type="blackhole")
+        add_addresses(name, "lo", "198.18.10.2/32")
+        yield name
+
+
+@needs_root
+def test_role_front_warns_about_a_foreign_farm_address_and_a_vip_without_blackhole(workdir, node):
+    path = write(workdir, GOOD.replace("  queue_num: 3", "  farm_address: 198.18.10.2"))
+    done = cli("check-config", "--role", "front", str(path), namespace=node)
+    # The IPv4 VIP is blackholed, the IPv6 one not; the farm address is local.
+    assert done.returncode == 0 and "2 VIPs" in done.stdout
+    assert done.stderr == (f"synproxy: warning: {path}:1: vips: 2001:db8:ffff::10 has no blackhole route on this node:"
+                           " VIP traffic the queue does not rewrite would be routed back out"
+                           " (ip route add blackhole 2001:db8:ffff::10/128)\n")
+    path = write(workdir, GOOD.replace("  queue_num: 3", "  farm_address: 198.18.11.2")
+                 .replace("vips: [198.19.0.10, 2001:db8:ffff::10]", "vips: [198.19.0.10]"))
+    done = cli("check-config", "--role", "front", str(path), namespace=node)
+    assert done.returncode == 0
+    assert done.stderr == (f"synproxy: warning: {path}:7: front.farm_address: 198.18.11.2 is not an address of "
+                           "this node\n")
+    path = write(workdir, GOOD.replace("fronts: [198.18.10.2]", "fronts: [198.18.12.2]"))
+    done = cli("check-config", "--role", "front", str(path), namespace=node)
+    assert "front.farm_address: not set, and none of `fronts` is local to this node" in done.stderr
+
+
+@needs_root
+def test_role_backend_warns_about_vips_not_configured_here(workdir, node):
+    path = write(workdir, GOOD)
+    done = cli("check-config", "--role", "backend", str(path), namespace=node)
+    assert done.returncode == 0
+    assert done.stderr == (f"synproxy: warning: {path}:1: vips: 198.19.0.10, 2001:db8:ffff::10 not configured on "
+                           "this node: a backend answers from the VIPs (ip address add VIP dev lo)\n")
+    add_addresses(node, "lo", "198.19.0.10/32", "2001:db8:ffff::10/128")
+    done = cli("check-config", "--role", "backend", str(path), namespace=node)
+    assert (done.returncode, done.stderr) == (0, "")

@@ -13,7 +13,7 @@ from scapy.packet import raw
 
 from synproxy import encap
 from synproxy.front.handler import Action, FrontPolicy, handle
-from synproxy.maglev import build_table
+from synproxy.maglev import build_table, derive_flow_key, flow_hash
 from synproxy.salt import SaltSchedule
 
 SCHEDULE = SaltSchedule((b"f" * 32,))
@@ -23,7 +23,8 @@ CLIENT4, CLIENT6 = "198.18.1.2", "2001:db8:1::2"
 BACKENDS = ("198.18.20.2", "198.18.21.2")
 POLICY = FrontPolicy(vips=frozenset({ipaddress.ip_address(VIP4).packed, ipaddress.ip_address(VIP6).packed}),
                      ports=frozenset({80}), farm_address=ipaddress.ip_address("198.18.10.2").packed,
-                     backends=tuple(ipaddress.ip_address(b).packed for b in BACKENDS), encap_port=6080)
+                     backends=tuple(ipaddress.ip_address(b).packed for b in BACKENDS), encap_port=6080,
+                     flow_key=derive_flow_key(b"f" * 32))
 
 
 def syn(family=4, options=(), flags="S", dport=80, sport=40000):
@@ -157,6 +158,18 @@ def test_every_front_picks_the_same_backend_and_load_is_spread():
         assert first.backend == second.backend
         chosen[first.backend] += 1
     assert min(chosen.values()) > 800
+
+
+def test_an_attacker_cannot_aim_flows_at_one_backend():
+    """Before: the flow key was public (zeros), so an attacker could pick 4-tuples that all land on
+    backend 0. With a key derived from the secret, the same tuples spread over both backends."""
+    public = dataclasses.replace(POLICY, flow_key=bytes(16))
+    client, vip = ipaddress.ip_address(CLIENT4).packed, ipaddress.ip_address(VIP4).packed
+    aimed = [sport for sport in range(1024, 65536)
+             if public.backend_for(flow_hash(client, vip, sport, 80, public.flow_key)) == 0][:2000]
+    chosen = Counter(handle(raw(IP(src=CLIENT4, dst=VIP4) / TCP(sport=sport, dport=80, flags="A")), NOW, SCHEDULE,
+                            POLICY).backend for sport in aimed)
+    assert min(chosen[0], chosen[1]) > 800, chosen
 
 
 def test_maglev_moves_only_the_removed_backends_flows():

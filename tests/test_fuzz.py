@@ -24,7 +24,8 @@ from tests.lab_fixtures import needs_root
 
 LONG = os.environ.get("SYNPROXY_LONG") == "1"
 POLICY = FrontPolicy(vips=frozenset({hostile.VIP4, hostile.VIP6}), ports=frozenset({80}),
-                     farm_address=bytes([198, 18, 10, 2]), backends=(bytes([198, 18, 20, 2]),), encap_port=6080)
+                     farm_address=bytes([198, 18, 10, 2]), backends=(bytes([198, 18, 20, 2]),), encap_port=6080,
+                     flow_key=b"f" * 16)
 SCHEDULE = SaltSchedule((b"z" * 32,))
 
 

@@ -43,16 +43,15 @@ from synproxy.backend.libbpf import (
     tc_attached_program,
     tc_detach,
 )
-from synproxy.config import ConfigError, load_config
+from synproxy.config import ConfigError, load_config, log_warnings
 from synproxy.logs import log
-from synproxy.salt import EPOCH_SLOTS, SaltSchedule, SecretRotation
+from synproxy.salt import EPOCH_SLOTS, MAX_SECRETS, SaltSchedule, SecretRotation
 
 REPO_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 SHARED_HEADER = "synproxy.h"
 PROGRAM = "synproxy_backend"
 TC_HANDLE = TC_PRIORITY = 0x5350  # "SP": a fixed filter slot, so a later run or --detach finds it
 KFUNC = "bpf_sk_assign_tcp_reqsk"
-MAX_SECRETS = 2  # key slots per epoch in struct salt_slot
 KFUNC_ERRNO_SLOTS = 64
 SALT_CHECK_SECONDS = 0.25  # how late a newly accepted epoch may reach the map
 # enum counter in bpf/synproxy.h, in order.
@@ -361,6 +360,7 @@ def serve(config, interface: str) -> int:
                 reload.clear()
                 try:
                     previous_config, config = config, load_config(config.source)
+                    log_warnings(config)
                     configured = config.salt_schedule()
                     if (config.vips, config.ports) != (previous_config.vips, previous_config.ports):
                         untracked.remove(previous_config.vips, previous_config.ports)
@@ -382,12 +382,13 @@ def serve(config, interface: str) -> int:
 def _warn_if_secrets_unchecked(schedule: SaltSchedule) -> None:
     if len(schedule.secrets) > MAX_SECRETS:
         log("secrets_unchecked", accepted=len(schedule.secrets), checked=MAX_SECRETS,
-            note="the backend checks the primary and the first retired secret only; fronts accept more")
+            note="the backend checks the minting and the first accepted secret only; fronts accept more")
 
 
 def main(args: argparse.Namespace) -> int:
     """`synproxy backend --config FILE [--interface IF] [--detach | --stats [--json]]`."""
     config = load_config(args.config)
+    log_warnings(config)
     interface = args.interface or config.backend.interface
     try:
         if not interface:

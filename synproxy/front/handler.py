@@ -59,6 +59,7 @@ class FrontPolicy:
     farm_address: bytes
     backends: tuple[bytes, ...]
     encap_port: int
+    flow_key: bytes       # maglev.derive_flow_key: the same on every front, unknown outside
     backend_mss: int = 1460
     server_wscale: int = 7
     sack: bool = True
@@ -105,7 +106,7 @@ def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolic
             return Verdict(Action.DROP, None, "malformed_bad_checksum")
         # Established traffic carries no cookie either: it is forwarded under the same labels.
         outcome = "validated" if validated else _REJECTED[result]
-    flow = flow_hash(segment.saddr, segment.daddr, segment.sport, segment.dport)
+    flow = flow_hash(segment.saddr, segment.daddr, segment.sport, segment.dport, policy.flow_key)
     backend = policy.backend_for(flow)
     wrapped = encap.encapsulate(packet, policy.farm_address, policy.backends[backend], policy.encap_port,
                                 flow, validated)

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_se
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from synproxy import firewall
-from synproxy.config import Config, ConfigError, load_config
+from synproxy.config import Config, ConfigError, load_config, log_warnings
 from synproxy.front import fastpath
 from synproxy.front.handler import Action, FrontPolicy, handle
 from synproxy.logs import log
@@ -61,22 +61,15 @@ def ensure_sysctls(config: Config) -> None:
 
 def farm_address(config: Config):
     """The configured front address, or the one of `fronts` that is local to this node."""
-    if config.front.farm_address is not None:
-        return config.front.farm_address
-    local = local_addresses() & set(config.fronts)
-    if len(local) != 1:
-        raise ConfigError(f"{config.source}: front.farm_address: not set, and "
-                          f"{'none' if not local else 'more than one'} of `fronts` is local to this node")
-    return local.pop()
+    return config.farm_address_among(local_addresses())
 
 
 def build_policy(config: Config) -> FrontPolicy:
-    if not config.backends:
-        raise ConfigError(f"{config.source}: backends: a front needs at least one backend")
     return FrontPolicy(vips=frozenset(vip.packed for vip in config.vips), ports=frozenset(config.ports),
                        farm_address=farm_address(config).packed,
                        backends=tuple(b.packed for b in config.backends), encap_port=config.encap_port,
-                       backend_mss=config.backend_mss, server_wscale=config.server_wscale)
+                       flow_key=config.flow_key(), backend_mss=config.backend_mss,
+                       server_wscale=config.server_wscale)
 
 
 def queue_stats(queue_num: int, text: str) -> dict[str, int] | None:
@@ -195,6 +188,7 @@ class Front:
 
     def load(self) -> None:
         config = load_config(self.config_path)
+        log_warnings(config)
         self.policy = build_policy(config)
         self.configured_schedule = config.salt_schedule()
         self.schedule = self.rotation.effective(self.configured_schedule, getattr(self, "schedule", None),
