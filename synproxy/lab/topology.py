@@ -188,14 +188,18 @@ class Lab:
             ns.route("replace", dst="::/0", gateway=host.router_side6)
 
     def _write_config(self) -> None:
-        secret = self.state_dir / "secret.hex"
-        secret.touch(mode=0o600)
-        secret.write_text(os.urandom(32).hex() + "\n")
+        # The flow secret is its own file: tests rotate secret.hex in place, and the flows must stay on
+        # their backends when they do (docs/cookie.md, rotation).
+        for name in ("secret.hex", "flow-secret.hex"):
+            secret = self.state_dir / name
+            secret.touch(mode=0o600)
+            secret.write_text(os.urandom(32).hex() + "\n")
         fronts = ", ".join(h.address for h in self.by_role("front"))
         backends = ", ".join(h.address for h in self.by_role("backend"))
         text = (
             "# Written by `synproxy lab up`: one configuration for every front and backend.\n"
             f"vips: [{VIP}, {VIP6}]\nports: [{', '.join(map(str, PORTS))}]\nsecret_file: secret.hex\n"
+            "flow_secret_file: flow-secret.hex\n"
             f"fronts: [{fronts}]\nbackends: [{backends}]\n"
             f"salt_period_seconds: {self.salt_period_seconds}\nclock_skew_seconds: {self.clock_skew_seconds}\n"
             f"front:\n  metrics_address: 0.0.0.0:{FRONT_METRICS_PORT}\n"
