@@ -124,7 +124,12 @@ def read_secret(path: Path) -> bytes:
 # TypeError / ValueError with a message for the operator that names the value.
 
 def _shown(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+    """A value as the operator wrote it: 'eighty', 80, true, nothing."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def _integer(low: int, high: int) -> Callable[[Any], int]:
@@ -147,19 +152,15 @@ def _seconds(minimum: float, strict: bool) -> Callable[[Any], float]:
     return check
 
 
-def _ip_literal(value: Any) -> IPAddress:
-    try:
-        return ipaddress.ip_address(value)
-    except ValueError:
-        raise ValueError(f"not an IP address: {_shown(value)}") from None
-
-
 def _address(value: Any) -> IPAddress:
     """A unicast address a packet can be sent to and from: not 0.0.0.0, ::, multicast, loopback,
     link-local or reserved (which includes 255.255.255.255 and IPv4-mapped IPv6)."""
     if not isinstance(value, str):
         raise TypeError(f"expected an IP address, got {_shown(value)}")
-    address = _ip_literal(value)
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"not an IP address: {_shown(value)}") from None
     for kind, described in _UNUSABLE.items():
         if getattr(address, f"is_{kind}"):
             raise ValueError(f"{value} is {described}, not a unicast address of a host")
