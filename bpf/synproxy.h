@@ -67,6 +67,15 @@ struct salt_slot {          /* one per epoch mod 4 */
 	__u8 keys[MAX_SECRETS][16];
 };
 
+/* The keys a backend checks the encapsulation's MAC with: one element (key 0), replaced whole by the
+ * loader. A hash map, because an update of a hash element swaps it under RCU while an array's is copied
+ * in place, and a reader could see a key half written. */
+struct encap_keys {
+	__u32 nkeys; /* primary secret's key first, then a retired one's while rotating */
+	__u32 pad;
+	__u8 keys[MAX_SECRETS][16];
+};
+
 struct front_config {
 	__u64 period_ns;       /* salt epoch length; 0 until the loader has written the rest */
 	__s64 clock_offset_ns; /* CLOCK_REALTIME - CLOCK_TAI: epochs and TSval follow the wall clock */
@@ -85,15 +94,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct salt_slot);
 } salts SEC(".maps");
-
-/* The keys a backend checks the encapsulation's MAC with: one element (key 0), replaced whole by the
- * loader. A hash map, because an update of a hash element swaps it under RCU while an array's is copied
- * in place, and a reader could see a key half written. */
-struct encap_keys {
-	__u32 nkeys; /* primary secret's key first, then a retired one's while rotating */
-	__u32 pad;
-	__u8 keys[MAX_SECRETS][16];
-};
 
 /* Both programs' protected VIPs (the front answers SYNs to these; the backend accepts encapsulated
  * segments only to these and counts plain SYNs that reach it), IPv4 as ::ffff:a.b.c.d. */

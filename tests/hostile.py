@@ -10,7 +10,16 @@ import random
 import struct
 
 from synproxy import encap
-from synproxy.packet import ACK, FIN, PROTO_UDP, RST, SYN, build_ip_header, build_tcp_options, build_tcp_packet
+from synproxy.packet import (
+    ACK,
+    FIN,
+    PROTO_UDP,
+    RST,
+    SYN,
+    build_ip_header,
+    build_tcp_options,
+    build_tcp_packet,
+)
 
 VIP4 = bytes([198, 19, 0, 10])
 VIP6 = bytes.fromhex("20010db8ffff00000000000000000010")

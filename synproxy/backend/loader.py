@@ -2,10 +2,10 @@
 
 The program needs, in its maps: the encap port and server window scale, the trusted front addresses,
 the protected VIPs and ports, the encapsulation's MAC keys, and the salts of the accepted epochs (kept
-current from the same master secret the fronts use). The loader stays running to keep the salts current; on SIGTERM/SIGINT it detaches. `--stats` and
-`--detach` find a running program through its tc filter and the program's map ids, so they work from
-any process: maps pinned in bpffs would not, because `ip netns exec` mounts a fresh /sys (and with
-it an empty bpffs) for every command.
+current from the same master secret the fronts use). The loader stays running to keep the salts
+current; on SIGTERM/SIGINT it detaches. `--stats` and `--detach` find a running program through its
+tc filter and the program's map ids, so they work from any process: maps pinned in bpffs would not,
+because `ip netns exec` mounts a fresh /sys (and with it an empty bpffs) for every command.
 """
 
 from __future__ import annotations
