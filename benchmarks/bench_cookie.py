@@ -13,6 +13,7 @@ import time
 from siphash24 import siphash24
 
 from synproxy.cookie import SynOptions, check_cookie, make_cookie
+from synproxy.encap import encap_key
 from synproxy.front.handler import FrontPolicy, handle
 from synproxy.packet import ACK, SYN, build_tcp_options, build_tcp_packet, parse_tcp
 from synproxy.salt import SaltSchedule
@@ -39,6 +40,7 @@ def main() -> None:
     message = bytes(48)
     policy = FrontPolicy(vips=frozenset({daddr}), ports=frozenset({80}), farm_address=bytes([198, 18, 10, 2]),
                          backends=(bytes([198, 18, 20, 2]),), encap_port=6080,
+                         encap_key=encap_key(schedule.secrets[0]),
                          flow_key=os.urandom(16))
     linux_syn = build_tcp_packet(saddr, daddr, 40000, 80, 1234, 0, SYN, 64240,
                                  build_tcp_options(1460, 7, True, (123456, 0)))

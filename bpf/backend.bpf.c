@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
-/* Backend data plane (tc ingress, direct action): remove the fronts' encapsulation, re-check the
- * cookie of VALIDATED ACKs, and let the kernel create the connection with bpf_sk_assign_tcp_reqsk.
- * docs/backend.md describes what it trusts; docs/cookie.md the cookie. Outer IPv4; inner IPv4 or IPv6. */
+/* Backend data plane (tc ingress, direct action): authenticate and remove the fronts' encapsulation,
+ * re-check the cookie of VALIDATED ACKs, and let the kernel create the connection with
+ * bpf_sk_assign_tcp_reqsk. docs/backend.md describes what it trusts; docs/cookie.md the cookie. Outer
+ * IPv4; inner IPv4 or IPv6. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -37,6 +38,13 @@ struct {
 	__type(key, __u8[16]); /* IPv4 as ::ffff:a.b.c.d */
 	__type(value, __u8);
 } trusted_fronts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH); /* see struct encap_keys: updates must be atomic for readers */
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct encap_keys);
+} encap_keys SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -191,16 +199,47 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 	return TC_ACT_OK;
 }
 
-/* Parse the (plain or decapsulated) packet; behind fronts no SYN to a protected VIP should ever reach a
- * backend, so count those that do (SYNs to the backend's own address, e.g. a metrics scrape, are not). */
-static __always_inline int parse_and_count_syn(struct __sk_buff *skb, struct segment *seg)
+/* Behind fronts no SYN to a protected VIP should ever reach a backend: count those that do outside the
+ * encapsulation (SYNs to the backend's own address, e.g. a metrics scrape, are not). */
+static __always_inline void count_plain_syn(struct __sk_buff *skb)
 {
-	if (!parse_segment(skb, seg))
-		return 0;
-	if ((seg->flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN &&
-	    bpf_map_lookup_elem(&protected_vips, seg->daddr))
+	struct segment seg = {};
+
+	if (parse_segment(skb, &seg) && (seg.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN &&
+	    bpf_map_lookup_elem(&protected_vips, seg.daddr))
 		COUNT(COUNTER_SYN_RECEIVED);
-	return 1;
+}
+
+/* Did a front that holds one of our encap keys write this header for these outer addresses and this
+ * inner segment? */
+static __always_inline int encap_mac_valid(const struct encap_header *header, __be32 outer_saddr,
+					   __be32 outer_daddr, const struct segment *seg)
+{
+	__u32 zero = 0;
+	struct encap_keys *keys = bpf_map_lookup_elem(&encap_keys, &zero);
+	union cookie_message message;
+	__u64 mac;
+
+	if (!keys)
+		return 0;
+	__builtin_memcpy(&mac, header->mac, 8);
+	mac = bpf_be64_to_cpu(mac);
+	encap_message_of(&message, outer_saddr, outer_daddr, seg, header->flags);
+#pragma unroll
+	for (__u32 i = 0; i < MAX_SECRETS; i++) {
+		if (i < keys->nkeys && siphash24_48(message.words, keys->keys[i]) == mac)
+			return 1;
+	}
+	return 0;
+}
+
+/* What a front forwards: TCP to a protected VIP and port, never a SYN (a front answers those itself). */
+static __always_inline int forwarded_by_a_front(const struct segment *seg)
+{
+	__u16 port = bpf_ntohs(seg->dport);
+
+	return !(seg->flags & TCP_FLAG_SYN) && bpf_map_lookup_elem(&protected_vips, seg->daddr) &&
+	       bpf_map_lookup_elem(&protected_ports, &port);
 }
 
 /* Strip outer IPv4 + UDP + header; the inner family becomes skb->protocol and the Ethernet type. */
@@ -235,7 +274,7 @@ int synproxy_backend(struct __sk_buff *skb)
 	if (!cfg || (void *)(udp + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
 	    ip->ihl != 5 || ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(IP_MF_OR_OFFSET)) ||
 	    udp->dest != bpf_htons(cfg->encap_port)) {
-		parse_and_count_syn(skb, &seg);
+		count_plain_syn(skb);
 		COUNT(COUNTER_PASSED);
 		return TC_ACT_OK;
 	}
@@ -251,14 +290,30 @@ int synproxy_backend(struct __sk_buff *skb)
 		COUNT(COUNTER_MALFORMED);
 		return TC_ACT_SHOT;
 	}
-	__u8 flags = header->flags;
+	/* Kept past decapsulate(), which moves the packet. */
+	struct encap_header seen = *header;
+	__be32 outer_saddr = ip->saddr, outer_daddr = ip->daddr;
 	__u8 inner_version = *inner >> 4;
 	if ((inner_version != 4 && inner_version != 6) || decapsulate(skb, inner_version)) {
 		COUNT(COUNTER_MALFORMED);
 		return TC_ACT_SHOT;
 	}
+	/* The MAC covers the inner addresses and ports: only a TCP segment can be checked (and a front
+	 * forwards nothing else). */
+	if (!parse_segment(skb, &seg)) {
+		COUNT(COUNTER_ENCAP_REFUSED);
+		return TC_ACT_SHOT;
+	}
+	if (!encap_mac_valid(&seen, outer_saddr, outer_daddr, &seg)) {
+		COUNT(COUNTER_ENCAP_BAD_MAC);
+		return TC_ACT_SHOT;
+	}
+	if (!forwarded_by_a_front(&seg)) {
+		COUNT(COUNTER_ENCAP_REFUSED);
+		return TC_ACT_SHOT;
+	}
 	COUNT(COUNTER_DECAPSULATED);
-	if (parse_and_count_syn(skb, &seg) && (flags & ENCAP_FLAG_VALIDATED))
+	if (seen.flags & ENCAP_FLAG_VALIDATED)
 		return create_connection(skb, &seg, cfg);
 	return TC_ACT_OK;
 }

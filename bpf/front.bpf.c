@@ -22,13 +22,6 @@ struct {
 } config SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u16); /* host order */
-	__type(value, __u8);
-} protected_ports SEC(".maps");
-
-struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, FRONT_COUNTER_MAX * 2);
 	__type(key, __u32);

@@ -33,15 +33,17 @@
 static const __u16 mss_table_v4[4] = {536, 1300, 1440, 1460};
 static const __u16 mss_table_v6[4] = {1220, 1420, 1440, 8940};
 
-/* --- encapsulation: outer IPv4 (20) + UDP (8) + this header (4) --- */
+/* --- encapsulation v2: outer IPv4 (20) + UDP (8) + this header (12) (docs/backend.md) --- */
 #define ENCAP_MAGIC 0x5c
 #define ENCAP_FLAG_VALIDATED 0x01
-#define ENCAP_OVERHEAD 32
+#define ENCAP_OVERHEAD 40
+#define ENCAP_MAC_INPUT_BYTES 48
 
 struct encap_header {
 	__u8 magic;
 	__u8 flags;
 	__u16 reserved; /* zero */
+	__u8 mac[8];    /* SipHash-2-4 of encap_message_of()'s 48 bytes under an encap key, big endian */
 };
 
 /* bpf_skb_adjust_room flags (Linux 6.3) that also set skb->protocol to the inner family; the 6.1 uapi
@@ -65,6 +67,15 @@ struct salt_slot {          /* one per epoch mod 4 */
 	__u8 keys[MAX_SECRETS][16];
 };
 
+/* The keys a backend checks the encapsulation's MAC with: one element (key 0), replaced whole by the
+ * loader. A hash map, because an update of a hash element swaps it under RCU while an array's is copied
+ * in place, and a reader could see a key half written. */
+struct encap_keys {
+	__u32 nkeys; /* primary secret's key first, then a retired one's while rotating */
+	__u32 pad;
+	__u8 keys[MAX_SECRETS][16];
+};
+
 struct front_config {
 	__u64 period_ns;       /* salt epoch length; 0 until the loader has written the rest */
 	__s64 clock_offset_ns; /* CLOCK_REALTIME - CLOCK_TAI: epochs and TSval follow the wall clock */
@@ -84,14 +95,22 @@ struct {
 	__type(value, struct salt_slot);
 } salts SEC(".maps");
 
-/* Both programs' protected VIPs (the front answers SYNs to these, the backend counts those that reach it),
- * IPv4 as ::ffff:a.b.c.d. */
+/* Both programs' protected VIPs (the front answers SYNs to these; the backend accepts encapsulated
+ * segments only to these and counts plain SYNs that reach it), IPv4 as ::ffff:a.b.c.d. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
 	__type(key, __u8[16]);
 	__type(value, __u8);
 } protected_vips SEC(".maps");
+
+/* Both programs' protected ports, host order. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, __u8);
+} protected_ports SEC(".maps");
 
 /* Outcomes of the front program, counted per IP version in its per-CPU `counters` (index = outcome * 2
  * + (IPv6 ? 1 : 0)); synproxy/front/fastpath.py names them in this order. */
@@ -120,6 +139,9 @@ enum counter {
 	COUNTER_CREATED,           /* the kfunc made a request socket: a connection is born */
 	COUNTER_KFUNC_FAILED,      /* the kfunc refused (see kfunc_errors by errno) */
 	COUNTER_SYN_RECEIVED,      /* TCP SYNs that reached this backend (should stay 0 behind fronts) */
+	COUNTER_ENCAP_BAD_MAC,     /* from a trusted front's address, but no encap key gives its MAC: dropped */
+	COUNTER_ENCAP_REFUSED,     /* from a trusted front, but not what a front forwards: not a TCP segment,
+				    * or an authentic SYN or one not to a protected VIP and port: dropped */
 	COUNTER_MAX,
 };
 #define KFUNC_ERRNO_SLOTS 64
@@ -300,5 +322,22 @@ static __always_inline void cookie_message_of(union cookie_message *message, con
 	__builtin_memcpy(&message->bytes[40], &epoch_be, 4);
 	__builtin_memcpy(&message->bytes[44], &data_be, 2);
 }
+
+/* The 48 bytes the encapsulation's MAC covers (docs/backend.md): outer source and destination, the
+ * inner addresses (16-byte form) and ports, the header's flags, three zero bytes. */
+static __always_inline void encap_message_of(union cookie_message *message, __be32 outer_saddr,
+					     __be32 outer_daddr, const struct segment *seg, __u8 flags)
+{
+	__builtin_memset(message, 0, sizeof(*message));
+	__builtin_memcpy(&message->bytes[0], &outer_saddr, 4);
+	__builtin_memcpy(&message->bytes[4], &outer_daddr, 4);
+	__builtin_memcpy(&message->bytes[8], seg->saddr, 16);
+	__builtin_memcpy(&message->bytes[24], seg->daddr, 16);
+	__builtin_memcpy(&message->bytes[40], &seg->sport, 2);
+	__builtin_memcpy(&message->bytes[42], &seg->dport, 2);
+	message->bytes[44] = flags;
+}
+_Static_assert(ENCAP_MAC_INPUT_BYTES == COOKIE_MAC_INPUT_BYTES, "both MACs run siphash24_48");
+_Static_assert(sizeof(struct encap_header) == ENCAP_OVERHEAD - 28, "outer IPv4 + UDP + header");
 
 #endif

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 from siphash24 import siphash24
 
+from synproxy.packet import V4_MAPPED_PREFIX
 from synproxy.salt import EPOCH_SLOTS, SaltSchedule
 
 MSS_TABLE = {4: (536, 1300, 1440, 1460), 6: (1220, 1420, 1440, 8940)}
@@ -30,7 +31,6 @@ _EPOCH_SHIFT = 8
 _MAC_INPUT = struct.Struct("!16s16sHHIIHxx")
 _MAC_INPUT_V4 = struct.Struct("!12s4s12s4sHHIIHxx")  # the same 48 bytes, the mapped prefixes packed apart
 MAC_INPUT_BYTES = _MAC_INPUT.size
-_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
 
 class SynOptions(NamedTuple):
@@ -90,7 +90,7 @@ def mac_input(saddr: bytes, daddr: bytes, sport: int, dport: int, client_isn: in
               data: int) -> bytes:
     """The 48 bytes the MAC covers; IPv4 addresses enter as IPv4-mapped IPv6 (::ffff:a.b.c.d)."""
     if len(saddr) == 4:
-        return _MAC_INPUT_V4.pack(_V4_MAPPED_PREFIX, saddr, _V4_MAPPED_PREFIX, daddr, sport, dport, client_isn,
+        return _MAC_INPUT_V4.pack(V4_MAPPED_PREFIX, saddr, V4_MAPPED_PREFIX, daddr, sport, dport, client_isn,
                                   epoch & 0xFFFFFFFF, data)
     return _MAC_INPUT.pack(saddr, daddr, sport, dport, client_isn, epoch & 0xFFFFFFFF, data)
 

@@ -12,6 +12,7 @@ from typing import NamedTuple
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = (1 << i for i in range(8))
 PROTO_TCP = 6
 PROTO_UDP = 17
+V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"  # IPv4 in a 16-byte address field: ::ffff:a.b.c.d
 
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _IPV6 = struct.Struct("!IHBB16s16s")

@@ -9,7 +9,17 @@ from __future__ import annotations
 import random
 import struct
 
-from synproxy.packet import ACK, FIN, RST, SYN, build_tcp_options, build_tcp_packet
+from synproxy import encap
+from synproxy.packet import (
+    ACK,
+    FIN,
+    PROTO_UDP,
+    RST,
+    SYN,
+    build_ip_header,
+    build_tcp_options,
+    build_tcp_packet,
+)
 
 VIP4 = bytes([198, 19, 0, 10])
 VIP6 = bytes.fromhex("20010db8ffff00000000000000000010")
@@ -140,3 +150,36 @@ def packets(count: int, seed: int = 7):
     for i in range(count):
         name, make = makers[i % len(makers)]
         yield name, make(rng)
+
+
+def _flow(packet: bytes) -> tuple[bytes, bytes, int, int] | None:
+    """Addresses and ports where the backend program reads them (IPv4: after the IHL's header), whatever
+    the rest says; None when the packet is too short to hold them."""
+    if packet and packet[0] >> 4 == 6:
+        saddr, daddr, start = packet[8:24], packet[24:40], 40
+    elif len(packet) >= 20:
+        saddr, daddr, start = packet[12:16], packet[16:20], (packet[0] & 0xF) * 4
+    else:
+        return None
+    if len(packet) < max(start, 20) + 4:
+        return None
+    return saddr, daddr, int.from_bytes(packet[start:start + 2], "big"), int.from_bytes(packet[start + 2:start + 4],
+                                                                                        "big")
+
+
+def encapsulations(count: int, key: bytes, front: bytes, backend: bytes, port: int, seed: int = 11):
+    """``count`` (kind, genuine MAC?, encapsulated packet) of the hostile kinds, wrapped as a front would
+    (no Ethernet header): half flagged VALIDATED; half carry the MAC of ``key`` (a front relaying them, or
+    a leaked key), the others a random one (anyone else on the farm network)."""
+    rng = random.Random(seed)
+    for i, (kind, packet) in enumerate(packets(count, seed)):
+        flags = i & 1
+        flow = _flow(packet)
+        genuine = bool(i & 2 and flow)
+        if genuine:
+            mac = encap.encap_mac(key, encap.mac_input(front, backend, *flow, flags))
+        else:
+            mac = rng.getrandbits(64)
+        length = 8 + encap.HEADER_BYTES + len(packet)
+        header = struct.pack("!HHHHBBHQ", 0xC000, port, length, 0, encap.MAGIC, flags, 0, mac)
+        yield kind, genuine, build_ip_header(front, backend, PROTO_UDP, length) + header + packet

@@ -1,16 +1,17 @@
-"""The backend program under BPF_PROG_TEST_RUN (loaded, not attached): the cookie vectors of both
-families and every verdict, read from its counters and its output packet."""
+"""The backend program under BPF_PROG_TEST_RUN (loaded, not attached): the cookie and encapsulation
+vectors of both families and every verdict, read from its counters and its output packet."""
 
 from __future__ import annotations
 
 import ipaddress
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
+from synproxy import encap
 from synproxy.backend import loader
 from synproxy.backend.libbpf import kernel_has_function, prog_test_run
 from synproxy.backend.loader import (
@@ -23,12 +24,18 @@ from synproxy.backend.loader import (
 )
 from synproxy.salt import SaltSchedule
 from tests.lab_fixtures import needs_root
+from tests.vectors.generate import SECRET
 
 pytestmark = needs_root
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
 FRONT, BACKEND, ENCAP_PORT = "198.18.10.2", "198.18.20.2", 6080
+OTHER_FRONT = "198.18.11.2"  # trusted too: a MAC made for FRONT must not pass from it
+VIPS = ("198.19.0.10", "2001:db8:ffff::10")
+PORTS = (80, 443, 7)  # the cookie vectors' ports
+KEY = encap.encap_key(SECRET)
 PERIOD = 60
 ETH_HEADER = 14
+ETHER = raw(Ether(type=0x0800))  # the frame a vector's outer IPv4 packet arrives in
 
 
 def test_the_kfunc_is_found_in_the_kernels_btf_and_its_absence_is_named(monkeypatch):
@@ -43,16 +50,34 @@ def test_the_kfunc_is_found_in_the_kernels_btf_and_its_absence_is_named(monkeypa
 def plane():
     plane = DataPlane(build_object())
     plane.configure(ENCAP_PORT, 7)
-    plane.trust([ipaddress.ip_address(FRONT)])
-    plane.protect([ipaddress.ip_address("198.19.0.10"), ipaddress.ip_address("2001:db8:ffff::10")])
+    plane.trust([ipaddress.ip_address(FRONT), ipaddress.ip_address(OTHER_FRONT)])
+    plane.protect([ipaddress.ip_address(vip) for vip in VIPS], PORTS)
+    plane.refresh_encap_keys(SaltSchedule((SECRET,)))
     yield plane
     plane.close()
 
 
-def encapsulated(inner: bytes, source: str = FRONT, flags: int = 1, magic: int = 0x5C,
-                 reserved: int = 0) -> bytes:
+def inner_flow(inner: bytes) -> tuple[bytes, bytes, int, int]:
+    """Addresses and the first four bytes after the IP header as ports, as the program reads them."""
+    if inner and inner[0] >> 4 == 6:
+        return inner[8:24], inner[24:40], int.from_bytes(inner[40:42], "big"), int.from_bytes(inner[42:44], "big")
+    start = (inner[0] & 0xF) * 4 if inner else 0
+    return (inner[12:16], inner[16:20], int.from_bytes(inner[start:start + 2], "big"),
+            int.from_bytes(inner[start + 2:start + 4], "big"))
+
+
+def encapsulated(inner: bytes, source: str = FRONT, flags: int = 1, magic: int = 0x5C, reserved: int = 0,
+                 key: bytes = KEY, mac_for: tuple[str, str] | None = None, mac_flags: int | None = None) -> bytes:
+    """As a front encapsulates, MACed with ``key`` for the outer addresses ``mac_for`` (default: the
+    packet's own) and ``mac_flags`` (default: its own flags)."""
+    mac = 0
+    if len(inner) >= 24:
+        outer = mac_for or (source, BACKEND)
+        message = encap.mac_input(*(ipaddress.ip_address(a).packed for a in outer), *inner_flow(inner),
+                                  flags if mac_flags is None else mac_flags)
+        mac = encap.encap_mac(key, message)
     return raw(Ether() / IP(src=source, dst=BACKEND) / UDP(sport=50000, dport=ENCAP_PORT, chksum=0)
-               / Raw(bytes([magic, flags]) + reserved.to_bytes(2, "big") + inner))
+               / Raw(bytes([magic, flags]) + reserved.to_bytes(2, "big") + mac.to_bytes(8, "big") + inner))
 
 
 def run(plane: DataPlane, packet: bytes) -> tuple[int, bytes, dict]:
@@ -135,9 +160,10 @@ def test_untrusted_source_is_dropped_before_anything_is_parsed(plane, cookie_vec
     encapsulated(raw(IP() / TCP()), magic=0x5D),
     encapsulated(raw(IP() / TCP()), reserved=1),
     encapsulated(b"")[:-2],                    # the header cut short
+    encapsulated(b"")[:-10],                   # the MAC cut short
     encapsulated(b""),                         # a header and nothing inside
     encapsulated(b"\x50" + bytes(39)),          # inner IP version 5
-], ids=["bad magic", "reserved bits", "truncated header", "no inner packet", "inner version"])
+], ids=["bad magic", "reserved bits", "truncated header", "truncated MAC", "no inner packet", "inner version"])
 def test_malformed_encapsulation_is_dropped(plane, packet):
     verdict, _, changed = run(plane, packet)
     assert (verdict, changed) == (TC_ACT_SHOT, {"malformed": 1})
@@ -159,12 +185,11 @@ def test_unvalidated_packet_is_decapsulated_and_passed(plane, inner, ether_type)
 def test_validated_flag_on_a_non_handshake_segment_only_decapsulates(plane, cookie_vectors):
     vector = first_vector(cookie_vectors, 4)
     load_salts(plane, cookie_vectors, vector)
-    for flags in ("S", "FA", "RA"):
+    for flags in ("FA", "RA"):
         inner = raw(IP(src=vector["saddr"], dst=vector["daddr"])
                     / TCP(sport=vector["sport"], dport=vector["dport"], flags=flags, ack=vector["ack"]))
         verdict, out, changed = run(plane, encapsulated(inner))
-        assert verdict == TC_ACT_OK and out[ETH_HEADER:] == inner
-        assert set(changed) <= {"decapsulated", "syn_received"}, flags
+        assert (verdict, changed) == (TC_ACT_OK, {"decapsulated": 1}) and out[ETH_HEADER:] == inner, flags
 
 
 def test_plain_traffic_passes_untouched_and_syns_are_counted(plane):
@@ -178,7 +203,92 @@ def test_plain_traffic_passes_untouched_and_syns_are_counted(plane):
         assert run(plane, packet) == (TC_ACT_OK, packet, {"passed": 1})
 
 
-def test_encapsulated_syn_is_counted(plane):
-    inner = raw(IP(src="198.18.1.2", dst="198.19.0.10") / TCP(sport=4000, dport=80, flags="S"))
-    verdict, _, changed = run(plane, encapsulated(inner, flags=0))
-    assert (verdict, changed) == (TC_ACT_OK, {"decapsulated": 1, "syn_received": 1})
+def test_every_encap_vector_is_accepted_exactly_as_sent(plane, cookie_vectors, encap_vectors):
+    """The vectors' packets are what a front sends: decapsulated, and the flagged handshake ACKs (whose
+    cookies are cookie vectors) reach the socket lookup."""
+    assert (encap_vectors["front"], encap_vectors["backend"], encap_vectors["encap_port"]) == (FRONT, BACKEND,
+                                                                                               ENCAP_PORT)
+    load_salts(plane, cookie_vectors, cookie_vectors["vectors"][0])
+    for v in encap_vectors["vectors"]:
+        inner = bytes.fromhex(v["inner"])
+        verdict, out, changed = run(plane, ETHER + bytes.fromhex(v["packet"]))
+        expected = {"decapsulated": 1, "no_socket": 1} if v["validated"] else {"decapsulated": 1}
+        assert (verdict, changed) == (TC_ACT_OK, expected), v["name"]
+        assert out[ETH_HEADER:] == inner and out[12:14] == (b"\x08\x00" if v["family"] == 4 else b"\x86\xdd")
+
+
+def tampered(v: dict, offset: int, xor: int) -> bytes:
+    """A vector's frame with one byte of the outer packet changed (offset from the outer IP header)."""
+    packet = bytearray(bytes.fromhex(v["packet"]))
+    packet[offset] ^= xor
+    if offset < 20:  # keep the outer IPv4 header's checksum right: only the MAC is to fail
+        header = IP(bytes(packet[:20]))
+        del header.chksum
+        packet[:20] = raw(header)
+    return ETHER + bytes(packet)
+
+
+MAC_OFFSET = 20 + 8 + 4
+INNER_OFFSET = 20 + 8 + 12
+
+
+def inner_sport_offset(v: dict) -> int:
+    return INNER_OFFSET + (20 if v["family"] == 4 else 40) + 1
+
+
+@pytest.mark.parametrize("offset, xor", [
+    (lambda v: MAC_OFFSET, 0x80),
+    (lambda v: MAC_OFFSET + 7, 0x01),
+    (lambda v: 20 + 8 + 1, encap.FLAG_VALIDATED),
+    (lambda v: 14, 0x01),  # 198.18.10.2 -> 198.18.11.2, a trusted front too
+    (lambda v: 19, 0x01),
+    (inner_sport_offset, 0x01),
+], ids=["MAC's first bit", "MAC's last bit", "VALIDATED flag", "outer source: another trusted front",
+        "outer destination", "inner source port"])
+def test_a_changed_bit_of_an_encapsulation_fails_its_mac(plane, cookie_vectors, encap_vectors, offset, xor):
+    load_salts(plane, cookie_vectors, cookie_vectors["vectors"][0])
+    for v in encap_vectors["vectors"]:
+        verdict, _, changed = run(plane, tampered(v, offset(v), xor))
+        assert (verdict, changed) == (TC_ACT_SHOT, {"encap_bad_mac": 1}), v["name"]
+
+
+def test_an_encapsulation_under_another_key_fails_its_mac_and_a_retired_secrets_key_passes(plane, encap_vectors):
+    other = b"w" * 32
+    vector = next(v for v in encap_vectors["vectors"] if not v["validated"])
+    inner = bytes.fromhex(vector["inner"])
+    packet = encapsulated(inner, flags=0, key=encap.encap_key(other))
+    assert run(plane, packet)[::2] == (TC_ACT_SHOT, {"encap_bad_mac": 1})
+    try:
+        plane.refresh_encap_keys(SaltSchedule((SECRET, other)))  # rotating: the new secret's key second
+        assert run(plane, packet)[::2] == (TC_ACT_OK, {"decapsulated": 1})
+        plane.refresh_encap_keys(SaltSchedule((other,)))
+        assert run(plane, packet)[::2] == (TC_ACT_OK, {"decapsulated": 1})
+        assert run(plane, ETHER + bytes.fromhex(vector["packet"]))[::2] == (TC_ACT_SHOT, {"encap_bad_mac": 1})
+    finally:
+        plane.refresh_encap_keys(SaltSchedule((SECRET,)))
+
+
+CLIENT4, CLIENT6 = "198.18.1.2", "2001:db8:1::2"
+
+
+@pytest.mark.parametrize("inner", [
+    raw(IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=4000, dport=80, flags="S")),
+    raw(IPv6(src=CLIENT6, dst=VIPS[1]) / TCP(sport=4000, dport=80, flags="S")),
+    raw(IP(src=CLIENT4, dst=BACKEND) / TCP(sport=4000, dport=9101, flags="S")),
+    raw(IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=4000, dport=80, flags="SA")),
+    raw(IP(src=CLIENT4, dst=VIPS[0]) / UDP(sport=4000, dport=80) / b"x"),
+    raw(IP(src=CLIENT4, dst=VIPS[0]) / ICMP()),
+    raw(IPv6(src=CLIENT6, dst=VIPS[1]) / UDP(sport=4000, dport=80) / b"x"),
+    raw(IP(src=CLIENT4, dst=VIPS[0], frag=1, flags=0) / TCP(sport=4000, dport=80, flags="A")),
+    raw(IP(src=CLIENT4, dst=BACKEND) / TCP(sport=4000, dport=80, flags="A")),
+    raw(IP(src=CLIENT4, dst="198.19.0.11") / TCP(sport=4000, dport=80, flags="PA") / b"x"),
+    raw(IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=4000, dport=22, flags="PA") / b"x"),
+    raw(IPv6(src=CLIENT6, dst=VIPS[1]) / TCP(sport=4000, dport=8080, flags="A")),
+], ids=["v4 SYN", "v6 SYN", "SYN to the backend's own port", "SYN-ACK", "v4 UDP", "ICMP", "v6 UDP", "fragment",
+        "not a VIP: the backend's own address", "not a VIP", "not a protected port", "v6 not a protected port"])
+@pytest.mark.parametrize("flags", [0, encap.FLAG_VALIDATED], ids=["unflagged", "flagged"])
+def test_authentic_encapsulation_of_what_a_front_never_forwards_is_refused(plane, inner, flags):
+    """Even under a valid MAC (a front's bug, or a key that leaked): only TCP to a protected VIP and port,
+    and never a SYN."""
+    verdict, _, changed = run(plane, encapsulated(inner, flags=flags))
+    assert (verdict, changed) == (TC_ACT_SHOT, {"encap_refused": 1})

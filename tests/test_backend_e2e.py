@@ -29,6 +29,7 @@ from synproxy import encap, netns
 from synproxy.backend.loader import read_stats
 from synproxy.config import load_config
 from synproxy.cookie import MSS_TABLE, SynOptions, make_cookie
+from synproxy.packet import parse_tcp
 from synproxy.salt import SaltSchedule
 from synproxy.tcpinfo import negotiated
 from tests.lab_fixtures import needs_root
@@ -47,7 +48,7 @@ ETH_P_ALL = 0x0003
 NO_CONNECTION_WAIT = 0.5
 # Short epochs, so one test sees the loader drop an expired epoch; the skew leaves the loader's
 # quarter-second refresh a margin before a new epoch's first cookie.
-PERIOD, SKEW, REFRESH_MARGIN = 1.0, 0.5, 0.3
+PERIOD, SKEW, REFRESH_MARGIN = 2.0, 0.5, 0.3  # the shortest period config allows
 
 
 @dataclass
@@ -100,8 +101,9 @@ def _write_config(directory: Path, backend_if: str) -> Path:
     secret.touch(mode=0o600)
     secret.write_text(os.urandom(32).hex() + "\n")
     config = directory / "synproxy.yaml"
-    config.write_text(f"vips: [{VIP[4]}, {VIP[6]}]\nports: [{PORT}]\nsecret_file: {secret}\n"
-                      f"fronts: [{FRONT}]\nbackends: [{BACKEND}]\nencap_port: {ENCAP_PORT}\nserver_wscale: {SERVER_WSCALE}\n"
+    config.write_text(f"vips: [{VIP[4]}, {VIP[6]}]\nports: [{PORT}, {CLOSED_PORT}]\nsecret_file: {secret}\n"
+                      f"fronts: [{FRONT}]\nbackends: [{BACKEND}]\nencap_port: {ENCAP_PORT}\n"
+                      f"server_wscale: {SERVER_WSCALE}\n"
                       f"salt_period_seconds: {PERIOD}\nclock_skew_seconds: {SKEW}\n"
                       f"backend:\n  interface: {backend_if}\n")
     return config
@@ -197,10 +199,13 @@ def handshake(bed: Bed, case: Case, port: int = PORT) -> Handshake:
     return Handshake(case, sport, client_isn, cookie, ack)
 
 
-def send_via_front(bed: Bed, inner: bytes, validated: bool = True, front: str = FRONT) -> None:
-    """Encapsulate as a front does (synproxy.encap) and send from the front's address."""
-    packet = encap.encapsulate(inner, ipaddress.ip_address(front).packed, ipaddress.ip_address(BACKEND).packed,
-                               ENCAP_PORT, 0, validated)
+def send_via_front(bed: Bed, inner: bytes, validated: bool = True, front: str = FRONT,
+                   key: bytes | None = None) -> None:
+    """Encapsulate as a front does (synproxy.encap, with the minting secret's key unless another is
+    given) and send from the front's address."""
+    key = key or encap.encap_key(bed.schedule.secrets[0])
+    packet = encap.encapsulate(inner, parse_tcp(inner), ipaddress.ip_address(front).packed,
+                               ipaddress.ip_address(BACKEND).packed, ENCAP_PORT, 0, validated, key)
     bed.sender.sendto(packet, (BACKEND, 0))
 
 
@@ -339,6 +344,9 @@ def _tampered(hs: Handshake) -> bytes:
     ("not flagged validated", lambda bed, hs: send_via_front(bed, hs.ack_packet, validated=False),
      {"decapsulated": 1}),
     ("tampered cookie", lambda bed, hs: send_via_front(bed, _tampered(hs)), {"decapsulated": 1, "cookie_bad": 1}),
+    ("encapsulation MACed with another key",
+     lambda bed, hs: send_via_front(bed, hs.ack_packet, key=encap.encap_key(b"not the secret" * 2)),
+     {"encap_bad_mac": 1}),
 ])
 def test_forged_acks_create_no_connection(bed, forgery, send, expected):
     hs = handshake(bed, CASES[0])
@@ -369,6 +377,28 @@ def test_loader_drops_expired_epochs_and_adds_new_ones(bed):
     conn = accept(bed, 4, timeout=3)
     assert conn is not None
     conn.close()
+
+
+def test_sighup_moves_the_protected_ports(bed):
+    """A port the configuration no longer protects is refused from the encapsulation, after a reload."""
+    original = bed.config.read_text()
+
+    def reload(text: str) -> None:
+        reloads = bed.log.read_text().count('"event": "config_reloaded"')
+        bed.config.write_text(text)
+        bed.loader.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while bed.log.read_text().count('"event": "config_reloaded"') == reloads:
+            assert time.monotonic() < deadline, "the loader did not reload"
+            time.sleep(0.05)
+
+    hs = handshake(bed, CASES[0], port=CLOSED_PORT)
+    try:
+        reload(original.replace(f"ports: [{PORT}, {CLOSED_PORT}]", f"ports: [{PORT}]"))
+        assert counters_after(bed, lambda: send_via_front(bed, hs.ack_packet)) == {"encap_refused": 1}
+    finally:
+        reload(original)
+    assert counters_after(bed, lambda: send_via_front(bed, hs.ack_packet)) == {"decapsulated": 1, "no_socket": 1}
 
 
 def test_loader_raised_syncookies_and_reports_to_other_processes(bed):

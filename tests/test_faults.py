@@ -1,4 +1,5 @@
-"""Faults under load, in the lab: overflow, killed and unplugged fronts, rotations, forged-ACK floods."""
+"""Faults under load, in the lab: overflow, killed and unplugged fronts, rotations, forged-ACK floods,
+forged encapsulations on the farm network."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import time
 
 import pytest
 
+from synproxy.config import load_config
+from synproxy.encap import encap_key
 from synproxy.front.service import queue_stats
 from synproxy.lab.demo import front_summary, scrape
-from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, Lab
+from synproxy.lab.topology import BACKEND_METRICS_PORT, FRONT_METRICS_PORT, VIP, Lab
 from tests.lab_fixtures import backend_stats, clients, needs_root, running_lab, total_created
 
 pytestmark = [pytest.mark.netns, needs_root]
@@ -34,6 +37,40 @@ HOLDER = textwrap.dedent(f"""
         return ok
     for line in sys.stdin:
         print(json.dumps(round_trip()), flush=True)
+""")
+
+
+# Run in the attacker's namespace: encapsulated packets to a backend's farm address with a front's address
+# as the outer source (the router filters no sources), then a second of listening for any TCP answer from
+# the backend. Arguments: one JSON object (see test_forged_encapsulations_reach_no_backend_stack).
+FORGER = textwrap.dedent("""
+    import ipaddress, json, os, select, socket, sys, time
+    from scapy.layers.inet import IP, TCP
+    from scapy.packet import raw
+    from synproxy import encap
+    from synproxy.packet import parse_tcp
+    job = json.loads(sys.argv[1])
+    packed = lambda a: ipaddress.ip_address(a).packed
+    sender = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    ports = set()
+    for i, (destination, dport, flags, validated) in enumerate(job["inner"]):
+        sport = 40000 + i
+        ports.add(sport)
+        inner = raw(IP(src=job["me"], dst=destination) / TCP(sport=sport, dport=dport, flags=flags,
+                                                             seq=int.from_bytes(os.urandom(4), "big"),
+                                                             ack=int.from_bytes(os.urandom(4), "big")))
+        packet = encap.encapsulate(inner, parse_tcp(inner), packed(job["front"]), packed(job["backend"]),
+                                   job["encap_port"], i, validated, bytes.fromhex(job["key"]))
+        sender.sendto(packet, (job["backend"], 0))
+    answers, deadline = [], time.monotonic() + 1.0
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([listener], [], [], left)[0]:
+            break
+        reply = IP(listener.recv(65535))
+        if TCP in reply and reply[TCP].dport in ports:
+            answers.append(f"{reply.src}:{reply[TCP].sport} {reply[TCP].flags}")
+    print(json.dumps(answers))
 """)
 
 
@@ -145,3 +182,33 @@ def test_forged_ack_flood_creates_nothing_and_clients_keep_connecting(lab):
     # p = 2^-22 per ACK and per accepted epoch value: at 1.8e5 ACKs about 0.04 expected; P(X >= 3) < 1e-5.
     assert forged <= 2
     assert result["failed"] == 0, result["errors"]
+
+
+def test_forged_encapsulations_reach_no_backend_stack(lab):
+    """Anyone on the farm network can send with a front's address: without the encap key nothing gets
+    through (not an unflagged SYN to the backend's own listener, not a flagged ACK), and with it still no
+    SYN and nothing to a port the configuration does not protect."""
+    backend, front = lab.by_role("backend")[0], lab.by_role("front")[0]
+    attacker = lab.by_role("attacker")[0]
+    config = load_config(lab.config_path)
+    # The backend's metrics server is a listener on a port no front protects.
+    syn_to_own_port = [backend.address, BACKEND_METRICS_PORT, "S", False]
+    flagged_ack = [VIP, 80, "A", True]
+    genuine = encap_key(config.salt_schedule().secrets[0]).hex()
+
+    def forge(key: str, inner: list) -> list:
+        job = {"me": attacker.address, "front": front.address, "backend": backend.address,
+               "encap_port": config.encap_port, "key": key, "inner": inner}
+        return json.loads(lab.run("attacker", [PYTHON, "-c", FORGER, json.dumps(job)]).stdout)
+
+    before = backend_stats(lab, backend.name)
+    answers = forge(os.urandom(16).hex(), [syn_to_own_port] * 3 + [flagged_ack] * 3)
+    middle = backend_stats(lab, backend.name)
+    answers += forge(genuine, [syn_to_own_port] * 3)
+    after = backend_stats(lab, backend.name)
+    moved = [{name: later[name] - earlier[name] for name in ("encap_bad_mac", "encap_refused", "decapsulated",
+                                                             "created", "cookie_bad", "syn_received")
+              if later[name] != earlier[name]} for earlier, later in ((before, middle), (middle, after))]
+    print(f"\nanswers to the attacker: {answers}; backend counters moved: {moved}")
+    assert answers == [], "the backend's stack answered a forged encapsulation"
+    assert moved == [{"encap_bad_mac": 6}, {"encap_refused": 3}]

@@ -56,7 +56,7 @@ def policy(cookie_vectors):
     ports = {v["dport"] for v in cookie_vectors["vectors"]}
     return FrontPolicy(vips=frozenset(vips | {ipaddress.ip_address(VIP4).packed, ipaddress.ip_address(VIP6).packed}),
                        ports=frozenset(ports | {PORT}), farm_address=bytes(4), backends=(bytes(4),),
-                       encap_port=6080, flow_key=b"f" * 16)
+                       encap_port=6080, encap_key=bytes(16), flow_key=b"f" * 16)
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +253,7 @@ def test_what_the_kernel_refuses_is_left_to_it(monkeypatch, route_namespace, fas
 
 def test_more_ports_than_the_map_holds_is_a_clear_error(fast_path, policy, schedule):
     crowded = FrontPolicy(vips=policy.vips, ports=frozenset(range(1, 1100)), farm_address=bytes(4),
-                          backends=(bytes(4),), encap_port=6080, flow_key=policy.flow_key)
+                          backends=(bytes(4),), encap_port=6080, encap_key=bytes(16), flow_key=policy.flow_key)
     with pytest.raises(FastPathError, match="1099 ports: the fast path holds at most 1024"):
         fast_path.configure(crowded, schedule)
     fast_path.configure(policy, schedule)

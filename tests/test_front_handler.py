@@ -24,6 +24,7 @@ BACKENDS = ("198.18.20.2", "198.18.21.2")
 POLICY = FrontPolicy(vips=frozenset({ipaddress.ip_address(VIP4).packed, ipaddress.ip_address(VIP6).packed}),
                      ports=frozenset({80}), farm_address=ipaddress.ip_address("198.18.10.2").packed,
                      backends=tuple(ipaddress.ip_address(b).packed for b in BACKENDS), encap_port=6080,
+                     encap_key=encap.encap_key(SCHEDULE.secrets[0]),
                      flow_key=derive_flow_key(b"f" * 32))
 
 
@@ -63,7 +64,7 @@ def test_syn_gets_a_syn_ack_that_answers_what_the_client_offered(family, wscale,
     assert (tcp.sport, tcp.dport, tcp.ack) == (80, 40000, 1001)
     assert tcp.flags == ("SAE" if ecn else "SA")
     assert tcp.window == 65535, "a real window, not SYNPROXY's zero"
-    assert got["MSS"] == (1460 - 32 if family == 4 else 1460 - 32 - 20)
+    assert got["MSS"] == (1460 - encap.OVERHEAD if family == 4 else 1460 - encap.OVERHEAD - 20)
     assert ("SAckOK" in got) == sack
     assert got.get("WScale") == (None if wscale is None else 7)
     assert (got["Timestamp"][1] if timestamps else None) == (4242 if timestamps else None)
@@ -85,9 +86,13 @@ def test_forwarded_packet_is_the_client_packet_inside_the_encapsulation():
     outer = IP(verdict.packet)
     assert (outer.src, outer.dst, outer[UDP].dport) == ("198.18.10.2", BACKENDS[verdict.backend], 6080)
     assert outer.flags == "DF" and outer.chksum == IP(raw(IP(raw(outer)[:20]))).chksum
-    header = raw(outer[UDP].payload)[:4]
-    assert header == bytes([encap.MAGIC, encap.FLAG_VALIDATED, 0, 0])
-    assert raw(outer[UDP].payload)[4:] == original
+    message = encap.mac_input(POLICY.farm_address, POLICY.backends[verdict.backend],
+                              ipaddress.ip_address(CLIENT4).packed, ipaddress.ip_address(VIP4).packed, 40000, 80,
+                              encap.FLAG_VALIDATED)
+    mac = encap.encap_mac(POLICY.encap_key, message).to_bytes(8, "big")
+    header = raw(outer[UDP].payload)[:encap.HEADER_BYTES]
+    assert header == bytes([encap.MAGIC, encap.FLAG_VALIDATED, 0, 0]) + mac
+    assert raw(outer[UDP].payload)[encap.HEADER_BYTES:] == original
     assert len(verdict.packet) == len(original) + encap.OVERHEAD
 
 

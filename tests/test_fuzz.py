@@ -11,12 +11,12 @@ import os
 import time
 from collections import Counter
 
-from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
 
 from synproxy.backend.libbpf import prog_test_run
 from synproxy.backend.loader import DataPlane, build_object, read_counters
+from synproxy.encap import encap_key
 from synproxy.front.handler import Action, FrontPolicy, handle
 from synproxy.salt import SaltSchedule
 from tests import hostile
@@ -25,6 +25,7 @@ from tests.lab_fixtures import needs_root
 LONG = os.environ.get("SYNPROXY_LONG") == "1"
 POLICY = FrontPolicy(vips=frozenset({hostile.VIP4, hostile.VIP6}), ports=frozenset({80}),
                      farm_address=bytes([198, 18, 10, 2]), backends=(bytes([198, 18, 20, 2]),), encap_port=6080,
+                     encap_key=encap_key(b"z" * 32),
                      flow_key=b"f" * 16)
 SCHEDULE = SaltSchedule((b"z" * 32,))
 
@@ -58,21 +59,27 @@ def test_backend_program_gives_every_hostile_encapsulated_packet_a_defined_verdi
     count = 1_000_000 if LONG else 30_000
     plane = DataPlane(build_object())
     try:
-        plane.configure(6080, 7)
-        plane.trust([ipaddress.ip_address("198.18.10.2")])
+        plane.configure(POLICY.encap_port, 7)
+        plane.trust([ipaddress.ip_address(POLICY.farm_address)])
+        plane.protect([ipaddress.ip_address(hostile.VIP4), ipaddress.ip_address(hostile.VIP6)], POLICY.ports)
+        plane.refresh_encap_keys(SCHEDULE)
         plane.refresh_salts(SCHEDULE, time.time())
         before = read_counters(plane.counters, plane.kfunc_errors)
-        verdicts = Counter()
-        outer = raw(Ether() / IP(src="198.18.10.2", dst="198.18.20.2") / UDP(sport=5, dport=6080, chksum=0))
-        for i, (_, packet) in enumerate(hostile.packets(count, seed=11)):
-            header = bytes([0x5C, i & 1, 0, 0])  # half of them claim to be validated
-            verdict, _ = prog_test_run(plane.prog_fd, outer + header + packet)
-            verdicts[verdict] += 1
+        verdicts: dict[bool, Counter] = {True: Counter(), False: Counter()}  # by genuine MAC
+        ether = raw(Ether(type=0x0800))
+        for _, genuine, packet in hostile.encapsulations(count, POLICY.encap_key, POLICY.farm_address,
+                                                         POLICY.backends[0], POLICY.encap_port):
+            verdict, _ = prog_test_run(plane.prog_fd, ether + packet)
+            verdicts[genuine][verdict] += 1
         after = read_counters(plane.counters, plane.kfunc_errors)
     finally:
         plane.close()
     changed = {name: after[name] - before[name] for name in after if name != "kfunc_errors"}
-    print(f"\n{count} hostile encapsulated packets: verdicts {dict(verdicts)}, counters {changed}")
-    assert set(verdicts) <= {0, 2}  # TC_ACT_OK or TC_ACT_SHOT, nothing else
+    print(f"\n{count} hostile encapsulated packets: verdicts (genuine MAC) {dict(verdicts[True])}, "
+          f"(random MAC) {dict(verdicts[False])}; counters {changed}")
+    assert set(verdicts[True]) <= {0, 2}  # TC_ACT_OK or TC_ACT_SHOT, nothing else
+    assert set(verdicts[False]) == {2}, "a random MAC passes with p = 2^-64"
     assert changed["created"] == 0 and changed["kfunc_failed"] == 0
-    assert changed["decapsulated"] + changed["malformed"] == count
+    assert sum(changed[name] for name in ("decapsulated", "malformed", "encap_bad_mac", "encap_refused")) == count
+    # Of the genuine ones only TCP non-SYNs to a protected VIP and port are decapsulated.
+    assert 0 < changed["decapsulated"] < sum(verdicts[True].values())

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from synproxy import encap
 from synproxy.lab.demo import front_summary, scrape
 from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, VIP6, Lab
 from tests.lab_fixtures import backend_stats, clients, needs_root, running_lab, total_created
@@ -103,7 +104,7 @@ def test_options_matrix(lab, timestamps, window_scaling, sack, ecn, family, mss)
         assert server["snd_wscale"] == client["rcv_wscale"]
     option_bytes = 12 if timestamps else 0
     client_mss = mss or (1460 if family == 4 else 1440)  # the client's link MSS
-    announced = 1460 - 32 - (20 if family == 6 else 0)  # backend MSS less encapsulation (and v6 header)
+    announced = 1460 - encap.OVERHEAD - (20 if family == 6 else 0)  # backend MSS less encapsulation (and v6 header)
     assert server["snd_mss"] == client_mss - option_bytes  # every client MSS here is a table value
     assert client["snd_mss"] == min(client_mss, announced) - option_bytes  # TCP_MAXSEG caps both ways
 

@@ -54,7 +54,8 @@ def test_replaced_secret_stays_accepted_for_the_grace_period_only():
 OLD, NEW = b"o" * 32, b"n" * 32
 CLIENT, VIP = bytes([198, 18, 1, 2]), bytes([198, 19, 0, 10])
 POLICY = FrontPolicy(vips=frozenset({VIP}), ports=frozenset({80}), farm_address=bytes([198, 18, 10, 2]),
-                     backends=(bytes([198, 18, 20, 2]),), encap_port=6080, flow_key=b"f" * 16)
+                     backends=(bytes([198, 18, 20, 2]),), encap_port=6080, encap_key=bytes(16),
+                     flow_key=b"f" * 16)
 START = 1.8e9
 CLOCK_OFFSETS = (-1.0, 0.0, 1.0)  # the fronts' clocks, within the 2 s skew tolerance
 

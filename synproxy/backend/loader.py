@@ -1,11 +1,11 @@
 """`synproxy backend`: build, load, attach and feed bpf/backend.bpf.c on a backend's interface.
 
 The program needs, in its maps: the encap port and server window scale, the trusted front addresses,
-and the salts of the accepted epochs (kept current from the same master secret the fronts use). The
-loader stays running to keep the salts current; on SIGTERM/SIGINT it detaches. `--stats` and
-`--detach` find a running program through its tc filter and the program's map ids, so they work from
-any process: maps pinned in bpffs would not, because `ip netns exec` mounts a fresh /sys (and with
-it an empty bpffs) for every command.
+the protected VIPs and ports, the encapsulation's MAC keys, and the salts of the accepted epochs (kept
+current from the same master secret the fronts use). The loader stays running to keep the salts
+current; on SIGTERM/SIGINT it detaches. `--stats` and `--detach` find a running program through its
+tc filter and the program's map ids, so they work from any process: maps pinned in bpffs would not,
+because `ip netns exec` mounts a fresh /sys (and with it an empty bpffs) for every command.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from synproxy.backend.libbpf import (
     tc_detach,
 )
 from synproxy.config import ConfigError, load_config, log_warnings
+from synproxy.encap import encap_key
 from synproxy.logs import log
 from synproxy.salt import EPOCH_SLOTS, MAX_SECRETS, SaltSchedule, SecretRotation
 
@@ -56,9 +57,11 @@ KFUNC_ERRNO_SLOTS = 64
 SALT_CHECK_SECONDS = 0.25  # how late a newly accepted epoch may reach the map
 # enum counter in bpf/synproxy.h, in order.
 COUNTERS = ("passed", "decapsulated", "untrusted", "malformed", "cookie_bad", "no_socket", "not_listener",
-            "created", "kfunc_failed", "syn_received")
+            "created", "kfunc_failed", "syn_received", "encap_bad_mac", "encap_refused")
 _CONFIG = struct.Struct("<HBx")            # struct backend_config
 SALT_SLOT = struct.Struct("<IIQ16s16s")   # struct salt_slot
+ENCAP_KEYS = struct.Struct("<I4x16s16s")  # struct encap_keys
+PORT_KEY = struct.Struct("=H")  # protected_ports key: host order
 MAP_KEY = struct.Struct("<I")   # array map index
 COUNTER = struct.Struct("<Q")   # one CPU's value in a per-CPU counter map
 
@@ -164,6 +167,13 @@ def salt_slots(schedule: SaltSchedule, epochs: Iterable[int]) -> dict[int, bytes
     return slots
 
 
+def encap_keys_value(schedule: SaltSchedule) -> bytes:
+    """The `encap_keys` element: the encap keys of the accepted secrets (at most two, the minting one
+    first), as salt_slots() orders the salts."""
+    keys = [encap_key(secret) for secret in schedule.secrets[:MAX_SECRETS]]
+    return ENCAP_KEYS.pack(len(keys), *keys, *[bytes(16)] * (MAX_SECRETS - len(keys)))
+
+
 def sized_map(bpf_object: BpfObject, name: str, value_size: int) -> Map:
     """A map of a loaded object, refused when its values are not the size the loader packs."""
     found = bpf_object.map(name)
@@ -206,9 +216,12 @@ class DataPlane:
             self.config = self._map("config", _CONFIG.size)
             self.trusted_fronts = self._map("trusted_fronts", 1)
             self.protected_vips = self._map("protected_vips", 1)
+            self.protected_ports = self._map("protected_ports", 1)
+            self.encap_keys = self._map("encap_keys", ENCAP_KEYS.size)
             self.salts = SaltMap(self._map("salts", SALT_SLOT.size))
             self.counters = self._map("counters", COUNTER.size)
             self.kfunc_errors = self._map("kfunc_errors", COUNTER.size)
+            self._encap_keys_written = b""
         except BaseException:
             self.object.close()
             raise
@@ -222,9 +235,18 @@ class DataPlane:
     def trust(self, fronts: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
         replace_keys(self.trusted_fronts, {mapped(front) for front in fronts})
 
-    def protect(self, vips: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
-        """The VIPs whose SYNs count as having bypassed the fronts."""
+    def protect(self, vips: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address], ports: Iterable[int]) -> None:
+        """The VIPs and ports the program accepts encapsulated segments to (and whose plain SYNs count as
+        having bypassed the fronts)."""
         replace_keys(self.protected_vips, {mapped(vip) for vip in vips})
+        replace_keys(self.protected_ports, {PORT_KEY.pack(port) for port in ports})
+
+    def refresh_encap_keys(self, schedule: SaltSchedule) -> None:
+        """The accepted secrets' encap keys, as one hash-map element: an update replaces it whole."""
+        value = encap_keys_value(schedule)
+        if value != self._encap_keys_written:
+            self.encap_keys.update(MAP_KEY.pack(0), value)
+            self._encap_keys_written = value
 
     def refresh_salts(self, schedule: SaltSchedule, now: float) -> None:
         """The accepted epochs' salts."""
@@ -279,8 +301,8 @@ def detach(interface: str) -> bool:
 
 @contextlib.contextmanager
 def attached(interface: str, fronts: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address],
-             vips: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address], encap_port: int, server_wscale: int,
-             schedule: SaltSchedule) -> Iterator[DataPlane]:
+             vips: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address], ports: Iterable[int], encap_port: int,
+             server_wscale: int, schedule: SaltSchedule) -> Iterator[DataPlane]:
     """The program built, loaded, filled and attached to ``interface``'s tc ingress; detached on exit."""
     fronts = tuple(fronts)
     check_kernel()
@@ -294,7 +316,8 @@ def attached(interface: str, fronts: Iterable[ipaddress.IPv4Address | ipaddress.
         ensure_sysctls()
         plane.configure(encap_port, server_wscale)
         plane.trust(fronts)
-        plane.protect(vips)
+        plane.protect(vips, ports)
+        plane.refresh_encap_keys(schedule)
         plane.refresh_salts(schedule, time.time())
         tc_attach(ifindex, plane.prog_fd, TC_HANDLE, TC_PRIORITY)
         try:
@@ -346,8 +369,8 @@ def serve(config, interface: str) -> int:
     untracked.install(config.vips, config.ports)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(lambda: untracked.remove(config.vips, config.ports))
-        plane = cleanup.enter_context(attached(interface, config.fronts, config.vips, config.encap_port,
-                                               config.server_wscale, schedule))
+        plane = cleanup.enter_context(attached(interface, config.fronts, config.vips, config.ports,
+                                               config.encap_port, config.server_wscale, schedule))
         if config.backend.metrics_address:
             registry = CollectorRegistry()
             registry.register(_CountersCollector(plane))
@@ -367,7 +390,7 @@ def serve(config, interface: str) -> int:
                         untracked.install(config.vips, config.ports)
                     plane.configure(config.encap_port, config.server_wscale)
                     plane.trust(config.fronts)
-                    plane.protect(config.vips)
+                    plane.protect(config.vips, config.ports)
                     log("config_reloaded", source=str(config.source))
                 except ConfigError as error:
                     log("config_reload_failed", error=str(error))
@@ -375,6 +398,7 @@ def serve(config, interface: str) -> int:
             previous, schedule = schedule, rotation.effective(configured, schedule, now)
             if schedule.secrets != previous.secrets:
                 _warn_if_secrets_unchecked(schedule)
+            plane.refresh_encap_keys(schedule)
             plane.refresh_salts(schedule, now)
     return 0
 

@@ -19,6 +19,7 @@ from synproxy.backend.libbpf import BpfError, BpfObject, tc_attach, tc_detach
 from synproxy.backend.loader import (
     COUNTER,
     MAP_KEY,
+    PORT_KEY,
     SALT_SLOT,
     BackendError,
     SaltMap,
@@ -39,7 +40,6 @@ TC_HANDLE = TC_PRIORITY = 0x5346  # "SF": the backend program uses "SP", so one 
 OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", "unrouted", "unsent")
 FAMILIES = (4, 6)
 _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
-_PORT = struct.Struct("=H")
 
 
 class FastPathError(RuntimeError):
@@ -78,7 +78,7 @@ class FastPath:
                 raise FastPathError(f"{len(wanted)} {what}: the fast path holds at most {flag_map.max_entries}")
         try:
             replace_keys(self.protected_vips, {mapped(ipaddress.ip_address(vip)) for vip in policy.vips})
-            replace_keys(self.protected_ports, {_PORT.pack(port) for port in policy.ports})
+            replace_keys(self.protected_ports, {PORT_KEY.pack(port) for port in policy.ports})
         except BpfError as error:
             raise FastPathError(f"filling the fast path's maps failed: {error.strerror}") from None
         self.refresh(policy, schedule, time.time())

@@ -59,6 +59,7 @@ class FrontPolicy:
     farm_address: bytes
     backends: tuple[bytes, ...]
     encap_port: int
+    encap_key: bytes   # encap.encap_key of the minting secret: the backends check the MAC with it
     flow_key: bytes       # maglev.derive_flow_key: the same on every front, unknown outside
     backend_mss: int = 1460
     server_wscale: int = 7
@@ -108,8 +109,8 @@ def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolic
         outcome = "validated" if validated else _REJECTED[result]
     flow = flow_hash(segment.saddr, segment.daddr, segment.sport, segment.dport, policy.flow_key)
     backend = policy.backend_for(flow)
-    wrapped = encap.encapsulate(packet, policy.farm_address, policy.backends[backend], policy.encap_port,
-                                flow, validated)
+    wrapped = encap.encapsulate(packet, segment, policy.farm_address, policy.backends[backend], policy.encap_port,
+                                flow, validated, policy.encap_key)
     return Verdict(Action.FORWARD, wrapped, outcome, backend)
 
 

@@ -22,11 +22,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from synproxy import firewall
 from synproxy.config import Config, ConfigError, load_config, log_warnings
+from synproxy.encap import encap_key
 from synproxy.front import fastpath
 from synproxy.front.handler import Action, FrontPolicy, handle
 from synproxy.logs import log
 from synproxy.netlink import local_addresses
-from synproxy.salt import SecretRotation
+from synproxy.salt import SaltSchedule, SecretRotation
 
 QUEUE_MAX_LENGTH = 8192
 # The netlink socket must hold a full queue: netfilterqueue sizes it for its default of 1024
@@ -64,11 +65,13 @@ def farm_address(config: Config):
     return config.farm_address_among(local_addresses())
 
 
-def build_policy(config: Config) -> FrontPolicy:
+def build_policy(config: Config, schedule: SaltSchedule) -> FrontPolicy:
+    """The handler's policy; encapsulations are MACed with the key of the secret that mints cookies."""
     return FrontPolicy(vips=frozenset(vip.packed for vip in config.vips), ports=frozenset(config.ports),
                        farm_address=farm_address(config).packed,
                        backends=tuple(b.packed for b in config.backends), encap_port=config.encap_port,
-                       flow_key=config.flow_key(), backend_mss=config.backend_mss,
+                       encap_key=encap_key(schedule.secrets[0]), flow_key=config.flow_key(),
+                       backend_mss=config.backend_mss,
                        server_wscale=config.server_wscale)
 
 
@@ -189,11 +192,10 @@ class Front:
     def load(self) -> None:
         config = load_config(self.config_path)
         log_warnings(config)
-        self.policy = build_policy(config)
-        self.configured_schedule = config.salt_schedule()
-        self.schedule = self.rotation.effective(self.configured_schedule, getattr(self, "schedule", None),
-                                                time.time())
-        self.config = config
+        configured_schedule = config.salt_schedule()
+        schedule = self.rotation.effective(configured_schedule, getattr(self, "schedule", None), time.time())
+        self.policy = build_policy(config, schedule)
+        self.configured_schedule, self.schedule, self.config = configured_schedule, schedule, config
 
     def expire_retired_secrets(self) -> None:
         schedule = self.rotation.effective(self.configured_schedule, self.schedule, time.time())

@@ -1,7 +1,8 @@
-"""Regenerate tests/vectors/cookies.json: `python3 tests/vectors/generate.py`.
+"""Regenerate tests/vectors/cookies.json and encap.json: `python3 tests/vectors/generate.py`.
 
-The vectors pin docs/cookie.md for the Python core and the backend's BPF program alike. Deterministic:
-the same code always writes the same file, so a diff shows a change to the cookie.
+The vectors pin docs/cookie.md and the encapsulation of docs/backend.md for the Python core and the
+backend's BPF program alike. Deterministic: the same code always writes the same files, so a diff shows
+a change to the cookie or the encapsulation.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import random
 from pathlib import Path
 
+from synproxy import encap
 from synproxy.cookie import (
     MSS_TABLE,
     WSCALE_MAX,
@@ -21,9 +23,12 @@ from synproxy.cookie import (
     make_cookie,
     mss_index,
 )
+from synproxy.packet import ACK, FIN, PSH, RST, build_tcp_options, build_tcp_packet, parse_tcp
 from synproxy.salt import derive_salt
 
 OUT = Path(__file__).with_name("cookies.json")
+ENCAP_OUT = Path(__file__).with_name("encap.json")
+FRONT, BACKEND, ENCAP_PORT = "198.18.10.2", "198.18.20.2", 6080
 SECRET = bytes(range(32))
 PERIOD = 60
 TUPLES = {
@@ -85,6 +90,44 @@ def build_document() -> dict:
             "vectors": vectors}
 
 
+def encap_vector(rng: random.Random, name: str, inner: bytes, validated: bool, key: bytes) -> dict:
+    segment = parse_tcp(inner)
+    front, backend = (ipaddress.ip_address(a).packed for a in (FRONT, BACKEND))
+    flags = encap.FLAG_VALIDATED if validated else 0
+    message = encap.mac_input(front, backend, segment.saddr, segment.daddr, segment.sport, segment.dport, flags)
+    flow_hash = rng.getrandbits(64)
+    return {
+        "name": name, "family": segment.family, "validated": validated, "flow_hash": flow_hash,
+        "inner": inner.hex(), "mac_input": message.hex(), "mac": encap.encap_mac(key, message),
+        "packet": encap.encapsulate(inner, segment, front, backend, ENCAP_PORT, flow_hash, validated, key).hex(),
+    }
+
+
+def build_encap_document(cookies: dict) -> dict:
+    """Per family: the handshake ACK of the first cookie vector, flagged VALIDATED, then unflagged
+    segments of an established connection on the same tuple (plain ACK, data, FIN, RST)."""
+    rng = random.Random(20261130)
+    key = encap.encap_key(SECRET)
+    vectors = []
+    for family in (4, 6):
+        cookie = next(v for v in cookies["vectors"] if v["family"] == family)
+        saddr, daddr = (ipaddress.ip_address(cookie[a]).packed for a in ("saddr", "daddr"))
+        seq = (cookie["client_isn"] + 1) & 0xFFFFFFFF
+
+        def segment(flags: int, payload: bytes = b"", options: bytes = b"") -> bytes:
+            return build_tcp_packet(saddr, daddr, cookie["sport"], cookie["dport"], seq, cookie["ack"], flags,  # noqa: B023
+                                    502, options, payload)
+
+        timestamp = build_tcp_options(None, None, False, (1234, 5678))
+        vectors.append(encap_vector(rng, f"v{family} handshake ACK, validated", segment(ACK, options=timestamp),
+                                    True, key))
+        for name, flags, payload in (("ACK", ACK, b""), ("data", PSH | ACK, b"GET / HTTP/1.0\r\n\r\n"),
+                                     ("FIN", FIN | ACK, b""), ("RST", RST, b"")):
+            vectors.append(encap_vector(rng, f"v{family} {name}", segment(flags, payload), False, key))
+    return {"spec": "docs/backend.md", "secret": SECRET.hex(), "encap_key": key.hex(), "front": FRONT,
+            "backend": BACKEND, "encap_port": ENCAP_PORT, "vectors": vectors}
+
+
 def render(document: dict) -> str:
     return json.dumps(document, indent=1) + "\n"
 
@@ -93,6 +136,9 @@ def main() -> None:
     document = build_document()
     OUT.write_text(render(document))
     print(f"wrote {len(document['vectors'])} vectors to {OUT}")
+    encap_document = build_encap_document(document)
+    ENCAP_OUT.write_text(render(encap_document))
+    print(f"wrote {len(encap_document['vectors'])} vectors to {ENCAP_OUT}")
 
 
 if __name__ == "__main__":
