@@ -53,9 +53,12 @@ struct encap_header {
 #define MAX_SECRETS 2
 
 struct backend_config {
-	__u16 encap_port;   /* host order */
-	__u8 server_wscale; /* the window scale the fronts announce; the kernel's rcv_wscale */
-	__u8 pad;
+	__u64 period_ns;       /* salt epoch length; 0 until the loader has written the clock */
+	__u64 skew_ns;         /* the clock skew tolerated between nodes */
+	__s64 clock_offset_ns; /* CLOCK_REALTIME - CLOCK_TAI: epochs follow the wall clock */
+	__u16 encap_port;      /* host order */
+	__u8 server_wscale;    /* the window scale the fronts announce; the kernel's rcv_wscale */
+	__u8 pad[5];
 };
 
 struct salt_slot {          /* one per epoch mod 4 */
@@ -75,10 +78,12 @@ struct front_config {
 	__u8 pad;
 };
 
-/* Both programs' salts, slot = epoch mod 4, written by their loaders (the backend: every accepted epoch;
- * the front: the current and the next). */
+/* Both programs' salts, key = epoch mod 4, written by their loaders (the backend: every accepted epoch
+ * and the next; the front: the current and the next); a slot no epoch uses is absent. A hash map, not an
+ * array: an update replaces the element under RCU, so a reader never sees a key half written (an array's
+ * update is a memcpy under the reader: tests/test_backend_bpf.py measured torn reads). */
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, COOKIE_EPOCH_SLOTS);
 	__type(key, __u32);
 	__type(value, struct salt_slot);
