@@ -21,6 +21,13 @@ struct sock {
 	int opaque;
 };
 
+/* The fields of the kernel's struct sock this program reads, at the offsets the running kernel's BTF
+ * gives (CO-RE: libbpf relocates them; the object is built with -g). */
+struct sock___x {
+	__u32 sk_ack_backlog;
+	__u32 sk_max_ack_backlog;
+} __attribute__((preserve_access_index));
+
 extern int bpf_sk_assign_tcp_reqsk(struct __sk_buff *skb, struct sock *sk,
 				   struct bpf_tcp_req_attrs *attrs, int attrs__sz) __ksym;
 
@@ -133,6 +140,21 @@ static __always_inline int ack_timestamps(struct __sk_buff *skb, const struct se
 	return 0;
 }
 
+/* Would the kernel drop the connection for a full accept queue (sk_acceptq_is_full)? It would create it
+ * and drop it, silently for the client, who believes it is connected; passed instead, the ACK meets the
+ * listener, whose own cookie check fails, and the listener answers it with a RST (docs/backend.md). Each
+ * other CPU may hold one connection between this check and the queue (the same softirq, no lock): that
+ * margin, up to half the backlog, keeps them from filling it behind this check. */
+static __always_inline int accept_queue_full(const struct sock___x *listener, const struct backend_config *cfg)
+{
+	__u32 backlog = listener->sk_ack_backlog, max_backlog = listener->sk_max_ack_backlog;
+	__u32 margin = cfg->cpus > 1 ? cfg->cpus - 1 : 0;
+
+	if (margin > max_backlog / 2)
+		margin = max_backlog / 2;
+	return backlog + margin > max_backlog;
+}
+
 /* The request-socket attributes the cookie's data bits and the ACK's timestamps describe. */
 static __always_inline void fill_attrs(struct __sk_buff *skb, const struct segment *seg, __u32 data,
 				       const struct backend_config *cfg, struct bpf_tcp_req_attrs *attrs)
@@ -188,6 +210,12 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 	struct tcp_sock *listener = skc->state == BPF_TCP_LISTEN ? bpf_skc_to_tcp_sock(skc) : 0;
 	if (!listener) {
 		COUNT(COUNTER_NOT_LISTENER);
+		bpf_sk_release(skc);
+		return TC_ACT_OK;
+	}
+
+	if (accept_queue_full((void *)listener, cfg)) {
+		COUNT(COUNTER_LISTEN_OVERFLOW);
 		bpf_sk_release(skc);
 		return TC_ACT_OK;
 	}

@@ -58,7 +58,8 @@ struct backend_config {
 	__s64 clock_offset_ns; /* CLOCK_REALTIME - CLOCK_TAI: epochs follow the wall clock */
 	__u16 encap_port;      /* host order */
 	__u8 server_wscale;    /* the window scale the fronts announce; the kernel's rcv_wscale */
-	__u8 pad[5];
+	__u8 pad;
+	__u32 cpus;            /* CPUs that may run this program at once (the accept queue's margin) */
 };
 
 struct salt_slot {          /* one per epoch mod 4 */
@@ -125,6 +126,8 @@ enum counter {
 	COUNTER_CREATED,           /* the kfunc made a request socket: a connection is born */
 	COUNTER_KFUNC_FAILED,      /* the kfunc refused (see kfunc_errors by errno) */
 	COUNTER_SYN_RECEIVED,      /* TCP SYNs that reached this backend (should stay 0 behind fronts) */
+	COUNTER_LISTEN_OVERFLOW,   /* valid cookie, but the listener's accept queue is full: passed, and the
+				    * listener resets it (the kernel would drop the connection silently) */
 	COUNTER_MAX,
 };
 #define KFUNC_ERRNO_SLOTS 64

@@ -57,8 +57,8 @@ KFUNC_ERRNO_SLOTS = 64
 SALT_CHECK_SECONDS = 0.25  # how late a newly accepted epoch may reach the map
 # enum counter in bpf/synproxy.h, in order.
 COUNTERS = ("passed", "decapsulated", "untrusted", "malformed", "cookie_bad", "no_socket", "not_listener",
-            "created", "kfunc_failed", "syn_received")
-_CONFIG = struct.Struct("=QQqHB5x")       # struct backend_config
+            "created", "kfunc_failed", "syn_received", "listen_overflow")
+_CONFIG = struct.Struct("=QQqHBxI")       # struct backend_config
 SALT_SLOT = struct.Struct("<IIQ16s16s")   # struct salt_slot
 MAP_KEY = struct.Struct("<I")   # array map index
 COUNTER = struct.Struct("<Q")   # one CPU's value in a per-CPU counter map
@@ -247,9 +247,10 @@ class DataPlane:
         self._write_config()
 
     def _write_config(self) -> None:
-        """The settings and the program's clock: the epoch window and the wall clock's offset from
-        CLOCK_TAI, read again at every write (it changes only when the kernel's TAI offset is set)."""
-        value = _CONFIG.pack(*self._clock, clock_offset_ns(), *self._settings)
+        """The settings, the program's clock (the epoch window and the wall clock's offset from
+        CLOCK_TAI, read again at every write: it changes only when the kernel's TAI offset is set) and
+        the CPU count (online CPUs: a margin of all possible ones could exceed a small backlog)."""
+        value = _CONFIG.pack(*self._clock, clock_offset_ns(), *self._settings, os.cpu_count() or 1)
         if value != self._config_written:
             self.config.update(MAP_KEY.pack(0), value)
             self._config_written = value
