@@ -1,7 +1,8 @@
 """`synproxy backend`: build, load, attach and feed bpf/backend.bpf.c on a backend's interface.
 
 The program needs, in its maps: the encap port and server window scale, the trusted front addresses,
-and the salts of the accepted epochs (kept current from the same master secret the fronts use). The
+the salts of the accepted epochs and the next (kept current from the same master secret the fronts
+use), and the clock it judges their epochs by (period, skew, the wall clock's offset from TAI). The
 loader stays running to keep the salts current; on SIGTERM/SIGINT it detaches. `--stats` and
 `--detach` find a running program through its tc filter and the program's map ids, so they work from
 any process: maps pinned in bpffs would not, because `ip netns exec` mounts a fresh /sys (and with
@@ -54,7 +55,7 @@ TC_HANDLE = TC_PRIORITY = 0x5350  # "SP": a fixed filter slot, so a later run or
 KFUNC = "bpf_sk_assign_tcp_reqsk"
 MAX_SECRETS = 2  # key slots per epoch in struct salt_slot
 KFUNC_ERRNO_SLOTS = 64
-SALT_CHECK_SECONDS = 0.25  # how late a newly accepted epoch may reach the map
+SALT_CHECK_SECONDS = 0.25  # how often the salts are refreshed (the next epoch's is written ahead)
 # enum counter in bpf/synproxy.h, in order.
 COUNTERS = ("passed", "decapsulated", "untrusted", "malformed", "cookie_bad", "no_socket", "not_listener",
             "created", "kfunc_failed", "syn_received", "listen_overflow")
