@@ -22,6 +22,13 @@ struct sock {
 	int opaque;
 };
 
+/* The fields of the kernel's struct sock this program reads, at the offsets the running kernel's BTF
+ * gives (CO-RE: libbpf relocates them; the object is built with -g). */
+struct sock___x {
+	__u32 sk_ack_backlog;
+	__u32 sk_max_ack_backlog;
+} __attribute__((preserve_access_index));
+
 extern int bpf_sk_assign_tcp_reqsk(struct __sk_buff *skb, struct sock *sk,
 				   struct bpf_tcp_req_attrs *attrs, int attrs__sz) __ksym;
 
@@ -41,6 +48,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH); /* see struct encap_keys: updates must be atomic for readers */
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* as `salts`: no element reused under a reader */
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct encap_keys);
@@ -69,15 +77,31 @@ static __always_inline void count_in(void *map, __u32 index)
 }
 #define COUNT(index) count_in(&counters, (index))
 
+/* Is `epoch` accepted now, by this program's own clock? The window of SaltSchedule.accepted_epochs
+ * (synproxy/salt.py): [floor((now - period - skew) / period), floor((now + skew) / period)]. The map alone
+ * would not do: salts a dead loader left behind would stay valid for ever. */
+static __always_inline int epoch_accepted(__u64 epoch, const struct backend_config *cfg)
+{
+	__u64 now_ns = bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
+	__u64 reach_ns = cfg->period_ns + cfg->skew_ns;
+
+	if (!cfg->period_ns)
+		return 0;
+	if (epoch < (now_ns > reach_ns ? (now_ns - reach_ns) / cfg->period_ns : 0))
+		return 0;
+	return epoch <= (now_ns + cfg->skew_ns) / cfg->period_ns;
+}
+
 /* Does `cookie` carry a valid MAC for this segment under an accepted salt? (docs/cookie.md) */
-static __always_inline int cookie_valid(const struct segment *seg, __u32 cookie)
+static __always_inline int cookie_valid(const struct segment *seg, __u32 cookie,
+					const struct backend_config *cfg)
 {
 	__u32 data = cookie & COOKIE_DATA_MASK;
 	__u32 slot_index = (data >> COOKIE_EPOCH_SHIFT) & (COOKIE_EPOCH_SLOTS - 1);
 	struct salt_slot *slot = bpf_map_lookup_elem(&salts, &slot_index);
 	union cookie_message message;
 
-	if (!slot || !slot->valid)
+	if (!slot || !slot->valid || !epoch_accepted(slot->epoch, cfg))
 		return 0;
 	cookie_message_of(&message, seg, seg->seq - 1, slot->epoch, data);
 #pragma unroll
@@ -125,6 +149,21 @@ static __always_inline int ack_timestamps(struct __sk_buff *skb, const struct se
 	return 0;
 }
 
+/* Would the kernel drop the connection for a full accept queue (sk_acceptq_is_full)? It would create it
+ * and drop it, silently for the client, who believes it is connected; passed instead, the ACK meets the
+ * listener, whose own cookie check fails, and the listener answers it with a RST (docs/backend.md). Each
+ * other CPU may hold one connection between this check and the queue (the same softirq, no lock): that
+ * margin, up to half the backlog, keeps them from filling it behind this check. */
+static __always_inline int accept_queue_full(const struct sock___x *listener, const struct backend_config *cfg)
+{
+	__u32 backlog = listener->sk_ack_backlog, max_backlog = listener->sk_max_ack_backlog;
+	__u32 margin = cfg->cpus > 1 ? cfg->cpus - 1 : 0;
+
+	if (margin > max_backlog / 2)
+		margin = max_backlog / 2;
+	return backlog + margin > max_backlog;
+}
+
 /* The request-socket attributes the cookie's data bits and the ACK's timestamps describe. */
 static __always_inline void fill_attrs(struct __sk_buff *skb, const struct segment *seg, __u32 data,
 				       const struct backend_config *cfg, struct bpf_tcp_req_attrs *attrs)
@@ -151,7 +190,7 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 	if ((seg->flags & (TCP_FLAG_ACK | TCP_FLAG_SYN | TCP_FLAG_RST | TCP_FLAG_FIN)) != TCP_FLAG_ACK)
 		return TC_ACT_OK;
 	__u32 cookie = seg->ack - 1;
-	if (!cookie_valid(seg, cookie)) {
+	if (!cookie_valid(seg, cookie, cfg)) {
 		COUNT(COUNTER_COOKIE_BAD);
 		return TC_ACT_SHOT;
 	}
@@ -180,6 +219,12 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 	struct tcp_sock *listener = skc->state == BPF_TCP_LISTEN ? bpf_skc_to_tcp_sock(skc) : 0;
 	if (!listener) {
 		COUNT(COUNTER_NOT_LISTENER);
+		bpf_sk_release(skc);
+		return TC_ACT_OK;
+	}
+
+	if (accept_queue_full((void *)listener, cfg)) {
+		COUNT(COUNTER_LISTEN_OVERFLOW);
 		bpf_sk_release(skc);
 		return TC_ACT_OK;
 	}

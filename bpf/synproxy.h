@@ -55,9 +55,13 @@ struct encap_header {
 #define MAX_SECRETS 2
 
 struct backend_config {
-	__u16 encap_port;   /* host order */
-	__u8 server_wscale; /* the window scale the fronts announce; the kernel's rcv_wscale */
+	__u64 period_ns;       /* salt epoch length; 0 until the loader has written the clock */
+	__u64 skew_ns;         /* the clock skew tolerated between nodes */
+	__s64 clock_offset_ns; /* CLOCK_REALTIME - CLOCK_TAI: epochs follow the wall clock */
+	__u16 encap_port;      /* host order */
+	__u8 server_wscale;    /* the window scale the fronts announce; the kernel's rcv_wscale */
 	__u8 pad;
+	__u32 cpus;            /* CPUs that may run this program at once (the accept queue's margin) */
 };
 
 struct salt_slot {          /* one per epoch mod 4 */
@@ -86,10 +90,14 @@ struct front_config {
 	__u8 pad;
 };
 
-/* Both programs' salts, slot = epoch mod 4, written by their loaders (the backend: every accepted epoch;
- * the front: the current and the next). */
+/* Both programs' salts, key = epoch mod 4, written by their loaders (the backend: every accepted epoch
+ * and the next; the front: the current and the next); a slot no epoch uses is absent. A hash map, not an
+ * array: an update replaces the element under RCU, so a reader never sees a key half written (an array's
+ * update is a memcpy under the reader: tests/test_backend_bpf.py measured torn reads). Not preallocated: a
+ * replaced element is freed after an RCU grace period, where a preallocated one is reused at once. */
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, COOKIE_EPOCH_SLOTS);
 	__type(key, __u32);
 	__type(value, struct salt_slot);
@@ -142,6 +150,8 @@ enum counter {
 	COUNTER_ENCAP_BAD_MAC,     /* from a trusted front's address, but no encap key gives its MAC: dropped */
 	COUNTER_ENCAP_REFUSED,     /* from a trusted front, but not what a front forwards: not a TCP segment,
 				    * or an authentic SYN or one not to a protected VIP and port: dropped */
+	COUNTER_LISTEN_OVERFLOW,   /* valid cookie, but the listener's accept queue is full: passed, and the
+				    * listener resets it (the kernel would drop the connection silently) */
 	COUNTER_MAX,
 };
 #define KFUNC_ERRNO_SLOTS 64

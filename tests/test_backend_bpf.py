@@ -4,6 +4,9 @@ vectors of both families and every verdict, read from its counters and its outpu
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
+import time
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -16,13 +19,16 @@ from synproxy.backend import loader
 from synproxy.backend.libbpf import kernel_has_function, prog_test_run
 from synproxy.backend.loader import (
     COUNTERS,
+    MAP_KEY,
+    SALT_SLOT,
     BackendError,
     DataPlane,
     build_object,
     check_kernel,
     read_counters,
 )
-from synproxy.salt import SaltSchedule
+from synproxy.cookie import SynOptions, check_cookie, make_cookie
+from synproxy.salt import SaltSchedule, derive_salt
 from tests.lab_fixtures import needs_root
 from tests.vectors.generate import SECRET
 
@@ -33,7 +39,7 @@ OTHER_FRONT = "198.18.11.2"  # trusted too: a MAC made for FRONT must not pass f
 VIPS = ("198.19.0.10", "2001:db8:ffff::10")
 PORTS = (80, 443, 7)  # the cookie vectors' ports
 KEY = encap.encap_key(SECRET)
-PERIOD = 60
+PERIOD = 1  # the vectors reach epoch 2^32: in 1 s epochs their times fit the program's 64-bit ns clock
 ETH_HEADER = 14
 ETHER = raw(Ether(type=0x0800))  # the frame a vector's outer IPv4 packet arrives in
 
@@ -99,18 +105,28 @@ def ack_of(vector: dict, ack: int | None = None, seq_offset: int = 1) -> bytes:
                      options=[("NOP", None), ("NOP", None), ("Timestamp", (1234, 5678))]))
 
 
-def load_salts(plane: DataPlane, cookie_vectors: dict, vector: dict, *secrets: bytes) -> None:
-    """The salts the loader would hold during the vector's epoch (skew 0: it and the one before)."""
+def set_clock(monkeypatch, plane: DataPlane, now: float) -> None:
+    """Make the program's wall clock read ``now`` (the loader writes its offset from CLOCK_TAI); the salts
+    stay as they are, as if the loader had stopped."""
+    offset = round(now * 1e9) - time.clock_gettime_ns(time.CLOCK_TAI)
+    monkeypatch.setattr(loader, "clock_offset_ns", lambda: offset)
+    plane.configure(ENCAP_PORT, 7)
+
+
+def load_salts(monkeypatch, plane: DataPlane, cookie_vectors: dict, vector: dict, *secrets: bytes) -> None:
+    """The salts the loader would hold in the middle of the vector's epoch (skew 0), and the program's clock
+    there."""
     schedule = SaltSchedule(secrets or (bytes.fromhex(cookie_vectors["secret"]),), period=PERIOD, skew=0)
-    plane.refresh_salts(schedule, vector["epoch"] * PERIOD + 1)
+    now = (vector["epoch"] + 0.5) * PERIOD
+    set_clock(monkeypatch, plane, now)
+    plane.refresh_salts(schedule, now)
 
 
-
-def test_every_vector_passes_the_mac_and_any_tampering_fails(plane, cookie_vectors):
+def test_every_vector_passes_the_mac_and_any_tampering_fails(monkeypatch, plane, cookie_vectors):
     vectors = cookie_vectors["vectors"]
     assert {v["family"] for v in vectors} == {4, 6} and len(vectors) > 120
     for vector in vectors:
-        load_salts(plane, cookie_vectors, vector)
+        load_salts(monkeypatch, plane, cookie_vectors, vector)
         verdict, _, changed = run(plane, encapsulated(ack_of(vector)))
         # The MAC holds; nothing listens here, so the ACK ends at the socket lookup.
         assert (verdict, changed) == (TC_ACT_OK, {"decapsulated": 1, "no_socket": 1}), vector["name"]
@@ -130,26 +146,28 @@ def first_vector(cookie_vectors: dict, family: int) -> dict:
     return next(v for v in cookie_vectors["vectors"] if v["family"] == family)
 
 
-def test_cookie_of_a_retired_secret_passes_while_rotating(plane, cookie_vectors):
+def test_cookie_of_a_retired_secret_passes_while_rotating(monkeypatch, plane, cookie_vectors):
     vector = first_vector(cookie_vectors, 4)
     old = bytes.fromhex(cookie_vectors["secret"])
-    load_salts(plane, cookie_vectors, vector, b"n" * 32)
+    load_salts(monkeypatch, plane, cookie_vectors, vector, b"n" * 32)
     assert run(plane, encapsulated(ack_of(vector)))[2] == {"decapsulated": 1, "cookie_bad": 1}
-    load_salts(plane, cookie_vectors, vector, b"n" * 32, old)
+    load_salts(monkeypatch, plane, cookie_vectors, vector, b"n" * 32, old)
     assert run(plane, encapsulated(ack_of(vector)))[2] == {"decapsulated": 1, "no_socket": 1}
 
 
-def test_cookie_of_an_epoch_the_loader_no_longer_holds_fails(plane, cookie_vectors):
+def test_cookie_of_an_epoch_the_loader_no_longer_holds_fails(monkeypatch, plane, cookie_vectors):
     vector = first_vector(cookie_vectors, 4)
     schedule = SaltSchedule((bytes.fromhex(cookie_vectors["secret"]),), period=PERIOD, skew=0)
-    plane.refresh_salts(schedule, (vector["epoch"] + 2) * PERIOD + 1)
+    now = (vector["epoch"] + 2.5) * PERIOD
+    set_clock(monkeypatch, plane, now)
+    plane.refresh_salts(schedule, now)
     verdict, _, changed = run(plane, encapsulated(ack_of(vector)))
     assert (verdict, changed) == (TC_ACT_SHOT, {"decapsulated": 1, "cookie_bad": 1})
 
 
-def test_untrusted_source_is_dropped_before_anything_is_parsed(plane, cookie_vectors):
+def test_untrusted_source_is_dropped_before_anything_is_parsed(monkeypatch, plane, cookie_vectors):
     vector = first_vector(cookie_vectors, 4)
-    load_salts(plane, cookie_vectors, vector)
+    load_salts(monkeypatch, plane, cookie_vectors, vector)
     for packet in (encapsulated(ack_of(vector), source="198.18.99.9"),
                    encapsulated(b"garbage", source="198.18.99.9", magic=0)):
         verdict, _, changed = run(plane, packet)
@@ -182,9 +200,9 @@ def test_unvalidated_packet_is_decapsulated_and_passed(plane, inner, ether_type)
     assert out[:12] == packet[:12] and out[12:14] == ether_type and out[ETH_HEADER:] == inner
 
 
-def test_validated_flag_on_a_non_handshake_segment_only_decapsulates(plane, cookie_vectors):
+def test_validated_flag_on_a_non_handshake_segment_only_decapsulates(monkeypatch, plane, cookie_vectors):
     vector = first_vector(cookie_vectors, 4)
-    load_salts(plane, cookie_vectors, vector)
+    load_salts(monkeypatch, plane, cookie_vectors, vector)
     for flags in ("FA", "RA"):
         inner = raw(IP(src=vector["saddr"], dst=vector["daddr"])
                     / TCP(sport=vector["sport"], dport=vector["dport"], flags=flags, ack=vector["ack"]))
@@ -203,12 +221,12 @@ def test_plain_traffic_passes_untouched_and_syns_are_counted(plane):
         assert run(plane, packet) == (TC_ACT_OK, packet, {"passed": 1})
 
 
-def test_every_encap_vector_is_accepted_exactly_as_sent(plane, cookie_vectors, encap_vectors):
+def test_every_encap_vector_is_accepted_exactly_as_sent(monkeypatch, plane, cookie_vectors, encap_vectors):
     """The vectors' packets are what a front sends: decapsulated, and the flagged handshake ACKs (whose
     cookies are cookie vectors) reach the socket lookup."""
     assert (encap_vectors["front"], encap_vectors["backend"], encap_vectors["encap_port"]) == (FRONT, BACKEND,
                                                                                                ENCAP_PORT)
-    load_salts(plane, cookie_vectors, cookie_vectors["vectors"][0])
+    load_salts(monkeypatch, plane, cookie_vectors, cookie_vectors["vectors"][0])
     for v in encap_vectors["vectors"]:
         inner = bytes.fromhex(v["inner"])
         verdict, out, changed = run(plane, ETHER + bytes.fromhex(v["packet"]))
@@ -245,8 +263,8 @@ def inner_sport_offset(v: dict) -> int:
     (inner_sport_offset, 0x01),
 ], ids=["MAC's first bit", "MAC's last bit", "VALIDATED flag", "outer source: another trusted front",
         "outer destination", "inner source port"])
-def test_a_changed_bit_of_an_encapsulation_fails_its_mac(plane, cookie_vectors, encap_vectors, offset, xor):
-    load_salts(plane, cookie_vectors, cookie_vectors["vectors"][0])
+def test_a_changed_bit_of_an_encapsulation_fails_its_mac(monkeypatch, plane, cookie_vectors, encap_vectors, offset, xor):
+    load_salts(monkeypatch, plane, cookie_vectors, cookie_vectors["vectors"][0])
     for v in encap_vectors["vectors"]:
         verdict, _, changed = run(plane, tampered(v, offset(v), xor))
         assert (verdict, changed) == (TC_ACT_SHOT, {"encap_bad_mac": 1}), v["name"]
@@ -292,3 +310,85 @@ def test_authentic_encapsulation_of_what_a_front_never_forwards_is_refused(plane
     and never a SYN."""
     verdict, _, changed = run(plane, encapsulated(inner, flags=flags))
     assert (verdict, changed) == (TC_ACT_SHOT, {"encap_refused": 1})
+
+
+CLOCK_PERIOD = 60
+
+
+@pytest.mark.parametrize("skew", [0, 2])
+def test_the_programs_clock_accepts_a_cookie_while_check_cookie_does_and_not_after(monkeypatch, plane,
+                                                                                   cookie_vectors, skew):
+    """The loader refreshed 0.2 s before an epoch boundary, then stopped: its salts stay in the map. A
+    cookie minted 3 ms past the boundary validates (the next epoch's salt was written ahead), and every
+    cookie is refused once the window of check_cookie has passed, although its slot is still there."""
+    vector = first_vector(cookie_vectors, 4)
+    schedule = SaltSchedule((bytes.fromhex(cookie_vectors["secret"]),), period=CLOCK_PERIOD, skew=skew)
+    epoch = vector["epoch"] + 1
+    boundary = epoch * CLOCK_PERIOD
+    set_clock(monkeypatch, plane, boundary - 0.2)
+    plane.refresh_salts(schedule, boundary - 0.2)
+    saddr, daddr = (ipaddress.ip_address(vector[side]).packed for side in ("saddr", "daddr"))
+    late = (epoch + 2) * CLOCK_PERIOD + skew  # the minted epoch leaves the window
+    cases = [(epoch, boundary + 0.003, True), (epoch, boundary + 30, True), (epoch, late - 0.05, True),
+             (epoch, late + 0.05, False), (epoch, late + 3 * CLOCK_PERIOD, False),
+             (epoch - 1, boundary + 0.003, True), (epoch - 1, late - CLOCK_PERIOD + 0.05, False)]
+    if skew:  # the epoch after is held too, but accepted only from `skew` before its start
+        cases += [(epoch + 1, boundary + CLOCK_PERIOD - skew - 0.05, False),
+                  (epoch + 1, boundary + CLOCK_PERIOD - skew + 0.05, True)]
+    for minted, now, accepted in cases:
+        salt = derive_salt(bytes.fromhex(cookie_vectors["secret"]), minted)
+        cookie = make_cookie(salt, minted, saddr, daddr, vector["sport"], vector["dport"], vector["client_isn"],
+                             SynOptions(mss=1460, wscale=7, sack=True, ecn=False))
+        reference = check_cookie(schedule, now, saddr, daddr, vector["sport"], vector["dport"],
+                                 vector["client_isn"], cookie)
+        assert isinstance(reference, SynOptions) == accepted, (minted, now)
+        assert plane.salts.map.lookup(MAP_KEY.pack(minted % 4)) is not None  # the frozen loader's slot
+        set_clock(monkeypatch, plane, now)
+        verdict, _, changed = run(plane, encapsulated(ack_of(vector, ack=cookie + 1)))
+        outcome = "no_socket" if accepted else "cookie_bad"
+        assert (verdict, changed) == (TC_ACT_OK if accepted else TC_ACT_SHOT,
+                                      {"decapsulated": 1, outcome: 1}), (minted - epoch, now - boundary)
+
+
+def test_a_salt_rewritten_under_readers_is_never_seen_half_written(monkeypatch, cookie_vectors):
+    """A writer process swaps the primary and the retired secret of one slot as fast as it can while the
+    program checks an ACK valid under both: every check must pass. With `salts` an array map (an update
+    is a memcpy under the reader) 3308 of 496,000 checks failed in 3 s here; as a hash map none did."""
+    vector = first_vector(cookie_vectors, 4)
+    epoch, slot = vector["epoch"], MAP_KEY.pack(vector["epoch"] % 4)
+    primary, retired = bytes.fromhex(cookie_vectors["secret"]), b"n" * 32
+    swapped = [SALT_SLOT.pack(1, 2, epoch, derive_salt(first, epoch), derive_salt(second, epoch))
+               for first, second in ((primary, retired), (retired, primary))]
+    plane = DataPlane(build_object())  # of its own: the writer leaves its slot unknown to the loader
+    try:
+        plane.configure(ENCAP_PORT, 7)
+        plane.trust([ipaddress.ip_address(FRONT)])
+        plane.protect([ipaddress.ip_address(vip) for vip in VIPS], PORTS)
+        plane.refresh_encap_keys(SaltSchedule((SECRET,)))
+        now = (epoch + 0.5) * CLOCK_PERIOD
+        set_clock(monkeypatch, plane, now)
+        plane.refresh_salts(SaltSchedule((primary, retired), period=CLOCK_PERIOD, skew=0), now)
+        packet = encapsulated(ack_of(vector))
+        before = read_counters(plane.counters, plane.kfunc_errors)
+        writer = os.fork()
+        if writer == 0:
+            try:
+                for _ in range(2_000_000):  # bounded; killed when the checks end
+                    for value in swapped:
+                        plane.salts.map.update(slot, value)
+            finally:
+                os._exit(0)
+        checks, deadline = 0, time.monotonic() + 3
+        try:
+            while checks < 400_000 and time.monotonic() < deadline:
+                for _ in range(1000):
+                    prog_test_run(plane.prog_fd, packet)
+                checks += 1000
+        finally:
+            os.kill(writer, signal.SIGKILL)
+            os.waitpid(writer, 0)
+        after = read_counters(plane.counters, plane.kfunc_errors)
+        assert {name: after[name] - before[name] for name in ("no_socket", "cookie_bad")} == \
+            {"no_socket": checks, "cookie_bad": 0}
+    finally:
+        plane.close()

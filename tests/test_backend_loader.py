@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from synproxy.backend.loader import COUNTERS, BackendError, bpf_dir, build_object, main, mapped, salt_slots
+from synproxy.backend.loader import (
+    COUNTERS,
+    BackendError,
+    bpf_dir,
+    build_object,
+    held_epochs,
+    main,
+    mapped,
+    salt_slots,
+)
 from synproxy.salt import SaltSchedule, derive_salt
 
 SALT_SLOT = struct.Struct("<IIQ16s16s")
@@ -30,16 +39,27 @@ def test_fronts_are_keyed_as_ipv4_mapped_ipv6():
     assert mapped(ipaddress.ip_address("2001:db8::1")) == ipaddress.ip_address("2001:db8::1").packed
 
 
-def test_salt_slots_hold_the_accepted_epochs_and_invalidate_the_rest():
+def test_salt_slots_hold_the_accepted_epochs_and_leave_the_rest_absent():
     primary, retired, third = b"p" * 32, b"r" * 32, b"t" * 32
     schedule = SaltSchedule((primary, retired, third), period=60, skew=2)
     now = 1000 * 60 + 1  # epochs 998 (skew), 999 and 1000 are accepted
     slots = {slot: SALT_SLOT.unpack(value) for slot, value in salt_slots(schedule, schedule.accepted_epochs(now)).items()}
-    assert sorted(slots) == [0, 1, 2, 3]
+    assert sorted(slots) == sorted(epoch % 4 for epoch in (998, 999, 1000))
     for epoch in (998, 999, 1000):
         # Two key slots: the primary and the first retired secret.
         assert slots[epoch % 4] == (1, 2, epoch, derive_salt(primary, epoch), derive_salt(retired, epoch))
-    assert slots[997 % 4][0] == 0
+
+
+@pytest.mark.parametrize("skew, now, held", [
+    (0, 1000 * 60 + 59.9, (999, 1000, 1001)),        # the next epoch is there before its boundary
+    (2, 1000 * 60 + 30, (999, 1000, 1001)),
+    (2, 1000 * 60 + 1, (998, 999, 1000, 1001)),      # 998 still accepted (skew): 1001 just fits
+    (45, 1000 * 60 + 20, (998, 999, 1000, 1001)),    # four accepted: 1002 would take 998's slot
+])
+def test_held_epochs_are_the_accepted_ones_and_the_next_when_its_slot_is_free(skew, now, held):
+    schedule = SaltSchedule((b"p" * 32,), period=60, skew=skew)
+    assert tuple(held_epochs(schedule, now)) == held
+    assert set(schedule.accepted_epochs(now)) <= set(held)
 
 
 def test_a_single_secret_fills_one_key():

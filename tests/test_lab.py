@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -61,6 +62,14 @@ def test_curl_and_python_clients_reach_both_backends_with_their_real_address(lab
     for _ in range(5):
         answer = json.loads(lab.run("client", ["curl", "-sS", f"-{family}", "-m", "5", url(vip)]).stdout)
         assert answer["client"].startswith(f"{client_address}:")
+
+
+def test_backends_servers_listen_with_a_realistic_backlog(lab):
+    """A full accept queue resets new handshakes (docs/backend.md): socketserver's default backlog, 5,
+    would reset clients as soon as a handful of handshakes arrive together."""
+    for host in lab.by_role("backend"):
+        listeners = lab.run(host.name, ["ss", "-Hltn", "( sport = :80 or sport = :7 )"]).stdout.splitlines()
+        assert len(listeners) == 4 and {line.split()[2] for line in listeners} == {str(socket.SOMAXCONN)}
 
 
 def test_dual_stack_client_reaches_the_same_backends_over_both_families(lab):

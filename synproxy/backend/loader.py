@@ -1,11 +1,13 @@
 """`synproxy backend`: build, load, attach and feed bpf/backend.bpf.c on a backend's interface.
 
 The program needs, in its maps: the encap port and server window scale, the trusted front addresses,
-the protected VIPs and ports, the encapsulation's MAC keys, and the salts of the accepted epochs (kept
-current from the same master secret the fronts use). The loader stays running to keep the salts
-current; on SIGTERM/SIGINT it detaches. `--stats` and `--detach` find a running program through its
-tc filter and the program's map ids, so they work from any process: maps pinned in bpffs would not,
-because `ip netns exec` mounts a fresh /sys (and with it an empty bpffs) for every command.
+the protected VIPs and ports, the encapsulation's MAC keys, the salts of the accepted epochs and
+the next (kept current from the same master secret the fronts use), and the clock it judges their
+epochs by (period, skew, the wall clock's offset from TAI). The loader stays running to keep the
+salts current; on SIGTERM/SIGINT it detaches. `--stats` and `--detach` find a running program
+through its tc filter and the program's map ids, so they work from any process: maps pinned in
+bpffs would not, because `ip netns exec` mounts a fresh /sys (and with it an empty bpffs) for
+every command.
 """
 
 from __future__ import annotations
@@ -54,11 +56,11 @@ PROGRAM = "synproxy_backend"
 TC_HANDLE = TC_PRIORITY = 0x5350  # "SP": a fixed filter slot, so a later run or --detach finds it
 KFUNC = "bpf_sk_assign_tcp_reqsk"
 KFUNC_ERRNO_SLOTS = 64
-SALT_CHECK_SECONDS = 0.25  # how late a newly accepted epoch may reach the map
+SALT_CHECK_SECONDS = 0.25  # how often the salts are refreshed (the next epoch's is written ahead)
 # enum counter in bpf/synproxy.h, in order.
 COUNTERS = ("passed", "decapsulated", "untrusted", "malformed", "cookie_bad", "no_socket", "not_listener",
-            "created", "kfunc_failed", "syn_received", "encap_bad_mac", "encap_refused")
-_CONFIG = struct.Struct("<HBx")            # struct backend_config
+            "created", "kfunc_failed", "syn_received", "encap_bad_mac", "encap_refused", "listen_overflow")
+_CONFIG = struct.Struct("=QQqHBxI")       # struct backend_config
 SALT_SLOT = struct.Struct("<IIQ16s16s")   # struct salt_slot
 ENCAP_KEYS = struct.Struct("<I4x16s16s")  # struct encap_keys
 PORT_KEY = struct.Struct("=H")  # protected_ports key: host order
@@ -155,10 +157,16 @@ def mapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
     return address.packed
 
 
+def clock_offset_ns() -> int:
+    """CLOCK_REALTIME - CLOCK_TAI, to the millisecond: the programs have only the TAI clock, the salt
+    epochs follow the wall clock. Whole seconds in practice; reading the two clocks apart adds µs."""
+    return round((time.time_ns() - time.clock_gettime_ns(time.CLOCK_TAI)) / 1e6) * 1_000_000
+
+
 def salt_slots(schedule: SaltSchedule, epochs: Iterable[int]) -> dict[int, bytes]:
-    """A `salts` map's four slots: these epochs' salts (at most two secrets, the minting one first),
-    the other slots invalid. At most four consecutive epochs, so no two share a slot."""
-    slots = {slot: SALT_SLOT.pack(0, 0, 0, bytes(16), bytes(16)) for slot in range(EPOCH_SLOTS)}
+    """A `salts` map's slots (epoch mod 4) for these epochs: their salts (at most two secrets, the
+    minting one first). At most four consecutive epochs, so no two share a slot; other slots are absent."""
+    slots = {}
     for epoch in epochs:
         keys = schedule.validating_salts(epoch)[:MAX_SECRETS]
         nkeys = len(keys)
@@ -183,19 +191,35 @@ def sized_map(bpf_object: BpfObject, name: str, value_size: int) -> Map:
     return found
 
 
+def held_epochs(schedule: SaltSchedule, now: float) -> range:
+    """The epochs a backend's map holds: the accepted ones and the next, so a handshake minted just past
+    an epoch boundary finds its salt however late the loader's refresh (the program's clock decides
+    when it is accepted). The next is left out while its slot still serves the oldest accepted epoch:
+    with a skew above half the period the window spans four epochs near each boundary."""
+    accepted = schedule.accepted_epochs(now)
+    return range(accepted.start, min(accepted.stop + 1, accepted.start + EPOCH_SLOTS))
+
+
 class SaltMap:
-    """A program's `salts` map, rewritten slot by slot only where a slot changed (never under a reader
-    that could still use it)."""
+    """A program's `salts` hash map, rewritten slot by slot only where a slot changed. An update
+    replaces the element, so readers see the old value or the new, never a mix; a slot no epoch uses
+    is deleted."""
 
     def __init__(self, salt_map: Map):
         self.map = salt_map
-        self._written: dict[int, bytes] = {}
+        self._written: dict[int, bytes | None] = {}
 
     def refresh(self, schedule: SaltSchedule, epochs: Iterable[int]) -> None:
-        for slot, value in salt_slots(schedule, epochs).items():
-            if self._written.get(slot) != value:
+        wanted = salt_slots(schedule, epochs)
+        for slot in range(EPOCH_SLOTS):
+            value = wanted.get(slot)
+            if slot in self._written and self._written[slot] == value:
+                continue
+            if value is None:
+                self.map.delete(MAP_KEY.pack(slot))
+            else:
                 self.map.update(MAP_KEY.pack(slot), value)
-                self._written[slot] = value
+            self._written[slot] = value
 
 
 def replace_keys(flag_map: Map, wanted: set[bytes]) -> None:
@@ -211,6 +235,9 @@ class DataPlane:
 
     def __init__(self, object_path: Path):
         self.object = BpfObject(object_path)
+        self._settings = (0, 0)      # encap port, server window scale
+        self._clock = (0, 0)         # period, skew (ns)
+        self._config_written = b""
         try:
             self.prog_fd = self.object.program_fd(PROGRAM)
             self.config = self._map("config", _CONFIG.size)
@@ -230,7 +257,17 @@ class DataPlane:
         return sized_map(self.object, name, value_size)
 
     def configure(self, encap_port: int, server_wscale: int) -> None:
-        self.config.update(MAP_KEY.pack(0), _CONFIG.pack(encap_port, server_wscale))
+        self._settings = (encap_port, server_wscale)
+        self._write_config()
+
+    def _write_config(self) -> None:
+        """The settings, the program's clock (the epoch window and the wall clock's offset from
+        CLOCK_TAI, read again at every write: it changes only when the kernel's TAI offset is set) and
+        the CPU count (online CPUs: a margin of all possible ones could exceed a small backlog)."""
+        value = _CONFIG.pack(*self._clock, clock_offset_ns(), *self._settings, os.cpu_count() or 1)
+        if value != self._config_written:
+            self.config.update(MAP_KEY.pack(0), value)
+            self._config_written = value
 
     def trust(self, fronts: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
         replace_keys(self.trusted_fronts, {mapped(front) for front in fronts})
@@ -249,8 +286,10 @@ class DataPlane:
             self._encap_keys_written = value
 
     def refresh_salts(self, schedule: SaltSchedule, now: float) -> None:
-        """The accepted epochs' salts."""
-        self.salts.refresh(schedule, schedule.accepted_epochs(now))
+        """The salts of the accepted epochs and the next one, and the window the program judges them by."""
+        self.salts.refresh(schedule, held_epochs(schedule, now))
+        self._clock = (round(schedule.period * 1e9), round(schedule.skew * 1e9))
+        self._write_config()
 
     def close(self) -> None:
         self.object.close()

@@ -24,6 +24,7 @@ from synproxy.backend.loader import (
     BackendError,
     SaltMap,
     build_object,
+    clock_offset_ns,
     counter_total,
     interface_index,
     mapped,
@@ -44,12 +45,6 @@ _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
 
 class FastPathError(RuntimeError):
     """The fast path cannot run as configured; phrased for the operator."""
-
-
-def clock_offset_ns() -> int:
-    """CLOCK_REALTIME - CLOCK_TAI, to the millisecond: the program has only the TAI clock, the salt
-    epochs follow the wall clock. Whole seconds in practice; reading the two clocks apart adds µs."""
-    return round((time.time_ns() - time.clock_gettime_ns(time.CLOCK_TAI)) / 1e6) * 1_000_000
 
 
 class FastPath:

@@ -40,9 +40,20 @@ class _Echo(socketserver.BaseRequestHandler):
             self.request.sendall(data)
 
 
+# socketserver listens with a backlog of 5: behind the backend's cookies a full accept queue resets
+# new handshakes (docs/backend.md), and `ab -c 64` fails against such a server even without a proxy.
+BACKLOG = socket.SOMAXCONN
+
+
 class _EchoServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
+    request_queue_size = BACKLOG
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = BACKLOG
 
 
 def _v6_only(server_class):
@@ -66,8 +77,7 @@ def main() -> None:
     servers = []
     for any_address, wrap in (("0.0.0.0", lambda cls: cls), ("::", _v6_only)):
         try:
-            http = wrap(ThreadingHTTPServer)((any_address, args.http_port), _Http)
-            http.daemon_threads = True
+            http = wrap(_HttpServer)((any_address, args.http_port), _Http)
             http.backend_name = args.name
             servers += [http, wrap(_EchoServer)((any_address, args.echo_port), _Echo)]
         except OSError as error:  # no IPv6 here (a Docker network without it): serve IPv4 alone
