@@ -15,6 +15,11 @@ from pathlib import Path
 BPF_TC_INGRESS = 1
 BPF_TC_F_REPLACE = 1
 BPF_ANY = 0
+# linux/if_link.h
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_REPLACE = 1 << 4
 BTF_KIND_FUNC = 12
 # Map types whose lookups return one value per possible CPU (linux/bpf.h enum bpf_map_type).
 PER_CPU_MAP_TYPES = {5, 6, 10, 21}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, PERCPU_CGROUP_STORAGE
@@ -62,6 +67,8 @@ _declare("bpf_tc_hook_create", ctypes.c_int, _voidp)
 _declare("bpf_tc_attach", ctypes.c_int, _voidp, _voidp)
 _declare("bpf_tc_detach", ctypes.c_int, _voidp, _voidp)
 _declare("bpf_tc_query", ctypes.c_int, _voidp, _voidp)
+_declare("bpf_xdp_attach", ctypes.c_int, ctypes.c_int, ctypes.c_int, _u32, _voidp)
+_declare("bpf_xdp_detach", ctypes.c_int, ctypes.c_int, _u32, _voidp)
 _declare("bpf_prog_test_run_opts", ctypes.c_int, ctypes.c_int, _voidp)
 _declare("bpf_prog_get_fd_by_id", ctypes.c_int, _u32)
 _declare("bpf_map_get_fd_by_id", ctypes.c_int, _u32)
@@ -96,6 +103,11 @@ class _TestRunOpts(ctypes.Structure):  # struct bpf_test_run_opts
                 ("duration", _u32), ("flags", _u32), ("cpu", _u32), ("batch_size", _u32)]
 
 
+class _XdpAttachOpts(ctypes.Structure):  # struct bpf_xdp_attach_opts
+    _fields_ = [("sz", ctypes.c_size_t), ("old_prog_fd", ctypes.c_int), ("_pad", ctypes.c_int)]
+
+
+assert ctypes.sizeof(_XdpAttachOpts) == 16
 assert ctypes.sizeof(TcHook) == 24 and ctypes.sizeof(TcOpts) == 32 and ctypes.sizeof(_TestRunOpts) == 80
 
 
@@ -230,6 +242,23 @@ def tc_detach(ifindex: int, handle: int, priority: int) -> bool:
     return True
 
 
+def xdp_attach(ifindex: int, prog_fd: int, flags: int) -> None:
+    """Attach an XDP program; ``flags`` choose the mode (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE) and
+    XDP_FLAGS_UPDATE_IF_NOEXIST refuses (EBUSY) to replace another program."""
+    _check(_lib.bpf_xdp_attach(ifindex, prog_fd, flags, None), "bpf_xdp_attach")
+
+
+def xdp_detach(ifindex: int, mode: int, prog_fd: int) -> bool:
+    """Detach ``prog_fd`` attached in ``mode``, and only it (XDP_FLAGS_REPLACE: a program someone else
+    attached since stays); False when it was not there."""
+    opts = _XdpAttachOpts(sz=ctypes.sizeof(_XdpAttachOpts), old_prog_fd=prog_fd)
+    result = _lib.bpf_xdp_detach(ifindex, mode | XDP_FLAGS_REPLACE, ctypes.byref(opts))
+    if result < 0 and -result in (errno.ENOENT, errno.EEXIST, errno.ENODEV):
+        return False
+    _check(result, "bpf_xdp_detach")
+    return True
+
+
 # struct bpf_prog_info / bpf_map_info (linux/bpf.h): only the leading fields read here.
 class _ProgInfo(ctypes.Structure):
     _fields_ = [("type", _u32), ("id", _u32), ("tag", ctypes.c_uint8 * 8), ("jited_prog_len", _u32),
@@ -274,12 +303,19 @@ def program_maps(prog_id: int) -> dict[str, Map]:
     return maps
 
 
-def prog_test_run(prog_fd: int, packet: bytes, out_size: int = 2048) -> tuple[int, bytes]:
-    """Run the program once on ``packet`` (BPF_PROG_TEST_RUN): its return code and the packet after."""
+def prog_test_run(prog_fd: int, packet: bytes, out_size: int = 2048, context: bytes | None = None,
+                  repeat: int = 1) -> tuple[int, bytes]:
+    """Run the program on ``packet`` (BPF_PROG_TEST_RUN): its return code and the packet after.
+
+    ``context`` is the program's context (an XDP program's struct xdp_md: its ingress_ifindex says
+    which interface the frame came in on; the loopback otherwise); ``repeat`` runs it that many times.
+    """
     data_in = ctypes.create_string_buffer(packet, len(packet))
     data_out = ctypes.create_string_buffer(out_size)
+    context_in = ctypes.create_string_buffer(context, len(context)) if context else None
     opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(data_in),
                         data_out=ctypes.addressof(data_out), data_size_in=len(packet), data_size_out=out_size,
-                        repeat=1)
+                        ctx_in=ctypes.addressof(context_in) if context else None,
+                        ctx_size_in=len(context) if context else 0, repeat=repeat)
     _check(_lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "bpf_prog_test_run_opts")
     return opts.retval, data_out.raw[:opts.data_size_out]
