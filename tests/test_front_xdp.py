@@ -15,6 +15,7 @@ import json
 import random
 import socket
 import struct
+import time
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -53,6 +54,7 @@ BACKENDS = tuple(f"10.98.0.{host}" for host in (11, 12, 13, 14, 15, 16, 17))
 UNREACHABLE_BACKEND = "192.0.2.9"     # an unreachable route
 UNRESOLVED_BACKEND = "10.97.0.9"      # routed through a gateway without a neighbour entry
 LINK = "fxa"
+ROUTE_CACHE_SECONDS = 0.1  # ROUTE_CACHE_NS in bpf/front.bpf.c
 
 
 @pytest.fixture(scope="module")
@@ -365,3 +367,20 @@ def test_attached_natively_to_a_veth_and_detached_on_close(namespace, policy, sc
         finally:
             loaded.close()
     assert "prog/xdp" not in netns.run(namespace, ["ip", "link", "show", LINK]).stdout
+
+
+def test_a_route_change_is_seen_within_the_route_cache_time(monkeypatch, namespace, cookie_vectors, schedule):
+    single = make_policy(cookie_vectors["vectors"], backends=(BACKENDS[0],))
+    loaded = FastPath(build_object("front"))
+    try:
+        loaded.configure(single, schedule)
+        set_clock(monkeypatch, loaded, single, schedule, 1000 * PERIOD + 30)
+        assert run(namespace, loaded, ACK4)[0] == XDP_REDIRECT
+        netns.run(namespace, ["ip", "route", "add", "unreachable", f"{BACKENDS[0]}/32"])
+        try:
+            time.sleep(ROUTE_CACHE_SECONDS * 1.5)
+            assert run(namespace, loaded, ACK4) == (XDP_PASS, ACK4, {("unrouted", 4): 1})
+        finally:
+            netns.run(namespace, ["ip", "route", "del", "unreachable", f"{BACKENDS[0]}/32"])
+    finally:
+        loaded.close()

@@ -38,6 +38,9 @@ def _load_library() -> ctypes.CDLL:
 
 
 _lib = _load_library()
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_BPF = 321 if os.uname().machine == "x86_64" else 280  # x86-64 or the generic table (arm64)
+_BPF_ENABLE_STATS = 32
 _voidp = ctypes.c_void_p
 _u32 = ctypes.c_uint32
 
@@ -276,6 +279,25 @@ class _MapInfo(ctypes.Structure):
 def _info(fd: int, info: ctypes.Structure, what: str) -> None:
     length = _u32(ctypes.sizeof(info))
     _check(_lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(length)), what)
+
+
+def program_id(prog_fd: int) -> int:
+    """The kernel's id of a loaded program (what bpftool and `ip link` show)."""
+    info = _ProgInfo()
+    _info(prog_fd, info, "program info")
+    return info.id
+
+
+def enable_run_time_stats() -> int:
+    """Have the kernel count every program's run time and runs (run_time_ns, run_cnt) until the returned
+    descriptor is closed: BPF_ENABLE_STATS, which, unlike the kernel.bpf_stats_enabled sysctl, others
+    measuring at the same time cannot switch off under us."""
+    attr = ctypes.create_string_buffer(8)  # union bpf_attr's enable_stats: type = BPF_STATS_RUN_TIME (0)
+    fd = _libc.syscall(_SYS_BPF, _BPF_ENABLE_STATS, attr, len(attr))
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise BpfError(code, f"BPF_ENABLE_STATS: {os.strerror(code)}")
+    return fd
 
 
 def program_maps(prog_id: int) -> dict[str, Map]:
