@@ -521,11 +521,10 @@ static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *s
 	return count(seg, FRONT_SYN_ANSWERED, send(ctx, fib.ifindex));
 }
 
-/* Is `epoch` one SaltSchedule.accepted_epochs gives at the program's clock? */
-static __always_inline int epoch_accepted(__u64 epoch, const struct front_config *cfg,
+/* Is `epoch` one SaltSchedule.accepted_epochs gives at `now_ns`? */
+static __always_inline int epoch_accepted(__u64 epoch, __u64 now_ns, const struct front_config *cfg,
 					  const struct front_forwarding *fwd)
 {
-	__u64 now_ns = bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
 	__u64 oldest = now_ns >= cfg->period_ns + fwd->skew_ns ? (now_ns - cfg->period_ns - fwd->skew_ns) / cfg->period_ns
 								: 0;
 
@@ -673,9 +672,14 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 	__u8 flags = 0;
 	if ((seg->flags & TCP_FLAG_ACK) && !(seg->flags & (TCP_FLAG_RST | TCP_FLAG_FIN))) {
 		__u32 cookie = seg->ack - 1;
+		__u64 now_ns = bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
 		const struct salt_slot *slot = cookie_slot(cookie);
 
-		if (!slot || !epoch_accepted(slot->epoch, cfg, fwd)) {
+		/* Without the current epoch's salt the map is stale (the front process stalled): it cannot
+		 * tell an expired cookie from a salt not written, the handler can. */
+		if (!minting_slot(now_ns / cfg->period_ns))
+			return count(seg, FRONT_NO_SALT, XDP_PASS);
+		if (!slot || !epoch_accepted(slot->epoch, now_ns, cfg, fwd)) {
 			outcome = FRONT_FORWARDED_EXPIRED_EPOCH;
 		} else if (!cookie_mac_valid(slot, seg, cookie)) {
 			outcome = FRONT_FORWARDED_BAD_MAC;

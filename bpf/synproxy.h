@@ -123,7 +123,8 @@ enum front_counter {
 			      * configuration or Maglev entry yet): left to the queue */
 	FRONT_UNVERIFIED,    /* a SYN or a validating ACK whose checksum does not hold here (bad, or a
 			      * local sender's partial one), or an IPv4 header's: left to the queue */
-	FRONT_NO_SALT,       /* a SYN left to the queue: the map holds no salt for the current epoch */
+	FRONT_NO_SALT,       /* a SYN (XDP: or an ACK) left to the queue: the map holds no salt for the
+			      * current epoch */
 	FRONT_SYN_ANSWERED,  /* a SYN answered: a SYN-ACK sent */
 	FRONT_UNROUTED,      /* left to the queue: no route (or, at XDP, no resolved neighbour) to the
 			      * client or the backend found here */

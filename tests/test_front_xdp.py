@@ -27,7 +27,7 @@ from synproxy import netns
 from synproxy.backend.libbpf import prog_test_run
 from synproxy.backend.loader import build_object
 from synproxy.front import fastpath
-from synproxy.front.fastpath import FastPath
+from synproxy.front.fastpath import FastPath, FastPathError
 from synproxy.front.handler import Action, FrontPolicy, handle
 from synproxy.packet import ACK, build_tcp_packet
 from synproxy.salt import SaltSchedule
@@ -328,15 +328,18 @@ def test_a_multicast_frame_is_not_looked_at(namespace, fast_path):
     assert run(namespace, fast_path, frame) == (XDP_PASS, frame, {})
 
 
-def test_without_the_current_epochs_salt_a_syn_goes_to_the_queue(monkeypatch, namespace, fast_path, policy,
-                                                                 schedule):
+def test_without_the_current_epochs_salt_syns_and_acks_go_to_the_queue(monkeypatch, namespace, fast_path,
+                                                                       policy, schedule):
     set_clock(monkeypatch, fast_path, policy, schedule, 1000 * PERIOD + 30)
-    # The map holds epochs 998-1001; a clock in epoch 1003 finds none to mint with.
+    # The map holds epochs 998-1001; a clock in epoch 1003 finds none to mint with, and cannot tell an
+    # ACK's expired cookie from a salt the stalled front process did not write.
     offset = fastpath.clock_offset_ns() + 3 * PERIOD * 10**9
     monkeypatch.setattr(fastpath, "clock_offset_ns", lambda: offset)
     fast_path.refresh(policy, schedule, 1000 * PERIOD + 30)
-    frame = syn("198.18.1.2", VIP4)
-    assert run(namespace, fast_path, frame) == (XDP_PASS, frame, {("no_salt", 4): 1})
+    for frame in (syn("198.18.1.2", VIP4), ACK4):
+        assert run(namespace, fast_path, frame) == (XDP_PASS, frame, {("no_salt", 4): 1})
+    fin = segment("198.18.1.2", VIP4, flags="FA")  # no cookie to check: forwarded
+    assert run(namespace, fast_path, fin)[2] == {("forwarded", 4): 1}
 
 
 @pytest.mark.parametrize("backend", [UNREACHABLE_BACKEND, UNRESOLVED_BACKEND])
@@ -357,16 +360,22 @@ def test_a_syn_with_no_route_back_goes_to_the_queue(monkeypatch, namespace, fast
     assert run(namespace, fast_path, frame) == (XDP_PASS, frame, {("unrouted", 4): 1})
 
 
-def test_attached_natively_to_a_veth_and_detached_on_close(namespace, policy, schedule):
-    loaded = FastPath(build_object("front"))
+def test_attached_natively_or_generically_never_over_another_program_and_detached_on_close(
+        namespace, policy, schedule):
+    loaded, other = FastPath(build_object("front")), FastPath(build_object("front"))
     with netns.inside(namespace):  # interface indexes are the namespace's: detach there too
         try:
             loaded.configure(policy, schedule)
-            assert loaded.attach_xdp([LINK]) == {LINK: "native"}
+            # A veth has native XDP; the loopback only the generic kind.
+            assert loaded.attach_xdp([LINK, "lo"]) == {LINK: "native", "lo": "generic"}
             assert "prog/xdp" in netns.run(namespace, ["ip", "link", "show", LINK]).stdout
+            with pytest.raises(FastPathError, match=f"attaching XDP to {LINK} failed"):
+                other.attach_xdp([LINK])
         finally:
+            other.close()
             loaded.close()
-    assert "prog/xdp" not in netns.run(namespace, ["ip", "link", "show", LINK]).stdout
+    for interface in (LINK, "lo"):
+        assert "xdp" not in netns.run(namespace, ["ip", "link", "show", interface]).stdout
 
 
 def test_a_route_change_is_seen_within_the_route_cache_time(monkeypatch, namespace, cookie_vectors, schedule):
