@@ -1,6 +1,6 @@
 """A thin ctypes shell over libbpf (Debian's libbpf1 1.1): objects, maps, tc attach, test runs, BTF.
 
-Only what the backend needs. Every failure becomes :class:`BpfError` (an OSError with the errno's
+Only what the programs' loaders need. Every failure becomes :class:`BpfError` (an OSError with the errno's
 text), never a crash. Struct layouts are those of /usr/include/bpf/libbpf.h and bpf.h (checked by size).
 """
 
