@@ -77,42 +77,6 @@ static __always_inline void count_in(void *map, __u32 index)
 }
 #define COUNT(index) count_in(&counters, (index))
 
-/* Is `epoch` accepted now, by this program's own clock? The window of SaltSchedule.accepted_epochs
- * (synproxy/salt.py): [floor((now - period - skew) / period), floor((now + skew) / period)]. The map alone
- * would not do: salts a dead loader left behind would stay valid for ever. */
-static __always_inline int epoch_accepted(__u64 epoch, const struct backend_config *cfg)
-{
-	__u64 now_ns = bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
-	__u64 reach_ns = cfg->period_ns + cfg->skew_ns;
-
-	if (!cfg->period_ns)
-		return 0;
-	if (epoch < (now_ns > reach_ns ? (now_ns - reach_ns) / cfg->period_ns : 0))
-		return 0;
-	return epoch <= (now_ns + cfg->skew_ns) / cfg->period_ns;
-}
-
-/* Does `cookie` carry a valid MAC for this segment under an accepted salt? (docs/cookie.md) */
-static __always_inline int cookie_valid(const struct segment *seg, __u32 cookie,
-					const struct backend_config *cfg)
-{
-	__u32 data = cookie & COOKIE_DATA_MASK;
-	__u32 slot_index = (data >> COOKIE_EPOCH_SHIFT) & (COOKIE_EPOCH_SLOTS - 1);
-	struct salt_slot *slot = bpf_map_lookup_elem(&salts, &slot_index);
-	union cookie_message message;
-
-	if (!slot || !slot->valid || !epoch_accepted(slot->epoch, cfg))
-		return 0;
-	cookie_message_of(&message, seg, seg->seq - 1, slot->epoch, data);
-#pragma unroll
-	for (__u32 i = 0; i < MAX_SECRETS; i++) {
-		if (i < slot->nkeys &&
-		    (siphash24_48(message.words, slot->keys[i]) & COOKIE_MAC_MASK) == cookie >> COOKIE_DATA_BITS)
-			return 1;
-	}
-	return 0;
-}
-
 /* The ACK's own timestamp option, if any: TSval is the client's clock, TSecr the front's. Walks a
  * scalar offset with bpf_skb_load_bytes (packet-pointer walks defeat the verifier's pruning); 40
  * bytes of options hold at most 40 options, so the bound never cuts a real header short. */
@@ -190,7 +154,10 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 	if ((seg->flags & (TCP_FLAG_ACK | TCP_FLAG_SYN | TCP_FLAG_RST | TCP_FLAG_FIN)) != TCP_FLAG_ACK)
 		return TC_ACT_OK;
 	__u32 cookie = seg->ack - 1;
-	if (!cookie_valid(seg, cookie, cfg)) {
+	const struct salt_slot *slot = cookie_slot(cookie);
+	if (!slot || !epoch_accepted(slot->epoch, bpf_ktime_get_tai_ns() + cfg->clock_offset_ns, cfg->period_ns,
+				     cfg->skew_ns) ||
+	    !cookie_mac_valid(slot, seg, cookie)) {
 		COUNT(COUNTER_COOKIE_BAD);
 		return TC_ACT_SHOT;
 	}

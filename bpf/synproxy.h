@@ -120,20 +120,52 @@ struct {
 	__type(value, __u8);
 } protected_ports SEC(".maps");
 
-/* Outcomes of the front program, counted per IP version in its per-CPU `counters` (index = outcome * 2
- * + (IPv6 ? 1 : 0)); synproxy/front/fastpath.py names them in this order. */
+/* Outcomes of the front programs, counted per IP version in their per-CPU `counters` (index = outcome * 2
+ * + (IPv6 ? 1 : 0)); synproxy/front/fastpath.py names them in this order. "Left to the queue" means passed
+ * on (TC_ACT_OK, XDP_PASS) unchanged: the NFQUEUE and the Python handler decide. */
 enum front_counter {
 	FRONT_NOT_PROTECTED, /* TCP, but not to a protected VIP and port: left to the kernel */
-	FRONT_QUEUED,        /* protected, but not a SYN this program answers (ACKs, data, a SYN with payload,
-			      * IP options or malformed options): left to the NFQUEUE */
-	FRONT_UNVERIFIED,    /* a SYN whose checksum does not hold here (bad, or a local sender's partial
-			      * one): left to the NFQUEUE */
-	FRONT_NO_SALT,       /* a SYN left to the NFQUEUE: the map holds no salt for the current epoch */
+	FRONT_QUEUED,        /* protected, but not what the program handles (tc: anything but a SYN; both: a
+			      * SYN with payload, IP options or malformed options, a SYN with ACK/RST/FIN;
+			      * XDP: IPv4 options, lengths the handler calls malformed, no forwarding
+			      * configuration or Maglev entry yet): left to the queue */
+	FRONT_UNVERIFIED,    /* a SYN or a validating ACK whose checksum does not hold here (bad, or a
+			      * local sender's partial one), or an IPv4 header's: left to the queue */
+	FRONT_NO_SALT,       /* a SYN (XDP: or an ACK) left to the queue: the map holds no salt for the
+			      * current epoch */
 	FRONT_SYN_ANSWERED,  /* a SYN answered: a SYN-ACK sent */
-	FRONT_UNROUTED,      /* a SYN left to the NFQUEUE: no route back to its source found here */
-	FRONT_UNSENT,        /* a SYN dropped: rewriting the packet failed */
+	FRONT_UNROUTED,      /* left to the queue: no route (or, at XDP, no resolved neighbour) to the
+			      * client or the backend found here */
+	FRONT_UNSENT,        /* tc: a SYN dropped, rewriting the packet failed; XDP: left to the queue,
+			      * the driver left no room to grow the packet */
+	FRONT_VALIDATED,     /* XDP: an ACK whose cookie validates, encapsulated flagged VALIDATED */
+	FRONT_FORWARDED,     /* XDP: not an ACK, or with RST or FIN, encapsulated unflagged */
+	FRONT_FORWARDED_BAD_MAC,       /* XDP: an ACK whose cookie's MAC does not hold (established
+					* traffic, mostly), encapsulated unflagged */
+	FRONT_FORWARDED_EXPIRED_EPOCH, /* XDP: an ACK whose cookie names no accepted epoch, encapsulated
+					* unflagged */
+	FRONT_TOO_BIG,       /* XDP: the encapsulation would exceed the farm MTU: left to the queue */
+	FRONT_UNPARSED,      /* XDP: TCP to a protected VIP the program does not parse (IPv4 fragments,
+			      * IPv6 extension headers): left to the queue */
 	FRONT_COUNTER_MAX,
 };
+
+/* The front's forwarding configuration: one element (key 0) of a hash map, replaced whole (see struct
+ * encap_keys for why). Absent until the loader writes it: the XDP program then leaves all but SYNs to
+ * the queue. */
+struct front_forwarding {
+	__be32 farm_address; /* the front's address on the farm network: the outer source */
+	__be16 encap_port;
+	__u16 farm_mtu;      /* host order: the largest outer packet */
+	__u64 skew_ns;       /* SaltSchedule.skew: how far an ACK's epoch may lie outside the clock's */
+	__u8 encap_key[16];  /* the minting secret's encap key */
+	__u8 flow_key[16];   /* maglev.derive_flow_key */
+};
+
+/* The front's Maglev table (maglev.build_table, written by the loader): entry flow_hash % size holds the
+ * backend's IPv4 address itself, so a reload rewrites entries one aligned u32 at a time and a reader
+ * never pairs an old index with a new backend list. 0: not written yet. */
+#define MAGLEV_TABLE_SIZE 65537
 
 /* Indices of the per-CPU `counters` map; synproxy/backend/loader.py names them in this order. */
 enum counter {
@@ -259,44 +291,59 @@ static __always_inline void ipv4_mapped(__u8 out[16], const void *address)
 	__builtin_memcpy(&out[12], address, 4);
 }
 
-/* Parse Ethernet + IPv4/IPv6 + TCP at the packet's start; 0 when it is not an unfragmented TCP
- * segment (IPv6 extension headers are not walked: a client's handshake ACK carries none). */
-static __always_inline int parse_segment(struct __sk_buff *skb, struct segment *seg)
+/* What parse_frame() found. */
+enum parsed {
+	PARSE_OTHER,     /* not IPv4/IPv6 carrying TCP, or an IP header the kernel drops */
+	PARSE_SEGMENT,   /* an unfragmented TCP segment: every field of struct segment filled */
+	PARSE_UNHANDLED, /* TCP this parser does not walk (an IPv4 fragment, IPv6 extension headers, a
+			  * truncated TCP header): only family, saddr and daddr filled */
+};
+
+/* IPv6 extension headers (RFC 8200 4, RFC 6564): what may stand between the header and the TCP one. */
+static __always_inline int ipv6_extension(__u8 next_header)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
+	return next_header == 0 || next_header == 43 || next_header == 44 || next_header == 50 ||
+	       next_header == 51 || next_header == 60 || next_header == 135 || next_header == 139 ||
+	       next_header == 140;
+}
+
+/* Parse Ethernet + IPv4/IPv6 + TCP at `data`. IPv6 extension headers are not walked: a client's
+ * handshake ACK carries none. */
+static __always_inline enum parsed parse_frame(void *data, void *data_end, struct segment *seg)
+{
 	struct ethhdr *eth = data;
 	struct tcphdr *tcp;
 
 	if ((void *)(eth + 1) > data_end)
-		return 0;
+		return PARSE_OTHER;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 
-		if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < 5 ||
-		    ip->protocol != IPPROTO_TCP || (ip->frag_off & bpf_htons(IP_MF_OR_OFFSET)))
-			return 0;
-		tcp = (void *)ip + ip->ihl * 4;
-		if ((void *)(tcp + 1) > data_end)
-			return 0;
+		if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < 5 || ip->protocol != IPPROTO_TCP)
+			return PARSE_OTHER;
 		ipv4_mapped(seg->saddr, &ip->saddr);
 		ipv4_mapped(seg->daddr, &ip->daddr);
-		seg->ip_length = bpf_ntohs(ip->tot_len);
 		seg->family = 4;
+		tcp = (void *)ip + ip->ihl * 4;
+		if ((ip->frag_off & bpf_htons(IP_MF_OR_OFFSET)) || (void *)(tcp + 1) > data_end)
+			return PARSE_UNHANDLED;
+		seg->ip_length = bpf_ntohs(ip->tot_len);
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 
-		if ((void *)(ip6 + 1) > data_end || ip6->version != 6 || ip6->nexthdr != IPPROTO_TCP)
-			return 0;
-		tcp = (void *)(ip6 + 1);
-		if ((void *)(tcp + 1) > data_end)
-			return 0;
+		if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
+			return PARSE_OTHER;
+		if (ip6->nexthdr != IPPROTO_TCP && !ipv6_extension(ip6->nexthdr))
+			return PARSE_OTHER;
 		__builtin_memcpy(seg->saddr, &ip6->saddr, 16);
 		__builtin_memcpy(seg->daddr, &ip6->daddr, 16);
-		seg->ip_length = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
 		seg->family = 6;
+		tcp = (void *)(ip6 + 1);
+		if (ip6->nexthdr != IPPROTO_TCP || (void *)(tcp + 1) > data_end)
+			return PARSE_UNHANDLED;
+		seg->ip_length = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
 	} else {
-		return 0;
+		return PARSE_OTHER;
 	}
 	seg->sport = tcp->source;
 	seg->dport = tcp->dest;
@@ -305,7 +352,13 @@ static __always_inline int parse_segment(struct __sk_buff *skb, struct segment *
 	seg->tcp_offset = (void *)tcp - data;
 	seg->tcp_length = tcp->doff * 4;
 	seg->flags = ((__u8 *)tcp)[13];
-	return 1;
+	return PARSE_SEGMENT;
+}
+
+/* parse_frame() for tc programs: 1 for an unfragmented TCP segment, else 0. */
+static __always_inline int parse_segment(struct __sk_buff *skb, struct segment *seg)
+{
+	return parse_frame((void *)(long)skb->data, (void *)(long)skb->data_end, seg) == PARSE_SEGMENT;
 }
 
 union cookie_message {
@@ -348,6 +401,60 @@ static __always_inline void encap_message_of(union cookie_message *message, __be
 	message->bytes[44] = flags;
 }
 _Static_assert(ENCAP_MAC_INPUT_BYTES == COOKIE_MAC_INPUT_BYTES, "both MACs run siphash24_48");
+
+/* Is `epoch` accepted at `now_ns` (wall-clock ns)? The window of SaltSchedule.accepted_epochs
+ * (synproxy/salt.py): [floor((now - period - skew) / period), floor((now + skew) / period)]. Each program
+ * judges by its own clock: salts a dead loader left in the map would otherwise stay valid for ever. */
+static __always_inline int epoch_accepted(__u64 epoch, __u64 now_ns, __u64 period_ns, __u64 skew_ns)
+{
+	__u64 reach_ns = period_ns + skew_ns;
+
+	if (!period_ns)
+		return 0;
+	if (epoch < (now_ns > reach_ns ? (now_ns - reach_ns) / period_ns : 0))
+		return 0;
+	return epoch <= (now_ns + skew_ns) / period_ns;
+}
+
+/* The salt slot an ACK's cookie names by its epoch bits, or 0 when the loader wrote none there; whether
+ * that slot's epoch is accepted now is epoch_accepted's question. */
+static __always_inline const struct salt_slot *cookie_slot(__u32 cookie)
+{
+	__u32 index = (cookie >> COOKIE_EPOCH_SHIFT) & (COOKIE_EPOCH_SLOTS - 1);
+	const struct salt_slot *slot = bpf_map_lookup_elem(&salts, &index);
+
+	return slot && slot->valid ? slot : 0;
+}
+
+/* Does `cookie` (an ACK's ack number minus one) carry a valid MAC for this segment under one of the
+ * slot's salts? (docs/cookie.md) */
+static __always_inline int cookie_mac_valid(const struct salt_slot *slot, const struct segment *seg, __u32 cookie)
+{
+	union cookie_message message;
+
+	cookie_message_of(&message, seg, seg->seq - 1, slot->epoch, cookie & COOKIE_DATA_MASK);
+#pragma unroll
+	for (__u32 i = 0; i < MAX_SECRETS; i++) {
+		if (i < slot->nkeys &&
+		    (siphash24_48(message.words, slot->keys[i]) & COOKIE_MAC_MASK) == cookie >> COOKIE_DATA_BITS)
+			return 1;
+	}
+	return 0;
+}
+
+/* maglev.flow_hash: SipHash-2-4 of the addresses (16-byte form), the ports and 12 zero bytes, so the
+ * cookie's 48-byte SipHash serves; the same on every front, which share the flow key. */
+static __always_inline __u64 flow_hash(const struct segment *seg, const __u8 key[16])
+{
+	union cookie_message message;
+
+	__builtin_memset(message.bytes, 0, sizeof(message));
+	__builtin_memcpy(&message.bytes[0], seg->saddr, 16);
+	__builtin_memcpy(&message.bytes[16], seg->daddr, 16);
+	__builtin_memcpy(&message.bytes[32], &seg->sport, 2);
+	__builtin_memcpy(&message.bytes[34], &seg->dport, 2);
+	return siphash24_48(message.words, key);
+}
 _Static_assert(sizeof(struct encap_header) == ENCAP_OVERHEAD - 28, "outer IPv4 + UDP + header");
 
 #endif

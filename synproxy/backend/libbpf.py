@@ -1,6 +1,6 @@
 """A thin ctypes shell over libbpf (Debian's libbpf1 1.1): objects, maps, tc attach, test runs, BTF.
 
-Only what the backend needs. Every failure becomes :class:`BpfError` (an OSError with the errno's
+Only what the programs' loaders need. Every failure becomes :class:`BpfError` (an OSError with the errno's
 text), never a crash. Struct layouts are those of /usr/include/bpf/libbpf.h and bpf.h (checked by size).
 """
 
@@ -15,6 +15,11 @@ from pathlib import Path
 BPF_TC_INGRESS = 1
 BPF_TC_F_REPLACE = 1
 BPF_ANY = 0
+# linux/if_link.h
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_REPLACE = 1 << 4
 BTF_KIND_FUNC = 12
 # Map types whose lookups return one value per possible CPU (linux/bpf.h enum bpf_map_type).
 PER_CPU_MAP_TYPES = {5, 6, 10, 21}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, PERCPU_CGROUP_STORAGE
@@ -33,6 +38,9 @@ def _load_library() -> ctypes.CDLL:
 
 
 _lib = _load_library()
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_BPF = 321 if os.uname().machine == "x86_64" else 280  # x86-64 or the generic table (arm64)
+_BPF_ENABLE_STATS = 32
 _voidp = ctypes.c_void_p
 _u32 = ctypes.c_uint32
 
@@ -62,6 +70,8 @@ _declare("bpf_tc_hook_create", ctypes.c_int, _voidp)
 _declare("bpf_tc_attach", ctypes.c_int, _voidp, _voidp)
 _declare("bpf_tc_detach", ctypes.c_int, _voidp, _voidp)
 _declare("bpf_tc_query", ctypes.c_int, _voidp, _voidp)
+_declare("bpf_xdp_attach", ctypes.c_int, ctypes.c_int, ctypes.c_int, _u32, _voidp)
+_declare("bpf_xdp_detach", ctypes.c_int, ctypes.c_int, _u32, _voidp)
 _declare("bpf_prog_test_run_opts", ctypes.c_int, ctypes.c_int, _voidp)
 _declare("bpf_prog_get_fd_by_id", ctypes.c_int, _u32)
 _declare("bpf_map_get_fd_by_id", ctypes.c_int, _u32)
@@ -96,6 +106,11 @@ class _TestRunOpts(ctypes.Structure):  # struct bpf_test_run_opts
                 ("duration", _u32), ("flags", _u32), ("cpu", _u32), ("batch_size", _u32)]
 
 
+class _XdpAttachOpts(ctypes.Structure):  # struct bpf_xdp_attach_opts
+    _fields_ = [("sz", ctypes.c_size_t), ("old_prog_fd", ctypes.c_int), ("_pad", ctypes.c_int)]
+
+
+assert ctypes.sizeof(_XdpAttachOpts) == 16
 assert ctypes.sizeof(TcHook) == 24 and ctypes.sizeof(TcOpts) == 32 and ctypes.sizeof(_TestRunOpts) == 80
 
 
@@ -230,6 +245,23 @@ def tc_detach(ifindex: int, handle: int, priority: int) -> bool:
     return True
 
 
+def xdp_attach(ifindex: int, prog_fd: int, flags: int) -> None:
+    """Attach an XDP program; ``flags`` choose the mode (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE) and
+    XDP_FLAGS_UPDATE_IF_NOEXIST refuses (EBUSY) to replace another program."""
+    _check(_lib.bpf_xdp_attach(ifindex, prog_fd, flags, None), "bpf_xdp_attach")
+
+
+def xdp_detach(ifindex: int, mode: int, prog_fd: int) -> bool:
+    """Detach ``prog_fd`` attached in ``mode``, and only it (XDP_FLAGS_REPLACE: a program someone else
+    attached since stays); False when it was not there."""
+    opts = _XdpAttachOpts(sz=ctypes.sizeof(_XdpAttachOpts), old_prog_fd=prog_fd)
+    result = _lib.bpf_xdp_detach(ifindex, mode | XDP_FLAGS_REPLACE, ctypes.byref(opts))
+    if result < 0 and -result in (errno.ENOENT, errno.EEXIST, errno.ENODEV):
+        return False
+    _check(result, "bpf_xdp_detach")
+    return True
+
+
 # struct bpf_prog_info / bpf_map_info (linux/bpf.h): only the leading fields read here.
 class _ProgInfo(ctypes.Structure):
     _fields_ = [("type", _u32), ("id", _u32), ("tag", ctypes.c_uint8 * 8), ("jited_prog_len", _u32),
@@ -247,6 +279,25 @@ class _MapInfo(ctypes.Structure):
 def _info(fd: int, info: ctypes.Structure, what: str) -> None:
     length = _u32(ctypes.sizeof(info))
     _check(_lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(length)), what)
+
+
+def program_id(prog_fd: int) -> int:
+    """The kernel's id of a loaded program (what bpftool and `ip link` show)."""
+    info = _ProgInfo()
+    _info(prog_fd, info, "program info")
+    return info.id
+
+
+def enable_run_time_stats() -> int:
+    """Have the kernel count every program's run time and runs (run_time_ns, run_cnt) until the returned
+    descriptor is closed: BPF_ENABLE_STATS, which, unlike the kernel.bpf_stats_enabled sysctl, others
+    measuring at the same time cannot switch off under us."""
+    attr = ctypes.create_string_buffer(8)  # union bpf_attr's enable_stats: type = BPF_STATS_RUN_TIME (0)
+    fd = _libc.syscall(_SYS_BPF, _BPF_ENABLE_STATS, attr, len(attr))
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise BpfError(code, f"BPF_ENABLE_STATS: {os.strerror(code)}")
+    return fd
 
 
 def program_maps(prog_id: int) -> dict[str, Map]:
@@ -274,12 +325,19 @@ def program_maps(prog_id: int) -> dict[str, Map]:
     return maps
 
 
-def prog_test_run(prog_fd: int, packet: bytes, out_size: int = 2048) -> tuple[int, bytes]:
-    """Run the program once on ``packet`` (BPF_PROG_TEST_RUN): its return code and the packet after."""
+def prog_test_run(prog_fd: int, packet: bytes, out_size: int = 2048, context: bytes | None = None,
+                  repeat: int = 1) -> tuple[int, bytes]:
+    """Run the program on ``packet`` (BPF_PROG_TEST_RUN): its return code and the packet after.
+
+    ``context`` is the program's context (an XDP program's struct xdp_md: its ingress_ifindex says
+    which interface the frame came in on; the loopback otherwise); ``repeat`` runs it that many times.
+    """
     data_in = ctypes.create_string_buffer(packet, len(packet))
     data_out = ctypes.create_string_buffer(out_size)
+    context_in = ctypes.create_string_buffer(context, len(context)) if context else None
     opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(data_in),
                         data_out=ctypes.addressof(data_out), data_size_in=len(packet), data_size_out=out_size,
-                        repeat=1)
+                        ctx_in=ctypes.addressof(context_in) if context else None,
+                        ctx_size_in=len(context) if context else 0, repeat=repeat)
     _check(_lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "bpf_prog_test_run_opts")
     return opts.retval, data_out.raw[:opts.data_size_out]

@@ -1,10 +1,13 @@
-"""The front's fast path: bpf/front.bpf.c on tc ingress answers plain SYNs before netfilter sees them.
+"""The front's fast path: bpf/front.bpf.c answers SYNs (tc ingress) or handles every protected packet
+(XDP) before netfilter sees them.
 
-A SYN answered through NFQUEUE costs a netlink round trip and the Python handler; the program builds
-the same SYN-ACK in the kernel. The Python front stays the authority: the program answers only SYNs
-it can answer byte for byte as handler.handle would and leaves every other packet to the queue
-(docs/front.md). This shell builds, loads and attaches it, keeps its maps current (configuration, the
-current and next epoch's salts, the wall clock's offset from CLOCK_TAI), and reads its counters.
+A packet handled through NFQUEUE costs a netlink round trip and the Python handler (~35k packets/s per
+front); the programs build the same SYN-ACK, and at XDP the same encapsulation, in the kernel. The
+Python front stays the authority: the programs handle only what they can handle byte for byte as
+handler.handle would and leave every other packet to the queue (docs/front.md). This shell builds,
+loads and attaches them, keeps their maps current (configuration, the salts of the epochs around the
+current one, the wall clock's offset from CLOCK_TAI, the forwarding keys and the Maglev table), and
+reads their counters.
 """
 
 from __future__ import annotations
@@ -15,7 +18,17 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from synproxy.backend.libbpf import BpfError, BpfObject, tc_attach, tc_detach
+from synproxy.backend.libbpf import (
+    XDP_FLAGS_DRV_MODE,
+    XDP_FLAGS_SKB_MODE,
+    XDP_FLAGS_UPDATE_IF_NOEXIST,
+    BpfError,
+    BpfObject,
+    tc_attach,
+    tc_detach,
+    xdp_attach,
+    xdp_detach,
+)
 from synproxy.backend.loader import (
     COUNTER,
     MAP_KEY,
@@ -33,14 +46,20 @@ from synproxy.backend.loader import (
 )
 from synproxy.config import Config
 from synproxy.front.handler import FrontPolicy
+from synproxy.maglev import DEFAULT_TABLE_SIZE
 from synproxy.salt import SaltSchedule
 
 PROGRAM = "synproxy_front"
+XDP_PROGRAM = "synproxy_front_xdp"
 TC_HANDLE = TC_PRIORITY = 0x5346  # "SF": the backend program uses "SP", so one node can run both
 # enum front_counter in bpf/synproxy.h, in order; each counted per IP version.
-OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", "unrouted", "unsent")
+OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", "unrouted", "unsent",
+            "validated", "forwarded", "forwarded_bad_mac", "forwarded_expired_epoch", "too_big", "unparsed")
 FAMILIES = (4, 6)
+XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}  # tried in this order
 _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
+_FORWARDING = struct.Struct("=4s2sHQ16s16s")  # struct front_forwarding
+_BACKEND = struct.Struct("4s")  # a maglev map entry: the backend's IPv4 address, network order
 
 
 class FastPathError(RuntimeError):
@@ -59,11 +78,21 @@ class FastPath:
             self.protected_ports = sized_map(self.object, "protected_ports", 1)
             self.salts = SaltMap(sized_map(self.object, "salts", SALT_SLOT.size))
             self.counters = sized_map(self.object, "counters", COUNTER.size)
+            self.xdp_prog_fd = self.object.program_fd(XDP_PROGRAM)
+            self.forwarding = sized_map(self.object, "forwarding", _FORWARDING.size)
+            self.maglev = sized_map(self.object, "maglev", _BACKEND.size)
         except BaseException:
             self.object.close()
             raise
+        if self.maglev.max_entries != DEFAULT_TABLE_SIZE:
+            self.object.close()
+            raise FastPathError(f"the program's Maglev map holds {self.maglev.max_entries} entries, the table "
+                                f"{DEFAULT_TABLE_SIZE}: bpf/synproxy.h and synproxy/maglev.py disagree")
         self.attached: list[int] = []
+        self.xdp_attached: dict[int, str] = {}  # ifindex -> mode
         self._config_written = b""
+        self._forwarding_written = b""
+        self._maglev_written: list[bytes | None] = [None] * DEFAULT_TABLE_SIZE
 
     def configure(self, policy: FrontPolicy, schedule: SaltSchedule) -> None:
         """What the program protects and announces, then the salts and the clock (refresh())."""
@@ -74,21 +103,45 @@ class FastPath:
         try:
             replace_keys(self.protected_vips, {mapped(ipaddress.ip_address(vip)) for vip in policy.vips})
             replace_keys(self.protected_ports, {PORT_KEY.pack(port) for port in policy.ports})
+            self._write_maglev(policy)
         except BpfError as error:
             raise FastPathError(f"filling the fast path's maps failed: {error.strerror}") from None
         self.refresh(policy, schedule, time.time())
 
+    def _write_maglev(self, policy: FrontPolicy) -> None:
+        """The handler's own table, entry by entry where it changed: each entry is the backend's address,
+        one aligned 4-byte store, so a packet meanwhile reads the old or the new backend, never a mix."""
+        if len(policy.table) != DEFAULT_TABLE_SIZE:
+            raise FastPathError(f"a Maglev table of {len(policy.table)} entries: the fast path holds "
+                                f"{DEFAULT_TABLE_SIZE}")
+        if any(len(backend) != 4 for backend in policy.backends):
+            raise FastPathError("the fast path encapsulates to IPv4 backends only")
+        addresses = [_BACKEND.pack(backend) for backend in policy.backends]
+        written = self._maglev_written
+        for index, backend in enumerate(policy.table):
+            value = addresses[backend]
+            if written[index] != value:
+                self.maglev.update(MAP_KEY.pack(index), value)
+                written[index] = value
+
     def refresh(self, policy: FrontPolicy, schedule: SaltSchedule, now: float) -> None:
-        """At every housekeeping: the salts of the current and the next epoch (a SYN arriving just past
-        an epoch boundary finds its salt), and the configuration when it changed."""
+        """At every housekeeping: the salts of the two epochs before the current one, the current one and
+        the next (every epoch an ACK's cookie may be accepted in, and a SYN arriving just past an epoch
+        boundary finds its salt; the program checks the epoch against its clock), and the configuration
+        when it changed."""
         epoch = schedule.current_epoch(now)
         value = _CONFIG.pack(round(schedule.period * 1e9), clock_offset_ns(), policy.announced_mss(4),
                              policy.announced_mss(6), policy.server_wscale, policy.sack, policy.ecn)
+        forwarding = _FORWARDING.pack(policy.farm_address, policy.encap_port.to_bytes(2, "big"), policy.farm_mtu,
+                                      round(schedule.skew * 1e9), policy.encap_key, policy.flow_key)
         try:
-            self.salts.refresh(schedule, (epoch, epoch + 1))
+            self.salts.refresh(schedule, range(max(0, epoch - 2), epoch + 2))
             if value != self._config_written:
                 self.config.update(MAP_KEY.pack(0), value)
                 self._config_written = value
+            if forwarding != self._forwarding_written:
+                self.forwarding.update(MAP_KEY.pack(0), forwarding)
+                self._forwarding_written = forwarding
         except BpfError as error:
             raise FastPathError(f"updating the fast path's maps failed: {error.strerror}") from None
 
@@ -103,6 +156,28 @@ class FastPath:
             except BpfError as error:
                 raise FastPathError(f"attaching to {name}'s tc ingress failed: {error.strerror}") from None
             self.attached.append(ifindex)
+
+    def attach_xdp(self, interfaces: Iterable[str]) -> dict[str, str]:
+        """Attach the XDP program, natively where the driver can, else in generic mode; never over
+        another program. Returns the mode per interface."""
+        modes = {}
+        for name in interfaces:
+            try:
+                ifindex = interface_index(name)
+            except BackendError as error:
+                raise FastPathError(f"front.fast_path_interfaces: {error}") from None
+            failures = []
+            for mode, flags in XDP_MODES.items():
+                try:
+                    xdp_attach(ifindex, self.xdp_prog_fd, flags | XDP_FLAGS_UPDATE_IF_NOEXIST)
+                except BpfError as error:
+                    failures.append(f"{mode}: {error.strerror}")
+                    continue
+                self.xdp_attached[ifindex] = modes[name] = mode
+                break
+            else:
+                raise FastPathError(f"attaching XDP to {name} failed ({'; '.join(failures)})")
+        return modes
 
     def counts(self) -> dict[tuple[str, int], int]:
         """The per-CPU counters summed, by (outcome, IP version)."""
@@ -119,6 +194,12 @@ class FastPath:
             except BpfError:
                 pass  # the interface went away, and the filter with it
         self.attached.clear()
+        for ifindex, mode in self.xdp_attached.items():
+            try:
+                xdp_detach(ifindex, XDP_MODES[mode], self.xdp_prog_fd)
+            except BpfError:
+                pass  # the interface went away, and the program with it
+        self.xdp_attached.clear()
         self.object.close()
 
 

@@ -65,10 +65,16 @@ class FrontPolicy:
     server_wscale: int = 7
     sack: bool = True
     ecn: bool = True
+    farm_mtu: int = 1500
 
     def __post_init__(self) -> None:
         table = build_table([addr.hex() for addr in self.backends])
         object.__setattr__(self, "_table", table)
+
+    @property
+    def table(self) -> list[int]:
+        """The Maglev table (backend indexes): the front's BPF program gets its map from this one build."""
+        return self._table
 
     def backend_for(self, flow: int) -> int:
         table = self._table

@@ -1,0 +1,104 @@
+"""The front's XDP program's own cost per packet, by kind of packet (`python3 -m benchmarks.front_xdp_cost`, root).
+
+Each packet is run through the program with BPF_PROG_TEST_RUN, one run per call (a repeated run would
+see the frame the previous run rewrote), with the kernel's run-time statistics on (BPF_ENABLE_STATS):
+run_time_ns / run_cnt is the time inside the program only, the figure the issue's targets name. In a
+namespace of its own, with a route to the backends through a gateway whose neighbour is permanent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import statistics
+import subprocess
+import time
+
+from synproxy import netns
+from synproxy.backend.libbpf import enable_run_time_stats, prog_test_run, program_id
+from synproxy.backend.loader import build_object
+from synproxy.front.fastpath import FastPath
+from synproxy.front.handler import FrontPolicy, handle
+from synproxy.packet import ACK, FIN, PSH, SYN, build_tcp_options, build_tcp_packet, parse_tcp
+from synproxy.salt import SaltSchedule
+
+VIP, CLIENT, PORT = "198.19.0.10", "198.18.1.2", 80
+ETHERNET = bytes(12) + b"\x08\x00"
+
+
+def packets(policy: FrontPolicy, schedule: SaltSchedule, now: float) -> dict[str, bytes]:
+    """One frame of each kind, the handshake ACK carrying the cookie the handler minted."""
+    vip, client = ipaddress.ip_address(VIP).packed, ipaddress.ip_address(CLIENT).packed
+    options = build_tcp_options(1460, 7, True, (1000, 0))
+    syn = build_tcp_packet(client, vip, 40000, PORT, 1000, 0, SYN, 64240, options)
+    cookie = parse_tcp(handle(syn, now, schedule, policy).packet).seq
+    timestamp = build_tcp_options(None, None, False, (1001, 2000))
+    return {
+        "syn_answered": syn,
+        "validated": build_tcp_packet(client, vip, 40000, PORT, 1001, cookie + 1, ACK, 502, timestamp),
+        "forwarded_bad_mac (established, 100 B)": build_tcp_packet(client, vip, 40000, PORT, 5000, 777, ACK | PSH,
+                                                                   502, timestamp, bytes(100)),
+        "forwarded_bad_mac (established, 1400 B)": build_tcp_packet(client, vip, 40000, PORT, 5000, 777, ACK | PSH,
+                                                                    502, timestamp, bytes(1400)),
+        "forwarded (FIN)": build_tcp_packet(client, vip, 40000, PORT, 5000, 777, FIN | ACK, 502, timestamp),
+        "not_protected": build_tcp_packet(client, vip, 40000, PORT + 1, 5000, 777, ACK, 502),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20000, help="runs per kind and repetition")
+    parser.add_argument("--repetitions", type=int, default=3)
+    args = parser.parse_args()
+    secret = os.urandom(32)
+    schedule = SaltSchedule((secret,), period=60, skew=2)
+    policy = FrontPolicy(vips=frozenset({ipaddress.ip_address(VIP).packed}), ports=frozenset({PORT}),
+                         farm_address=ipaddress.ip_address("10.99.0.1").packed,
+                         backends=tuple(ipaddress.ip_address(f"10.98.0.{i}").packed for i in range(1, 8)),
+                         encap_port=6080, encap_key=os.urandom(16), flow_key=os.urandom(16))
+    name = netns.unique_name("xc")
+    with netns.namespaces(name):
+        netns.link(name, "xca", name, "xcb")
+        netns.add_addresses(name, "xca", "10.99.0.1/24")
+        netns.run(name, ["ip", "neigh", "replace", "10.99.0.2", "lladdr", "02:00:00:00:99:02", "dev", "xca", "nud",
+                         "permanent"])
+        netns.add_route(name, "0.0.0.0/0", "10.99.0.2")
+        netns.write_sysctls(name, {"net.ipv4.ip_forward": "1"})
+        loaded = FastPath(build_object("front"))
+        stats = enable_run_time_stats()
+        try:
+            loaded.configure(policy, schedule)
+            prog = program_id(loaded.xdp_prog_fd)
+            results: dict[str, list[float]] = {}
+            for _ in range(args.repetitions):
+                for kind, packet in packets(policy, schedule, time.time()).items():
+                    counted = loaded.counts()
+                    with netns.inside(name):
+                        prog_test_run(loaded.xdp_prog_fd, ETHERNET + packet)
+                    moved = {key[0] for key, value in loaded.counts().items() if value != counted[key]}
+                    if moved != {kind.split()[0]}:
+                        raise SystemExit(f"{kind}: the program counted {moved}")
+                    before = _run_stats(prog)
+                    with netns.inside(name):
+                        for _ in range(args.runs):
+                            prog_test_run(loaded.xdp_prog_fd, ETHERNET + packet)
+                    after = _run_stats(prog)
+                    results.setdefault(kind, []).append((after[0] - before[0]) / (after[1] - before[1]))
+        finally:
+            os.close(stats)
+            loaded.close()
+    print(f"ns per packet inside the XDP program ({args.runs} runs x {args.repetitions}): median (min-max)")
+    for kind, values in results.items():
+        print(f"  {kind:42} {statistics.median(values):7.0f} ({min(values):.0f}-{max(values):.0f})")
+
+
+def _run_stats(prog: int) -> tuple[int, int]:
+    shown = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog)], check=True,
+                                      capture_output=True, text=True).stdout)
+    return shown.get("run_time_ns", 0), shown.get("run_cnt", 0)  # absent until the first run
+
+
+if __name__ == "__main__":
+    main()
