@@ -18,7 +18,7 @@ import pytest
 
 from synproxy import encap
 from synproxy.lab.demo import scrape
-from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, VIP6, Lab, default_hosts
+from synproxy.lab.topology import BACKEND_METRICS_PORT, FRONT_METRICS_PORT, VIP, VIP6, Lab, default_hosts
 from synproxy.netns import inside
 from synproxy.packet import ACK, PSH, build_tcp_packet
 from tests.lab_fixtures import backend_stats, clients, needs_root, running_lab
@@ -128,6 +128,28 @@ def test_a_second_front_or_backend_is_refused_and_the_first_keeps_working(lab):
     assert backend_stats(lab, "backend0")["created"] > created
 
 
+def test_a_backend_reload_that_needs_a_restart_says_so(lab):
+    host = lab.by_role("backend")[0]
+    log_path = lab.state_dir / "logs" / f"{host.name}.log"
+    original = lab.config_path.read_text()
+
+    def reload(text: str, event: str) -> float:
+        lab.config_path.write_text(text)
+        seen = log_path.read_text().count(event)
+        os.kill(lab.pid(host.name), signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while log_path.read_text().count(event) == seen:
+            assert time.monotonic() < deadline, f"no {event} logged within 10 s"
+            time.sleep(0.1)
+        return scrape(lab, host.name, host.address, BACKEND_METRICS_PORT)[
+            ("synproxy_backend_restart_required", ())]
+
+    moved = original.replace(f"0.0.0.0:{BACKEND_METRICS_PORT}", f"0.0.0.0:{BACKEND_METRICS_PORT + 1}")
+    assert reload(moved, '"restart_required"') == 1
+    assert '"keys": ["backend.metrics_address"]' in log_path.read_text()
+    assert reload(original, '"config_reloaded"') == 0
+
+
 def write_backends(lab: Lab, names: list[str]) -> list[str]:
     addresses = {host.name: host.address for host in lab.by_role("backend")}
     text = lab.config_path.read_text()
@@ -165,9 +187,9 @@ def test_sighup_adding_removing_and_reordering_backends_under_load(lab):
     reloads = {name: path.read_text().count('"config_reloaded"') for name, path in logs.items()}
     stop, rounds = threading.Event(), []
 
-    def keep_connecting() -> None:  # rounds of 50 requests and 50 echoes, until the reloads are done
-        while not stop.is_set() and len(rounds) < 200:
-            rounds.append(clients(lab, 50))
+    def keep_connecting() -> None:  # rounds of 10 requests and 10 echoes, until the reloads are done
+        while not stop.is_set() and len(rounds) < 1000:
+            rounds.append(clients(lab, 10))
 
     load = threading.Thread(target=keep_connecting)
     load.start()
