@@ -169,6 +169,7 @@ def reload_fronts(lab: Lab) -> None:
     while any(path.read_text().count('"config_reload') == done[name] for name, path in logs.items()):
         assert time.monotonic() < deadline, "a front did not log its reload within 10 s"
         time.sleep(0.1)
+    assert not any('"config_reload_failed"' in path.read_text() for path in logs.values())
 
 
 def forwarded_by_backend(lab: Lab) -> dict[str, float]:
@@ -182,9 +183,11 @@ def forwarded_by_backend(lab: Lab) -> dict[str, float]:
 
 
 def test_sighup_adding_removing_and_reordering_backends_under_load(lab):
-    """Last in this module: it leaves the configuration as it found it, but in another order."""
-    logs = {host.name: lab.state_dir / "logs" / f"{host.name}.log" for host in lab.by_role("front")}
-    reloads = {name: path.read_text().count('"config_reloaded"') for name, path in logs.items()}
+    """Last in this module: the fronts end with backend1 and backend0 only."""
+    write_backends(lab, ["backend0", "backend1"])
+    for host in lab.by_role("front"):  # fronts that started with two backends
+        lab.stop_process(host.name)
+        lab.start_front(host.name)
     stop, rounds = threading.Event(), []
 
     def keep_connecting() -> None:  # rounds of 10 requests and 10 echoes, until the reloads are done
@@ -195,11 +198,10 @@ def test_sighup_adding_removing_and_reordering_backends_under_load(lab):
     load.start()
     try:
         time.sleep(1)
-        write_backends(lab, ["backend0", "backend1"])  # removed
+        addresses = write_backends(lab, ["backend2", "backend1", "backend0"])  # one added, the order changed
         reload_fronts(lab)
-        time.sleep(1)
-        with_third = forwarded_by_backend(lab)
-        addresses = write_backends(lab, ["backend2", "backend1", "backend0"])  # added back, order changed
+        time.sleep(2)
+        write_backends(lab, ["backend1", "backend0"])  # one removed
         reload_fronts(lab)
         time.sleep(1)
         assert load.is_alive(), "the reloads happened under load"
@@ -208,13 +210,11 @@ def test_sighup_adding_removing_and_reordering_backends_under_load(lab):
         load.join()
     during = {key: sum(r[key] for r in rounds) for key in ("attempted", "failed")}
     assert fronts_alive(lab) == {host.name: True for host in lab.by_role("front")}
-    assert {name: path.read_text().count('"config_reloaded"') for name, path in logs.items()} == {
-        name: count + 2 for name, count in reloads.items()}
     print("clients during the reloads:", json.dumps(during))
     after = clients(lab, 60)
     assert after["failed"] == 0, after["errors"]
-    assert set(after["backends"]) == {"backend0", "backend1", "backend2"}
+    assert set(after["backends"]) == {"backend0", "backend1"}
     totals = forwarded_by_backend(lab)
     assert set(totals) == set(addresses), "series are labelled by backend address"
-    assert totals[addresses[0]] > with_third.get(addresses[0], 0), "the added backend's own series grows"
+    assert totals[addresses[0]] > 0, "the added backend has its own series"
     assert during["failed"] <= during["attempted"] // 50, during
