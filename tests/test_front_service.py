@@ -19,6 +19,7 @@ from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 from scapy.packet import raw
 
 from synproxy import encap
+from synproxy.config import ConfigError, load_config
 from synproxy.front import service
 from synproxy.front.handler import TokenBucket
 from synproxy.front.service import Front
@@ -159,3 +160,15 @@ def test_a_reload_reports_what_needs_a_restart_and_applies_the_rest(front, tmp_p
     reloads = [entry for entry in events if entry["event"] in ("restart_required", "config_reloaded")]
     assert [(entry["event"], entry.get("keys")) for entry in reloads] == [
         ("restart_required", ["front.queue_num", "front.fast_path_interfaces"]), ("config_reloaded", None)]
+
+
+def test_farm_mtu_is_read_bounded_and_reaches_the_policy(tmp_path):
+    config = write_config(tmp_path)
+    assert service.build_policy(load_config(config)).farm_mtu == 1500
+    for value, accepted in ((9000, True), (576, True), (575, False), (65536, False)):
+        config.write_text(config.read_text().split("farm_mtu")[0].rstrip("\n") + f"\nfarm_mtu: {value}\n")
+        if accepted:
+            assert service.build_policy(load_config(config)).encapsulation_mtu == value - encap.OVERHEAD
+        else:
+            with pytest.raises(ConfigError, match=r"synproxy.yaml:\d+: farm_mtu: must be between 576 and 65535"):
+                load_config(config)
