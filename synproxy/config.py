@@ -67,6 +67,7 @@ class Config:
     backends: tuple[IPAddress, ...]
     front: FrontConfig
     backend: BackendConfig
+    farm_mtu: int = 1500  # the fronts-to-backends network's MTU: what an encapsulated packet may reach
     warnings: tuple[str, ...] = ()
     lines: dict[str, int] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -231,6 +232,7 @@ SCHEMA = {
     "server_wscale": _Field(_integer(0, 14), 7),
     "backend_mss": _Field(_integer(536, 9000), 1460),
     "encap_port": _Field(PORT, 6080),
+    "farm_mtu": _Field(_integer(576, 65535), 1500),
     "fronts": _Field(_address, (), many=True),
     "backends": _Field(_address, required=True, many=True),
     "front": _Field(FRONT_SCHEMA, {}),
@@ -352,7 +354,7 @@ def parse_config(text: str, source: Path) -> Config:
         flow_secret_file=values["flow_secret_file"] and resolved(values["flow_secret_file"]),
         salt_period_seconds=values["salt_period_seconds"],
         clock_skew_seconds=values["clock_skew_seconds"], server_wscale=values["server_wscale"],
-        backend_mss=values["backend_mss"], encap_port=values["encap_port"],
+        backend_mss=values["backend_mss"], encap_port=values["encap_port"], farm_mtu=values["farm_mtu"],
         fronts=values["fronts"], backends=values["backends"],
         front=FrontConfig(**values["front"]), backend=BackendConfig(**values["backend"]),
         warnings=tuple(reader.warnings), lines=reader.lines)

@@ -54,20 +54,51 @@ class RawChain:
         """Create the chain and the jumps (after removing any left by a crashed run)."""
         self.remove(vips, ports)
         for tool in sorted({_tool(vip) for vip in vips}):
-            _run([tool, "-w", "-t", "raw", "-N", self.name])
-            for action in self.actions:
-                _run([tool, "-w", "-t", "raw", "-A", self.name, *action])
+            self._create(tool)
         for tool, hook, rule in self._jumps(vips, ports):
             _run([tool, "-w", "-t", "raw", "-I", hook, *rule])
+
+    def replace(self, old: tuple[tuple[IPAddress, ...], tuple[int, ...]],
+                new: tuple[tuple[IPAddress, ...], tuple[int, ...]]) -> None:
+        """Move from the ``old`` (VIPs, ports) to the ``new`` ones: jumps are added before any is removed and
+        only the difference changes, so a VIP and port in both never loses its jump (a packet arriving in
+        such a gap would not be queued: the front would lose it, the backend would track it)."""
+        old_tools, new_tools = ({_tool(vip) for vip in vips} for vips, _ in (old, new))
+        old_jumps, new_jumps = ([(tool, hook, tuple(rule)) for tool, hook, rule in self._jumps(*rules)]
+                                for rules in (old, new))
+        for tool in sorted(new_tools - old_tools):
+            self._create(tool)
+        for tool, hook, rule in new_jumps:
+            if (tool, hook, rule) not in old_jumps:
+                _run([tool, "-w", "-t", "raw", "-I", hook, *rule])
+        for tool, hook, rule in old_jumps:
+            if (tool, hook, rule) not in new_jumps:
+                self._delete_jump(tool, hook, list(rule))
+        for tool in sorted(old_tools - new_tools):
+            self._delete(tool)
 
     def remove(self, vips: tuple[IPAddress, ...], ports: tuple[int, ...]) -> None:
         """Remove the jumps and the chain; absent ones are fine."""
         for tool, hook, rule in self._jumps(vips, ports):
-            while _run([tool, "-w", "-t", "raw", "-D", hook, *rule], check=False):
-                pass
+            self._delete_jump(tool, hook, rule)
         for tool in sorted({_tool(vip) for vip in vips}):
-            _run([tool, "-w", "-t", "raw", "-F", self.name], check=False)
-            _run([tool, "-w", "-t", "raw", "-X", self.name], check=False)
+            self._delete(tool)
+
+    def _create(self, tool: str) -> None:
+        """The chain with its actions; one left by a crashed run is emptied first."""
+        _run([tool, "-w", "-t", "raw", "-N", self.name], check=False)
+        _run([tool, "-w", "-t", "raw", "-F", self.name])
+        for action in self.actions:
+            _run([tool, "-w", "-t", "raw", "-A", self.name, *action])
+
+    def _delete(self, tool: str) -> None:
+        _run([tool, "-w", "-t", "raw", "-F", self.name], check=False)
+        _run([tool, "-w", "-t", "raw", "-X", self.name], check=False)
+
+    @staticmethod
+    def _delete_jump(tool: str, hook: str, rule: list[str]) -> None:
+        while _run([tool, "-w", "-t", "raw", "-D", hook, *rule], check=False):
+            pass
 
 
 def front_chain(queue_num: int) -> RawChain:

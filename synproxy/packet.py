@@ -222,3 +222,34 @@ def build_tcp_packet(saddr: bytes, daddr: bytes, sport: int, dport: int, seq: in
         headers = _IPV6_TCP.pack(6 << 28, tcp_length, PROTO_TCP, 64, saddr, daddr,
                                  sport, dport, seq, ack, offset_byte, flags, window, tcp_checksum, 0)
     return headers + options + payload
+
+
+PROTO_ICMP, PROTO_ICMPV6 = 1, 58
+ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED = 3, 4    # RFC 792: "fragmentation needed and DF set"
+ICMPV6_PACKET_TOO_BIG = 2                     # RFC 4443 section 3.2
+# An ICMP error quotes as much of the offending packet as keeps it within the size every host accepts:
+# 576 bytes for IPv4 (RFC 1812 4.3.2.3), the minimum MTU of 1280 for IPv6 (RFC 4443 2.4 (c)).
+ICMP_ERROR_MAX_BYTES = {4: 576, 6: 1280}
+_ICMP_HEADER = struct.Struct("!BBHI")  # type, code, checksum, then the "rest of header" word
+
+
+def build_icmp_too_big(packet: bytes, mtu: int) -> bytes:
+    """The error a router sends for ``packet`` when its next hop's MTU is ``mtu``: ICMP "fragmentation
+    needed" (type 3 code 4, next-hop MTU in the low 16 bits, RFC 1191) for IPv4, ICMPv6 "packet too
+    big" (type 2, MTU, RFC 4443) for IPv6; from the packet's destination to its source, quoting the
+    packet's start. ``packet`` must be a parsed IPv4 or IPv6 packet (parse_tcp accepted it)."""
+    family = packet[0] >> 4
+    if family == 4:
+        saddr, daddr, protocol, rest = packet[16:20], packet[12:16], PROTO_ICMP, mtu & 0xFFFF
+        ip_header = 20
+    else:
+        saddr, daddr, protocol, rest = packet[24:40], packet[8:24], PROTO_ICMPV6, mtu
+        ip_header = 40
+    quoted = packet[:ICMP_ERROR_MAX_BYTES[family] - ip_header - _ICMP_HEADER.size]
+    kind = (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED) if family == 4 else (ICMPV6_PACKET_TOO_BIG, 0)
+    length = _ICMP_HEADER.size + len(quoted)
+    words = (kind[0] << 8 | kind[1]) + rest + _words(quoted)
+    if family == 6:  # ICMPv6 sums a pseudo-header (RFC 4443 2.3); ICMP does not
+        words += int.from_bytes(saddr + daddr, "big") + PROTO_ICMPV6 + length
+    message = _ICMP_HEADER.pack(*kind, checksum_from_sum(words), rest) + quoted
+    return build_ip_header(saddr, daddr, protocol, length) + message

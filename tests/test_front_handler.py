@@ -7,12 +7,12 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 from scapy.packet import raw
 
 from synproxy import encap
-from synproxy.front.handler import Action, FrontPolicy, handle
+from synproxy.front.handler import Action, FrontPolicy, TokenBucket, handle
 from synproxy.maglev import build_table, derive_flow_key, flow_hash
 from synproxy.salt import SaltSchedule
 
@@ -198,3 +198,59 @@ def test_clock_skew_between_fronts(offset, validates):
     reply = (IP)(handle(syn(4, [("MSS", 1460)]), syn_time, SCHEDULE, POLICY).packet)
     verdict = handle(client_ack(reply), syn_time + 0.01 + offset, SCHEDULE, front_b)
     assert verdict.outcome == ("validated" if validates else "forwarded_expired_epoch")
+
+
+def data_packet(family, size, dont_fragment=True):
+    """A client's established-traffic segment of ``size`` bytes in all."""
+    layer = (IP(src=CLIENT4, dst=VIP4, flags="DF" if dont_fragment else 0) if family == 4
+             else IPv6(src=CLIENT6, dst=VIP6))
+    headers = len(raw(layer / TCP()))
+    return raw(layer / TCP(sport=40000, dport=80, flags="PA", seq=5, ack=7) / (b"d" * (size - headers)))
+
+
+def routers_answer(family, mtu, quoted):
+    """The ICMP error scapy builds, checksums included, for comparison byte for byte."""
+    if family == 4:
+        return raw(IP(src=VIP4, dst=CLIENT4, id=0, flags="DF", ttl=64) / ICMP(type=3, code=4, nexthopmtu=mtu)
+                   / quoted)
+    return raw(IPv6(src=VIP6, dst=CLIENT6, hlim=64) / ICMPv6PacketTooBig(mtu=mtu) / quoted)
+
+
+@pytest.mark.parametrize("farm_mtu", [1500, 9000, 1400])
+def test_a_packet_too_big_to_encapsulate_gets_a_routers_icmp_from_the_vip(farm_mtu):
+    policy = dataclasses.replace(POLICY, farm_mtu=farm_mtu)
+    fits = farm_mtu - encap.OVERHEAD
+    for family in (4, 6):
+        assert handle(data_packet(family, fits), NOW, SCHEDULE, policy).action is Action.FORWARD
+        packet = data_packet(family, fits + 1)
+        verdict = handle(packet, NOW, SCHEDULE, policy)
+        assert (verdict.action, verdict.outcome) == (Action.REPLY, "too_big")
+        if family == 4:
+            reply = IP(verdict.packet)
+            assert (reply.src, reply.dst, reply[ICMP].type, reply[ICMP].code) == (VIP4, CLIENT4, 3, 4)
+            assert reply[ICMP].nexthopmtu == fits
+            quoted = packet[:576 - 20 - 8]  # RFC 1812 4.3.2.3: as much as fits in 576 bytes
+        else:
+            reply = IPv6(verdict.packet)
+            assert (reply.src, reply.dst, reply[ICMPv6PacketTooBig].mtu) == (VIP6, CLIENT6, fits)
+            quoted = packet[:1280 - 40 - 8]  # RFC 4443 2.4 (c): as much as fits in the minimum MTU
+        assert verdict.packet == routers_answer(family, fits, quoted)
+
+
+def test_an_ipv4_packet_too_big_without_df_is_dropped_not_fragmented():
+    packet = data_packet(4, POLICY.encapsulation_mtu + 1, dont_fragment=False)
+    assert handle(packet, NOW, SCHEDULE, POLICY) == (Action.DROP, None, "too_big_not_df", -1)
+
+
+def test_the_mtu_announced_follows_the_encapsulation_overhead(monkeypatch):
+    monkeypatch.setattr(encap, "OVERHEAD", 40)
+    verdict = handle(data_packet(6, 1500), NOW, SCHEDULE, POLICY)
+    assert IPv6(verdict.packet)[ICMPv6PacketTooBig].mtu == 1460
+
+
+def test_token_bucket_allows_its_burst_then_its_rate():
+    bucket = TokenBucket(rate=100, burst=3)
+    assert [bucket.take(10.0) for _ in range(4)] == [True, True, True, False]
+    assert [bucket.take(10.015) for _ in range(2)] == [True, False]  # 1.5 tokens came back in 15 ms
+    assert bucket.take(9.0) is False  # a clock going back gives nothing
+    assert sum(bucket.take(20.0) for _ in range(10)) == 3  # refilled to the burst, not beyond

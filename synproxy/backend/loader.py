@@ -31,10 +31,10 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
-from synproxy import firewall
+from synproxy import firewall, instance
 from synproxy.backend.libbpf import (
     BpfError,
     BpfObject,
@@ -390,6 +390,28 @@ class _CountersCollector:
         yield failures
 
 
+# What a reload cannot change in a running backend: the interface its program is attached to, its metrics socket.
+RESTART_KEYS = ("backend.interface", "backend.metrics_address")
+
+
+def restart_settings(config) -> tuple:
+    """The values of RESTART_KEYS, in that order."""
+    return config.backend.interface, config.backend.metrics_address
+
+
+def serve_metrics(address: str | None) -> CollectorRegistry | None:
+    """The metrics endpoint, started before anything is installed so a taken port is refused in one line."""
+    if not address:
+        return None
+    registry = CollectorRegistry()
+    host, _, port = address.rpartition(":")
+    try:
+        start_http_server(int(port), host.strip("[]"), registry=registry)
+    except OSError as error:
+        raise BackendError(f"cannot serve metrics on {address}: {error.strerror}") from None
+    return registry
+
+
 def serve(config, interface: str) -> int:
     """Run until SIGTERM/SIGINT: keep the salts current; SIGHUP reloads the configuration."""
     stop, reload, wake = [], [], threading.Event()
@@ -404,17 +426,20 @@ def serve(config, interface: str) -> int:
     configured = config.salt_schedule()
     schedule = rotation.effective(configured, None, time.time())
     _warn_if_secrets_unchecked(schedule)
+    registry = serve_metrics(config.backend.metrics_address)
+    running = restart_settings(config)
     untracked = firewall.backend_chain()
     untracked.install(config.vips, config.ports)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(lambda: untracked.remove(config.vips, config.ports))
         plane = cleanup.enter_context(attached(interface, config.fronts, config.vips, config.ports,
                                                config.encap_port, config.server_wscale, schedule))
-        if config.backend.metrics_address:
-            registry = CollectorRegistry()
+        restart_required = None
+        if registry is not None:
             registry.register(_CountersCollector(plane))
-            host, _, port = config.backend.metrics_address.rpartition(":")
-            start_http_server(int(port), host.strip("[]"), registry=registry)
+            restart_required = Gauge("synproxy_backend_restart_required",
+                                     "1 when the configuration holds changes only a restart applies",
+                                     registry=registry)
         while not stop:
             wake.wait(SALT_CHECK_SECONDS)
             wake.clear()
@@ -425,13 +450,20 @@ def serve(config, interface: str) -> int:
                     log_warnings(config)
                     configured = config.salt_schedule()
                     if (config.vips, config.ports) != (previous_config.vips, previous_config.ports):
-                        untracked.remove(previous_config.vips, previous_config.ports)
-                        untracked.install(config.vips, config.ports)
+                        untracked.replace((previous_config.vips, previous_config.ports), (config.vips, config.ports))
                     plane.configure(config.encap_port, config.server_wscale)
                     plane.trust(config.fronts)
                     plane.protect(config.vips, config.ports)
-                    log("config_reloaded", source=str(config.source))
-                except ConfigError as error:
+                    pending = [key for key, was, wanted in zip(RESTART_KEYS, running, restart_settings(config))
+                               if was != wanted]
+                    if restart_required is not None:
+                        restart_required.set(1 if pending else 0)
+                    if pending:
+                        log("restart_required", keys=pending, source=str(config.source),
+                            note="the rest of the configuration is applied; these keys keep their running values")
+                    else:
+                        log("config_reloaded", source=str(config.source))
+                except (ConfigError, firewall.FirewallError) as error:
                     log("config_reload_failed", error=str(error))
             now = time.time()
             previous, schedule = schedule, rotation.effective(configured, schedule, now)
@@ -457,6 +489,9 @@ def main(args: argparse.Namespace) -> int:
         if not interface:
             raise BackendError("no interface: set backend.interface in the config or pass --interface")
         require_root()
+        # Serving and detaching both need this namespace's backend slot: a second instance would take over
+        # the tc slot and, on exit, detach the program and remove the rules the first one still relies on.
+        lock = None if args.stats else instance.claim("backend")
         if args.detach:
             print(f"{interface}: {'detached' if detach(interface) else 'nothing was attached'}")
             return 0
@@ -468,8 +503,9 @@ def main(args: argparse.Namespace) -> int:
                 for name, value in totals.items():
                     print(f"{name:16} {value}")
             return 0
-        return serve(config, interface)
-    except (BackendError, BpfError) as error:
+        with lock:
+            return serve(config, interface)
+    except (BackendError, BpfError, instance.AlreadyRunning) as error:
         message = error.strerror if isinstance(error, BpfError) else str(error)
         print(f"synproxy backend: {message}", file=sys.stderr)
         return 1

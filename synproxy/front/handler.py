@@ -3,7 +3,9 @@
 A SYN becomes a SYN-ACK whose ISN is the cookie (returned in place of the SYN, so the NFQUEUE shell
 needs one verdict and no second socket). Every other packet to a protected VIP and port is
 encapsulated to the backend the Maglev table picks; a handshake ACK whose cookie validates is flagged
-VALIDATED so the backend creates the connection. No per-flow state is kept.
+VALIDATED so the backend creates the connection. A packet too big to encapsulate within the farm's MTU
+is answered as a router would (ICMP "fragmentation needed" / ICMPv6 "packet too big" from the VIP), so
+the client's path-MTU discovery shrinks its packets. No per-flow state is kept.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from synproxy.packet import (
     RST,
     SYN,
     MalformedPacket,
+    build_icmp_too_big,
     build_tcp_options,
     build_tcp_packet,
     new_record,
@@ -35,6 +38,8 @@ from synproxy.salt import SaltSchedule
 SYN_ACK_WINDOW = 65535
 _REJECTED = {reason: f"forwarded_{reason.value}" for reason in Reject}
 _IPV6_EXTRA = 20  # an IPv6 header is 20 bytes longer than an IPv4 one
+_IPV4_DONT_FRAGMENT = 0x40  # in the byte at offset 6
+TOO_BIG = "too_big"
 
 
 class Action(enum.Enum):
@@ -84,6 +89,11 @@ class FrontPolicy:
         """The MSS clients may send: the backends' less the encapsulation (and IPv6's longer header)."""
         return self.backend_mss - encap.OVERHEAD - (_IPV6_EXTRA if family == 6 else 0)
 
+    @property
+    def encapsulation_mtu(self) -> int:
+        """The largest client packet that still fits the farm's MTU once encapsulated."""
+        return self.farm_mtu - encap.OVERHEAD
+
 
 def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolicy) -> Verdict:
     """Decide what to do with one packet queued to this front."""
@@ -103,6 +113,8 @@ def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolic
             return _answer_syn(segment, now, schedule, policy)
         except MalformedPacket as error:
             return Verdict(Action.DROP, None, f"malformed_{error.reason}")
+    if len(packet) > policy.encapsulation_mtu:
+        return _too_big(packet, policy)
     validated = False
     outcome = "forwarded"
     if flags & ACK and not flags & (RST | FIN):
@@ -118,6 +130,36 @@ def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolic
     wrapped = encap.encapsulate(packet, segment, policy.farm_address, policy.backends[backend], policy.encap_port,
                                 flow, validated, policy.encap_key)
     return Verdict(Action.FORWARD, wrapped, outcome, backend)
+
+
+def _too_big(packet: bytes, policy: FrontPolicy) -> Verdict:
+    """The router's answer (RFC 1191, RFC 8201). An IPv4 packet without DF is dropped instead of
+    fragmented: a router would fragment it, but the backend's tc program sees outer fragments before
+    reassembly and the handler drops inner ones (`malformed_fragment`), so fragments would deliver
+    nothing; TCP senders set DF (Linux does unless ip_no_pmtu_disc is set)."""
+    if packet[0] >> 4 == 4 and not packet[6] & _IPV4_DONT_FRAGMENT:
+        return Verdict(Action.DROP, None, "too_big_not_df")
+    return Verdict(Action.REPLY, build_icmp_too_big(packet, policy.encapsulation_mtu), TOO_BIG)
+
+
+class TokenBucket:
+    """Allows ``rate`` events a second on average and ``burst`` at once; the caller says what time it is
+    (a monotonic clock), so tests need no sleeping."""
+
+    def __init__(self, rate: float, burst: float):
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.last: float | None = None
+
+    def take(self, now: float) -> bool:
+        if self.last is not None:
+            self.tokens = min(self.burst, self.tokens + max(0.0, now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 def _answer_syn(segment, now: float, schedule: SaltSchedule, policy: FrontPolicy) -> Verdict:

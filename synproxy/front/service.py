@@ -2,17 +2,21 @@
 
 It installs its packet-filter rules, binds the queue, gives every packet one verdict (the SYN-ACK or
 the encapsulated packet replaces the payload; everything else is dropped), serves its metrics, and
-removes its rules on exit. SIGHUP reloads the configuration and the secrets.
+removes its rules on exit. SIGHUP reloads the configuration and the secrets. Whatever happens while
+handling a packet, the packet gets a verdict (a drop, counted by reason) and the loop goes on: one
+packet must not stop a front.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import signal
 import socket
 import struct
 import time
+import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,11 +24,11 @@ from netfilterqueue import NetfilterQueue
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from synproxy import firewall
+from synproxy import firewall, instance
 from synproxy.config import Config, ConfigError, load_config, log_warnings
 from synproxy.encap import encap_key
 from synproxy.front import fastpath
-from synproxy.front.handler import Action, FrontPolicy, handle
+from synproxy.front.handler import TOO_BIG, Action, FrontPolicy, TokenBucket, handle
 from synproxy.logs import log
 from synproxy.netlink import local_addresses
 from synproxy.salt import SaltSchedule, SecretRotation
@@ -43,6 +47,12 @@ HOUSEKEEPING_SECONDS = 0.5  # how often the loop handles signals, salt epochs an
 # node's own address as source, which the kernel otherwise drops as a martian when it routes it.
 FRONT_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.accept_local": "1"}
 IPV6_FRONT_SYSCTLS = {"net.ipv6.conf.all.forwarding": "1"}  # only with an IPv6 VIP
+# ICMP "too big" answers: a router's rate (Linux's icmp_ratelimit is ~1 per second per destination; a
+# front answers many clients), so a flood of big packets gets small answers only, and few.
+TOO_BIG_PER_SECOND, TOO_BIG_BURST = 100, 200
+FAILURE_LOG_SECONDS = 10.0  # a packet that fails once fails as often as someone sends it: log each reason this often
+# What a reload cannot change in a running front: the queue it holds, its metrics socket, its tc program.
+RESTART_KEYS = ("front.queue_num", "front.metrics_address", "front.fast_path_interfaces")
 
 
 def ensure_sysctls(config: Config) -> None:
@@ -71,8 +81,8 @@ def build_policy(config: Config, schedule: SaltSchedule) -> FrontPolicy:
                        farm_address=farm_address(config).packed,
                        backends=tuple(b.packed for b in config.backends), encap_port=config.encap_port,
                        encap_key=encap_key(schedule.secrets[0]), flow_key=config.flow_key(),
-                       backend_mss=config.backend_mss,
-                       server_wscale=config.server_wscale)
+                       backend_mss=config.backend_mss, server_wscale=config.server_wscale,
+                       farm_mtu=config.farm_mtu)
 
 
 def queue_stats(queue_num: int, text: str) -> dict[str, int] | None:
@@ -87,9 +97,38 @@ def queue_stats(queue_num: int, text: str) -> dict[str, int] | None:
 
 
 def bind_queue(queue_num: int, callback) -> NetfilterQueue:
-    queue = NetfilterQueue()
-    queue.bind(queue_num, callback, max_len=QUEUE_MAX_LENGTH, sock_len=SOCKET_BUFFER_BYTES)
+    try:
+        queue = NetfilterQueue()
+        queue.bind(queue_num, callback, max_len=QUEUE_MAX_LENGTH, sock_len=SOCKET_BUFFER_BYTES)
+    except OSError as error:
+        # libnetfilter_queue says neither why nor with an errno: name the two causes seen here.
+        cause = ("this needs root (CAP_NET_ADMIN)" if not instance.has_capability(instance.CAP_NET_ADMIN)
+                 else "another program holds this queue")
+        raise SystemExit(f"synproxy front: cannot bind NFQUEUE {queue_num}: {error} ({cause})") from None
     return queue
+
+
+def send_failure(error: OSError) -> str:
+    """The outcome label of a failed send, by errno (e.g. send_failed_enetunreach)."""
+    return f"send_failed_{errno.errorcode.get(error.errno, 'unknown').lower()}"
+
+
+class FailureLog:
+    """Logs a failed packet at most once per FAILURE_LOG_SECONDS for each outcome, with how many were not."""
+
+    def __init__(self):
+        self.logged_at: dict[str, float] = {}
+        self.unlogged: defaultdict[str, int] = defaultdict(int)
+
+    def note(self, outcome: str, error: BaseException, now: float) -> None:
+        if now - self.logged_at.get(outcome, -FAILURE_LOG_SECONDS) < FAILURE_LOG_SECONDS:
+            self.unlogged[outcome] += 1
+            return
+        self.logged_at[outcome] = now
+        where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+        log("packet_failed", outcome=outcome, error=f"{type(error).__name__}: {error}",
+            where=f"{where.filename}:{where.lineno}" if where else None,
+            not_logged_since=self.unlogged.pop(outcome, 0))
 
 
 class _QueueCollector:
@@ -120,7 +159,7 @@ class FrontMetrics:
     collector reads at scrape time: a prometheus_client Counter takes a lock on every increment.
     """
 
-    def __init__(self, backends: tuple[str, ...], queue_num: int):
+    def __init__(self, queue_num: int):
         self.registry = CollectorRegistry()
         self.registry.register(_QueueCollector(queue_num))
         self.processing = Histogram("synproxy_front_packet_processing_seconds",
@@ -128,10 +167,13 @@ class FrontMetrics:
                                     buckets=(2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2),
                                     registry=self.registry)
         self.epoch = Gauge("synproxy_front_salt_epoch", "Current salt epoch", registry=self.registry)
-        self.backends = backends
+        self.restart_required = Gauge("synproxy_front_restart_required",
+                                      "1 when the configuration holds changes only a restart applies",
+                                      registry=self.registry)
         self.fast_path: fastpath.FastPath | None = None
         self.packets: defaultdict[tuple[str, int], int] = defaultdict(int)  # (outcome, IP version)
-        self.forwarded = [0] * len(backends)
+        # By backend address, not position: a reload may add, remove or reorder backends.
+        self.forwarded: defaultdict[str, int] = defaultdict(int)
         self.registry.register(self)
 
     def collect(self):
@@ -142,7 +184,7 @@ class FrontMetrics:
         yield packets
         forwarded = CounterMetricFamily("synproxy_front_forwarded_packets", "Packets forwarded, by backend",
                                         labels=["backend"])
-        for backend, value in zip(self.backends, list(self.forwarded)):
+        for backend, value in list(self.forwarded.items()):
             forwarded.add_metric([backend], value)
         yield forwarded
         if self.fast_path is not None:
@@ -179,8 +221,13 @@ class Front:
         self.config_path = config_path
         self.rotation = SecretRotation()
         self.load()
-        self.metrics = FrontMetrics(tuple(str(b) for b in self.config.backends), self.config.front.queue_num)
-        self.raw_ipv4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        self.metrics = FrontMetrics(self.config.front.queue_num)
+        try:
+            self.raw_ipv4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        except PermissionError:
+            raise SystemExit("synproxy front: cannot open a raw socket: this needs root (CAP_NET_RAW)") from None
+        self.too_big_answers = TokenBucket(TOO_BIG_PER_SECOND, TOO_BIG_BURST)
+        self.failures = FailureLog()
         self.stop_requested: list[bool] = []
         self.reload_requested: list[bool] = []
         self.housekeeping_due = 0.0
@@ -196,6 +243,7 @@ class Front:
         schedule = self.rotation.effective(configured_schedule, getattr(self, "schedule", None), time.time())
         self.policy = build_policy(config, schedule)
         self.configured_schedule, self.schedule, self.config = configured_schedule, schedule, config
+        self.backend_labels = tuple(str(b) for b in config.backends)  # Verdict.backend indexes these
 
     def expire_retired_secrets(self) -> None:
         schedule = self.rotation.effective(self.configured_schedule, self.schedule, time.time())
@@ -208,40 +256,57 @@ class Front:
         timed = not self.packets_seen & TIMING_SAMPLE_MASK
         if timed:
             started = time.perf_counter()
-        payload = packet.get_payload()
-        action, reply, outcome, backend = handle(payload, time.time(), self.schedule, self.policy)
-        family = payload[0] >> 4 if payload else 0
-        if action is Action.DROP:
-            packet.drop()
-        elif action is Action.FORWARD and family == 6:
-            # The encapsulation is IPv4: a queued IPv6 packet cannot become one in place, so it
-            # leaves through a raw socket and the original is dropped.
-            self.raw_ipv4.sendto(reply, (socket.inet_ntoa(reply[16:20]), 0))
-            packet.drop()
-        else:
-            packet.set_payload(reply)
-            packet.accept()
+        family, backend = 0, -1
+        try:
+            payload = packet.get_payload()
+            family = payload[0] >> 4 if payload else 0
+            action, reply, outcome, backend = handle(payload, time.time(), self.schedule, self.policy)
+            if action is Action.DROP:
+                packet.drop()
+            elif action is Action.FORWARD and family == 6:
+                # The encapsulation is IPv4: a queued IPv6 packet cannot become one in place, so it
+                # leaves through a raw socket and the original is dropped.
+                packet.drop()
+                self.raw_ipv4.sendto(reply, (socket.inet_ntoa(reply[16:20]), 0))
+            elif outcome == TOO_BIG and not self.too_big_answers.take(time.monotonic()):
+                packet.drop()
+                outcome = "too_big_rate_limited"
+            else:
+                packet.set_payload(reply)
+                packet.accept()
+        except Exception as error:  # noqa: BLE001 - whatever failed, the packet gets a verdict, the loop goes on
+            # The one system call above is the raw socket's sendto (EMSGSIZE, ENETUNREACH, EPERM...).
+            outcome, backend = send_failure(error) if isinstance(error, OSError) else "internal_error", -1
+            with contextlib.suppress(RuntimeError):  # "verdict already given": a send failed after its drop
+                packet.drop()
+            self.failures.note(outcome, error, time.monotonic())
         metrics = self.metrics
         metrics.packets[outcome, family] += 1
         if backend >= 0:
-            metrics.forwarded[backend] += 1
+            metrics.forwarded[self.backend_labels[backend]] += 1
         if timed:
             metrics.processing.observe(time.perf_counter() - started)
 
     def run(self) -> int:
         config = self.config
         queue_num = config.front.queue_num
+        try:  # before anything is installed: a second front would take over this one's rules, then remove them
+            self.instance_lock = instance.claim("front")
+        except instance.AlreadyRunning as error:
+            raise SystemExit(f"synproxy front: {error}") from None
+        self.running = restart_settings(config)
         if config.front.metrics_address:
             host, _, port = config.front.metrics_address.rpartition(":")
-            start_http_server(int(port), host.strip("[]"), registry=self.metrics.registry)
+            try:
+                start_http_server(int(port), host.strip("[]"), registry=self.metrics.registry)
+            except OSError as error:
+                raise SystemExit(f"synproxy front: cannot serve metrics on {config.front.metrics_address}: "
+                                 f"{error.strerror}") from None
         stop, reload = self.stop_requested, self.reload_requested
         signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
         signal.signal(signal.SIGINT, lambda *_: stop.append(True))
         signal.signal(signal.SIGHUP, lambda *_: reload.append(True))
-        try:
-            queue = bind_queue(queue_num, self.on_packet)
-        except OSError as error:
-            raise SystemExit(f"synproxy: cannot bind NFQUEUE {queue_num}: {error} (root needed?)") from None
+        queue = bind_queue(queue_num, self.on_packet)
         ensure_sysctls(config)
         self.rules = firewall.front_chain(queue_num)
         self.rules.install(config.vips, config.ports)
@@ -291,20 +356,32 @@ class Front:
 
     def reload(self) -> None:
         """SIGHUP: the configuration and secrets again; the queue's rules and the fast path's maps follow
-        the VIPs and ports (the queue number and the fast path's interfaces need a restart)."""
+        the VIPs and ports. The RESTART_KEYS keep their running values, and are reported instead."""
         try:
             self.load()
             ensure_sysctls(self.config)
             wanted = (self.config.vips, self.config.ports)
             if wanted != self.protected:
-                self.rules.remove(*self.protected)
-                self.rules.install(*wanted)
+                self.rules.replace(self.protected, wanted)
                 self.protected = wanted
             if self.fast_path is not None:
                 self.fast_path.configure(self.policy, self.schedule)
-            log("config_reloaded", source=str(self.config.source), secrets_accepted=len(self.schedule.secrets))
         except (ConfigError, firewall.FirewallError, fastpath.FastPathError) as error:
             log("config_reload_failed", error=str(error))
+            return
+        pending = [key for key, running, wanted in zip(RESTART_KEYS, self.running, restart_settings(self.config))
+                   if running != wanted]
+        self.metrics.restart_required.set(1 if pending else 0)
+        if pending:
+            log("restart_required", keys=pending, source=str(self.config.source),
+                note="the rest of the configuration is applied; these keys keep their running values")
+        else:
+            log("config_reloaded", source=str(self.config.source), secrets_accepted=len(self.schedule.secrets))
+
+
+def restart_settings(config: Config) -> tuple:
+    """The values of RESTART_KEYS, in that order."""
+    return config.front.queue_num, config.front.metrics_address, config.front.fast_path_interfaces
 
 
 def main(args: argparse.Namespace) -> int:

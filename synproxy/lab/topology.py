@@ -26,6 +26,7 @@ from pathlib import Path
 from pyroute2 import NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from synproxy.instance import CAP_SYS_ADMIN, has_capability
 from synproxy.netns import add_addresses, inside, link, pids_inside, set_tx_checksum_offload, write_sysctls
 
 STATE_ROOT = Path("/run/synproxy-lab")
@@ -118,6 +119,7 @@ class Lab:
     # --- up ----------------------------------------------------------------------------------
 
     def up(self) -> None:
+        _require_root()
         if (self.state_dir / "state.json").exists():
             raise LabError(f"lab {self.name!r} exists: run `synproxy lab down --name {self.name}` first")
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -334,6 +336,7 @@ class Lab:
     # --- down and status -------------------------------------------------------------------------
 
     def down(self) -> None:
+        _require_root()
         state = self._state()
         # Fronts first (they remove their rules), then backends (they detach), then namespaces.
         for label, pid in sorted(state["pids"].items(), key=lambda item: not item[0].startswith("front")):
@@ -354,6 +357,11 @@ class Lab:
         return {"name": self.name, "exists": (self.state_dir / "state.json").exists(),
                 "namespaces": [n for n in state["namespaces"] if n in netns.listnetns()],
                 "processes": {label: _alive(pid) for label, pid in state["pids"].items()}}
+
+
+def _require_root() -> None:
+    if not has_capability(CAP_SYS_ADMIN):
+        raise LabError("the lab needs root: it creates and removes network namespaces (CAP_SYS_ADMIN)")
 
 
 def _alive(pid: int) -> bool:

@@ -1,0 +1,83 @@
+"""The product's packet-filter rules: a reload moves the jumps without a gap for what it keeps.
+
+The commands RawChain runs are replayed against a model of the raw table (chains and the rules in each
+hook), checking after every command that each kept VIP and port is still jumped to; then the same
+reload runs against the real iptables of a namespace of its own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+
+import pytest
+
+from synproxy import firewall
+from synproxy.netns import inside, namespaces, unique_name
+
+V4, V6 = ipaddress.ip_address("198.19.0.10"), ipaddress.ip_address("2001:db8:ffff::10")
+OLD = ((V4, V6), (80, 7))
+NEW = ((V4,), (80, 443))  # keeps V4:80, drops V4:7 and all of V6, adds V4:443
+
+
+class RawTable:
+    """Just enough of iptables' semantics: -N/-F/-X/-A on chains, -I/-D of rules in a hook."""
+
+    def __init__(self):
+        self.chains: dict[tuple[str, str], list] = {}
+        self.hooks: dict[tuple[str, str], list] = {}
+        self.watch: list[tuple[str, str, tuple]] = []
+
+    def run(self, args: list[str], check: bool = True) -> bool:
+        tool, command, target, rule = args[0], args[4], args[5], tuple(args[6:])
+        chain, hook = (tool, target), self.hooks.setdefault((tool, target), [])
+        if command == "-N":
+            ok = chain not in self.chains
+            self.chains.setdefault(chain, [])
+        elif command == "-F":
+            ok = chain in self.chains and not self.chains[chain].clear()
+        elif command == "-X":
+            ok = chain in self.chains and not any(r[-1] == target for (owner, _), rules in self.hooks.items()
+                                                  if owner == tool for r in rules)
+            if ok:
+                del self.chains[chain]
+        elif command == "-A":
+            ok = chain in self.chains and not self.chains[chain].append(rule)
+        elif command == "-I":
+            ok = (tool, rule[-1]) in self.chains and not hook.insert(0, rule)
+        else:  # -D
+            ok = rule in hook and not hook.remove(rule)
+        if check and not ok:
+            raise firewall.FirewallError(" ".join(args))
+        for tool_, hook_, kept in self.watch:
+            assert kept in self.hooks.get((tool_, hook_), []), f"{kept} missing after {' '.join(args)}"
+            assert self.chains.get((tool_, kept[-1])), f"chain emptied after {' '.join(args)}"
+        return ok
+
+
+@pytest.mark.parametrize("chain", [firewall.front_chain(3), firewall.backend_chain()], ids=["front", "backend"])
+def test_a_reload_never_leaves_a_kept_vip_and_port_without_its_jump(monkeypatch, chain):
+    table = RawTable()
+    monkeypatch.setattr(firewall, "_run", table.run)
+    chain.install(*OLD)
+    kept = [(tool, hook, tuple(rule)) for tool, hook, rule in chain._jumps((V4,), (80,))]
+    table.watch = kept
+    chain.replace(OLD, NEW)
+    wanted = {(tool, hook, tuple(rule)) for tool, hook, rule in chain._jumps(*NEW)}
+    assert {(tool, hook, rule) for (tool, hook), rules in table.hooks.items() for rule in rules} == wanted
+    assert set(table.chains) == {("iptables", chain.name)}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="iptables in a namespace needs root")
+def test_the_same_reload_on_the_real_raw_table():
+    chain = firewall.front_chain(3)
+    with namespaces(unique_name("spfw")) as (namespace,), inside(namespace):
+        chain.install(*OLD)
+        chain.replace(OLD, NEW)
+        v4, v6 = (subprocess.run([tool, "-w", "-t", "raw", "-S"], check=True, capture_output=True, text=True).stdout
+                  for tool in ("iptables", "ip6tables"))
+        assert [line for line in v4.splitlines() if "-j SYNPROXY-Q3" in line] == [
+            f"-A PREROUTING -d {V4}/32 -p tcp -m tcp --dport {port} -j SYNPROXY-Q3" for port in (443, 80)]
+        assert "SYNPROXY" not in v6
+        chain.remove(*NEW)

@@ -1,0 +1,178 @@
+"""The front's NFQUEUE shell around the handler: every packet gets one verdict whatever fails while it is
+handled, failures are counted by reason, and a reload may change anything it can apply.
+
+Front.on_packet is driven with stand-ins for the queue's packet and the raw socket (the unit under test
+is the shell, not the kernel); the reload runs inside a namespace of its own, as it sets sysctls.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import os
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
+from scapy.packet import raw
+
+from synproxy import encap
+from synproxy.config import ConfigError, load_config
+from synproxy.front import service
+from synproxy.front.handler import TokenBucket
+from synproxy.front.service import Front
+from synproxy.netns import inside, namespaces, unique_name
+
+VIP4, VIP6 = "198.19.0.10", "2001:db8:ffff::10"
+BACKENDS = ["198.18.20.2", "198.18.21.2"]
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the front opens a raw socket")
+pytestmark = needs_root
+
+
+class QueuedPacket:
+    """What netfilterqueue hands the callback: the payload, and verdicts recorded (one allowed)."""
+
+    def __init__(self, payload: bytes):
+        self.payload = payload
+        self.verdicts: list[str] = []
+        self.replacement: bytes | None = None
+
+    def get_payload(self) -> bytes:
+        return self.payload
+
+    def set_payload(self, payload: bytes) -> None:
+        self.replacement = payload
+
+    def _verdict(self, verdict: str) -> None:
+        if self.verdicts:
+            raise RuntimeError("Verdict already given for this packet")
+        self.verdicts.append(verdict)
+
+    def accept(self) -> None:
+        self._verdict("accept")
+
+    def drop(self) -> None:
+        self._verdict("drop")
+
+
+class FailingSocket:
+    def __init__(self, code: int):
+        self.code = code
+
+    def sendto(self, data: bytes, address) -> int:
+        raise OSError(self.code, os.strerror(self.code))
+
+
+def write_config(directory: Path, backends=BACKENDS, front_extra: str = "") -> Path:
+    secret = directory / "secret.hex"
+    if not secret.exists():
+        secret.touch(mode=0o600)
+        secret.write_text("ab" * 32)
+    config = directory / "synproxy.yaml"
+    config.write_text(f"vips: [{VIP4}, {VIP6}]\nports: [80]\nsecret_file: secret.hex\n"
+                      f"backends: [{', '.join(backends)}]\nfront:\n  farm_address: 198.18.10.2\n{front_extra}")
+    return config
+
+
+def data(family: int, size: int = 200, sport: int = 40000) -> bytes:
+    layer = IP(src="198.18.1.2", dst=VIP4, flags="DF") if family == 4 else IPv6(src="2001:db8:1::2", dst=VIP6)
+    headers = len(raw(layer / TCP()))
+    return raw(layer / TCP(sport=sport, dport=80, flags="PA") / (b"x" * (size - headers)))
+
+
+@pytest.fixture
+def front(tmp_path):
+    return Front(str(write_config(tmp_path)))
+
+
+@pytest.mark.parametrize("code", [errno.EMSGSIZE, errno.ENETUNREACH, errno.EPERM])
+def test_a_failed_send_drops_the_packet_counts_the_reason_and_logs_once(front, capsys, code):
+    front.raw_ipv4 = FailingSocket(code)
+    packets = [QueuedPacket(data(6)) for _ in range(5)]
+    for packet in packets:
+        front.on_packet(packet)
+    assert [packet.verdicts for packet in packets] == [["drop"]] * 5
+    outcome = f"send_failed_{errno.errorcode[code].lower()}"
+    assert front.metrics.packets[outcome, 6] == 5
+    assert not front.metrics.forwarded, "a packet that was not sent is not counted as forwarded"
+    logged = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(entry["event"], entry["outcome"]) for entry in logged] == [("packet_failed", outcome)]
+
+
+def test_an_exception_in_the_handler_drops_the_packet_and_the_loop_goes_on(front, monkeypatch, capsys):
+    def broken(*_):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(service, "handle", broken)
+    packet = QueuedPacket(data(4))
+    front.on_packet(packet)
+    assert packet.verdicts == ["drop"]
+    assert front.metrics.packets["internal_error", 4] == 1
+    assert "KeyError" in json.loads(capsys.readouterr().err)["error"]
+
+
+def test_too_big_answers_are_rate_limited(front):
+    front.too_big_answers = TokenBucket(rate=0, burst=3)  # no refill: the burst, then nothing
+    packets = [QueuedPacket(data(6, 1500)) for _ in range(5)]
+    for packet in packets:
+        front.on_packet(packet)
+    assert [packet.verdicts for packet in packets] == [["accept"]] * 3 + [["drop"]] * 2
+    assert IPv6(packets[0].replacement)[ICMPv6PacketTooBig].mtu == 1500 - encap.OVERHEAD
+    assert front.metrics.packets["too_big", 6] == 3
+    assert front.metrics.packets["too_big_rate_limited", 6] == 2
+
+
+def test_forwarded_counts_are_keyed_by_backend_address_across_a_reload(front, tmp_path):
+    added = ["198.18.22.2", *reversed(BACKENDS)]
+    for backends in (BACKENDS, added):
+        write_config(tmp_path, backends)
+        front.load()
+        for sport in range(40000, 40300):
+            front.on_packet(QueuedPacket(data(4, sport=sport)))
+    # Where each flow went is the policy's choice; the counts must be under that backend's address.
+    expected: dict[str, int] = {}
+    for backends in (BACKENDS, added):
+        write_config(tmp_path, backends)
+        front.load()
+        for sport in range(40000, 40300):
+            backend = front.policy.backends[service.handle(data(4, sport=sport), 0, front.schedule,
+                                                           front.policy).backend]
+            address = str(ipaddress.ip_address(backend))
+            expected[address] = expected.get(address, 0) + 1
+    assert dict(front.metrics.forwarded) == expected
+    assert set(expected) == set(added)
+
+
+def test_a_reload_reports_what_needs_a_restart_and_applies_the_rest(front, tmp_path, capsys):
+    with namespaces(unique_name("spr")) as (namespace,), inside(namespace):
+        front.running = service.restart_settings(front.config)
+        front.protected = (front.config.vips, front.config.ports)
+        write_config(tmp_path, ["198.18.22.2"], "  queue_num: 5\n  fast_path_interfaces: [eth0]\n")
+        front.reload()
+        assert front.metrics.restart_required._value.get() == 1
+        assert front.policy.backends == (ipaddress.ip_address("198.18.22.2").packed,)
+        write_config(tmp_path)
+        front.reload()
+        assert front.metrics.restart_required._value.get() == 0
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    reloads = [entry for entry in events if entry["event"] in ("restart_required", "config_reloaded")]
+    assert [(entry["event"], entry.get("keys")) for entry in reloads] == [
+        ("restart_required", ["front.queue_num", "front.fast_path_interfaces"]), ("config_reloaded", None)]
+
+
+def test_farm_mtu_is_read_bounded_and_reaches_the_policy(tmp_path):
+    config = write_config(tmp_path)
+    def policy(path):
+        loaded = load_config(path)
+        return service.build_policy(loaded, loaded.salt_schedule())
+
+    assert policy(config).farm_mtu == 1500
+    for value, accepted in ((9000, True), (576, True), (575, False), (65536, False)):
+        config.write_text(config.read_text().split("farm_mtu")[0].rstrip("\n") + f"\nfarm_mtu: {value}\n")
+        if accepted:
+            assert policy(config).encapsulation_mtu == value - encap.OVERHEAD
+        else:
+            with pytest.raises(ConfigError, match=r"synproxy.yaml:\d+: farm_mtu: must be between 576 and 65535"):
+                load_config(config)
