@@ -17,8 +17,8 @@ import subprocess
 import time
 
 from synproxy import netns
-from synproxy.backend.libbpf import enable_run_time_stats, prog_test_run, program_id
-from synproxy.backend.loader import build_object
+from synproxy.bpf.libbpf import enable_run_time_stats, prog_test_run, program_id
+from synproxy.bpf.loading import build_object
 from synproxy.front.fastpath import FastPath
 from synproxy.front.handler import FrontPolicy, handle
 from synproxy.packet import ACK, FIN, PSH, SYN, build_tcp_options, build_tcp_packet, parse_tcp

@@ -16,17 +16,9 @@ from scapy.packet import Raw, raw
 
 from synproxy import encap
 from synproxy.backend import loader
-from synproxy.backend.libbpf import kernel_has_function, prog_test_run
-from synproxy.backend.loader import (
-    COUNTERS,
-    MAP_KEY,
-    SALT_SLOT,
-    BackendError,
-    DataPlane,
-    build_object,
-    check_kernel,
-    read_counters,
-)
+from synproxy.backend.loader import COUNTERS, BackendError, DataPlane, check_kernel, read_counters
+from synproxy.bpf.libbpf import kernel_has_function, prog_test_run
+from synproxy.bpf.loading import MAP_KEY, SALT_SLOT, build_object
 from synproxy.cookie import SynOptions, check_cookie, make_cookie
 from synproxy.salt import SaltSchedule, derive_salt
 from tests.lab_fixtures import needs_root
@@ -54,7 +46,7 @@ def test_the_kfunc_is_found_in_the_kernels_btf_and_its_absence_is_named(monkeypa
 
 @pytest.fixture(scope="module")
 def plane():
-    plane = DataPlane(build_object())
+    plane = DataPlane(build_object("backend"))
     plane.configure(ENCAP_PORT, 7)
     plane.trust([ipaddress.ip_address(FRONT), ipaddress.ip_address(OTHER_FRONT)])
     plane.protect([ipaddress.ip_address(vip) for vip in VIPS], PORTS)
@@ -359,7 +351,7 @@ def test_a_salt_rewritten_under_readers_is_never_seen_half_written(monkeypatch, 
     primary, retired = bytes.fromhex(cookie_vectors["secret"]), b"n" * 32
     swapped = [SALT_SLOT.pack(1, 2, epoch, derive_salt(first, epoch), derive_salt(second, epoch))
                for first, second in ((primary, retired), (retired, primary))]
-    plane = DataPlane(build_object())  # of its own: the writer leaves its slot unknown to the loader
+    plane = DataPlane(build_object("backend"))  # of its own: the writer leaves its slot unknown to the loader
     try:
         plane.configure(ENCAP_PORT, 7)
         plane.trust([ipaddress.ip_address(FRONT)])

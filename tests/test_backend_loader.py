@@ -12,16 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from synproxy.backend.loader import (
-    COUNTERS,
-    BackendError,
-    bpf_dir,
-    build_object,
-    held_epochs,
-    main,
-    mapped,
-    salt_slots,
-)
+from synproxy.backend.loader import COUNTERS, held_epochs, main
+from synproxy.bpf.loading import SetupError, bpf_dir, build_object, mapped, salt_slots
 from synproxy.salt import SaltSchedule, derive_salt
 
 SALT_SLOT = struct.Struct("<IIQ16s16s")
@@ -92,13 +84,13 @@ def test_operator_errors_are_one_line_and_exit_1(tmp_path, monkeypatch, capsys, 
 def test_missing_clang_is_named_when_a_build_is_needed(monkeypatch, tmp_path):
     monkeypatch.setenv("SYNPROXY_BUILD_DIR", str(tmp_path))
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(BackendError, match="clang not found: install clang-19"):
-        build_object()
+    with pytest.raises(SetupError, match="clang not found: install clang-19"):
+        build_object("backend")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_an_object_built_elsewhere_needs_no_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("SYNPROXY_BUILD_DIR", str(tmp_path))
-    built = build_object()
+    built = build_object("backend")
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    assert build_object() == built
+    assert build_object("backend") == built

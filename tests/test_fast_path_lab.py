@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from synproxy.backend.libbpf import tc_attached_program
+from synproxy.bpf.libbpf import tc_attached_program
 from synproxy.front.fastpath import TC_HANDLE, TC_PRIORITY
 from synproxy.lab.demo import scrape
 from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, VIP6, Lab

@@ -19,8 +19,8 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
 from synproxy import netns
-from synproxy.backend.libbpf import prog_test_run
-from synproxy.backend.loader import bpf_dir, build_object
+from synproxy.bpf.libbpf import prog_test_run
+from synproxy.bpf.loading import bpf_dir, build_object
 from synproxy.front import fastpath
 from synproxy.front.fastpath import FAMILIES, OUTCOMES, FastPath, FastPathError
 from synproxy.front.handler import Action, FrontPolicy, handle

@@ -24,8 +24,8 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
 from synproxy import netns
-from synproxy.backend.libbpf import prog_test_run
-from synproxy.backend.loader import build_object
+from synproxy.bpf.libbpf import prog_test_run
+from synproxy.bpf.loading import build_object
 from synproxy.front import fastpath
 from synproxy.front.fastpath import FastPath, FastPathError
 from synproxy.front.handler import Action, FrontPolicy, handle

@@ -14,8 +14,9 @@ from collections import Counter
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
 
-from synproxy.backend.libbpf import prog_test_run
-from synproxy.backend.loader import DataPlane, build_object, read_counters
+from synproxy.backend.loader import DataPlane, read_counters
+from synproxy.bpf.libbpf import prog_test_run
+from synproxy.bpf.loading import build_object
 from synproxy.encap import encap_key
 from synproxy.front.handler import Action, FrontPolicy, handle
 from synproxy.salt import SaltSchedule
@@ -57,7 +58,7 @@ def test_front_handler_gives_every_hostile_packet_a_defined_verdict():
 @needs_root
 def test_backend_program_gives_every_hostile_encapsulated_packet_a_defined_verdict():
     count = 1_000_000 if LONG else 30_000
-    plane = DataPlane(build_object())
+    plane = DataPlane(build_object("backend"))
     try:
         plane.configure(POLICY.encap_port, 7)
         plane.trust([ipaddress.ip_address(POLICY.farm_address)])

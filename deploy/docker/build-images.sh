@@ -30,7 +30,7 @@ fi
 context="$work/context"
 rm -rf "$context" && mkdir -p "$context/wheels"
 python3 -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$context/wheels" siphash24 netfilterqueue
-objects=$(cd "$repo" && python3 -c "from synproxy.backend.loader import build_object
+objects=$(cd "$repo" && python3 -c "from synproxy.bpf.loading import build_object
 print(build_object('backend'), build_object('front'))")
 mkdir -p "$context/bpf/build"
 cp -r "$repo/synproxy" "$repo/pyproject.toml" "$repo/README.md" "$context/"

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from synproxy.backend.libbpf import (
+from synproxy.bpf.libbpf import (
     XDP_FLAGS_DRV_MODE,
     XDP_FLAGS_SKB_MODE,
     XDP_FLAGS_UPDATE_IF_NOEXIST,
@@ -29,13 +29,13 @@ from synproxy.backend.libbpf import (
     xdp_attach,
     xdp_detach,
 )
-from synproxy.backend.loader import (
+from synproxy.bpf.loading import (
     COUNTER,
     MAP_KEY,
     PORT_KEY,
     SALT_SLOT,
-    BackendError,
     SaltMap,
+    SetupError,
     build_object,
     clock_offset_ns,
     counter_total,
@@ -149,7 +149,7 @@ class FastPath:
         for name in interfaces:
             try:
                 ifindex = interface_index(name)
-            except BackendError as error:
+            except SetupError as error:
                 raise FastPathError(f"front.fast_path_interfaces: {error}") from None
             try:
                 tc_attach(ifindex, self.prog_fd, TC_HANDLE, TC_PRIORITY)
@@ -164,7 +164,7 @@ class FastPath:
         for name in interfaces:
             try:
                 ifindex = interface_index(name)
-            except BackendError as error:
+            except SetupError as error:
                 raise FastPathError(f"front.fast_path_interfaces: {error}") from None
             failures = []
             for mode, flags in XDP_MODES.items():
@@ -207,7 +207,7 @@ def start(config: Config, policy: FrontPolicy, schedule: SaltSchedule) -> FastPa
     """Build, load, fill and attach the program on the configured interfaces."""
     try:
         fast_path = FastPath(build_object("front"))
-    except BackendError as error:
+    except SetupError as error:
         raise FastPathError(str(error)) from None
     except BpfError as error:
         raise FastPathError(f"loading bpf/front.bpf.c failed: {error.strerror}") from None
