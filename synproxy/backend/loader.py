@@ -277,8 +277,9 @@ class DataPlane:
 
     def _write_config(self) -> None:
         """The settings, the program's clock (the epoch window and the wall clock's offset from
-        CLOCK_TAI, read again at every write: it changes only when the kernel's TAI offset is set) and
-        the CPU count (online CPUs: a margin of all possible ones could exceed a small backlog)."""
+        CLOCK_TAI, read again at every write: it changes only when the kernel's TAI offset is set), the
+        CPU count (online CPUs: a margin of all possible ones could exceed a small backlog) and the
+        reset budget shared between them."""
         value = _CONFIG.pack(*self._clock, clock_offset_ns(), *self._settings, os.cpu_count() or 1,
                              *self._reset_budget)
         if value != self._config_written:
