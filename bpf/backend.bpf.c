@@ -68,6 +68,13 @@ struct {
 	__type(value, __u64);
 } kfunc_errors SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); /* per CPU: no atomics, no contention under a flood */
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct reset_bucket);
+} reset_budget SEC(".maps");
+
 static __always_inline void count_in(void *map, __u32 index)
 {
 	__u64 *value = bpf_map_lookup_elem(map, &index);
@@ -146,6 +153,29 @@ static __always_inline void fill_attrs(struct __sk_buff *skb, const struct segme
 	attrs->tstamp_ok = ack_timestamps(skb, seg, &attrs->rcv_tsval, &attrs->rcv_tsecr);
 }
 
+/* The socket the kernel would deliver this segment to (established, request, time-wait or listener), or
+ * none; the caller releases it (bpf_sk_release) on every path. */
+static __always_inline struct bpf_sock *socket_of(struct __sk_buff *skb, const struct segment *seg)
+{
+	struct bpf_sock_tuple tuple = {};
+	__u32 tuple_size;
+
+	if (seg->family == 4) {
+		__builtin_memcpy(&tuple.ipv4.saddr, &seg->saddr[12], 4);
+		__builtin_memcpy(&tuple.ipv4.daddr, &seg->daddr[12], 4);
+		tuple.ipv4.sport = seg->sport;
+		tuple.ipv4.dport = seg->dport;
+		tuple_size = sizeof(tuple.ipv4);
+	} else {
+		__builtin_memcpy(tuple.ipv6.saddr, seg->saddr, 16);
+		__builtin_memcpy(tuple.ipv6.daddr, seg->daddr, 16);
+		tuple.ipv6.sport = seg->sport;
+		tuple.ipv6.dport = seg->dport;
+		tuple_size = sizeof(tuple.ipv6);
+	}
+	return bpf_skc_lookup_tcp(skb, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
+}
+
 /* A decapsulated VALIDATED segment: if it is a handshake ACK with a valid cookie and a listener waits on
  * its tuple, have the kernel create the connection. */
 static __always_inline int create_connection(struct __sk_buff *skb, const struct segment *seg,
@@ -162,22 +192,7 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 		return TC_ACT_SHOT;
 	}
 
-	struct bpf_sock_tuple tuple = {};
-	__u32 tuple_size;
-	if (seg->family == 4) {
-		__builtin_memcpy(&tuple.ipv4.saddr, &seg->saddr[12], 4);
-		__builtin_memcpy(&tuple.ipv4.daddr, &seg->daddr[12], 4);
-		tuple.ipv4.sport = seg->sport;
-		tuple.ipv4.dport = seg->dport;
-		tuple_size = sizeof(tuple.ipv4);
-	} else {
-		__builtin_memcpy(tuple.ipv6.saddr, seg->saddr, 16);
-		__builtin_memcpy(tuple.ipv6.daddr, seg->daddr, 16);
-		tuple.ipv6.sport = seg->sport;
-		tuple.ipv6.dport = seg->dport;
-		tuple_size = sizeof(tuple.ipv6);
-	}
-	struct bpf_sock *skc = bpf_skc_lookup_tcp(skb, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
+	struct bpf_sock *skc = socket_of(skb, seg);
 	if (!skc) {
 		COUNT(COUNTER_NO_SOCKET);
 		return TC_ACT_OK;
@@ -209,6 +224,55 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 	}
 	COUNT(COUNTER_CREATED);
 	return TC_ACT_OK;
+}
+
+/* May this CPU pass one more packet of no connection to the kernel, which answers it with a RST? A
+ * token bucket kept in ns of credit: time adds credit up to reset_credit_ns, a reset spends
+ * reset_cost_ns. Per CPU, each with its share of the rate: the backend's total stays within the rate
+ * plus the burst (plus one per CPU) whichever CPUs the flood lands on. */
+static __always_inline int reset_allowed(const struct backend_config *cfg)
+{
+	__u32 zero = 0;
+	struct reset_bucket *bucket = bpf_map_lookup_elem(&reset_budget, &zero);
+	__u64 now = bpf_ktime_get_ns(), credit;
+
+	if (!bucket || !cfg->reset_cost_ns)
+		return 0;
+	credit = bucket->credit_ns + (now - bucket->updated_ns);
+	if (credit > cfg->reset_credit_ns)
+		credit = cfg->reset_credit_ns;
+	bucket->updated_ns = now;
+	if (credit < cfg->reset_cost_ns) {
+		bucket->credit_ns = credit;
+		return 0;
+	}
+	bucket->credit_ns = credit - cfg->reset_cost_ns;
+	return 1;
+}
+
+/* A decapsulated unflagged segment. A front cannot tell a forged ACK from one of an established
+ * connection, so it forwards both: pass what a connection owns; what none owns (no socket, or only a
+ * listener) the kernel would answer with a RST, unbounded, so pass it only within the reset budget
+ * (a client whose connection this backend lost still gets its reset) and drop the rest. A client's RST
+ * is never answered: drop it. docs/backend.md. */
+static __always_inline int pass_if_owned(struct __sk_buff *skb, const struct segment *seg,
+					 const struct backend_config *cfg)
+{
+	struct bpf_sock *skc = socket_of(skb, seg);
+
+	if (skc) {
+		int listening = skc->state == BPF_TCP_LISTEN;
+
+		bpf_sk_release(skc);
+		if (!listening)
+			return TC_ACT_OK;
+	}
+	if (!(seg->flags & TCP_FLAG_RST) && reset_allowed(cfg)) {
+		COUNT(COUNTER_NO_FLOW_RESET);
+		return TC_ACT_OK;
+	}
+	COUNT(COUNTER_NO_FLOW_DROPPED);
+	return TC_ACT_SHOT;
 }
 
 /* Behind fronts no SYN to a protected VIP should ever reach a backend: count those that do outside the
@@ -327,7 +391,7 @@ int synproxy_backend(struct __sk_buff *skb)
 	COUNT(COUNTER_DECAPSULATED);
 	if (seen.flags & ENCAP_FLAG_VALIDATED)
 		return create_connection(skb, &seg, cfg);
-	return TC_ACT_OK;
+	return pass_if_owned(skb, &seg, cfg);
 }
 
 char LICENSE[] SEC("license") = "GPL";

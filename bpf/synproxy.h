@@ -62,6 +62,14 @@ struct backend_config {
 	__u8 server_wscale;    /* the window scale the fronts announce; the kernel's rcv_wscale */
 	__u8 pad;
 	__u32 cpus;            /* CPUs that may run this program at once (the accept queue's margin) */
+	__u64 reset_cost_ns;   /* one reset for a packet of no connection costs this much of a CPU's
+				* credit (CPUs / rate per second, in ns); 0: no such packet is passed */
+	__u64 reset_credit_ns; /* the most credit a CPU holds: its share of the burst, at least one reset */
+};
+
+struct reset_bucket {      /* per CPU: the budget of resets for packets of no connection */
+	__u64 credit_ns;
+	__u64 updated_ns;  /* bpf_ktime_get_ns() of the last take; 0 at start, so the bucket starts full */
 };
 
 struct salt_slot {          /* one per epoch mod 4 */
@@ -184,6 +192,9 @@ enum counter {
 				    * or an authentic SYN or one not to a protected VIP and port: dropped */
 	COUNTER_LISTEN_OVERFLOW,   /* valid cookie, but the listener's accept queue is full: passed, and the
 				    * listener resets it (the kernel would drop the connection silently) */
+	COUNTER_NO_FLOW_RESET,     /* unflagged, no connection owns it (none, or only a listener): passed
+				    * within the reset budget, and the kernel answers it with a RST */
+	COUNTER_NO_FLOW_DROPPED,   /* the same beyond the budget, or a client's RST (never answered): dropped */
 	COUNTER_MAX,
 };
 #define KFUNC_ERRNO_SLOTS 64

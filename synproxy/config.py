@@ -29,6 +29,11 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # salt in the maps well before its first cookie. A cookie also lives at least one period (docs/cookie.md),
 # which must exceed a client's round trip, and clock_skew_seconds (default 2) may not exceed it.
 MIN_SALT_PERIOD_SECONDS = 2.0
+# Resets a backend sends per second, at most, to packets no connection owns (forged ACKs, or packets of a
+# connection it lost): an ACK flood the fronts cannot tell from established traffic then costs the
+# backend a socket lookup, not a RST each (docs/backend.md). The bound: one per µs, beyond what a core sends.
+UNKNOWN_FLOW_RESETS_PER_SECOND = 1000
+MAX_UNKNOWN_FLOW_RESETS_PER_SECOND = 1_000_000
 SECRET_COMMAND = "(umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' > {path})"
 
 
@@ -48,6 +53,7 @@ class FrontConfig:
 class BackendConfig:
     interface: str | None
     metrics_address: str | None
+    unknown_flow_resets_per_second: int  # the program's reset budget; 0: drop them all
 
 
 @dataclass(frozen=True)
@@ -220,6 +226,8 @@ FRONT_SCHEMA = {
 BACKEND_SCHEMA = {
     "interface": _Field(_text),
     "metrics_address": _Field(_host_port),
+    "unknown_flow_resets_per_second": _Field(_integer(0, MAX_UNKNOWN_FLOW_RESETS_PER_SECOND),
+                                             UNKNOWN_FLOW_RESETS_PER_SECOND),
 }
 SCHEMA = {
     "vips": _Field(_address, required=True, many=True),

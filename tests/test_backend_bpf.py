@@ -3,9 +3,11 @@ vectors of both families and every verdict, read from its counters and its outpu
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -14,12 +16,13 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
-from synproxy import encap
+from synproxy import encap, netns
 from synproxy.backend import loader
 from synproxy.backend.loader import COUNTERS, BackendError, DataPlane, check_kernel, read_counters
 from synproxy.bpf.libbpf import kernel_has_function, prog_test_run
 from synproxy.bpf.loading import MAP_KEY, SALT_SLOT, build_object
 from synproxy.cookie import SynOptions, check_cookie, make_cookie
+from synproxy.packet import RST, parse_tcp
 from synproxy.salt import SaltSchedule, derive_salt
 from tests.lab_fixtures import needs_root
 from tests.vectors.generate import SECRET
@@ -186,9 +189,10 @@ def test_malformed_encapsulation_is_dropped(plane, packet):
          / b"data"), b"\x86\xdd"),
 ], ids=["ipv4", "ipv6"])
 def test_unvalidated_packet_is_decapsulated_and_passed(plane, inner, ether_type):
+    """No socket owns it here: passed within the reset budget, for the kernel to reset."""
     packet = encapsulated(inner, flags=0)
     verdict, out, changed = run(plane, packet)
-    assert (verdict, changed) == (TC_ACT_OK, {"decapsulated": 1})
+    assert (verdict, changed) == (TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
     assert out[:12] == packet[:12] and out[12:14] == ether_type and out[ETH_HEADER:] == inner
 
 
@@ -215,15 +219,21 @@ def test_plain_traffic_passes_untouched_and_syns_are_counted(plane):
 
 def test_every_encap_vector_is_accepted_exactly_as_sent(monkeypatch, plane, cookie_vectors, encap_vectors):
     """The vectors' packets are what a front sends: decapsulated, and the flagged handshake ACKs (whose
-    cookies are cookie vectors) reach the socket lookup."""
+    cookies are cookie vectors) reach the socket lookup. No connection owns the others here: passed within
+    the reset budget, but a client's RST is dropped (the kernel would not answer it)."""
     assert (encap_vectors["front"], encap_vectors["backend"], encap_vectors["encap_port"]) == (FRONT, BACKEND,
                                                                                                ENCAP_PORT)
     load_salts(monkeypatch, plane, cookie_vectors, cookie_vectors["vectors"][0])
     for v in encap_vectors["vectors"]:
         inner = bytes.fromhex(v["inner"])
         verdict, out, changed = run(plane, ETHER + bytes.fromhex(v["packet"]))
-        expected = {"decapsulated": 1, "no_socket": 1} if v["validated"] else {"decapsulated": 1}
-        assert (verdict, changed) == (TC_ACT_OK, expected), v["name"]
+        if v["validated"]:
+            expected = (TC_ACT_OK, {"decapsulated": 1, "no_socket": 1})
+        elif parse_tcp(inner).flags & RST:
+            expected = (TC_ACT_SHOT, {"decapsulated": 1, "no_flow_dropped": 1})
+        else:
+            expected = (TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
+        assert (verdict, changed) == expected, v["name"]
         assert out[ETH_HEADER:] == inner and out[12:14] == (b"\x08\x00" if v["family"] == 4 else b"\x86\xdd")
 
 
@@ -270,9 +280,9 @@ def test_an_encapsulation_under_another_key_fails_its_mac_and_a_retired_secrets_
     assert run(plane, packet)[::2] == (TC_ACT_SHOT, {"encap_bad_mac": 1})
     try:
         plane.refresh_encap_keys(SaltSchedule((SECRET, other)))  # rotating: the new secret's key second
-        assert run(plane, packet)[::2] == (TC_ACT_OK, {"decapsulated": 1})
+        assert run(plane, packet)[::2] == (TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
         plane.refresh_encap_keys(SaltSchedule((other,)))
-        assert run(plane, packet)[::2] == (TC_ACT_OK, {"decapsulated": 1})
+        assert run(plane, packet)[::2] == (TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
         assert run(plane, ETHER + bytes.fromhex(vector["packet"]))[::2] == (TC_ACT_SHOT, {"encap_bad_mac": 1})
     finally:
         plane.refresh_encap_keys(SaltSchedule((SECRET,)))
@@ -384,3 +394,67 @@ def test_a_salt_rewritten_under_readers_is_never_seen_half_written(monkeypatch, 
             {"no_socket": checks, "cookie_bad": 0}
     finally:
         plane.close()
+
+
+def forged_ack(sport: int = 4000, flags: str = "A") -> bytes:
+    """An unflagged segment to a protected VIP and port, authentic from a front: what a front forwards
+    for a forged ACK it cannot tell from established traffic."""
+    return encapsulated(raw(IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=sport, dport=80, flags=flags, seq=7, ack=9)),
+                        flags=0)
+
+
+@pytest.fixture
+def one_cpu():
+    """The test on one CPU: the reset budget is a per-CPU bucket holding that CPU's share."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    yield
+    os.sched_setaffinity(0, cpus)
+
+
+@pytest.fixture
+def budget(plane, one_cpu):
+    """Set the reset budget (resets per second, the whole backend); the default is restored after."""
+    yield lambda rate: plane.configure(ENCAP_PORT, 7, rate)
+    plane.configure(ENCAP_PORT, 7)
+
+
+def test_a_budget_of_zero_resets_drops_every_packet_of_no_connection(plane, budget):
+    budget(0)
+    for sport in range(4000, 4010):
+        assert run(plane, forged_ack(sport))[::2] == (TC_ACT_SHOT, {"decapsulated": 1, "no_flow_dropped": 1})
+
+
+def test_the_budget_passes_a_cpus_share_then_drops(plane, budget):
+    """One second's worth per CPU (3 here), then nothing until time refills it (1 per 333 ms)."""
+    cpus = os.cpu_count() or 1
+    budget(3 * cpus)
+    verdicts = [run(plane, forged_ack(sport))[::2] for sport in range(4000, 4008)]
+    assert verdicts == [(TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})] * 3 + \
+        [(TC_ACT_SHOT, {"decapsulated": 1, "no_flow_dropped": 1})] * 5
+    time.sleep(0.4)
+    assert run(plane, forged_ack())[::2] == (TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
+
+
+def test_a_clients_rst_of_no_connection_is_dropped_without_spending_the_budget(plane, budget):
+    budget(1000)
+    for flags in ("R", "RA"):
+        assert run(plane, forged_ack(flags=flags))[::2] == (TC_ACT_SHOT, {"decapsulated": 1, "no_flow_dropped": 1})
+
+
+def test_packets_of_a_connection_pass_and_a_listener_alone_does_not_own_them(plane, budget):
+    """In a namespace of the test's own (the program looks sockets up in the caller's): a connection from
+    CLIENT4 to the VIP on loopback. Its packets pass uncounted even with no budget; another port of the
+    same client meets only the listener, which would reset it: dropped."""
+    budget(0)
+    name = netns.unique_name("spbb")
+    with netns.namespaces(name), netns.inside(name), contextlib.ExitStack() as sockets:
+        netns.run(name, ["ip", "link", "set", "lo", "up"])
+        netns.add_addresses(name, "lo", f"{VIPS[0]}/32", f"{CLIENT4}/32")
+        listener = sockets.enter_context(socket.create_server((VIPS[0], 80)))
+        client = sockets.enter_context(socket.create_connection((VIPS[0], 80), source_address=(CLIENT4, 0)))
+        sockets.enter_context(listener.accept()[0])
+        sport = client.getsockname()[1]
+        for flags in ("A", "PA", "FA", "R"):
+            assert run(plane, forged_ack(sport, flags))[::2] == (TC_ACT_OK, {"decapsulated": 1}), flags
+        assert run(plane, forged_ack(sport + 1))[::2] == (TC_ACT_SHOT, {"decapsulated": 1, "no_flow_dropped": 1})

@@ -52,6 +52,8 @@ NO_CONNECTION_WAIT = 0.5
 # Short epochs, so one test sees the loader drop an expired epoch; the skew leaves the loader's
 # quarter-second refresh a margin before a new epoch's first cookie.
 PERIOD, SKEW, REFRESH_MARGIN = 2.0, 0.5, 0.3  # the shortest period config allows
+RESET_BUDGET = 50  # backend.unknown_flow_resets_per_second: small, so a flood of a few thousand exceeds it
+SOL_PACKET, PACKET_IGNORE_OUTGOING = 263, 23  # linux/if_packet.h: a capture that sees only what arrives
 
 
 @dataclass
@@ -108,7 +110,7 @@ def _write_config(directory: Path, backend_if: str) -> Path:
                       f"secret_file: {secret}\nfronts: [{FRONT}]\nbackends: [{BACKEND}]\n"
                       f"encap_port: {ENCAP_PORT}\nserver_wscale: {SERVER_WSCALE}\n"
                       f"salt_period_seconds: {PERIOD}\nclock_skew_seconds: {SKEW}\n"
-                      f"backend:\n  interface: {backend_if}\n")
+                      f"backend:\n  interface: {backend_if}\n  unknown_flow_resets_per_second: {RESET_BUDGET}\n")
     return config
 
 
@@ -212,14 +214,16 @@ def send_via_front(bed: Bed, inner: bytes, validated: bool = True, front: str = 
     bed.sender.sendto(packet, (BACKEND, 0))
 
 
-def segment_from_server(bed: Bed, hs: Handshake, wanted, timeout: float = 3.0):
+def segment_from_server(bed: Bed, hs: Handshake, wanted, timeout: float = 3.0,
+                        capture: socket.socket | None = None):
     """The next segment the server sends to this handshake's client port that ``wanted`` accepts."""
     family = hs.case.family
+    capture = capture or bed.capture
     deadline = time.monotonic() + timeout
     while (remaining := deadline - time.monotonic()) > 0:
-        bed.capture.settimeout(remaining)
+        capture.settimeout(remaining)
         try:
-            frame = Ether(bed.capture.recv(65535))
+            frame = Ether(capture.recv(65535))
         except TimeoutError:
             break
         layer = IP if family == 4 else IPv6
@@ -345,7 +349,7 @@ def _tampered(hs: Handshake) -> bytes:
 @pytest.mark.parametrize("forgery, send, expected", [
     ("untrusted source", lambda bed, hs: send_via_front(bed, hs.ack_packet, front=STRANGER), {"untrusted": 1}),
     ("not flagged validated", lambda bed, hs: send_via_front(bed, hs.ack_packet, validated=False),
-     {"decapsulated": 1}),
+     {"decapsulated": 1, "no_flow_reset": 1}),
     ("tampered cookie", lambda bed, hs: send_via_front(bed, _tampered(hs)), {"decapsulated": 1, "cookie_bad": 1}),
     ("encapsulation MACed with another key",
      lambda bed, hs: send_via_front(bed, hs.ack_packet, key=encap.encap_key(b"not the secret" * 2)),
@@ -461,6 +465,131 @@ def test_no_connection_is_dropped_behind_the_full_queue_check_by_concurrent_hand
     created, refused = (after[name] - before[name] for name in ("created", "listen_overflow"))
     assert refused > 0 and created > 0
     assert (created - accepted[0], listen_overflows(bed) - overflows_before) == (0, 0)
+
+
+def forged_acks(bed: Bed, count: int) -> list[bytes]:
+    """ACKs with random sequence numbers from client ports no connection uses, encapsulated unflagged as a
+    front forwards every ACK whose cookie does not validate (it cannot tell them from established
+    traffic). To PORT, where a listener would answer each with a RST."""
+    saddr, daddr = (ipaddress.ip_address(a).packed for a in (CLIENT[4], VIP[4]))
+    front, backend = ipaddress.ip_address(FRONT).packed, ipaddress.ip_address(BACKEND).packed
+    key = encap.encap_key(bed.schedule.secrets[0])
+    packets = []
+    for sent in range(count):
+        seq, ack = struct.unpack("II", os.urandom(8))
+        inner = build_tcp_packet(saddr, daddr, 20000 + sent % 10000, PORT, seq, ack, ACK, 4096)
+        packets.append(encap.encapsulate(inner, parse_tcp(inner), front, backend, ENCAP_PORT, 0, False, key))
+    return packets
+
+
+def out_resets(bed: Bed) -> int:
+    """RSTs the backend's kernel has sent."""
+    output = netns.run(bed.backend, ["nstat", "-az", "TcpOutRsts"]).stdout
+    return int(output.split("TcpOutRsts")[1].split()[0])
+
+
+def refill_reset_budget() -> None:
+    """Each CPU's bucket holds one second's worth: full again one second after a flood emptied it."""
+    time.sleep(1.0)
+
+
+def incoming_capture(bed: Bed) -> socket.socket:
+    """A capture on the client's link that leaves out what the client sends (a flood would fill it)."""
+    with netns.inside(bed.client):
+        capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    capture.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+    capture.bind((CLIENT_IF, 0))
+    return capture
+
+
+FLOOD = 3000
+
+
+def test_a_forged_ack_flood_gets_no_more_resets_than_the_budget(bed):
+    """Before, every forged ACK reached the listener and left a RST (3000 of 3000); now the backend sends
+    at most its budget over the flood's duration plus one second's burst (and one per CPU), and drops
+    the rest, counted."""
+    packets = forged_acks(bed, FLOOD)
+    resets_before, before = out_resets(bed), bed.stats()
+    started = time.monotonic()
+    for packet in packets:
+        bed.sender.sendto(packet, (BACKEND, 0))
+    elapsed = time.monotonic() - started
+    time.sleep(0.2)  # the last packets leave the backlog
+    after = bed.stats()
+    passed, dropped, decapsulated = (after[name] - before[name]
+                                     for name in ("no_flow_reset", "no_flow_dropped", "decapsulated"))
+    try:
+        assert decapsulated == passed + dropped == FLOOD
+        assert out_resets(bed) - resets_before == passed
+        assert passed <= RESET_BUDGET * (elapsed + 1) + (os.cpu_count() or 1)
+    finally:
+        refill_reset_budget()
+
+
+def test_an_established_connection_keeps_working_during_a_forged_ack_flood(bed):
+    hs = handshake(bed, CASES[1])
+    send_via_front(bed, hs.ack_packet)
+    conn = accept(bed, 4, timeout=3)
+    assert conn is not None
+    before = bed.stats()
+    flooder = os.fork()
+    if flooder == 0:
+        failed = 1
+        try:
+            packets = forged_acks(bed, 5000)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # bounded: killed when the exchange ends
+                for packet in packets:
+                    bed.sender.sendto(packet, (BACKEND, 0))
+            failed = 0
+        finally:
+            os._exit(failed)
+    try:
+        with conn, incoming_capture(bed) as capture:
+            conn.settimeout(3)
+            client_seq, server_seq = (hs.client_isn + 1) % 2**32, (hs.cookie + 1) % 2**32
+            time.sleep(0.5)  # the flood is under way, the budget spent
+            for exchange in range(5):
+                message = b"client %d" % exchange
+                send_via_front(bed, raw(IP(src=CLIENT[4], dst=VIP[4])
+                                        / TCP(sport=hs.sport, dport=PORT, flags="PA", seq=client_seq,
+                                              ack=server_seq, window=4096) / message), validated=False)
+                assert conn.recv(100) == message
+                client_seq = (client_seq + len(message)) % 2**32
+                reply = b"server %d" % exchange
+                conn.sendall(reply)
+                data = segment_from_server(bed, hs, lambda f, reply=reply: bytes(f[TCP].payload) == reply,
+                                           capture=capture)
+                assert data[TCP].seq == server_seq
+                server_seq = (server_seq + len(reply)) % 2**32
+    finally:
+        os.kill(flooder, signal.SIGKILL)
+        os.waitpid(flooder, 0)
+    after = bed.stats()
+    assert after["no_flow_dropped"] - before["no_flow_dropped"] > 0
+    refill_reset_budget()
+
+
+def test_a_packet_of_a_connection_the_backend_lost_is_reset(bed):
+    """The server's socket is gone (closed with SO_LINGER 0: no state left); the client, which never saw
+    that, sends data. Within the budget the listener answers it with a RST the client accepts (its
+    sequence number is the segment's acknowledgment number), so the client does not wait for ever."""
+    hs = handshake(bed, CASES[1])
+    send_via_front(bed, hs.ack_packet)
+    conn = accept(bed, 4, timeout=3)
+    assert conn is not None
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+    server_next = (hs.cookie + 1) % 2**32
+    segment = raw(IP(src=CLIENT[4], dst=VIP[4]) / TCP(sport=hs.sport, dport=PORT, flags="PA",
+                                                      seq=(hs.client_isn + 1) % 2**32, ack=server_next,
+                                                      window=4096) / b"anyone there?")
+    with incoming_capture(bed) as capture:
+        moved = counters_after(bed, lambda: send_via_front(bed, segment, validated=False))
+        reset = segment_from_server(bed, hs, lambda f: "R" in f[TCP].flags, capture=capture)
+    assert moved == {"decapsulated": 1, "no_flow_reset": 1}
+    assert reset[TCP].seq == server_next
 
 
 def test_loader_drops_expired_epochs_and_adds_new_ones(bed):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from synproxy.backend.loader import COUNTERS, held_epochs, main
+from synproxy.backend.loader import COUNTERS, held_epochs, main, reset_budget
 from synproxy.bpf.loading import SetupError, bpf_dir, build_object, mapped, salt_slots
 from synproxy.salt import SaltSchedule, derive_salt
 
@@ -24,6 +24,16 @@ def test_counter_names_follow_the_enum_in_the_header():
     enum = re.search(r"enum counter \{(.*?)\};", header, re.DOTALL).group(1)
     names = [name.lower() for name in re.findall(r"COUNTER_(\w+),", enum) if name != "MAX"]
     assert tuple(names) == COUNTERS
+
+
+@pytest.mark.parametrize("rate, cpus, expected", [
+    (0, 2, (0, 0)),                            # no resets at all
+    (1000, 2, (2_000_000, 1_000_000_000)),     # 500/s per CPU, a burst of 500 each
+    (1_000_000, 1, (1000, 1_000_000_000)),
+    (1, 4, (4_000_000_000, 4_000_000_000)),    # below one per CPU: each still holds one
+])
+def test_the_reset_budget_shares_rate_and_burst_between_cpus(rate, cpus, expected):
+    assert reset_budget(rate, cpus) == expected
 
 
 def test_fronts_are_keyed_as_ipv4_mapped_ipv6():

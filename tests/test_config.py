@@ -53,6 +53,7 @@ def test_good_config_loads_with_defaults(workdir):
     assert config.secret_file == workdir / "secret.hex"
     assert (config.salt_period_seconds, config.clock_skew_seconds, config.server_wscale) == (60.0, 2.0, 7)
     assert (config.encap_port, config.front.queue_num, config.backend.interface) == (6080, 3, "eth0")
+    assert config.backend.unknown_flow_resets_per_second == 1000
     assert config.salt_schedule().secrets == (bytes.fromhex("ab" * 32),)
 
 
@@ -181,6 +182,10 @@ def test_version_comes_from_pyproject():
     (("backends: [198.18.20.2, 198.18.21.2]\n", ""), ": backends: required key is missing"),
     (("backends: [198.18.20.2, 198.18.21.2]", "backends: [0.0.0.0]"),
      ":5: backends: 0.0.0.0 is the unspecified address"),
+    (("interface: eth0", "interface: eth0\n  unknown_flow_resets_per_second: -1"),
+     ":10: backend.unknown_flow_resets_per_second: must be"),
+    (("interface: eth0", "interface: eth0\n  unknown_flow_resets_per_second: 1000001"),
+     ":10: backend.unknown_flow_resets_per_second: must be"),
 ] + [
     (("vips: [198.19.0.10, 2001:db8:ffff::10]", f"vips: ['{vip}']"), f":1: vips: {vip} is {described}")
     for vip, described in [("0.0.0.0", "the unspecified address"), ("::", "the unspecified address"),

@@ -55,7 +55,7 @@ from synproxy.bpf.loading import (
     replace_keys,
     sized_map,
 )
-from synproxy.config import ConfigError, load_config, log_warnings
+from synproxy.config import UNKNOWN_FLOW_RESETS_PER_SECOND, ConfigError, load_config, log_warnings
 from synproxy.encap import encap_key
 from synproxy.logs import log
 from synproxy.salt import EPOCH_SLOTS, MAX_SECRETS, SaltSchedule, SecretRotation
@@ -67,9 +67,11 @@ KFUNC_ERRNO_SLOTS = 64
 SALT_CHECK_SECONDS = 0.25  # how often the salts are refreshed (the next epoch's is written ahead)
 # enum counter in bpf/synproxy.h, in order.
 COUNTERS = ("passed", "decapsulated", "untrusted", "malformed", "cookie_bad", "no_socket", "not_listener",
-            "created", "kfunc_failed", "syn_received", "encap_bad_mac", "encap_refused", "listen_overflow")
-_CONFIG = struct.Struct("=QQqHBxI")       # struct backend_config
+            "created", "kfunc_failed", "syn_received", "encap_bad_mac", "encap_refused", "listen_overflow",
+            "no_flow_reset", "no_flow_dropped")
+_CONFIG = struct.Struct("=QQqHBxIQQ")     # struct backend_config
 ENCAP_KEYS = struct.Struct("<I4x16s16s")  # struct encap_keys
+NS_PER_SECOND = 1_000_000_000
 
 
 class BackendError(SetupError):
@@ -125,12 +127,23 @@ def held_epochs(schedule: SaltSchedule, now: float) -> range:
     return range(accepted.start, min(accepted.stop + 1, accepted.start + EPOCH_SLOTS))
 
 
+def reset_budget(resets_per_second: int, cpus: int) -> tuple[int, int]:
+    """The program's per-CPU token bucket (reset_cost_ns, reset_credit_ns) for a backend-wide rate of
+    resets to packets of no connection, with a burst of one second's worth: each CPU gets its share of
+    both, and holds at least one reset. A rate of 0 passes none."""
+    if not resets_per_second:
+        return 0, 0
+    cost_ns = NS_PER_SECOND * cpus // resets_per_second
+    return cost_ns, max(NS_PER_SECOND, cost_ns)
+
+
 class DataPlane:
     """The loaded (not yet attached) program and its maps."""
 
     def __init__(self, object_path: Path):
         self.object = BpfObject(object_path)
         self._settings = (0, 0)      # encap port, server window scale
+        self._reset_budget = (0, 0)  # reset_cost_ns, reset_credit_ns
         self._clock = (0, 0)         # period, skew (ns)
         self._config_written = b""
         try:
@@ -151,15 +164,19 @@ class DataPlane:
     def _map(self, name: str, value_size: int) -> Map:
         return sized_map(self.object, name, value_size)
 
-    def configure(self, encap_port: int, server_wscale: int) -> None:
+    def configure(self, encap_port: int, server_wscale: int,
+                  unknown_flow_resets_per_second: int = UNKNOWN_FLOW_RESETS_PER_SECOND) -> None:
         self._settings = (encap_port, server_wscale)
+        self._reset_budget = reset_budget(unknown_flow_resets_per_second, os.cpu_count() or 1)
         self._write_config()
 
     def _write_config(self) -> None:
         """The settings, the program's clock (the epoch window and the wall clock's offset from
-        CLOCK_TAI, read again at every write: it changes only when the kernel's TAI offset is set) and
-        the CPU count (online CPUs: a margin of all possible ones could exceed a small backlog)."""
-        value = _CONFIG.pack(*self._clock, clock_offset_ns(), *self._settings, os.cpu_count() or 1)
+        CLOCK_TAI, read again at every write: it changes only when the kernel's TAI offset is set), the
+        CPU count (online CPUs: a margin of all possible ones could exceed a small backlog) and the
+        reset budget shared between them."""
+        value = _CONFIG.pack(*self._clock, clock_offset_ns(), *self._settings, os.cpu_count() or 1,
+                             *self._reset_budget)
         if value != self._config_written:
             self.config.update(MAP_KEY.pack(0), value)
             self._config_written = value
@@ -224,7 +241,8 @@ def detach(interface: str) -> bool:
 @contextlib.contextmanager
 def attached(interface: str, fronts: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address],
              vips: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address], ports: Iterable[int], encap_port: int,
-             server_wscale: int, schedule: SaltSchedule) -> Iterator[DataPlane]:
+             server_wscale: int, schedule: SaltSchedule,
+             unknown_flow_resets_per_second: int = UNKNOWN_FLOW_RESETS_PER_SECOND) -> Iterator[DataPlane]:
     """The program built, loaded, filled and attached to ``interface``'s tc ingress; detached on exit."""
     fronts = tuple(fronts)
     check_kernel()
@@ -236,7 +254,7 @@ def attached(interface: str, fronts: Iterable[ipaddress.IPv4Address | ipaddress.
         raise BackendError(f"loading the BPF program failed: {error.strerror}") from None
     try:
         ensure_sysctls()
-        plane.configure(encap_port, server_wscale)
+        plane.configure(encap_port, server_wscale, unknown_flow_resets_per_second)
         plane.trust(fronts)
         plane.protect(vips, ports)
         plane.refresh_encap_keys(schedule)
@@ -316,7 +334,8 @@ def serve(config, interface: str) -> int:
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(lambda: untracked.remove(config.vips, config.ports))
         plane = cleanup.enter_context(attached(interface, config.fronts, config.vips, config.ports,
-                                               config.encap_port, config.server_wscale, schedule))
+                                               config.encap_port, config.server_wscale, schedule,
+                                               config.backend.unknown_flow_resets_per_second))
         restart_required = None
         if registry is not None:
             registry.register(_CountersCollector(plane))
@@ -334,7 +353,8 @@ def serve(config, interface: str) -> int:
                     configured = config.salt_schedule()
                     if (config.vips, config.ports) != (previous_config.vips, previous_config.ports):
                         untracked.replace((previous_config.vips, previous_config.ports), (config.vips, config.ports))
-                    plane.configure(config.encap_port, config.server_wscale)
+                    plane.configure(config.encap_port, config.server_wscale,
+                                    config.backend.unknown_flow_resets_per_second)
                     plane.trust(config.fronts)
                     plane.protect(config.vips, config.ports)
                     pending = [key for key, was, wanted in zip(RESTART_KEYS, running, restart_settings(config))
