@@ -1,10 +1,11 @@
 """`synproxy bench`: every contender on the same one-front lab, under the same floods and one upload.
 
-The generator runs on CPU 0 and the contender's work on CPU 1 (measure.py). Every flood step is
-preceded by an idle step of the same contender with the same legitimate-client probe, and what the
-idle step used per second (both CPUs, the queue, the BPF programs) is subtracted from the flood step:
-the probe and the machine's background are charged to no contender. Repetitions rotate the order of
-the contenders. The method and the latest results are in benchmarks/README.md.
+The generator runs flat out on CPU 0, the router paces the flood (generator.pacer), and the
+contender's work runs on CPU 1 (measure.py). Every flood step is preceded by an idle step of the same
+contender with the same legitimate-client probe, and what the idle step used per second (both CPUs,
+the contender's process, the queue's reads, backlog drops) is subtracted from the flood step: the
+probe and the machine's background are charged to no contender. Repetitions rotate the order of the
+contenders. The method and the latest results are in benchmarks/README.md.
 """
 
 from __future__ import annotations

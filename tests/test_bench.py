@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks import report
 from benchmarks.contenders import ALL
-from benchmarks.generator import trafgen_config
+from benchmarks.generator import pacer, trafgen_config
 from benchmarks.harness import figures, hot_functions, packets_read, rotated
 from benchmarks.options import rate_list, scenario_list
 from benchmarks.report import PLOTS, add_sink_share, ratios, spread, summarise
@@ -112,6 +112,16 @@ def test_floods_are_syns_acks_with_random_cookies_or_both():
     # An ACK: data offset 5, flags ACK, random sequence and acknowledgment numbers (so a random cookie).
     assert "c16(0x5010)" in ack and "c16(40)" in ack and "drnd(4), drnd(4)" in ack
     assert mixed == syn + ack
+
+
+def test_the_router_paces_and_counts_what_it_delivers():
+    """trafgen always runs flat out; the router's token bucket sets the offered rate (0: no limit)."""
+    paced, unpaced = pacer(20_000, "attacker"), pacer(0, "attacker")
+    assert "iifname attacker limit rate over 20000/second burst 64 packets drop" in paced
+    assert "limit" not in unpaced
+    # The counter comes after the limit: it counts what the contender gets, not what trafgen sent.
+    assert paced.index("limit rate") < paced.index("counter name delivered")
+    assert "counter name delivered" in unpaced
 
 
 def test_packets_read_leaves_out_what_the_reader_never_got():
