@@ -31,7 +31,10 @@ from benchmarks.measure import (
     attached_programs,
     backlog_drops,
     busy_per_cpu,
+    cpu_since,
     enable_bpf_stats,
+    namespace_inodes,
+    other_processes_cpu,
     pin_process,
     process_cpu_seconds,
     program_stats,
@@ -49,6 +52,7 @@ PROBE_INTERVAL = 0.02            # one real HTTP request every 20 ms, in the idl
 # one retransmit) and keeps the quick run short.
 PROBE_TIMEOUT, PROBE_TIMEOUT_NO_SERVER = 3.0, 1.5
 NOISY_IDLE = 0.3                 # an idle step that kept a CPU busier than this share had company: flagged
+OTHER_LOAD = 0.1                 # other sessions' processes using more than this share of a CPU: flagged
 # Each probe request gets a source port of its own, none reused within a run: a 4-tuple reused while
 # the backend still holds its previous connection in TIME_WAIT fails through the proxy (the backend
 # never sees the SYN that would recycle it; docs/backend.md), and the kernel's own choice here
@@ -97,6 +101,8 @@ class Bench:
                                  "flood_acks": f"ip saddr {SPOOFED_SOURCES} tcp flags & (syn|ack) == ack"})
         for host in (FRONT, BACKEND):
             steer_receive(lab.ns(host), "eth0", CONTENDER_CPU)
+        self.lab_namespaces = namespace_inodes([lab.ns(host.name) for host in lab.hosts] + [lab.ns("router")])
+        self.profiler_pids: frozenset[int] = frozenset()
 
     def _counters(self, host: str, matches: dict[str, str]) -> None:
         counters = "".join(f" counter {name} {{}}\n" for name in matches)
@@ -150,7 +156,8 @@ class Bench:
         return {"time": time.monotonic(), "busy": busy_per_cpu(),
                 "process": process_cpu_seconds(contender.pid(self.lab)), "generated": self.sent_packets(),
                 "sent": self.delivered(), **self.counters("router"), **self.counters(BACKEND), "queue": self.queue(),
-                "bpf": program_stats(set(programs)), "backlog_drops": backlog_drops()}
+                "bpf": program_stats(set(programs)), "backlog_drops": backlog_drops(),
+                "others": other_processes_cpu(self.lab_namespaces, self.profiler_pids)}
 
     def window(self, contender: Contender, flood: str | None, rate: int, seconds: float,
                profile: bool = False) -> dict:
@@ -173,6 +180,7 @@ class Bench:
                                               "--source-port-from", str(self._probe_ports(seconds))],
                                    stdout=subprocess.PIPE, text=True)
             profiler = self._profile(contender, seconds) if profile else None
+            self.profiler_pids = frozenset({profiler.pid} if profiler is not None else ())
             before = self.snapshot(contender, programs)
             time.sleep(seconds)  # a steady state: the flood (if any) runs before and after the window
             after = self.snapshot(contender, programs)
@@ -189,7 +197,7 @@ class Bench:
         return {
             "seconds": after["time"] - before["time"], "flood_seconds": flood_seconds,
             "busy": {cpu: after["busy"][cpu] - before["busy"][cpu] for cpu in after["busy"]},
-            "process": process, "legit": legit,
+            "process": process, "legit": legit, "others": cpu_since(before["others"], after["others"]),
             "queue_read": packets_read(before["queue"], after["queue"]),
             "queue_dropped": (after["queue"]["dropped"] + after["queue"]["user_dropped"]
                               - before["queue"]["dropped"] - before["queue"]["user_dropped"]),
@@ -280,7 +288,11 @@ def figures(contender: Contender, flood: str, rate: int, repetition: int, idle: 
         "backlog_drops": round(net(loaded["backlog_drops"], idle["backlog_drops"])),
         "flood_syns_at_backend": loaded["flood_syns"], "flood_acks_at_backend": loaded["flood_acks"],
         "idle_cpu_per_second": {cpu: round(idle["busy"][cpu] / idle["seconds"], 3) for cpu in idle["busy"]},
-        "noisy_idle": any(busy / idle["seconds"] > NOISY_IDLE for busy in idle["busy"].values()),
+        "other_processes_cpu_seconds": round(loaded["others"], 3),
+        "idle_other_processes_cpu_seconds": round(idle["others"], 3),
+        "noisy_idle": (any(busy / idle["seconds"] > NOISY_IDLE for busy in idle["busy"].values())
+                       or idle["others"] > OTHER_LOAD * idle["seconds"]),
+        "other_load": loaded["others"] > OTHER_LOAD * loaded["seconds"],
         "contender_cpu_seconds": round(contender_cpu, 3), "generator_cpu_seconds": round(generator_cpu, 3),
         "cpu_us_per_answer": per(contender_cpu, answered) if contender.name != "sink" and flood == "syn" else None,
         "cpu_us_per_packet": per(contender_cpu, sent),

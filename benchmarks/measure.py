@@ -109,3 +109,34 @@ def backlog_drops() -> int:
     hands packets to the contender CPU through its backlog (net.core.netdev_max_backlog), which drops
     what does not fit while that CPU is busy, before any contender sees it."""
     return sum(int(line.split()[1], 16) for line in Path("/proc/net/softnet_stat").read_text().splitlines())
+
+
+PF_KTHREAD = 0x00200000
+
+
+def namespace_inodes(names: list[str]) -> set[int]:
+    return {os.stat(f"/run/netns/{name}").st_ino for name in names if os.path.exists(f"/run/netns/{name}")}
+
+
+def other_processes_cpu(lab_namespaces: set[int], also_ours: frozenset[int] = frozenset()) -> dict[int, float]:
+    """utime + stime of every user-space process outside the lab's namespaces, by PID, except the
+    bench itself and ``also_ours`` (its profiler): the machine is shared, and what other sessions run on the contender's CPU reads as
+    the contender's. Kernel threads (softirq work on our packets among them) are left out."""
+    own = os.getpid()
+    seconds = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == own or int(entry.name) in also_ours:
+            continue
+        try:
+            fields = Path(f"/proc/{entry.name}/stat").read_text().rpartition(")")[2].split()
+            if int(fields[6]) & PF_KTHREAD or os.stat(f"/proc/{entry.name}/ns/net").st_ino in lab_namespaces:
+                continue
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        seconds[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return seconds
+
+
+def cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds the processes of ``after`` used since ``before`` (all of it for those started since)."""
+    return sum(used - before.get(pid, 0.0) for pid, used in after.items())

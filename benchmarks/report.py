@@ -150,6 +150,7 @@ def step_figures(steps: list[dict]) -> dict:
         "resets": spread(s["resets"] for s in steps),
         "backlog_drops": spread(s["backlog_drops"] for s in steps),
         "noisy_idle": sum(s["noisy_idle"] for s in steps),
+        "other_load": sum(s.get("other_load", False) for s in steps),
         "cpu_us_per_answer_over_sink": spread(s.get("cpu_us_per_answer_over_sink") for s in steps),
         "bpf": {where: spread(s["bpf"].get(where, {}).get("ns_per_run") for s in steps)
                 for where in sorted({where for s in steps for where in s["bpf"]})},
@@ -222,7 +223,8 @@ def markdown(results: dict, summary: dict[str, dict], output: Path) -> str:
     for (scenario, name, rate), steps in grouped(results["steps"]).items():
         f = step_figures(steps)
         short = f" **< 90 % in {f['short_of_nominal']}**" if f["short_of_nominal"] else ""
-        noisy = f" (noisy idle in {f['noisy_idle']})" if f["noisy_idle"] else ""
+        noisy = "".join(f" ({text} in {count})" for text, count in (("noisy idle", f["noisy_idle"]),
+                                                                     ("other load", f["other_load"])) if count)
         bpf = "; ".join(f"{where}: {_cell(figure, digits=0)}" for where, figure in f["bpf"].items() if figure) or "–"
         lines.append(f"| {scenario} | {name}{noisy} | {rate or 'max'} | {_cell(f['generated_pps'], digits=0)} | "
                      f"{_cell(f['sent_pps'], digits=0)} | "

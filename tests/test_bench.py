@@ -61,7 +61,8 @@ class _Contender:
 def _window(seconds, cpu0, cpu1, sent=0, synacks=0, queue_read=0):
     return {"seconds": seconds, "flood_seconds": seconds, "busy": {0: cpu0, 1: cpu1}, "process": None,
             "legit": {"attempts": 1}, "queue_read": queue_read, "queue_dropped": 0, "bpf": {"front0 x": [5000, 10]},
-            "generated": 2 * sent, "sent": sent, "synacks": synacks, "resets": 0, "flood_syns": 0, "flood_acks": 0, "backlog_drops": 0}
+            "generated": 2 * sent, "sent": sent, "synacks": synacks, "resets": 0, "flood_syns": 0, "flood_acks": 0, "backlog_drops": 0,
+            "others": 0.0}
 
 
 def test_a_flood_step_is_net_of_its_idle_steps_rates():
@@ -69,6 +70,10 @@ def test_a_flood_step_is_net_of_its_idle_steps_rates():
     idle = _window(5, 0.5, 0.5)
     loaded = _window(10, 6.0, 3.0, sent=100_000, synacks=100_000)
     step = figures(_Contender(), "syn", 20_000, 0, idle, loaded)
+    assert not step["noisy_idle"] and not step["other_load"]
+    # Other sessions' processes used 2 CPU-s during the flood: the step is flagged, nothing subtracted.
+    step = figures(_Contender(), "syn", 20_000, 0, idle, {**loaded, "others": 2.0})
+    assert step["other_load"] and step["contender_cpu_seconds"] == 2.0
     assert step["contender_cpu_seconds"] == 2.0 and step["generator_cpu_seconds"] == 5.0
     assert step["cpu_us_per_answer"] == 20.0 and step["generator_cpu_us_per_packet"] == 50.0
     assert step["sent_share"] == 0.5 and step["short_of_nominal"]
