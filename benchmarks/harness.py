@@ -28,13 +28,13 @@ from benchmarks.generator import FLOODS, PACER_TABLE, GeneratorError, pacer, tra
 from benchmarks.measure import (
     CONTENDER_CPU,
     GENERATOR_CPU,
+    OtherLoad,
     attached_programs,
     backlog_drops,
     busy_per_cpu,
     cpu_since,
     enable_bpf_stats,
     namespace_inodes,
-    other_processes_cpu,
     pin_process,
     process_cpu_seconds,
     program_stats,
@@ -101,8 +101,7 @@ class Bench:
                                  "flood_acks": f"ip saddr {SPOOFED_SOURCES} tcp flags & (syn|ack) == ack"})
         for host in (FRONT, BACKEND):
             steer_receive(lab.ns(host), "eth0", CONTENDER_CPU)
-        self.lab_namespaces = namespace_inodes([lab.ns(host.name) for host in lab.hosts] + [lab.ns("router")])
-        self.profiler_pids: frozenset[int] = frozenset()
+        self.other_load = OtherLoad(namespace_inodes([lab.ns(host.name) for host in lab.hosts] + [lab.ns("router")]))
 
     def _counters(self, host: str, matches: dict[str, str]) -> None:
         counters = "".join(f" counter {name} {{}}\n" for name in matches)
@@ -157,7 +156,7 @@ class Bench:
                 "process": process_cpu_seconds(contender.pid(self.lab)), "generated": self.sent_packets(),
                 "sent": self.delivered(), **self.counters("router"), **self.counters(BACKEND), "queue": self.queue(),
                 "bpf": program_stats(set(programs)), "backlog_drops": backlog_drops(),
-                "others": other_processes_cpu(self.lab_namespaces, self.profiler_pids)}
+                "others": self.other_load.totals()}
 
     def window(self, contender: Contender, flood: str | None, rate: int, seconds: float,
                profile: bool = False) -> dict:
@@ -180,7 +179,7 @@ class Bench:
                                               "--source-port-from", str(self._probe_ports(seconds))],
                                    stdout=subprocess.PIPE, text=True)
             profiler = self._profile(contender, seconds) if profile else None
-            self.profiler_pids = frozenset({profiler.pid} if profiler is not None else ())
+            self.other_load.also_ours = frozenset({profiler.pid} if profiler is not None else ())
             before = self.snapshot(contender, programs)
             time.sleep(seconds)  # a steady state: the flood (if any) runs before and after the window
             after = self.snapshot(contender, programs)
@@ -266,8 +265,13 @@ def figures(contender: Contender, flood: str, rate: int, repetition: int, idle: 
         answered = sent
     else:
         answered = loaded["synacks"]
-    cpu = {cpu: net(loaded["busy"][cpu], idle["busy"].get(cpu, 0.0)) for cpu in loaded["busy"]}
+    def ours(window: dict, cpu: int) -> float:
+        """A CPU's busy time less what other sessions' processes used on it (measure.OtherLoad)."""
+        return window["busy"].get(cpu, 0.0) - window["others"].get(cpu, 0.0)
+
+    cpu = {cpu: net(ours(loaded, cpu), ours(idle, cpu)) for cpu in loaded["busy"]}
     contender_cpu, generator_cpu = cpu[CONTENDER_CPU], cpu[GENERATOR_CPU]
+    contender_cpu_raw = net(loaded["busy"][CONTENDER_CPU], idle["busy"].get(CONTENDER_CPU, 0.0))
     process = (net(loaded["process"], idle["process"] or 0.0) if loaded["process"] is not None else None)
     bpf = {}
     for where, (run_ns, runs) in loaded["bpf"].items():
@@ -288,12 +292,13 @@ def figures(contender: Contender, flood: str, rate: int, repetition: int, idle: 
         "backlog_drops": round(net(loaded["backlog_drops"], idle["backlog_drops"])),
         "flood_syns_at_backend": loaded["flood_syns"], "flood_acks_at_backend": loaded["flood_acks"],
         "idle_cpu_per_second": {cpu: round(idle["busy"][cpu] / idle["seconds"], 3) for cpu in idle["busy"]},
-        "other_processes_cpu_seconds": round(loaded["others"], 3),
-        "idle_other_processes_cpu_seconds": round(idle["others"], 3),
+        "other_processes_cpu_seconds": {cpu: round(used, 3) for cpu, used in loaded["others"].items()},
+        "idle_other_processes_cpu_seconds": {cpu: round(used, 3) for cpu, used in idle["others"].items()},
         "noisy_idle": (any(busy / idle["seconds"] > NOISY_IDLE for busy in idle["busy"].values())
-                       or idle["others"] > OTHER_LOAD * idle["seconds"]),
-        "other_load": loaded["others"] > OTHER_LOAD * loaded["seconds"],
+                       or sum(idle["others"].values()) > OTHER_LOAD * idle["seconds"]),
+        "other_load": sum(loaded["others"].values()) > OTHER_LOAD * loaded["seconds"],
         "contender_cpu_seconds": round(contender_cpu, 3), "generator_cpu_seconds": round(generator_cpu, 3),
+        "contender_cpu_seconds_with_others": round(contender_cpu_raw, 3),
         "cpu_us_per_answer": per(contender_cpu, answered) if contender.name != "sink" and flood == "syn" else None,
         "cpu_us_per_packet": per(contender_cpu, sent),
         "generator_cpu_us_per_packet": per(generator_cpu, sent),
@@ -326,9 +331,11 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
     started = time.time()
     stats_fd = enable_bpf_stats()
     contenders = [contender_class() for contender_class in chosen]
+    bench = None
     try:
         lab.up()
         lab.stop_process(FRONT)  # the baseline: no front process (each contender starts its own)
+        os.sched_setaffinity(0, {GENERATOR_CPU})  # the bench's own reading and writing stays off the contender's CPU
         bench = Bench(lab, seconds, idle_seconds, upload_bytes, lab.state_dir)
         for repetition in range(repetitions):
             for contender in rotated(contenders, repetition):
@@ -356,6 +363,8 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
                     contender.leave(lab)
     finally:
         os.close(stats_fd)
+        if bench is not None:
+            bench.other_load.stop()
         lab.down()
     return {
         "machine": {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),

@@ -11,6 +11,7 @@ import ctypes
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -118,25 +119,64 @@ def namespace_inodes(names: list[str]) -> set[int]:
     return {os.stat(f"/run/netns/{name}").st_ino for name in names if os.path.exists(f"/run/netns/{name}")}
 
 
-def other_processes_cpu(lab_namespaces: set[int], also_ours: frozenset[int] = frozenset()) -> dict[int, float]:
-    """utime + stime of every user-space process outside the lab's namespaces, by PID, except the
-    bench itself and ``also_ours`` (its profiler): the machine is shared, and what other sessions run on the contender's CPU reads as
-    the contender's. Kernel threads (softirq work on our packets among them) are left out."""
-    own = os.getpid()
-    seconds = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == own or int(entry.name) in also_ours:
-            continue
-        try:
-            fields = Path(f"/proc/{entry.name}/stat").read_text().rpartition(")")[2].split()
-            if int(fields[6]) & PF_KTHREAD or os.stat(f"/proc/{entry.name}/ns/net").st_ino in lab_namespaces:
+class OtherLoad:
+    """Other sessions' CPU time, per CPU. The machine is shared, and what another session runs on the
+    contender's CPU reads as the contender's in /proc/stat. A thread (on the generator's CPU) samples
+    every user-space process outside the lab's namespaces, except the bench itself and ``also_ours``,
+    20 times a second, and charges the utime + stime each used since its last sample to the CPU it last
+    ran on (/proc/PID/stat "processor"). Kernel threads (softirq work on our packets among them) are
+    left out. Approximate: a process that moved between CPUs within 50 ms is charged to the last one,
+    and a timer tick that hit one of them while softirq ran on our packets is charged to it."""
+
+    def __init__(self, lab_namespaces: set[int], interval: float = 0.05):
+        self.lab_namespaces = lab_namespaces
+        self.interval = interval
+        self.also_ours: frozenset[int] = frozenset()
+        self.per_cpu: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sample(charge=False)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        os.sched_setaffinity(0, {GENERATOR_CPU})
+        while not self._stop.wait(self.interval):
+            self._sample(charge=True)
+
+    def _sample(self, charge: bool) -> None:
+        own = os.getpid()
+        seen = {}
+        charged: dict[int, float] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == own or int(entry.name) in self.also_ours:
                 continue
-        except (OSError, IndexError, ValueError):
-            continue  # ended meanwhile
-        seconds[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    return seconds
+            try:
+                fields = Path(f"/proc/{entry.name}/stat").read_text().rpartition(")")[2].split()
+                if int(fields[6]) & PF_KTHREAD or os.stat(f"/proc/{entry.name}/ns/net").st_ino in self.lab_namespaces:
+                    continue
+            except (OSError, IndexError, ValueError):
+                continue  # ended meanwhile
+            pid = int(entry.name)
+            seen[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+            used = seen[pid] - self._last.get(pid, seen[pid] if not charge else 0.0)
+            if used > 0:
+                charged[int(fields[36])] = charged.get(int(fields[36]), 0.0) + used
+        with self._lock:
+            self._last = seen
+            for cpu, used in charged.items():
+                self.per_cpu[cpu] = self.per_cpu.get(cpu, 0.0) + used
+
+    def totals(self) -> dict[int, float]:
+        with self._lock:
+            return dict(self.per_cpu)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
-def cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
-    """CPU seconds the processes of ``after`` used since ``before`` (all of it for those started since)."""
-    return sum(used - before.get(pid, 0.0) for pid, used in after.items())
+def cpu_since(before: dict[int, float], after: dict[int, float]) -> dict[int, float]:
+    """Per CPU, what OtherLoad charged between two of its totals."""
+    return {cpu: used - before.get(cpu, 0.0) for cpu, used in after.items()}

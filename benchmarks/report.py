@@ -6,6 +6,8 @@ import json
 import statistics
 from pathlib import Path
 
+from benchmarks.measure import CONTENDER_CPU
+
 UNSATURATED = 0.9  # a step counts for the per-SYN cost when it answered at least this share of what was sent
 PLOTS = {"syn": ("answered_per_second.png", "cpu_per_syn.png", "legit_connect.png"),
          "ack": ("ack_floods.png",), "mixed": ("ack_floods.png",), "upload": ("upload.png",)}
@@ -151,6 +153,8 @@ def step_figures(steps: list[dict]) -> dict:
         "backlog_drops": spread(s["backlog_drops"] for s in steps),
         "noisy_idle": sum(s["noisy_idle"] for s in steps),
         "other_load": sum(s.get("other_load", False) for s in steps),
+        "others_on_contender_cpu": spread(s.get("other_processes_cpu_seconds", {}).get(str(CONTENDER_CPU),
+                                          s.get("other_processes_cpu_seconds", {}).get(CONTENDER_CPU)) for s in steps),
         "cpu_us_per_answer_over_sink": spread(s.get("cpu_us_per_answer_over_sink") for s in steps),
         "bpf": {where: spread(s["bpf"].get(where, {}).get("ns_per_run") for s in steps)
                 for where in sorted({where for s in steps for where in s["bpf"]})},
@@ -218,8 +222,9 @@ def markdown(results: dict, summary: dict[str, dict], output: Path) -> str:
     lines += ["## Every step (median [min–max] over the repetitions)", "",
               ("| flood | contender | offered/s | generated/s | sent/s | sent / nominal | answered/s | backlog drops "
                "| contender-CPU µs per answer | over the sink | per packet sent "
-               "| BPF ns per run | legit success | p50 / p99 ms | idle p99 ms | flood at backend |"),
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+               "| BPF ns per run | legit success | p50 / p99 ms | idle p99 ms | flood at backend "
+               "| other sessions' CPU-s on the contender CPU |"),
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for (scenario, name, rate), steps in grouped(results["steps"]).items():
         f = step_figures(steps)
         short = f" **< 90 % in {f['short_of_nominal']}**" if f["short_of_nominal"] else ""
@@ -233,7 +238,7 @@ def markdown(results: dict, summary: dict[str, dict], output: Path) -> str:
                      f"{_cell(f['cpu_us_per_answer_over_sink'])} | {_cell(f['cpu_us_per_packet'])} | "
                      f"{bpf} | {_cell(f['legit_success'], 100, 1, ' %')} | "
                      f"{_cell(f['legit_p50_ms'])} / {_cell(f['legit_p99_ms'])} | {_cell(f['idle_legit_p99_ms'])} | "
-                     f"{_cell(f['flood_at_backend'], digits=0)} |")
+                     f"{_cell(f['flood_at_backend'], digits=0)} | {_cell(f['others_on_contender_cpu'])} |")
     lines += ["", "## Contenders", ""]
     lines += [f"- **{name}**: {text}" for name, text in results["contenders"].items()]
     plots_made = [p for p in dict.fromkeys(p for group in PLOTS.values() for p in group) if (output / p).exists()]

@@ -62,7 +62,7 @@ def _window(seconds, cpu0, cpu1, sent=0, synacks=0, queue_read=0):
     return {"seconds": seconds, "flood_seconds": seconds, "busy": {0: cpu0, 1: cpu1}, "process": None,
             "legit": {"attempts": 1}, "queue_read": queue_read, "queue_dropped": 0, "bpf": {"front0 x": [5000, 10]},
             "generated": 2 * sent, "sent": sent, "synacks": synacks, "resets": 0, "flood_syns": 0, "flood_acks": 0, "backlog_drops": 0,
-            "others": 0.0}
+            "others": {}}
 
 
 def test_a_flood_step_is_net_of_its_idle_steps_rates():
@@ -71,13 +71,15 @@ def test_a_flood_step_is_net_of_its_idle_steps_rates():
     loaded = _window(10, 6.0, 3.0, sent=100_000, synacks=100_000)
     step = figures(_Contender(), "syn", 20_000, 0, idle, loaded)
     assert not step["noisy_idle"] and not step["other_load"]
-    # Other sessions' processes used 2 CPU-s during the flood: the step is flagged, nothing subtracted.
-    step = figures(_Contender(), "syn", 20_000, 0, idle, {**loaded, "others": 2.0})
-    assert step["other_load"] and step["contender_cpu_seconds"] == 2.0
     assert step["contender_cpu_seconds"] == 2.0 and step["generator_cpu_seconds"] == 5.0
     assert step["cpu_us_per_answer"] == 20.0 and step["generator_cpu_us_per_packet"] == 50.0
     assert step["sent_share"] == 0.5 and step["short_of_nominal"]
     assert step["bpf"] == {"front0 x": {"runs": 10, "ns_per_run": 500}}
+    # Other sessions' processes used 1.5 CPU-s on the contender's CPU during the flood: flagged, and
+    # not charged to the contender.
+    step = figures(_Contender(), "syn", 20_000, 0, idle, {**loaded, "others": {1: 1.5}})
+    assert step["other_load"] and step["contender_cpu_seconds"] == 0.5
+    assert step["contender_cpu_seconds_with_others"] == 2.0 and step["generator_cpu_seconds"] == 5.0
 
 
 def test_the_sink_share_and_the_ratios_per_repetition(monkeypatch):
