@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def summarise(results: dict) -> dict[str, dict]:
             per_rep["legit_p99"].append(top["legit"]["connect_p99_ms"])
             per_rep["sent_share_min"].append(min((s["sent_share"] for s in steps if s["sent_share"]), default=None))
             for where, program in top["bpf"].items():
-                bpf.setdefault(where, []).append(program["ns_per_run"])
+                bpf.setdefault(program_name(where), []).append(program["ns_per_run"])
         summary[name] = {key: spread(values) for key, values in per_rep.items()}
         summary[name]["bpf_ns_per_run_at_top_rate"] = {where: spread(values) for where, values in bpf.items()}
         summary[name]["flood_syns_at_backend"] = sum(s["flood_syns_at_backend"] for s in syn_steps
@@ -122,6 +123,11 @@ def ratios(results: dict, summary: dict[str, dict]) -> list[dict]:
                 if values:
                     rows.append({"what": what, "ours": ours, "theirs": theirs, "ratio": spread(values)})
     return rows
+
+
+def program_name(where: str) -> str:
+    """A program's place and name without its ID, which changes each time a contender loads it."""
+    return re.sub(r":\[\d+\]$", "", where)
 
 
 def grouped(steps: list[dict]) -> dict[tuple, list[dict]]:
@@ -156,8 +162,9 @@ def step_figures(steps: list[dict]) -> dict:
         "others_on_contender_cpu": spread(s.get("other_processes_cpu_seconds", {}).get(str(CONTENDER_CPU),
                                           s.get("other_processes_cpu_seconds", {}).get(CONTENDER_CPU)) for s in steps),
         "cpu_us_per_answer_over_sink": spread(s.get("cpu_us_per_answer_over_sink") for s in steps),
-        "bpf": {where: spread(s["bpf"].get(where, {}).get("ns_per_run") for s in steps)
-                for where in sorted({where for s in steps for where in s["bpf"]})},
+        "bpf": {name: spread(program["ns_per_run"] for s in steps for where, program in s["bpf"].items()
+                             if program_name(where) == name)
+                for name in sorted({program_name(where) for s in steps for where in s["bpf"]})},
     }
 
 
