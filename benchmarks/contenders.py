@@ -30,8 +30,9 @@ def nft(lab: Lab, host: str, script: str) -> None:
 class Contender:
     name = ""
     description = ""
-    serves_clients = True   # legitimate clients can connect through it (the probe runs)
+    serves_clients = True   # legitimate clients can connect through it (the probe runs for all alike)
     answers = "SYN-ACKs"     # what its answered count is
+    scenarios = ("syn", "ack", "mixed", "upload")  # the ones it takes part in (harness.SCENARIOS)
 
     def enter(self, lab: Lab) -> None:
         pass
@@ -49,6 +50,7 @@ class Sink(Contender):
     description = "spoofed SYNs dropped at front0's first netfilter hook: the generator's capacity and cost"
     serves_clients = False
     answers = "packets dropped"
+    scenarios = ("syn",)
 
     def enter(self, lab: Lab) -> None:
         nft(lab, FRONT, "table inet synproxy_bench_sink {\n chain prerouting {\n"
@@ -64,6 +66,7 @@ class NfqueueFloor(Contender):
     description = "the front's rules and NFQUEUE binding, reading and dropping every packet (Python)"
     serves_clients = False
     answers = "packets read"
+    scenarios = ("syn",)
 
     floor_args: tuple[str, ...] = ()
 
@@ -136,7 +139,7 @@ class PlainBackend(Contender):
 class KernelSyncookies(PlainBackend):
     name = "kernel-syncookies"
     description = "no proxy: the router sends the VIP to the backend, whose listener answers with " \
-                  "tcp_syncookies=2"
+                  "tcp_syncookies=2 (for the upload: the bypass, the fronts left out)"
 
     def enter(self, lab: Lab) -> None:
         super().enter(lab)

@@ -1,9 +1,11 @@
-"""`synproxy bench`: every contender on the same one-front lab, under the same stepped SYN floods.
+"""`synproxy bench`: every contender on the same one-front lab, under the same floods and one upload.
 
-Per contender and offered rate it records what was sent, what was answered, the machine's CPU time
-(/proc/stat) and the contender process's own (/proc/PID/stat), the kernel's queue drops, flood SYNs
-that reached the backend, and what a steady stream of real HTTP clients saw meanwhile. The method
-and the latest results are in benchmarks/README.md.
+The generator runs flat out on CPU 0, the router paces the flood (generator.pacer), and the
+contender's work runs on CPU 1 (measure.py). Every flood step is preceded by an idle step of the same
+contender with the same legitimate-client probe, and what the idle step used per second (both CPUs,
+the contender's process, the queue's reads, backlog drops) is subtracted from the flood step: the
+probe and the machine's background are charged to no contender. Repetitions rotate the order of the
+contenders. The method and the latest results are in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -22,22 +24,43 @@ from pyroute2 import NetNS
 
 from benchmarks import contenders as contenders_module
 from benchmarks.contenders import BACKEND, FRONT, PORT, QUEUE, Contender
-from benchmarks.generator import GeneratorError, trafgen_argv, trafgen_config
-from benchmarks.options import FULL_RATES, QUICK_RATES
+from benchmarks.generator import FLOODS, PACER_TABLE, GeneratorError, pacer, trafgen_argv, trafgen_config
+from benchmarks.measure import (
+    CONTENDER_CPU,
+    GENERATOR_CPU,
+    OtherLoad,
+    attached_programs,
+    backlog_drops,
+    busy_per_cpu,
+    cpu_since,
+    enable_bpf_stats,
+    namespace_inodes,
+    pin_process,
+    process_cpu_seconds,
+    program_stats,
+    steer_receive,
+)
+from benchmarks.options import FLOOD_RATES, FULL_RATES, QUICK_FLOOD_RATES, QUICK_RATES, SCENARIOS
 from synproxy.front.service import queue_stats
 from synproxy.lab.topology import SPOOFED_SOURCES, VIP, Lab, LabError, default_hosts
 from synproxy.netns import unique_name
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-GENERATOR_CPU = 0                # trafgen runs on this CPU; the rest of the machine is the contenders'
 COUNTERS_TABLE = "synproxy_bench"
-PROBE_INTERVAL = 0.02            # one real HTTP request every 20 ms while the flood runs
+PROBE_INTERVAL = 0.02            # one real HTTP request every 20 ms, in the idle and the flood steps
+# How long a probe request may take: a SYN and its retransmits at 1 and 3 s. Against a contender that
+# serves no clients every request fails the same way; a shorter wait sends the same packets (SYN and
+# one retransmit) and keeps the quick run short.
+PROBE_TIMEOUT, PROBE_TIMEOUT_NO_SERVER = 3.0, 1.5
+NOISY_IDLE = 0.3                 # an idle step that kept a CPU busier than this share had company: flagged
+OTHER_LOAD = 0.1                 # other sessions' processes using more than this share of a CPU: flagged
 # Each probe request gets a source port of its own, none reused within a run: a 4-tuple reused while
 # the backend still holds its previous connection in TIME_WAIT fails through the proxy (the backend
 # never sees the SYN that would recycle it; docs/backend.md), and the kernel's own choice here
 # reused ports after ~20 s, which read as flood losses in the later steps.
 PROBE_PORTS = range(20000, 60000)
 PROFILE_FILE = "front-profile.txt"
+SHORT_OF_NOMINAL = 0.9           # a step that delivered less than this share of the nominal rate is flagged
+UPLOAD_BYTES, QUICK_UPLOAD_BYTES = 200_000_000, 50_000_000
 
 
 def stop_group(process: subprocess.Popen) -> None:
@@ -54,58 +77,61 @@ def stop_group(process: subprocess.Popen) -> None:
             continue
 
 
-def keep_off_generator_cpu(pid: int | None) -> None:
-    """A user-space contender gets the CPUs the generator does not use (the kernel's work on the
-    flood runs where the packets arrive: on the generator's CPU)."""
-    others = set(range(os.cpu_count() or 1)) - {GENERATOR_CPU}
-    if pid is not None and others:
-        os.sched_setaffinity(pid, others)
-
-
-def busy_cpu_seconds() -> float:
-    """CPU time spent by the whole machine, all CPUs: user, nice, system, irq, softirq and steal."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
-
-
-def process_cpu_seconds(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
-
-
 class Bench:
-    """The lab, its counters, and one measured step at a time."""
+    """The lab, its counters, and one measured window at a time."""
 
-    def __init__(self, lab: Lab, seconds: float, work_dir: Path):
+    def __init__(self, lab: Lab, seconds: float, idle_seconds: float, upload_bytes: int, work_dir: Path):
         self.lab = lab
         self.seconds = seconds
+        self.idle_seconds = idle_seconds
+        self.upload_bytes = upload_bytes
         self.work_dir = work_dir
-        self.trafgen_config = work_dir / "syn.trafgen"
         self.next_probe_port = PROBE_PORTS.start
         with NetNS(lab.ns("router")) as ns:
             router_side = ns.get_links(ns.link_lookup(ifname="attacker")[0])[0].get_attr("IFLA_ADDRESS")
-        self.trafgen_config.write_text(trafgen_config(router_side, VIP, PORT))
-        # Replies to the spoofed range, counted where the router blackholes them; flood SYNs counted
+        self.trafgen_configs = {}
+        for flood in FLOODS:
+            self.trafgen_configs[flood] = work_dir / f"{flood}.trafgen"
+            self.trafgen_configs[flood].write_text(trafgen_config(router_side, VIP, PORT, flood))
+        # Replies to the spoofed range, counted where the router blackholes them; flood packets counted
         # where the backend first sees them (after the BPF program's decapsulation, for the front).
-        self._counters("router", "synacks", f"ip daddr {SPOOFED_SOURCES} tcp flags & (syn|ack) == syn|ack")
-        self._counters(BACKEND, "flood_syns", f"ip saddr {SPOOFED_SOURCES} tcp flags & (syn|ack) == syn")
-        self.background_per_second = self._background()
+        self._counters("router", {"synacks": f"ip daddr {SPOOFED_SOURCES} tcp flags & (syn|ack) == syn|ack",
+                                  "resets": f"ip daddr {SPOOFED_SOURCES} tcp flags & rst == rst"})
+        self._counters(BACKEND, {"flood_syns": f"ip saddr {SPOOFED_SOURCES} tcp flags & (syn|ack) == syn",
+                                 "flood_acks": f"ip saddr {SPOOFED_SOURCES} tcp flags & (syn|ack) == ack"})
+        for host in (FRONT, BACKEND):
+            steer_receive(lab.ns(host), "eth0", CONTENDER_CPU)
+        self.other_load = OtherLoad(namespace_inodes([lab.ns(host.name) for host in lab.hosts] + [lab.ns("router")]))
 
-    def _counters(self, host: str, name: str, match: str) -> None:
+    def _counters(self, host: str, matches: dict[str, str]) -> None:
+        counters = "".join(f" counter {name} {{}}\n" for name in matches)
+        rules = "".join(f"  {match} counter name {name}\n" for name, match in matches.items())
         contenders_module.nft(self.lab, host, (
-            f"table inet {COUNTERS_TABLE} {{\n counter {name} {{}}\n chain prerouting {{\n"
-            f"  type filter hook prerouting priority -400; policy accept;\n  {match} counter name {name}\n }}\n}}\n"))
+            f"table inet {COUNTERS_TABLE} {{\n{counters} chain prerouting {{\n"
+            f"  type filter hook prerouting priority -400; policy accept;\n{rules} }}\n}}\n"))
 
-    def counter(self, host: str, name: str) -> int:
-        listing = json.loads(self.lab.run(host, ["nft", "-j", "list", "counter", "inet", COUNTERS_TABLE,
-                                                 name]).stdout)
-        return next(item["counter"]["packets"] for item in listing["nftables"] if "counter" in item)
+    def counters(self, host: str) -> dict[str, int]:
+        listing = json.loads(self.lab.run(host, ["nft", "-j", "list", "counters", "table", "inet",
+                                                 COUNTERS_TABLE]).stdout)
+        return {item["counter"]["name"]: item["counter"]["packets"] for item in listing["nftables"]
+                if "counter" in item}
+
+    def delivered(self) -> int:
+        """Flood packets the router's pacer let through to the contender (generator.pacer)."""
+        listing = json.loads(self.lab.run("router", ["nft", "-j", "list", "counter", "inet", PACER_TABLE,
+                                                     "delivered"], check=False).stdout or '{"nftables": []}')
+        return next((item["counter"]["packets"] for item in listing["nftables"] if "counter" in item), 0)
+
+    def _wait_for_flood(self, generator: subprocess.Popen | None) -> None:
+        """Until the generator's packets flow (its start, cpp on the config included, takes 0.1-0.3 s)."""
+        if generator is None:
+            return
+        start, deadline = self.sent_packets(), time.monotonic() + 5
+        while self.sent_packets() == start:
+            if generator.poll() is not None or time.monotonic() > deadline:
+                raise GeneratorError(f"trafgen sent nothing (exit status {generator.poll()})")
+            time.sleep(0.01)
+        time.sleep(0.2)  # past the first burst into empty queues
 
     def sent_packets(self) -> int:
         with NetNS(self.lab.ns("attacker")) as ns:
@@ -116,50 +142,94 @@ class Bench:
         text = self.lab.run(FRONT, ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
         return queue_stats(QUEUE, text) or {"length": 0, "dropped": 0, "user_dropped": 0, "id_sequence": 0}
 
-    def _background(self) -> float:
-        """The idle machine's CPU use (lab processes waking up), subtracted from every step."""
-        before = busy_cpu_seconds()
-        time.sleep(2)
-        return (busy_cpu_seconds() - before) / 2
+    def pin(self, contender: Contender) -> None:
+        """The contender's processes and the backend's (its data plane and servers) onto the contender CPU."""
+        for pid in (contender.pid(self.lab), self.lab.pid(BACKEND), self.lab.pid(f"{BACKEND}-servers")):
+            pin_process(pid, CONTENDER_CPU)
 
-    def snapshot(self, contender: Contender) -> dict:
-        return {"time": time.monotonic(), "busy": busy_cpu_seconds(),
-                "process": process_cpu_seconds(contender.pid(self.lab)), "sent": self.sent_packets(),
-                "synacks": self.counter("router", "synacks"), "flood_syns": self.counter(BACKEND, "flood_syns"),
-                "queue": self.queue()}
+    def programs(self) -> dict[int, str]:
+        return {prog_id: f"{host} {where}" for host in (FRONT, BACKEND)
+                for prog_id, where in attached_programs(self.lab.ns(host)).items()}
 
-    def step(self, contender: Contender, rate: int, profile: bool = False) -> dict:
-        """One flood at ``rate`` SYN/s (FLAT_OUT: unpaced) for the configured seconds, measured."""
-        count = int(rate * self.seconds) if rate else 10**9
-        probe = None
-        if contender.serves_clients:
-            probe = self.lab.popen("client", [sys.executable, "-m", "benchmarks.probe", "--target", VIP,
-                                              "--port", str(PORT), "--seconds", str(self.seconds),
-                                              "--interval", str(PROBE_INTERVAL),
-                                              "--source-port-from", str(self._probe_ports())],
-                                   stdout=subprocess.PIPE,
-                                   text=True)
-        profiler = self._profile(contender) if profile else None
-        before = self.snapshot(contender)
-        generator = self.lab.popen("attacker", trafgen_argv(self.trafgen_config, "eth0", count, rate,
-                                                            GENERATOR_CPU),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    def snapshot(self, contender: Contender, programs: dict[int, str]) -> dict:
+        return {"time": time.monotonic(), "busy": busy_per_cpu(),
+                "process": process_cpu_seconds(contender.pid(self.lab)), "generated": self.sent_packets(),
+                "sent": self.delivered(), **self.counters("router"), **self.counters(BACKEND), "queue": self.queue(),
+                "bpf": program_stats(set(programs)), "backlog_drops": backlog_drops(),
+                "others": self.other_load.totals()}
+
+    def window(self, contender: Contender, flood: str | None, rate: int, seconds: float,
+               profile: bool = False) -> dict:
+        """``seconds`` of the probe alone (flood None) or of the probe and a flood at ``rate`` (0: unpaced),
+        and what every counter moved meanwhile."""
+        programs = self.programs()
+        generator = None
+        if flood is not None:
+            contenders_module.nft(self.lab, "router", f"add table inet {PACER_TABLE}\ndelete table inet {PACER_TABLE}\n"
+                                  + pacer(rate, "attacker"))
+            generator = self.lab.popen("attacker", trafgen_argv(self.trafgen_configs[flood], "eth0", GENERATOR_CPU),
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
-            generator.wait(timeout=self.seconds + 0.2)
-        except subprocess.TimeoutExpired:  # unpaced, or pacing fell behind: the step's time is up
-            stop_group(generator)
-        flood_seconds = time.monotonic() - before["time"]
+            self._wait_for_flood(generator)
+            probe = self.lab.popen("client", ["taskset", "-c", str(GENERATOR_CPU), sys.executable, "-m",
+                                              "benchmarks.probe", "--target", VIP, "--port", str(PORT),
+                                              "--seconds", str(seconds), "--interval", str(PROBE_INTERVAL),
+                                              "--timeout", str(PROBE_TIMEOUT if contender.serves_clients
+                                                               else PROBE_TIMEOUT_NO_SERVER),
+                                              "--source-port-from", str(self._probe_ports(seconds))],
+                                   stdout=subprocess.PIPE, text=True)
+            profiler = self._profile(contender, seconds) if profile else None
+            self.other_load.also_ours = frozenset({profiler.pid} if profiler is not None else ())
+            before = self.snapshot(contender, programs)
+            time.sleep(seconds)  # a steady state: the flood (if any) runs before and after the window
+            after = self.snapshot(contender, programs)
+        finally:
+            if generator is not None:
+                stop_group(generator)
+        flood_seconds = after["time"] - before["time"]
         self._drain()
-        after = self.snapshot(contender)
-        legit = json.loads(probe.communicate(timeout=self.seconds + 30)[0]) if probe else None
+        legit = json.loads(probe.communicate(timeout=seconds + PROBE_TIMEOUT + 30)[0])
         if profiler is not None:
             profiler.wait(timeout=60)
-        return self._figures(contender, rate, flood_seconds, before, after, legit)
+        process = (after["process"] - before["process"]
+                   if after["process"] is not None and before["process"] is not None else None)
+        return {
+            "seconds": after["time"] - before["time"], "flood_seconds": flood_seconds,
+            "busy": {cpu: after["busy"][cpu] - before["busy"][cpu] for cpu in after["busy"]},
+            "process": process, "legit": legit, "others": cpu_since(before["others"], after["others"]),
+            "queue_read": packets_read(before["queue"], after["queue"]),
+            "queue_dropped": (after["queue"]["dropped"] + after["queue"]["user_dropped"]
+                              - before["queue"]["dropped"] - before["queue"]["user_dropped"]),
+            "bpf": {programs[prog_id]: [after["bpf"][prog_id][i] - before["bpf"][prog_id][i] for i in (0, 1)]
+                    for prog_id in programs if prog_id in after["bpf"] and prog_id in before["bpf"]},
+            **{key: after[key] - before[key] for key in ("generated", "sent", "synacks", "resets", "flood_syns",
+                                                         "flood_acks", "backlog_drops")},
+        }
 
-    def _probe_ports(self) -> int:
-        """The first of the next step's probe source ports (one per request it can make)."""
+    def step(self, contender: Contender, flood: str, rate: int, repetition: int, profile: bool = False) -> dict:
+        """An idle step, then the flood step; the flood step's figures net of the idle one's rates."""
+        idle = self.window(contender, None, 0, self.idle_seconds)
+        loaded = self.window(contender, flood, rate, self.seconds, profile)
+        return figures(contender, flood, rate, repetition, idle, loaded)
+
+    def upload(self, contender: Contender, repetition: int) -> dict:
+        """One bulk upload to the VIP from the client (on the generator's CPU), no flood, no probe."""
+        before = busy_per_cpu()
+        done = self.lab.run("client", ["taskset", "-c", str(GENERATOR_CPU), sys.executable, "-m", "benchmarks.upload",
+                                       "--target", VIP, "--port", str(PORT), "--bytes", str(self.upload_bytes),
+                                       "--seconds", str(max(10.0, self.seconds))], timeout=120)
+        busy = busy_per_cpu()
+        result = json.loads(done.stdout)
+        contender_cpu = busy[CONTENDER_CPU] - before[CONTENDER_CPU]
+        return {"scenario": "upload", "contender": contender.name, "repetition": repetition, **result,
+                "contender_cpu_seconds": round(contender_cpu, 3),
+                "contender_cpu_us_per_mb": (round(1e6 * contender_cpu / (result["bytes"] / 1e6), 1)
+                                            if result["bytes"] else None)}
+
+    def _probe_ports(self, seconds: float) -> int:
+        """The first of the next window's probe source ports (one per request it can make)."""
         first = self.next_probe_port
-        needed = int(self.seconds / PROBE_INTERVAL) + 1
+        needed = int(seconds / PROBE_INTERVAL) + 1
         if first + needed > PROBE_PORTS.stop:
             first = PROBE_PORTS.start
         self.next_probe_port = first + needed
@@ -172,38 +242,70 @@ class Bench:
             time.sleep(0.05)
         time.sleep(0.2)
 
-    def _profile(self, contender: Contender) -> subprocess.Popen | None:
+    def _profile(self, contender: Contender, seconds: float) -> subprocess.Popen | None:
         pid = contender.pid(self.lab)
         if pid is None:
             return None
-        return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(int(self.seconds)),
+        return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)),
                                  "--rate", "250", "--nonblocking", "--format", "raw", "--output", str(self.work_dir / "profile.raw")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def _figures(self, contender: Contender, rate: int, flood_seconds: float, before: dict, after: dict,
-                 legit: dict | None) -> dict:
-        window = after["time"] - before["time"]
-        sent = after["sent"] - before["sent"]
-        queue_before, queue_after = before["queue"], after["queue"]
-        queue_dropped = (queue_after["dropped"] + queue_after["user_dropped"]
-                         - queue_before["dropped"] - queue_before["user_dropped"])
-        if contender.answers == "packets read":
-            answered = packets_read(queue_before, queue_after)
-        elif contender.answers == "packets dropped":
-            answered = sent
-        else:
-            answered = after["synacks"] - before["synacks"]
-        process = (after["process"] - before["process"]
-                   if after["process"] is not None and before["process"] is not None else None)
-        return {
-            "contender": contender.name, "offered_pps": rate, "seconds": round(flood_seconds, 3),
-            "sent": sent, "sent_pps": round(sent / flood_seconds), "answered": answered,
-            "answered_pps": round(answered / flood_seconds),
-            "cpu_seconds": round(after["busy"] - before["busy"] - self.background_per_second * window, 3),
-            "process_cpu_seconds": None if process is None else round(process, 3),
-            "queue_dropped": queue_dropped, "flood_syns_at_backend": after["flood_syns"] - before["flood_syns"],
-            "legit": legit,
-        }
+
+def figures(contender: Contender, flood: str, rate: int, repetition: int, idle: dict, loaded: dict) -> dict:
+    """One flood step net of its idle step: every count and CPU time less the idle step's per-second
+    rate times the flood step's length."""
+    def net(value: float, idle_value: float) -> float:
+        return value - idle_value / idle["seconds"] * loaded["seconds"]
+
+    sent = loaded["sent"]
+    sent_pps = sent / loaded["flood_seconds"]
+    if contender.answers == "packets read":
+        answered = round(net(loaded["queue_read"], idle["queue_read"]))
+    elif contender.answers == "packets dropped":
+        answered = sent
+    else:
+        answered = loaded["synacks"]
+    def ours(window: dict, cpu: int) -> float:
+        """A CPU's busy time less what other sessions' processes used on it (measure.OtherLoad)."""
+        return window["busy"].get(cpu, 0.0) - window["others"].get(cpu, 0.0)
+
+    cpu = {cpu: net(ours(loaded, cpu), ours(idle, cpu)) for cpu in loaded["busy"]}
+    contender_cpu, generator_cpu = cpu[CONTENDER_CPU], cpu[GENERATOR_CPU]
+    contender_cpu_raw = net(loaded["busy"][CONTENDER_CPU], idle["busy"].get(CONTENDER_CPU, 0.0))
+    process = (net(loaded["process"], idle["process"] or 0.0) if loaded["process"] is not None else None)
+    bpf = {}
+    for where, (run_ns, runs) in loaded["bpf"].items():
+        bpf[where] = {"runs": runs, "ns_per_run": round(run_ns / runs) if runs else None}
+
+    def per(value: float | None, count: int) -> float | None:
+        return round(1e6 * value / count, 2) if value is not None and count > 0 else None
+
+    return {
+        "scenario": flood, "contender": contender.name, "repetition": repetition, "offered_pps": rate,
+        "seconds": round(loaded["flood_seconds"], 3), "idle_seconds": round(idle["seconds"], 3),
+        "generated_pps": round(loaded["generated"] / loaded["flood_seconds"]),
+        "sent": sent, "sent_pps": round(sent_pps),
+        "sent_share": round(sent_pps / rate, 3) if rate else None,
+        "short_of_nominal": bool(rate and sent_pps < SHORT_OF_NOMINAL * rate),
+        "answered": answered, "answered_pps": round(answered / loaded["flood_seconds"]),
+        "resets": loaded["resets"], "queue_dropped": loaded["queue_dropped"],
+        "backlog_drops": round(net(loaded["backlog_drops"], idle["backlog_drops"])),
+        "flood_syns_at_backend": loaded["flood_syns"], "flood_acks_at_backend": loaded["flood_acks"],
+        "idle_cpu_per_second": {cpu: round(idle["busy"][cpu] / idle["seconds"], 3) for cpu in idle["busy"]},
+        "other_processes_cpu_seconds": {cpu: round(used, 3) for cpu, used in loaded["others"].items()},
+        "idle_other_processes_cpu_seconds": {cpu: round(used, 3) for cpu, used in idle["others"].items()},
+        "noisy_idle": (any(busy / idle["seconds"] > NOISY_IDLE for busy in idle["busy"].values())
+                       or sum(idle["others"].values()) > OTHER_LOAD * idle["seconds"]),
+        "other_load": sum(loaded["others"].values()) > OTHER_LOAD * loaded["seconds"],
+        "contender_cpu_seconds": round(contender_cpu, 3), "generator_cpu_seconds": round(generator_cpu, 3),
+        "contender_cpu_seconds_with_others": round(contender_cpu_raw, 3),
+        "cpu_us_per_answer": per(contender_cpu, answered) if contender.name != "sink" and flood == "syn" else None,
+        "cpu_us_per_packet": per(contender_cpu, sent),
+        "generator_cpu_us_per_packet": per(generator_cpu, sent),
+        "process_us_per_answer": per(process, answered) if flood == "syn" else None,
+        "process_us_per_packet": per(process, sent),
+        "bpf": bpf, "legit": loaded["legit"], "idle_legit": idle["legit"],
+    }
 
 
 def packets_read(before: dict, after: dict) -> int:
@@ -214,51 +316,65 @@ def packets_read(before: dict, after: dict) -> int:
             - (after["length"] - before["length"]))
 
 
-def cpu_per_answer(steps: list[dict]) -> None:
-    """Add µs of CPU per answer: the machine's, net of the sink's cost per packet sent at that rate."""
-    sink = {s["offered_pps"]: s["cpu_seconds"] / s["sent"] for s in steps if s["contender"] == "sink" and s["sent"]}
-    for s in steps:
-        generator_share = sink.get(s["offered_pps"], 0.0) * s["sent"]
-        answered = s["answered"]
-        s["cpu_us_per_answer"] = (round(1e6 * (s["cpu_seconds"] - generator_share) / answered, 2)
-                                  if answered and s["contender"] != "sink" else None)
-        s["process_us_per_answer"] = (round(1e6 * s["process_cpu_seconds"] / answered, 2)
-                                      if answered and s["process_cpu_seconds"] is not None else None)
-        s["sink_us_per_packet"] = round(1e6 * sink[s["offered_pps"]], 3) if s["offered_pps"] in sink else None
+def rotated(items: list, turn: int) -> list:
+    """The order of the contenders in repetition ``turn``: each starts one place earlier than before."""
+    shift = turn % len(items) if items else 0
+    return items[shift:] + items[:shift]
 
 
-def run(rates: tuple[int, ...], seconds: float, chosen: list[type[Contender]], output: Path,
-        profile: bool) -> dict:
+def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: float, idle_seconds: float,
+        repetitions: int, upload_bytes: int, chosen: list[type[Contender]], output: Path, profile: bool) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     lab = Lab(name=unique_name("bench"), hosts=default_hosts(fronts=1, backends=1))
     steps: list[dict] = []
+    uploads: list[dict] = []
     started = time.time()
+    stats_fd = enable_bpf_stats()
+    contenders = [contender_class() for contender_class in chosen]
+    bench = None
     try:
         lab.up()
         lab.stop_process(FRONT)  # the baseline: no front process (each contender starts its own)
-        bench = Bench(lab, seconds, lab.state_dir)
-        for contender_class in chosen:
-            contender = contender_class()
-            print(f"bench: {contender.name}", file=sys.stderr, flush=True)
-            contender.enter(lab)
-            keep_off_generator_cpu(contender.pid(lab))
-            try:
-                for rate in rates:
-                    profile_now = profile and contender.name == "synproxy-front" and rate == max(rates)
-                    steps.append(bench.step(contender, rate, profile_now))
-                    print(f"bench:   {json.dumps(steps[-1])}", file=sys.stderr, flush=True)
-                    if profile_now and (bench.work_dir / "profile.raw").exists():
-                        (output / PROFILE_FILE).write_text(hot_functions(bench.work_dir / "profile.raw"))
-            finally:
-                contender.leave(lab)
+        os.sched_setaffinity(0, {GENERATOR_CPU})  # the bench's own reading and writing stays off the contender's CPU
+        bench = Bench(lab, seconds, idle_seconds, upload_bytes, lab.state_dir)
+        for repetition in range(repetitions):
+            for contender in rotated(contenders, repetition):
+                wanted = [scenario for scenario in scenarios if scenario in contender.scenarios]
+                if not wanted:
+                    continue
+                print(f"bench: repetition {repetition + 1}/{repetitions}: {contender.name}", file=sys.stderr,
+                      flush=True)
+                contender.enter(lab)
+                bench.pin(contender)
+                try:
+                    for scenario in wanted:
+                        if scenario == "upload":
+                            uploads.append(bench.upload(contender, repetition))
+                            print(f"bench:   {json.dumps(uploads[-1])}", file=sys.stderr, flush=True)
+                            continue
+                        for rate in rates[scenario]:
+                            profile_now = (profile and repetition == 0 and contender.name == "synproxy-front"
+                                           and scenario == "syn" and rate == rates[scenario][-1])
+                            steps.append(bench.step(contender, scenario, rate, repetition, profile_now))
+                            print(f"bench:   {json.dumps(steps[-1])}", file=sys.stderr, flush=True)
+                            if profile_now and (bench.work_dir / "profile.raw").exists():
+                                (output / PROFILE_FILE).write_text(hot_functions(bench.work_dir / "profile.raw"))
+                finally:
+                    contender.leave(lab)
     finally:
+        os.close(stats_fd)
+        if bench is not None:
+            bench.other_load.stop()
         lab.down()
-    cpu_per_answer(steps)
     return {
         "machine": {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started))},
-        "seconds_per_step": seconds, "generator_cpu": GENERATOR_CPU,
-        "contenders": {c.name: c.description for c in chosen}, "steps": steps,
+                    "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
+                    "minutes": round((time.time() - started) / 60, 1)},
+        "seconds_per_step": seconds, "idle_seconds_per_step": idle_seconds, "repetitions": repetitions,
+        "generator_cpu": GENERATOR_CPU, "contender_cpu": CONTENDER_CPU, "scenarios": list(scenarios),
+        "rates": {scenario: list(rates[scenario]) for scenario in scenarios if scenario in rates},
+        "upload_bytes": upload_bytes,
+        "contenders": {c.name: c.description for c in chosen}, "steps": steps, "uploads": uploads,
     }
 
 
@@ -291,10 +407,16 @@ def main(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("synproxy bench: needs root (network namespaces, NFQUEUE, BPF)", file=sys.stderr)
         return 2
-    rates = args.rates or (QUICK_RATES if args.quick else FULL_RATES)
-    seconds = args.seconds or (2.0 if args.quick else 4.0)
+    if (os.cpu_count() or 1) < 2:
+        print("synproxy bench: needs two CPUs (the generator's and the contender's)", file=sys.stderr)
+        return 2
+    seconds = args.seconds if args.seconds is not None else (0.8 if args.quick else 10.0)
     if not 0.5 <= seconds <= 60:
         print("synproxy bench: --seconds must be between 0.5 and 60", file=sys.stderr)
+        return 2
+    repetitions = args.repetitions if args.repetitions is not None else (1 if args.quick else 3)
+    if not 1 <= repetitions <= 20:
+        print("synproxy bench: --repetitions must be between 1 and 20", file=sys.stderr)
         return 2
     by_name = {c.name: c for c in contenders_module.ALL}
     wanted = [name.strip() for name in args.contenders.split(",")] if args.contenders else list(by_name)
@@ -303,12 +425,18 @@ def main(args: argparse.Namespace) -> int:
         print(f"synproxy bench: unknown contender {unknown[0]!r}; choose from {', '.join(by_name)}",
               file=sys.stderr)
         return 2
+    scenarios = tuple(args.scenarios or SCENARIOS)
     chosen = [by_name["sink"]] + [by_name[name] for name in by_name if name in wanted and name != "sink"]
+    flood_rates = args.rates or (QUICK_FLOOD_RATES if args.quick else FLOOD_RATES)
+    rates = {"syn": args.rates or (QUICK_RATES if args.quick else FULL_RATES), "ack": flood_rates,
+             "mixed": flood_rates}
+    upload_bytes = QUICK_UPLOAD_BYTES if args.quick else UPLOAD_BYTES
     try:
-        results = run(rates, seconds, chosen, args.output, args.profile)
-    except (GeneratorError, LabError) as error:
+        results = run(scenarios, rates, seconds, seconds / 2, repetitions, upload_bytes, chosen, args.output,
+                      args.profile)
+    except (GeneratorError, LabError, OSError) as error:
         print(f"synproxy bench: {error}", file=sys.stderr)
         return 1
     write_report(results, args.output)
-    print(f"synproxy bench: results in {args.output}/results.md")
+    print(f"synproxy bench: results in {args.output}/results.md ({results['machine']['minutes']} minutes)")
     return 0
