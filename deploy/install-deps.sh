@@ -9,6 +9,7 @@ APT_PACKAGES=(
   iproute2 iptables nftables procps               # netns lab, NFQUEUE rules, sysctls
   libnetfilter-queue-dev gcc python3-dev          # build the netfilterqueue binding
   curl hping3 netsniff-ng tcpdump                 # clients, flood generators, debugging
+  nginx                                           # the lab's real HTTP server (synproxy/lab/nginx.py)
   prometheus                                      # scrapes the lab (`synproxy lab up --prometheus`)
   docker.io docker-compose debootstrap            # the docker-compose lab (deploy/README.md)
   make
@@ -22,6 +23,14 @@ if ((${#missing[@]})); then
   echo "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  # Debian's postinst starts the services it installs (nginx on port 80 of this host): the lab runs its
+  # own servers inside namespaces, so none may start. A policy-rc.d answering 101 forbids it; one the
+  # host already has (a container's) is left as it is.
+  policy=/usr/sbin/policy-rc.d
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
