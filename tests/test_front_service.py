@@ -149,7 +149,7 @@ def test_a_reload_reports_what_needs_a_restart_and_applies_the_rest(front, tmp_p
     with namespaces(unique_name("spr")) as (namespace,), inside(namespace):
         front.running = service.restart_settings(front.config)
         front.protected = (front.config.vips, front.config.ports)
-        write_config(tmp_path, ["198.18.22.2"], "  queue_num: 5\n  fast_path_interfaces: [eth0]\n")
+        write_config(tmp_path, ["198.18.22.2"], "  queue_num: 5\n  data_plane: tc\n")
         front.reload()
         assert front.metrics.restart_required._value.get() == 1
         assert front.policy.backends == (ipaddress.ip_address("198.18.22.2").packed,)
@@ -159,7 +159,7 @@ def test_a_reload_reports_what_needs_a_restart_and_applies_the_rest(front, tmp_p
     events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     reloads = [entry for entry in events if entry["event"] in ("restart_required", "config_reloaded")]
     assert [(entry["event"], entry.get("keys")) for entry in reloads] == [
-        ("restart_required", ["front.queue_num", "front.fast_path_interfaces"]), ("config_reloaded", None)]
+        ("restart_required", ["front.queue_num", "front.data_plane"]), ("config_reloaded", None)]
 
 
 def test_farm_mtu_is_read_bounded_and_reaches_the_policy(tmp_path):
