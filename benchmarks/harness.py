@@ -230,7 +230,7 @@ def cpu_per_answer(steps: list[dict]) -> None:
 def run(rates: tuple[int, ...], seconds: float, chosen: list[type[Contender]], output: Path,
         profile: bool) -> dict:
     output.mkdir(parents=True, exist_ok=True)
-    lab = Lab(name=unique_name("bench"), hosts=default_hosts(fronts=1, backends=1))
+    lab = Lab(name=unique_name("bench"), hosts=default_hosts(fronts=1, backends=1), data_plane="nfqueue")
     steps: list[dict] = []
     started = time.time()
     try:
