@@ -60,6 +60,7 @@ TC_HANDLE = TC_PRIORITY = 0x5346  # "SF": the backend program uses "SP", so one 
 OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", "unrouted", "unsent",
             "validated", "forwarded", "forwarded_bad_mac", "forwarded_expired_epoch", "too_big", "unparsed")
 FAMILIES = (4, 6)
+TC_OUTCOMES = OUTCOMES.index("validated")  # the tc program's are the first ones; the rest are XDP's
 PATHS = ("tc", "xdp")  # enum front_path: which program counted
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}  # tried in this order
 _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
@@ -183,7 +184,7 @@ class FastPath:
         """One program's per-CPU counters summed, by (outcome, IP version)."""
         base = PATHS.index(path) * len(OUTCOMES)
         totals = {}
-        for index, outcome in enumerate(OUTCOMES):
+        for index, outcome in enumerate(OUTCOMES if path == "xdp" else OUTCOMES[:TC_OUTCOMES]):
             for offset, family in enumerate(FAMILIES):
                 totals[outcome, family] = counter_total(self.counters, (base + index) * 2 + offset)
         return totals
