@@ -176,3 +176,28 @@ def test_farm_mtu_is_read_bounded_and_reaches_the_policy(tmp_path):
         else:
             with pytest.raises(ConfigError, match=r"synproxy.yaml:\d+: farm_mtu: must be between 576 and 65535"):
                 load_config(config)
+
+
+class KernelCounts:
+    """Stands in for the loaded programs' counters."""
+
+    def counts(self, path: str) -> dict:
+        return {("syn_answered", 4): 7 if path == "tc" else 11, ("validated", 6): 0 if path == "tc" else 3}
+
+
+def test_the_data_plane_and_the_programs_counts_are_exported():
+    metrics = service.FrontMetrics(queue_num=0)
+
+    def samples() -> dict:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in metrics.registry.collect() for s in family.samples}
+
+    assert samples()[("synproxy_front_data_plane", (("mode", "nfqueue"),))] == 1
+    metrics.kernel_path, metrics.data_plane, metrics.xdp_modes = KernelCounts(), "xdp", {"eth0": "native"}
+    found = samples()
+    assert found[("synproxy_front_data_plane", (("mode", "xdp"),))] == 1
+    assert found[("synproxy_front_xdp_attached", (("interface", "eth0"), ("mode", "native")))] == 1
+    kernel = "synproxy_front_kernel_packets_total"
+    assert found[(kernel, (("family", "ipv4"), ("outcome", "syn_answered"), ("path", "tc")))] == 7
+    assert found[(kernel, (("family", "ipv4"), ("outcome", "syn_answered"), ("path", "xdp")))] == 11
+    assert found[(kernel, (("family", "ipv6"), ("outcome", "validated"), ("path", "xdp")))] == 3
