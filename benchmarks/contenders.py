@@ -114,12 +114,12 @@ class Front(Contender):
 
 class FrontFastPath(Front):
     name = "synproxy-front-fast-path"
-    description = ("the same with `front.fast_path_interfaces: [eth0]`: a tc program (bpf/front.bpf.c) answers "
+    description = ("the same with `front.data_plane: tc`: a tc program (bpf/front.bpf.c) answers "
                    "SYNs, the queue gets the rest; the client sends complete checksums, as from a wire")
 
     def enter(self, lab: Lab) -> None:
         set_tx_checksum_offload(lab.ns("client"), "eth0", False)
-        lab.start_front(FRONT, fast_path=True)
+        lab.start_front(FRONT, data_plane="tc")
 
     def leave(self, lab: Lab) -> None:
         lab.stop_process(FRONT)

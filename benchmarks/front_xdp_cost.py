@@ -74,10 +74,10 @@ def main() -> None:
             results: dict[str, list[float]] = {}
             for _ in range(args.repetitions):
                 for kind, packet in packets(policy, schedule, time.time()).items():
-                    counted = loaded.counts()
+                    counted = loaded.counts("xdp")
                     with netns.inside(name):
                         prog_test_run(loaded.xdp_prog_fd, ETHERNET + packet)
-                    moved = {key[0] for key, value in loaded.counts().items() if value != counted[key]}
+                    moved = {key[0] for key, value in loaded.counts("xdp").items() if value != counted[key]}
                     if moved != {kind.split()[0]}:
                         raise SystemExit(f"{kind}: the program counted {moved}")
                     before = _run_stats(prog)

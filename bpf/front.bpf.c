@@ -69,21 +69,33 @@ struct {
 	__type(value, struct route);
 } routes SEC(".maps");
 
+/* By program (enum front_path), outcome and IP version: both programs may see one packet (a SYN XDP passes
+ * because its neighbour is unresolved is answered at tc), so each counts its own. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, FRONT_COUNTER_MAX * 2);
+	__uint(max_entries, FRONT_PATH_MAX * FRONT_COUNTER_MAX * 2);
 	__type(key, __u32);
 	__type(value, __u64);
 } counters SEC(".maps");
 
-static __always_inline int count(const struct segment *seg, __u32 outcome, int verdict)
+static __always_inline int count_on(__u32 path, const struct segment *seg, __u32 outcome, int verdict)
 {
-	__u32 index = outcome * 2 + (seg->family == 6);
+	__u32 index = (path * FRONT_COUNTER_MAX + outcome) * 2 + (seg->family == 6);
 	__u64 *value = bpf_map_lookup_elem(&counters, &index);
 
 	if (value)
 		*value += 1;
 	return verdict;
+}
+
+static __always_inline int count(const struct segment *seg, __u32 outcome, int verdict)
+{
+	return count_on(FRONT_PATH_TC, seg, outcome, verdict);
+}
+
+static __always_inline int count_xdp(const struct segment *seg, __u32 outcome, int verdict)
+{
+	return count_on(FRONT_PATH_XDP, seg, outcome, verdict);
 }
 
 /* A 32-bit one's-complement sum (bpf_csum_diff's) folded to the 16-bit checksum field's value. */
@@ -504,21 +516,21 @@ static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *s
 	struct syn_ack answer = {};
 	__u32 outcome = prepare_syn_ack(ctx, 1, seg, cfg, frame_length, &answer);
 	if (outcome != FRONT_SYN_ANSWERED)
-		return count(seg, outcome, XDP_PASS);
+		return count_xdp(seg, outcome, XDP_PASS);
 
 	__u32 ip_length = ip_header_length(seg->family);
 	__u32 reply_length = answer.tcp_length & 0x3c;
 	struct bpf_fib_lookup fib = {};
 	/* An unresolved neighbour too: XDP has no bpf_redirect_neigh, the kernel resolves it for the queue. */
 	if (route_back(ctx, ctx->ingress_ifindex, seg, ip_length + reply_length, &fib) != BPF_FIB_LKUP_RET_SUCCESS)
-		return count(seg, FRONT_UNROUTED, XDP_PASS);
+		return count_xdp(seg, FRONT_UNROUTED, XDP_PASS);
 	if (bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + ip_length + reply_length) - (int)frame_length))
-		return count(seg, FRONT_UNSENT, XDP_PASS); /* unchanged */
+		return count_xdp(seg, FRONT_UNSENT, XDP_PASS); /* unchanged */
 	if (bpf_xdp_store_bytes(ctx, 0, fib.dmac, ETH_ALEN) || bpf_xdp_store_bytes(ctx, ETH_ALEN, fib.smac, ETH_ALEN) ||
 	    bpf_xdp_store_bytes(ctx, sizeof(struct ethhdr), answer.ip, ip_length) ||
 	    bpf_xdp_store_bytes(ctx, sizeof(struct ethhdr) + ip_length, answer.tcp, reply_length))
-		return count(seg, FRONT_UNSENT, XDP_DROP); /* half rewritten */
-	return count(seg, FRONT_SYN_ANSWERED, send(ctx, fib.ifindex));
+		return count_xdp(seg, FRONT_UNSENT, XDP_DROP); /* half rewritten */
+	return count_xdp(seg, FRONT_SYN_ANSWERED, send(ctx, fib.ifindex));
 }
 
 #define MAX_CHECKSUM_BLOCKS 8 /* of 256 bytes: segments up to 2303 bytes are checked here */
@@ -643,19 +655,19 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 	__u32 ip_length = seg->ip_length;
 
 	if (!fwd)
-		return count(seg, FRONT_QUEUED, XDP_PASS);
+		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
 	/* What parse_tcp calls malformed, a frame shorter than its IP packet (the kernel drops both), and
 	 * IPv4 options (the handler forwards those; this program leaves them to it). */
 	if ((seg->family == 4 && ip_header != sizeof(struct iphdr)) || seg->tcp_length < sizeof(struct tcphdr) ||
 	    ip_header + seg->tcp_length > ip_length || sizeof(struct ethhdr) + ip_length > frame_length)
-		return count(seg, FRONT_QUEUED, XDP_PASS);
+		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
 	if (ip_length + ENCAP_OVERHEAD > fwd->farm_mtu)
-		return count(seg, FRONT_TOO_BIG, XDP_PASS);
+		return count_xdp(seg, FRONT_TOO_BIG, XDP_PASS);
 	if (seg->family == 4) { /* the kernel checks it after this hook and drops what fails */
 		struct iphdr *ip = data + sizeof(struct ethhdr);
 
 		if ((void *)(ip + 1) > data_end || fold(bpf_csum_diff(0, 0, (void *)ip, sizeof(*ip), 0)))
-			return count(seg, FRONT_UNVERIFIED, XDP_PASS);
+			return count_xdp(seg, FRONT_UNVERIFIED, XDP_PASS);
 	}
 
 	__u32 outcome = FRONT_FORWARDED;
@@ -668,7 +680,7 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 		/* Without the current epoch's salt the map is stale (the front process stalled): it cannot
 		 * tell an expired cookie from a salt not written, the handler can. */
 		if (!minting_slot(now_ns / cfg->period_ns))
-			return count(seg, FRONT_NO_SALT, XDP_PASS);
+			return count_xdp(seg, FRONT_NO_SALT, XDP_PASS);
 		if (!slot || !epoch_accepted(slot->epoch, now_ns, cfg->period_ns, fwd->skew_ns)) {
 			outcome = FRONT_FORWARDED_EXPIRED_EPOCH;
 		} else if (!cookie_mac_valid(slot, seg, cookie)) {
@@ -677,7 +689,7 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 			/* The handler drops a validating ACK with a wrong checksum; the queue completes a
 			 * local sender's partial one. */
 			if (!segment_checksum_holds(ctx, seg))
-				return count(seg, FRONT_UNVERIFIED, XDP_PASS);
+				return count_xdp(seg, FRONT_UNVERIFIED, XDP_PASS);
 			outcome = FRONT_VALIDATED;
 			flags = ENCAP_FLAG_VALIDATED;
 		}
@@ -687,12 +699,12 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 	__u32 index = flow % MAGLEV_TABLE_SIZE;
 	const __be32 *entry = bpf_map_lookup_elem(&maglev, &index);
 	if (!entry || !*entry)
-		return count(seg, FRONT_QUEUED, XDP_PASS);
+		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
 	__be32 backend = *entry; /* read once: the loader may rewrite it */
 	__be16 source_port = bpf_htons(ENCAP_SOURCE_PORT_BASE | (flow & ENCAP_SOURCE_PORT_MASK));
 	struct route next_hop;
 	if (!route_to_backend(ctx, fwd, backend, source_port, &next_hop))
-		return count(seg, FRONT_UNROUTED, XDP_PASS);
+		return count_xdp(seg, FRONT_UNROUTED, XDP_PASS);
 
 	union cookie_message message;
 	encap_message_of(&message, fwd->farm_address, backend, seg, flags);
@@ -701,9 +713,9 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 	/* The queue's copy ends where the IP packet does: drop an Ethernet pad, then make room. */
 	if (frame_length > sizeof(struct ethhdr) + ip_length &&
 	    bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + ip_length) - (int)frame_length))
-		return count(seg, FRONT_UNSENT, XDP_PASS);
+		return count_xdp(seg, FRONT_UNSENT, XDP_PASS);
 	if (bpf_xdp_adjust_head(ctx, -ENCAP_OVERHEAD))
-		return count(seg, FRONT_UNSENT, XDP_PASS);
+		return count_xdp(seg, FRONT_UNSENT, XDP_PASS);
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
@@ -711,7 +723,7 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 	struct udphdr *udp = (void *)(outer + 1);
 	struct encap_header *header = (void *)(udp + 1);
 	if ((void *)(header + 1) > data_end)
-		return count(seg, FRONT_UNSENT, XDP_DROP); /* cannot happen: room was just made */
+		return count_xdp(seg, FRONT_UNSENT, XDP_DROP); /* cannot happen: room was just made */
 
 	__builtin_memcpy(eth->h_dest, next_hop.dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, next_hop.smac, ETH_ALEN);
@@ -735,7 +747,7 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 	header->flags = flags;
 	header->reserved = 0;
 	__builtin_memcpy(header->mac, &mac, sizeof(mac));
-	return count(seg, outcome, send(ctx, next_hop.ifindex));
+	return count_xdp(seg, outcome, send(ctx, next_hop.ifindex));
 }
 
 SEC("xdp")
@@ -756,15 +768,15 @@ int synproxy_front_xdp(struct xdp_md *ctx)
 	if (parsed == PARSE_OTHER || addresses_refused(&seg))
 		return XDP_PASS;
 	if (!bpf_map_lookup_elem(&protected_vips, seg.daddr))
-		return parsed == PARSE_SEGMENT ? count(&seg, FRONT_NOT_PROTECTED, XDP_PASS) : XDP_PASS;
+		return parsed == PARSE_SEGMENT ? count_xdp(&seg, FRONT_NOT_PROTECTED, XDP_PASS) : XDP_PASS;
 	if (parsed == PARSE_UNHANDLED)
-		return count(&seg, FRONT_UNPARSED, XDP_PASS);
+		return count_xdp(&seg, FRONT_UNPARSED, XDP_PASS);
 	__u16 port = bpf_ntohs(seg.dport);
 	if (!bpf_map_lookup_elem(&protected_ports, &port))
-		return count(&seg, FRONT_NOT_PROTECTED, XDP_PASS);
+		return count_xdp(&seg, FRONT_NOT_PROTECTED, XDP_PASS);
 	if (seg.flags & TCP_FLAG_SYN) {
 		if (seg.flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
-			return count(&seg, FRONT_QUEUED, XDP_PASS); /* the handler drops it: invalid_flags */
+			return count_xdp(&seg, FRONT_QUEUED, XDP_PASS); /* the handler drops it: invalid_flags */
 		return answer_syn_xdp(ctx, &seg, cfg);
 	}
 	return forward(ctx, &seg, cfg);

@@ -128,8 +128,9 @@ struct {
 	__type(value, __u8);
 } protected_ports SEC(".maps");
 
-/* Outcomes of the front programs, counted per IP version in their per-CPU `counters` (index = outcome * 2
- * + (IPv6 ? 1 : 0)); synproxy/front/fastpath.py names them in this order. "Left to the queue" means passed
+/* Outcomes of the front programs, counted per program and IP version in their per-CPU `counters` (index =
+ * (path * FRONT_COUNTER_MAX + outcome) * 2 + (IPv6 ? 1 : 0)); synproxy/front/fastpath.py names them in
+ * this order. "Left to the queue" means passed
  * on (TC_ACT_OK, XDP_PASS) unchanged: the NFQUEUE and the Python handler decide. */
 enum front_counter {
 	FRONT_NOT_PROTECTED, /* TCP, but not to a protected VIP and port: left to the kernel */
@@ -156,6 +157,13 @@ enum front_counter {
 	FRONT_UNPARSED,      /* XDP: TCP to a protected VIP the program does not parse (IPv4 fragments,
 			      * IPv6 extension headers): left to the queue */
 	FRONT_COUNTER_MAX,
+};
+
+/* Which front program counted: the tc one (SYNs) or the XDP one (everything protected). */
+enum front_path {
+	FRONT_PATH_TC,
+	FRONT_PATH_XDP,
+	FRONT_PATH_MAX,
 };
 
 /* The front's forwarding configuration: one element (key 0) of a hash map, replaced whole (see struct

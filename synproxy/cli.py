@@ -9,7 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from synproxy.config import ConfigError, load_config, role_warnings
+from synproxy.config import DATA_PLANES, ConfigError, load_config, role_warnings
 from synproxy.firewall import FirewallError
 
 
@@ -69,7 +69,7 @@ def _lab(args: argparse.Namespace) -> int:
 
     from synproxy.lab.demo import run_demo
     from synproxy.lab.topology import Lab, LabError
-    lab = Lab(name=args.name, prometheus=args.prometheus, fast_path=args.fast_path)
+    lab = Lab(name=args.name, prometheus=args.prometheus, data_plane=args.data_plane)
     try:
         if args.action == "up":
             lab.up()
@@ -119,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("action", choices=["up", "down", "status", "demo"])
     lab.add_argument("--name", default="splab", type=_lab_name, help="lab name, the prefix of its namespaces")
     lab.add_argument("--prometheus", action="store_true", help="with up: also run Prometheus scraping every node")
-    lab.add_argument("--fast-path", action="store_true",
-                     help="with up and demo: fronts answer SYNs in their tc fast path (bpf/front.bpf.c)")
+    lab.add_argument("--data-plane", choices=DATA_PLANES, default="auto",
+                     help="with up and demo: the fronts' front.data_plane (docs/front.md; default auto)")
+    lab.add_argument("--fast-path", dest="data_plane", action="store_const", const="tc",
+                     help="the same as --data-plane tc (the older name)")
     lab.set_defaults(handler=_lab)
 
     try:

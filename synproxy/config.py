@@ -34,6 +34,9 @@ MIN_SALT_PERIOD_SECONDS = 2.0
 # backend a socket lookup, not a RST each (docs/backend.md). The bound: one per µs, beyond what a core sends.
 UNKNOWN_FLOW_RESETS_PER_SECOND = 1000
 MAX_UNKNOWN_FLOW_RESETS_PER_SECOND = 1_000_000
+# front.data_plane: where the front handles packets (docs/front.md); front.xdp_mode: how XDP attaches.
+DATA_PLANES = ("auto", "xdp", "tc", "nfqueue")
+XDP_MODES = ("auto", "native", "generic")
 SECRET_COMMAND = "(umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' > {path})"
 
 
@@ -46,7 +49,9 @@ class FrontConfig:
     queue_num: int
     farm_address: IPAddress | None
     metrics_address: str | None
-    fast_path_interfaces: tuple[str, ...]  # tc ingress answers SYNs here (bpf/front.bpf.c)
+    data_plane: str                 # auto, xdp, tc or nfqueue (docs/front.md)
+    interfaces: tuple[str, ...]     # where the kernel data plane attaches; () = the default routes' interfaces
+    xdp_mode: str                   # auto, native or generic
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,14 @@ _UNUSABLE = {"unspecified": "the unspecified address", "multicast": "a multicast
              "reserved": "a reserved address"}
 
 
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {_shown(value)}")
+        return value
+    return check
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise TypeError(f"expected a non-empty string, got {_shown(value)}")
@@ -221,7 +234,9 @@ FRONT_SCHEMA = {
     "queue_num": _Field(_integer(0, 65535), 0),
     "farm_address": _Field(_address),
     "metrics_address": _Field(_host_port),
-    "fast_path_interfaces": _Field(_text, (), many=True),
+    "data_plane": _Field(_choice(*DATA_PLANES), "auto"),
+    "interfaces": _Field(_text, (), many=True),
+    "xdp_mode": _Field(_choice(*XDP_MODES), "auto"),
 }
 BACKEND_SCHEMA = {
     "interface": _Field(_text),
@@ -246,7 +261,8 @@ SCHEMA = {
     "front": _Field(FRONT_SCHEMA, {}),
     "backend": _Field(BACKEND_SCHEMA, {}),
 }
-RENAMED = {"retired_secret_files": "accepted_secret_files"}  # old name -> new name, still read
+# Old name -> new name (with its section), still read.
+RENAMED = {"retired_secret_files": "accepted_secret_files", "front.fast_path_interfaces": "front.interfaces"}
 
 
 class _Reader:
@@ -275,10 +291,11 @@ class _Reader:
         values: dict[str, Any] = {}
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else _described(key_node)
-            if key in RENAMED and not prefix:
-                self.warnings.append(self.message(key_node, key, f"deprecated: renamed {RENAMED[key]} "
+            if f"{prefix}{key}" in RENAMED:
+                new_name = RENAMED[f"{prefix}{key}"]
+                self.warnings.append(self.message(key_node, f"{prefix}{key}", f"deprecated: renamed {new_name} "
                                                   "(same meaning); the old name will go"))
-                key = RENAMED[key]
+                key = new_name.rpartition(".")[2]
             if key not in schema:
                 raise self.error(key_node, f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(schema))})")
             if key in values:

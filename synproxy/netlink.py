@@ -39,3 +39,30 @@ def blackholed(addresses) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
                 if matching and max(matching)[1] == rt_type["blackhole"]:
                     found.add(address)
     return found
+
+
+def default_route_interfaces() -> tuple[str, ...]:
+    """The interfaces this node's default routes (IPv4 and IPv6, every path of a multipath one) leave by:
+    where its traffic comes in from and goes out to, so where a front's kernel data plane attaches."""
+    indexes: list[int] = []
+    with IPRoute() as ipr:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in ipr.get_routes(family=family, table=MAIN_TABLE):
+                if msg["dst_len"] != 0 or msg["type"] != rt_type["unicast"]:
+                    continue
+                hops = msg.get_attr("RTA_MULTIPATH") or [msg]
+                for hop in hops:
+                    index = hop.get_attr("RTA_OIF") if hop is msg else hop["oif"]
+                    if index and index not in indexes:
+                        indexes.append(index)
+        return tuple(ipr.get_links(index)[0].get_attr("IFLA_IFNAME") for index in indexes)
+
+
+def interface_kind(name: str) -> str | None:
+    """The link's kind (veth, vxlan, bridge...), or None for a physical device."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return None
+        info = ipr.get_links(found[0])[0].get_attr("IFLA_LINKINFO")
+        return info.get_attr("IFLA_INFO_KIND") if info else None

@@ -76,6 +76,10 @@ def test_good_config_loads_with_defaults(workdir):
     (("ports: [80, 443]", "ports: [80, 443]\nclock_skew_seconds: 90"),
      ":3: clock_skew_seconds: must not exceed salt_period_seconds"),
     (("ports: [80, 443]", "ports: [80, 443\n"), "not valid YAML"),
+    (("  queue_num: 3", "  data_plane: ebpf"), ":7: front.data_plane: expected one of auto, xdp, tc, nfqueue, got 'ebpf'"),
+    (("  queue_num: 3", "  xdp_mode: offload"), ":7: front.xdp_mode: expected one of auto, native, generic, got 'offload'"),
+    (("  queue_num: 3", "  interfaces: eth0"), ":7: front.interfaces: expected a list, got eth0"),
+    (("  queue_num: 3", "  interfaces: [eth0]\n  fast_path_interfaces: [eth1]"), ":8: front.interfaces: given twice"),
 ])
 def test_mistakes_name_file_line_and_key(workdir, change, expected, capsys):
     path = write(workdir, GOOD.replace(*change))
@@ -250,6 +254,16 @@ def test_accepted_secrets_validate_and_the_old_name_still_works_with_one_warning
                                 "(same meaning); the old name will go"),)
     assert main(["check-config", str(path)]) == 0
     assert capsys.readouterr().err == f"synproxy: warning: {config.warnings[0]}\n"
+
+
+def test_the_kernel_data_plane_is_on_by_default_and_the_fast_path_key_is_an_alias(workdir):
+    config = load_config(write(workdir, GOOD))
+    assert (config.front.data_plane, config.front.interfaces, config.front.xdp_mode) == ("auto", (), "auto")
+    path = write(workdir, GOOD.replace("  queue_num: 3", "  fast_path_interfaces: [eth0]"))
+    config = load_config(path)
+    assert (config.front.data_plane, config.front.interfaces) == ("auto", ("eth0",))
+    assert config.warnings == ((f"{path}:7: front.fast_path_interfaces: deprecated: renamed front.interfaces "
+                               "(same meaning); the old name will go"),)
 
 
 @pytest.mark.parametrize("extra, expected", [

@@ -1,4 +1,5 @@
-"""The whole chain with the fronts' tc fast path on: SYNs answered in the kernel, ACKs through NFQUEUE."""
+"""The whole chain with the fronts' kernel data plane: `tc` (SYNs answered in the kernel, the rest through
+NFQUEUE) and `xdp` (handshake ACKs and established traffic encapsulated in the kernel too)."""
 
 from __future__ import annotations
 
@@ -9,50 +10,50 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
 
 import pytest
 
-from synproxy.bpf.libbpf import tc_attached_program
+from synproxy.bpf.libbpf import tc_attached_program, xdp_attached_program
 from synproxy.front.fastpath import TC_HANDLE, TC_PRIORITY
-from synproxy.lab.demo import scrape
-from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, VIP6, Lab
+from synproxy.lab.topology import VIP, VIP6, Lab
 from synproxy.netns import inside
-from tests.lab_fixtures import backend_stats, clients, needs_root, running_lab
+from tests.lab_fixtures import backend_stats, clients, needs_root, outcomes, running_lab, summed
 
 pytestmark = [pytest.mark.netns, needs_root]
+FAMILIES = ("ipv4", "ipv6")
 
 
-@pytest.fixture(scope="module")
-def lab():
-    with running_lab("spf", fast_path=True) as lab:
+@pytest.fixture(scope="module", params=["tc", "xdp"])
+def lab(request):
+    with running_lab("spf", data_plane=request.param) as lab:
+        clients(lab, 4, "--target", VIP)  # the fronts' neighbours resolved: the programs' route lookups hold
+        clients(lab, 4, "--target", VIP6)
         yield lab
 
 
-def outcomes(lab: Lab) -> Counter:
-    """Every front's counts: ("queue" or "fast_path", outcome, family) -> packets."""
-    totals = Counter()
-    for host in lab.by_role("front"):
-        for (name, labels), value in scrape(lab, host.name, host.address, FRONT_METRICS_PORT).items():
-            path = {"synproxy_front_packets_total": "queue",
-                    "synproxy_front_fast_path_packets_total": "fast_path"}.get(name)
-            if path:
-                labels = dict(labels)
-                totals[path, labels["outcome"], labels["family"]] += value
-    return totals
+def url(vip: str) -> str:
+    return f"http://[{vip}]/" if ":" in vip else f"http://{vip}/"
 
 
-def test_clients_of_both_families_connect_with_syns_answered_in_the_kernel(lab):
+def test_clients_of_both_families_connect_with_the_kernel_doing_its_part(lab):
     before = outcomes(lab)
     for vip in (VIP, VIP6):
         result = clients(lab, 20, "--target", vip)
         assert result["failed"] == 0, result["errors"]
         assert set(result["backends"]) == {"backend0", "backend1"}
+        for _ in range(5):
+            assert json.loads(lab.run("client", ["curl", "-sS", "-m", "5", url(vip)]).stdout)["client"]
     moved = outcomes(lab) - before
-    for family in ("ipv4", "ipv6"):
-        assert moved["fast_path", "syn_answered", family] >= 20
-        assert moved["queue", "validated", family] >= 20  # the ACKs: validated in Python
+    for family in FAMILIES:
         assert moved["queue", "syn_answered", family] == 0
+        assert moved["tc", "syn_answered", family] + moved["xdp", "syn_answered", family] >= 25
+        if lab.data_plane == "tc":
+            assert moved["queue", "validated", family] >= 25  # the ACKs: validated in Python
+        else:  # handshake ACKs and every established packet in the kernel; the queue sees none of them
+            assert moved["xdp", "validated", family] >= 25
+            assert moved["xdp", "forwarded_bad_mac", family] + moved["xdp", "forwarded_expired_epoch", family] > 0
+            assert sum(value for (path, outcome, fam), value in moved.items() if path == "queue" and fam == family
+                       and (outcome == "validated" or outcome.startswith("forwarded"))) == 0
 
 
 def test_a_flood_is_answered_in_the_kernel_and_no_syn_reaches_a_backend(lab):
@@ -64,31 +65,38 @@ def test_a_flood_is_answered_in_the_kernel_and_no_syn_reaches_a_backend(lab):
     assert sent == 60000
     assert result["failed"] == 0, result["errors"]
     moved = outcomes(lab) - before
-    assert moved["fast_path", "syn_answered", "ipv4"] >= sent
+    assert moved["tc", "syn_answered", "ipv4"] + moved["xdp", "syn_answered", "ipv4"] >= sent
+    if lab.data_plane == "xdp":
+        assert moved["xdp", "syn_answered", "ipv4"] >= sent
     assert moved["queue", "syn_answered", "ipv4"] == 0
     for host in lab.by_role("backend"):
         assert backend_stats(lab, host.name)["syn_received"] == 0
 
 
-def attached_program(lab: Lab, host: str) -> int | None:
+def attached_programs(lab: Lab, host: str) -> tuple:
+    """The front program ids at tc ingress and at XDP on the front's eth0 (None where absent)."""
     with inside(lab.ns(host)):
-        return tc_attached_program(socket.if_nametoindex("eth0"), TC_HANDLE, TC_PRIORITY)
+        ifindex = socket.if_nametoindex("eth0")
+        xdp = xdp_attached_program(ifindex)
+        return tc_attached_program(ifindex, TC_HANDLE, TC_PRIORITY), xdp and xdp[0]
 
 
-def test_a_stopped_front_takes_its_program_away_and_a_restarted_one_brings_it_back(lab):
-    assert attached_program(lab, "front0")
+def test_a_stopped_front_takes_its_programs_away_and_a_restarted_one_brings_them_back(lab):
+    tc, xdp = attached_programs(lab, "front0")
+    assert tc and bool(xdp) == (lab.data_plane == "xdp")
     lab.stop_process("front0")
     try:
-        assert attached_program(lab, "front0") is None
+        assert attached_programs(lab, "front0") == (None, None)
     finally:
         lab.start_front("front0")
-    assert attached_program(lab, "front0")
+    tc, xdp = attached_programs(lab, "front0")
+    assert tc and bool(xdp) == (lab.data_plane == "xdp")
     assert clients(lab, 10)["failed"] == 0
 
 
-def test_sighup_moves_the_rules_and_the_program_to_the_new_ports(lab):
+def test_sighup_moves_the_rules_and_the_programs_to_the_new_ports(lab):
     """Last in this module: it leaves the fronts protecting port 80 only."""
-    config = lab.fast_path_config_path
+    config = lab.config_path
     config.write_text(config.read_text().replace("ports: [80, 7]", "ports: [80]"))
     before = outcomes(lab)
     for host in lab.by_role("front"):
@@ -99,9 +107,11 @@ def test_sighup_moves_the_rules_and_the_program_to_the_new_ports(lab):
     lab.run("client", [sys.executable, "-c", SYN_TO_PORT_7])
     time.sleep(0.5)
     moved = outcomes(lab) - before
-    assert moved["fast_path", "not_protected", "ipv4"] >= 1 and moved["fast_path", "syn_answered", "ipv4"] == 0
+    path = lab.data_plane  # the first program to see the packet
+    assert moved[path, "not_protected", "ipv4"] >= 1 and moved[path, "syn_answered", "ipv4"] == 0
     for _ in range(3):  # port 80 still protected (the lab's clients tool also uses port 7)
         assert json.loads(lab.run("client", ["curl", "-sS", "-m", "5", f"http://{VIP}/"]).stdout)["client"]
+    assert summed(outcomes(lab) - before, "syn_answered") >= 3
 
 
 SYN_TO_PORT_7 = f"""

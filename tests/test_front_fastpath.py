@@ -81,10 +81,10 @@ def set_clock(monkeypatch, fast_path, policy, schedule, now: float) -> None:
 
 def run(route_namespace: str, fast_path: FastPath, frame: bytes) -> tuple[int, bytes, dict]:
     """The verdict, the frame after, and the counters that moved."""
-    before = fast_path.counts()
+    before = fast_path.counts("tc")
     with netns.inside(route_namespace):
         verdict, out = prog_test_run(fast_path.prog_fd, frame)
-    after = fast_path.counts()
+    after = fast_path.counts("tc")
     return verdict, out, {key: after[key] - before[key] for key in after if after[key] != before[key]}
 
 

@@ -149,7 +149,7 @@ def test_a_reload_reports_what_needs_a_restart_and_applies_the_rest(front, tmp_p
     with namespaces(unique_name("spr")) as (namespace,), inside(namespace):
         front.running = service.restart_settings(front.config)
         front.protected = (front.config.vips, front.config.ports)
-        write_config(tmp_path, ["198.18.22.2"], "  queue_num: 5\n  fast_path_interfaces: [eth0]\n")
+        write_config(tmp_path, ["198.18.22.2"], "  queue_num: 5\n  data_plane: tc\n")
         front.reload()
         assert front.metrics.restart_required._value.get() == 1
         assert front.policy.backends == (ipaddress.ip_address("198.18.22.2").packed,)
@@ -159,7 +159,7 @@ def test_a_reload_reports_what_needs_a_restart_and_applies_the_rest(front, tmp_p
     events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     reloads = [entry for entry in events if entry["event"] in ("restart_required", "config_reloaded")]
     assert [(entry["event"], entry.get("keys")) for entry in reloads] == [
-        ("restart_required", ["front.queue_num", "front.fast_path_interfaces"]), ("config_reloaded", None)]
+        ("restart_required", ["front.queue_num", "front.data_plane"]), ("config_reloaded", None)]
 
 
 def test_farm_mtu_is_read_bounded_and_reaches_the_policy(tmp_path):
@@ -176,3 +176,28 @@ def test_farm_mtu_is_read_bounded_and_reaches_the_policy(tmp_path):
         else:
             with pytest.raises(ConfigError, match=r"synproxy.yaml:\d+: farm_mtu: must be between 576 and 65535"):
                 load_config(config)
+
+
+class KernelCounts:
+    """Stands in for the loaded programs' counters."""
+
+    def counts(self, path: str) -> dict:
+        return {("syn_answered", 4): 7 if path == "tc" else 11, ("validated", 6): 0 if path == "tc" else 3}
+
+
+def test_the_data_plane_and_the_programs_counts_are_exported():
+    metrics = service.FrontMetrics(queue_num=0)
+
+    def samples() -> dict:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in metrics.registry.collect() for s in family.samples}
+
+    assert samples()[("synproxy_front_data_plane", (("mode", "nfqueue"),))] == 1
+    metrics.kernel_path, metrics.data_plane, metrics.xdp_modes = KernelCounts(), "xdp", {"eth0": "native"}
+    found = samples()
+    assert found[("synproxy_front_data_plane", (("mode", "xdp"),))] == 1
+    assert found[("synproxy_front_xdp_attached", (("interface", "eth0"), ("mode", "native")))] == 1
+    kernel = "synproxy_front_kernel_packets_total"
+    assert found[(kernel, (("family", "ipv4"), ("outcome", "syn_answered"), ("path", "tc")))] == 7
+    assert found[(kernel, (("family", "ipv4"), ("outcome", "syn_answered"), ("path", "xdp")))] == 11
+    assert found[(kernel, (("family", "ipv6"), ("outcome", "validated"), ("path", "xdp")))] == 3

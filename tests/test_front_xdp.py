@@ -24,11 +24,20 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
 from synproxy import netns
-from synproxy.bpf.libbpf import prog_test_run
+from synproxy.bpf.libbpf import (
+    XDP_FLAGS_DRV_MODE,
+    BpfObject,
+    prog_test_run,
+    program_id,
+    xdp_attach,
+    xdp_attached_program,
+    xdp_detach,
+)
 from synproxy.bpf.loading import build_object
 from synproxy.front import fastpath
 from synproxy.front.fastpath import FastPath, FastPathError
 from synproxy.front.handler import Action, FrontPolicy, handle
+from synproxy.netlink import default_route_interfaces
 from synproxy.packet import ACK, build_tcp_packet
 from synproxy.salt import SaltSchedule
 from tests.lab_fixtures import needs_root
@@ -113,13 +122,13 @@ def fast_path(policy, schedule):
 def run(namespace: str, fast_path: FastPath, frame: bytes, ingress: str | None = None) -> tuple[int, bytes, dict]:
     """The verdict, the frame after, and the counters that moved; the frame comes in on ``ingress``
     (the namespace's loopback by default)."""
-    before = fast_path.counts()
+    before = fast_path.counts("xdp")
     with netns.inside(namespace):
         context = None
         if ingress is not None:
             context = XDP_MD.pack(0, len(frame), 0, socket.if_nametoindex(ingress), 0, 0)
         verdict, out = prog_test_run(fast_path.xdp_prog_fd, frame, context=context)
-    after = fast_path.counts()
+    after = fast_path.counts("xdp")
     return verdict, out, {key: after[key] - before[key] for key in after if after[key] != before[key]}
 
 
@@ -362,20 +371,46 @@ def test_a_syn_with_no_route_back_goes_to_the_queue(monkeypatch, namespace, fast
 
 def test_attached_natively_or_generically_never_over_another_program_and_detached_on_close(
         namespace, policy, schedule):
-    loaded, other = FastPath(build_object("front")), FastPath(build_object("front"))
+    loaded, other = FastPath(build_object("front")), BpfObject(build_object("xdp_pass"))
     with netns.inside(namespace):  # interface indexes are the namespace's: detach there too
         try:
             loaded.configure(policy, schedule)
-            # A veth has native XDP; the loopback only the generic kind.
-            assert loaded.attach_xdp([LINK, "lo"]) == {LINK: "native", "lo": "generic"}
+            # auto: a veth gets generic XDP (its native XDP_TX needs a program on the peer); the loopback
+            # has only the generic kind.
+            assert loaded.attach_xdp([LINK, "lo"]) == {LINK: "generic", "lo": "generic"}
             assert "prog/xdp" in netns.run(namespace, ["ip", "link", "show", LINK]).stdout
+            loaded.close()
+            loaded = FastPath(build_object("front"))
+            assert loaded.attach_xdp([LINK], "native") == {LINK: "native"}
+            loaded.close()
+            xdp_attach(socket.if_nametoindex(LINK), other.program_fd("xdp_pass"), XDP_FLAGS_DRV_MODE)
+            loaded = FastPath(build_object("front"))
             with pytest.raises(FastPathError, match=f"attaching XDP to {LINK} failed"):
-                other.attach_xdp([LINK])
+                loaded.attach_xdp([LINK], "native")
+            xdp_detach(socket.if_nametoindex(LINK), XDP_FLAGS_DRV_MODE, other.program_fd("xdp_pass"))
         finally:
             other.close()
             loaded.close()
     for interface in (LINK, "lo"):
         assert "xdp" not in netns.run(namespace, ["ip", "link", "show", interface]).stdout
+
+
+def test_a_program_a_killed_front_left_is_replaced(namespace, policy, schedule):
+    """SIGKILL leaves the XDP program attached (docs/front.md); the next front takes its place."""
+    dead, restarted = FastPath(build_object("front")), FastPath(build_object("front"))
+    with netns.inside(namespace):
+        ifindex = socket.if_nametoindex(LINK)
+        try:
+            dead.attach_xdp([LINK], "native")
+            left = xdp_attached_program(ifindex)
+            dead.xdp_attached.clear()  # as if the process had died: nothing detaches it
+            dead.close()
+            assert xdp_attached_program(ifindex) == left
+            assert restarted.attach_xdp([LINK], "native") == {LINK: "native"}
+            assert xdp_attached_program(ifindex)[0] == program_id(restarted.xdp_prog_fd) != left[0]
+        finally:
+            restarted.close()
+        assert xdp_attached_program(ifindex) is None
 
 
 def test_a_route_change_is_seen_within_the_route_cache_time(monkeypatch, namespace, cookie_vectors, schedule):
@@ -393,3 +428,30 @@ def test_a_route_change_is_seen_within_the_route_cache_time(monkeypatch, namespa
             netns.run(namespace, ["ip", "route", "del", "unreachable", f"{BACKENDS[0]}/32"])
     finally:
         loaded.close()
+
+
+def test_the_data_plane_is_chosen_as_configured_and_auto_says_why(namespace, policy, schedule):
+    with netns.inside(namespace):
+        assert default_route_interfaces() == (LINK,)  # the IPv4 and the IPv6 default route, one interface
+        mode, loaded, xdp_modes, reason = fastpath.select("auto", (LINK,), "auto", policy, schedule)
+        try:
+            assert (mode, xdp_modes, reason) == ("xdp", {LINK: "generic"}, "auto: xdp loaded and attached")
+            assert loaded.attached == [socket.if_nametoindex(LINK)]  # tc too: it answers SYNs XDP passes
+        finally:
+            loaded.close()
+        other = BpfObject(build_object("xdp_pass"))
+        try:  # someone else's XDP program: auto settles for tc, and says so
+            xdp_attach(socket.if_nametoindex(LINK), other.program_fd("xdp_pass"), XDP_FLAGS_DRV_MODE)
+            mode, loaded, xdp_modes, reason = fastpath.select("auto", (LINK,), "native", policy, schedule)
+            loaded.close()
+            assert (mode, xdp_modes) == ("tc", {})
+            assert reason.startswith(f"auto: tc loaded and attached; xdp: attaching XDP to {LINK} failed")
+            with pytest.raises(FastPathError, match=f"attaching XDP to {LINK} failed"):
+                fastpath.select("xdp", (LINK,), "native", policy, schedule)
+        finally:
+            xdp_detach(socket.if_nametoindex(LINK), XDP_FLAGS_DRV_MODE, other.program_fd("xdp_pass"))
+            other.close()
+        assert fastpath.select("nfqueue", (LINK,), "auto", policy, schedule)[:3] == ("nfqueue", None, {})
+        assert fastpath.select("auto", (), "auto", policy, schedule)[:3] == ("nfqueue", None, {})
+        with pytest.raises(FastPathError, match="front.interfaces: no network interface 'nope' here"):
+            fastpath.select("tc", ("nope",), "auto", policy, schedule)

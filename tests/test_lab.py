@@ -40,9 +40,10 @@ HTTP_WITH_INFO = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def lab():
-    with running_lab("spl", salt_period_seconds=PERIOD, clock_skew_seconds=SKEW) as lab:
+@pytest.fixture(scope="module", params=["auto", "nfqueue"])
+def lab(request):
+    """The default data plane (XDP here), and the NFQUEUE reference: the same tests, each its own lab."""
+    with running_lab("spl", salt_period_seconds=PERIOD, clock_skew_seconds=SKEW, data_plane=request.param) as lab:
         yield lab
 
 
@@ -51,6 +52,12 @@ FAMILIES = {4: (VIP, "198.18.1.2", "iptables"), 6: (VIP6, "2001:db8:1::2", "ip6t
 
 def url(vip: str) -> str:
     return f"http://[{vip}]/" if ":" in vip else f"http://{vip}/"
+
+
+def test_the_fronts_run_the_data_plane_asked_for(lab):
+    expected = ({"mode": "nfqueue", "xdp": {}} if lab.data_plane == "nfqueue"
+                else {"mode": "xdp", "xdp": {"eth0": "native"}})  # what a NIC gives; the lab forces it
+    assert lab.status()["data_planes"] == {host.name: expected for host in lab.by_role("front")}
 
 
 @pytest.mark.parametrize("family", [4, 6])

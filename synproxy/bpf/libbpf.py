@@ -72,6 +72,7 @@ _declare("bpf_tc_detach", ctypes.c_int, _voidp, _voidp)
 _declare("bpf_tc_query", ctypes.c_int, _voidp, _voidp)
 _declare("bpf_xdp_attach", ctypes.c_int, ctypes.c_int, ctypes.c_int, _u32, _voidp)
 _declare("bpf_xdp_detach", ctypes.c_int, ctypes.c_int, _u32, _voidp)
+_declare("bpf_xdp_query", ctypes.c_int, ctypes.c_int, ctypes.c_int, _voidp)
 _declare("bpf_prog_test_run_opts", ctypes.c_int, ctypes.c_int, _voidp)
 _declare("bpf_prog_get_fd_by_id", ctypes.c_int, _u32)
 _declare("bpf_map_get_fd_by_id", ctypes.c_int, _u32)
@@ -110,7 +111,12 @@ class _XdpAttachOpts(ctypes.Structure):  # struct bpf_xdp_attach_opts
     _fields_ = [("sz", ctypes.c_size_t), ("old_prog_fd", ctypes.c_int), ("_pad", ctypes.c_int)]
 
 
-assert ctypes.sizeof(_XdpAttachOpts) == 16
+class _XdpQueryOpts(ctypes.Structure):  # struct bpf_xdp_query_opts (libbpf 1.1)
+    _fields_ = [("sz", ctypes.c_size_t), ("prog_id", _u32), ("drv_prog_id", _u32), ("hw_prog_id", _u32),
+                ("skb_prog_id", _u32), ("attach_mode", ctypes.c_uint8)]
+
+
+assert ctypes.sizeof(_XdpAttachOpts) == 16 and ctypes.sizeof(_XdpQueryOpts) == 32
 assert ctypes.sizeof(TcHook) == 24 and ctypes.sizeof(TcOpts) == 32 and ctypes.sizeof(_TestRunOpts) == 80
 
 
@@ -262,6 +268,18 @@ def xdp_detach(ifindex: int, mode: int, prog_fd: int) -> bool:
     return True
 
 
+def xdp_attached_program(ifindex: int) -> tuple[int, int] | None:
+    """The id of the XDP program attached to the interface and its mode's flag (XDP_FLAGS_DRV_MODE or
+    XDP_FLAGS_SKB_MODE), or None."""
+    opts = _XdpQueryOpts(sz=ctypes.sizeof(_XdpQueryOpts))
+    _check(_lib.bpf_xdp_query(ifindex, 0, ctypes.byref(opts)), "bpf_xdp_query")
+    if opts.drv_prog_id:
+        return opts.drv_prog_id, XDP_FLAGS_DRV_MODE
+    if opts.skb_prog_id:
+        return opts.skb_prog_id, XDP_FLAGS_SKB_MODE
+    return None
+
+
 # struct bpf_prog_info / bpf_map_info (linux/bpf.h): only the leading fields read here.
 class _ProgInfo(ctypes.Structure):
     _fields_ = [("type", _u32), ("id", _u32), ("tag", ctypes.c_uint8 * 8), ("jited_prog_len", _u32),
@@ -286,6 +304,26 @@ def program_id(prog_fd: int) -> int:
     info = _ProgInfo()
     _info(prog_fd, info, "program info")
     return info.id
+
+
+def xdp_detach_id(ifindex: int, mode: int, prog_id: int) -> bool:
+    """xdp_detach for a program known by its id (one a process that died left attached)."""
+    prog_fd = _check(_lib.bpf_prog_get_fd_by_id(prog_id), "bpf_prog_get_fd_by_id")
+    try:
+        return xdp_detach(ifindex, mode, prog_fd)
+    finally:
+        os.close(prog_fd)
+
+
+def program_name(prog_id: int) -> str:
+    """A loaded program's name as the kernel keeps it: its first 15 characters."""
+    prog_fd = _check(_lib.bpf_prog_get_fd_by_id(prog_id), "bpf_prog_get_fd_by_id")
+    try:
+        info = _ProgInfo()
+        _info(prog_fd, info, "program info")
+    finally:
+        os.close(prog_fd)
+    return info.name.decode()
 
 
 def enable_run_time_stats() -> int:

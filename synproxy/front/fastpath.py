@@ -1,5 +1,5 @@
-"""The front's fast path: bpf/front.bpf.c answers SYNs (tc ingress) or handles every protected packet
-(XDP) before netfilter sees them.
+"""The front's kernel data plane: bpf/front.bpf.c answers SYNs (tc ingress) or handles every protected
+packet (XDP) before netfilter sees them; select() picks the mode front.data_plane asks for.
 
 A packet handled through NFQUEUE costs a netlink round trip and the Python handler (~35k packets/s per
 front); the programs build the same SYN-ACK, and at XDP the same encapsulation, in the kernel. The
@@ -24,10 +24,13 @@ from synproxy.bpf.libbpf import (
     XDP_FLAGS_UPDATE_IF_NOEXIST,
     BpfError,
     BpfObject,
+    program_name,
     tc_attach,
     tc_detach,
     xdp_attach,
+    xdp_attached_program,
     xdp_detach,
+    xdp_detach_id,
 )
 from synproxy.bpf.loading import (
     COUNTER,
@@ -44,9 +47,10 @@ from synproxy.bpf.loading import (
     replace_keys,
     sized_map,
 )
-from synproxy.config import Config
 from synproxy.front.handler import FrontPolicy
+from synproxy.logs import log
 from synproxy.maglev import DEFAULT_TABLE_SIZE
+from synproxy.netlink import interface_kind
 from synproxy.salt import SaltSchedule
 
 PROGRAM = "synproxy_front"
@@ -56,6 +60,8 @@ TC_HANDLE = TC_PRIORITY = 0x5346  # "SF": the backend program uses "SP", so one 
 OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", "unrouted", "unsent",
             "validated", "forwarded", "forwarded_bad_mac", "forwarded_expired_epoch", "too_big", "unparsed")
 FAMILIES = (4, 6)
+TC_OUTCOMES = OUTCOMES.index("validated")  # the tc program's are the first ones; the rest are XDP's
+PATHS = ("tc", "xdp")  # enum front_path: which program counted
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}  # tried in this order
 _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
 _FORWARDING = struct.Struct("=4s2sHQ16s16s")  # struct front_forwarding
@@ -147,29 +153,24 @@ class FastPath:
 
     def attach(self, interfaces: Iterable[str]) -> None:
         for name in interfaces:
-            try:
-                ifindex = interface_index(name)
-            except SetupError as error:
-                raise FastPathError(f"front.fast_path_interfaces: {error}") from None
+            ifindex = _interface_index(name)
             try:
                 tc_attach(ifindex, self.prog_fd, TC_HANDLE, TC_PRIORITY)
             except BpfError as error:
                 raise FastPathError(f"attaching to {name}'s tc ingress failed: {error.strerror}") from None
             self.attached.append(ifindex)
 
-    def attach_xdp(self, interfaces: Iterable[str]) -> dict[str, str]:
-        """Attach the XDP program, natively where the driver can, else in generic mode; never over
-        another program. Returns the mode per interface."""
+    def attach_xdp(self, interfaces: Iterable[str], xdp_mode: str = "auto") -> dict[str, str]:
+        """Attach the XDP program in ``xdp_mode`` (auto: xdp_modes_for()), never over another program but
+        over the one a dead front left. Returns the mode per interface."""
         modes = {}
         for name in interfaces:
-            try:
-                ifindex = interface_index(name)
-            except SetupError as error:
-                raise FastPathError(f"front.fast_path_interfaces: {error}") from None
+            ifindex = _interface_index(name)
+            _detach_leftover(name, ifindex)
             failures = []
-            for mode, flags in XDP_MODES.items():
+            for mode in xdp_modes_for(name, xdp_mode):
                 try:
-                    xdp_attach(ifindex, self.xdp_prog_fd, flags | XDP_FLAGS_UPDATE_IF_NOEXIST)
+                    xdp_attach(ifindex, self.xdp_prog_fd, XDP_MODES[mode] | XDP_FLAGS_UPDATE_IF_NOEXIST)
                 except BpfError as error:
                     failures.append(f"{mode}: {error.strerror}")
                     continue
@@ -179,12 +180,13 @@ class FastPath:
                 raise FastPathError(f"attaching XDP to {name} failed ({'; '.join(failures)})")
         return modes
 
-    def counts(self) -> dict[tuple[str, int], int]:
-        """The per-CPU counters summed, by (outcome, IP version)."""
+    def counts(self, path: str) -> dict[tuple[str, int], int]:
+        """One program's per-CPU counters summed, by (outcome, IP version)."""
+        base = PATHS.index(path) * len(OUTCOMES)
         totals = {}
-        for index, outcome in enumerate(OUTCOMES):
+        for index, outcome in enumerate(OUTCOMES if path == "xdp" else OUTCOMES[:TC_OUTCOMES]):
             for offset, family in enumerate(FAMILIES):
-                totals[outcome, family] = counter_total(self.counters, index * 2 + offset)
+                totals[outcome, family] = counter_total(self.counters, (base + index) * 2 + offset)
         return totals
 
     def close(self) -> None:
@@ -203,8 +205,40 @@ class FastPath:
         self.object.close()
 
 
-def start(config: Config, policy: FrontPolicy, schedule: SaltSchedule) -> FastPath:
-    """Build, load, fill and attach the program on the configured interfaces."""
+def _interface_index(name: str) -> int:
+    try:
+        return interface_index(name)
+    except SetupError as error:
+        raise FastPathError(f"front.interfaces: {error}") from None
+
+
+def xdp_modes_for(name: str, xdp_mode: str) -> tuple[str, ...]:
+    """The XDP modes to try on an interface, in order. auto: native, else generic; but generic alone on a
+    veth, whose native XDP_TX frames are lost unless the peer runs an XDP program too (docs/front.md)."""
+    if xdp_mode != "auto":
+        return (xdp_mode,)
+    return ("generic",) if interface_kind(name) == "veth" else ("native", "generic")
+
+
+def _detach_leftover(name: str, ifindex: int) -> None:
+    """A front killed with its program attached leaves it there (docs/front.md); only one front runs per
+    namespace (synproxy/instance.py), so a program of our name on the interface is that one's."""
+    try:
+        attached = xdp_attached_program(ifindex)
+        if attached is None or program_name(attached[0]) != XDP_PROGRAM[:15]:
+            return
+        xdp_detach_id(ifindex, attached[1], attached[0])
+    except BpfError as error:
+        raise FastPathError(f"removing the XDP program a previous front left on {name} failed: "
+                            f"{error.strerror}") from None
+    log("xdp_leftover_detached", interface=name, program_id=attached[0])
+
+
+def start(data_plane: str, interfaces: tuple[str, ...], xdp_mode: str, policy: FrontPolicy,
+          schedule: SaltSchedule) -> tuple[FastPath, dict[str, str]]:
+    """Build, load and fill the program, attach it at tc ingress on the interfaces and, for the xdp data
+    plane, at XDP too (the tc program answers the SYNs XDP passes for an unresolved neighbour). Returns it
+    and the XDP mode per interface."""
     try:
         fast_path = FastPath(build_object("front"))
     except SetupError as error:
@@ -213,8 +247,37 @@ def start(config: Config, policy: FrontPolicy, schedule: SaltSchedule) -> FastPa
         raise FastPathError(f"loading bpf/front.bpf.c failed: {error.strerror}") from None
     try:
         fast_path.configure(policy, schedule)
-        fast_path.attach(config.front.fast_path_interfaces)
+        fast_path.attach(interfaces)
+        xdp_modes = fast_path.attach_xdp(interfaces, xdp_mode) if data_plane == "xdp" else {}
     except BaseException:
         fast_path.close()
         raise
-    return fast_path
+    return fast_path, xdp_modes
+
+
+def select(wanted: str, interfaces: tuple[str, ...], xdp_mode: str, policy: FrontPolicy,
+           schedule: SaltSchedule) -> tuple[str, FastPath | None, dict[str, str], str]:
+    """The data plane front.data_plane asks for: (mode, the attached programs or None, XDP mode per
+    interface, why). auto tries xdp, then tc, then settles for nfqueue, logging each failure; an explicit
+    mode that fails raises FastPathError."""
+    if wanted == "nfqueue":
+        return "nfqueue", None, {}, "front.data_plane: nfqueue"
+    if not interfaces:
+        problem = "front.interfaces is empty and this node has no default route to take them from"
+        if wanted != "auto":
+            raise FastPathError(problem)
+        log("data_plane_unavailable", mode="xdp, tc", error=problem)
+        return "nfqueue", None, {}, f"auto: {problem}"
+    failures = []
+    for mode in ("xdp", "tc") if wanted == "auto" else (wanted,):
+        try:
+            fast_path, xdp_modes = start(mode, interfaces, xdp_mode, policy, schedule)
+        except FastPathError as error:
+            if wanted != "auto":
+                raise
+            log("data_plane_unavailable", mode=mode, error=str(error))
+            failures.append(f"{mode}: {error}")
+            continue
+        reason = f"front.data_plane: {mode}" if wanted == mode else f"auto: {mode} loaded and attached"
+        return mode, fast_path, xdp_modes, "; ".join([reason, *failures])
+    return "nfqueue", None, {}, "auto: " + "; ".join(failures)

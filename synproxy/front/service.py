@@ -30,7 +30,7 @@ from synproxy.encap import encap_key
 from synproxy.front import fastpath
 from synproxy.front.handler import TOO_BIG, Action, FrontPolicy, TokenBucket, handle
 from synproxy.logs import log
-from synproxy.netlink import local_addresses
+from synproxy.netlink import default_route_interfaces, local_addresses
 from synproxy.salt import SaltSchedule, SecretRotation
 
 QUEUE_MAX_LENGTH = 8192
@@ -51,8 +51,9 @@ IPV6_FRONT_SYSCTLS = {"net.ipv6.conf.all.forwarding": "1"}  # only with an IPv6 
 # front answers many clients), so a flood of big packets gets small answers only, and few.
 TOO_BIG_PER_SECOND, TOO_BIG_BURST = 100, 200
 FAILURE_LOG_SECONDS = 10.0  # a packet that fails once fails as often as someone sends it: log each reason this often
-# What a reload cannot change in a running front: the queue it holds, its metrics socket, its tc program.
-RESTART_KEYS = ("front.queue_num", "front.metrics_address", "front.fast_path_interfaces")
+# What a reload cannot change in a running front: the queue it holds, its metrics socket, its programs.
+RESTART_KEYS = ("front.queue_num", "front.metrics_address", "front.data_plane", "front.interfaces",
+                "front.xdp_mode")
 
 
 def ensure_sysctls(config: Config) -> None:
@@ -170,7 +171,9 @@ class FrontMetrics:
         self.restart_required = Gauge("synproxy_front_restart_required",
                                       "1 when the configuration holds changes only a restart applies",
                                       registry=self.registry)
-        self.fast_path: fastpath.FastPath | None = None
+        self.kernel_path: fastpath.FastPath | None = None
+        self.data_plane = "nfqueue"
+        self.xdp_modes: dict[str, str] = {}  # interface -> XDP attach mode
         self.packets: defaultdict[tuple[str, int], int] = defaultdict(int)  # (outcome, IP version)
         # By backend address, not position: a reload may add, remove or reorder backends.
         self.forwarded: defaultdict[str, int] = defaultdict(int)
@@ -187,13 +190,23 @@ class FrontMetrics:
         for backend, value in list(self.forwarded.items()):
             forwarded.add_metric([backend], value)
         yield forwarded
-        if self.fast_path is not None:
-            fast = CounterMetricFamily("synproxy_front_fast_path_packets",
-                                       "Packets the tc fast path saw, by outcome and IP version",
-                                       labels=["outcome", "family"])
-            for (outcome, family), value in self.fast_path.counts().items():
-                fast.add_metric([outcome, f"ipv{family}"], value)
-            yield fast
+        data_plane = GaugeMetricFamily("synproxy_front_data_plane", "1 for the data plane this front runs",
+                                       labels=["mode"])
+        data_plane.add_metric([self.data_plane], 1)
+        yield data_plane
+        xdp = GaugeMetricFamily("synproxy_front_xdp_attached", "1 per interface the XDP program is attached to, "
+                                "by attach mode", labels=["interface", "mode"])
+        for interface, mode in self.xdp_modes.items():
+            xdp.add_metric([interface, mode], 1)
+        yield xdp
+        if self.kernel_path is not None:
+            kernel = CounterMetricFamily("synproxy_front_kernel_packets",
+                                         "Packets the front's BPF programs saw, by program, outcome and IP version",
+                                         labels=["path", "outcome", "family"])
+            for path in ("tc", "xdp") if self.xdp_modes else ("tc",):
+                for (outcome, family), value in self.kernel_path.counts(path).items():
+                    kernel.add_metric([path, outcome, f"ipv{family}"], value)
+            yield kernel
 
 
 class _BoundedReader:
@@ -232,7 +245,7 @@ class Front:
         self.reload_requested: list[bool] = []
         self.housekeeping_due = 0.0
         self.packets_seen = 0
-        self.fast_path: fastpath.FastPath | None = None
+        self.kernel_path: fastpath.FastPath | None = None
         self.rules: firewall.RawChain | None = None
         self.protected: tuple = ((), ())  # the VIPs and ports the rules hold
 
@@ -311,17 +324,19 @@ class Front:
         self.rules = firewall.front_chain(queue_num)
         self.rules.install(config.vips, config.ports)
         self.protected = (config.vips, config.ports)
+        interfaces = config.front.interfaces or default_route_interfaces()
         try:
-            self.fast_path = (fastpath.start(config, self.policy, self.schedule)
-                              if config.front.fast_path_interfaces else None)
+            mode, self.kernel_path, xdp_modes, reason = fastpath.select(
+                config.front.data_plane, interfaces, config.front.xdp_mode, self.policy, self.schedule)
         except fastpath.FastPathError as error:
             self.rules.remove(config.vips, config.ports)
             queue.unbind()
-            raise SystemExit(f"synproxy: front fast path: {error}") from None
-        self.metrics.fast_path = self.fast_path
+            raise SystemExit(f"synproxy: front data plane {config.front.data_plane}: {error}") from None
+        self.metrics.kernel_path, self.metrics.data_plane, self.metrics.xdp_modes = self.kernel_path, mode, xdp_modes
+        log("data_plane_selected", mode=mode, interfaces=list(interfaces) if self.kernel_path else [],
+            xdp_modes=xdp_modes, reason=reason)
         log("front_started", queue=queue_num, vips=[str(v) for v in config.vips], ports=list(config.ports),
-            backends=[str(b) for b in config.backends], farm_address=str(farm_address(config)),
-            fast_path_interfaces=list(config.front.fast_path_interfaces))
+            backends=[str(b) for b in config.backends], farm_address=str(farm_address(config)), data_plane=mode)
         # A duplicate of the queue's descriptor, read blocking with the kernel's receive timeout:
         # one system call per packet (a select() before each non-blocking read cost twice the CPU
         # per SYN at 10k SYN/s; Python's own socket timeout polls before every read too). When the
@@ -338,17 +353,17 @@ class Front:
                 if reload:
                     reload.clear()
                     self.reload()
-                if self.fast_path is not None:
+                if self.kernel_path is not None:
                     try:
-                        self.fast_path.refresh(self.policy, self.schedule, time.time())
+                        self.kernel_path.refresh(self.policy, self.schedule, time.time())
                     except fastpath.FastPathError as error:  # its SYNs fall back to the queue (no_salt)
-                        log("fast_path_refresh_failed", error=str(error))
+                        log("kernel_path_refresh_failed", error=str(error))
                 self.housekeeping_due = time.monotonic() + HOUSEKEEPING_SECONDS
                 queue.run_socket(reader)
         finally:
             sock.close()
-            if self.fast_path is not None:
-                self.fast_path.close()
+            if self.kernel_path is not None:
+                self.kernel_path.close()
             self.rules.remove(*self.protected)
             queue.unbind()
             log("front_stopped", queue=queue_num)
@@ -364,8 +379,8 @@ class Front:
             if wanted != self.protected:
                 self.rules.replace(self.protected, wanted)
                 self.protected = wanted
-            if self.fast_path is not None:
-                self.fast_path.configure(self.policy, self.schedule)
+            if self.kernel_path is not None:
+                self.kernel_path.configure(self.policy, self.schedule)
         except (ConfigError, firewall.FirewallError, fastpath.FastPathError) as error:
             log("config_reload_failed", error=str(error))
             return
@@ -381,7 +396,8 @@ class Front:
 
 def restart_settings(config: Config) -> tuple:
     """The values of RESTART_KEYS, in that order."""
-    return config.front.queue_num, config.front.metrics_address, config.front.fast_path_interfaces
+    front = config.front
+    return front.queue_num, front.metrics_address, front.data_plane, front.interfaces, front.xdp_mode
 
 
 def main(args: argparse.Namespace) -> int:

@@ -5,34 +5,29 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import urllib.request
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, Lab
-from synproxy.netns import inside
+from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, Lab, scrape
 
 CROSS_NODE_PORTS = (50000, 50999)
 
 
-def scrape(lab: Lab, host: str, address: str, port: int) -> dict[tuple, float]:
-    """One node's Prometheus metrics, fetched from inside the lab (the client's namespace)."""
-    with inside(lab.ns("client")):
-        text = urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=5).read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
 def front_summary(samples: dict) -> dict[str, float]:
-    """A front's packet outcomes folded into what the report shows: answered (by the queue or the tc fast
-    path), validated, forwarded, dropped by the front, and dropped by the kernel at its full queue."""
+    """A front's packet outcomes folded into what the report shows: answered, validated and forwarded (by
+    the queue or the kernel's programs), dropped by the front, and dropped by the kernel at its full queue.
+    What a program passes on, the queue counts."""
     summary = {"syn_answered": 0.0, "validated": 0.0, "forwarded": 0.0, "dropped": 0.0, "queue_dropped": 0.0}
     for (name, labels), value in samples.items():
         if name in ("synproxy_front_queue_dropped_total", "synproxy_front_queue_user_dropped_total"):
             summary["queue_dropped"] += value
-        outcome = dict(labels).get("outcome")
-        if name == "synproxy_front_fast_path_packets_total" and outcome in ("syn_answered", "unsent"):
-            summary["syn_answered" if outcome == "syn_answered" else "dropped"] += value  # answered in tc
+        labels = dict(labels)
+        outcome = labels.get("outcome", "")
+        if name == "synproxy_front_kernel_packets_total":
+            if outcome in ("syn_answered", "validated"):
+                summary[outcome] += value
+            elif outcome.startswith("forwarded"):
+                summary["forwarded"] += value
+            elif outcome == "unsent" and labels["path"] == "tc":  # the tc program drops it; XDP passes it on
+                summary["dropped"] += value
         if name != "synproxy_front_packets_total":
             continue
         key = outcome if outcome in summary else "forwarded" if outcome.startswith("forwarded") else "dropped"
@@ -77,11 +72,13 @@ def report(lab: Lab, ordinary: dict, crossed: dict, curls: list, flooded: dict) 
     print(f"curl: {sum(c.returncode == 0 for c in curls)}/{len(curls)} requests answered")
     print(f"cross-node handshakes (SYN to front0, ACK to front2): "
           f"{crossed['completed']}/{crossed['attempted']} completed")
-    print(f"{'front':8} {'SYN-ACKs sent':>14} {'ACKs validated':>15} {'forwarded':>10} {'dropped':>8} "
-          f"{'queue drops':>12}")
+    print(f"{'front':8} {'data plane':>18} {'SYN-ACKs sent':>14} {'ACKs validated':>15} {'forwarded':>10} "
+          f"{'dropped':>8} {'queue drops':>12}")
     for host in lab.by_role("front"):
         summary = front_summary(scrape(lab, host.name, host.address, FRONT_METRICS_PORT))
-        print(f"{host.name:8} {summary['syn_answered']:14.0f} {summary['validated']:15.0f} "
+        plane = lab.data_plane_of(host)
+        shown = f"{plane['mode']} ({', '.join(sorted(set(plane['xdp'].values())))})" if plane.get("xdp") else plane.get("mode")
+        print(f"{host.name:8} {shown!s:>18} {summary['syn_answered']:14.0f} {summary['validated']:15.0f} "
               f"{summary['forwarded']:10.0f} {summary['dropped']:8.0f} {summary['queue_dropped']:12.0f}")
     print(f"{'backend':8} {'connections created':>20} {'SYNs received':>14}")
     for host in lab.by_role("backend"):

@@ -23,9 +23,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from synproxy.bpf.libbpf import XDP_FLAGS_DRV_MODE, BpfObject, xdp_attach
+from synproxy.bpf.loading import build_object
 from synproxy.instance import CAP_SYS_ADMIN, has_capability
 from synproxy.netns import add_addresses, inside, link, pids_inside, set_tx_checksum_offload, write_sysctls
 
@@ -78,7 +81,7 @@ class Lab:
     salt_period_seconds: float = 60.0
     clock_skew_seconds: float = 2.0
     prometheus: bool = False
-    fast_path: bool = False  # fronts answer SYNs in tc (front.fast_path_interfaces: [eth0])
+    data_plane: str = "auto"  # the fronts' front.data_plane (docs/front.md)
 
     @property
     def state_dir(self) -> Path:
@@ -88,10 +91,14 @@ class Lab:
     def config_path(self) -> Path:
         return self.state_dir / "synproxy.yaml"
 
-    @property
-    def fast_path_config_path(self) -> Path:
-        """The same configuration with the fronts' tc fast path on eth0."""
-        return self.state_dir / "synproxy-fast-path.yaml"
+    def config_for(self, data_plane: str) -> Path:
+        """The configuration a front runs with another data plane than the lab's (the same otherwise)."""
+        if data_plane == self.data_plane:
+            return self.config_path
+        path = self.state_dir / f"synproxy-{data_plane}.yaml"
+        path.write_text(self.config_path.read_text().replace(f"data_plane: {self.data_plane}\n",
+                                                             f"data_plane: {data_plane}\n"))
+        return path
 
     def ns(self, host: str) -> str:
         return f"{self.name}-{host}"
@@ -162,10 +169,15 @@ class Lab:
             add_addresses(namespace, "eth0", f"{host.address}/24", f"{host.address6}/64")
             add_addresses(router, host.name, f"{host.router_side}/24", f"{host.router_side6}/64")
             self._default_routes(host)
-            if host.role == "client" and self.fast_path:
+            if host.role in ("client", "attacker") and self.data_plane != "nfqueue":
                 # A veth leaves a local sender's checksums unfinished (the receiver trusts them); from a
-                # wire they arrive complete. The fast path answers only SYNs whose checksum it can verify.
+                # wire they arrive complete. The programs answer only SYNs whose checksum they can verify,
+                # and native XDP sees no sign that a forwarded segment's is unfinished (docs/front.md).
                 set_tx_checksum_offload(namespace, "eth0", False)
+            if host.role == "front":
+                # The fronts run native XDP, as on a NIC: a veth delivers the frames it sends back only
+                # when its peer runs an XDP program too.
+                attach_xdp_pass(router, host.name)
             if host.role == "backend":
                 add_addresses(namespace, "lo", f"{VIP}/32", f"{VIP6}/128")
                 # No TIME_WAIT on the backends: a client reusing a 4-tuple within 60 s would otherwise
@@ -204,15 +216,15 @@ class Lab:
             "flow_secret_file: flow-secret.hex\n"
             f"fronts: [{fronts}]\nbackends: [{backends}]\n"
             f"salt_period_seconds: {self.salt_period_seconds}\nclock_skew_seconds: {self.clock_skew_seconds}\n"
-            f"front:\n  metrics_address: 0.0.0.0:{FRONT_METRICS_PORT}\n"
+            f"front:\n  metrics_address: 0.0.0.0:{FRONT_METRICS_PORT}\n  data_plane: {self.data_plane}\n"
+            "  xdp_mode: native\n"
             f"backend:\n  interface: eth0\n  metrics_address: 0.0.0.0:{BACKEND_METRICS_PORT}\n")
         self.config_path.write_text(text)
-        self.fast_path_config_path.write_text(text.replace("\nfront:\n", "\nfront:\n  fast_path_interfaces: [eth0]\n"))
 
-    def start_front(self, name: str, fast_path: bool | None = None) -> None:
-        """Start (or, after a crash, restart) a front's process; it clears rules a dead one left.
-        ``fast_path`` overrides the lab's choice of the tc fast path for this start."""
-        config = self.fast_path_config_path if (self.fast_path if fast_path is None else fast_path) else self.config_path
+    def start_front(self, name: str, data_plane: str | None = None) -> None:
+        """Start (or, after a crash, restart) a front's process; it clears rules and programs a dead one
+        left. ``data_plane`` overrides the lab's for this start."""
+        config = self.config_for(data_plane or self.data_plane)
         self._start(name, [sys.executable, "-m", "synproxy.cli", "front", "--config", str(config)],
                     '"event": "front_started"')
 
@@ -354,9 +366,46 @@ class Lab:
 
     def status(self) -> dict:
         state = self._state()
+        processes = {label: _alive(pid) for label, pid in state["pids"].items()}
         return {"name": self.name, "exists": (self.state_dir / "state.json").exists(),
                 "namespaces": [n for n in state["namespaces"] if n in netns.listnetns()],
-                "processes": {label: _alive(pid) for label, pid in state["pids"].items()}}
+                "processes": processes,
+                "data_planes": {h.name: self.data_plane_of(h) for h in self.by_role("front") if processes.get(h.name)}}
+
+    def data_plane_of(self, front: Host) -> dict:
+        """What a running front says it runs, from its metrics: the mode, and the XDP mode per interface."""
+        try:
+            samples = scrape(self, front.name, front.address, FRONT_METRICS_PORT)
+        except OSError as error:
+            return {"error": f"metrics unreachable: {error}"}
+        found: dict = {"mode": None, "xdp": {}}
+        for (name, labels), value in samples.items():
+            labels = dict(labels)
+            if name == "synproxy_front_data_plane" and value:
+                found["mode"] = labels["mode"]
+            elif name == "synproxy_front_xdp_attached" and value:
+                found["xdp"][labels["interface"]] = labels["mode"]
+        return found
+
+
+def scrape(lab: Lab, host: str, address: str, port: int) -> dict[tuple, float]:
+    """One node's Prometheus metrics, fetched from inside the lab (the client's namespace); ``host`` names
+    the node for the reader."""
+    with inside(lab.ns("client")):
+        text = urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=5).read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def attach_xdp_pass(namespace: str, interface: str) -> None:
+    """bpf/xdp_pass.bpf.c on an interface, natively; it stays attached after the object is closed (the
+    kernel holds the program) until the interface goes."""
+    program = BpfObject(build_object("xdp_pass"))
+    try:
+        with inside(namespace):
+            xdp_attach(socket.if_nametoindex(interface), program.program_fd("xdp_pass"), XDP_FLAGS_DRV_MODE)
+    finally:
+        program.close()
 
 
 def _require_root() -> None:
