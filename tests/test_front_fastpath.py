@@ -20,7 +20,7 @@ from scapy.packet import Raw, raw
 
 from synproxy import netns
 from synproxy.bpf.libbpf import prog_test_run
-from synproxy.bpf.loading import bpf_dir, build_object
+from synproxy.bpf.loading import bpf_dir
 from synproxy.front import fastpath
 from synproxy.front.fastpath import FAMILIES, OUTCOMES, FastPath, FastPathError
 from synproxy.front.handler import Action, FrontPolicy, handle
@@ -62,14 +62,6 @@ def policy(cookie_vectors):
 @pytest.fixture(scope="module")
 def schedule(cookie_vectors):
     return SaltSchedule((bytes.fromhex(cookie_vectors["secret"]),), period=PERIOD, skew=0)
-
-
-@pytest.fixture(scope="module")
-def fast_path(policy, schedule):
-    loaded = FastPath(build_object("front"))
-    loaded.configure(policy, schedule)
-    yield loaded
-    loaded.close()
 
 
 def set_clock(monkeypatch, fast_path, policy, schedule, now: float) -> None:

@@ -111,14 +111,6 @@ def schedule(cookie_vectors):
     return SaltSchedule((bytes.fromhex(cookie_vectors["secret"]),), period=PERIOD, skew=2)
 
 
-@pytest.fixture(scope="module")
-def fast_path(policy, schedule):
-    loaded = FastPath(build_object("front"))
-    loaded.configure(policy, schedule)
-    yield loaded
-    loaded.close()
-
-
 def run(namespace: str, fast_path: FastPath, frame: bytes, ingress: str | None = None) -> tuple[int, bytes, dict]:
     """The verdict, the frame after, and the counters that moved; the frame comes in on ``ingress``
     (the namespace's loopback by default)."""
