@@ -14,7 +14,6 @@ import sys
 from pyroute2 import NetNS
 
 from synproxy.lab.topology import SPOOFED_SOURCES, VIP, Lab
-from synproxy.netns import set_tx_checksum_offload
 
 FRONT, BACKEND = "front0", "backend0"
 PORT = 80  # flooded, protected and probed: the HTTP server's port
@@ -33,6 +32,9 @@ class Contender:
     serves_clients = True   # legitimate clients can connect through it (the probe runs for all alike)
     answers = "SYN-ACKs"     # what its answered count is
     scenarios = ("syn", "ack", "mixed", "upload")  # the ones it takes part in (harness.SCENARIOS)
+    # Measured only at the highest rate: what a floor costs per packet is read where its CPU is busy
+    # (paced steps read the idle CPU's wake-ups more than the work: benchmarks/README.md, Method).
+    top_rate_only = False
 
     def enter(self, lab: Lab) -> None:
         pass
@@ -44,6 +46,10 @@ class Contender:
         """The user-space process doing the work, if there is one (its own CPU time is reported)."""
         return None
 
+    def running(self, lab: Lab) -> dict:
+        """What the contender says it runs, where it can say (the front: its data plane)."""
+        return {}
+
 
 class Sink(Contender):
     name = "sink"
@@ -51,6 +57,7 @@ class Sink(Contender):
     serves_clients = False
     answers = "packets dropped"
     scenarios = ("syn",)
+    top_rate_only = True
 
     def enter(self, lab: Lab) -> None:
         nft(lab, FRONT, "table inet synproxy_bench_sink {\n chain prerouting {\n"
@@ -67,6 +74,7 @@ class NfqueueFloor(Contender):
     serves_clients = False
     answers = "packets read"
     scenarios = ("syn",)
+    top_rate_only = True
 
     floor_args: tuple[str, ...] = ()
 
@@ -100,10 +108,13 @@ class NfqueueAnswerFloor(NfqueueFloor):
 
 class Front(Contender):
     name = "synproxy-front"
-    description = "this project: `synproxy front` on front0 (NFQUEUE), BPF backend, direct server return"
+    description = ("this project as users get it: `synproxy front` on front0 with the default "
+                   "`front.data_plane: auto` (native XDP here: every packet to the VIP in the kernel), BPF "
+                   "backend, direct server return")
+    data_plane: str | None = None  # None: the lab's, auto
 
     def enter(self, lab: Lab) -> None:
-        lab.start_front(FRONT)
+        lab.start_front(FRONT, data_plane=self.data_plane)
 
     def leave(self, lab: Lab) -> None:
         lab.stop_process(FRONT)
@@ -111,19 +122,23 @@ class Front(Contender):
     def pid(self, lab: Lab) -> int | None:
         return lab.pid(FRONT)
 
+    def running(self, lab: Lab) -> dict:
+        """The data plane the front says it selected (its metrics): a contender is what it ran, not what
+        it was asked for."""
+        return lab.data_plane_of(lab_host(lab, FRONT))
 
-class FrontFastPath(Front):
-    name = "synproxy-front-fast-path"
-    description = ("the same with `front.data_plane: tc`: a tc program (bpf/front.bpf.c) answers "
-                   "SYNs, the queue gets the rest; the client sends complete checksums, as from a wire")
 
-    def enter(self, lab: Lab) -> None:
-        set_tx_checksum_offload(lab.ns("client"), "eth0", False)
-        lab.start_front(FRONT, data_plane="tc")
+class FrontTc(Front):
+    name = "synproxy-front-tc"
+    description = ("the same with `front.data_plane: tc`: a tc program (bpf/front.bpf.c) answers the SYNs, "
+                   "NFQUEUE and the Python handler get the rest")
+    data_plane = "tc"
 
-    def leave(self, lab: Lab) -> None:
-        lab.stop_process(FRONT)
-        set_tx_checksum_offload(lab.ns("client"), "eth0", True)
+
+class FrontNfqueue(Front):
+    name = "synproxy-front-nfqueue"
+    description = "the same with `front.data_plane: nfqueue`: the Python handler on NFQUEUE gets every packet"
+    data_plane = "nfqueue"
 
 
 class PlainBackend(Contender):
@@ -204,4 +219,4 @@ def lab_host(lab: Lab, name: str):
     return next(host for host in lab.hosts if host.name == name)
 
 
-ALL = (Sink, NfqueueFloor, NfqueueAnswerFloor, Front, FrontFastPath, KernelSyncookies, IptablesSynproxy)
+ALL = (Sink, NfqueueFloor, NfqueueAnswerFloor, Front, FrontTc, FrontNfqueue, KernelSyncookies, IptablesSynproxy)

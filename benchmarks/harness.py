@@ -38,7 +38,9 @@ from benchmarks.measure import (
     pin_process,
     process_cpu_seconds,
     program_stats,
+    steer_napi,
     steer_receive,
+    veth_drops,
 )
 from benchmarks.options import FLOOD_RATES, FULL_RATES, QUICK_FLOOD_RATES, QUICK_RATES, SCENARIOS
 from synproxy.front.service import queue_stats
@@ -59,6 +61,7 @@ OTHER_LOAD = 0.1                 # other sessions' processes using more than thi
 # reused ports after ~20 s, which read as flood losses in the later steps.
 PROBE_PORTS = range(20000, 60000)
 PROFILE_FILE = "front-profile.txt"
+PROFILED = "synproxy-front-nfqueue"  # --profile: the front whose Python handler answers the SYNs
 SHORT_OF_NOMINAL = 0.9           # a step that delivered less than this share of the nominal rate is flagged
 UPLOAD_BYTES, QUICK_UPLOAD_BYTES = 200_000_000, 50_000_000
 
@@ -142,10 +145,18 @@ class Bench:
         text = self.lab.run(FRONT, ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
         return queue_stats(QUEUE, text) or {"length": 0, "dropped": 0, "user_dropped": 0, "id_sequence": 0}
 
-    def pin(self, contender: Contender) -> None:
-        """The contender's processes and the backend's (its data plane and servers) onto the contender CPU."""
+    def pin(self, contender: Contender) -> list[int]:
+        """The contender's processes and the backend's (its data plane and servers) onto the contender CPU,
+        and front0's receive poll when a native XDP program runs it (measure.steer_napi); returns the
+        poll threads pinned."""
         for pid in (contender.pid(self.lab), self.lab.pid(BACKEND), self.lab.pid(f"{BACKEND}-servers")):
             pin_process(pid, CONTENDER_CPU)
+        return steer_napi(self.lab.ns(FRONT), "eth0", CONTENDER_CPU)
+
+    def veth_drops(self) -> dict[str, dict[str, int]]:
+        """Drop counters of both ends of front0's veth, where native XDP can lose frames."""
+        return {f"router {FRONT}": veth_drops(self.lab.ns("router"), FRONT),
+                f"{FRONT} eth0": veth_drops(self.lab.ns(FRONT), "eth0")}
 
     def programs(self) -> dict[int, str]:
         return {prog_id: f"{host} {where}" for host in (FRONT, BACKEND)
@@ -156,7 +167,7 @@ class Bench:
                 "process": process_cpu_seconds(contender.pid(self.lab)), "generated": self.sent_packets(),
                 "sent": self.delivered(), **self.counters("router"), **self.counters(BACKEND), "queue": self.queue(),
                 "bpf": program_stats(set(programs)), "backlog_drops": backlog_drops(),
-                "others": self.other_load.totals()}
+                "veth": self.veth_drops(), "others": self.other_load.totals()}
 
     def window(self, contender: Contender, flood: str | None, rate: int, seconds: float,
                profile: bool = False) -> dict:
@@ -200,8 +211,8 @@ class Bench:
             "queue_read": packets_read(before["queue"], after["queue"]),
             "queue_dropped": (after["queue"]["dropped"] + after["queue"]["user_dropped"]
                               - before["queue"]["dropped"] - before["queue"]["user_dropped"]),
-            "bpf": {programs[prog_id]: [after["bpf"][prog_id][i] - before["bpf"][prog_id][i] for i in (0, 1)]
-                    for prog_id in programs if prog_id in after["bpf"] and prog_id in before["bpf"]},
+            "bpf": bpf_moved(programs, before["bpf"], after["bpf"]),
+            "veth_drops": counters_moved(before["veth"], after["veth"]),
             **{key: after[key] - before[key] for key in ("generated", "sent", "synacks", "resets", "flood_syns",
                                                          "flood_acks", "backlog_drops")},
         }
@@ -213,16 +224,21 @@ class Bench:
         return figures(contender, flood, rate, repetition, idle, loaded)
 
     def upload(self, contender: Contender, repetition: int) -> dict:
-        """One bulk upload to the VIP from the client (on the generator's CPU), no flood, no probe."""
+        """One bulk upload to the VIP from the client (on the generator's CPU), no flood, no probe; the BPF
+        programs' own time per packet (every packet of it forwarded, for a front in the kernel)."""
+        programs = self.programs()
+        bpf_before, veth_before = program_stats(set(programs)), self.veth_drops()
         before = busy_per_cpu()
         done = self.lab.run("client", ["taskset", "-c", str(GENERATOR_CPU), sys.executable, "-m", "benchmarks.upload",
                                        "--target", VIP, "--port", str(PORT), "--bytes", str(self.upload_bytes),
                                        "--seconds", str(max(10.0, self.seconds))], timeout=120)
         busy = busy_per_cpu()
+        bpf = bpf_moved(programs, bpf_before, program_stats(set(programs)))
         result = json.loads(done.stdout)
         contender_cpu = busy[CONTENDER_CPU] - before[CONTENDER_CPU]
         return {"scenario": "upload", "contender": contender.name, "repetition": repetition, **result,
-                "contender_cpu_seconds": round(contender_cpu, 3),
+                "contender_cpu_seconds": round(contender_cpu, 3), "bpf": per_run(bpf),
+                "veth_drops": counters_moved(veth_before, self.veth_drops()),
                 "contender_cpu_us_per_mb": (round(1e6 * contender_cpu / (result["bytes"] / 1e6), 1)
                                             if result["bytes"] else None)}
 
@@ -273,9 +289,7 @@ def figures(contender: Contender, flood: str, rate: int, repetition: int, idle: 
     contender_cpu, generator_cpu = cpu[CONTENDER_CPU], cpu[GENERATOR_CPU]
     contender_cpu_raw = net(loaded["busy"][CONTENDER_CPU], idle["busy"].get(CONTENDER_CPU, 0.0))
     process = (net(loaded["process"], idle["process"] or 0.0) if loaded["process"] is not None else None)
-    bpf = {}
-    for where, (run_ns, runs) in loaded["bpf"].items():
-        bpf[where] = {"runs": runs, "ns_per_run": round(run_ns / runs) if runs else None}
+    bpf = per_run(loaded["bpf"])
 
     def per(value: float | None, count: int) -> float | None:
         return round(1e6 * value / count, 2) if value is not None and count > 0 else None
@@ -304,8 +318,31 @@ def figures(contender: Contender, flood: str, rate: int, repetition: int, idle: 
         "generator_cpu_us_per_packet": per(generator_cpu, sent),
         "process_us_per_answer": per(process, answered) if flood == "syn" else None,
         "process_us_per_packet": per(process, sent),
-        "bpf": bpf, "legit": loaded["legit"], "idle_legit": idle["legit"],
+        "bpf": bpf, "veth_drops": loaded.get("veth_drops", {}), "idle_veth_drops": idle.get("veth_drops", {}),
+        "legit": loaded["legit"], "idle_legit": idle["legit"],
     }
+
+
+def bpf_moved(programs: dict[int, str], before: dict, after: dict) -> dict[str, list[int]]:
+    """run_time_ns and run_cnt each attached program added between two readings, by place and name."""
+    return {programs[prog_id]: [after[prog_id][i] - before[prog_id][i] for i in (0, 1)]
+            for prog_id in programs if prog_id in after and prog_id in before}
+
+
+def per_run(moved: dict[str, list[int]]) -> dict[str, dict]:
+    return {where: {"runs": runs, "ns_per_run": round(run_ns / runs) if runs else None}
+            for where, (run_ns, runs) in moved.items()}
+
+
+def counters_moved(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Per place, the counters that moved between two readings (veth drops: nothing moved, nothing shown)."""
+    moved = {}
+    for where, counters in after.items():
+        changed = {name: value - before.get(where, {}).get(name, 0) for name, value in counters.items()
+                   if value != before.get(where, {}).get(name, 0)}
+        if changed:
+            moved[where] = changed
+    return moved
 
 
 def packets_read(before: dict, after: dict) -> int:
@@ -325,9 +362,12 @@ def rotated(items: list, turn: int) -> list:
 def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: float, idle_seconds: float,
         repetitions: int, upload_bytes: int, chosen: list[type[Contender]], output: Path, profile: bool) -> dict:
     output.mkdir(parents=True, exist_ok=True)
-    lab = Lab(name=unique_name("bench"), hosts=default_hosts(fronts=1, backends=1), data_plane="nfqueue")
+    # The lab as users run it (front.data_plane auto): clients send complete checksums, as from a wire,
+    # and the router's side of front0 runs an XDP program (synproxy.lab.topology), for every contender.
+    lab = Lab(name=unique_name("bench"), hosts=default_hosts(fronts=1, backends=1))
     steps: list[dict] = []
     uploads: list[dict] = []
+    running: dict[str, list[dict]] = {}
     started = time.time()
     stats_fd = enable_bpf_stats()
     contenders = [contender_class() for contender_class in chosen]
@@ -345,15 +385,19 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
                 print(f"bench: repetition {repetition + 1}/{repetitions}: {contender.name}", file=sys.stderr,
                       flush=True)
                 contender.enter(lab)
-                bench.pin(contender)
+                napi_threads = bench.pin(contender)
+                reported = {**contender.running(lab), **({"napi_threads_pinned": len(napi_threads)}
+                                                         if napi_threads else {})}
+                if reported:
+                    running.setdefault(contender.name, []).append(reported)
                 try:
                     for scenario in wanted:
                         if scenario == "upload":
                             uploads.append(bench.upload(contender, repetition))
                             print(f"bench:   {json.dumps(uploads[-1])}", file=sys.stderr, flush=True)
                             continue
-                        for rate in rates[scenario]:
-                            profile_now = (profile and repetition == 0 and contender.name == "synproxy-front"
+                        for rate in rates_for(contender, rates[scenario]):
+                            profile_now = (profile and repetition == 0 and contender.name == PROFILED
                                            and scenario == "syn" and rate == rates[scenario][-1])
                             steps.append(bench.step(contender, scenario, rate, repetition, profile_now))
                             print(f"bench:   {json.dumps(steps[-1])}", file=sys.stderr, flush=True)
@@ -374,8 +418,16 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
         "generator_cpu": GENERATOR_CPU, "contender_cpu": CONTENDER_CPU, "scenarios": list(scenarios),
         "rates": {scenario: list(rates[scenario]) for scenario in scenarios if scenario in rates},
         "upload_bytes": upload_bytes,
-        "contenders": {c.name: c.description for c in chosen}, "steps": steps, "uploads": uploads,
+        "contenders": {c.name: c.description for c in chosen}, "running": running, "steps": steps,
+        "uploads": uploads,
     }
+
+
+def rates_for(contender: Contender, rates: tuple[int, ...]) -> tuple[int, ...]:
+    """The rates a contender is measured at: all, or only the highest (0, unpaced, is the highest)."""
+    if not contender.top_rate_only:
+        return rates
+    return (max(rates, key=lambda rate: rate or float("inf")),)
 
 
 def hot_functions(raw_profile: Path, top: int = 30) -> str:

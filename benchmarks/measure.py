@@ -20,6 +20,7 @@ CONTENDER_CPU = 1
 BPF_SYSCALL = 321          # x86_64 __NR_bpf
 BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
+NAPI_PRIORITY = 50         # SCHED_FIFO priority of a pinned NAPI thread (steer_napi)
 
 
 def busy_per_cpu() -> dict[int, float]:
@@ -63,6 +64,58 @@ def steer_receive(namespace: str, interface: str, cpu: int) -> None:
     subprocess.run(["ip", "netns", "exec", namespace, "sh", "-c",
                     f"echo {1 << cpu:x} > /sys/class/net/{interface}/queues/rx-0/rps_cpus"],
                    check=True, capture_output=True, timeout=10)
+
+
+def steer_napi(namespace: str, interface: str, cpu: int) -> list[int]:
+    """Native XDP on a veth runs in the receiving queue's NAPI poll, which the kernel schedules on the
+    sending CPU (the router's forwarding, on the generator's CPU): RPS comes after XDP and cannot move
+    it. Threaded NAPI gives the poll a kernel thread, ``napi/<interface>-<id>``, which is pinned to
+    ``cpu`` and made SCHED_FIFO (NAPI_PRIORITY, that of threaded interrupt handlers): the receive work
+    RPS hands the other contenders runs in softirq, before any task on its CPU, while a thread at the
+    normal policy waited behind the backend's servers and other sessions' tests, and the veth's
+    256-frame ring overflowed meanwhile (1.5k of 13k frames at 40k/s in one quick run). The thread
+    exists while a program is attached (the setting outlives a detach; each attach makes a new
+    thread), so call this after the program is attached. Returns the threads pinned. The thread is
+    found by name: another namespace's threaded ``interface`` would be pinned too (nothing else on this
+    machine turns threaded NAPI on)."""
+    done = subprocess.run(["ip", "netns", "exec", namespace, "sh", "-c",
+                           f"echo 1 > /sys/class/net/{interface}/threaded"],
+                          capture_output=True, text=True, timeout=10, check=False)
+    if done.returncode != 0:  # no NAPI instance (no XDP program on a veth): nothing runs in a poll
+        return []
+    pinned = []
+    for entry in os.scandir("/proc"):
+        try:
+            if entry.name.isdigit() and Path(f"/proc/{entry.name}/comm").read_text().startswith(f"napi/{interface}-"):
+                os.sched_setaffinity(int(entry.name), {cpu})
+                os.sched_setscheduler(int(entry.name), os.SCHED_FIFO, os.sched_param(NAPI_PRIORITY))
+                pinned.append(int(entry.name))
+        except OSError:  # ended meanwhile
+            continue
+    return pinned
+
+
+VETH_DROP_WORDS = ("drop", "err")
+
+
+def veth_drops(namespace: str, interface: str) -> dict[str, int]:
+    """A veth end's drop and error counters: the interface's rx/tx_dropped and every ethtool statistic
+    naming a drop or an error (a veth with native XDP drops frames when its peer's 256-frame ring is
+    full, before any program runs; NOTES.md: 6 runs of a program for 1.62M frames sent)."""
+    counters = {}
+    done = subprocess.run(["ip", "netns", "exec", namespace, "ip", "-j", "-s", "link", "show", "dev", interface],
+                          capture_output=True, text=True, timeout=10, check=False)
+    for link in json.loads(done.stdout or "[]"):
+        stats = link.get("stats64", {})
+        counters["rx_dropped"] = stats.get("rx", {}).get("dropped", 0)
+        counters["tx_dropped"] = stats.get("tx", {}).get("dropped", 0)
+    done = subprocess.run(["ip", "netns", "exec", namespace, "ethtool", "-S", interface],
+                          capture_output=True, text=True, timeout=10, check=False)
+    for line in done.stdout.splitlines():
+        name, _, value = line.strip().partition(": ")
+        if any(word in name for word in VETH_DROP_WORDS) and value.strip().isdigit():
+            counters[name] = int(value)
+    return counters
 
 
 def enable_bpf_stats() -> int:

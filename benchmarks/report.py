@@ -7,15 +7,17 @@ import re
 import statistics
 from pathlib import Path
 
+from benchmarks.contenders import FRONT
 from benchmarks.measure import CONTENDER_CPU
 
-UNSATURATED = 0.9  # a step counts for the per-SYN cost when it answered at least this share of what was sent
 PLOTS = {"syn": ("answered_per_second.png", "cpu_per_syn.png", "legit_connect.png"),
          "ack": ("ack_floods.png",), "mixed": ("ack_floods.png",), "upload": ("upload.png",)}
 BYPASS = "kernel-syncookies"  # in the upload: the router sends the VIP straight to the backend
 # The contender set against the others in the summary's ratios, and the others.
-OURS = ("synproxy-front-fast-path", "synproxy-front")
-THEIRS = ("kernel-syncookies", "iptables-synproxy", "nfqueue-floor", "synproxy-front")
+OURS = ("synproxy-front", "synproxy-front-tc", "synproxy-front-nfqueue")
+THEIRS = ("kernel-syncookies", "iptables-synproxy", "nfqueue-floor")
+HEADLINE = "synproxy-front"  # the default front (data_plane auto): the issue's targets are its figures
+ANCHORS = ("kernel-syncookies", "iptables-synproxy")
 FLOOD_TITLES = {"syn": "SYN flood", "ack": "ACK flood (random cookies)", "mixed": "mixed SYN+ACK flood"}
 
 
@@ -48,52 +50,59 @@ def repetitions_of(results: dict) -> range:
     return range(results["repetitions"])
 
 
-def per_repetition_cost(steps: list[dict], key: str) -> float | None:
-    """One repetition's per-SYN cost of a contender at paced rates: the median over its paced steps that
-    answered at least 90 % of what was sent."""
-    costed = [s for s in steps if s[key] is not None and s["offered_pps"]]
-    unsaturated = [s for s in costed if s["answered"] >= UNSATURATED * s["sent"]]
-    values = [s[key] for s in unsaturated]
-    return statistics.median(values) if values else None
+def front_program(bpf: dict[str, dict]) -> dict | None:
+    """The front's program that did the work in a step: of front0's, the one that ran most (in the XDP
+    mode the tc program behind it sees only what XDP passes on)."""
+    ours = [program for where, program in bpf.items() if where.startswith(f"{FRONT} ") and program["runs"]]
+    return max(ours, key=lambda program: program["runs"]) if ours else None
 
 
-def add_sink_share(steps: list[dict]) -> None:
-    """Each SYN step's contender-CPU µs per answer less the sink's µs per packet at the same offered rate
-    in the same repetition, times the packets sent: the cost of handing a packet to the contender CPU
-    at all (RPS: an interrupt to wake that CPU, its backlog), which at paced rates is most of it."""
-    sink = {(s["repetition"], s["offered_pps"]): s["cpu_us_per_packet"] for s in steps
-            if s["scenario"] == "syn" and s["contender"] == "sink"}
-    for s in steps:
-        floor = sink.get((s["repetition"], s["offered_pps"]))
-        s["cpu_us_per_answer_over_sink"] = (
-            round((s["contender_cpu_seconds"] * 1e6 - floor * s["sent"]) / s["answered"], 2)
-            if s["scenario"] == "syn" and s["cpu_us_per_answer"] is not None and floor is not None else None)
+def front_ns_per_run(bpf: dict[str, dict]) -> float | None:
+    program = front_program(bpf)
+    return program["ns_per_run"] if program else None
+
+
+def veth_dropped(step: dict) -> int:
+    """Frames the two ends of front0's veth dropped or failed in a step (all their drop and error counters)."""
+    return sum(sum(counters.values()) for counters in step.get("veth_drops", {}).values())
+
+
+def p99_over_idle(step: dict) -> float | None:
+    """A step's legitimate p99 connect time over its idle step's (the issue's target: at most 2×)."""
+    loaded, idle = step["legit"].get("connect_p99_ms"), step["idle_legit"].get("connect_p99_ms")
+    return loaded / idle if loaded is not None and idle else None
+
+
+def top_step(steps: list[dict]) -> dict:
+    """The unpaced step (offered 0) if there is one, else the highest offered rate."""
+    return max(steps, key=lambda s: s["offered_pps"] or float("inf"))
 
 
 def summarise(results: dict) -> dict[str, dict]:
-    """Per contender, per repetition: SYN capacity, contender-CPU µs per SYN (at the top rate, and at
-    the paced rates net of the sink), the legitimate clients at the top rate, and the BPF programs' ns
-    per run; then median and min–max over repetitions."""
+    """Per contender, per repetition: SYN capacity, contender-CPU µs per SYN at the top rate (where its
+    CPU is busiest), how busy that CPU was, the legitimate clients at the top rate, and the BPF
+    programs' ns per run; then median and min–max over repetitions."""
     summary = {}
     syn_steps = [s for s in results["steps"] if s["scenario"] == "syn"]
     for name in results["contenders"]:
-        per_rep = {key: [] for key in ("capacity", "cpu_us_top", "cpu_us_paced_over_sink", "process_us", "sink_us",
-                                       "legit_success", "legit_p99", "sent_share_min")}
+        per_rep = {key: [] for key in ("capacity", "cpu_us_top", "cpu_busy_top", "process_us", "sink_us",
+                                       "legit_success", "legit_p99", "sent_share_min", "veth_dropped_top")}
         bpf: dict[str, list[float]] = {}
         steps_of = [[s for s in syn_steps if s["contender"] == name and s["repetition"] == rep]
                     for rep in repetitions_of(results)]
         for steps in steps_of:
             if not steps:
                 continue
-            top = max(steps, key=lambda s: s["sent_pps"])
+            top = top_step(steps)
             per_rep["capacity"].append(max(s["answered_pps"] for s in steps))
             per_rep["cpu_us_top"].append(top["cpu_us_per_answer"])
-            per_rep["cpu_us_paced_over_sink"].append(per_repetition_cost(steps, "cpu_us_per_answer_over_sink"))
-            per_rep["process_us"].append(per_repetition_cost(steps, "process_us_per_answer"))
+            per_rep["cpu_busy_top"].append(top["contender_cpu_seconds"] / top["seconds"] if top["seconds"] else None)
+            per_rep["process_us"].append(top["process_us_per_answer"])
             per_rep["sink_us"].append(top["cpu_us_per_packet"] if name == "sink" else None)
             per_rep["legit_success"].append(legit_success(top))
             per_rep["legit_p99"].append(top["legit"]["connect_p99_ms"])
             per_rep["sent_share_min"].append(min((s["sent_share"] for s in steps if s["sent_share"]), default=None))
+            per_rep["veth_dropped_top"].append(veth_dropped(top))
             for where, program in top["bpf"].items():
                 bpf.setdefault(program_name(where), []).append(program["ns_per_run"])
         summary[name] = {key: spread(values) for key, values in per_rep.items()}
@@ -112,7 +121,6 @@ def ratios(results: dict, summary: dict[str, dict]) -> list[dict]:
             if ours == theirs or ours not in summary or theirs not in summary:
                 continue
             for what, key in (("contender-CPU µs per SYN at the top rate", "cpu_us_top"),
-                              ("contender-CPU µs per SYN at paced rates, over the sink", "cpu_us_paced_over_sink"),
                               ("SYN capacity", "capacity")):
                 if key == "capacity" and theirs.startswith("nfqueue"):
                     continue
@@ -161,7 +169,9 @@ def step_figures(steps: list[dict]) -> dict:
         "other_load": sum(s.get("other_load", False) for s in steps),
         "others_on_contender_cpu": spread(s.get("other_processes_cpu_seconds", {}).get(str(CONTENDER_CPU),
                                           s.get("other_processes_cpu_seconds", {}).get(CONTENDER_CPU)) for s in steps),
-        "cpu_us_per_answer_over_sink": spread(s.get("cpu_us_per_answer_over_sink") for s in steps),
+        "contender_cpu_busy": spread(s["contender_cpu_seconds"] / s["seconds"] for s in steps if s["seconds"]),
+        "p99_over_idle": spread(p99_over_idle(s) for s in steps),
+        "veth_dropped": spread(veth_dropped(s) for s in steps),
         "bpf": {name: spread(program["ns_per_run"] for s in steps for where, program in s["bpf"].items()
                              if program_name(where) == name)
                 for name in sorted({program_name(where) for s in steps for where in s["bpf"]})},
@@ -182,8 +192,96 @@ def upload_figures(results: dict) -> dict[str, dict]:
                                     if bypass.get(u["repetition"])),
                 "complete": sum(u["complete"] for u in mine), "runs": len(mine),
                 "contender_cpu_us_per_mb": spread(u["contender_cpu_us_per_mb"] for u in mine),
+                "front_ns_per_packet": spread(front_ns_per_run(u.get("bpf", {})) for u in mine),
+                "front_runs": spread((front_program(u.get("bpf", {})) or {}).get("runs") for u in mine),
+                "veth_dropped": spread(veth_dropped(u) for u in mine),
             }
     return table
+
+
+def _per_repetition(results: dict, name: str, scenario: str, value) -> list:
+    """``value(step)`` of a contender's unpaced (or highest-rate) step in each repetition."""
+    found = []
+    for repetition in repetitions_of(results):
+        steps = [s for s in results["steps"] if s["contender"] == name and s["scenario"] == scenario
+                 and s["repetition"] == repetition]
+        found.append(value(top_step(steps)) if steps else None)
+    return found
+
+
+def verdict(values: list, holds) -> str:
+    """Whether a target holds in every repetition, only in the median, or not."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return "not measured"
+    if all(holds(v) for v in present):
+        return "**met**"
+    return "median only" if holds(statistics.median(present)) else "not met"
+
+
+def targets(results: dict, summary: dict[str, dict]) -> list[dict]:
+    """The issue's targets (issue 13), per repetition for each front mode and anchor, judged on the
+    default front: every repetition, only the median, or not."""
+    contenders = [name for name in (*OURS, *ANCHORS) if name in results["contenders"]]
+    uploads = {(u["contender"], u["repetition"]): u for u in results.get("uploads", [])}
+    bypass = {rep: u["mb_per_second"] for (name, rep), u in uploads.items() if name == BYPASS}
+
+    def upload_share(name: str) -> list:
+        return [uploads[(name, rep)]["mb_per_second"] / bypass[rep] if (name, rep) in uploads and bypass.get(rep)
+                else None for rep in repetitions_of(results)]
+
+    def upload_ns(name: str) -> list:
+        return [front_ns_per_run(uploads[(name, rep)].get("bpf", {})) if (name, rep) in uploads else None
+                for rep in repetitions_of(results)]
+
+    def cpu_ratio(name: str, anchor: str) -> list:
+        if name in ANCHORS or anchor not in summary or name not in summary:
+            return []
+        return [a / b if a and b and a > 0 and b > 0 else None for a, b in
+                zip(summary[name]["per_repetition"]["cpu_us_top"], summary[anchor]["per_repetition"]["cpu_us_top"])]
+
+    rows = [
+        ("ACK flood at max: legit success ≥ 99 %", "%", lambda v: v >= 0.99,
+         lambda n: _per_repetition(results, n, "ack", legit_success)),
+        ("ACK flood at max: p99 connect ≤ 2× idle p99", "×", lambda v: v <= 2,
+         lambda n: _per_repetition(results, n, "ack", p99_over_idle)),
+        ("mixed flood at max: legit success ≥ 99 %", "%", lambda v: v >= 0.99,
+         lambda n: _per_repetition(results, n, "mixed", legit_success)),
+        ("mixed flood at max: p99 connect ≤ 2× idle p99", "×", lambda v: v <= 2,
+         lambda n: _per_repetition(results, n, "mixed", p99_over_idle)),
+        ("upload ≥ 50 % of the bypass (same repetition)", "×", lambda v: v >= 0.5, upload_share),
+        ("front program ≤ 400 ns per SYN answered (bpf_stats, SYN flood at max)", "ns", lambda v: v <= 400,
+         lambda n: _per_repetition(results, n, "syn", lambda s: front_ns_per_run(s["bpf"]))),
+        ("front program ≤ 150 ns per forwarded packet (bpf_stats, upload)", "ns", lambda v: v <= 150, upload_ns),
+        ("front program ≤ 150 ns per forwarded packet (bpf_stats, ACK flood at max)", "ns", lambda v: v <= 150,
+         lambda n: _per_repetition(results, n, "ack", lambda s: front_ns_per_run(s["bpf"]))),
+        ("contender-CPU µs per SYN at max (below), SYN flood", "µs", None,
+         lambda n: summary[n]["per_repetition"]["cpu_us_top"] if n in summary else []),
+        ("CPU per SYN below kernel SYN cookies' (ratio < 1)", "×", lambda v: v < 1,
+         lambda n: cpu_ratio(n, "kernel-syncookies")),
+        ("CPU per SYN below iptables SYNPROXY's (ratio < 1)", "×", lambda v: v < 1,
+         lambda n: cpu_ratio(n, "iptables-synproxy")),
+        ("frames front0's veth dropped at the SYN / ACK / mixed max steps (both ends)", "", None,
+         lambda n: [sum(v or 0 for v in values) for values in zip(
+             *(_per_repetition(results, n, scenario, veth_dropped) for scenario in ("syn", "ack", "mixed")))]),
+    ]
+    table = []
+    for what, unit, holds, values_of in rows:
+        values = {name: values_of(name) for name in contenders}
+        table.append({"target": what, "unit": unit, "values": {name: spread(v) for name, v in values.items()},
+                      "per_repetition": values,
+                      "verdict": verdict(values.get(HEADLINE, []), holds) if holds else None})
+    return table
+
+
+def _target_cell(figure: dict | None, unit: str) -> str:
+    if unit == "%":
+        return _cell(figure, 100, 1, " %")
+    if unit == "ns":
+        return _cell(figure, digits=0)
+    if unit == "":
+        return _cell(figure, digits=0)
+    return _cell(figure, suffix=unit if unit == "×" else "")
 
 
 def markdown(results: dict, summary: dict[str, dict], output: Path) -> str:
@@ -196,12 +294,30 @@ def markdown(results: dict, summary: dict[str, dict], output: Path) -> str:
          f"{results['idle_seconds_per_step']} s; the generator on CPU {results['generator_cpu']}, the contender's "
          f"work on CPU {results['contender_cpu']}. Figures: median [min–max] over the repetitions. "
          "Method: `benchmarks/README.md`."), ""]
+    running = {name: sorted({json.dumps(r, sort_keys=True) for r in found})
+               for name, found in results.get("running", {}).items()}
+    if running:
+        lines += ["What each contender ran (per repetition, as it reported): " + "; ".join(
+            f"{name}: {' / '.join(found)}" for name, found in running.items()),
+            ""]
+    rows = targets(results, summary)
+    columns = [name for name in (*OURS, *ANCHORS) if name in results["contenders"]]
+    if rows and HEADLINE in columns:
+        lines += ["## The issue's targets (issue 13), side by side", "",
+                  ("Median [min–max] over the repetitions; met: in every repetition (**met**), only in the median, "
+                   f"or not, for the default front (`{HEADLINE}`)."), "",
+                  "| target | " + " | ".join(columns) + " | met |", "|---|" + "---:|" * len(columns) + "---|"]
+        lines += [f"| {row['target']} | " + " | ".join(_target_cell(row["values"][name], row["unit"])
+                                                      for name in columns) + f" | {row['verdict'] or ''} |"
+                  for row in rows]
+        lines.append("")
     if any(s["scenario"] == "syn" for s in results["steps"]):
         lines += ["## SYN flood: summary", "",
                   ("| contender | capacity (answered/s) | contender-CPU µs per SYN at the top rate "
-                   "| paced, over the sink | process µs per SYN (paced) | legit success at top rate "
-                   "| legit p99 connect at top rate (ms) | BPF ns per run at top rate | flood SYNs at backend |"),
-                  "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+                   "| contender CPU busy at the top rate | process µs per SYN at the top rate "
+                   "| legit success at top rate | legit p99 connect at top rate (ms) | BPF ns per run at top rate "
+                   "| veth drops at top rate | flood SYNs at backend |"),
+                  "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
         for name, s in summary.items():
             if s["capacity"] is None:
                 continue
@@ -209,10 +325,10 @@ def markdown(results: dict, summary: dict[str, dict], output: Path) -> str:
             bpf = "; ".join(f"{where}: {_cell(figure, digits=0)}"
                             for where, figure in s["bpf_ns_per_run_at_top_rate"].items() if figure) or "–"
             lines.append(f"| {name} | {_cell(s['capacity'], digits=0)} | {_cell(cost)}"
-                         f"{' per packet' if name == 'sink' else ''} | {_cell(s['cpu_us_paced_over_sink'])} | "
+                         f"{' per packet' if name == 'sink' else ''} | {_cell(s['cpu_busy_top'], 100, 0, ' %')} | "
                          f"{_cell(s['process_us'])} | "
                          f"{_cell(s['legit_success'], 100, 1, ' %')} | {_cell(s['legit_p99'])} | {bpf} | "
-                         f"{s['flood_syns_at_backend']} |")
+                         f"{_cell(s['veth_dropped_top'], digits=0)} | {s['flood_syns_at_backend']} |")
         lines += ["", "Ratios (per repetition, then median [min–max]):", "",
                   "| ours / theirs | what | ratio |", "|---|---|---:|"]
         lines += [f"| {r['ours']} / {r['theirs']} | {r['what']} | {_cell(r['ratio'])}× |"
@@ -221,17 +337,20 @@ def markdown(results: dict, summary: dict[str, dict], output: Path) -> str:
     uploads = upload_figures(results)
     if uploads:
         lines += [f"## Bulk upload (client → VIP, HTTP POST of {results['upload_bytes'] // 1_000_000} MB)", "",
-                  "| contender | MB/s | × bypass | complete | contender-CPU µs per MB |", "|---|---:|---:|---:|---:|"]
+                  ("| contender | MB/s | × bypass | complete | contender-CPU µs per MB | front program ns per packet "
+                   "(runs) | veth drops |"), "|---|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {name}{' (bypass)' if name == BYPASS else ''} | {_cell(u['mb_per_second'], digits=1)} | "
-                  f"{_cell(u['vs_bypass'])} | {u['complete']}/{u['runs']} | {_cell(u['contender_cpu_us_per_mb'], digits=0)} |"
+                  f"{_cell(u['vs_bypass'])} | {u['complete']}/{u['runs']} | {_cell(u['contender_cpu_us_per_mb'], digits=0)} | "
+                  f"{_cell(u['front_ns_per_packet'], digits=0)} ({_cell(u['front_runs'], digits=0)}) | "
+                  f"{_cell(u['veth_dropped'], digits=0)} |"
                   for name, u in uploads.items()]
         lines.append("")
     lines += ["## Every step (median [min–max] over the repetitions)", "",
               ("| flood | contender | offered/s | generated/s | sent/s | sent / nominal | answered/s | backlog drops "
-               "| contender-CPU µs per answer | over the sink | per packet sent "
-               "| BPF ns per run | legit success | p50 / p99 ms | idle p99 ms | flood at backend "
+               "| veth drops | contender CPU busy | contender-CPU µs per answer | per packet sent "
+               "| BPF ns per run | legit success | p50 / p99 ms | idle p99 ms | p99 / idle p99 | flood at backend "
                "| other sessions' CPU-s on the contender CPU |"),
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for (scenario, name, rate), steps in grouped(results["steps"]).items():
         f = step_figures(steps)
         short = f" **< 90 % in {f['short_of_nominal']}**" if f["short_of_nominal"] else ""
@@ -241,10 +360,12 @@ def markdown(results: dict, summary: dict[str, dict], output: Path) -> str:
         lines.append(f"| {scenario} | {name}{noisy} | {rate or 'max'} | {_cell(f['generated_pps'], digits=0)} | "
                      f"{_cell(f['sent_pps'], digits=0)} | "
                      f"{_cell(f['sent_share'], 100, 0, ' %')}{short} | {_cell(f['answered_pps'], digits=0)} | "
-                     f"{_cell(f['backlog_drops'], digits=0)} | {_cell(f['cpu_us_per_answer'])} | "
-                     f"{_cell(f['cpu_us_per_answer_over_sink'])} | {_cell(f['cpu_us_per_packet'])} | "
+                     f"{_cell(f['backlog_drops'], digits=0)} | {_cell(f['veth_dropped'], digits=0)} | "
+                     f"{_cell(f['contender_cpu_busy'], 100, 0, ' %')} | {_cell(f['cpu_us_per_answer'])} | "
+                     f"{_cell(f['cpu_us_per_packet'])} | "
                      f"{bpf} | {_cell(f['legit_success'], 100, 1, ' %')} | "
                      f"{_cell(f['legit_p50_ms'])} / {_cell(f['legit_p99_ms'])} | {_cell(f['idle_legit_p99_ms'])} | "
+                     f"{_cell(f['p99_over_idle'], suffix='×')} | "
                      f"{_cell(f['flood_at_backend'], digits=0)} | {_cell(f['others_on_contender_cpu'])} |")
     lines += ["", "## Contenders", ""]
     lines += [f"- **{name}**: {text}" for name, text in results["contenders"].items()]
@@ -321,9 +442,9 @@ def plots(results: dict, output: Path) -> None:
 
 
 def write_report(results: dict, output: Path) -> dict[str, dict]:
-    add_sink_share(results["steps"])
     summary = summarise(results)
     results = {**results, "summary": summary, "ratios": ratios(results, summary),
+               "targets": targets(results, summary),
                "upload_summary": upload_figures(results),
                "steps_summary": [{"scenario": k[0], "contender": k[1], "offered_pps": k[2], **step_figures(v)}
                                  for k, v in grouped(results["steps"]).items()]}

@@ -15,10 +15,10 @@ from benchmarks.contenders import ALL
 from benchmarks.generator import pacer, trafgen_config
 from benchmarks.harness import figures, hot_functions, packets_read, rotated
 from benchmarks.options import rate_list, scenario_list
-from benchmarks.report import PLOTS, add_sink_share, ratios, spread, summarise
+from benchmarks.report import PLOTS, ratios, spread, summarise, targets, verdict
 from tests.lab_fixtures import needs_root
 
-SERVING = {"synproxy-front", "synproxy-front-fast-path", "kernel-syncookies", "iptables-synproxy"}
+SERVING = {"synproxy-front", "synproxy-front-tc", "synproxy-front-nfqueue", "kernel-syncookies", "iptables-synproxy"}
 
 
 @pytest.mark.netns
@@ -31,25 +31,38 @@ def test_quick_bench_gives_figures_for_every_contender_and_scenario(tmp_path):
     assert set(results["contenders"]) == {c.name for c in ALL}
     for name in results["contenders"]:
         syn = [s for s in results["steps"] if s["contender"] == name and s["scenario"] == "syn"]
-        assert len(syn) == 2 and all(s["sent"] > 0 and s["answered"] > 0 for s in syn), name
+        # The sink and the floors only at the top rate (contenders.Contender.top_rate_only).
+        assert len(syn) == (2 if name in SERVING else 1), name
+        assert all(s["sent"] > 0 and s["answered"] > 0 for s in syn), name
         assert results["summary"][name]["capacity"]["median"] > 0, name
         if name != "sink":
             assert all(s["cpu_us_per_answer"] is not None for s in syn), name
         floods = [s for s in results["steps"] if s["contender"] == name and s["scenario"] in ("ack", "mixed")]
         assert len(floods) == (2 if name in SERVING else 0), name
+        assert all("veth_drops" in s for s in syn + floods), name
         # The same probe runs against every contender, in the idle step and the flood step.
         for s in syn + floods:
             assert s["legit"]["attempts"] > 0 and s["idle_legit"]["attempts"] > 0, name
             assert s["idle_seconds"] > 0 and set(s["idle_cpu_per_second"]) == {"0", "1"}, name
             assert s["cpu_us_per_packet"] is not None and s["generator_cpu_us_per_packet"] is not None, name
-    fast_path_top = next(s for s in results["steps"] if s["contender"] == "synproxy-front-fast-path"
-                         and s["scenario"] == "syn" and s["offered_pps"] == 0)
-    front_program = [p for where, p in fast_path_top["bpf"].items() if where.startswith("front0")]
-    assert front_program and front_program[0]["runs"] > 0 and front_program[0]["ns_per_run"] > 0
+    # Each front ran the data plane it stands for: the default one native XDP, its receive poll pinned
+    # to the contender CPU; its program and the tc one answered the top step's SYNs.
+    running = results["running"]
+    assert running["synproxy-front"][0]["mode"] == "xdp" and running["synproxy-front"][0]["xdp"] == {"eth0": "native"}
+    assert running["synproxy-front"][0]["napi_threads_pinned"] >= 1
+    assert running["synproxy-front-tc"][0]["mode"] == "tc" and running["synproxy-front-nfqueue"][0]["mode"] == "nfqueue"
+    for name, kind in (("synproxy-front", "xdp"), ("synproxy-front-tc", "tc")):
+        top = next(s for s in results["steps"] if s["contender"] == name and s["scenario"] == "syn"
+                   and s["offered_pps"] == 0)
+        program = max((p for where, p in top["bpf"].items() if where.startswith("front0")), key=lambda p: p["runs"])
+        assert program["runs"] > 0 and program["ns_per_run"] > 0, name
     uploads = {u["contender"]: u for u in results["uploads"]}
     assert set(uploads) == SERVING and all(u["bytes"] > 0 and u["mb_per_second"] > 0 for u in uploads.values())
+    # The XDP front forwards the upload in the kernel: its program ran for the upload's packets.
+    assert max(p["runs"] for where, p in uploads["synproxy-front"]["bpf"].items() if where.startswith("front0")) > 1000
     report = (tmp_path / "results.md").read_text()
     assert "| synproxy-front |" in report and "## Bulk upload" in report and "| ack | synproxy-front" in report
+    assert "## The issue's targets" in report and "upload ≥ 50 % of the bypass" in report
     for plot in {p for group in PLOTS.values() for p in group}:
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
 
@@ -82,27 +95,64 @@ def test_a_flood_step_is_net_of_its_idle_steps_rates():
     assert step["contender_cpu_seconds_with_others"] == 2.0 and step["generator_cpu_seconds"] == 5.0
 
 
-def test_the_sink_share_and_the_ratios_per_repetition(monkeypatch):
-    def step(name, repetition, rate, cpu, sent, answered):
-        return {"scenario": "syn", "contender": name, "repetition": repetition, "offered_pps": rate,
-                "contender_cpu_seconds": cpu, "sent": sent, "answered": answered, "sent_pps": sent,
-                "answered_pps": answered, "sent_share": None, "cpu_us_per_answer": 1e6 * cpu / answered,
-                "cpu_us_per_packet": 1e6 * cpu / sent, "process_us_per_answer": None, "flood_syns_at_backend": 0,
-                "legit": {"attempts": 1, "completed": 1, "connect_p99_ms": 1.0}, "bpf": {}}
-    steps = [step("sink", 0, 10, 0.1, 100_000, 100_000), step("a", 0, 10, 0.3, 100_000, 100_000),
-             step("b", 0, 10, 0.5, 100_000, 100_000), step("sink", 1, 10, 0.2, 100_000, 100_000),
-             step("a", 1, 10, 0.4, 100_000, 100_000), step("b", 1, 10, 0.1, 100_000, 100_000)]
-    add_sink_share(steps)
-    assert [s["cpu_us_per_answer_over_sink"] for s in steps] == [0.0, 2.0, 4.0, 0.0, 2.0, -1.0]
-    results = {"repetitions": 2, "contenders": {"sink": "", "a": "", "b": ""}, "steps": steps}
+def _syn_step(name, repetition, rate, cpu, sent, answered, seconds=10.0):
+    return {"scenario": "syn", "contender": name, "repetition": repetition, "offered_pps": rate,
+            "contender_cpu_seconds": cpu, "seconds": seconds, "sent": sent, "answered": answered, "sent_pps": sent,
+            "answered_pps": answered, "sent_share": None, "cpu_us_per_answer": 1e6 * cpu / answered,
+            "cpu_us_per_packet": 1e6 * cpu / sent, "process_us_per_answer": None, "flood_syns_at_backend": 0,
+            "legit": {"attempts": 1, "completed": 1, "connect_p99_ms": 1.0},
+            "idle_legit": {"attempts": 1, "completed": 1, "connect_p99_ms": 1.0}, "bpf": {}}
+
+
+def test_the_cost_per_syn_is_read_at_the_top_rate_and_the_ratios_per_repetition(monkeypatch):
+    """The unpaced step (offered 0) is the top one, whatever the order of the steps."""
+    steps = [_syn_step("a", 0, 0, 4.0, 400_000, 400_000), _syn_step("a", 0, 40_000, 9.0, 400_000, 400_000),
+             _syn_step("b", 0, 0, 8.0, 400_000, 400_000), _syn_step("a", 1, 0, 6.0, 400_000, 400_000),
+             _syn_step("b", 1, 0, -1.0, 400_000, 400_000)]
+    results = {"repetitions": 2, "contenders": {"a": "", "b": ""}, "steps": steps}
     summary = summarise(results)
-    assert summary["a"]["cpu_us_paced_over_sink"] == {"median": 2.0, "min": 2.0, "max": 2.0, "n": 2}
-    # Repetition 1's b cost is negative (noise): only repetition 0 gives a ratio, 2 / 4.
+    assert summary["a"]["per_repetition"]["cpu_us_top"] == [10.0, 15.0]
+    assert summary["a"]["cpu_busy_top"] == {"median": 0.5, "min": 0.4, "max": 0.6, "n": 2}
+    # Repetition 1's b cost is negative (noise): only repetition 0 gives a ratio, 10 / 20.
     monkeypatch.setattr(report, "OURS", ("a",))
     monkeypatch.setattr(report, "THEIRS", ("b",))
     rows = {r["what"]: r["ratio"] for r in ratios(results, summary)}
-    assert rows["contender-CPU µs per SYN at paced rates, over the sink"] == {
-        "median": 0.5, "min": 0.5, "max": 0.5, "n": 1}
+    assert rows["contender-CPU µs per SYN at the top rate"] == {"median": 0.5, "min": 0.5, "max": 0.5, "n": 1}
+
+
+def test_targets_are_judged_on_the_default_front_in_every_repetition():
+    assert verdict([0.995, 1.0, 0.999], lambda v: v >= 0.99) == "**met**"
+    assert verdict([0.98, 1.0, 0.999], lambda v: v >= 0.99) == "median only"
+    assert verdict([0.98, 0.97, 1.0], lambda v: v >= 0.99) == "not met"
+    assert verdict([None], lambda v: v >= 0.99) == "not measured"
+    steps = []
+    for repetition in range(2):
+        for name, cpu in (("synproxy-front", 2.0), ("kernel-syncookies", 5.0), ("iptables-synproxy", 4.0)):
+            steps.append(_syn_step(name, repetition, 0, cpu, 1_000_000, 1_000_000))
+            for flood, p99 in (("ack", 3.0), ("mixed", 1.5)):
+                steps.append({**_syn_step(name, repetition, 0, cpu, 1_000_000, 1), "scenario": flood,
+                              "legit": {"attempts": 100, "completed": 99 + repetition, "connect_p99_ms": p99},
+                              "veth_drops": {"router front0": {"tx_dropped": 7}}})
+    steps[0]["bpf"] = {"front0 eth0 xdp synproxy_front_": {"runs": 1000, "ns_per_run": 380},
+                       "front0 eth0 tc synproxy_front": {"runs": 3, "ns_per_run": 900}}
+    uploads = [{"contender": name, "repetition": repetition, "mb_per_second": mb,
+                "bpf": {"front0 eth0 xdp synproxy_front_": {"runs": 5000, "ns_per_run": 200}}}
+               for repetition in range(2) for name, mb in (("synproxy-front", 600.0), ("kernel-syncookies", 1000.0))]
+    results = {"repetitions": 2, "steps": steps, "uploads": uploads,
+               "contenders": {"synproxy-front": "", "kernel-syncookies": "", "iptables-synproxy": ""}}
+    rows = {row["target"]: row for row in targets(results, summarise(results))}
+    assert rows["ACK flood at max: legit success ≥ 99 %"]["verdict"] == "**met**"
+    assert rows["ACK flood at max: p99 connect ≤ 2× idle p99"]["verdict"] == "not met"  # 3 ms against 1 ms idle
+    assert rows["mixed flood at max: p99 connect ≤ 2× idle p99"]["verdict"] == "**met**"
+    assert rows["upload ≥ 50 % of the bypass (same repetition)"]["values"]["synproxy-front"]["median"] == 0.6
+    # The program that ran most is the front's: the XDP one, not the tc one behind it.
+    per_syn = rows["front program ≤ 400 ns per SYN answered (bpf_stats, SYN flood at max)"]
+    assert per_syn["per_repetition"]["synproxy-front"] == [380, None] and per_syn["verdict"] == "**met**"
+    assert rows["front program ≤ 150 ns per forwarded packet (bpf_stats, upload)"]["verdict"] == "not met"
+    assert rows["CPU per SYN below kernel SYN cookies' (ratio < 1)"]["values"]["synproxy-front"]["median"] == 0.4
+    assert rows["CPU per SYN below iptables SYNPROXY's (ratio < 1)"]["verdict"] == "**met**"
+    assert rows["frames front0's veth dropped at the SYN / ACK / mixed max steps (both ends)"][
+        "per_repetition"]["synproxy-front"] == [14, 14]
 
 
 def test_spread_and_rotation():
