@@ -73,7 +73,7 @@ def steer_napi(namespace: str, interface: str, cpu: int) -> list[int]:
     ``cpu`` and made SCHED_FIFO (NAPI_PRIORITY, that of threaded interrupt handlers): the receive work
     RPS hands the other contenders runs in softirq, before any task on its CPU, while a thread at the
     normal policy waited behind the backend's servers and other sessions' tests, and the veth's
-    256-frame ring overflowed meanwhile (1.5k of 13k frames at 40k/s in one quick run). The thread
+    256-frame ring overflowed meanwhile (1.6k of 39k frames at 40k/s in 3 s under other sessions' load). The thread
     exists while a program is attached (the setting outlives a detach; each attach makes a new
     thread), so call this after the program is attached. Returns the threads pinned. The thread is
     found by name: another namespace's threaded ``interface`` would be pinned too (nothing else on this
