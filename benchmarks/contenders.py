@@ -130,8 +130,8 @@ class Front(Contender):
 
 class FrontTc(Front):
     name = "synproxy-front-tc"
-    description = ("the same with `front.data_plane: tc`: a tc program (bpf/front.bpf.c) answers the SYNs, "
-                   "NFQUEUE and the Python handler get the rest")
+    description = ("the same with `front.data_plane: tc`: the tc program (bpf/front.bpf.c) takes every packet "
+                   "to the VIP as the XDP program does, after the kernel has built its skb")
     data_plane = "tc"
 
 
