@@ -164,7 +164,7 @@ class TokenBucket:
 
 def _answer_syn(segment, now: float, schedule: SaltSchedule, policy: FrontPolicy) -> Verdict:
     # Every SYN of a flood comes here: plain tuples and new_record instead of NamedTuple constructors.
-    mss, wscale, sack_permitted, timestamp = parse_tcp_options(segment.raw_options)
+    mss, wscale, sack_permitted, timestamp, _fastopen = parse_tcp_options(segment.raw_options)
     ecn = policy.ecn and segment.flags & (ECE | CWR) == (ECE | CWR)
     sack = policy.sack and sack_permitted
     epoch, salt = schedule.minting_salt(now)

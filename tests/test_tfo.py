@@ -1,0 +1,195 @@
+"""TCP Fast Open across the farm (docs/cookie.md, "TCP Fast Open"): the keys, and the cookie checked
+against the Linux kernel itself — a real TFO client and listener in namespaces this test makes, the
+SYN-ACK's cookie captured on the client's side."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from synproxy import netns
+from synproxy.packet import (
+    ACK,
+    SYN,
+    FastOpen,
+    build_tcp_options,
+    build_tcp_packet,
+    parse_tcp,
+    parse_tcp_options,
+)
+from synproxy.salt import derive_salt
+from synproxy.tfo import derive_tfo_key, fastopen_cookie, fastopen_keys, sysctl_key_value
+
+TCP_FASTOPEN_CONNECT = 30  # linux/tcp.h; Python's socket module lacks it
+ETH_P_ALL = 0x0003
+SERVER_PORT = 8080
+ADDRESSES = {  # family: (client, server)
+    4: ("198.18.61.1", "198.18.61.2"),
+    6: ("2001:db8:61::1", "2001:db8:61::2"),
+}
+TIMEOUT = 5.0
+
+
+def test_keys_come_from_the_secret_and_the_key_period_only():
+    secret = bytes(range(32))
+    day = 86400
+    primary, backup = fastopen_keys(secret, 1000 * day + 5, day)
+    assert (primary, backup) == (derive_tfo_key(secret, 1000), derive_tfo_key(secret, 999))
+    assert fastopen_keys(secret, 1001 * day - 0.001, day) == (primary, backup)
+    assert fastopen_keys(secret, 1001 * day, day) == (derive_tfo_key(secret, 1001), primary)
+    assert len(primary) == 16 and primary != backup
+    assert derive_tfo_key(b"x" * 32, 1000) != primary
+    # Its own info string: never the cookie salt of the same number.
+    assert primary != derive_salt(secret, 1000)
+
+
+def test_the_sysctl_value_is_the_kernels_printed_form():
+    key = bytes.fromhex("00112233445566778899aabbccddeeff")
+    assert sysctl_key_value((key,)) == "33221100-77665544-bbaa9988-ffeeddcc"
+    assert sysctl_key_value((key, bytes(16))) == "33221100-77665544-bbaa9988-ffeeddcc,00000000-00000000-00000000-00000000"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A client and a server namespace joined by a veth, both families; the server allows TFO."""
+    client, server = netns.unique_name("tfoc"), netns.unique_name("tfos")
+    with netns.namespaces(client, server):
+        netns.link(client, "veth0", server, "veth0")
+        for family, (client_address, server_address) in ADDRESSES.items():
+            prefix = 24 if family == 4 else 64
+            netns.add_addresses(client, "veth0", f"{client_address}/{prefix}")
+            netns.add_addresses(server, "veth0", f"{server_address}/{prefix}")
+        netns.write_sysctls(server, {"net.ipv4.tcp_fastopen": "3"})
+        yield client, server
+
+
+@contextlib.contextmanager
+def listener(server: str, family: int):
+    """A TFO listener (setsockopt TCP_FASTOPEN, as an application enables it) on the server address."""
+    with netns.inside(server):
+        sock = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_STREAM)
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
+        sock.bind((ADDRESSES[family][1], SERVER_PORT))
+        sock.listen(16)
+        sock.settimeout(TIMEOUT)
+        yield sock
+
+
+@contextlib.contextmanager
+def capture(client: str):
+    """Every packet on the client's veth, from the IP header on (SOCK_DGRAM strips Ethernet)."""
+    with netns.inside(client):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
+    with sock:
+        sock.bind(("veth0", 0))
+        sock.settimeout(0.2)
+        yield sock
+
+
+def syn_ack_fastopen(capture_socket: socket.socket, family: int, client_port: int) -> FastOpen | None:
+    """The TFO option of the server's SYN-ACK to ``client_port``, waiting at most TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    server = ipaddress.ip_address(ADDRESSES[family][1]).packed
+    while time.monotonic() < deadline:
+        try:
+            data = capture_socket.recv(65535)
+        except TimeoutError:
+            continue
+        if not data or data[0] >> 4 != family:
+            continue
+        try:
+            segment = parse_tcp(data)
+        except ValueError:
+            continue
+        if segment.saddr == server and segment.dport == client_port and segment.flags & (SYN | ACK) == SYN | ACK:
+            return parse_tcp_options(segment.raw_options).fastopen
+    raise AssertionError(f"no SYN-ACK to port {client_port} within {TIMEOUT} s")
+
+
+def fastopen_connect(client: str, family: int, data: bytes) -> socket.socket:
+    """A client connection by TCP_FASTOPEN_CONNECT: with a cached cookie, ``data`` rides in the SYN;
+    without one, the SYN asks for a cookie and the data follows the handshake."""
+    with netns.inside(client):
+        sock = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_STREAM)
+    sock.settimeout(TIMEOUT)
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+    sock.connect((ADDRESSES[family][1], SERVER_PORT))
+    sock.sendall(data)
+    return sock
+
+
+def netstat(namespace: str) -> dict[str, int]:
+    """TcpExt counters of ``namespace`` (/proc/thread-self/net follows this thread's namespace)."""
+    with netns.inside(namespace):
+        lines = Path("/proc/thread-self/net/netstat").read_text().splitlines()
+    counters = {}
+    for names, values in zip(lines[::2], lines[1::2]):
+        prefix, *keys = names.split()
+        counters.update({prefix.rstrip(":") + key: int(value) for key, value in zip(keys, values.split()[1:])})
+    return counters
+
+
+def exchange(pair, family: int, data: bytes, listening: socket.socket) -> tuple[FastOpen | None, dict[str, int]]:
+    """One client connection sending ``data``: the SYN-ACK's TFO option and how the server's TFO counters moved."""
+    client, server = pair
+    before = netstat(server)
+    with capture(client) as captured, fastopen_connect(client, family, data) as connection:
+        option = syn_ack_fastopen(captured, family, connection.getsockname()[1])
+        accepted, _ = listening.accept()
+        with accepted:
+            accepted.settimeout(TIMEOUT)
+            assert accepted.recv(100) == data
+    after = netstat(server)
+    moved = {name.removeprefix("TcpExtTCPFastOpen"): after[name] - before[name]
+             for name in after if name.startswith("TcpExtTCPFastOpen")}
+    return option, moved
+
+
+def forget_cookies(client: str) -> None:
+    netns.run(client, ["ip", "tcp_metrics", "flush", "all"])
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_kernel_makes_the_cookie_we_compute_for_its_primary_key(pair, family):
+    client, server = pair
+    primary, backup = os.urandom(16), os.urandom(16)
+    netns.write_sysctls(server, {"net.ipv4.tcp_fastopen_key": sysctl_key_value((primary, backup))})
+    assert netns.read_sysctl(server, "net.ipv4.tcp_fastopen_key") == sysctl_key_value((primary, backup))
+    forget_cookies(client)
+    client_address, server_address = (ipaddress.ip_address(a).packed for a in ADDRESSES[family])
+    expected = fastopen_cookie(primary, client_address, server_address)
+    with listener(server, family) as listening:
+        option, moved = exchange(pair, family, b"first", listening)
+        assert option == FastOpen(expected, False)
+        assert moved["CookieReqd"] == 1 and moved["Passive"] == 0
+        assert expected != fastopen_cookie(backup, client_address, server_address)
+        # The client cached it: its next SYN carries the cookie and the data, which the server accepts.
+        option, moved = exchange(pair, family, b"second", listening)
+        assert option is None and moved["Passive"] == 1 and moved["PassiveFail"] == 0
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_cookie_asked_for_in_the_experimental_form_comes_back_in_it(pair, family):
+    """Linux answers kind 254 + 0xF989 in kind, and the cookie is the same; our parser reads both."""
+    client, server = pair
+    primary = os.urandom(16)
+    netns.write_sysctls(server, {"net.ipv4.tcp_fastopen_key": sysctl_key_value((primary,))})
+    client_address, server_address = (ipaddress.ip_address(a).packed for a in ADDRESSES[family])
+    client_port = 40000 + family
+    syn = build_tcp_packet(client_address, server_address, client_port, SERVER_PORT, 1000, 0, SYN, 64240,
+                           build_tcp_options(1460, 7, True, None, FastOpen(b"", True)))
+    with netns.inside(client):
+        sender = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_RAW,
+                               socket.IPPROTO_RAW)
+    with sender, listener(server, family), capture(client) as captured:
+        sender.sendto(syn, (ADDRESSES[family][1], 0))
+        option = syn_ack_fastopen(captured, family, client_port)
+    assert option == FastOpen(fastopen_cookie(primary, client_address, server_address), True)
