@@ -31,7 +31,7 @@ new_record = tuple.__new__
 
 OPT_END, OPT_NOP, OPT_MSS, OPT_WSCALE, OPT_SACK_PERMITTED, OPT_TIMESTAMP = 0, 1, 2, 3, 4, 8
 OPT_FASTOPEN, OPT_EXPERIMENTAL = 34, 254     # RFC 7413; RFC 6994's shared experimental kind
-FASTOPEN_MAGIC = 0xF989                      # TFO's experiment identifier under kind 254 (Linux TCPOPT_FASTOPEN_MAGIC)
+FASTOPEN_MAGIC = 0xF989                      # TFO's experiment id under kind 254 (TCPOPT_FASTOPEN_MAGIC)
 TCP_FASTOPEN_COOKIE_MIN, TCP_FASTOPEN_COOKIE_MAX = 4, 16
 _OPTION_LENGTHS = {OPT_MSS: 4, OPT_WSCALE: 3, OPT_SACK_PERMITTED: 2, OPT_TIMESTAMP: 10}
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from synproxy import netns
+from synproxy.backend.loader import install_fastopen_keys
 from synproxy.packet import (
     ACK,
     SYN,
@@ -193,3 +194,41 @@ def test_a_cookie_asked_for_in_the_experimental_form_comes_back_in_it(pair, fami
         sender.sendto(syn, (ADDRESSES[family][1], 0))
         option = syn_ack_fastopen(captured, family, client_port)
     assert option == FastOpen(fastopen_cookie(primary, client_address, server_address), True)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_backend_installs_the_farm_keys_and_rotates_them_in_step(pair, family):
+    """What the backend loader writes is what a real client's cookie is made with; after one rotation
+    the previous key still opens TFO connections, two periods on it no longer does."""
+    client, server = pair
+    secret, period = os.urandom(32), 86400.0
+    start = 1000 * period + 1
+    client_address, server_address = (ipaddress.ip_address(a).packed for a in ADDRESSES[family])
+
+    def cookie(key_period: int) -> FastOpen:
+        return FastOpen(fastopen_cookie(derive_tfo_key(secret, key_period), client_address, server_address), False)
+
+    def install(now: float) -> bool:
+        with netns.inside(server):
+            return install_fastopen_keys(secret, period, now)
+
+    netns.write_sysctls(server, {"net.ipv4.tcp_fastopen": "1"})  # a namespace's default: client only
+    forget_cookies(client)
+    assert install(start)
+    assert netns.read_sysctl(server, "net.ipv4.tcp_fastopen") == "3"
+    assert not install(start + period - 2)  # same period: nothing to write
+    with listener(server, family) as listening:
+        option, moved = exchange(pair, family, b"learn", listening)
+        assert option == cookie(1000) and moved["Passive"] == 0
+        option, moved = exchange(pair, family, b"fast", listening)
+        assert option is None and moved["Passive"] == 1
+
+        assert install(start + period)  # rotation: 1001 primary, 1000 backup
+        option, moved = exchange(pair, family, b"backup key", listening)
+        assert moved["Passive"] == 1 and moved["PassiveAltKey"] == 1 and moved["PassiveFail"] == 0
+        assert option == cookie(1001)  # the client is handed the primary's cookie along the way
+
+        assert install(start + 3 * period)  # 1001's cookie is two periods old: refused, data after the handshake
+        option, moved = exchange(pair, family, b"expired", listening)
+        assert moved["Passive"] == 0 and moved["PassiveFail"] == 1
+        assert option == cookie(1003)
