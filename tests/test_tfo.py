@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import socket
 import time
@@ -19,6 +20,7 @@ from synproxy.packet import (
     ACK,
     SYN,
     FastOpen,
+    build_fastopen_option,
     build_tcp_options,
     build_tcp_packet,
     parse_tcp,
@@ -26,14 +28,16 @@ from synproxy.packet import (
 )
 from synproxy.salt import derive_salt
 from synproxy.tfo import derive_tfo_key, fastopen_cookie, fastopen_keys, sysctl_key_value
+from tests import test_startup_errors as startup
+from tests.vectors import generate
+
+TFO_VECTORS_FILE = Path(generate.__file__).with_name("tfo.json")
 
 TCP_FASTOPEN_CONNECT = 30  # linux/tcp.h; Python's socket module lacks it
 ETH_P_ALL = 0x0003
 SERVER_PORT = 8080
-ADDRESSES = {  # family: (client, server)
-    4: ("198.18.61.1", "198.18.61.2"),
-    6: ("2001:db8:61::1", "2001:db8:61::2"),
-}
+ADDRESSES = generate.TUPLES  # family: (client, server), as in the vectors, so the kernel can check them
+PREFIX = {4: 15, 6: 32}      # one on-link network holds both
 TIMEOUT = 5.0
 
 
@@ -56,6 +60,10 @@ def test_the_sysctl_value_is_the_kernels_printed_form():
     assert sysctl_key_value((key, bytes(16))) == "33221100-77665544-bbaa9988-ffeeddcc,00000000-00000000-00000000-00000000"
 
 
+def test_the_vectors_are_what_the_code_makes():
+    assert TFO_VECTORS_FILE.read_text() == generate.render(generate.build_tfo_document())
+
+
 @pytest.fixture(scope="module")
 def pair():
     """A client and a server namespace joined by a veth, both families; the server allows TFO."""
@@ -63,22 +71,23 @@ def pair():
     with netns.namespaces(client, server):
         netns.link(client, "veth0", server, "veth0")
         for family, (client_address, server_address) in ADDRESSES.items():
-            prefix = 24 if family == 4 else 64
-            netns.add_addresses(client, "veth0", f"{client_address}/{prefix}")
-            netns.add_addresses(server, "veth0", f"{server_address}/{prefix}")
+            netns.add_addresses(client, "veth0", f"{client_address}/{PREFIX[family]}")
+            netns.add_addresses(server, "veth0", f"{server_address}/{PREFIX[family]}")
         netns.write_sysctls(server, {"net.ipv4.tcp_fastopen": "3"})
         yield client, server
 
 
 @contextlib.contextmanager
-def listener(server: str, family: int):
-    """A TFO listener (setsockopt TCP_FASTOPEN, as an application enables it) on the server address."""
+def listener(server: str, family: int, dual_stack: bool = False):
+    """A TFO listener (setsockopt TCP_FASTOPEN, as an application enables it) on the server address, or
+    on `::` for both families."""
     with netns.inside(server):
-        sock = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET if family == 4 and not dual_stack else socket.AF_INET6,
+                             socket.SOCK_STREAM)
     with sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
-        sock.bind((ADDRESSES[family][1], SERVER_PORT))
+        sock.bind(("::" if dual_stack else ADDRESSES[family][1], SERVER_PORT))
         sock.listen(16)
         sock.settimeout(TIMEOUT)
         yield sock
@@ -158,8 +167,9 @@ def forget_cookies(client: str) -> None:
     netns.run(client, ["ip", "tcp_metrics", "flush", "all"])
 
 
-@pytest.mark.parametrize("family", [4, 6])
-def test_the_kernel_makes_the_cookie_we_compute_for_its_primary_key(pair, family):
+@pytest.mark.parametrize("family, dual_stack", [(4, False), (6, False), (4, True)])
+def test_the_kernel_makes_the_cookie_we_compute_for_its_primary_key(pair, family, dual_stack):
+    """Also on a dual-stack listener, where an IPv4 client's cookie still covers the 4-byte addresses."""
     client, server = pair
     primary, backup = os.urandom(16), os.urandom(16)
     netns.write_sysctls(server, {"net.ipv4.tcp_fastopen_key": sysctl_key_value((primary, backup))})
@@ -167,7 +177,7 @@ def test_the_kernel_makes_the_cookie_we_compute_for_its_primary_key(pair, family
     forget_cookies(client)
     client_address, server_address = (ipaddress.ip_address(a).packed for a in ADDRESSES[family])
     expected = fastopen_cookie(primary, client_address, server_address)
-    with listener(server, family) as listening:
+    with listener(server, family, dual_stack) as listening:
         option, moved = exchange(pair, family, b"first", listening)
         assert option == FastOpen(expected, False)
         assert moved["CookieReqd"] == 1 and moved["Passive"] == 0
@@ -232,3 +242,30 @@ def test_the_backend_installs_the_farm_keys_and_rotates_them_in_step(pair, famil
         option, moved = exchange(pair, family, b"expired", listening)
         assert moved["Passive"] == 0 and moved["PassiveFail"] == 1
         assert option == cookie(1003)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_vectors_cookies_are_the_kernels(pair, family):
+    """The vectors' own keys installed in a kernel: its SYN-ACKs carry the vectors' cookies and options."""
+    client, server = pair
+    vectors = json.loads(TFO_VECTORS_FILE.read_text())
+    schedule = vectors["schedule"][1]
+    netns.write_sysctls(server, {"net.ipv4.tcp_fastopen_key": schedule["sysctl"]})
+    primary = next(v for v in vectors["cookies"] if v["family"] == family and v["key"] == schedule["primary"])
+    assert (primary["saddr"], primary["daddr"]) == ADDRESSES[family]
+    forget_cookies(client)
+    with listener(server, family) as listening:
+        option, _ = exchange(pair, family, b"vector", listening)
+    assert build_fastopen_option(option).hex() == primary["option"]
+
+
+def test_a_backend_that_cannot_write_the_keys_refuses_to_start_in_one_line(tmp_path):
+    """As in a container, where /proc/sys is read-only: before anything is installed."""
+    read_only_proc_sys = ("unshare", "--mount", "sh", "-c",
+                          "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec \"$@\"",
+                          "sh")
+    config = startup.write_config(tmp_path, "backend:\n  interface: lo\ntfo:\n  enabled: true\n")
+    with netns.namespaces(netns.unique_name("tfor")) as (namespace,):
+        result = startup.synproxy(namespace, "backend", "--config", str(config), prefix=read_only_proc_sys)
+        startup.assert_one_line(result, "cannot install the TCP Fast Open keys", "tfo.enabled")
+        assert "SYNPROXY" not in startup.raw_rules(namespace)
