@@ -9,24 +9,29 @@ import ipaddress
 import json
 import os
 import socket
+import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from synproxy import netns
 from synproxy.backend.loader import install_fastopen_keys
+from synproxy.front.handler import Action, FrontPolicy, handle
 from synproxy.packet import (
     ACK,
     SYN,
     FastOpen,
+    MalformedPacket,
+    TcpSegment,
     build_fastopen_option,
     build_tcp_options,
     build_tcp_packet,
     parse_tcp,
     parse_tcp_options,
 )
-from synproxy.salt import derive_salt
+from synproxy.salt import SaltSchedule, derive_salt
 from synproxy.tfo import derive_tfo_key, fastopen_cookie, fastopen_keys, sysctl_key_value
 from tests import test_startup_errors as startup
 from tests.vectors import generate
@@ -74,6 +79,8 @@ def pair():
             netns.add_addresses(client, "veth0", f"{client_address}/{PREFIX[family]}")
             netns.add_addresses(server, "veth0", f"{server_address}/{PREFIX[family]}")
         netns.write_sysctls(server, {"net.ipv4.tcp_fastopen": "3"})
+        # The client's SYNs, captured for the front's handler, carry whole checksums (a veth leaves them partial).
+        netns.set_tx_checksum_offload(client, "veth0", False)
         yield client, server
 
 
@@ -104,21 +111,23 @@ def capture(client: str):
         yield sock
 
 
-def syn_ack_fastopen(capture_socket: socket.socket, family: int, client_port: int) -> FastOpen | None:
-    """The TFO option of the server's SYN-ACK to ``client_port``, waiting at most TIMEOUT."""
+def captured_segments(capture_socket: socket.socket, family: int) -> Iterator[tuple[bytes, TcpSegment]]:
+    """The TCP packets of ``family`` the capture sees, for TIMEOUT at most."""
     deadline = time.monotonic() + TIMEOUT
-    server = ipaddress.ip_address(ADDRESSES[family][1]).packed
     while time.monotonic() < deadline:
         try:
             data = capture_socket.recv(65535)
         except TimeoutError:
             continue
-        if not data or data[0] >> 4 != family:
-            continue
-        try:
-            segment = parse_tcp(data)
-        except ValueError:
-            continue
+        if data and data[0] >> 4 == family:
+            with contextlib.suppress(MalformedPacket):  # neighbour discovery, ICMP
+                yield data, parse_tcp(data)
+
+
+def syn_ack_fastopen(capture_socket: socket.socket, family: int, client_port: int) -> FastOpen | None:
+    """The TFO option of the server's SYN-ACK to ``client_port``."""
+    server = ipaddress.ip_address(ADDRESSES[family][1]).packed
+    for _, segment in captured_segments(capture_socket, family):
         if segment.saddr == server and segment.dport == client_port and segment.flags & (SYN | ACK) == SYN | ACK:
             return parse_tcp_options(segment.raw_options).fastopen
     raise AssertionError(f"no SYN-ACK to port {client_port} within {TIMEOUT} s")
@@ -269,3 +278,82 @@ def test_a_backend_that_cannot_write_the_keys_refuses_to_start_in_one_line(tmp_p
         result = startup.synproxy(namespace, "backend", "--config", str(config), prefix=read_only_proc_sys)
         startup.assert_one_line(result, "cannot install the TCP Fast Open keys", "tfo.enabled")
         assert "SYNPROXY" not in startup.raw_rules(namespace)
+
+
+def front_policy(family: int, tfo_secret: bytes | None) -> FrontPolicy:
+    return FrontPolicy(vips=frozenset({ipaddress.ip_address(ADDRESSES[family][1]).packed}),
+                       ports=frozenset({SERVER_PORT}), farm_address=bytes([198, 18, 10, 2]),
+                       backends=(bytes([198, 18, 20, 2]),), encap_port=6080, encap_key=bytes(16), flow_key=bytes(16),
+                       tfo_secret=tfo_secret, tfo_key_period=86400.0)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("offered, answered", [
+    (None, None),                                        # no TFO option: none back (Linux ignores one unasked)
+    (FastOpen(b"", False), False),                       # a request
+    (FastOpen(b"", True), True),                         # a request in the experimental form: answered in kind
+    (FastOpen(bytes(8), False), False),                  # a cookie not accepted (yet): the valid one instead
+])
+def test_the_front_hands_a_syn_that_asks_the_backends_cookie(family, offered, answered):
+    secret, now = bytes(range(32)), 19_801 * 86400.0 + 7
+    client_address, server_address = (ipaddress.ip_address(a).packed for a in ADDRESSES[family])
+    syn = build_tcp_packet(client_address, server_address, 40000, SERVER_PORT, 1000, 0, SYN, 64240,
+                           build_tcp_options(1460, 7, True, (5, 0), offered))
+    for tfo_secret in (secret, None):
+        verdict = handle(syn, now, SaltSchedule((b"f" * 32,)), front_policy(family, tfo_secret))
+        assert verdict.action is Action.REPLY and verdict.outcome == "syn_answered"
+        options = parse_tcp_options(parse_tcp(verdict.packet).raw_options)
+        timestamp = (int(now * 1000) & 0xFFFFFFFF, 5)
+        assert options[:4] == (front_policy(family, None).announced_mss(family), 7, True, timestamp)
+        if answered is None or tfo_secret is None:
+            assert options.fastopen is None
+        else:
+            primary = derive_tfo_key(secret, 19_801)
+            assert options.fastopen == FastOpen(fastopen_cookie(primary, client_address, server_address), answered)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_cookie_the_front_hands_out_opens_a_tfo_connection_on_a_backend(pair, family):
+    """The whole way with real kernels: a Linux client's cookie request answered by the front's handler
+    (the server namespace's kernel kept out of it), then that client's TFO SYN to a backend whose keys
+    the backend loader installed: its data is accepted in the SYN."""
+    client, server = pair
+    secret, now = os.urandom(32), time.time()
+    policy = front_policy(family, secret)
+    forget_cookies(client)
+    drop_syns = ["INPUT", "-p", "tcp", "--dport", str(SERVER_PORT), "-j", "DROP"]
+    iptables = "iptables" if family == 4 else "ip6tables"
+    netns.run(server, [iptables, "-w", "-I", *drop_syns])
+    try:
+        with netns.inside(server):
+            sender = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_RAW,
+                                   socket.IPPROTO_RAW)
+        with sender, capture(server) as captured:
+            with netns.inside(client):
+                connection = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_STREAM)
+            with connection:
+                connection.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+                connection.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    connection.connect((ADDRESSES[family][1], SERVER_PORT))
+                verdict = handle(next_syn(captured, family), now, SaltSchedule((b"f" * 32,)), policy)
+                sender.sendto(verdict.packet, (ADDRESSES[family][0], 0))
+                connection.setblocking(True)
+                connection.settimeout(TIMEOUT)
+                connection.getpeername()  # the handshake completed against the front's SYN-ACK
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        netns.run(server, [iptables, "-w", "-D", *drop_syns])
+    with netns.inside(server):
+        install_fastopen_keys(secret, policy.tfo_key_period, now)
+    with listener(server, family) as listening:
+        _, moved = exchange(pair, family, b"data in the SYN", listening)
+    assert moved["Passive"] == 1 and moved["PassiveFail"] == 0
+
+
+def next_syn(capture_socket: socket.socket, family: int) -> bytes:
+    """The first SYN to the server port the capture sees."""
+    for data, segment in captured_segments(capture_socket, family):
+        if segment.dport == SERVER_PORT and segment.flags & (SYN | ACK) == SYN:
+            return data
+    raise AssertionError(f"no SYN within {TIMEOUT} s")
