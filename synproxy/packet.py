@@ -157,7 +157,7 @@ def _fastopen(cookie: bytes, experimental: bool, previous: FastOpen | None) -> F
     if len(cookie) % 2:
         return previous
     if not cookie or TCP_FASTOPEN_COOKIE_MIN <= len(cookie) <= TCP_FASTOPEN_COOKIE_MAX:
-        return FastOpen(cookie, experimental)
+        return new_record(FastOpen, (cookie, experimental))
     return None
 
 
