@@ -18,7 +18,6 @@ from synproxy.salt import derive_key, epoch_at
 
 TFO_KEY_INFO_PREFIX = b"synproxy-tfo-key-v1"
 TFO_KEY_BYTES = 16            # TCP_FASTOPEN_KEY_LENGTH: one siphash_key_t
-TCP_FASTOPEN_COOKIE_SIZE = 8  # the kernel's cookie: one SipHash output
 # Long, so that a client's cookie outlives many visits (tofurkey's default interval); a cookie lives one
 # to two periods (docs/cookie.md).
 DEFAULT_KEY_PERIOD_SECONDS = 86400.0
