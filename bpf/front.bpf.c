@@ -54,7 +54,7 @@ struct {
 #define ROUTE_CACHE_NS 100000000ULL /* 100 ms */
 #define ROUTE_CACHE_SLOTS 256
 struct route {
-	__u64 checked_ns; /* bpf_ktime_get_ns() of the lookup; 0: empty */
+	__u64 checked_ns; /* bpf_ktime_get_tai_ns() of the lookup; 0: empty */
 	__be32 backend;   /* the tag: for this backend */
 	__u32 ingress_ifindex;
 	__u32 ifindex;
@@ -105,6 +105,16 @@ static __always_inline __u16 fold(__u64 sum)
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
 	return ~sum & 0xffff;
+}
+
+/* An IPv4 header's (20 bytes, no options) one's-complement sum, folded: 0 when its checksum holds, the
+ * checksum to write when the field is 0. Five loads where bpf_csum_diff is a helper call: ~20 ns less
+ * per forwarded packet (benchmarks/front_xdp_cost.py). */
+static __always_inline __u16 ipv4_header_fold(const struct iphdr *ip)
+{
+	const __u32 *words = (const void *)ip;
+
+	return fold((__u64)words[0] + words[1] + words[2] + words[3] + words[4]);
 }
 
 /* The sum of the TCP pseudo-header: addresses as given (16-byte form), protocol, TCP length. */
@@ -210,6 +220,37 @@ static long walk_option(__u32 step, void *context)
 	walk->parsed = -1;
 	walk->at = i + size;
 	return 0;
+}
+
+/* The option layouts most SYNs carry, read without the walk (its bpf_loop calls cost ~80 ns a SYN,
+ * benchmarks/front_xdp_cost.py); each layout fixes everything parse_tcp_options reads. Linux's: MSS,
+ * SACK permitted, timestamps, NOP, window scale (20 bytes); without timestamps (build_tcp_options'
+ * order too): MSS, NOP, NOP, SACK permitted, NOP, window scale (12). 0: walk them. */
+static __noinline int read_common_options(struct option_walk *walk)
+{
+	const __u8 *o = &walk->tcp[sizeof(struct tcphdr)];
+	struct syn_options *options = &walk->options;
+
+	if (o[0] != TCPOPT_MSS || o[1] != TCPOLEN_MSS)
+		return 0;
+	if (walk->length == sizeof(struct tcphdr) + 20 && o[4] == TCPOPT_SACK_PERM && o[5] == TCPOLEN_SACK_PERM &&
+	    o[6] == TCPOPT_TIMESTAMP && o[7] == TCPOLEN_TIMESTAMP && o[16] == TCPOPT_NOP && o[17] == TCPOPT_WINDOW &&
+	    o[18] == TCPOLEN_WINDOW) {
+		options->tsval = (__u32)o[8] << 24 | (__u32)o[9] << 16 | (__u32)o[10] << 8 | o[11];
+		options->has_timestamp = 1;
+		options->wscale = o[19];
+	} else if (walk->length == sizeof(struct tcphdr) + 12 && o[4] == TCPOPT_NOP && o[5] == TCPOPT_NOP &&
+		   o[6] == TCPOPT_SACK_PERM && o[7] == TCPOLEN_SACK_PERM && o[8] == TCPOPT_NOP &&
+		   o[9] == TCPOPT_WINDOW && o[10] == TCPOLEN_WINDOW) {
+		options->wscale = o[11];
+	} else {
+		return 0;
+	}
+	options->mss = o[2] << 8 | o[3];
+	options->has_mss = 1;
+	options->sack_permitted = 1;
+	options->has_wscale = 1;
+	return 1;
 }
 
 /* The cookie's data bits (docs/cookie.md): epoch mod 4, window scale code, SACK, ECN, MSS index. */
@@ -346,9 +387,11 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 	if (sum < 0 || fold(bpf_csum_diff(0, 0, (void *)walk.tcp, tcp_length, sum)))
 		return FRONT_UNVERIFIED;
 
-	bpf_loop(MAX_OPTIONS_WALKED + 1, walk_option, &walk, 0);
-	if (walk.parsed != 1)
-		return FRONT_QUEUED;
+	if (!read_common_options(&walk)) {
+		bpf_loop(MAX_OPTIONS_WALKED + 1, walk_option, &walk, 0);
+		if (walk.parsed != 1)
+			return FRONT_QUEUED;
+	}
 	const struct syn_options options = walk.options;
 
 	__u64 now_ns = bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
@@ -509,6 +552,40 @@ static __always_inline int send(struct xdp_md *ctx, __u32 ifindex)
 	return ifindex == ctx->ingress_ifindex ? XDP_TX : bpf_redirect(ifindex, 0);
 }
 
+/* The SYN-ACK's headers written over the frame adjust_tail sized for them: directly, where four
+ * bpf_xdp_store_bytes calls cost ~70 ns more (benchmarks/front_xdp_cost.py). 0 if the frame is shorter
+ * (it cannot be). */
+static __always_inline int write_syn_ack(struct xdp_md *ctx, const struct bpf_fib_lookup *fib,
+					 const struct syn_ack *answer, __u8 family)
+{
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = (void *)(long)ctx->data;
+	void *ip = eth + 1;
+	const __u32 *from = (const void *)answer->tcp;
+	__u32 *to;
+
+	if (ip + sizeof(struct ipv6hdr) > data_end) /* the shortest SYN-ACK, IPv4's, is longer than 40 */
+		return 0;
+	if (family == 4) {
+		__builtin_memcpy(ip, answer->ip, sizeof(struct iphdr));
+		to = ip + sizeof(struct iphdr);
+	} else {
+		__builtin_memcpy(ip, answer->ip, sizeof(struct ipv6hdr));
+		to = ip + sizeof(struct ipv6hdr);
+	}
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+#pragma unroll
+	for (__u32 i = 0; i < MAX_TCP_HEADER / 4; i++) {
+		if (i * 4 >= answer->tcp_length)
+			break;
+		if ((void *)(to + i + 1) > data_end)
+			return 0;
+		to[i] = from[i];
+	}
+	return 1;
+}
+
 /* Its own BPF function (as forward() is): inlined together, their stack frames would not fit in 512 bytes. */
 static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg)
 {
@@ -526,9 +603,7 @@ static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *s
 		return count_xdp(seg, FRONT_UNROUTED, XDP_PASS);
 	if (bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + ip_length + reply_length) - (int)frame_length))
 		return count_xdp(seg, FRONT_UNSENT, XDP_PASS); /* unchanged */
-	if (bpf_xdp_store_bytes(ctx, 0, fib.dmac, ETH_ALEN) || bpf_xdp_store_bytes(ctx, ETH_ALEN, fib.smac, ETH_ALEN) ||
-	    bpf_xdp_store_bytes(ctx, sizeof(struct ethhdr), answer.ip, ip_length) ||
-	    bpf_xdp_store_bytes(ctx, sizeof(struct ethhdr) + ip_length, answer.tcp, reply_length))
+	if (!write_syn_ack(ctx, &fib, &answer, seg->family))
 		return count_xdp(seg, FRONT_UNSENT, XDP_DROP); /* half rewritten */
 	return count_xdp(seg, FRONT_SYN_ANSWERED, send(ctx, fib.ifindex));
 }
@@ -602,16 +677,16 @@ static __always_inline int segment_checksum_holds(struct xdp_md *ctx, const stru
 	return sum >= 0 && !fold(sum);
 }
 
-/* The next hop to `backend`: this CPU's cached lookup while younger than ROUTE_CACHE_NS, else a new
+/* The next hop to `backend`: this CPU's cached lookup while younger than ROUTE_CACHE_NS by `now_ns` (the
+ * packet's one clock reading, CLOCK_TAI: a clock step only ends an entry early), else a new
  * bpf_fib_lookup. It is looked up for a packet of farm_mtu bytes, so a route whose MTU is smaller leaves
  * every packet to the queue. 0 when there is no route or the neighbour is unresolved (XDP has no
  * bpf_redirect_neigh: the kernel resolves it for the queue's packet). */
 static __always_inline int route_to_backend(struct xdp_md *ctx, const struct front_forwarding *fwd, __be32 backend,
-					    __be16 source_port, struct route *next_hop)
+					    __be16 source_port, __u64 now_ns, struct route *next_hop)
 {
 	__u32 slot = ((bpf_ntohl(backend) ^ ctx->ingress_ifindex) * 2654435761u) >> 24; /* Knuth's multiplicative hash */
 	struct route *cached = bpf_map_lookup_elem(&routes, &slot);
-	__u64 now_ns = bpf_ktime_get_ns();
 
 	if (!cached)
 		return 0;
@@ -666,15 +741,16 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 	if (seg->family == 4) { /* the kernel checks it after this hook and drops what fails */
 		struct iphdr *ip = data + sizeof(struct ethhdr);
 
-		if ((void *)(ip + 1) > data_end || fold(bpf_csum_diff(0, 0, (void *)ip, sizeof(*ip), 0)))
+		if ((void *)(ip + 1) > data_end || ipv4_header_fold(ip))
 			return count_xdp(seg, FRONT_UNVERIFIED, XDP_PASS);
 	}
 
 	__u32 outcome = FRONT_FORWARDED;
 	__u8 flags = 0;
+	__u64 tai_ns = bpf_ktime_get_tai_ns(); /* the one clock reading: a helper call costs ~20 ns */
 	if ((seg->flags & TCP_FLAG_ACK) && !(seg->flags & (TCP_FLAG_RST | TCP_FLAG_FIN))) {
 		__u32 cookie = seg->ack - 1;
-		__u64 now_ns = bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
+		__u64 now_ns = tai_ns + cfg->clock_offset_ns;
 		const struct salt_slot *slot = cookie_slot(cookie);
 
 		/* Without the current epoch's salt the map is stale (the front process stalled): it cannot
@@ -703,7 +779,7 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 	__be32 backend = *entry; /* read once: the loader may rewrite it */
 	__be16 source_port = bpf_htons(ENCAP_SOURCE_PORT_BASE | (flow & ENCAP_SOURCE_PORT_MASK));
 	struct route next_hop;
-	if (!route_to_backend(ctx, fwd, backend, source_port, &next_hop))
+	if (!route_to_backend(ctx, fwd, backend, source_port, tai_ns, &next_hop))
 		return count_xdp(seg, FRONT_UNROUTED, XDP_PASS);
 
 	union cookie_message message;
@@ -738,7 +814,7 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 		.saddr = fwd->farm_address,
 		.daddr = backend,
 	};
-	outer->check = fold(bpf_csum_diff(0, 0, (void *)outer, sizeof(*outer), 0));
+	outer->check = ipv4_header_fold(outer);
 	udp->source = source_port;
 	udp->dest = fwd->encap_port;
 	udp->len = bpf_htons(ENCAP_OVERHEAD - sizeof(struct iphdr) + ip_length);
