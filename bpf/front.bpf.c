@@ -117,34 +117,22 @@ static __always_inline __u16 ipv4_header_fold(const struct iphdr *ip)
 	return fold((__u64)words[0] + words[1] + words[2] + words[3] + words[4]);
 }
 
-/* The sum of the TCP pseudo-header: addresses as given (16-byte form), protocol, TCP length. */
-static __always_inline __s64 pseudo_header_sum(__u8 family, const __u8 saddr[16], const __u8 daddr[16],
+/* The sum of the TCP pseudo-header (addresses as given, 16-byte form; protocol; TCP length) folded to 32
+ * bits, bpf_csum_diff's seed: added up inline, where two helper calls cost ~30 ns a SYN. Byte order
+ * needs no care: a one's-complement sum only needs each byte's parity of position kept, and the
+ * protocol and length land at the pseudo-header's positions in both families' layouts. */
+static __always_inline __u32 pseudo_header_sum(__u8 family, const __u8 saddr[16], const __u8 daddr[16],
 					       __u32 tcp_length)
 {
-	if (family == 4) {
-		struct {
-			__u8 saddr[4];
-			__u8 daddr[4];
-			__u8 zero;
-			__u8 protocol;
-			__be16 length;
-		} v4 = {.protocol = IPPROTO_TCP, .length = bpf_htons(tcp_length)};
+	const __u32 *s = (const void *)saddr, *d = (const void *)daddr;
+	__u64 sum = (__u64)bpf_htonl(tcp_length) + bpf_htonl(IPPROTO_TCP);
 
-		__builtin_memcpy(v4.saddr, &saddr[12], 4);
-		__builtin_memcpy(v4.daddr, &daddr[12], 4);
-		return bpf_csum_diff(0, 0, (void *)&v4, sizeof(v4), 0);
-	}
-	struct {
-		__u8 saddr[16];
-		__u8 daddr[16];
-		__be32 length;
-		__u8 zero[3];
-		__u8 next_header;
-	} v6 = {.length = bpf_htonl(tcp_length), .next_header = IPPROTO_TCP};
-
-	__builtin_memcpy(v6.saddr, saddr, 16);
-	__builtin_memcpy(v6.daddr, daddr, 16);
-	return bpf_csum_diff(0, 0, (void *)&v6, sizeof(v6), 0);
+	if (family == 4)
+		sum += (__u64)s[3] + d[3];
+	else
+		sum += (__u64)s[0] + s[1] + s[2] + s[3] + d[0] + d[1] + d[2] + d[3];
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	return (sum & 0xffffffff) + (sum >> 32);
 }
 
 /* What the SYN's options say, as parse_tcp_options reads them (a repeated option: the last wins). */
@@ -319,6 +307,17 @@ static __always_inline long load_bytes(void *ctx, int xdp, __u32 offset, void *t
 	return xdp ? bpf_xdp_load_bytes(ctx, offset, to, length) : bpf_skb_load_bytes(ctx, offset, to, length);
 }
 
+/* The packet's first and last byte + 1 for direct access, whichever hook runs (as load_bytes). */
+static __always_inline void *packet_data(void *ctx, int xdp)
+{
+	return xdp ? (void *)(long)((struct xdp_md *)ctx)->data : (void *)(long)((struct __sk_buff *)ctx)->data;
+}
+
+static __always_inline void *packet_end(void *ctx, int xdp)
+{
+	return xdp ? (void *)(long)((struct xdp_md *)ctx)->data_end : (void *)(long)((struct __sk_buff *)ctx)->data_end;
+}
+
 /* The route back to the client, looked up as the kernel would forward the SYN-ACK it got from the queue.
  * Returns the bpf_fib_lookup result; the egress interface and MAC addresses are left in `fib`. */
 static __always_inline int route_back(void *ctx, __u32 ifindex, const struct segment *seg, __u32 length,
@@ -377,14 +376,13 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 	/* Checksums: the IPv4 header's (the kernel checks it after this hook) and the segment's. A local
 	 * sender's (a veth's) SYN still carries a partial one: the queue's copy gets it completed. */
 	if (seg->family == 4) {
-		__u8 header[sizeof(struct iphdr)];
+		const struct iphdr *ip = packet_data(ctx, xdp) + sizeof(struct ethhdr);
 
-		if (load_bytes(ctx, xdp, sizeof(struct ethhdr), header, sizeof(header)) ||
-		    fold(bpf_csum_diff(0, 0, (void *)header, sizeof(header), 0)))
+		if ((void *)(ip + 1) > packet_end(ctx, xdp) || ipv4_header_fold(ip))
 			return FRONT_UNVERIFIED;
 	}
-	__s64 sum = pseudo_header_sum(seg->family, seg->saddr, seg->daddr, tcp_length);
-	if (sum < 0 || fold(bpf_csum_diff(0, 0, (void *)walk.tcp, tcp_length, sum)))
+	__u32 sum = pseudo_header_sum(seg->family, seg->saddr, seg->daddr, tcp_length);
+	if (fold(bpf_csum_diff(0, 0, (void *)walk.tcp, tcp_length, sum)))
 		return FRONT_UNVERIFIED;
 
 	if (!read_common_options(&walk)) {
@@ -455,8 +453,6 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 	th->ece = ecn;
 	th->window = bpf_htons(SYN_ACK_WINDOW);
 	sum = pseudo_header_sum(seg->family, seg->daddr, seg->saddr, reply_length);
-	if (sum < 0)
-		return FRONT_QUEUED;
 	th->check = fold(bpf_csum_diff(0, 0, (void *)reply, reply_length, sum));
 	answer->tcp_length = reply_length;
 
@@ -471,7 +467,7 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 		ip->protocol = IPPROTO_TCP;
 		__builtin_memcpy(&ip->saddr, &seg->daddr[12], 4);
 		__builtin_memcpy(&ip->daddr, &seg->saddr[12], 4);
-		ip->check = fold(bpf_csum_diff(0, 0, (void *)ip, sizeof(*ip), 0));
+		ip->check = ipv4_header_fold(ip);
 	} else {
 		struct ipv6hdr *ip6 = (void *)answer->ip;
 
@@ -669,11 +665,9 @@ static __always_inline __s64 packet_sum(struct xdp_md *ctx, __u32 offset, __u32 
 static __always_inline int segment_checksum_holds(struct xdp_md *ctx, const struct segment *seg)
 {
 	__u32 length = seg->ip_length - (seg->tcp_offset - sizeof(struct ethhdr));
-	__s64 sum = pseudo_header_sum(seg->family, seg->saddr, seg->daddr, length);
+	__s64 sum = packet_sum(ctx, seg->tcp_offset, length,
+			       pseudo_header_sum(seg->family, seg->saddr, seg->daddr, length));
 
-	if (sum < 0)
-		return 0;
-	sum = packet_sum(ctx, seg->tcp_offset, length, sum);
 	return sum >= 0 && !fold(sum);
 }
 
