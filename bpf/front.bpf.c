@@ -481,7 +481,7 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 	return FRONT_SYN_ANSWERED;
 }
 
-static __always_inline int answer_syn(struct __sk_buff *skb, const struct segment *seg,
+static __noinline int answer_syn(struct __sk_buff *skb, const struct segment *seg,
 				      const struct front_config *cfg)
 {
 	struct syn_ack answer = {};
@@ -520,27 +520,7 @@ static __always_inline int answer_syn(struct __sk_buff *skb, const struct segmen
 	return count(seg, FRONT_SYN_ANSWERED, bpf_redirect(fib.ifindex, 0));
 }
 
-SEC("tc")
-int synproxy_front(struct __sk_buff *skb)
-{
-	__u32 zero = 0;
-	const struct front_config *cfg = bpf_map_lookup_elem(&config, &zero);
-	struct segment seg = {};
-
-	/* A VLAN tag the device took off stays in the skb: the route back and the redirect would not
-	 * carry it, so tagged traffic goes the kernel's way. */
-	if (!cfg || !cfg->period_ns || skb->pkt_type != PACKET_HOST || skb->vlan_present ||
-	    !parse_segment(skb, &seg) || addresses_refused(&seg))
-		return TC_ACT_OK;
-	__u16 port = bpf_ntohs(seg.dport);
-	if (!bpf_map_lookup_elem(&protected_vips, seg.daddr) || !bpf_map_lookup_elem(&protected_ports, &port))
-		return count(&seg, FRONT_NOT_PROTECTED, TC_ACT_OK);
-	if ((seg.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN)) != TCP_FLAG_SYN)
-		return count(&seg, FRONT_QUEUED, TC_ACT_OK);
-	return answer_syn(skb, &seg, cfg);
-}
-
-/* --- XDP: the whole data plane --- */
+/* --- XDP: the SYN-ACK --- */
 
 /* Out of the interface the packet came in: XDP_TX; out of another: a redirect. */
 static __always_inline int send(struct xdp_md *ctx, __u32 ifindex)
@@ -606,13 +586,15 @@ static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *s
 
 #define MAX_CHECKSUM_BLOCKS 8 /* of 256 bytes: segments up to 2303 bytes are checked here */
 
+/* --- Every other segment: the decisions both hooks share, then each one's packet surgery --- */
+
 /* Sum `length` packet bytes from `offset` into `sum`: bpf_csum_diff reads packet memory in pieces of a
  * constant size (a multiple of 4, at most 512), the last 1-3 bytes padded with zeros. -1 when the
- * segment is longer than this reads. */
-static __always_inline __s64 packet_sum(struct xdp_md *ctx, __u32 offset, __u32 length, __s64 sum)
+ * segment is longer than this reads (or, at tc, than the linear data holds). */
+static __always_inline __s64 packet_sum(void *ctx, int xdp, __u32 offset, __u32 length, __s64 sum)
 {
-	void *data_end = (void *)(long)ctx->data_end;
-	__u8 *at = (void *)(long)ctx->data + (offset & 0xff);
+	void *data_end = packet_end(ctx, xdp);
+	__u8 *at = packet_data(ctx, xdp) + (offset & 0xff);
 
 #pragma unroll
 	for (int i = 0; i < MAX_CHECKSUM_BLOCKS; i++) {
@@ -661,11 +643,15 @@ static __always_inline __s64 packet_sum(struct xdp_md *ctx, __u32 offset, __u32 
 	return sum;
 }
 
-/* Does the segment's TCP checksum hold, as handler's tcp_checksum_valid reads it? */
-static __always_inline int segment_checksum_holds(struct xdp_md *ctx, const struct segment *seg)
+/* Does the segment's TCP checksum hold, as handler's tcp_checksum_valid reads it? At tc the segment is
+ * first made linear (one handshake ACK per connection pays for it). */
+static __always_inline int segment_checksum_holds(void *ctx, int xdp, const struct segment *seg)
 {
 	__u32 length = seg->ip_length - (seg->tcp_offset - sizeof(struct ethhdr));
-	__s64 sum = packet_sum(ctx, seg->tcp_offset, length,
+
+	if (!xdp && bpf_skb_pull_data(ctx, sizeof(struct ethhdr) + seg->ip_length))
+		return 0;
+	__s64 sum = packet_sum(ctx, xdp, seg->tcp_offset, length,
 			       pseudo_header_sum(seg->family, seg->saddr, seg->daddr, length));
 
 	return sum >= 0 && !fold(sum);
@@ -675,16 +661,17 @@ static __always_inline int segment_checksum_holds(struct xdp_md *ctx, const stru
  * packet's one clock reading, CLOCK_TAI: a clock step only ends an entry early), else a new
  * bpf_fib_lookup. It is looked up for a packet of farm_mtu bytes, so a route whose MTU is smaller leaves
  * every packet to the queue. 0 when there is no route or the neighbour is unresolved (XDP has no
- * bpf_redirect_neigh: the kernel resolves it for the queue's packet). */
-static __always_inline int route_to_backend(struct xdp_md *ctx, const struct front_forwarding *fwd, __be32 backend,
+ * bpf_redirect_neigh: the kernel resolves it for the queue's packet; tc does as XDP does). */
+static __always_inline int route_to_backend(void *ctx, int xdp, const struct front_forwarding *fwd, __be32 backend,
 					    __be16 source_port, __u64 now_ns, struct route *next_hop)
 {
-	__u32 slot = ((bpf_ntohl(backend) ^ ctx->ingress_ifindex) * 2654435761u) >> 24; /* Knuth's multiplicative hash */
+	__u32 ingress = xdp ? ((struct xdp_md *)ctx)->ingress_ifindex : ((struct __sk_buff *)ctx)->ifindex;
+	__u32 slot = ((bpf_ntohl(backend) ^ ingress) * 2654435761u) >> 24; /* Knuth's multiplicative hash */
 	struct route *cached = bpf_map_lookup_elem(&routes, &slot);
 
 	if (!cached)
 		return 0;
-	if (cached->backend == backend && cached->ingress_ifindex == ctx->ingress_ifindex &&
+	if (cached->backend == backend && cached->ingress_ifindex == ingress &&
 	    now_ns - cached->checked_ns < ROUTE_CACHE_NS) {
 		*next_hop = *cached;
 		return 1;
@@ -695,7 +682,7 @@ static __always_inline int route_to_backend(struct xdp_md *ctx, const struct fro
 		.sport = source_port,
 		.dport = fwd->encap_port,
 		.tot_len = fwd->farm_mtu,
-		.ifindex = ctx->ingress_ifindex,
+		.ifindex = ingress,
 		.ipv4_src = fwd->farm_address,
 		.ipv4_dst = backend,
 	};
@@ -703,7 +690,7 @@ static __always_inline int route_to_backend(struct xdp_md *ctx, const struct fro
 		cached->checked_ns = 0;
 		return 0;
 	}
-	*cached = (struct route){.checked_ns = now_ns, .backend = backend, .ingress_ifindex = ctx->ingress_ifindex,
+	*cached = (struct route){.checked_ns = now_ns, .backend = backend, .ingress_ifindex = ingress,
 				 .ifindex = fib.ifindex};
 	__builtin_memcpy(cached->dmac, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(cached->smac, fib.smac, ETH_ALEN);
@@ -711,32 +698,50 @@ static __always_inline int route_to_backend(struct xdp_md *ctx, const struct fro
 	return 1;
 }
 
-/* Every segment but a SYN to a protected VIP and port: encapsulated to its Maglev backend as
- * handler.handle does, or left to the queue. */
-static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg)
+/* What forwarding a segment takes, decided: where to, and the encapsulation's fields. */
+struct forwarding_plan {
+	struct route next_hop;
+	__be32 farm_address;
+	__be32 backend;
+	__be16 encap_port;
+	__be16 source_port;
+	__u8 flags;
+	__u8 pad[3];
+	__u64 mac; /* big endian */
+};
+
+/* The outcomes of a segment the program encapsulates; every other one is left to the queue. */
+static __always_inline int forwarded(__u32 outcome)
+{
+	return outcome == FRONT_VALIDATED || outcome == FRONT_FORWARDED || outcome == FRONT_FORWARDED_BAD_MAC ||
+	       outcome == FRONT_FORWARDED_EXPIRED_EPOCH;
+}
+
+/* Every segment but a SYN to a protected VIP and port, as handler.handle decides it, on either hook:
+ * the outcome, and for a forwarded() one the plan the hook's surgery carries out. */
+static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct segment *seg,
+					     const struct front_config *cfg, struct forwarding_plan *plan)
 {
 	__u32 zero = 0;
 	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	__u32 frame_length = data_end - data;
+	__u32 frame_length = xdp ? packet_end(ctx, xdp) - packet_data(ctx, xdp) : ((struct __sk_buff *)ctx)->len;
 	__u32 ip_header = seg->tcp_offset - sizeof(struct ethhdr);
 	__u32 ip_length = seg->ip_length;
 
 	if (!fwd)
-		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
+		return FRONT_QUEUED;
 	/* What parse_tcp calls malformed, a frame shorter than its IP packet (the kernel drops both), and
 	 * IPv4 options (the handler forwards those; this program leaves them to it). */
 	if ((seg->family == 4 && ip_header != sizeof(struct iphdr)) || seg->tcp_length < sizeof(struct tcphdr) ||
 	    ip_header + seg->tcp_length > ip_length || sizeof(struct ethhdr) + ip_length > frame_length)
-		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
+		return FRONT_QUEUED;
 	if (ip_length + ENCAP_OVERHEAD > fwd->farm_mtu)
-		return count_xdp(seg, FRONT_TOO_BIG, XDP_PASS);
+		return FRONT_TOO_BIG;
 	if (seg->family == 4) { /* the kernel checks it after this hook and drops what fails */
-		struct iphdr *ip = data + sizeof(struct ethhdr);
+		const struct iphdr *ip = packet_data(ctx, xdp) + sizeof(struct ethhdr);
 
-		if ((void *)(ip + 1) > data_end || ipv4_header_fold(ip))
-			return count_xdp(seg, FRONT_UNVERIFIED, XDP_PASS);
+		if ((void *)(ip + 1) > packet_end(ctx, xdp) || ipv4_header_fold(ip))
+			return FRONT_UNVERIFIED;
 	}
 
 	__u32 outcome = FRONT_FORWARDED;
@@ -750,7 +755,7 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 		/* Without the current epoch's salt the map is stale (the front process stalled): it cannot
 		 * tell an expired cookie from a salt not written, the handler can. */
 		if (!minting_slot(now_ns / cfg->period_ns))
-			return count_xdp(seg, FRONT_NO_SALT, XDP_PASS);
+			return FRONT_NO_SALT;
 		if (!slot || !epoch_accepted(slot->epoch, now_ns, cfg->period_ns, fwd->skew_ns)) {
 			outcome = FRONT_FORWARDED_EXPIRED_EPOCH;
 		} else if (!cookie_mac_valid(slot, seg, cookie)) {
@@ -758,8 +763,8 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 		} else {
 			/* The handler drops a validating ACK with a wrong checksum; the queue completes a
 			 * local sender's partial one. */
-			if (!segment_checksum_holds(ctx, seg))
-				return count_xdp(seg, FRONT_UNVERIFIED, XDP_PASS);
+			if (!segment_checksum_holds(ctx, xdp, seg))
+				return FRONT_UNVERIFIED;
 			outcome = FRONT_VALIDATED;
 			flags = ENCAP_FLAG_VALIDATED;
 		}
@@ -769,34 +774,32 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 	__u32 index = flow % MAGLEV_TABLE_SIZE;
 	const __be32 *entry = bpf_map_lookup_elem(&maglev, &index);
 	if (!entry || !*entry)
-		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
-	__be32 backend = *entry; /* read once: the loader may rewrite it */
-	__be16 source_port = bpf_htons(ENCAP_SOURCE_PORT_BASE | (flow & ENCAP_SOURCE_PORT_MASK));
-	struct route next_hop;
-	if (!route_to_backend(ctx, fwd, backend, source_port, tai_ns, &next_hop))
-		return count_xdp(seg, FRONT_UNROUTED, XDP_PASS);
+		return FRONT_QUEUED;
+	plan->backend = *entry; /* read once: the loader may rewrite it */
+	plan->source_port = bpf_htons(ENCAP_SOURCE_PORT_BASE | (flow & ENCAP_SOURCE_PORT_MASK));
+	if (!route_to_backend(ctx, xdp, fwd, plan->backend, plan->source_port, tai_ns, &plan->next_hop))
+		return FRONT_UNROUTED;
 
 	union cookie_message message;
-	encap_message_of(&message, fwd->farm_address, backend, seg, flags);
-	__u64 mac = bpf_cpu_to_be64(siphash24_48(message.words, fwd->encap_key));
+	encap_message_of(&message, fwd->farm_address, plan->backend, seg, flags);
+	plan->mac = bpf_cpu_to_be64(siphash24_48(message.words, fwd->encap_key));
+	plan->farm_address = fwd->farm_address;
+	plan->encap_port = fwd->encap_port;
+	plan->flags = flags;
+	return outcome;
+}
 
-	/* The queue's copy ends where the IP packet does: drop an Ethernet pad, then make room. */
-	if (frame_length > sizeof(struct ethhdr) + ip_length &&
-	    bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + ip_length) - (int)frame_length))
-		return count_xdp(seg, FRONT_UNSENT, XDP_PASS);
-	if (bpf_xdp_adjust_head(ctx, -ENCAP_OVERHEAD))
-		return count_xdp(seg, FRONT_UNSENT, XDP_PASS);
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
+/* The Ethernet, outer IPv4, UDP and encapsulation headers as encap.encapsulate builds them, for an
+ * inner IP packet of `ip_length` bytes, written at `to`: the frame itself (XDP) or a stack copy (tc). */
+static __always_inline void build_encapsulation(void *to, const struct forwarding_plan *plan, __u32 ip_length)
+{
+	struct ethhdr *eth = to;
 	struct iphdr *outer = (void *)(eth + 1);
 	struct udphdr *udp = (void *)(outer + 1);
 	struct encap_header *header = (void *)(udp + 1);
-	if ((void *)(header + 1) > data_end)
-		return count_xdp(seg, FRONT_UNSENT, XDP_DROP); /* cannot happen: room was just made */
 
-	__builtin_memcpy(eth->h_dest, next_hop.dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, next_hop.smac, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, plan->next_hop.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, plan->next_hop.smac, ETH_ALEN);
 	eth->h_proto = bpf_htons(ETH_P_IP);
 	*outer = (struct iphdr){
 		.version = 4,
@@ -805,19 +808,112 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 		.frag_off = bpf_htons(IP_DF),
 		.ttl = ENCAP_TTL,
 		.protocol = IPPROTO_UDP,
-		.saddr = fwd->farm_address,
-		.daddr = backend,
+		.saddr = plan->farm_address,
+		.daddr = plan->backend,
 	};
 	outer->check = ipv4_header_fold(outer);
-	udp->source = source_port;
-	udp->dest = fwd->encap_port;
+	udp->source = plan->source_port;
+	udp->dest = plan->encap_port;
 	udp->len = bpf_htons(ENCAP_OVERHEAD - sizeof(struct iphdr) + ip_length);
 	udp->check = 0;
 	header->magic = ENCAP_MAGIC;
-	header->flags = flags;
+	header->flags = plan->flags;
 	header->reserved = 0;
-	__builtin_memcpy(header->mac, &mac, sizeof(mac));
-	return count_xdp(seg, outcome, send(ctx, next_hop.ifindex));
+	__builtin_memcpy(header->mac, &plan->mac, sizeof(plan->mac));
+}
+
+#define ENCAPSULATED_HEADERS (sizeof(struct ethhdr) + ENCAP_OVERHEAD)
+
+/* XDP's surgery: trim an Ethernet pad, grow the head, write the headers, send. */
+static __noinline int forward_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg)
+{
+	struct forwarding_plan plan;
+	__u32 outcome = plan_forwarding(ctx, 1, seg, cfg, &plan);
+	__u32 ip_length = seg->ip_length;
+	__u32 frame_length = ctx->data_end - ctx->data;
+
+	if (!forwarded(outcome))
+		return count_xdp(seg, outcome, XDP_PASS);
+	/* The queue's copy ends where the IP packet does: drop an Ethernet pad, then make room. */
+	if (frame_length > sizeof(struct ethhdr) + ip_length &&
+	    bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + ip_length) - (int)frame_length))
+		return count_xdp(seg, FRONT_UNSENT, XDP_PASS);
+	if (bpf_xdp_adjust_head(ctx, -ENCAP_OVERHEAD))
+		return count_xdp(seg, FRONT_UNSENT, XDP_PASS);
+	void *data = (void *)(long)ctx->data;
+	if (data + ENCAPSULATED_HEADERS > (void *)(long)ctx->data_end)
+		return count_xdp(seg, FRONT_UNSENT, XDP_DROP); /* cannot happen: room was just made */
+	build_encapsulation(data, &plan, ip_length);
+	return count_xdp(seg, outcome, send(ctx, plan.next_hop.ifindex));
+}
+
+/* tc's surgery: trim an Ethernet pad, make room after the Ethernet header (the flags also make the
+ * skb's protocol IPv4 for an IPv6 inner packet, and record the inner headers for offloads), write the
+ * headers (the Ethernet one outside a received checksum's reach, the rest inside), redirect. A GSO
+ * packet (the receive path merged several) is the queue's: it hands the handler one segment at a time. */
+static __noinline int forward_tc(struct __sk_buff *skb, const struct segment *seg, const struct front_config *cfg)
+{
+	struct forwarding_plan plan;
+	__u64 headers[(ENCAPSULATED_HEADERS + 2 + 7) / 8]; /* from byte 2: the outer IPv4 header 4-aligned */
+	__u8 *copy = (__u8 *)headers + 2;
+	__u32 ip_length = seg->ip_length;
+
+	if (skb->gso_segs > 1)
+		return count(seg, FRONT_QUEUED, TC_ACT_OK);
+	__u32 outcome = plan_forwarding(skb, 0, seg, cfg, &plan);
+	if (!forwarded(outcome))
+		return count(seg, outcome, TC_ACT_OK);
+	if ((skb->len > sizeof(struct ethhdr) + ip_length &&
+	     bpf_skb_change_tail(skb, sizeof(struct ethhdr) + ip_length, 0)) ||
+	    bpf_skb_adjust_room(skb, ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
+		return count(seg, FRONT_UNSENT, TC_ACT_OK); /* unchanged */
+	build_encapsulation(copy, &plan, ip_length);
+	if (bpf_skb_store_bytes(skb, 0, copy, sizeof(struct ethhdr), 0) ||
+	    bpf_skb_store_bytes(skb, sizeof(struct ethhdr), copy + sizeof(struct ethhdr), ENCAP_OVERHEAD,
+				BPF_F_RECOMPUTE_CSUM))
+		return count(seg, FRONT_UNSENT, TC_ACT_SHOT); /* half rewritten */
+	return count(seg, outcome, bpf_redirect(plan.next_hop.ifindex, 0));
+}
+
+/* --- The entries: one set of decisions for every frame, each hook's own answer_syn and forward --- */
+
+/* A frame either hook passed its own checks for: what both do with it. */
+static __always_inline int handle_frame(void *ctx, int xdp, const struct front_config *cfg)
+{
+	__u32 path = xdp ? FRONT_PATH_XDP : FRONT_PATH_TC;
+	int pass = xdp ? XDP_PASS : TC_ACT_OK;
+	struct segment seg = {};
+
+	enum parsed parsed = parse_frame(packet_data(ctx, xdp), packet_end(ctx, xdp), &seg);
+	if (parsed == PARSE_OTHER || addresses_refused(&seg))
+		return pass;
+	if (!bpf_map_lookup_elem(&protected_vips, seg.daddr))
+		return parsed == PARSE_SEGMENT ? count_on(path, &seg, FRONT_NOT_PROTECTED, pass) : pass;
+	if (parsed == PARSE_UNHANDLED)
+		return count_on(path, &seg, FRONT_UNPARSED, pass);
+	__u16 port = bpf_ntohs(seg.dport);
+	if (!bpf_map_lookup_elem(&protected_ports, &port))
+		return count_on(path, &seg, FRONT_NOT_PROTECTED, pass);
+	if (seg.flags & TCP_FLAG_SYN) {
+		if (seg.flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
+			return count_on(path, &seg, FRONT_QUEUED, pass); /* the handler drops it: invalid_flags */
+		return xdp ? answer_syn_xdp(ctx, &seg, cfg) : answer_syn(ctx, &seg, cfg);
+	}
+	return xdp ? forward_xdp(ctx, &seg, cfg) : forward_tc(ctx, &seg, cfg);
+}
+
+SEC("tc")
+int synproxy_front(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	const struct front_config *cfg = bpf_map_lookup_elem(&config, &zero);
+
+	/* A VLAN tag the device took off stays in the skb: the route back and the redirect would not
+	 * carry it, so tagged traffic goes the kernel's way. */
+	if (!cfg || !cfg->period_ns || skb->pkt_type != PACKET_HOST || skb->vlan_present)
+		return TC_ACT_OK;
+	return handle_frame(skb, 0, cfg);
 }
 
 SEC("xdp")
@@ -828,28 +924,12 @@ int synproxy_front_xdp(struct xdp_md *ctx)
 	struct ethhdr *eth = data;
 	__u32 zero = 0;
 	const struct front_config *cfg = bpf_map_lookup_elem(&config, &zero);
-	struct segment seg = {};
 
 	/* Multicast and broadcast frames are not for one host (XDP has no pkt_type: a unicast frame for
 	 * another host reaches it only in promiscuous mode). */
 	if (!cfg || !cfg->period_ns || (void *)(eth + 1) > data_end || (eth->h_dest[0] & 1))
 		return XDP_PASS;
-	enum parsed parsed = parse_frame(data, data_end, &seg);
-	if (parsed == PARSE_OTHER || addresses_refused(&seg))
-		return XDP_PASS;
-	if (!bpf_map_lookup_elem(&protected_vips, seg.daddr))
-		return parsed == PARSE_SEGMENT ? count_xdp(&seg, FRONT_NOT_PROTECTED, XDP_PASS) : XDP_PASS;
-	if (parsed == PARSE_UNHANDLED)
-		return count_xdp(&seg, FRONT_UNPARSED, XDP_PASS);
-	__u16 port = bpf_ntohs(seg.dport);
-	if (!bpf_map_lookup_elem(&protected_ports, &port))
-		return count_xdp(&seg, FRONT_NOT_PROTECTED, XDP_PASS);
-	if (seg.flags & TCP_FLAG_SYN) {
-		if (seg.flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
-			return count_xdp(&seg, FRONT_QUEUED, XDP_PASS); /* the handler drops it: invalid_flags */
-		return answer_syn_xdp(ctx, &seg, cfg);
-	}
-	return forward(ctx, &seg, cfg);
+	return handle_frame(ctx, 1, cfg);
 }
 
 char LICENSE[] SEC("license") = "GPL";
