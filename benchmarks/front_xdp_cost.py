@@ -1,4 +1,5 @@
-"""The front's XDP program's own cost per packet, by kind of packet (`python3 -m benchmarks.front_xdp_cost`, root).
+"""The front's XDP (or tc) program's own cost per packet, by kind of packet (`python3 -m benchmarks.front_xdp_cost
+[--program tc]`, root).
 
 Each packet is run through the program with BPF_PROG_TEST_RUN, one run per call (a repeated run would
 see the frame the previous run rewrote), with the kernel's run-time statistics on (BPF_ENABLE_STATS):
@@ -59,8 +60,9 @@ def packets(policy: FrontPolicy, schedule: SaltSchedule, now: float) -> dict[str
     }
 
 
-def measure(object_path, runs: int, repetitions: int) -> dict[str, list[float]]:
-    """ns per run inside the object's XDP program, by kind of packet, one figure per repetition."""
+def measure(object_path, runs: int, repetitions: int, program: str = "xdp") -> dict[str, list[float]]:
+    """ns per run inside the object's XDP or tc program, by kind of packet, one figure per repetition (and
+    the floor's, for XDP)."""
     secret = os.urandom(32)
     schedule = SaltSchedule((secret,), period=60, skew=2)
     policy = FrontPolicy(vips=frozenset({ipaddress.ip_address(VIP).packed}), ports=frozenset({PORT}),
@@ -81,16 +83,18 @@ def measure(object_path, runs: int, repetitions: int) -> dict[str, list[float]]:
         stats = enable_run_time_stats()
         try:
             loaded.configure(policy, schedule)
+            prog_fd = loaded.xdp_prog_fd if program == "xdp" else loaded.prog_fd
             for _ in range(repetitions):
-                results.setdefault(FLOOR, []).append(_per_run(name, floor.program_fd("xdp_pass"), ETHERNET, runs))
+                if program == "xdp":
+                    results.setdefault(FLOOR, []).append(_per_run(name, floor.program_fd("xdp_pass"), ETHERNET, runs))
                 for kind, packet in packets(policy, schedule, time.time()).items():
-                    counted = loaded.counts("xdp")
+                    counted = loaded.counts(program)
                     with netns.inside(name):
-                        prog_test_run(loaded.xdp_prog_fd, ETHERNET + packet)
-                    moved = {key[0] for key, value in loaded.counts("xdp").items() if value != counted[key]}
+                        prog_test_run(prog_fd, ETHERNET + packet)
+                    moved = {key[0] for key, value in loaded.counts(program).items() if value != counted[key]}
                     if moved != {kind.split()[0]}:
                         raise SystemExit(f"{kind}: the program counted {moved}")
-                    results.setdefault(kind, []).append(_per_run(name, loaded.xdp_prog_fd, ETHERNET + packet, runs))
+                    results.setdefault(kind, []).append(_per_run(name, prog_fd, ETHERNET + packet, runs))
         finally:
             os.close(stats)
             floor.close()
@@ -112,9 +116,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20000, help="runs per kind and repetition")
     parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--program", choices=("xdp", "tc"), default="xdp")
     args = parser.parse_args()
-    results = measure(build_object("front"), args.runs, args.repetitions)
-    print(f"ns per packet inside the XDP program ({args.runs} runs x {args.repetitions}): median (min-max)")
+    results = measure(build_object("front"), args.runs, args.repetitions, args.program)
+    print(f"ns per packet inside the {args.program} program ({args.runs} runs x {args.repetitions}): median (min-max)")
     for kind, values in results.items():
         print(f"  {kind:46} {statistics.median(values):7.0f} ({min(values):.0f}-{max(values):.0f})")
 
