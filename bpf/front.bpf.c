@@ -750,11 +750,14 @@ static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct se
 	if ((seg->flags & TCP_FLAG_ACK) && !(seg->flags & (TCP_FLAG_RST | TCP_FLAG_FIN))) {
 		__u32 cookie = seg->ack - 1;
 		__u64 now_ns = tai_ns + cfg->clock_offset_ns;
+		__u64 epoch = now_ns / cfg->period_ns;
 		const struct salt_slot *slot = cookie_slot(cookie);
+		/* A cookie of the current epoch names the minting slot itself: one map lookup (~25 ns) less. */
+		int current = ((cookie >> COOKIE_EPOCH_SHIFT) & (COOKIE_EPOCH_SLOTS - 1)) == epoch % COOKIE_EPOCH_SLOTS;
 
 		/* Without the current epoch's salt the map is stale (the front process stalled): it cannot
 		 * tell an expired cookie from a salt not written, the handler can. */
-		if (!minting_slot(now_ns / cfg->period_ns))
+		if (current ? !slot || slot->epoch != epoch || !slot->nkeys : !minting_slot(epoch))
 			return FRONT_NO_SALT;
 		if (!slot || !epoch_accepted(slot->epoch, now_ns, cfg->period_ns, fwd->skew_ns)) {
 			outcome = FRONT_FORWARDED_EXPIRED_EPOCH;

@@ -337,6 +337,27 @@ def test_a_validating_ack_with_a_bad_checksum_goes_to_the_queue(hook, monkeypatc
     assert run(namespace, fast_path, frame, hook=hook) == (PASS[hook], frame, {("unverified", vector["family"]): 1})
 
 
+SK_BUFF_SIZE, GSO_SEGS_OFFSET = 192, 164  # struct __sk_buff and its gso_segs (<linux/bpf.h>)
+
+
+def test_a_merged_gso_packet_goes_to_the_queue_at_tc(monkeypatch, namespace, fast_path, policy, schedule):
+    """GRO may merge a flow's segments into one skb before tc sees it; the queue hands the handler one
+    segment at a time, so the tc program leaves such a packet to it."""
+    now = 1000 * PERIOD + 30
+    set_clock(monkeypatch, fast_path, policy, schedule, now)
+    frame = segment("198.18.1.2", VIP4, payload=bytes(1000))
+    unmerged = handle(frame[14:], now, schedule, policy).outcome
+    context = bytearray(SK_BUFF_SIZE)
+    struct.pack_into("=I", context, GSO_SEGS_OFFSET, 2)
+    before = fast_path.counts("tc")
+    with netns.inside(namespace):
+        assert prog_test_run(fast_path.prog_fd, frame, context=bytes(context)) == (TC_ACT_OK, frame)
+        assert prog_test_run(fast_path.prog_fd, frame)[0] == TC_ACT_REDIRECT  # the same, not merged
+    after = fast_path.counts("tc")
+    assert {key: after[key] - before[key] for key in after if after[key] != before[key]} == {
+        ("queued", 4): 1, (unmerged, 4): 1}
+
+
 def test_a_multicast_frame_is_not_looked_at(namespace, fast_path):
     frame = b"\x01\x00\x5e\x00\x00\x01" + ACK4[6:]
     assert run(namespace, fast_path, frame) == (XDP_PASS, frame, {})
