@@ -26,6 +26,12 @@ def test_the_configuration_listens_with_reuseport_on_both_families_and_logs_no_a
     assert str(tmp_path) in text and "/var/" not in text  # nothing outside its own prefix
 
 
+def test_without_ipv6_it_listens_on_ipv4_alone(tmp_path):
+    """The docker-compose lab's networks have no IPv6 (deploy/docker/start.sh gives no --vip6)."""
+    text = nginx.render_config(tmp_path, VIP4, None, port=PORT, backend="backend0")
+    assert f"listen {VIP4}:{PORT} " in text and "listen [" not in text and '"backend": "backend0"' in text
+
+
 @pytest.fixture
 def served(tmp_path):
     """nginx running in a namespace of its own; the namespace's name."""
