@@ -74,11 +74,17 @@ def parse_ab(report: str, percentiles: str) -> dict:
 
     served = dict(line.split(",") for line in percentiles.splitlines()[1:] if line.count(",") == 1)
     requests = int(number("Complete requests"))
+
+    def percentile(share: int) -> float | None:
+        # ab reads its sorted times at index int(0.5 + requests * share / 100), past the end (a 0) when
+        # fewer than 50 requests completed for the 99th: no figure rather than that one.
+        if str(share) not in served or int(0.5 + requests * share / 100) >= requests:
+            return None
+        return float(served[str(share)])
+
     return {"requests": requests, "failed": int(number("Failed requests")),
             "non_2xx": int(number("Non-2xx responses")), "seconds": number("Time taken for tests"),
-            "requests_per_second": number("Requests per second"),
-            "p50_ms": float(served["50"]) if requests and "50" in served else None,
-            "p99_ms": float(served["99"]) if requests and "99" in served else None}
+            "requests_per_second": number("Requests per second"), "p50_ms": percentile(50), "p99_ms": percentile(99)}
 
 
 def run_ab(lab: Lab, concurrency: int, seconds: float, keepalive: bool, work_dir: Path) -> dict:
