@@ -15,7 +15,7 @@ import pytest
 
 from synproxy.bpf.libbpf import tc_attached_program, xdp_attached_program
 from synproxy.front.fastpath import TC_HANDLE, TC_PRIORITY
-from synproxy.lab.topology import VIP, VIP6, Lab
+from synproxy.lab.topology import PORTS, VIP, VIP6, Lab
 from synproxy.netns import inside
 from tests.lab_fixtures import backend_stats, clients, needs_root, outcomes, running_lab, summed
 
@@ -97,7 +97,7 @@ def test_a_stopped_front_takes_its_programs_away_and_a_restarted_one_brings_them
 def test_sighup_moves_the_rules_and_the_programs_to_the_new_ports(lab):
     """Last in this module: it leaves the fronts protecting port 80 only."""
     config = lab.config_path
-    config.write_text(config.read_text().replace("ports: [80, 7]", "ports: [80]"))
+    config.write_text(config.read_text().replace(f"ports: [{', '.join(map(str, PORTS))}]", "ports: [80]"))
     before = outcomes(lab)
     for host in lab.by_role("front"):
         os.kill(lab.pid(host.name), signal.SIGHUP)
