@@ -6,7 +6,8 @@ so --queue-cpu-fanout gives each worker a share. trafgen floods from the attacke
 (generator.py), the router passing at most --rate packets/s (generator.pacer; 0: all). The figure:
 the front's packets handled per second (every outcome of synproxy_front_packets_total) over a window
 of --seconds once the flood runs, per worker count, the counts interleaved over --repetitions; also
-the share per queue and what the kernel dropped at full queues. Needs root and trafgen.
+the share per queue, what the kernel dropped at full queues, each CPU's busy share and the CPU time of
+the front's processes (parent and workers) per second. Needs root and trafgen.
 
 On this 2-core VM the generator and the router's forwarding take CPU 0 too: the workers compete with
 them, so the figure is what one front answers beside its own load, not a per-core capacity.
@@ -26,8 +27,9 @@ from pyroute2 import NetNS
 from benchmarks.contenders import nft
 from benchmarks.generator import FLOODS, PACER_TABLE, pacer, trafgen_argv, trafgen_config
 from benchmarks.harness import stop_group
+from benchmarks.measure import busy_per_cpu, process_cpu_seconds
 from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, Lab, default_hosts, scrape
-from synproxy.netns import unique_name
+from synproxy.netns import pids_inside, unique_name
 
 FRONT = "front0"
 GENERATOR_CPU = 0
@@ -65,9 +67,12 @@ def run(workers: int, flood: str, rate: int, seconds: float) -> dict:
                 raise RuntimeError(f"the front handled nothing of the flood (trafgen status {generator.poll()})")
             time.sleep(0.1)
         time.sleep(1)  # past the first burst into empty queues
+        processes = pids_inside(lab.ns(FRONT))
+        cpu_before, busy_before = sum(process_cpu_seconds(pid) or 0 for pid in processes), busy_per_cpu()
         before, queues_before, dropped_before, started = *handled(lab), time.monotonic()
         time.sleep(seconds)
         after, queues_after, dropped_after, ended = *handled(lab), time.monotonic()
+        cpu_after, busy_after = sum(process_cpu_seconds(pid) or 0 for pid in processes), busy_per_cpu()
     finally:
         if generator is not None:
             stop_group(generator)
@@ -77,7 +82,9 @@ def run(workers: int, flood: str, rate: int, seconds: float) -> dict:
     return {"workers": workers, "handled_pps": round((after - before) / elapsed),
             "per_queue_pps": {queue: round((queues_after[queue] - queues_before.get(queue, 0)) / elapsed)
                               for queue in queues_after},
-            "queue_dropped_pps": round((dropped_after - dropped_before) / elapsed)}
+            "queue_dropped_pps": round((dropped_after - dropped_before) / elapsed),
+            "front_processes_cpu": round((cpu_after - cpu_before) / elapsed, 2),
+            "cpu_busy": {cpu: round((busy_after[cpu] - busy_before[cpu]) / elapsed, 2) for cpu in busy_after}}
 
 
 def main() -> int:
