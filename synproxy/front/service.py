@@ -478,10 +478,10 @@ class Front:
         if workers > cpus:
             log("config_warning", warning=f"{config.where('front.workers')}: {workers} workers on {cpus} online "
                 "CPUs: --queue-cpu-fanout queues by CPU, so the queues past the CPU count get no packets")
-        queue = None
+        queue = bind_queue(queue_num, self.on_packet) if workers == 1 else None
+        started = False
         try:
-            if workers == 1:
-                queue = bind_queue(queue_num, self.on_packet)
+            if queue is not None:
                 self.metrics.counts[queue_num] = self.counts
             else:
                 self.start_workers()  # each binds its queue before the rules send packets there
@@ -502,6 +502,7 @@ class Front:
             log("front_started", queue=queue_num, workers=workers, vips=[str(v) for v in config.vips],
                 ports=list(config.ports), backends=[str(b) for b in config.backends],
                 farm_address=str(farm_address(config)), data_plane=mode)
+            started = True
             if queue is not None:
                 self.serve(queue, self.housekeeping, HOUSEKEEPING_SECONDS)
             else:
@@ -514,7 +515,8 @@ class Front:
             if queue is not None:
                 queue.unbind()
             self.stop_workers()
-            log("front_stopped", queue=queue_num)
+            if started:
+                log("front_stopped", queue=queue_num)
         return 0
 
     def serve(self, queue: NetfilterQueue, housekeeping, seconds: float) -> None:
