@@ -41,6 +41,9 @@ XDP_MODES = ("auto", "native", "generic")
 # A TFO cookie lives one to two key periods and a client keeps it across visits (docs/cookie.md): a period
 # shorter than a minute would make clients re-learn cookies all the time for no gain.
 MIN_TFO_KEY_PERIOD_SECONDS = 60.0
+# front.workers: one NFQUEUE and one process per worker (docs/front.md); queues are numbered from queue_num.
+MAX_WORKERS = 1024
+MAX_QUEUE = 65535
 SECRET_COMMAND = "(umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' > {path})"
 
 
@@ -56,6 +59,7 @@ class FrontConfig:
     data_plane: str                 # auto, xdp, tc or nfqueue (docs/front.md)
     interfaces: tuple[str, ...]     # where the kernel data plane attaches; () = the default routes' interfaces
     xdp_mode: str                   # auto, native or generic
+    workers: int = 1                # queue-reading processes, on queues queue_num .. queue_num + workers - 1
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,18 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return check
 
 
+def _workers(value: Any) -> int:
+    """A count of at least 1, or ``auto``: the number of online CPUs (``--queue-cpu-fanout`` numbers the
+    queues by the CPU that received the packet, so more workers than CPUs would get nothing)."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer or auto, got {_shown(value)}")
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"must be between 1 and {MAX_WORKERS}, or auto, got {value}")
+    return value
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise TypeError(f"expected a non-empty string, got {_shown(value)}")
@@ -248,12 +264,13 @@ class _Field:
 PORT = _integer(1, 65535)
 
 FRONT_SCHEMA = {
-    "queue_num": _Field(_integer(0, 65535), 0),
+    "queue_num": _Field(_integer(0, MAX_QUEUE), 0),
     "farm_address": _Field(_address),
     "metrics_address": _Field(_host_port),
     "data_plane": _Field(_choice(*DATA_PLANES), "auto"),
     "interfaces": _Field(_text, (), many=True),
     "xdp_mode": _Field(_choice(*XDP_MODES), "auto"),
+    "workers": _Field(_workers, 1),
 }
 BACKEND_SCHEMA = {
     "interface": _Field(_text),
@@ -426,6 +443,11 @@ def _check_relations(values: dict, root: yaml.MappingNode, reader: _Reader) -> N
     if overlap:
         raise reader.error(_key_node(root, "vips"), "vips",
                            f"{', '.join(map(str, sorted(overlap)))} is also a front or backend address")
+    front = values["front"]
+    if front["queue_num"] + front["workers"] - 1 > MAX_QUEUE:
+        raise reader.error(_key_node(_key_node(root, "front"), "workers"), "front.workers",
+                           f"{front['workers']} workers from queue_num {front['queue_num']} would need queues "
+                           f"beyond {MAX_QUEUE}")
     accepted = values["accepted_secret_files"]
     if len(accepted) > MAX_SECRETS - 1:
         raise reader.error(_key_node(root, "accepted_secret_files"), "accepted_secret_files",

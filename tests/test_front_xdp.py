@@ -31,6 +31,7 @@ from synproxy.bpf.libbpf import (
     BpfObject,
     prog_test_run,
     program_id,
+    tc_attached_program,
     xdp_attach,
     xdp_attached_program,
     xdp_detach,
@@ -437,6 +438,28 @@ def test_a_program_a_killed_front_left_is_replaced(namespace, policy, schedule):
         finally:
             restarted.close()
         assert xdp_attached_program(ifindex) is None
+
+
+def test_every_start_removes_the_programs_a_killed_front_left(namespace, policy, schedule):
+    """Whatever the next front's data plane: nfqueue attaches nothing, tc no XDP program, and a dead
+    front's would keep answering from its stale maps (docs/front.md)."""
+    with netns.inside(namespace):
+        ifindex = socket.if_nametoindex(LINK)
+        for next_mode in ("nfqueue", "tc"):
+            dead, _ = fastpath.start("xdp", (LINK,), "native", policy, schedule)
+            dead.attached.clear()  # as if the process had died: nothing detaches them
+            dead.xdp_attached.clear()
+            dead.close()
+            assert xdp_attached_program(ifindex) and tc_attached_program(ifindex, fastpath.TC_HANDLE,
+                                                                          fastpath.TC_PRIORITY)
+            mode, loaded, _, _ = fastpath.select(next_mode, (LINK,), "native", policy, schedule)
+            try:
+                assert mode == next_mode and xdp_attached_program(ifindex) is None
+                tc_program = tc_attached_program(ifindex, fastpath.TC_HANDLE, fastpath.TC_PRIORITY)
+                assert tc_program == (program_id(loaded.prog_fd) if loaded else None)
+            finally:
+                if loaded:
+                    loaded.close()
 
 
 def test_a_route_change_is_seen_within_the_route_cache_time(hook, monkeypatch, namespace, cookie_vectors, schedule):

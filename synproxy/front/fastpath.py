@@ -26,6 +26,7 @@ from synproxy.bpf.libbpf import (
     BpfObject,
     program_name,
     tc_attach,
+    tc_attached_program,
     tc_detach,
     xdp_attach,
     xdp_attached_program,
@@ -233,6 +234,27 @@ def _detach_leftover(name: str, ifindex: int) -> None:
     log("xdp_leftover_detached", interface=name, program_id=attached[0])
 
 
+def remove_leftovers(interfaces: Iterable[str]) -> None:
+    """Every start, whatever its data plane: the programs a killed front left on these interfaces (its tc
+    filter, by our handle; its XDP program, by name) would otherwise keep answering from stale maps for up
+    to two salt periods, and XDP encapsulating segments for as long as it stays (docs/front.md). An
+    interface that does not exist has none (a kernel data plane then fails on it by name)."""
+    for name in interfaces:
+        try:
+            ifindex = interface_index(name)
+        except SetupError:
+            continue
+        try:
+            left = tc_attached_program(ifindex, TC_HANDLE, TC_PRIORITY)
+            if left is not None:
+                tc_detach(ifindex, TC_HANDLE, TC_PRIORITY)
+                log("tc_leftover_detached", interface=name, program_id=left)
+        except BpfError as error:
+            raise FastPathError(f"removing the tc filter a previous front left on {name} failed: "
+                                f"{error.strerror}") from None
+        _detach_leftover(name, ifindex)
+
+
 def start(data_plane: str, interfaces: tuple[str, ...], xdp_mode: str, policy: FrontPolicy,
           schedule: SaltSchedule) -> tuple[FastPath, dict[str, str]]:
     """Build, load and fill the program, attach it at tc ingress on the interfaces and, for the xdp data
@@ -259,7 +281,8 @@ def select(wanted: str, interfaces: tuple[str, ...], xdp_mode: str, policy: Fron
            schedule: SaltSchedule) -> tuple[str, FastPath | None, dict[str, str], str]:
     """The data plane front.data_plane asks for: (mode, the attached programs or None, XDP mode per
     interface, why). auto tries xdp, then tc, then settles for nfqueue, logging each failure; an explicit
-    mode that fails raises FastPathError."""
+    mode that fails raises FastPathError. A dead front's programs are removed first, in every mode."""
+    remove_leftovers(interfaces)
     if wanted == "nfqueue":
         return "nfqueue", None, {}, "front.data_plane: nfqueue"
     if not interfaces:

@@ -85,6 +85,7 @@ class Lab:
     clock_skew_seconds: float = 2.0
     prometheus: bool = False
     data_plane: str = "auto"  # the fronts' front.data_plane (docs/front.md)
+    workers: int | None = None  # the fronts' front.workers; None: the default
 
     @property
     def state_dir(self) -> Path:
@@ -215,6 +216,7 @@ class Lab:
             secret.write_text(os.urandom(32).hex() + "\n")
         fronts = ", ".join(h.address for h in self.by_role("front"))
         backends = ", ".join(h.address for h in self.by_role("backend"))
+        workers = f"  workers: {self.workers}\n" if self.workers else ""
         text = (
             "# Written by `synproxy lab up`: one configuration for every front and backend.\n"
             f"vips: [{VIP}, {VIP6}]\nports: [{', '.join(map(str, PORTS))}]\nsecret_file: secret.hex\n"
@@ -222,7 +224,7 @@ class Lab:
             f"fronts: [{fronts}]\nbackends: [{backends}]\n"
             f"salt_period_seconds: {self.salt_period_seconds}\nclock_skew_seconds: {self.clock_skew_seconds}\n"
             f"front:\n  metrics_address: 0.0.0.0:{FRONT_METRICS_PORT}\n  data_plane: {self.data_plane}\n"
-            "  xdp_mode: native\n"
+            f"  xdp_mode: native\n{workers}"
             f"backend:\n  interface: eth0\n  metrics_address: 0.0.0.0:{BACKEND_METRICS_PORT}\n")
         self.config_path.write_text(text)
 
