@@ -332,6 +332,35 @@ static __always_inline int decapsulate(struct __sk_buff *skb, __u8 inner_version
 	return 0;
 }
 
+/* A decapsulated packet flagged ICMP: an error a front received about one of this backend's flows (a
+router towards the client: "fragmentation needed", "packet too big", "unreachable", "time exceeded").
+Passed to the stack, whose TCP finds the socket from the quoted segment and lowers its path MTU (it
+ignores errors whose quoted sequence number is outside the window), only when the front's MAC covers
+the flow and the flag, and the flow is a protected VIP and port the error was sent to. */
+static __always_inline int pass_icmp_error(struct __sk_buff *skb, const struct encap_header *header,
+					   __be32 outer_saddr, __be32 outer_daddr)
+{
+	struct segment flow = {};
+	__u8 destination[16];
+
+	if (!parse_icmp_error((void *)(long)skb->data, (void *)(long)skb->data_end, &flow, destination) ||
+	    (header->flags & ENCAP_FLAG_VALIDATED)) {
+		COUNT(COUNTER_ENCAP_REFUSED);
+		return TC_ACT_SHOT;
+	}
+	if (!encap_mac_valid(header, outer_saddr, outer_daddr, &flow)) {
+		COUNT(COUNTER_ENCAP_BAD_MAC);
+		return TC_ACT_SHOT;
+	}
+	if (!forwarded_by_a_front(&flow) || __builtin_memcmp(destination, flow.daddr, 16)) {
+		COUNT(COUNTER_ENCAP_REFUSED);
+		return TC_ACT_SHOT;
+	}
+	COUNT(COUNTER_DECAPSULATED);
+	COUNT(COUNTER_ICMP_PASSED);
+	return TC_ACT_OK;
+}
+
 SEC("tc")
 int synproxy_backend(struct __sk_buff *skb)
 {
@@ -374,6 +403,8 @@ int synproxy_backend(struct __sk_buff *skb)
 		COUNT(COUNTER_MALFORMED);
 		return TC_ACT_SHOT;
 	}
+	if (seen.flags & ENCAP_FLAG_ICMP)
+		return pass_icmp_error(skb, &seen, outer_saddr, outer_daddr);
 	/* The MAC covers the inner addresses and ports: only a TCP segment can be checked (and a front
 	 * forwards nothing else). */
 	if (!parse_segment(skb, &seg)) {

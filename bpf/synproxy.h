@@ -36,6 +36,7 @@ static const __u16 mss_table_v6[4] = {1220, 1420, 1440, 8940};
 /* --- encapsulation v2: outer IPv4 (20) + UDP (8) + this header (12) (docs/backend.md) --- */
 #define ENCAP_MAGIC 0x5c
 #define ENCAP_FLAG_VALIDATED 0x01
+#define ENCAP_FLAG_ICMP 0x02 /* an ICMP error about the flow; the MAC's tuple is the flow's (client -> VIP) */
 #define ENCAP_OVERHEAD 40
 #define ENCAP_MAC_INPUT_BYTES 48
 
@@ -203,6 +204,7 @@ enum counter {
 	COUNTER_NO_FLOW_RESET,     /* unflagged, no connection owns it (none, or only a listener): passed
 				    * within the reset budget, and the kernel answers it with a RST */
 	COUNTER_NO_FLOW_DROPPED,   /* the same beyond the budget, or a client's RST (never answered): dropped */
+	COUNTER_ICMP_PASSED,       /* flagged ICMP: an error about a protected flow, passed to the stack */
 	COUNTER_MAX,
 };
 #define KFUNC_ERRNO_SLOTS 64
@@ -378,6 +380,96 @@ static __always_inline enum parsed parse_frame(void *data, void *data_end, struc
 static __always_inline int parse_segment(struct __sk_buff *skb, struct segment *seg)
 {
 	return parse_frame((void *)(long)skb->data, (void *)(long)skb->data_end, seg) == PARSE_SEGMENT;
+}
+
+#define PROTO_ICMPV6 58
+#define ICMP_HEADER_BYTES 8
+#define QUOTED_TCP_BYTES 8 /* what every ICMP error quotes of the segment: ports and sequence number */
+
+/* The ICMP errors a host's TCP acts on (packet.ICMP_ERROR_TYPES): IPv4 destination unreachable (3, with
+ * "fragmentation needed") and time exceeded (11); ICMPv6 destination unreachable (1), packet too big (2),
+ * time exceeded (3). */
+static __always_inline int icmp_error_type(__u8 family, __u8 type)
+{
+	return family == 4 ? type == 3 || type == 11 : type >= 1 && type <= 3;
+}
+
+/* packet.parse_icmp_error over the frame at `data`: an ICMP(v6) error that quotes a TCP segment's IP header
+ * (of the packet's own family, not a later fragment) and 8 bytes of its TCP header, all inside the IP
+ * packet, which is inside the frame. Fills `flow` as the flow's own packets are (saddr and sport the
+ * client: the quoted destination; daddr and dport the server), its family and ip_length (the ICMP
+ * packet's), and `destination` with the error's own destination. 1 when it is one, else 0. */
+static __always_inline int parse_icmp_error(void *data, void *data_end, struct segment *flow, __u8 destination[16])
+{
+	struct ethhdr *eth = data;
+	__u8 *icmp, *quoted, *ports;
+	__u32 header, total;
+
+	if ((void *)(eth + 1) > data_end)
+		return 0;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < 5 || ip->protocol != IPPROTO_ICMP ||
+		    (ip->frag_off & bpf_htons(IP_MF_OR_OFFSET)))
+			return 0;
+		header = ip->ihl * 4;
+		total = bpf_ntohs(ip->tot_len);
+		if (total < header || (void *)ip + total > data_end)
+			return 0;
+		ipv4_mapped(destination, &ip->daddr);
+		flow->family = 4;
+		icmp = (void *)ip + header;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end || ip6->version != 6 || ip6->nexthdr != PROTO_ICMPV6)
+			return 0;
+		header = sizeof(*ip6);
+		total = header + bpf_ntohs(ip6->payload_len);
+		if ((void *)ip6 + total > data_end)
+			return 0;
+		__builtin_memcpy(destination, &ip6->daddr, 16);
+		flow->family = 6;
+		icmp = (void *)(ip6 + 1);
+	} else {
+		return 0;
+	}
+	flow->ip_length = total;
+	/* From here every byte read must lie inside the IP packet (offsets checked against `total`) and,
+	 * for the verifier, inside the frame (pointers checked against data_end). */
+	quoted = icmp + ICMP_HEADER_BYTES;
+	if (header + ICMP_HEADER_BYTES + 1 > total || (void *)(quoted + 1) > data_end ||
+	    !icmp_error_type(flow->family, icmp[0]) || quoted[0] >> 4 != flow->family)
+		return 0;
+	__u32 quoted_header;
+	if (flow->family == 4) {
+		struct iphdr *inner = (void *)quoted;
+
+		if (header + ICMP_HEADER_BYTES + sizeof(*inner) > total || (void *)(inner + 1) > data_end ||
+		    inner->protocol != IPPROTO_TCP || inner->ihl < 5 || (inner->frag_off & bpf_htons(0x1fff)))
+			return 0;
+		quoted_header = inner->ihl * 4;
+		ipv4_mapped(flow->saddr, &inner->daddr);
+		ipv4_mapped(flow->daddr, &inner->saddr);
+	} else {
+		struct ipv6hdr *inner = (void *)quoted;
+
+		if (header + ICMP_HEADER_BYTES + sizeof(*inner) > total || (void *)(inner + 1) > data_end ||
+		    inner->nexthdr != IPPROTO_TCP)
+			return 0;
+		quoted_header = sizeof(*inner);
+		__builtin_memcpy(flow->saddr, &inner->daddr, 16);
+		__builtin_memcpy(flow->daddr, &inner->saddr, 16);
+	}
+	ports = quoted + quoted_header;
+	if (header + ICMP_HEADER_BYTES + quoted_header + QUOTED_TCP_BYTES > total ||
+	    (void *)(ports + QUOTED_TCP_BYTES) > data_end)
+		return 0;
+	__builtin_memcpy(&flow->dport, ports, 2);
+	__builtin_memcpy(&flow->sport, ports + 2, 2);
+	flow->flags = 0;
+	return 1;
 }
 
 union cookie_message {

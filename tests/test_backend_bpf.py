@@ -12,7 +12,7 @@ import time
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, ICMPv6TimeExceeded, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
@@ -22,9 +22,11 @@ from synproxy.backend.loader import COUNTERS, BackendError, DataPlane, check_ker
 from synproxy.bpf.libbpf import kernel_has_function, prog_test_run
 from synproxy.bpf.loading import MAP_KEY, SALT_SLOT, build_object
 from synproxy.cookie import SynOptions, check_cookie, make_cookie
-from synproxy.packet import RST, parse_tcp
+from synproxy.front.handler import FrontPolicy, handle
+from synproxy.packet import RST, parse_icmp_error, parse_tcp
 from synproxy.salt import SaltSchedule, derive_salt
 from tests.lab_fixtures import needs_root
+from tests.test_front_handler import icmp_error
 from tests.vectors.generate import SECRET
 
 pytestmark = needs_root
@@ -458,3 +460,58 @@ def test_packets_of_a_connection_pass_and_a_listener_alone_does_not_own_them(pla
         for flags in ("A", "PA", "FA", "R"):
             assert run(plane, forged_ack(sport, flags))[::2] == (TC_ACT_OK, {"decapsulated": 1}), flags
         assert run(plane, forged_ack(sport + 1))[::2] == (TC_ACT_SHOT, {"decapsulated": 1, "no_flow_dropped": 1})
+
+
+ICMP_POLICY = FrontPolicy(vips=frozenset(ipaddress.ip_address(vip).packed for vip in VIPS), ports=frozenset(PORTS),
+                          farm_address=ipaddress.ip_address(FRONT).packed,
+                          backends=(ipaddress.ip_address(BACKEND).packed,), encap_port=ENCAP_PORT, encap_key=KEY,
+                          flow_key=bytes(16))
+
+
+def front_sends(packet: bytes) -> bytes:
+    """What the Python front sends this backend for ``packet`` (handler.handle), in a frame."""
+    verdict = handle(packet, 0.0, SaltSchedule((SECRET,)), ICMP_POLICY)
+    assert verdict.outcome == "icmp_forwarded", verdict.outcome
+    return ETHER + verdict.packet
+
+
+@pytest.mark.parametrize("family, kind", [(4, ICMP(type=3, code=4, nexthopmtu=1280)), (4, ICMP(type=11)),
+                                          (6, ICMPv6PacketTooBig(mtu=1280)), (6, ICMPv6DestUnreach(code=1)),
+                                          (6, ICMPv6TimeExceeded())],
+                         ids=["frag needed", "time exceeded", "v6 too big", "v6 unreachable", "v6 time exceeded"])
+def test_an_icmp_error_a_front_forwards_reaches_the_stack(plane, family, kind):
+    error = icmp_error(family, kind, vip=VIPS[0] if family == 4 else VIPS[1])
+    verdict, out, changed = run(plane, front_sends(error))
+    assert (verdict, changed) == (TC_ACT_OK, {"decapsulated": 1, "icmp_passed": 1})
+    assert out[12:14] == (b"\x08\x00" if family == 4 else b"\x86\xdd") and out[ETH_HEADER:] == error
+
+
+def with_header(packet: bytes, flags: int | None = None, mac_of: bytes | None = None) -> bytes:
+    """``packet`` (a frame from front_sends) with other flags, MACed as the front would for another inner
+    packet's flow (``mac_of``: what the front sends for that one), or the MAC kept."""
+    header = ETH_HEADER + 28
+    mac = packet[header + 4:header + 12] if mac_of is None else mac_of[header + 4:header + 12]
+    flags = packet[header + 1] if flags is None else flags
+    return packet[:header + 1] + bytes([flags]) + packet[header + 2:header + 4] + mac + packet[header + 12:]
+
+
+def test_icmp_errors_need_the_flag_a_mac_over_the_flow_and_a_protected_flow(plane):
+    error = icmp_error(vip=VIPS[0])
+    sent = front_sends(error)
+    other_flow = front_sends(icmp_error(vip=VIPS[0], client_port=40001))
+    not_protected = ETHER + encap.encapsulate(icmp_error(vip=VIPS[0], sport=22), parse_icmp_error(
+        icmp_error(vip=VIPS[0], sport=22)), ICMP_POLICY.farm_address, ICMP_POLICY.backends[0], ENCAP_PORT, 0, False,
+        KEY, icmp=True)
+    # An error sent to another address than the quoted segment's sender (the VIP).
+    misaddressed = icmp_error(vip=VIPS[0], destination="198.19.0.99")
+    misaddressed_sent = ETHER + encap.encapsulate(misaddressed, parse_icmp_error(misaddressed),
+                                                  ICMP_POLICY.farm_address, ICMP_POLICY.backends[0], ENCAP_PORT, 0,
+                                                  False, KEY, icmp=True)
+    for packet, outcome in (
+        (with_header(sent, flags=encap.FLAG_ICMP | encap.FLAG_VALIDATED), "encap_refused"),
+        (with_header(sent, mac_of=other_flow), "encap_bad_mac"),
+        (with_header(sent, flags=0), "encap_refused"),  # unflagged: not a TCP segment
+        (not_protected, "encap_refused"),
+        (misaddressed_sent, "encap_refused"),
+    ):
+        assert run(plane, packet)[::2] == (TC_ACT_SHOT, {outcome: 1})
