@@ -1,5 +1,5 @@
 """The lab backends' real servers: HTTP that reports who connected and what TCP negotiated (POST: reads
-and discards the body, for the bench's upload), and echo.
+and discards the body, for the bench's upload; GET /download/N: N zero bytes, for downloads), and echo.
 
 `python3 -m synproxy.lab.servers --name be0` (run inside a backend's namespace). The HTTP answer is
 JSON: {"backend", "client", "tcp_info"} so a test can see the real client address and the options.
@@ -16,12 +16,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from synproxy.tcpinfo import negotiated
 
+DOWNLOAD, DOWNLOAD_MAX_BYTES = "/download/", 1 << 30
+
 
 class _Http(BaseHTTPRequestHandler):
     server_version = "synproxy-lab"
     protocol_version = "HTTP/1.0"
 
     def do_GET(self) -> None:
+        if self.path.startswith(DOWNLOAD) and self.path[len(DOWNLOAD):].isdigit():
+            self._download(min(int(self.path[len(DOWNLOAD):]), DOWNLOAD_MAX_BYTES))
+            return
         body = json.dumps({"backend": self.server.backend_name,
                            "client": f"{self.client_address[0]}:{self.client_address[1]}",
                            "tcp_info": negotiated(self.connection)}).encode() + b"\n"
@@ -30,6 +35,15 @@ class _Http(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _download(self, size: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        chunk = bytes(1 << 16)
+        while size:
+            self.wfile.write(chunk[:size])
+            size -= min(size, len(chunk))
 
     def do_POST(self) -> None:
         """Read the body and discard it (the bench's bulk upload), answering with the bytes read."""
