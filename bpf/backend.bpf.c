@@ -72,7 +72,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); /* per CPU: no atomics, no contention under a flood */
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct reset_bucket);
+	__type(value, struct token_bucket);
 } reset_budget SEC(".maps");
 
 static __always_inline void count_in(void *map, __u32 index)
@@ -226,28 +226,12 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 	return TC_ACT_OK;
 }
 
-/* May this CPU pass one more packet of no connection to the kernel, which answers it with a RST? A
- * token bucket kept in ns of credit: time adds credit up to reset_credit_ns, a reset spends
- * reset_cost_ns. Per CPU, each with its share of the rate: the backend's total stays within the rate
- * plus the burst (plus one per CPU) whichever CPUs the flood lands on. */
+/* May this CPU pass one more packet of no connection to the kernel, which answers it with a RST? */
 static __always_inline int reset_allowed(const struct backend_config *cfg)
 {
 	__u32 zero = 0;
-	struct reset_bucket *bucket = bpf_map_lookup_elem(&reset_budget, &zero);
-	__u64 now = bpf_ktime_get_ns(), credit;
 
-	if (!bucket || !cfg->reset_cost_ns)
-		return 0;
-	credit = bucket->credit_ns + (now - bucket->updated_ns);
-	if (credit > cfg->reset_credit_ns)
-		credit = cfg->reset_credit_ns;
-	bucket->updated_ns = now;
-	if (credit < cfg->reset_cost_ns) {
-		bucket->credit_ns = credit;
-		return 0;
-	}
-	bucket->credit_ns = credit - cfg->reset_cost_ns;
-	return 1;
+	return token_take(bpf_map_lookup_elem(&reset_budget, &zero), cfg->reset_cost_ns, cfg->reset_credit_ns);
 }
 
 /* A decapsulated unflagged segment. A front cannot tell a forged ACK from one of an established
@@ -340,10 +324,9 @@ the flow and the flag, and the flow is a protected VIP and port the error was se
 static __always_inline int pass_icmp_error(struct __sk_buff *skb, const struct encap_header *header,
 					   __be32 outer_saddr, __be32 outer_daddr)
 {
-	struct segment flow = {};
-	__u8 destination[16];
+	struct segment error = {}, flow = {};
 
-	if (!parse_icmp_error((void *)(long)skb->data, (void *)(long)skb->data_end, &flow, destination) ||
+	if (!parse_icmp_error((void *)(long)skb->data, (void *)(long)skb->data_end, &error, &flow) ||
 	    (header->flags & ENCAP_FLAG_VALIDATED)) {
 		COUNT(COUNTER_ENCAP_REFUSED);
 		return TC_ACT_SHOT;
@@ -352,7 +335,7 @@ static __always_inline int pass_icmp_error(struct __sk_buff *skb, const struct e
 		COUNT(COUNTER_ENCAP_BAD_MAC);
 		return TC_ACT_SHOT;
 	}
-	if (!forwarded_by_a_front(&flow) || __builtin_memcmp(destination, flow.daddr, 16)) {
+	if (!forwarded_by_a_front(&flow) || __builtin_memcmp(error.daddr, flow.daddr, 16)) {
 		COUNT(COUNTER_ENCAP_REFUSED);
 		return TC_ACT_SHOT;
 	}

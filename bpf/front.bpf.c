@@ -69,6 +69,28 @@ struct {
 	__type(value, struct route);
 } routes SEC(".maps");
 
+/* The ICMP errors the XDP program forwards: each CPU's bucket (token_take) and, written by the loader,
+ * what a token costs and the most credit a CPU holds (loading.per_cpu_token_bucket of
+ * handler.ICMP_ERRORS_PER_SECOND). */
+struct icmp_limit {
+	__u64 cost_ns;
+	__u64 credit_max_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct icmp_limit);
+} icmp_limit SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct token_bucket);
+} icmp_budget SEC(".maps");
+
 /* By program (enum front_path), outcome and IP version: both programs may see one packet (a SYN XDP passes
  * because its neighbour is unresolved is answered at tc), so each counts its own. */
 struct {
@@ -642,58 +664,27 @@ static __always_inline int route_to_backend(struct xdp_md *ctx, const struct fro
 	return 1;
 }
 
-/* Every segment but a SYN to a protected VIP and port: encapsulated to its Maglev backend as
- * handler.handle does, or left to the queue. */
-static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg)
+/* Is the IPv4 header's checksum wrong? The kernel checks it after this hook and drops what fails. */
+static __always_inline int ipv4_header_broken(struct xdp_md *ctx, __u8 family)
 {
-	__u32 zero = 0;
-	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
+	void *data_end = (void *)(long)ctx->data_end;
+	struct iphdr *ip = (void *)(long)ctx->data + sizeof(struct ethhdr);
+
+	if (family != 4)
+		return 0;
+	return (void *)(ip + 1) > data_end || fold(bpf_csum_diff(0, 0, (void *)ip, sizeof(*ip), 0));
+}
+
+/* The packet (an IP packet of seg->ip_length bytes) encapsulated as encap.encapsulate builds it, with
+ * `flags`, to the Maglev backend of seg's flow (its addresses and ports are what the flow hash and the MAC
+ * cover), and sent; counted as `outcome`, or left to the queue. */
+static __always_inline int encapsulate(struct xdp_md *ctx, const struct front_forwarding *fwd,
+				       const struct segment *seg, __u8 flags, __u32 outcome)
+{
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u32 frame_length = data_end - data;
-	__u32 ip_header = seg->tcp_offset - sizeof(struct ethhdr);
 	__u32 ip_length = seg->ip_length;
-
-	if (!fwd)
-		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
-	/* What parse_tcp calls malformed, a frame shorter than its IP packet (the kernel drops both), and
-	 * IPv4 options (the handler forwards those; this program leaves them to it). */
-	if ((seg->family == 4 && ip_header != sizeof(struct iphdr)) || seg->tcp_length < sizeof(struct tcphdr) ||
-	    ip_header + seg->tcp_length > ip_length || sizeof(struct ethhdr) + ip_length > frame_length)
-		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
-	if (ip_length + ENCAP_OVERHEAD > fwd->farm_mtu)
-		return count_xdp(seg, FRONT_TOO_BIG, XDP_PASS);
-	if (seg->family == 4) { /* the kernel checks it after this hook and drops what fails */
-		struct iphdr *ip = data + sizeof(struct ethhdr);
-
-		if ((void *)(ip + 1) > data_end || fold(bpf_csum_diff(0, 0, (void *)ip, sizeof(*ip), 0)))
-			return count_xdp(seg, FRONT_UNVERIFIED, XDP_PASS);
-	}
-
-	__u32 outcome = FRONT_FORWARDED;
-	__u8 flags = 0;
-	if ((seg->flags & TCP_FLAG_ACK) && !(seg->flags & (TCP_FLAG_RST | TCP_FLAG_FIN))) {
-		__u32 cookie = seg->ack - 1;
-		__u64 now_ns = bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
-		const struct salt_slot *slot = cookie_slot(cookie);
-
-		/* Without the current epoch's salt the map is stale (the front process stalled): it cannot
-		 * tell an expired cookie from a salt not written, the handler can. */
-		if (!minting_slot(now_ns / cfg->period_ns))
-			return count_xdp(seg, FRONT_NO_SALT, XDP_PASS);
-		if (!slot || !epoch_accepted(slot->epoch, now_ns, cfg->period_ns, fwd->skew_ns)) {
-			outcome = FRONT_FORWARDED_EXPIRED_EPOCH;
-		} else if (!cookie_mac_valid(slot, seg, cookie)) {
-			outcome = FRONT_FORWARDED_BAD_MAC;
-		} else {
-			/* The handler drops a validating ACK with a wrong checksum; the queue completes a
-			 * local sender's partial one. */
-			if (!segment_checksum_holds(ctx, seg))
-				return count_xdp(seg, FRONT_UNVERIFIED, XDP_PASS);
-			outcome = FRONT_VALIDATED;
-			flags = ENCAP_FLAG_VALIDATED;
-		}
-	}
 
 	__u64 flow = flow_hash(seg, fwd->flow_key);
 	__u32 index = flow % MAGLEV_TABLE_SIZE;
@@ -750,6 +741,86 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 	return count_xdp(seg, outcome, send(ctx, next_hop.ifindex));
 }
 
+/* Every segment but a SYN to a protected VIP and port: encapsulated to its Maglev backend as
+ * handler.handle does, or left to the queue. */
+static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg)
+{
+	__u32 zero = 0;
+	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 frame_length = data_end - data;
+	__u32 ip_header = seg->tcp_offset - sizeof(struct ethhdr);
+	__u32 ip_length = seg->ip_length;
+
+	if (!fwd)
+		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
+	/* What parse_tcp calls malformed, a frame shorter than its IP packet (the kernel drops both), and
+	 * IPv4 options (the handler forwards those; this program leaves them to it). */
+	if ((seg->family == 4 && ip_header != sizeof(struct iphdr)) || seg->tcp_length < sizeof(struct tcphdr) ||
+	    ip_header + seg->tcp_length > ip_length || sizeof(struct ethhdr) + ip_length > frame_length)
+		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
+	if (ip_length + ENCAP_OVERHEAD > fwd->farm_mtu)
+		return count_xdp(seg, FRONT_TOO_BIG, XDP_PASS);
+	if (ipv4_header_broken(ctx, seg->family))
+		return count_xdp(seg, FRONT_UNVERIFIED, XDP_PASS);
+
+	__u32 outcome = FRONT_FORWARDED;
+	__u8 flags = 0;
+	if ((seg->flags & TCP_FLAG_ACK) && !(seg->flags & (TCP_FLAG_RST | TCP_FLAG_FIN))) {
+		__u32 cookie = seg->ack - 1;
+		__u64 now_ns = bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
+		const struct salt_slot *slot = cookie_slot(cookie);
+
+		/* Without the current epoch's salt the map is stale (the front process stalled): it cannot
+		 * tell an expired cookie from a salt not written, the handler can. */
+		if (!minting_slot(now_ns / cfg->period_ns))
+			return count_xdp(seg, FRONT_NO_SALT, XDP_PASS);
+		if (!slot || !epoch_accepted(slot->epoch, now_ns, cfg->period_ns, fwd->skew_ns)) {
+			outcome = FRONT_FORWARDED_EXPIRED_EPOCH;
+		} else if (!cookie_mac_valid(slot, seg, cookie)) {
+			outcome = FRONT_FORWARDED_BAD_MAC;
+		} else {
+			/* The handler drops a validating ACK with a wrong checksum; the queue completes a
+			 * local sender's partial one. */
+			if (!segment_checksum_holds(ctx, seg))
+				return count_xdp(seg, FRONT_UNVERIFIED, XDP_PASS);
+			outcome = FRONT_VALIDATED;
+			flags = ENCAP_FLAG_VALIDATED;
+		}
+	}
+
+	return encapsulate(ctx, fwd, seg, flags, outcome);
+}
+
+/* An ICMP error to a VIP about a segment a protected VIP and port sent (handler._icmp_error): encapsulated
+ * flagged ICMP to the backend of the quoted flow, within this CPU's share of the ICMP budget. Not an ICMP
+ * error to a VIP: passed on, as other non-TCP traffic. `error` is the caller's (zeroed) segment, for the
+ * error's own addresses: one more here would not fit the 512 bytes of stack. */
+static __noinline int forward_icmp_error(struct xdp_md *ctx, struct segment *error)
+{
+	struct segment flow = {};
+	__u32 zero = 0;
+
+	if (!parse_icmp_error((void *)(long)ctx->data, (void *)(long)ctx->data_end, error, &flow) ||
+	    addresses_refused(error) || !bpf_map_lookup_elem(&protected_vips, error->daddr))
+		return XDP_PASS;
+	__u16 port = bpf_ntohs(flow.dport);
+	if (__builtin_memcmp(error->daddr, flow.daddr, 16) || !bpf_map_lookup_elem(&protected_ports, &port))
+		return count_xdp(error, FRONT_ICMP_NOT_PROTECTED, XDP_DROP);
+	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
+	if (!fwd)
+		return count_xdp(error, FRONT_QUEUED, XDP_PASS);
+	if (error->ip_length + ENCAP_OVERHEAD > fwd->farm_mtu)
+		return count_xdp(error, FRONT_TOO_BIG, XDP_PASS);
+	if (ipv4_header_broken(ctx, error->family))
+		return count_xdp(error, FRONT_UNVERIFIED, XDP_PASS);
+	const struct icmp_limit *limit = bpf_map_lookup_elem(&icmp_limit, &zero);
+	if (!limit || !token_take(bpf_map_lookup_elem(&icmp_budget, &zero), limit->cost_ns, limit->credit_max_ns))
+		return count_xdp(error, FRONT_ICMP_RATE_LIMITED, XDP_DROP);
+	return encapsulate(ctx, fwd, &flow, ENCAP_FLAG_ICMP, FRONT_ICMP_FORWARDED);
+}
+
 SEC("xdp")
 int synproxy_front_xdp(struct xdp_md *ctx)
 {
@@ -765,7 +836,9 @@ int synproxy_front_xdp(struct xdp_md *ctx)
 	if (!cfg || !cfg->period_ns || (void *)(eth + 1) > data_end || (eth->h_dest[0] & 1))
 		return XDP_PASS;
 	enum parsed parsed = parse_frame(data, data_end, &seg);
-	if (parsed == PARSE_OTHER || addresses_refused(&seg))
+	if (parsed == PARSE_OTHER)
+		return forward_icmp_error(ctx, &seg);
+	if (addresses_refused(&seg))
 		return XDP_PASS;
 	if (!bpf_map_lookup_elem(&protected_vips, seg.daddr))
 		return parsed == PARSE_SEGMENT ? count_xdp(&seg, FRONT_NOT_PROTECTED, XDP_PASS) : XDP_PASS;

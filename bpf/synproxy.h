@@ -68,10 +68,32 @@ struct backend_config {
 	__u64 reset_credit_ns; /* the most credit a CPU holds: its share of the burst, at least one reset */
 };
 
-struct reset_bucket {      /* per CPU: the budget of resets for packets of no connection */
+struct token_bucket {      /* per CPU: the backend's resets for packets of no connection, the front's ICMP errors */
 	__u64 credit_ns;
 	__u64 updated_ns;  /* bpf_ktime_get_ns() of the last take; 0 at start, so the bucket starts full */
 };
+
+/* May this CPU spend one more token? A token bucket kept in ns of credit: time adds credit up to
+ * credit_max_ns, a token costs cost_ns (CPUs / rate per second, in ns: each CPU has its share of the
+ * rate, so the node's total stays within the rate plus the burst whichever CPUs the packets land on;
+ * loading.per_cpu_token_bucket computes both). A cost of 0 allows nothing. */
+static __always_inline int token_take(struct token_bucket *bucket, __u64 cost_ns, __u64 credit_max_ns)
+{
+	__u64 now = bpf_ktime_get_ns(), credit;
+
+	if (!bucket || !cost_ns)
+		return 0;
+	credit = bucket->credit_ns + (now - bucket->updated_ns);
+	if (credit > credit_max_ns)
+		credit = credit_max_ns;
+	bucket->updated_ns = now;
+	if (credit < cost_ns) {
+		bucket->credit_ns = credit;
+		return 0;
+	}
+	bucket->credit_ns = credit - cost_ns;
+	return 1;
+}
 
 struct salt_slot {          /* one per epoch mod 4 */
 	__u32 valid;
@@ -157,6 +179,11 @@ enum front_counter {
 	FRONT_TOO_BIG,       /* XDP: the encapsulation would exceed the farm MTU: left to the queue */
 	FRONT_UNPARSED,      /* XDP: TCP to a protected VIP the program does not parse (IPv4 fragments,
 			      * IPv6 extension headers): left to the queue */
+	FRONT_ICMP_FORWARDED,     /* XDP: an ICMP error about a protected flow, encapsulated flagged ICMP to
+				   * the flow's backend */
+	FRONT_ICMP_RATE_LIMITED,  /* XDP: the same beyond the ICMP budget: dropped */
+	FRONT_ICMP_NOT_PROTECTED, /* XDP: an ICMP error to a VIP about another port, or sent elsewhere than
+				   * the quoted segment's sender: dropped */
 	FRONT_COUNTER_MAX,
 };
 
@@ -398,8 +425,8 @@ static __always_inline int icmp_error_type(__u8 family, __u8 type)
  * (of the packet's own family, not a later fragment) and 8 bytes of its TCP header, all inside the IP
  * packet, which is inside the frame. Fills `flow` as the flow's own packets are (saddr and sport the
  * client: the quoted destination; daddr and dport the server), its family and ip_length (the ICMP
- * packet's), and `destination` with the error's own destination. 1 when it is one, else 0. */
-static __always_inline int parse_icmp_error(void *data, void *data_end, struct segment *flow, __u8 destination[16])
+ * packet's), and `error` with the error's own addresses. 1 when it is one, else 0. */
+static __always_inline int parse_icmp_error(void *data, void *data_end, struct segment *error, struct segment *flow)
 {
 	struct ethhdr *eth = data;
 	__u8 *icmp, *quoted, *ports;
@@ -417,7 +444,8 @@ static __always_inline int parse_icmp_error(void *data, void *data_end, struct s
 		total = bpf_ntohs(ip->tot_len);
 		if (total < header || (void *)ip + total > data_end)
 			return 0;
-		ipv4_mapped(destination, &ip->daddr);
+		ipv4_mapped(error->saddr, &ip->saddr);
+		ipv4_mapped(error->daddr, &ip->daddr);
 		flow->family = 4;
 		icmp = (void *)ip + header;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
@@ -429,13 +457,15 @@ static __always_inline int parse_icmp_error(void *data, void *data_end, struct s
 		total = header + bpf_ntohs(ip6->payload_len);
 		if ((void *)ip6 + total > data_end)
 			return 0;
-		__builtin_memcpy(destination, &ip6->daddr, 16);
+		__builtin_memcpy(error->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(error->daddr, &ip6->daddr, 16);
 		flow->family = 6;
 		icmp = (void *)(ip6 + 1);
 	} else {
 		return 0;
 	}
-	flow->ip_length = total;
+	flow->ip_length = error->ip_length = total;
+	error->family = flow->family;
 	/* From here every byte read must lie inside the IP packet (offsets checked against `total`) and,
 	 * for the verifier, inside the frame (pointers checked against data_end). */
 	quoted = icmp + ICMP_HEADER_BYTES;

@@ -406,15 +406,6 @@ def forged_ack(sport: int = 4000, flags: str = "A") -> bytes:
 
 
 @pytest.fixture
-def one_cpu():
-    """The test on one CPU: the reset budget is a per-CPU bucket holding that CPU's share."""
-    cpus = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(cpus)})
-    yield
-    os.sched_setaffinity(0, cpus)
-
-
-@pytest.fixture
 def budget(plane, one_cpu):
     """Set the reset budget (resets per second, the whole backend); the default is restored after."""
     yield lambda rate: plane.configure(ENCAP_PORT, 7, rate)

@@ -52,6 +52,7 @@ from synproxy.bpf.loading import (
     counter_total,
     interface_index,
     mapped,
+    per_cpu_token_bucket,
     replace_keys,
     sized_map,
 )
@@ -71,7 +72,6 @@ COUNTERS = ("passed", "decapsulated", "untrusted", "malformed", "cookie_bad", "n
             "no_flow_reset", "no_flow_dropped", "icmp_passed")
 _CONFIG = struct.Struct("=QQqHBxIQQ")     # struct backend_config
 ENCAP_KEYS = struct.Struct("<I4x16s16s")  # struct encap_keys
-NS_PER_SECOND = 1_000_000_000
 
 
 class BackendError(SetupError):
@@ -127,16 +127,6 @@ def held_epochs(schedule: SaltSchedule, now: float) -> range:
     return range(accepted.start, min(accepted.stop + 1, accepted.start + EPOCH_SLOTS))
 
 
-def reset_budget(resets_per_second: int, cpus: int) -> tuple[int, int]:
-    """The program's per-CPU token bucket (reset_cost_ns, reset_credit_ns) for a backend-wide rate of
-    resets to packets of no connection, with a burst of one second's worth: each CPU gets its share of
-    both, and holds at least one reset. A rate of 0 passes none."""
-    if not resets_per_second:
-        return 0, 0
-    cost_ns = NS_PER_SECOND * cpus // resets_per_second
-    return cost_ns, max(NS_PER_SECOND, cost_ns)
-
-
 class DataPlane:
     """The loaded (not yet attached) program and its maps."""
 
@@ -167,7 +157,7 @@ class DataPlane:
     def configure(self, encap_port: int, server_wscale: int,
                   unknown_flow_resets_per_second: int = UNKNOWN_FLOW_RESETS_PER_SECOND) -> None:
         self._settings = (encap_port, server_wscale)
-        self._reset_budget = reset_budget(unknown_flow_resets_per_second, os.cpu_count() or 1)
+        self._reset_budget = per_cpu_token_bucket(unknown_flow_resets_per_second, os.cpu_count() or 1)
         self._write_config()
 
     def _write_config(self) -> None:
