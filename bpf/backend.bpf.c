@@ -29,6 +29,22 @@ struct sock___x {
 	__u32 sk_max_ack_backlog;
 } __attribute__((preserve_access_index));
 
+/* The TIME_WAIT socket's fields RFC 6191's test reads (tcp_timewait_state_process), CO-RE like sock___x:
+ * tw_rcv_nxt is sock_common's skc_tw_rcv_nxt, in an anonymous union. */
+struct sock_common___x {
+	__u32 skc_tw_rcv_nxt;
+} __attribute__((preserve_access_index));
+
+struct inet_timewait_sock___x {
+	struct sock_common___x __tw_common;
+} __attribute__((preserve_access_index));
+
+struct tcp_timewait_sock___x {
+	struct inet_timewait_sock___x tw_sk;
+	__u32 tw_ts_recent;
+	int tw_ts_recent_stamp;
+} __attribute__((preserve_access_index));
+
 extern int bpf_sk_assign_tcp_reqsk(struct __sk_buff *skb, struct sock *sk,
 				   struct bpf_tcp_req_attrs *attrs, int attrs__sz) __ksym;
 
@@ -74,6 +90,11 @@ struct {
 	__type(key, __u32);
 	__type(value, struct token_bucket);
 } reset_budget SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024); /* 1489 events of 44 bytes (+ 8 of header each) */
+} time_wait SEC(".maps");
 
 static __always_inline void count_in(void *map, __u32 index)
 {
@@ -153,6 +174,52 @@ static __always_inline void fill_attrs(struct __sk_buff *skb, const struct segme
 	attrs->tstamp_ok = ack_timestamps(skb, seg, &attrs->rcv_tsval, &attrs->rcv_tsecr);
 }
 
+/* Would the kernel's TIME_WAIT socket let a SYN recycle it (RFC 6191, as tcp_timewait_state_process
+ * decides)? The SYN's ISN is the ACK's seq - 1; its TSval is taken from the ACK (the client's clock, no
+ * older than the SYN's). With timestamps on both connections (the old one: tw_ts_recent_stamp set), a
+ * TSval older than tw_ts_recent is refused (PAWS) and a newer one accepted; otherwise the ISN must lie
+ * after the old connection's tw_rcv_nxt. */
+static __always_inline int rfc6191_accepts(struct __sk_buff *skb, const struct segment *seg, struct bpf_sock *skc)
+{
+	struct tcp_timewait_sock___x *tw = (void *)bpf_skc_to_tcp_timewait_sock(skc);
+	__u32 tsval = 0, tsecr = 0;
+
+	if (!tw)
+		return 0;
+	if (tw->tw_ts_recent_stamp && ack_timestamps(skb, seg, &tsval, &tsecr)) {
+		__s32 age = (__s32)(tw->tw_ts_recent - tsval);
+
+		if (age > 0)
+			return 0;
+		if (age < 0)
+			return 1;
+	}
+	return (__s32)(seg->seq - 1 - tw->tw_sk.__tw_common.skc_tw_rcv_nxt) > 0;
+}
+
+/* A validated ACK met a TIME_WAIT socket. The kernel recycles one for a SYN RFC 6191 accepts, but the kfunc's
+ * connection cannot be inserted next to it, and tc has no way to remove it: the loader does (sock_diag
+ * SOCK_DESTROY), told through the ring buffer, and then makes the client repeat its ACK (docs/backend.md).
+ * This ACK is dropped meanwhile: passed, the TIME_WAIT socket would answer it with its old ACK. What RFC
+ * 6191 refuses is passed to the TIME_WAIT socket, as the kernel would pass the SYN. */
+static __always_inline int recycle_time_wait(struct __sk_buff *skb, const struct segment *seg, struct bpf_sock *skc)
+{
+	if (!rfc6191_accepts(skb, seg, skc)) {
+		COUNT(COUNTER_TIME_WAIT_REFUSED);
+		return TC_ACT_OK;
+	}
+	struct time_wait_event event = {.sport = seg->sport, .dport = seg->dport, .seq = seg->seq, .ack = seg->ack,
+					 .family = seg->family};
+	__builtin_memcpy(event.saddr, seg->saddr, 16);
+	__builtin_memcpy(event.daddr, seg->daddr, 16);
+	if (bpf_ringbuf_output(&time_wait, &event, sizeof(event), 0)) {
+		COUNT(COUNTER_TIME_WAIT_UNREPORTED);
+		return TC_ACT_SHOT;
+	}
+	COUNT(COUNTER_TIME_WAIT_RECYCLED);
+	return TC_ACT_SHOT;
+}
+
 /* The socket the kernel would deliver this segment to (established, request, time-wait or listener), or
  * none; the caller releases it (bpf_sk_release) on every path. */
 static __always_inline struct bpf_sock *socket_of(struct __sk_buff *skb, const struct segment *seg)
@@ -197,7 +264,13 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 		COUNT(COUNTER_NO_SOCKET);
 		return TC_ACT_OK;
 	}
-	/* The lookup also finds established, request and time-wait sockets: only a listener is ours. */
+	if (skc->state == BPF_TCP_TIME_WAIT) {
+		int verdict = recycle_time_wait(skb, seg, skc);
+
+		bpf_sk_release(skc);
+		return verdict;
+	}
+	/* The lookup also finds established and request sockets: only a listener is ours. */
 	struct tcp_sock *listener = skc->state == BPF_TCP_LISTEN ? bpf_skc_to_tcp_sock(skc) : 0;
 	if (!listener) {
 		COUNT(COUNTER_NOT_LISTENER);

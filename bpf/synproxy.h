@@ -232,9 +232,27 @@ enum counter {
 				    * within the reset budget, and the kernel answers it with a RST */
 	COUNTER_NO_FLOW_DROPPED,   /* the same beyond the budget, or a client's RST (never answered): dropped */
 	COUNTER_ICMP_PASSED,       /* flagged ICMP: an error about a protected flow, passed to the stack */
+	COUNTER_TIME_WAIT_RECYCLED,   /* valid cookie meeting a TIME_WAIT socket RFC 6191 would recycle for its
+				       * SYN: reported to the loader (which destroys it), dropped */
+	COUNTER_TIME_WAIT_REFUSED,    /* the same, RFC 6191 would refuse the SYN: passed to the TIME_WAIT socket */
+	COUNTER_TIME_WAIT_UNREPORTED, /* the same as recycled, but the ring buffer was full: dropped, unreported */
 	COUNTER_MAX,
 };
 #define KFUNC_ERRNO_SLOTS 64
+
+/* What the backend program tells its loader through the `time_wait` ring buffer: a validated handshake
+ * ACK met a TIME_WAIT socket that RFC 6191 lets a new SYN recycle. The loader destroys the socket (sock_diag)
+ * and elicits the client's ACK again (docs/backend.md). Addresses in the 16-byte form, ports network order. */
+struct time_wait_event {
+	__u8 saddr[16];  /* the client */
+	__u8 daddr[16];  /* the VIP */
+	__be16 sport;
+	__be16 dport;
+	__u32 seq;       /* the ACK's: the client's ISN + 1 */
+	__u32 ack;       /* the ACK's: the cookie + 1 */
+	__u8 family;
+	__u8 pad[3];
+};
 
 /* The kernel's struct bpf_tcp_req_attrs (include/net/tcp.h); attrs__sz must be its size, 20, and
  * reserved[] zero, or the kfunc answers -EINVAL. */

@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
 from synproxy import firewall, instance
+from synproxy.backend.timewait import TimeWaitRecycler
 from synproxy.bpf.libbpf import (
     BpfError,
     BpfObject,
@@ -69,7 +70,8 @@ SALT_CHECK_SECONDS = 0.25  # how often the salts are refreshed (the next epoch's
 # enum counter in bpf/synproxy.h, in order.
 COUNTERS = ("passed", "decapsulated", "untrusted", "malformed", "cookie_bad", "no_socket", "not_listener",
             "created", "kfunc_failed", "syn_received", "encap_bad_mac", "encap_refused", "listen_overflow",
-            "no_flow_reset", "no_flow_dropped", "icmp_passed")
+            "no_flow_reset", "no_flow_dropped", "icmp_passed", "time_wait_recycled", "time_wait_refused",
+            "time_wait_unreported")
 _CONFIG = struct.Struct("=QQqHBxIQQ")     # struct backend_config
 ENCAP_KEYS = struct.Struct("<I4x16s16s")  # struct encap_keys
 
@@ -146,6 +148,7 @@ class DataPlane:
             self.salts = SaltMap(self._map("salts", SALT_SLOT.size))
             self.counters = self._map("counters", COUNTER.size)
             self.kfunc_errors = self._map("kfunc_errors", COUNTER.size)
+            self.time_wait = self.object.map("time_wait")  # a ring buffer: timewait.TimeWaitRecycler reads it
             self._encap_keys_written = b""
         except BaseException:
             self.object.close()
@@ -326,6 +329,7 @@ def serve(config, interface: str) -> int:
         plane = cleanup.enter_context(attached(interface, config.fronts, config.vips, config.ports,
                                                config.encap_port, config.server_wscale, schedule,
                                                config.backend.unknown_flow_resets_per_second))
+        cleanup.callback(TimeWaitRecycler(plane.time_wait).start().close)
         restart_required = None
         if registry is not None:
             registry.register(_CountersCollector(plane))
