@@ -22,6 +22,7 @@ import yaml
 from synproxy.logs import log
 from synproxy.maglev import derive_flow_key
 from synproxy.salt import MAX_SECRETS, MIN_SECRET_BYTES, SaltSchedule
+from synproxy.tfo import DEFAULT_KEY_PERIOD_SECONDS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Fronts refresh their fast path's salts every 0.5 s and backends their program's every 0.25 s, each
@@ -37,6 +38,9 @@ MAX_UNKNOWN_FLOW_RESETS_PER_SECOND = 1_000_000
 # front.data_plane: where the front handles packets (docs/front.md); front.xdp_mode: how XDP attaches.
 DATA_PLANES = ("auto", "xdp", "tc", "nfqueue")
 XDP_MODES = ("auto", "native", "generic")
+# A TFO cookie lives one to two key periods and a client keeps it across visits (docs/cookie.md): a period
+# shorter than a minute would make clients re-learn cookies all the time for no gain.
+MIN_TFO_KEY_PERIOD_SECONDS = 60.0
 SECRET_COMMAND = "(umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' > {path})"
 
 
@@ -62,6 +66,12 @@ class BackendConfig:
 
 
 @dataclass(frozen=True)
+class TfoConfig:
+    enabled: bool               # backends install the farm's TCP Fast Open keys (docs/backend.md)
+    key_period_seconds: float   # a new key each period; the previous one is still accepted
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     vips: tuple[IPAddress, ...]
@@ -79,6 +89,7 @@ class Config:
     front: FrontConfig
     backend: BackendConfig
     farm_mtu: int = 1500  # the fronts-to-backends network's MTU: what an encapsulated packet may reach
+    tfo: TfoConfig = TfoConfig(enabled=False, key_period_seconds=DEFAULT_KEY_PERIOD_SECONDS)
     warnings: tuple[str, ...] = ()
     lines: dict[str, int] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -164,6 +175,12 @@ def _seconds(minimum: float, strict: bool) -> Callable[[Any], float]:
     return check
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {_shown(value)}")
+    return value
+
+
 def _address(value: Any) -> IPAddress:
     """A unicast address a packet can be sent to and from: not 0.0.0.0, ::, multicast, loopback,
     link-local or reserved (which includes 255.255.255.255 and IPv4-mapped IPv6)."""
@@ -244,6 +261,11 @@ BACKEND_SCHEMA = {
     "unknown_flow_resets_per_second": _Field(_integer(0, MAX_UNKNOWN_FLOW_RESETS_PER_SECOND),
                                              UNKNOWN_FLOW_RESETS_PER_SECOND),
 }
+TFO_SCHEMA = {
+    "enabled": _Field(_boolean, False),
+    "key_period_seconds": _Field(_seconds(MIN_TFO_KEY_PERIOD_SECONDS, strict=False),
+                                 DEFAULT_KEY_PERIOD_SECONDS),
+}
 SCHEMA = {
     "vips": _Field(_address, required=True, many=True),
     "ports": _Field(PORT, required=True, many=True),
@@ -260,6 +282,7 @@ SCHEMA = {
     "backends": _Field(_address, required=True, many=True),
     "front": _Field(FRONT_SCHEMA, {}),
     "backend": _Field(BACKEND_SCHEMA, {}),
+    "tfo": _Field(TFO_SCHEMA, {}),
 }
 # Old name -> new name (with its section), still read.
 RENAMED = {"retired_secret_files": "accepted_secret_files", "front.fast_path_interfaces": "front.interfaces"}
@@ -382,6 +405,7 @@ def parse_config(text: str, source: Path) -> Config:
         backend_mss=values["backend_mss"], encap_port=values["encap_port"], farm_mtu=values["farm_mtu"],
         fronts=values["fronts"], backends=values["backends"],
         front=FrontConfig(**values["front"]), backend=BackendConfig(**values["backend"]),
+        tfo=TfoConfig(**values["tfo"]),
         warnings=tuple(reader.warnings), lines=reader.lines)
 
 

@@ -12,7 +12,7 @@ import pytest
 from pyroute2 import NetNS
 
 from synproxy.cli import main
-from synproxy.config import ConfigError, load_config
+from synproxy.config import ConfigError, TfoConfig, load_config
 from synproxy.maglev import FLOW_KEY_INFO, derive_flow_key
 from synproxy.netns import add_addresses, namespaces, unique_name
 from synproxy.salt import derive_key
@@ -80,6 +80,9 @@ def test_good_config_loads_with_defaults(workdir):
     (("  queue_num: 3", "  xdp_mode: offload"), ":7: front.xdp_mode: expected one of auto, native, generic, got 'offload'"),
     (("  queue_num: 3", "  interfaces: eth0"), ":7: front.interfaces: expected a list, got eth0"),
     (("  queue_num: 3", "  interfaces: [eth0]\n  fast_path_interfaces: [eth1]"), ":8: front.interfaces: given twice"),
+    (("front:", "tfo:\n  enabled: 1\nfront:"), ":7: tfo.enabled: expected true or false, got 1"),
+    (("front:", "tfo:\n  key_period_seconds: 30\nfront:"), ":7: tfo.key_period_seconds: must be at least 60.0, got 30"),
+    (("front:", "tfo: on\nfront:"), ":6: tfo: expected a mapping of keys to values, got on"),
 ])
 def test_mistakes_name_file_line_and_key(workdir, change, expected, capsys):
     path = write(workdir, GOOD.replace(*change))
@@ -204,6 +207,12 @@ def test_bounds_refuse_what_cannot_work(workdir, change, expected, capsys):
     assert main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err
     assert expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_tfo_is_off_by_default_and_its_key_period_a_day(workdir):
+    assert load_config(write(workdir, GOOD)).tfo == TfoConfig(enabled=False, key_period_seconds=86400.0)
+    config = load_config(write(workdir, GOOD + "tfo:\n  enabled: true\n  key_period_seconds: 3600\n"))
+    assert config.tfo == TfoConfig(enabled=True, key_period_seconds=3600.0)
 
 
 def test_an_empty_section_or_value_means_the_defaults(workdir):

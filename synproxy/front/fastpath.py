@@ -1,8 +1,8 @@
-"""The front's kernel data plane: bpf/front.bpf.c answers SYNs (tc ingress) or handles every protected
-packet (XDP) before netfilter sees them; select() picks the mode front.data_plane asks for.
+"""The front's kernel data plane: bpf/front.bpf.c handles every protected packet at XDP or, the fallback,
+at tc ingress, before netfilter sees it; select() picks the mode front.data_plane asks for.
 
 A packet handled through NFQUEUE costs a netlink round trip and the Python handler (~35k packets/s per
-front); the programs build the same SYN-ACK, and at XDP the same encapsulation, in the kernel. The
+front); the programs build the same SYN-ACK and the same encapsulation in the kernel. The
 Python front stays the authority: the programs handle only what they can handle byte for byte as
 handler.handle would and leave every other packet to the queue (docs/front.md). This shell builds,
 loads and attaches them, keeps their maps current (configuration, the salts of the epochs around the
@@ -63,7 +63,6 @@ OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", 
             "validated", "forwarded", "forwarded_bad_mac", "forwarded_expired_epoch", "too_big", "unparsed",
             "icmp_forwarded", "icmp_rate_limited", "icmp_not_protected")
 FAMILIES = (4, 6)
-TC_OUTCOMES = OUTCOMES.index("validated")  # the tc program's are the first ones; the rest are XDP's
 PATHS = ("tc", "xdp")  # enum front_path: which program counted
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}  # tried in this order
 _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
@@ -192,7 +191,7 @@ class FastPath:
         """One program's per-CPU counters summed, by (outcome, IP version)."""
         base = PATHS.index(path) * len(OUTCOMES)
         totals = {}
-        for index, outcome in enumerate(OUTCOMES if path == "xdp" else OUTCOMES[:TC_OUTCOMES]):
+        for index, outcome in enumerate(OUTCOMES):
             for offset, family in enumerate(FAMILIES):
                 totals[outcome, family] = counter_total(self.counters, (base + index) * 2 + offset)
         return totals
@@ -245,7 +244,8 @@ def _detach_leftover(name: str, ifindex: int) -> None:
 def start(data_plane: str, interfaces: tuple[str, ...], xdp_mode: str, policy: FrontPolicy,
           schedule: SaltSchedule) -> tuple[FastPath, dict[str, str]]:
     """Build, load and fill the program, attach it at tc ingress on the interfaces and, for the xdp data
-    plane, at XDP too (the tc program answers the SYNs XDP passes for an unresolved neighbour). Returns it
+    plane, at XDP too (the tc program then sees what XDP passes: it answers a SYN XDP passes for an
+    unresolved neighbour; it decides the rest as XDP did, both share the decisions). Returns it
     and the XDP mode per interface."""
     try:
         fast_path = FastPath(build_object("front"))

@@ -92,7 +92,8 @@ def build_policy(config: Config, schedule: SaltSchedule) -> FrontPolicy:
                        backends=tuple(b.packed for b in config.backends), encap_port=config.encap_port,
                        encap_key=encap_key(schedule.secrets[0]), flow_key=config.flow_key(),
                        backend_mss=config.backend_mss, server_wscale=config.server_wscale,
-                       farm_mtu=config.farm_mtu)
+                       farm_mtu=config.farm_mtu, tfo_secret=schedule.secrets[0] if config.tfo.enabled else None,
+                       tfo_key_period=config.tfo.key_period_seconds)
 
 
 def queue_stats(queue_num: int, text: str) -> dict[str, int] | None:
