@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 import struct
 import threading
@@ -70,12 +71,17 @@ def _diag(sock: socket.socket, kind: int, event: TimeWaitEvent, cookie: int) -> 
 def destroy_time_wait(sock: socket.socket, event: TimeWaitEvent) -> bool:
     """Destroy the event's TIME_WAIT socket, and nothing else: True when it was there and is gone."""
     found = _diag(sock, SOCK_DIAG_BY_FAMILY, event, _NO_COOKIE)
-    if isinstance(found, int):
+    if found == errno.ENOENT:
         return False
+    if isinstance(found, int):
+        raise OSError(found, f"sock_diag lookup: {os.strerror(found)}")
     _family, state, *_, cookie = _ANSWER.unpack_from(found)
     if state != TCP_TIME_WAIT:
-        return False  # gone already, and the tuple's connection is a new one
-    return _diag(sock, SOCK_DESTROY, event, cookie) == 0
+        return False  # the tuple's connection is a new one
+    destroyed = _diag(sock, SOCK_DESTROY, event, cookie)
+    if destroyed not in (0, errno.ENOENT):  # EOPNOTSUPP: a kernel without CONFIG_INET_DIAG_DESTROY
+        raise OSError(destroyed, f"sock_diag destroy: {os.strerror(destroyed)}")
+    return destroyed == 0
 
 
 def elicit_ack(event: TimeWaitEvent) -> bytes:
@@ -115,7 +121,7 @@ class TimeWaitRecycler:
             address = str(ipaddress.ip_address(event.client))
             self.raw[event.family].sendto(elicit_ack(event), (address, 0))
             self.recycled += 1
-        except OSError as error:  # a send the route refuses: the client's own retransmission still completes it
+        except OSError as error:  # a refused destroy or send: the client's own retransmission tries again
             self.failed += 1
             log("time_wait_recycle_failed", error=f"{errno.errorcode.get(error.errno, error.errno)}: {error}")
 
