@@ -93,7 +93,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 64 * 1024); /* 1489 events of 44 bytes (+ 8 of header each) */
+	__uint(max_entries, 64 * 1024); /* 1170 events of 48 bytes (+ 8 of header each) */
 } time_wait SEC(".maps");
 
 static __always_inline void count_in(void *map, __u32 index)
