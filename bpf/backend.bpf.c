@@ -208,8 +208,9 @@ static __always_inline int recycle_time_wait(struct __sk_buff *skb, const struct
 		COUNT(COUNTER_TIME_WAIT_REFUSED);
 		return TC_ACT_OK;
 	}
+	__u32 headers = seg->tcp_offset - sizeof(struct ethhdr) + seg->tcp_length;
 	struct time_wait_event event = {.sport = seg->sport, .dport = seg->dport, .seq = seg->seq, .ack = seg->ack,
-					 .family = seg->family};
+					 .family = seg->family, .data = seg->ip_length > headers};
 	__builtin_memcpy(event.saddr, seg->saddr, 16);
 	__builtin_memcpy(event.daddr, seg->daddr, 16);
 	if (bpf_ringbuf_output(&time_wait, &event, sizeof(event), 0)) {

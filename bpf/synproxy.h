@@ -251,7 +251,8 @@ struct time_wait_event {
 	__u32 seq;       /* the ACK's: the client's ISN + 1 */
 	__u32 ack;       /* the ACK's: the cookie + 1 */
 	__u8 family;
-	__u8 pad[3];
+	__u8 data;       /* 1: the segment carried data (the loader then leaves it to the client to send it again) */
+	__u8 pad[2];
 };
 
 /* The kernel's struct bpf_tcp_req_attrs (include/net/tcp.h); attrs__sz must be its size, 20, and

@@ -20,13 +20,14 @@ import os
 import socket
 import struct
 import threading
+import time
 from typing import NamedTuple
 
 from synproxy.bpf.libbpf import Map, RingBuffer
 from synproxy.logs import log
 from synproxy.packet import ACK, build_tcp_packet
 
-EVENT = struct.Struct("=16s16s2s2sIIB3x")  # struct time_wait_event
+EVENT = struct.Struct("=16s16s2s2sIIBB2x")  # struct time_wait_event
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, SOCK_DESTROY = 4, 20, 21
 NLM_F_REQUEST, NLM_F_ACK, NLMSG_ERROR = 0x1, 0x4, 2
 TCP_TIME_WAIT = 6  # include/net/tcp_states.h
@@ -35,6 +36,9 @@ _REQUEST = struct.Struct("=BBBxI2s2s16s16sIQ")  # struct inet_diag_req_v2 with i
 _NO_COOKIE = 0xFFFFFFFFFFFFFFFF  # INET_DIAG_NOCOOKIE in both words
 _ANSWER = struct.Struct("=BB2x2s2s16s16sIQ")     # struct inet_diag_msg up to the socket's cookie
 POLL_MS = 200  # how long one poll waits: the thread sees a stop request within this
+# After destroying, how long reports of the same tuple may still be on their way (a segment the program
+# handled on another CPU while the socket was being destroyed): read before deciding on the probe.
+SETTLE_SECONDS = 0.001
 
 
 class TimeWaitEvent(NamedTuple):
@@ -45,12 +49,17 @@ class TimeWaitEvent(NamedTuple):
     vip_port: bytes
     seq: int  # the ACK's: the client's ISN + 1
     ack: int  # the ACK's: the cookie + 1
+    data: bool = False  # the segment carried data
 
     @classmethod
     def unpack(cls, record: bytes) -> TimeWaitEvent:
-        saddr, daddr, sport, dport, seq, ack, family = EVENT.unpack(record[:EVENT.size])
+        saddr, daddr, sport, dport, seq, ack, family, data = EVENT.unpack(record[:EVENT.size])
         size = 4 if family == 4 else 16
-        return cls(family, saddr[-size:], daddr[-size:], sport, dport, seq, ack)
+        return cls(family, saddr[-size:], daddr[-size:], sport, dport, seq, ack, bool(data))
+
+    @property
+    def flow(self) -> tuple:
+        return self.family, self.client, self.vip, self.client_port, self.vip_port
 
 
 def _diag(sock: socket.socket, kind: int, event: TimeWaitEvent, cookie: int) -> bytes | int:
@@ -93,14 +102,20 @@ def elicit_ack(event: TimeWaitEvent) -> bytes:
 
 
 class TimeWaitRecycler:
-    """The thread that reads the program's `time_wait` ring buffer and recycles what it reports."""
+    """The thread that reads the program's `time_wait` ring buffer and recycles what it reports.
+
+    The probe is sent only when the client has sent nothing behind its ACK: a client with data in flight
+    answers it with its next sequence number, which carries no cookie, and the listener would reset the
+    connection. Such a client sends its data again after its retransmission timeout, and that segment,
+    validated like its ACK, makes the connection."""
 
     def __init__(self, ring_map: Map):
         self.diag = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
         self.raw = {4: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW),
                     6: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)}
+        self.reported: list[TimeWaitEvent] = []
         self.ring = RingBuffer(ring_map, self._on_record)
-        self.recycled = self.not_found = self.failed = 0
+        self.recycled = self.probed = self.failed = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="time-wait-recycler", daemon=True)
 
@@ -108,22 +123,45 @@ class TimeWaitRecycler:
         self._thread.start()
         return self
 
+    def _on_record(self, record: bytes) -> None:
+        self.reported.append(TimeWaitEvent.unpack(record))
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.ring.poll(POLL_MS)
+            if self.ring.poll(POLL_MS):
+                self.recycle()
 
-    def _on_record(self, record: bytes) -> None:
-        try:
-            event = TimeWaitEvent.unpack(record)
-            if not destroy_time_wait(self.diag, event):
-                self.not_found += 1  # a repeated report: the client's data behind its ACK, the same socket
-                return
-            address = str(ipaddress.ip_address(event.client))
-            self.raw[event.family].sendto(elicit_ack(event), (address, 0))
-            self.recycled += 1
-        except OSError as error:  # a refused destroy or send: the client's own retransmission tries again
-            self.failed += 1
-            log("time_wait_recycle_failed", error=f"{errno.errorcode.get(error.errno, error.errno)}: {error}")
+    def recycle(self) -> None:
+        """Destroy what the reports name, let reports still on their way arrive, then probe the clients
+        that sent nothing behind their ACK."""
+        events, self.reported = self.reported, []
+        destroyed = {}
+        for event in events:
+            try:
+                if event.flow not in destroyed and destroy_time_wait(self.diag, event):
+                    destroyed[event.flow] = event
+            except OSError as error:
+                self._failed(error)
+        if not destroyed:
+            return
+        self.recycled += len(destroyed)
+        time.sleep(SETTLE_SECONDS)
+        self.ring.poll(0)
+        late, self.reported = self.reported, []
+        with_data = {event.flow for event in events + late if event.data}
+        for flow, event in destroyed.items():
+            if flow in with_data:
+                continue
+            try:
+                self.raw[event.family].sendto(elicit_ack(event), (str(ipaddress.ip_address(event.client)), 0))
+                self.probed += 1
+            except OSError as error:
+                self._failed(error)
+
+    def _failed(self, error: OSError) -> None:
+        """A refused destroy or probe: the client's own retransmission tries again."""
+        self.failed += 1
+        log("time_wait_recycle_failed", error=f"{errno.errorcode.get(error.errno, error.errno)}: {error}")
 
     def close(self) -> None:
         self._stop.set()
@@ -132,5 +170,3 @@ class TimeWaitRecycler:
         self.ring.close()
         for sock in (self.diag, *self.raw.values()):
             sock.close()
-
-
