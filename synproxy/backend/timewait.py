@@ -6,10 +6,11 @@ The kernel recycles such a socket itself when the SYN arrives (tcp_timewait_stat
 the fronts the backend sees only the ACK: the kfunc's connection cannot be inserted next to the TIME_WAIT
 socket, and tc cannot remove it. sock_diag's SOCK_DESTROY can (CAP_NET_ADMIN; it works for TIME_WAIT
 sockets). The socket is first looked up by its tuple and destroyed by its cookie, so only that TIME_WAIT
-socket is, never a connection the same tuple has since made. Then a bare ACK from the VIP one byte below
-what the client expects (a keepalive probe's sequence number) makes the client's TCP answer with a
-duplicate ACK (RFC 793's answer to an old segment): the same sequence and acknowledgment numbers as its
-handshake ACK, which the fronts validate again and the backend now turns into the connection.
+socket is, never a connection the same tuple has since made. Then, unless the client sent data behind
+its ACK, a bare ACK from the VIP one below what the client expects (a keepalive probe's sequence
+number) makes the client's TCP answer with a duplicate ACK (RFC 793's answer to an old segment): the
+same sequence and acknowledgment numbers as its handshake ACK, which the fronts validate again and the
+backend now turns into the connection.
 """
 
 from __future__ import annotations
