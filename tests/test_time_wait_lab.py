@@ -71,6 +71,7 @@ def test_reconnects_from_one_source_port_after_a_server_first_close_all_connect(
     reconnects = result["times"][1:]
     print(f"\nIPv{family}: first {result['times'][:1]} s; {len(reconnects)} reconnects, median "
           f"{statistics.median(reconnects) if reconnects else None} s, min {min(reconnects, default=None)}, "
-          f"max {max(reconnects, default=None)}; recycled {recycled}; failures {result['failures']}")
+          f"max {max(reconnects, default=None)}; recycled {recycled}; failures {result['failures']}; "
+          f"all {[round(t, 4) for t in reconnects]}")
     assert result["failures"] == [] and len(reconnects) == RECONNECTS
     assert recycled >= RECONNECTS

@@ -31,7 +31,7 @@ from synproxy.packet import ACK, build_tcp_packet
 EVENT = struct.Struct("=16s16s2s2sIIBB2x")  # struct time_wait_event
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, SOCK_DESTROY = 4, 20, 21
 NLM_F_REQUEST, NLM_F_ACK, NLMSG_ERROR = 0x1, 0x4, 2
-TCP_TIME_WAIT = 6  # include/net/tcp_states.h
+TCP_TIME_WAIT, TCP_LISTEN = 6, 10  # include/net/tcp_states.h
 _NLMSG = struct.Struct("=IHHII")
 _REQUEST = struct.Struct("=BBBxI2s2s16s16sIQ")  # struct inet_diag_req_v2 with its inet_diag_sockid
 _NO_COOKIE = 0xFFFFFFFFFFFFFFFF  # INET_DIAG_NOCOOKIE in both words
@@ -78,16 +78,30 @@ def _diag(sock: socket.socket, kind: int, event: TimeWaitEvent, cookie: int) -> 
     return answer[_NLMSG.size:]
 
 
-def destroy_time_wait(sock: socket.socket, event: TimeWaitEvent) -> bool:
-    """Destroy the event's TIME_WAIT socket, and nothing else: True when it was there and is gone."""
+def _socket_of(sock: socket.socket, event: TimeWaitEvent) -> tuple[int, int] | None:
+    """The state and cookie of the socket the tuple's segments reach (a listener when no connection
+    holds the tuple), or None."""
     found = _diag(sock, SOCK_DIAG_BY_FAMILY, event, _NO_COOKIE)
     if found == errno.ENOENT:
-        return False
+        return None
     if isinstance(found, int):
         raise OSError(found, f"sock_diag lookup: {os.strerror(found)}")
     _family, state, *_, cookie = _ANSWER.unpack_from(found)
-    if state != TCP_TIME_WAIT:
-        return False  # the tuple's connection is a new one
+    return state, cookie
+
+
+def connected(sock: socket.socket, event: TimeWaitEvent) -> bool:
+    """Does a socket other than a listener hold the event's tuple?"""
+    found = _socket_of(sock, event)
+    return found is not None and found[0] != TCP_LISTEN
+
+
+def destroy_time_wait(sock: socket.socket, event: TimeWaitEvent) -> bool:
+    """Destroy the event's TIME_WAIT socket, and nothing else: True when it was there and is gone."""
+    found = _socket_of(sock, event)
+    if found is None or found[0] != TCP_TIME_WAIT:
+        return False  # gone, or the tuple's connection is a new one
+    cookie = found[1]
     destroyed = _diag(sock, SOCK_DESTROY, event, cookie)
     if destroyed not in (0, errno.ENOENT):  # EOPNOTSUPP: a kernel without CONFIG_INET_DIAG_DESTROY
         raise OSError(destroyed, f"sock_diag destroy: {os.strerror(destroyed)}")
@@ -129,7 +143,7 @@ class TimeWaitRecycler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self.ring.poll(POLL_MS):
+            if self.ring.poll(POLL_MS) or self.reported:
                 self.recycle()
 
     def recycle(self) -> None:
@@ -147,13 +161,14 @@ class TimeWaitRecycler:
             return
         self.recycled += len(destroyed)
         time.sleep(SETTLE_SECONDS)
-        self.ring.poll(0)
-        late, self.reported = self.reported, []
-        with_data = {event.flow for event in events + late if event.data}
+        self.ring.poll(0)  # the late reports stay for the next round: other tuples' are new work
+        with_data = {event.flow for event in events + self.reported if event.data}
         for flow, event in destroyed.items():
-            if flow in with_data:
-                continue
             try:
+                # Data behind the ACK, dropped (the client sends it again) or already the connection: a
+                # probe then would only reach a later state of the tuple.
+                if flow in with_data or connected(self.diag, event):
+                    continue
                 self.raw[event.family].sendto(elicit_ack(event), (str(ipaddress.ip_address(event.client)), 0))
                 self.probed += 1
             except OSError as error:
