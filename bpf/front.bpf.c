@@ -69,6 +69,28 @@ struct {
 	__type(value, struct route);
 } routes SEC(".maps");
 
+/* The ICMP errors the programs forward: each CPU's bucket (token_take) and, written by the loader, what a
+ * token costs and the most credit a CPU holds (loading.per_cpu_token_bucket of
+ * handler.ICMP_ERRORS_PER_SECOND). */
+struct icmp_limit {
+	__u64 cost_ns;
+	__u64 credit_max_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct icmp_limit);
+} icmp_limit SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct token_bucket);
+} icmp_budget SEC(".maps");
+
 /* By program (enum front_path), outcome and IP version: both programs may see one packet (a SYN XDP passes
  * because its neighbour is unresolved is answered at tc), so each counts its own. */
 struct {
@@ -717,6 +739,31 @@ static __always_inline int forwarded(__u32 outcome)
 	       outcome == FRONT_FORWARDED_EXPIRED_EPOCH;
 }
 
+/* Where `seg`'s flow goes (its Maglev backend and the route there) and the encapsulation's fields, with
+ * `flags`, for a packet decided as `outcome`: that outcome, or the one that leaves it to the queue. */
+static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct front_forwarding *fwd,
+						const struct segment *seg, __u8 flags, __u64 tai_ns, __u32 outcome,
+						struct forwarding_plan *plan)
+{
+	__u64 flow = flow_hash(seg, fwd->flow_key);
+	__u32 index = flow % MAGLEV_TABLE_SIZE;
+	const __be32 *entry = bpf_map_lookup_elem(&maglev, &index);
+	if (!entry || !*entry)
+		return FRONT_QUEUED;
+	plan->backend = *entry; /* read once: the loader may rewrite it */
+	plan->source_port = bpf_htons(ENCAP_SOURCE_PORT_BASE | (flow & ENCAP_SOURCE_PORT_MASK));
+	if (!route_to_backend(ctx, xdp, fwd, plan->backend, plan->source_port, tai_ns, &plan->next_hop))
+		return FRONT_UNROUTED;
+
+	union cookie_message message;
+	encap_message_of(&message, fwd->farm_address, plan->backend, seg, flags);
+	plan->mac = bpf_cpu_to_be64(siphash24_48(message.words, fwd->encap_key));
+	plan->farm_address = fwd->farm_address;
+	plan->encap_port = fwd->encap_port;
+	plan->flags = flags;
+	return outcome;
+}
+
 /* Every segment but a SYN to a protected VIP and port, as handler.handle decides it, on either hook:
  * the outcome, and for a forwarded() one the plan the hook's surgery carries out. */
 static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct segment *seg,
@@ -773,23 +820,7 @@ static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct se
 		}
 	}
 
-	__u64 flow = flow_hash(seg, fwd->flow_key);
-	__u32 index = flow % MAGLEV_TABLE_SIZE;
-	const __be32 *entry = bpf_map_lookup_elem(&maglev, &index);
-	if (!entry || !*entry)
-		return FRONT_QUEUED;
-	plan->backend = *entry; /* read once: the loader may rewrite it */
-	plan->source_port = bpf_htons(ENCAP_SOURCE_PORT_BASE | (flow & ENCAP_SOURCE_PORT_MASK));
-	if (!route_to_backend(ctx, xdp, fwd, plan->backend, plan->source_port, tai_ns, &plan->next_hop))
-		return FRONT_UNROUTED;
-
-	union cookie_message message;
-	encap_message_of(&message, fwd->farm_address, plan->backend, seg, flags);
-	plan->mac = bpf_cpu_to_be64(siphash24_48(message.words, fwd->encap_key));
-	plan->farm_address = fwd->farm_address;
-	plan->encap_port = fwd->encap_port;
-	plan->flags = flags;
-	return outcome;
+	return plan_encapsulation(ctx, xdp, fwd, seg, flags, tai_ns, outcome, plan);
 }
 
 /* The Ethernet, outer IPv4, UDP and encapsulation headers as encap.encapsulate builds them, for an
@@ -827,16 +858,14 @@ static __always_inline void build_encapsulation(void *to, const struct forwardin
 
 #define ENCAPSULATED_HEADERS (sizeof(struct ethhdr) + ENCAP_OVERHEAD)
 
-/* XDP's surgery: trim an Ethernet pad, grow the head, write the headers, send. */
-static __noinline int forward_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg)
+/* XDP's surgery for a planned packet (seg: its IP packet's length and family): trim an Ethernet pad, grow
+ * the head, write the headers, send. */
+static __always_inline int encapsulate_xdp(struct xdp_md *ctx, const struct segment *seg,
+					   const struct forwarding_plan *plan, __u32 outcome)
 {
-	struct forwarding_plan plan;
-	__u32 outcome = plan_forwarding(ctx, 1, seg, cfg, &plan);
 	__u32 ip_length = seg->ip_length;
 	__u32 frame_length = ctx->data_end - ctx->data;
 
-	if (!forwarded(outcome))
-		return count_xdp(seg, outcome, XDP_PASS);
 	/* The queue's copy ends where the IP packet does: drop an Ethernet pad, then make room. */
 	if (frame_length > sizeof(struct ethhdr) + ip_length &&
 	    bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + ip_length) - (int)frame_length))
@@ -846,37 +875,123 @@ static __noinline int forward_xdp(struct xdp_md *ctx, const struct segment *seg,
 	void *data = (void *)(long)ctx->data;
 	if (data + ENCAPSULATED_HEADERS > (void *)(long)ctx->data_end)
 		return count_xdp(seg, FRONT_UNSENT, XDP_DROP); /* cannot happen: room was just made */
-	build_encapsulation(data, &plan, ip_length);
-	return count_xdp(seg, outcome, send(ctx, plan.next_hop.ifindex));
+	build_encapsulation(data, plan, ip_length);
+	return count_xdp(seg, outcome, send(ctx, plan->next_hop.ifindex));
+}
+
+static __noinline int forward_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg)
+{
+	struct forwarding_plan plan;
+	__u32 outcome = plan_forwarding(ctx, 1, seg, cfg, &plan);
+
+	if (!forwarded(outcome))
+		return count_xdp(seg, outcome, XDP_PASS);
+	return encapsulate_xdp(ctx, seg, &plan, outcome);
 }
 
 /* tc's surgery: trim an Ethernet pad, make room after the Ethernet header (the flags also make the
  * skb's protocol IPv4 for an IPv6 inner packet, and record the inner headers for offloads), write the
  * headers (the Ethernet one outside a received checksum's reach, the rest inside), redirect. A GSO
  * packet (the receive path merged several) is the queue's: it hands the handler one segment at a time. */
-static __noinline int forward_tc(struct __sk_buff *skb, const struct segment *seg, const struct front_config *cfg)
+static __always_inline int encapsulate_tc(struct __sk_buff *skb, const struct segment *seg,
+					  const struct forwarding_plan *plan, __u32 outcome)
 {
-	struct forwarding_plan plan;
 	__u64 headers[(ENCAPSULATED_HEADERS + 2 + 7) / 8]; /* from byte 2: the outer IPv4 header 4-aligned */
 	__u8 *copy = (__u8 *)headers + 2;
 	__u32 ip_length = seg->ip_length;
+
+	if ((skb->len > sizeof(struct ethhdr) + ip_length &&
+	     bpf_skb_change_tail(skb, sizeof(struct ethhdr) + ip_length, 0)) ||
+	    bpf_skb_adjust_room(skb, ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
+		return count(seg, FRONT_UNSENT, TC_ACT_OK); /* unchanged */
+	build_encapsulation(copy, plan, ip_length);
+	if (bpf_skb_store_bytes(skb, 0, copy, sizeof(struct ethhdr), 0) ||
+	    bpf_skb_store_bytes(skb, sizeof(struct ethhdr), copy + sizeof(struct ethhdr), ENCAP_OVERHEAD,
+				BPF_F_RECOMPUTE_CSUM))
+		return count(seg, FRONT_UNSENT, TC_ACT_SHOT); /* half rewritten */
+	return count(seg, outcome, bpf_redirect(plan->next_hop.ifindex, 0));
+}
+
+static __noinline int forward_tc(struct __sk_buff *skb, const struct segment *seg, const struct front_config *cfg)
+{
+	struct forwarding_plan plan;
 
 	if (skb->gso_segs > 1)
 		return count(seg, FRONT_QUEUED, TC_ACT_OK);
 	__u32 outcome = plan_forwarding(skb, 0, seg, cfg, &plan);
 	if (!forwarded(outcome))
 		return count(seg, outcome, TC_ACT_OK);
-	if ((skb->len > sizeof(struct ethhdr) + ip_length &&
-	     bpf_skb_change_tail(skb, sizeof(struct ethhdr) + ip_length, 0)) ||
-	    bpf_skb_adjust_room(skb, ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC,
-				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
-		return count(seg, FRONT_UNSENT, TC_ACT_OK); /* unchanged */
-	build_encapsulation(copy, &plan, ip_length);
-	if (bpf_skb_store_bytes(skb, 0, copy, sizeof(struct ethhdr), 0) ||
-	    bpf_skb_store_bytes(skb, sizeof(struct ethhdr), copy + sizeof(struct ethhdr), ENCAP_OVERHEAD,
-				BPF_F_RECOMPUTE_CSUM))
-		return count(seg, FRONT_UNSENT, TC_ACT_SHOT); /* half rewritten */
-	return count(seg, outcome, bpf_redirect(plan.next_hop.ifindex, 0));
+	return encapsulate_tc(skb, seg, &plan, outcome);
+}
+
+/* --- ICMP errors about a protected flow --- */
+
+#define NOT_OURS FRONT_COUNTER_MAX /* plan_icmp_error: not an ICMP error to a VIP, passed on uncounted */
+
+/* An ICMP error to a VIP about a segment a protected VIP and port sent, as handler._icmp_error decides it:
+ * encapsulated flagged ICMP to the backend of the quoted flow (plan_encapsulation: the flow's own hash
+ * and MAC tuple), within this CPU's share of the ICMP budget. `error` is the caller's (zeroed) segment,
+ * filled with the error's own addresses and length: one more here would not fit the stack. */
+static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment *error, struct forwarding_plan *plan)
+{
+	struct segment flow = {};
+	__u32 zero = 0;
+
+	if (!parse_icmp_error(packet_data(ctx, xdp), packet_end(ctx, xdp), error, &flow) ||
+	    addresses_refused(error) || !bpf_map_lookup_elem(&protected_vips, error->daddr))
+		return NOT_OURS;
+	__u16 port = bpf_ntohs(flow.dport);
+	if (__builtin_memcmp(error->daddr, flow.daddr, 16) || !bpf_map_lookup_elem(&protected_ports, &port))
+		return FRONT_ICMP_NOT_PROTECTED;
+	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
+	if (!fwd)
+		return FRONT_QUEUED;
+	if (error->ip_length + ENCAP_OVERHEAD > fwd->farm_mtu)
+		return FRONT_TOO_BIG;
+	if (error->family == 4) { /* the kernel checks it after this hook and drops what fails */
+		const struct iphdr *ip = packet_data(ctx, xdp) + sizeof(struct ethhdr);
+
+		if ((void *)(ip + 1) > packet_end(ctx, xdp) || ipv4_header_fold(ip))
+			return FRONT_UNVERIFIED;
+	}
+	__u32 outcome = plan_encapsulation(ctx, xdp, fwd, &flow, ENCAP_FLAG_ICMP, bpf_ktime_get_tai_ns(),
+					   FRONT_ICMP_FORWARDED, plan);
+	const struct icmp_limit *limit = bpf_map_lookup_elem(&icmp_limit, &zero);
+	if (outcome == FRONT_ICMP_FORWARDED &&
+	    (!limit || !token_take(bpf_map_lookup_elem(&icmp_budget, &zero), limit->cost_ns, limit->credit_max_ns)))
+		return FRONT_ICMP_RATE_LIMITED;
+	return outcome;
+}
+
+/* What the handler drops, the programs drop; the rest they cannot forward is left to the queue. */
+static __always_inline int icmp_dropped(__u32 outcome)
+{
+	return outcome == FRONT_ICMP_NOT_PROTECTED || outcome == FRONT_ICMP_RATE_LIMITED;
+}
+
+static __noinline int forward_icmp_error_xdp(struct xdp_md *ctx, struct segment *error)
+{
+	struct forwarding_plan plan;
+	__u32 outcome = plan_icmp_error(ctx, 1, error, &plan);
+
+	if (outcome == NOT_OURS)
+		return XDP_PASS;
+	if (outcome != FRONT_ICMP_FORWARDED)
+		return count_xdp(error, outcome, icmp_dropped(outcome) ? XDP_DROP : XDP_PASS);
+	return encapsulate_xdp(ctx, error, &plan, outcome);
+}
+
+static __noinline int forward_icmp_error_tc(struct __sk_buff *skb, struct segment *error)
+{
+	struct forwarding_plan plan;
+	__u32 outcome = plan_icmp_error(skb, 0, error, &plan);
+
+	if (outcome == NOT_OURS)
+		return TC_ACT_OK;
+	if (outcome != FRONT_ICMP_FORWARDED)
+		return count(error, outcome, icmp_dropped(outcome) ? TC_ACT_SHOT : TC_ACT_OK);
+	return encapsulate_tc(skb, error, &plan, outcome);
 }
 
 /* --- The entries: one set of decisions for every frame, each hook's own answer_syn and forward --- */
@@ -889,7 +1004,9 @@ static __always_inline int handle_frame(void *ctx, int xdp, const struct front_c
 	struct segment seg = {};
 
 	enum parsed parsed = parse_frame(packet_data(ctx, xdp), packet_end(ctx, xdp), &seg);
-	if (parsed == PARSE_OTHER || addresses_refused(&seg))
+	if (parsed == PARSE_OTHER) /* not TCP: an ICMP error about a protected flow, or not ours */
+		return xdp ? forward_icmp_error_xdp(ctx, &seg) : forward_icmp_error_tc(ctx, &seg);
+	if (addresses_refused(&seg))
 		return pass;
 	if (!bpf_map_lookup_elem(&protected_vips, seg.daddr))
 		return parsed == PARSE_SEGMENT ? count_on(path, &seg, FRONT_NOT_PROTECTED, pass) : pass;

@@ -291,3 +291,74 @@ def build_icmp_too_big(packet: bytes, mtu: int) -> bytes:
         words += int.from_bytes(saddr + daddr, "big") + PROTO_ICMPV6 + length
     message = _ICMP_HEADER.pack(*kind, checksum_from_sum(words), rest) + quoted
     return build_ip_header(saddr, daddr, protocol, length) + message
+
+
+# The ICMP errors a host's TCP acts on (RFC 1122 4.2.3.9, RFC 4443 3): the path-MTU ones among them.
+ICMP_TIME_EXCEEDED = 11
+ICMPV6_DEST_UNREACH, ICMPV6_TIME_EXCEEDED = 1, 3
+ICMP_ERROR_TYPES = {4: (ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED),
+                    6: (ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED)}
+_QUOTED_PORTS = struct.Struct("!HH")
+
+
+class IcmpError(NamedTuple):
+    """An ICMP error about a TCP segment a server sent to a client, named as the flow's own packets are:
+    ``saddr``/``sport`` the client, ``daddr``/``dport`` the server (the quoted segment's destination and
+    source), so the flow hash and the encapsulation's MAC are the flow's. ``destination`` is the error's
+    own (the quoted segment's sender, when a router sent it)."""
+
+    family: int
+    saddr: bytes
+    daddr: bytes
+    sport: int
+    dport: int
+    destination: bytes
+    icmp_type: int
+
+
+def parse_icmp_error(packet: bytes) -> IcmpError:
+    """Parse an ICMP or ICMPv6 error (ICMP_ERROR_TYPES) that quotes a TCP segment's IP header and ports, of
+    the packet's own family. Raises MalformedPacket: ``not_icmp_error`` for other ICMP (echo, redirects...)
+    and other protocols, else what is wrong with it."""
+    if not packet:
+        raise MalformedPacket("truncated_ip")
+    version = packet[0] >> 4
+    if version == 4:
+        if len(packet) < 20:
+            raise MalformedPacket("truncated_ip")
+        vihl, _tos, total, _ident, frag, _ttl, proto, _csum, _saddr, destination = _IPV4.unpack_from(packet)
+        header, wanted = (vihl & 0xF) * 4, PROTO_ICMP
+        if header < 20 or total < header or total > len(packet):
+            raise MalformedPacket("bad_ip_length")
+        if frag & 0x3FFF:
+            raise MalformedPacket("fragment")
+    elif version == 6:
+        if len(packet) < 40:
+            raise MalformedPacket("truncated_ip")
+        _vtcfl, payload, proto, _hops, _saddr, destination = _IPV6.unpack_from(packet)
+        header, total, wanted = 40, 40 + payload, PROTO_ICMPV6
+        if total > len(packet):
+            raise MalformedPacket("bad_ip_length")
+    else:
+        raise MalformedPacket("bad_ip_version")
+    if proto != wanted or total - header < _ICMP_HEADER.size or packet[header] not in ICMP_ERROR_TYPES[version]:
+        raise MalformedPacket("not_icmp_error")
+    quoted = header + _ICMP_HEADER.size
+    if total - quoted < 1 or packet[quoted] >> 4 != version:
+        raise MalformedPacket("bad_quoted_packet")
+    # Where the quoted IP header keeps its length, protocol and addresses, by family.
+    if version == 4:
+        quoted_header, fixed, proto_at, source_at, length = (packet[quoted] & 0xF) * 4, 20, 9, 12, 4
+    else:
+        quoted_header, fixed, proto_at, source_at, length = 40, 40, 6, 8, 16
+    if total - quoted < fixed or packet[quoted + proto_at] != PROTO_TCP:
+        raise MalformedPacket("bad_quoted_packet")
+    if version == 4 and int.from_bytes(packet[quoted + 6:quoted + 8], "big") & 0x1FFF:
+        raise MalformedPacket("bad_quoted_packet")  # a later fragment: no TCP header where the ports would be
+    source = packet[quoted + source_at:quoted + source_at + length]
+    target = packet[quoted + source_at + length:quoted + source_at + 2 * length]
+    # The quoted header and the first 8 bytes of its TCP header (ports and sequence number: RFC 792).
+    if quoted_header < 20 or total - quoted < quoted_header + 8:
+        raise MalformedPacket("bad_quoted_packet")
+    server_port, client_port = _QUOTED_PORTS.unpack_from(packet, quoted + quoted_header)
+    return new_record(IcmpError, (version, target, source, client_port, server_port, destination, packet[header]))

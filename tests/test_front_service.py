@@ -26,6 +26,7 @@ from synproxy.front import service
 from synproxy.front.handler import TokenBucket
 from synproxy.front.service import Front
 from synproxy.netns import inside, namespaces, unique_name
+from tests.test_front_handler import icmp_error
 
 VIP4, VIP6 = "198.19.0.10", "2001:db8:ffff::10"
 BACKENDS = ["198.18.20.2", "198.18.21.2"]
@@ -124,6 +125,29 @@ def test_too_big_answers_are_rate_limited(front):
     assert IPv6(packets[0].replacement)[ICMPv6PacketTooBig].mtu == 1500 - encap.OVERHEAD
     assert front.counts.packets["too_big", 6] == 3
     assert front.counts.packets["too_big_rate_limited", 6] == 2
+
+
+class RecordingSocket:
+    def __init__(self):
+        self.sent: list[tuple[bytes, tuple]] = []
+
+    def sendto(self, data: bytes, address) -> int:
+        self.sent.append((data, address))
+        return len(data)
+
+
+def test_icmp_errors_are_forwarded_within_their_budget(front):
+    """IPv4 errors replace the queued packet; IPv6 ones leave by the raw socket, as IPv6 segments do."""
+    front.icmp_errors = TokenBucket(rate=0, burst=4)  # no refill: the burst, then nothing
+    front.raw_ipv4 = RecordingSocket()
+    packets = [QueuedPacket(icmp_error(family)) for family in (4, 6, 4, 6, 4, 6)]
+    for packet in packets:
+        front.on_packet(packet)
+    assert [packet.verdicts for packet in packets] == [["accept"], ["drop"]] * 2 + [["drop"]] * 2
+    assert packets[0].replacement[20 + 8 + 1] == encap.FLAG_ICMP
+    assert [data[20 + 8 + 1] for data, _ in front.raw_ipv4.sent] == [encap.FLAG_ICMP] * 2
+    assert front.counts.packets["icmp_forwarded", 4] == front.counts.packets["icmp_forwarded", 6] == 2
+    assert front.counts.packets["icmp_rate_limited", 4] == front.counts.packets["icmp_rate_limited", 6] == 1
 
 
 def test_forwarded_counts_are_keyed_by_backend_address_across_a_reload(front, tmp_path):

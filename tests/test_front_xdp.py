@@ -20,8 +20,14 @@ import struct
 import time
 
 import pytest
-from scapy.layers.inet import IP, TCP
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6PacketTooBig,
+    ICMPv6TimeExceeded,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+)
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
@@ -36,7 +42,7 @@ from synproxy.bpf.libbpf import (
     xdp_attached_program,
     xdp_detach,
 )
-from synproxy.bpf.loading import build_object
+from synproxy.bpf.loading import MAP_KEY, build_object
 from synproxy.front import fastpath
 from synproxy.front.fastpath import FastPath, FastPathError
 from synproxy.front.handler import Action, FrontPolicy, handle
@@ -56,12 +62,14 @@ from tests.test_front_fastpath import (
     vector_syn,
     without_clock,
 )
+from tests.test_front_handler import icmp_error
 
 pytestmark = needs_root
 XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = 1, 2, 3, 4
-TC_ACT_OK, TC_ACT_REDIRECT = 0, 7
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 PASS = {"xdp": XDP_PASS, "tc": TC_ACT_OK}
 REDIRECT = {"xdp": XDP_REDIRECT, "tc": TC_ACT_REDIRECT}
+DROP = {"xdp": XDP_DROP, "tc": TC_ACT_SHOT}
 XDP_MD = struct.Struct("=6I")  # struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue, egress
 GATEWAY4, GATEWAY6, GATEWAY_MAC = "10.99.0.2", "fd00:99::2", "02:00:00:00:99:02"
 FARM = "10.99.0.1"
@@ -504,3 +512,83 @@ def test_the_data_plane_is_chosen_as_configured_and_auto_says_why(namespace, pol
         assert fastpath.select("auto", (), "auto", policy, schedule)[:3] == ("nfqueue", None, {})
         with pytest.raises(FastPathError, match="front.interfaces: no network interface 'nope' here"):
             fastpath.select("tc", ("nope",), "auto", policy, schedule)
+
+
+ICMP_KINDS = [(4, ICMP(type=3, code=4, nexthopmtu=1280)), (4, ICMP(type=3, code=3)), (4, ICMP(type=11)),
+              (6, ICMPv6PacketTooBig(mtu=1280)), (6, ICMPv6DestUnreach(code=4)), (6, ICMPv6TimeExceeded())]
+
+
+def icmp_frame(family: int, kind=None, **fields) -> bytes:
+    return frame_of(icmp_error(family, kind, **{"vip": VIP4 if family == 4 else VIP6, "sport": PORT, **fields}))
+
+
+@pytest.mark.parametrize("family, kind", ICMP_KINDS, ids=["frag needed", "port unreachable", "time exceeded",
+                                                          "v6 too big", "v6 unreachable", "v6 time exceeded"])
+def test_an_icmp_error_about_a_flow_is_encapsulated_as_the_handler_does(
+        hook, monkeypatch, namespace, link_mac, fast_path, policy, schedule, family, kind):
+    now = 1000 * PERIOD + 30
+    set_clock(monkeypatch, fast_path, policy, schedule, now)
+    rng = random.Random(family)
+    backends = set()
+    for client_port in [40000] + [rng.randrange(1, 65536) for _ in range(60)]:
+        frame = icmp_frame(family, kind, client_port=client_port)
+        expected = handle(frame[14:], now, schedule, policy)
+        assert expected.outcome == "icmp_forwarded"
+        verdict, out, changed = run(namespace, fast_path, frame, hook=hook)
+        assert changed == {("icmp_forwarded", family): 1}
+        assert_encapsulated(verdict, out, expected, link_mac, hook)
+        backends.add(expected.backend)
+    assert len(backends) > 3  # spread as the flows are
+
+
+@pytest.mark.parametrize("frame, outcome", [
+    (icmp_frame(4, sport=PORT + 1), "icmp_not_protected"),
+    (icmp_frame(6, sport=PORT + 1), "icmp_not_protected"),
+    (icmp_frame(4, destination="198.19.0.10", vip="198.19.0.99"), "icmp_not_protected"),
+], ids=["another port", "v6 another port", "sent elsewhere than its quoted sender"])
+def test_an_icmp_error_about_another_flow_is_dropped_as_the_handler_does(
+        hook, monkeypatch, namespace, fast_path, policy, schedule, frame, outcome):
+    set_clock(monkeypatch, fast_path, policy, schedule, 1000 * PERIOD + 30)
+    assert handle(frame[14:], 0, schedule, policy).outcome == outcome
+    family = 6 if frame[12:14] == b"\x86\xdd" else 4
+    assert run(namespace, fast_path, frame, hook=hook)[::2] == (DROP[hook], {(outcome, family): 1})
+
+
+# What the program passes, what it counts, and what the handler then does (None: the kernel drops it first).
+ICMP_PASSED = [
+    ("an echo request", frame_of(raw(IP(src="198.18.1.1", dst=VIP4) / ICMP(type=8) / b"ping")), {},
+     "malformed_not_icmp_error"),
+    ("quoting a UDP datagram", frame_of(raw(IP(src="198.18.1.1", dst=VIP4) / ICMP(type=3, code=4)
+                                            / raw(IP(src=VIP4, dst="198.18.1.2") / UDP()))), {},
+     "malformed_bad_quoted_packet"),
+    ("quoting too little", icmp_frame(4, quoted_bytes=27), {}, "malformed_bad_quoted_packet"),
+    ("to another address", frame_of(icmp_error(4, vip="198.19.0.99", sport=PORT)), {}, "icmp_not_protected"),
+    ("longer than the farm MTU takes", icmp_frame(6, quoted_bytes=1500 - 40 - 8 - 39), {("too_big", 6): 1},
+     "icmp_too_big"),
+    ("a bad IPv4 header checksum", frame_with(icmp_frame(4), 14 + 10, b"\x12\x34"), {("unverified", 4): 1}, None),
+]
+
+
+@pytest.mark.parametrize("case, frame, changed, handler_outcome", ICMP_PASSED, ids=[case[0] for case in ICMP_PASSED])
+def test_icmp_the_program_does_not_forward_passes_unchanged(hook, monkeypatch, namespace, fast_path, policy,
+                                                           schedule, case, frame, changed, handler_outcome):
+    set_clock(monkeypatch, fast_path, policy, schedule, 1000 * PERIOD + 30)
+    if handler_outcome:
+        assert handle(frame[14:], 0, schedule, policy)[::2] == (Action.DROP, handler_outcome), case
+    assert run(namespace, fast_path, frame, hook=hook) == (PASS[hook], frame, changed), case
+
+
+def test_icmp_errors_beyond_the_budget_are_dropped_and_counted(monkeypatch, namespace, fast_path, policy, schedule,
+                                                               one_cpu):
+    """A budget of 3 errors a second on the one CPU the test runs on: 3 pass, the next 5 are dropped, and
+    0.4 s later one more passes."""
+    set_clock(monkeypatch, fast_path, policy, schedule, 1000 * PERIOD + 30)
+    fast_path.icmp_limit.update(MAP_KEY.pack(0), struct.pack("=QQ", 10**9 // 3, 10**9))
+    try:
+        outcomes = [run(namespace, fast_path, icmp_frame(4))[2] for _ in range(8)]
+        time.sleep(0.4)
+        later = run(namespace, fast_path, icmp_frame(4))[2]
+    finally:
+        fast_path.configure(policy, schedule)
+    assert outcomes == [{("icmp_forwarded", 4): 1}] * 3 + [{("icmp_rate_limited", 4): 1}] * 5
+    assert later == {("icmp_forwarded", 4): 1}

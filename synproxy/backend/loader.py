@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
 from synproxy import firewall, instance
+from synproxy.backend.timewait import TimeWaitRecycler
 from synproxy.bpf.libbpf import (
     BpfError,
     BpfObject,
@@ -52,6 +53,7 @@ from synproxy.bpf.loading import (
     counter_total,
     interface_index,
     mapped,
+    per_cpu_token_bucket,
     replace_keys,
     sized_map,
 )
@@ -69,10 +71,10 @@ SALT_CHECK_SECONDS = 0.25  # how often the salts are refreshed (the next epoch's
 # enum counter in bpf/synproxy.h, in order.
 COUNTERS = ("passed", "decapsulated", "untrusted", "malformed", "cookie_bad", "no_socket", "not_listener",
             "created", "kfunc_failed", "syn_received", "encap_bad_mac", "encap_refused", "listen_overflow",
-            "no_flow_reset", "no_flow_dropped")
+            "no_flow_reset", "no_flow_dropped", "icmp_passed", "time_wait_recycled", "time_wait_refused",
+            "time_wait_unreported")
 _CONFIG = struct.Struct("=QQqHBxIQQ")     # struct backend_config
 ENCAP_KEYS = struct.Struct("<I4x16s16s")  # struct encap_keys
-NS_PER_SECOND = 1_000_000_000
 
 
 class BackendError(SetupError):
@@ -154,16 +156,6 @@ def held_epochs(schedule: SaltSchedule, now: float) -> range:
     return range(accepted.start, min(accepted.stop + 1, accepted.start + EPOCH_SLOTS))
 
 
-def reset_budget(resets_per_second: int, cpus: int) -> tuple[int, int]:
-    """The program's per-CPU token bucket (reset_cost_ns, reset_credit_ns) for a backend-wide rate of
-    resets to packets of no connection, with a burst of one second's worth: each CPU gets its share of
-    both, and holds at least one reset. A rate of 0 passes none."""
-    if not resets_per_second:
-        return 0, 0
-    cost_ns = NS_PER_SECOND * cpus // resets_per_second
-    return cost_ns, max(NS_PER_SECOND, cost_ns)
-
-
 class DataPlane:
     """The loaded (not yet attached) program and its maps."""
 
@@ -183,6 +175,7 @@ class DataPlane:
             self.salts = SaltMap(self._map("salts", SALT_SLOT.size))
             self.counters = self._map("counters", COUNTER.size)
             self.kfunc_errors = self._map("kfunc_errors", COUNTER.size)
+            self.time_wait = self.object.map("time_wait")  # a ring buffer: timewait.TimeWaitRecycler reads it
             self._encap_keys_written = b""
         except BaseException:
             self.object.close()
@@ -194,7 +187,7 @@ class DataPlane:
     def configure(self, encap_port: int, server_wscale: int,
                   unknown_flow_resets_per_second: int = UNKNOWN_FLOW_RESETS_PER_SECOND) -> None:
         self._settings = (encap_port, server_wscale)
-        self._reset_budget = reset_budget(unknown_flow_resets_per_second, os.cpu_count() or 1)
+        self._reset_budget = per_cpu_token_bucket(unknown_flow_resets_per_second, os.cpu_count() or 1)
         self._write_config()
 
     def _write_config(self) -> None:
@@ -366,6 +359,7 @@ def serve(config, interface: str) -> int:
         plane = cleanup.enter_context(attached(interface, config.fronts, config.vips, config.ports,
                                                config.encap_port, config.server_wscale, schedule,
                                                config.backend.unknown_flow_resets_per_second))
+        cleanup.callback(TimeWaitRecycler(plane.time_wait).start().close)
         restart_required = None
         if registry is not None:
             registry.register(_CountersCollector(plane))

@@ -13,6 +13,7 @@ reads their counters.
 from __future__ import annotations
 
 import ipaddress
+import os
 import struct
 import time
 from collections.abc import Iterable
@@ -45,10 +46,11 @@ from synproxy.bpf.loading import (
     counter_total,
     interface_index,
     mapped,
+    per_cpu_token_bucket,
     replace_keys,
     sized_map,
 )
-from synproxy.front.handler import FrontPolicy
+from synproxy.front.handler import ICMP_ERRORS_PER_SECOND, FrontPolicy
 from synproxy.logs import log
 from synproxy.maglev import DEFAULT_TABLE_SIZE
 from synproxy.netlink import interface_kind
@@ -59,12 +61,14 @@ XDP_PROGRAM = "synproxy_front_xdp"
 TC_HANDLE = TC_PRIORITY = 0x5346  # "SF": the backend program uses "SP", so one node can run both
 # enum front_counter in bpf/synproxy.h, in order; each counted per IP version.
 OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", "unrouted", "unsent",
-            "validated", "forwarded", "forwarded_bad_mac", "forwarded_expired_epoch", "too_big", "unparsed")
+            "validated", "forwarded", "forwarded_bad_mac", "forwarded_expired_epoch", "too_big", "unparsed",
+            "icmp_forwarded", "icmp_rate_limited", "icmp_not_protected")
 FAMILIES = (4, 6)
 PATHS = ("tc", "xdp")  # enum front_path: which program counted
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}  # tried in this order
 _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
 _FORWARDING = struct.Struct("=4s2sHQ16s16s")  # struct front_forwarding
+_ICMP_LIMIT = struct.Struct("=QQ")  # struct icmp_limit: cost_ns, credit_max_ns
 _BACKEND = struct.Struct("4s")  # a maglev map entry: the backend's IPv4 address, network order
 
 
@@ -87,6 +91,7 @@ class FastPath:
             self.xdp_prog_fd = self.object.program_fd(XDP_PROGRAM)
             self.forwarding = sized_map(self.object, "forwarding", _FORWARDING.size)
             self.maglev = sized_map(self.object, "maglev", _BACKEND.size)
+            self.icmp_limit = sized_map(self.object, "icmp_limit", _ICMP_LIMIT.size)
         except BaseException:
             self.object.close()
             raise
@@ -110,6 +115,9 @@ class FastPath:
             replace_keys(self.protected_vips, {mapped(ipaddress.ip_address(vip)) for vip in policy.vips})
             replace_keys(self.protected_ports, {PORT_KEY.pack(port) for port in policy.ports})
             self._write_maglev(policy)
+            # The shell's rate (handler.ICMP_ERRORS_PER_SECOND), shared out between the CPUs.
+            self.icmp_limit.update(MAP_KEY.pack(0), _ICMP_LIMIT.pack(
+                *per_cpu_token_bucket(ICMP_ERRORS_PER_SECOND, os.cpu_count() or 1)))
         except BpfError as error:
             raise FastPathError(f"filling the fast path's maps failed: {error.strerror}") from None
         self.refresh(policy, schedule, time.time())

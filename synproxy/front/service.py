@@ -42,7 +42,16 @@ from synproxy import firewall, instance
 from synproxy.config import Config, ConfigError, load_config, log_warnings
 from synproxy.encap import encap_key
 from synproxy.front import fastpath
-from synproxy.front.handler import TOO_BIG, Action, FrontPolicy, TokenBucket, handle
+from synproxy.front.handler import (
+    ICMP_ERRORS_BURST,
+    ICMP_ERRORS_PER_SECOND,
+    ICMP_FORWARDED,
+    TOO_BIG,
+    Action,
+    FrontPolicy,
+    TokenBucket,
+    handle,
+)
 from synproxy.logs import log
 from synproxy.netlink import default_route_interfaces, local_addresses
 from synproxy.salt import SaltSchedule, SecretRotation
@@ -394,6 +403,7 @@ class Front:
         except PermissionError:
             raise SystemExit("synproxy front: cannot open a raw socket: this needs root (CAP_NET_RAW)") from None
         self.too_big_answers = TokenBucket(TOO_BIG_PER_SECOND, TOO_BIG_BURST)
+        self.icmp_errors = TokenBucket(ICMP_ERRORS_PER_SECOND, ICMP_ERRORS_BURST)
         self.failures = FailureLog()
         self.stop_requested: list[bool] = []
         self.reload_requested: list[bool] = []
@@ -432,6 +442,9 @@ class Front:
             action, reply, outcome, backend = handle(payload, time.time(), self.schedule, self.policy)
             if action is Action.DROP:
                 packet.drop()
+            elif outcome == ICMP_FORWARDED and not self.icmp_errors.take(time.monotonic()):
+                packet.drop()
+                outcome = "icmp_rate_limited"
             elif action is Action.FORWARD and family == 6:
                 # The encapsulation is IPv4: a queued IPv6 packet cannot become one in place, so it
                 # leaves through a raw socket and the original is dropped.

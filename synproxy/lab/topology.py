@@ -186,9 +186,9 @@ class Lab:
                 attach_xdp_pass(router, host.name)
             if host.role == "backend":
                 add_addresses(namespace, "lo", f"{VIP}/32", f"{VIP6}/128")
-                # No TIME_WAIT on the backends: a client reusing a 4-tuple within 60 s would otherwise
-                # stall (docs/backend.md); the lab's clients make thousands of connections to one VIP.
-                write_sysctls(namespace, {"net.ipv4.tcp_ecn": "1", "net.ipv4.tcp_max_tw_buckets": "0"})
+                # TIME_WAIT stays on: a 4-tuple reused within it is recycled as the kernel would
+                # (docs/backend.md, "4-tuple reuse").
+                write_sysctls(namespace, {"net.ipv4.tcp_ecn": "1"})
             if host.role == "front":
                 # A front never routes VIP traffic itself: what its queue does not rewrite dies here.
                 with NetNS(namespace) as ns:
