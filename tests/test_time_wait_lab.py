@@ -1,6 +1,7 @@
 """4-tuple reuse through the fronts (issue 14), with the backends' default sysctls (TIME_WAIT kept): a client
-that reconnects from the same address and port to a server that closes first (the lab's nginx,
-answering an HTTP/1.0 request) meets the previous connection's TIME_WAIT socket on the backend; each reconnection must complete."""
+that reconnects from the same address and port to a server that closes first (the lab's nginx, answering
+an HTTP/1.0 request) meets the previous connection's TIME_WAIT socket on the backend; each reconnection
+must complete."""
 
 from __future__ import annotations
 
