@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pyroute2 import NetNS
 
+from benchmarks import connection_rate
 from benchmarks import contenders as contenders_module
 from benchmarks.contenders import BACKEND, FRONT, PORT, QUEUE, Contender
 from benchmarks.generator import FLOODS, PACER_TABLE, GeneratorError, pacer, trafgen_argv, trafgen_config
@@ -37,6 +38,7 @@ from benchmarks.measure import (
     namespace_inodes,
     pin_process,
     process_cpu_seconds,
+    process_tree,
     program_stats,
     steer_napi,
     steer_receive,
@@ -153,7 +155,8 @@ class Bench:
         """The contender's processes and the backend's (its data plane and servers) onto the contender CPU,
         and front0's receive poll when a native XDP program runs it (measure.steer_napi); returns the
         poll threads pinned."""
-        for pid in (contender.pid(self.lab), self.lab.pid(BACKEND), self.lab.pid(f"{BACKEND}-servers")):
+        for pid in (contender.pid(self.lab), self.lab.pid(BACKEND), self.lab.pid(f"{BACKEND}-servers"),
+                    *process_tree(self.lab.pid(f"{BACKEND}-nginx"))):
             pin_process(pid, CONTENDER_CPU)
         return steer_napi(self.lab.ns(FRONT), "eth0", CONTENDER_CPU)
 
@@ -365,7 +368,8 @@ def rotated(items: list, turn: int) -> list:
 
 
 def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: float, idle_seconds: float,
-        repetitions: int, upload_bytes: int, chosen: list[type[Contender]], output: Path, profile: bool) -> dict:
+        repetitions: int, upload_bytes: int, chosen: list[type[Contender]], output: Path, profile: bool,
+        quick: bool = False) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     # The lab as users run it (front.data_plane auto): clients send complete checksums, as from a wire,
     # and the router's side of front0 runs an XDP program (synproxy.lab.topology), for every contender.
@@ -373,6 +377,7 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
     steps: list[dict] = []
     uploads: list[dict] = []
     running: dict[str, list[dict]] = {}
+    connections: list[dict] = []
     started = time.time()
     stats_fd = enable_bpf_stats()
     contenders = [contender_class() for contender_class in chosen]
@@ -410,6 +415,9 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
                                 (output / PROFILE_FILE).write_text(hot_functions(bench.work_dir / "profile.raw"))
                 finally:
                     contender.leave(lab)
+            if "connections" in scenarios:  # its own two routes (benchmarks/connection_rate.py)
+                connections += connection_rate.measure(bench, repetition, idle_seconds, quick)
+                print(f"bench:   connections: {json.dumps(connections[-1])}", file=sys.stderr, flush=True)
     finally:
         os.close(stats_fd)
         if bench is not None:
@@ -424,7 +432,7 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
         "rates": {scenario: list(rates[scenario]) for scenario in scenarios if scenario in rates},
         "upload_bytes": upload_bytes,
         "contenders": {c.name: c.description for c in chosen}, "running": running, "steps": steps,
-        "uploads": uploads,
+        "uploads": uploads, "connections": connections,
     }
 
 
@@ -490,10 +498,11 @@ def main(args: argparse.Namespace) -> int:
     upload_bytes = QUICK_UPLOAD_BYTES if args.quick else UPLOAD_BYTES
     try:
         results = run(scenarios, rates, seconds, seconds / 2, repetitions, upload_bytes, chosen, args.output,
-                      args.profile)
+                      args.profile, quick=args.quick)
     except (GeneratorError, LabError, OSError) as error:
         print(f"synproxy bench: {error}", file=sys.stderr)
         return 1
     write_report(results, args.output)
+    connection_rate.append_report(results, args.output)
     print(f"synproxy bench: results in {args.output}/results.md ({results['machine']['minutes']} minutes)")
     return 0

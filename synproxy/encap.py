@@ -11,11 +11,12 @@ import struct
 
 from siphash24 import siphash24
 
-from synproxy.packet import PROTO_UDP, V4_MAPPED_PREFIX, TcpSegment, build_ip_header
+from synproxy.packet import PROTO_UDP, V4_MAPPED_PREFIX, IcmpError, TcpSegment, build_ip_header
 from synproxy.salt import derive_key
 
 MAGIC = 0x5C
 FLAG_VALIDATED = 0x01
+FLAG_ICMP = 0x02  # an ICMP error about the flow (the MAC's tuple is the flow's, client to VIP)
 HEADER_BYTES = 12
 OVERHEAD = 20 + 8 + HEADER_BYTES
 ENCAP_KEY_INFO = b"synproxy-encap-key-v1"
@@ -47,11 +48,11 @@ def encap_mac(key: bytes, message: bytes) -> int:
     return siphash24(message, key=key).intdigest() & _U64
 
 
-def encapsulate(inner: bytes, segment: TcpSegment, front: bytes, backend: bytes, port: int, flow_hash: int,
-                validated: bool, key: bytes) -> bytes:
-    """Wrap ``inner`` (parsed as ``segment``), MACed with ``key``; the UDP source port carries the flow
-    hash so the farm network can spread flows."""
-    flags = FLAG_VALIDATED if validated else 0
+def encapsulate(inner: bytes, segment: TcpSegment | IcmpError, front: bytes, backend: bytes, port: int,
+                flow_hash: int, validated: bool, key: bytes, icmp: bool = False) -> bytes:
+    """Wrap ``inner`` (parsed as ``segment``: its flow's addresses and ports), MACed with ``key``; the UDP
+    source port carries the flow hash so the farm network can spread flows."""
+    flags = (FLAG_VALIDATED if validated else 0) | (FLAG_ICMP if icmp else 0)
     mac = encap_mac(key, mac_input(front, backend, segment.saddr, segment.daddr, segment.sport, segment.dport,
                                    flags))
     udp_length = 8 + HEADER_BYTES + len(inner)
