@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import re
 import sys
-import tomllib
-from pathlib import Path
 
 from synproxy.config import DATA_PLANES, ConfigError, load_config, role_warnings
 from synproxy.firewall import FirewallError
+from synproxy.version import version
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -27,21 +25,6 @@ def _check_config(args: argparse.Namespace) -> int:
           f"{len(config.backends)} backends, {len(config.fronts)} fronts"
           f"{f', {len(warnings)} warnings' if warnings else ''})")
     return 0
-
-
-def version() -> str:
-    """The version pyproject.toml gives: read from it in a source tree (the lab's image runs one, and an
-    editable install's metadata may be another checkout's), else from the installed package's metadata."""
-    try:
-        project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
-        if project.get("name") == "synproxy":
-            return project["version"]
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        pass
-    try:
-        return importlib.metadata.version("synproxy")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (neither a source tree nor installed)"
 
 
 def _selftest(args: argparse.Namespace) -> int:
@@ -113,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     front = commands.add_parser("front", help="answer SYNs with cookies on this node (NFQUEUE)")
     front.add_argument("--config", required=True, help="YAML configuration file")
+    control = front.add_mutually_exclusive_group()
+    control.add_argument("--stats", action="store_true",
+                         help="print the running front's readiness, BGP sessions and counters (from its metrics)")
+    control.add_argument("--drain", action="store_true", help="withdraw the running front's VIPs (SIGUSR1) and "
+                         "wait until its traffic has moved to the other fronts")
+    control.add_argument("--undrain", action="store_true", help="end a drain (SIGUSR2): announce again")
+    front.add_argument("--json", action="store_true", help="with --stats: one JSON object")
+    front.add_argument("--timeout", type=float, default=30.0, help="with --drain: give up after this many seconds")
     front.set_defaults(handler=_front)
 
     lab = commands.add_parser("lab", help="the namespace lab: client, attacker, ECMP router, fronts, backends")

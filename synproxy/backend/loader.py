@@ -26,15 +26,16 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily
 
-from synproxy import firewall, instance
+from synproxy import firewall, health, instance
 from synproxy.bpf.libbpf import (
     BpfError,
     BpfObject,
     Map,
     kernel_has_function,
+    program_id,
     program_maps,
     tc_attach,
     tc_attached_program,
@@ -300,14 +301,14 @@ def restart_settings(config) -> tuple:
     return config.backend.interface, config.backend.metrics_address
 
 
-def serve_metrics(address: str | None) -> CollectorRegistry | None:
-    """The metrics endpoint, started before anything is installed so a taken port is refused in one line."""
+def serve_metrics(address: str | None, state: health.Health) -> CollectorRegistry | None:
+    """The metrics and health endpoint, started before anything is installed so a taken port is refused in
+    one line."""
     if not address:
         return None
     registry = CollectorRegistry()
-    host, _, port = address.rpartition(":")
     try:
-        start_http_server(int(port), host.strip("[]"), registry=registry)
+        health.serve(address, registry, state, "backend")
     except OSError as error:
         raise BackendError(f"cannot serve metrics on {address}: {error.strerror}") from None
     return registry
@@ -327,7 +328,8 @@ def serve(config, interface: str) -> int:
     configured = config.salt_schedule()
     schedule = rotation.effective(configured, None, time.time())
     _warn_if_secrets_unchecked(schedule)
-    registry = serve_metrics(config.backend.metrics_address)
+    state = health.Health()
+    registry = serve_metrics(config.backend.metrics_address, state)
     running = restart_settings(config)
     untracked = firewall.backend_chain()
     untracked.install(config.vips, config.ports)
@@ -374,7 +376,22 @@ def serve(config, interface: str) -> int:
                 _warn_if_secrets_unchecked(schedule)
             plane.refresh_encap_keys(schedule)
             plane.refresh_salts(schedule, now)
+            state.beat(health_checks(plane, interface), time.monotonic())
     return 0
+
+
+def health_checks(plane: DataPlane, interface: str) -> dict[str, str | None]:
+    """What /readyz follows (synproxy/health.py): the program still in its tc slot. The salts are current
+    when the loop beats: it refreshes them (every accepted epoch and the next) just before each beat, so a
+    loop that stops refreshing stops beating."""
+    try:
+        attached = tc_attached_program(interface_index(interface), TC_HANDLE, TC_PRIORITY)
+    except (BpfError, SetupError) as error:
+        attached, problem = None, str(error)
+    else:
+        problem = f"no program in {interface}'s tc slot" if attached is None else f"another program ({attached}) " \
+                  f"in {interface}'s tc slot"
+    return {"loop": None, "program": None if attached == program_id(plane.prog_fd) else problem}
 
 
 def _warn_if_secrets_unchecked(schedule: SaltSchedule) -> None:

@@ -2,7 +2,10 @@
 
 It installs its packet-filter rules, binds the queue, gives every packet one verdict (the SYN-ACK or
 the encapsulated packet replaces the payload; everything else is dropped), serves its metrics, and
-removes its rules on exit. SIGHUP reloads the configuration and the secrets. Whatever happens while
+removes its rules on exit. SIGHUP reloads the configuration and the secrets. With front.bgp it announces
+the VIPs to its routers while it is ready (/readyz); SIGUSR1 drains it (withdraws, keeps answering what
+still arrives), SIGUSR2 ends the drain, and SIGTERM withdraws, answers for front.bgp.stop_wait_seconds
+while the routers move the traffic, then stops. Whatever happens while
 handling a packet, the packet gets a verdict (a drop, counted by reason) and the loop goes on: one
 packet must not stop a front.
 """
@@ -12,25 +15,32 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
+import os
 import signal
 import socket
 import struct
+import sys
 import time
 import traceback
+import urllib.error
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
 from netfilterqueue import NetfilterQueue
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 
-from synproxy import firewall, instance
+from synproxy import firewall, health, instance
 from synproxy.config import Config, ConfigError, load_config, log_warnings
 from synproxy.encap import encap_key
 from synproxy.front import fastpath
+from synproxy.front.announce import Announcer
 from synproxy.front.handler import TOO_BIG, Action, FrontPolicy, TokenBucket, handle
 from synproxy.logs import log
-from synproxy.netlink import default_route_interfaces, local_addresses
+from synproxy.netlink import default_gateways, default_route_interfaces, local_addresses
 from synproxy.salt import SaltSchedule, SecretRotation
 
 QUEUE_MAX_LENGTH = 8192
@@ -53,7 +63,7 @@ TOO_BIG_PER_SECOND, TOO_BIG_BURST = 100, 200
 FAILURE_LOG_SECONDS = 10.0  # a packet that fails once fails as often as someone sends it: log each reason this often
 # What a reload cannot change in a running front: the queue it holds, its metrics socket, its programs.
 RESTART_KEYS = ("front.queue_num", "front.metrics_address", "front.data_plane", "front.interfaces",
-                "front.xdp_mode")
+                "front.xdp_mode", "front.bgp")
 
 
 def ensure_sysctls(config: Config) -> None:
@@ -174,6 +184,8 @@ class FrontMetrics:
         self.kernel_path: fastpath.FastPath | None = None
         self.data_plane = "nfqueue"
         self.xdp_modes: dict[str, str] = {}  # interface -> XDP attach mode
+        self.health: health.Health | None = None
+        self.announcer: Announcer | None = None
         self.packets: defaultdict[tuple[str, int], int] = defaultdict(int)  # (outcome, IP version)
         # By backend address, not position: a reload may add, remove or reorder backends.
         self.forwarded: defaultdict[str, int] = defaultdict(int)
@@ -199,6 +211,19 @@ class FrontMetrics:
         for interface, mode in self.xdp_modes.items():
             xdp.add_metric([interface, mode], 1)
         yield xdp
+        if self.health is not None:
+            yield GaugeMetricFamily("synproxy_front_ready", "1 while /readyz answers 200: the front should get "
+                                    "traffic", value=1 if self.health.ready(time.monotonic()) else 0)
+        if self.announcer is not None:
+            announced = GaugeMetricFamily("synproxy_front_bgp_announced", "1 while the VIPs are announced to "
+                                          "this BGP peer", labels=["peer"])
+            established = GaugeMetricFamily("synproxy_front_bgp_established", "1 while the BGP session to this "
+                                            "peer is established", labels=["peer"])
+            for peer, state in self.announcer.states().items():
+                announced.add_metric([peer], 1 if state["announced"] else 0)
+                established.add_metric([peer], 1 if state["state"] == "established" else 0)
+            yield announced
+            yield established
         if self.kernel_path is not None:
             kernel = CounterMetricFamily("synproxy_front_kernel_packets",
                                          "Packets the front's BPF programs saw, by program, outcome and IP version",
@@ -224,7 +249,7 @@ class _BoundedReader:
 
     def recv(self, size: int) -> bytes:
         front = self.front
-        if front.stop_requested or front.reload_requested or time.monotonic() >= front.housekeeping_due:
+        if (front.stop_requested and front.stop_at is None) or front.reload_requested or time.monotonic() >= front.housekeeping_due:
             raise BlockingIOError(errno.EAGAIN, "housekeeping due")
         return self.sock.recv(size)
 
@@ -243,6 +268,11 @@ class Front:
         self.failures = FailureLog()
         self.stop_requested: list[bool] = []
         self.reload_requested: list[bool] = []
+        self.draining = False
+        self.stop_at: float | None = None  # once stopping: when the routers have had the withdrawal long enough
+        self.health = health.Health()
+        self.announcer: Announcer | None = None
+        self.salts_epoch: int | None = None  # the epoch of the fast path's last successful salt refresh
         self.housekeeping_due = 0.0
         self.packets_seen = 0
         self.kernel_path: fastpath.FastPath | None = None
@@ -308,10 +338,10 @@ class Front:
         except instance.AlreadyRunning as error:
             raise SystemExit(f"synproxy front: {error}") from None
         self.running = restart_settings(config)
+        self.metrics.health = self.health
         if config.front.metrics_address:
-            host, _, port = config.front.metrics_address.rpartition(":")
             try:
-                start_http_server(int(port), host.strip("[]"), registry=self.metrics.registry)
+                health.serve(config.front.metrics_address, self.metrics.registry, self.health, "front")
             except OSError as error:
                 raise SystemExit(f"synproxy front: cannot serve metrics on {config.front.metrics_address}: "
                                  f"{error.strerror}") from None
@@ -319,6 +349,8 @@ class Front:
         signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
         signal.signal(signal.SIGINT, lambda *_: stop.append(True))
         signal.signal(signal.SIGHUP, lambda *_: reload.append(True))
+        signal.signal(signal.SIGUSR1, lambda *_: self.set_draining(True))
+        signal.signal(signal.SIGUSR2, lambda *_: self.set_draining(False))
         queue = bind_queue(queue_num, self.on_packet)
         ensure_sysctls(config)
         self.rules = firewall.front_chain(queue_num)
@@ -347,7 +379,12 @@ class Front:
                         struct.pack("ll", seconds, int((HOUSEKEEPING_SECONDS - seconds) * 1e6)))
         reader = _BoundedReader(sock, self)
         try:
-            while not stop:
+            self.announcer = self.metrics.announcer = self.start_announcer(config)
+            while self.stop_at is None or time.monotonic() < self.stop_at:
+                if stop and self.stop_at is None:
+                    wait = config.front.bgp.stop_wait_seconds if self.announcer and self.announcer.announced() else 0
+                    self.stop_at = time.monotonic() + wait
+                    log("front_stopping", withdraw_wait_seconds=wait)
                 self.metrics.epoch.set(self.schedule.current_epoch(time.time()))
                 self.expire_retired_secrets()
                 if reload:
@@ -356,11 +393,19 @@ class Front:
                 if self.kernel_path is not None:
                     try:
                         self.kernel_path.refresh(self.policy, self.schedule, time.time())
+                        self.salts_epoch = self.schedule.current_epoch(time.time())
                     except fastpath.FastPathError as error:  # its SYNs fall back to the queue (no_salt)
                         log("kernel_path_refresh_failed", error=str(error))
+                now = time.monotonic()
+                self.health.beat(self.health_checks(queue_num), now)
+                if self.announcer is not None:
+                    self.announcer.tick(self.health.ready(now), now)
                 self.housekeeping_due = time.monotonic() + HOUSEKEEPING_SECONDS
-                queue.run_socket(reader)
+                if self.stop_at is None or time.monotonic() < self.stop_at:
+                    queue.run_socket(reader)
         finally:
+            if self.announcer is not None:
+                self.announcer.close()
             sock.close()
             if self.kernel_path is not None:
                 self.kernel_path.close()
@@ -368,6 +413,45 @@ class Front:
             queue.unbind()
             log("front_stopped", queue=queue_num)
         return 0
+
+    def start_announcer(self, config: Config) -> Announcer | None:
+        """BGP sessions to front.bgp.peers (or the default route's gateways), when front.bgp is set."""
+        settings = config.front.bgp
+        if settings is None or settings.local_as is None:
+            return None
+        peers = list(settings.peers) or default_gateways()
+        if not peers:
+            raise SystemExit("synproxy front: front.bgp.peers is empty and this node has no IPv4 default route "
+                             "to take a router from")
+        log("bgp_peers", peers=[str(peer) for peer in peers], local_as=settings.local_as, peer_as=settings.peer_as,
+            hold_time=settings.hold_time_seconds)
+        return Announcer(settings, config.vips, peers)
+
+    def set_draining(self, draining: bool) -> None:
+        """SIGUSR1 / SIGUSR2: readiness (and so the announcement) off or back on; packets are still answered."""
+        self.draining = draining
+        log("front_draining" if draining else "front_undrained")
+
+    def health_checks(self, queue_num: int) -> dict[str, str | None]:
+        """What /readyz and the announcement follow (synproxy/health.py): the data plane attached (the
+        queue bound, the programs still on their interfaces), the salts the programs hold current, and
+        neither a drain nor a stop asked for."""
+        try:
+            bound = queue_stats(queue_num, NFQUEUE_STATS.read_text()) is not None
+        except OSError:
+            bound = False
+        missing = self.kernel_path.missing() if self.kernel_path is not None else []
+        data_plane = None if bound and not missing else "; ".join(
+            ([] if bound else [f"NFQUEUE {queue_num} is not bound"]) + [f"program gone: {m}" for m in missing])
+        salts = None
+        if self.kernel_path is not None:
+            epoch = self.schedule.current_epoch(time.time())
+            # The programs hold the salts up to the epoch after the last refresh's (FastPath.refresh).
+            if self.salts_epoch is None or not self.salts_epoch <= epoch <= self.salts_epoch + 1:
+                salts = f"the programs' salts were last refreshed for epoch {self.salts_epoch}, now {epoch}"
+        return {"loop": None, "data_plane": data_plane, "salts": salts,
+                "draining": "draining (SIGUSR1; SIGUSR2 ends it)" if self.draining else None,
+                "stopping": "stopping" if self.stop_requested else None}
 
     def reload(self) -> None:
         """SIGHUP: the configuration and secrets again; the queue's rules and the fast path's maps follow
@@ -397,8 +481,108 @@ class Front:
 def restart_settings(config: Config) -> tuple:
     """The values of RESTART_KEYS, in that order."""
     front = config.front
-    return front.queue_num, front.metrics_address, front.data_plane, front.interfaces, front.xdp_mode
+    return front.queue_num, front.metrics_address, front.data_plane, front.interfaces, front.xdp_mode, front.bgp
+
+
+def fetch(url: str) -> tuple[int, bytes]:
+    """An HTTP GET's status and body (a 503 from /readyz is an answer, not a failure)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def running_stats(config: Config) -> dict:
+    """The running front's readiness and counters, read from its metrics endpoint (the NFQUEUE path's
+    counts live in that process only)."""
+    address = config.front.metrics_address
+    if not address:
+        raise SystemExit("synproxy front: this needs front.metrics_address: the counts are read from the running "
+                         "front's metrics endpoint")
+    try:
+        _, ready = fetch(health.local_url(address, "/readyz"))
+        _, text = fetch(health.local_url(address, "/metrics"))
+    except OSError as error:
+        raise SystemExit(f"synproxy front: no front answers on {address} ({getattr(error, 'reason', error)})") from None
+    stats = {**json.loads(ready), "packets": {}, "kernel_packets": {}, "bgp": {}}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "synproxy_front_packets_total":
+                stats["packets"][labels["outcome"]] = stats["packets"].get(labels["outcome"], 0) + int(sample.value)
+            elif sample.name == "synproxy_front_kernel_packets_total":
+                key = f"{labels['path']}:{labels['outcome']}"
+                stats["kernel_packets"][key] = stats["kernel_packets"].get(key, 0) + int(sample.value)
+            elif sample.name in ("synproxy_front_bgp_announced", "synproxy_front_bgp_established"):
+                stats["bgp"].setdefault(labels["peer"], {})[sample.name.rpartition("_")[2]] = bool(sample.value)
+    return stats
+
+
+def handled(stats: dict) -> int:
+    """Packets to the VIPs this front has handled, by the queue or its programs (a program's
+    not_protected packets are the node's other traffic: BGP, scrapes)."""
+    return sum(stats["packets"].values()) + sum(value for key, value in stats["kernel_packets"].items()
+                                                 if not key.endswith(":not_protected"))
+
+
+def print_stats(stats: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(stats))
+        return
+    print(f"{'ready':24} {stats['ready']}")
+    for name, verdict in stats["checks"].items():
+        print(f"  {name:22} {verdict}")
+    for peer, state in stats["bgp"].items():
+        print(f"{'bgp ' + peer:24} {'established' if state.get('established') else 'down'}, "
+              f"{'announced' if state.get('announced') else 'withdrawn'}")
+    for outcome, value in sorted(stats["packets"].items()):
+        print(f"{outcome:24} {value}")
+    for key, value in sorted(stats["kernel_packets"].items()):
+        if value:
+            print(f"{key:24} {value}")
+
+
+def drain(config: Config, timeout: float, quiet_seconds: float = 1.0) -> int:
+    """Withdraw the running front (SIGUSR1) and wait until it has handled no packet for ``quiet_seconds``:
+    the routers have moved its traffic (new connections and established ones alike: any front serves
+    both). Bounded by ``timeout``."""
+    pid = instance.holder("front")
+    if pid is None:
+        raise SystemExit("synproxy front: no front runs in this network namespace")
+    os.kill(pid, signal.SIGUSR1)
+    if not config.front.metrics_address:
+        print(f"front {pid}: draining (no front.metrics_address to watch its traffic move)")
+        return 0
+    started = time.monotonic()
+    last, quiet_since = None, time.monotonic()
+    while time.monotonic() - started < timeout:
+        stats = running_stats(config)
+        count = handled(stats)
+        withdrawn = "draining" in stats["checks"] and not any(s.get("announced") for s in stats["bgp"].values())
+        if count != last or not withdrawn:
+            last, quiet_since = count, time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_seconds:
+            print(f"front {pid}: drained: withdrawn, no packet for {quiet_seconds:g} s, "
+                  f"after {time.monotonic() - started:.1f} s")
+            return 0
+        time.sleep(0.1)
+    print(f"front {pid}: withdrawn, but still handling packets after {timeout:g} s", file=sys.stderr)
+    return 1
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.stats or args.drain:
+        config = load_config(args.config)
+        if args.drain:
+            return drain(config, args.timeout)
+        print_stats(running_stats(config), args.json)
+        return 0
+    if args.undrain:
+        pid = instance.holder("front")
+        if pid is None:
+            raise SystemExit("synproxy front: no front runs in this network namespace")
+        os.kill(pid, signal.SIGUSR2)
+        print(f"front {pid}: drain ended; it announces again once ready")
+        return 0
     return Front(args.config).run()
