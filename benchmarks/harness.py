@@ -325,7 +325,9 @@ def rotated(items: list, turn: int) -> list:
 def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: float, idle_seconds: float,
         repetitions: int, upload_bytes: int, chosen: list[type[Contender]], output: Path, profile: bool) -> dict:
     output.mkdir(parents=True, exist_ok=True)
-    lab = Lab(name=unique_name("bench"), hosts=default_hosts(fronts=1, backends=1), data_plane="nfqueue")
+    # Static routes: the contenders take the one front's place in turn, and its baseline is no front at all.
+    lab = Lab(name=unique_name("bench"), hosts=default_hosts(fronts=1, backends=1), data_plane="nfqueue",
+              routing="static")
     steps: list[dict] = []
     uploads: list[dict] = []
     started = time.time()

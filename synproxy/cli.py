@@ -52,7 +52,7 @@ def _lab(args: argparse.Namespace) -> int:
 
     from synproxy.lab.demo import run_demo
     from synproxy.lab.topology import Lab, LabError
-    lab = Lab(name=args.name, prometheus=args.prometheus, data_plane=args.data_plane)
+    lab = Lab(name=args.name, prometheus=args.prometheus, data_plane=args.data_plane, routing=args.routing)
     try:
         if args.action == "up":
             lab.up()
@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--prometheus", action="store_true", help="with up: also run Prometheus scraping every node")
     lab.add_argument("--data-plane", choices=DATA_PLANES, default="auto",
                      help="with up and demo: the fronts' front.data_plane (docs/front.md; default auto)")
+    lab.add_argument("--routing", choices=["bgp", "static"], default="bgp",
+                     help="with up and demo: the router learns the VIPs from the fronts by BGP (BIRD; default), "
+                          "or has static ECMP routes to every front")
     lab.add_argument("--fast-path", dest="data_plane", action="store_const", const="tc",
                      help="the same as --data-plane tc (the older name)")
     lab.set_defaults(handler=_lab)

@@ -2,7 +2,8 @@
 front (synproxy/front/announce.py) and installing them as one ECMP route (deploy/README.md says why BIRD).
 
 The router is passive (the fronts connect), proposes a 3 s hold time (the least RFC 4271 allows: a frozen
-front is withdrawn within 3 s) and merges the equal routes of all fronts into one multipath kernel route,
+front is withdrawn within 3 s, and BIRD removes its routes up to ~3 s later), accepts a front again 1-5 s
+after a failure (BIRD's default waits 60-300 s) and merges the equal routes of all fronts into one multipath kernel route,
 which the kernel spreads by the L4 hash as it did the static route before.
 """
 
@@ -37,6 +38,7 @@ template bgp fronts {{
   passive on;
   hold time {HOLD_TIME_SECONDS};
   keepalive time 1;
+  error wait time 1, 5;   # a front back from a hold-timer expiry is heard again within seconds, not minutes
   ipv4 {{ import all; export none; }};
   ipv6 {{ import all; export none; }};
 }}
