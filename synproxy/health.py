@@ -57,6 +57,12 @@ class Health:
     def ready(self, now: float) -> bool:
         return self.state(now)[1]
 
+    def summary(self, now: float) -> str:
+        """One line for systemd's status: "ready", or what is wrong."""
+        _, ready, checks = self.state(now)
+        return "ready" if ready else "not ready: " + "; ".join(f"{name}: {verdict}" for name, verdict in
+                                                             checks.items() if verdict != "ok")
+
     def answer(self, path: str, now: float) -> tuple[int, dict]:
         alive, ready, checks = self.state(now)
         good = alive if path == "/healthz" else ready

@@ -62,14 +62,15 @@ def wait_for(namespace: str, path: str, status: int, seconds: float = 10) -> dic
         time.sleep(0.1)
 
 
-def synproxy(namespace: str, *argv: str) -> list[str]:
-    return ["ip", "netns", "exec", namespace, sys.executable, "-m", "synproxy.cli", *argv]
+def synproxy(namespace: str, *argv: str, prefix: tuple[str, ...] = ()) -> list[str]:
+    return ["ip", "netns", "exec", namespace, *prefix, sys.executable, "-m", "synproxy.cli", *argv]
 
 
 @contextlib.contextmanager
-def running(namespace: str, *argv: str):
-    process = subprocess.Popen(synproxy(namespace, *argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+def running(namespace: str, *argv: str, prefix: tuple[str, ...] = (), env: dict | None = None):
+    process = subprocess.Popen(synproxy(namespace, *argv, prefix=prefix), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})})
     try:
         yield process
     finally:

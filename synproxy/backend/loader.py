@@ -60,6 +60,7 @@ from synproxy.config import UNKNOWN_FLOW_RESETS_PER_SECOND, ConfigError, load_co
 from synproxy.encap import encap_key
 from synproxy.logs import log
 from synproxy.salt import EPOCH_SLOTS, MAX_SECRETS, SaltSchedule, SecretRotation
+from synproxy.systemd import Notifier
 
 PROGRAM = "synproxy_backend"
 TC_HANDLE = TC_PRIORITY = 0x5350  # "SP": a fixed filter slot, so a later run or --detach finds it
@@ -328,7 +329,7 @@ def serve(config, interface: str) -> int:
     configured = config.salt_schedule()
     schedule = rotation.effective(configured, None, time.time())
     _warn_if_secrets_unchecked(schedule)
-    state = health.Health()
+    state, notifier = health.Health(), Notifier()
     registry = serve_metrics(config.backend.metrics_address, state)
     running = restart_settings(config)
     untracked = firewall.backend_chain()
@@ -377,6 +378,8 @@ def serve(config, interface: str) -> int:
             plane.refresh_encap_keys(schedule)
             plane.refresh_salts(schedule, now)
             state.beat(health_checks(plane, interface), time.monotonic())
+            notifier.beat(state.summary(time.monotonic()))
+        notifier.notify("STOPPING=1")
     return 0
 
 

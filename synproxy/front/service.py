@@ -42,6 +42,7 @@ from synproxy.front.handler import TOO_BIG, Action, FrontPolicy, TokenBucket, ha
 from synproxy.logs import log
 from synproxy.netlink import default_gateways, default_route_interfaces, local_addresses
 from synproxy.salt import SaltSchedule, SecretRotation
+from synproxy.systemd import Notifier
 
 QUEUE_MAX_LENGTH = 8192
 # The netlink socket must hold a full queue: netfilterqueue sizes it for its default of 1024
@@ -271,6 +272,7 @@ class Front:
         self.draining = False
         self.stop_at: float | None = None  # once stopping: when the routers have had the withdrawal long enough
         self.health = health.Health()
+        self.notifier = Notifier()
         self.announcer: Announcer | None = None
         self.salts_epoch: int | None = None  # the epoch of the fast path's last successful salt refresh
         self.housekeeping_due = 0.0
@@ -385,6 +387,7 @@ class Front:
                     wait = config.front.bgp.stop_wait_seconds if self.announcer and self.announcer.announced() else 0
                     self.stop_at = time.monotonic() + wait
                     log("front_stopping", withdraw_wait_seconds=wait)
+                    self.notifier.notify("STOPPING=1")
                 self.metrics.epoch.set(self.schedule.current_epoch(time.time()))
                 self.expire_retired_secrets()
                 if reload:
@@ -398,6 +401,7 @@ class Front:
                         log("kernel_path_refresh_failed", error=str(error))
                 now = time.monotonic()
                 self.health.beat(self.health_checks(queue_num), now)
+                self.notifier.beat(self.health.summary(now))
                 if self.announcer is not None:
                     self.announcer.tick(self.health.ready(now), now)
                 self.housekeeping_due = time.monotonic() + HOUSEKEEPING_SECONDS
