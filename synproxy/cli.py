@@ -8,6 +8,7 @@ import sys
 
 from synproxy.config import DATA_PLANES, ConfigError, load_config, role_warnings
 from synproxy.firewall import FirewallError
+from synproxy.logs import fatal
 from synproxy.version import version
 
 
@@ -141,16 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A node's errors are log lines (JSON, like the rest of its log); the tools' are plain lines.
+    node = args.command in ("front", "backend")
     try:
         return args.handler(args)
     except ConfigError as error:
-        print(f"synproxy: {error}", file=sys.stderr)
-        return 2
+        return _error(f"synproxy: {error}", node, 2)
     except FirewallError as error:
-        print(f"synproxy: cannot install packet-filter rules: {error}", file=sys.stderr)
-        return 1
+        return _error(f"synproxy: cannot install packet-filter rules: {error}", node, 1)
+    except SystemExit as error:
+        if node and isinstance(error.code, str):
+            return _error(error.code, node, 1)
+        raise
     except KeyboardInterrupt:
         return 130
+
+
+def _error(message: str, node: bool, code: int) -> int:
+    if node:
+        fatal(message)
+    else:
+        print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

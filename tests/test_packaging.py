@@ -4,6 +4,7 @@ unit's capabilities, and a node tells systemd it is ready, beats its watchdog an
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -82,3 +83,20 @@ def test_a_front_says_ready_beats_its_watchdog_and_says_when_it_stops(namespace,
             while (message := systemd.recv(4096).decode()) != "STOPPING=1":
                 assert time.monotonic() < deadline, message
             assert process.wait(timeout=10) == 0
+
+
+def test_the_alert_rules_check_and_fire_as_their_tests_say():
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is in Debian's prometheus package")
+    rules = REPO_ROOT / "deploy" / "prometheus"
+    for argv in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]):
+        result = subprocess.run(["promtool", *argv], capture_output=True, text=True, timeout=60, check=False,
+                                cwd=rules)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_dashboard_query_has_a_legend():
+    dashboard = json.loads((REPO_ROOT / "deploy" / "grafana" / "synproxy-dashboard.json").read_text())
+    targets = [target for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    assert targets and all(target.get("legendFormat") for target in targets), \
+        [target["expr"] for target in targets if not target.get("legendFormat")]

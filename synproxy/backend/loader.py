@@ -20,7 +20,6 @@ import json
 import os
 import signal
 import struct
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -58,7 +57,7 @@ from synproxy.bpf.loading import (
 )
 from synproxy.config import UNKNOWN_FLOW_RESETS_PER_SECOND, ConfigError, load_config, log_warnings
 from synproxy.encap import encap_key
-from synproxy.logs import log
+from synproxy.logs import fatal, log
 from synproxy.salt import EPOCH_SLOTS, MAX_SECRETS, SaltSchedule, SecretRotation
 from synproxy.systemd import Notifier
 
@@ -430,5 +429,5 @@ def main(args: argparse.Namespace) -> int:
             return serve(config, interface)
     except (BackendError, BpfError, instance.AlreadyRunning) as error:
         message = error.strerror if isinstance(error, BpfError) else str(error)
-        print(f"synproxy backend: {message}", file=sys.stderr)
+        fatal(f"synproxy backend: {message}")
         return 1
