@@ -12,7 +12,8 @@ import sys
 # level at each call site: an event's name already says what happened.
 LEVELS = {
     **dict.fromkeys(("config_warning", "sysctl_warning", "data_plane_unavailable", "restart_required",
-                     "secrets_unchecked", "bgp_session_down", "front_draining", "xdp_leftover_detached"),
+                     "secrets_unchecked", "bgp_session_down", "front_draining", "xdp_leftover_detached",
+                     "under_attack"),
                     "warning"),
     **dict.fromkeys(("packet_failed", "config_reload_failed", "kernel_path_refresh_failed"), "error"),
     "fatal": "fatal",

@@ -62,6 +62,9 @@ IPV6_FRONT_SYSCTLS = {"net.ipv6.conf.all.forwarding": "1"}  # only with an IPv6 
 # front answers many clients), so a flood of big packets gets small answers only, and few.
 TOO_BIG_PER_SECOND, TOO_BIG_BURST = 100, 200
 FAILURE_LOG_SECONDS = 10.0  # a packet that fails once fails as often as someone sends it: log each reason this often
+# Under attack (SYNs answered faster than this, or the queue dropping) the front logs what it did every
+# SUMMARY_SECONDS: the log then tells the story without a dashboard. Ordinary traffic logs nothing.
+SUMMARY_SECONDS, ATTACK_SYNS_PER_SECOND = 10.0, 1000
 # What a reload cannot change in a running front: the queue it holds, its metrics socket, its programs.
 RESTART_KEYS = ("front.queue_num", "front.metrics_address", "front.data_plane", "front.interfaces",
                 "front.xdp_mode", "front.bgp")
@@ -141,6 +144,33 @@ class FailureLog:
         log("packet_failed", outcome=outcome, error=f"{type(error).__name__}: {error}",
             where=f"{where.filename}:{where.lineno}" if where else None,
             not_logged_since=self.unlogged.pop(outcome, 0))
+
+
+class AttackSummary:
+    """Decides, from running totals (outcome -> packets, every path summed; "queue_dropped" too), when
+    to log a summary: every SUMMARY_SECONDS while under attack, and once when it ends."""
+
+    def __init__(self):
+        self.previous: dict[str, int] | None = None
+        self.since = 0.0
+        self.under_attack = False
+
+    def due(self, now: float) -> bool:
+        return self.previous is None or now - self.since >= SUMMARY_SECONDS
+
+    def update(self, totals: dict[str, int], now: float) -> dict | None:
+        if self.previous is None:
+            self.previous, self.since = dict(totals), now
+            return None
+        seconds = now - self.since
+        delta = {key: value - self.previous.get(key, 0) for key, value in totals.items()}
+        self.previous, self.since = dict(totals), now
+        attacked = delta.get("syn_answered", 0) >= ATTACK_SYNS_PER_SECOND * seconds or delta.get("queue_dropped", 0) > 0
+        was, self.under_attack = self.under_attack, attacked
+        if not attacked and not was:
+            return None
+        return {"event": "under_attack" if attacked else "attack_ended", "seconds": round(seconds, 1),
+                "per_second": {key: round(value / seconds, 1) for key, value in sorted(delta.items()) if value}}
 
 
 class _QueueCollector:
@@ -273,6 +303,7 @@ class Front:
         self.stop_at: float | None = None  # once stopping: when the routers have had the withdrawal long enough
         self.health = health.Health()
         self.notifier = Notifier()
+        self.attack_summary = AttackSummary()
         self.announcer: Announcer | None = None
         self.salts_epoch: int | None = None  # the epoch of the fast path's last successful salt refresh
         self.housekeeping_due = 0.0
@@ -402,6 +433,10 @@ class Front:
                 now = time.monotonic()
                 self.health.beat(self.health_checks(queue_num), now)
                 self.notifier.beat(self.health.summary(now))
+                if self.attack_summary.due(now):
+                    summary = self.attack_summary.update(self.totals(queue_num), now)
+                    if summary:
+                        log(summary.pop("event"), **summary)
                 if self.announcer is not None:
                     self.announcer.tick(self.health.ready(now), now)
                 self.housekeeping_due = time.monotonic() + HOUSEKEEPING_SECONDS
@@ -417,6 +452,25 @@ class Front:
             queue.unbind()
             log("front_stopped", queue=queue_num)
         return 0
+
+    def totals(self, queue_num: int) -> dict[str, int]:
+        """Packets by outcome over the queue and the programs (what AttackSummary reads), and the kernel's
+        queue drops."""
+        totals: defaultdict[str, int] = defaultdict(int)
+        for (outcome, _), value in list(self.metrics.packets.items()):
+            totals[outcome] += value
+        if self.kernel_path is not None:
+            for path in ("tc", "xdp") if self.metrics.xdp_modes else ("tc",):
+                for (outcome, _), value in self.kernel_path.counts(path).items():
+                    if outcome != "not_protected":  # the node's other traffic
+                        totals[outcome] += value
+        try:
+            stats = queue_stats(queue_num, NFQUEUE_STATS.read_text())
+        except OSError:
+            stats = None
+        if stats:
+            totals["queue_dropped"] = stats["dropped"] + stats["user_dropped"]
+        return dict(totals)
 
     def start_announcer(self, config: Config) -> Announcer | None:
         """BGP sessions to front.bgp.peers (or the default route's gateways), when front.bgp is set."""
