@@ -290,7 +290,8 @@ class Lab:
                     '"event": "backend_attached"')
 
     def _start_prometheus(self) -> None:
-        """Debian's Prometheus in the router's namespace, scraping every front and backend each second."""
+        """Debian's Prometheus in the router's namespace, scraping every front and backend each second, with
+        the shipped alert rules (deploy/prometheus/alerts.yml)."""
         binary = shutil.which("prometheus")
         if binary is None:
             raise LabError("prometheus not found: install Debian's prometheus package")
@@ -300,7 +301,8 @@ class Lab:
         config.write_text(json.dumps({  # JSON is YAML
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "scrape_configs": [{"job_name": job, "static_configs": [{"targets": addresses}]}
-                               for job, addresses in targets.items()]}))
+                               for job, addresses in targets.items()],
+            "rule_files": [str(REPO_ROOT / "deploy" / "prometheus" / "alerts.yml")]}))
         self._start("prometheus", [binary, f"--config.file={config}",
                                    f"--storage.tsdb.path={self.state_dir / 'prometheus-data'}",
                                    f"--web.listen-address=0.0.0.0:{PROMETHEUS_PORT}"],
