@@ -613,11 +613,12 @@ def drain(config: Config, timeout: float, quiet_seconds: float = 1.0) -> int:
         print(f"front {pid}: draining (no front.metrics_address to watch its traffic move)")
         return 0
     started = time.monotonic()
-    last, quiet_since = None, time.monotonic()
+    last, quiet_since, stats = None, time.monotonic(), {"bgp": {}}
     while time.monotonic() - started < timeout:
         stats = running_stats(config)
         count = handled(stats)
-        withdrawn = "draining" in stats["checks"] and not any(s.get("announced") for s in stats["bgp"].values())
+        withdrawn = stats["checks"].get("draining", "ok") != "ok" and not any(
+            state.get("announced") for state in stats["bgp"].values())
         if count != last or not withdrawn:
             last, quiet_since = count, time.monotonic()
         elif time.monotonic() - quiet_since >= quiet_seconds:
@@ -625,7 +626,9 @@ def drain(config: Config, timeout: float, quiet_seconds: float = 1.0) -> int:
                   f"after {time.monotonic() - started:.1f} s")
             return 0
         time.sleep(0.1)
-    print(f"front {pid}: withdrawn, but still handling packets after {timeout:g} s", file=sys.stderr)
+    print(f"front {pid}: draining, but still handling packets after {timeout:g} s"
+          f"{'' if stats['bgp'] else ' (no front.bgp: the routers must follow /readyz to move the traffic)'}",
+          file=sys.stderr)
     return 1
 
 
