@@ -224,7 +224,8 @@ struct bpf_tcp_req_attrs {
 };
 _Static_assert(sizeof(struct bpf_tcp_req_attrs) == 20, "the kfunc checks attrs__sz against 20");
 
-/* --- SipHash-2-4 over the fixed 48-byte cookie message (six little-endian words) --- */
+/* --- SipHash over a message of whole 64-bit little-endian words (the cookie's and the encapsulation's
+ * 48 bytes: SipHash-2-4; the flow hash's 40: SipHash-1-3) --- */
 #define SIP_ROTL(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
 #define SIP_ROUND                                                              \
 	do {                                                                   \
@@ -234,8 +235,11 @@ _Static_assert(sizeof(struct bpf_tcp_req_attrs) == 20, "the kfunc checks attrs__
 		v2 += v1; v1 = SIP_ROTL(v1, 17); v1 ^= v2; v2 = SIP_ROTL(v2, 32); \
 	} while (0)
 
-/* The 64-bit output as the kernel's siphash() returns it (and the Python siphash24 intdigest()). */
-static __always_inline __u64 siphash24_48(const __u64 m[COOKIE_MAC_INPUT_BYTES / 8], const __u8 key[16])
+/* SipHash-c-d of `words` 64-bit words, the 64-bit output as the kernel's siphash() returns it (and the
+ * Python siphash24 package's siphash24/siphash13 intdigest()). Every argument but m and key is a
+ * constant at each call, so the rounds unroll. */
+static __always_inline __u64 siphash_words(const __u64 *m, int words, int c_rounds, int d_rounds,
+					   const __u8 key[16])
 {
 	__u64 k0, k1;
 
@@ -246,24 +250,31 @@ static __always_inline __u64 siphash24_48(const __u64 m[COOKIE_MAC_INPUT_BYTES /
 	__u64 v2 = 0x6c7967656e657261ULL ^ k0;
 	__u64 v3 = 0x7465646279746573ULL ^ k1;
 #pragma unroll
-	for (int i = 0; i < COOKIE_MAC_INPUT_BYTES / 8; i++) {
+	for (int i = 0; i < words; i++) {
 		v3 ^= m[i];
-		SIP_ROUND;
-		SIP_ROUND;
+#pragma unroll
+		for (int r = 0; r < c_rounds; r++)
+			SIP_ROUND;
 		v0 ^= m[i];
 	}
-	/* The final block is empty but for the length byte: 48 is a multiple of 8. */
-	__u64 b = (__u64)COOKIE_MAC_INPUT_BYTES << 56;
+	/* The final block is empty but for the length byte: the message is whole words. */
+	__u64 b = (__u64)(words * 8) << 56;
 	v3 ^= b;
-	SIP_ROUND;
-	SIP_ROUND;
+#pragma unroll
+	for (int r = 0; r < c_rounds; r++)
+		SIP_ROUND;
 	v0 ^= b;
 	v2 ^= 0xff;
-	SIP_ROUND;
-	SIP_ROUND;
-	SIP_ROUND;
-	SIP_ROUND;
+#pragma unroll
+	for (int r = 0; r < d_rounds; r++)
+		SIP_ROUND;
 	return v0 ^ v1 ^ v2 ^ v3;
+}
+
+/* SipHash-2-4 of the 48-byte cookie (or encapsulation) message. */
+static __always_inline __u64 siphash24_48(const __u64 m[COOKIE_MAC_INPUT_BYTES / 8], const __u8 key[16])
+{
+	return siphash_words(m, COOKIE_MAC_INPUT_BYTES / 8, 2, 4, key);
 }
 
 /* A TCP segment of the (inner) packet, addresses in the MAC message's 16-byte form. */
@@ -461,18 +472,24 @@ static __always_inline int cookie_mac_valid(const struct salt_slot *slot, const 
 	return 0;
 }
 
-/* maglev.flow_hash: SipHash-2-4 of the addresses (16-byte form), the ports and 12 zero bytes, so the
- * cookie's 48-byte SipHash serves; the same on every front, which share the flow key. */
+/* maglev.flow_hash: SipHash-1-3 of the addresses (16-byte form), the ports and 4 zero bytes, the same on
+ * every front, which share the flow key. Not a wire format (only fronts compute it, each for itself):
+ * the lighter SipHash-1-3, a keyed hash still, keeps an attacker from aiming 4-tuples at one backend at
+ * about half the rounds (benchmarks/front_xdp_cost.py). */
+#define FLOW_HASH_INPUT_BYTES 40
 static __always_inline __u64 flow_hash(const struct segment *seg, const __u8 key[16])
 {
-	union cookie_message message;
+	union {
+		__u8 bytes[FLOW_HASH_INPUT_BYTES];
+		__u64 words[FLOW_HASH_INPUT_BYTES / 8];
+	} message;
 
-	__builtin_memset(message.bytes, 0, sizeof(message));
 	__builtin_memcpy(&message.bytes[0], seg->saddr, 16);
 	__builtin_memcpy(&message.bytes[16], seg->daddr, 16);
 	__builtin_memcpy(&message.bytes[32], &seg->sport, 2);
 	__builtin_memcpy(&message.bytes[34], &seg->dport, 2);
-	return siphash24_48(message.words, key);
+	__builtin_memset(&message.bytes[36], 0, 4);
+	return siphash_words(message.words, FLOW_HASH_INPUT_BYTES / 8, 1, 3, key);
 }
 _Static_assert(sizeof(struct encap_header) == ENCAP_OVERHEAD - 28, "outer IPv4 + UDP + header");
 

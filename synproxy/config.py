@@ -22,6 +22,7 @@ import yaml
 from synproxy.logs import log
 from synproxy.maglev import derive_flow_key
 from synproxy.salt import MAX_SECRETS, MIN_SECRET_BYTES, SaltSchedule
+from synproxy.tfo import DEFAULT_KEY_PERIOD_SECONDS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Fronts refresh their fast path's salts every 0.5 s and backends their program's every 0.25 s, each
@@ -37,6 +38,12 @@ MAX_UNKNOWN_FLOW_RESETS_PER_SECOND = 1_000_000
 # front.data_plane: where the front handles packets (docs/front.md); front.xdp_mode: how XDP attaches.
 DATA_PLANES = ("auto", "xdp", "tc", "nfqueue")
 XDP_MODES = ("auto", "native", "generic")
+# A TFO cookie lives one to two key periods and a client keeps it across visits (docs/cookie.md): a period
+# shorter than a minute would make clients re-learn cookies all the time for no gain.
+MIN_TFO_KEY_PERIOD_SECONDS = 60.0
+# front.workers: one NFQUEUE and one process per worker (docs/front.md); queues are numbered from queue_num.
+MAX_WORKERS = 1024
+MAX_QUEUE = 65535
 SECRET_COMMAND = "(umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' > {path})"
 
 
@@ -61,6 +68,7 @@ class FrontConfig:
     data_plane: str                 # auto, xdp, tc or nfqueue (docs/front.md)
     interfaces: tuple[str, ...]     # where the kernel data plane attaches; () = the default routes' interfaces
     xdp_mode: str                   # auto, native or generic
+    workers: int = 1                # queue-reading processes, on queues queue_num .. queue_num + workers - 1
     bgp: BgpConfig | None = None
 
 
@@ -69,6 +77,12 @@ class BackendConfig:
     interface: str | None
     metrics_address: str | None
     unknown_flow_resets_per_second: int  # the program's reset budget; 0: drop them all
+
+
+@dataclass(frozen=True)
+class TfoConfig:
+    enabled: bool               # backends install the farm's TCP Fast Open keys (docs/backend.md)
+    key_period_seconds: float   # a new key each period; the previous one is still accepted
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,7 @@ class Config:
     front: FrontConfig
     backend: BackendConfig
     farm_mtu: int = 1500  # the fronts-to-backends network's MTU: what an encapsulated packet may reach
+    tfo: TfoConfig = TfoConfig(enabled=False, key_period_seconds=DEFAULT_KEY_PERIOD_SECONDS)
     warnings: tuple[str, ...] = ()
     lines: dict[str, int] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -174,6 +189,12 @@ def _seconds(minimum: float, strict: bool) -> Callable[[Any], float]:
     return check
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {_shown(value)}")
+    return value
+
+
 def _address(value: Any) -> IPAddress:
     """A unicast address a packet can be sent to and from: not 0.0.0.0, ::, multicast, loopback,
     link-local or reserved (which includes 255.255.255.255 and IPv4-mapped IPv6)."""
@@ -200,6 +221,18 @@ def _choice(*choices: str) -> Callable[[Any], str]:
             raise ValueError(f"expected one of {', '.join(choices)}, got {_shown(value)}")
         return value
     return check
+
+
+def _workers(value: Any) -> int:
+    """A count of at least 1, or ``auto``: the number of online CPUs (``--queue-cpu-fanout`` numbers the
+    queues by the CPU that received the packet, so more workers than CPUs would get nothing)."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer or auto, got {_shown(value)}")
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"must be between 1 and {MAX_WORKERS}, or auto, got {value}")
+    return value
 
 
 def _text(value: Any) -> str:
@@ -241,12 +274,13 @@ class _Field:
 PORT = _integer(1, 65535)
 
 FRONT_SCHEMA = {
-    "queue_num": _Field(_integer(0, 65535), 0),
+    "queue_num": _Field(_integer(0, MAX_QUEUE), 0),
     "farm_address": _Field(_address),
     "metrics_address": _Field(_host_port),
     "data_plane": _Field(_choice(*DATA_PLANES), "auto"),
     "interfaces": _Field(_text, (), many=True),
     "xdp_mode": _Field(_choice(*XDP_MODES), "auto"),
+    "workers": _Field(_workers, 1),
     "bgp": _Field({
         "local_as": _Field(_integer(1, 4294967294)),
         "peer_as": _Field(_integer(1, 4294967294)),
@@ -260,6 +294,11 @@ BACKEND_SCHEMA = {
     "metrics_address": _Field(_host_port),
     "unknown_flow_resets_per_second": _Field(_integer(0, MAX_UNKNOWN_FLOW_RESETS_PER_SECOND),
                                              UNKNOWN_FLOW_RESETS_PER_SECOND),
+}
+TFO_SCHEMA = {
+    "enabled": _Field(_boolean, False),
+    "key_period_seconds": _Field(_seconds(MIN_TFO_KEY_PERIOD_SECONDS, strict=False),
+                                 DEFAULT_KEY_PERIOD_SECONDS),
 }
 SCHEMA = {
     "vips": _Field(_address, required=True, many=True),
@@ -277,6 +316,7 @@ SCHEMA = {
     "backends": _Field(_address, required=True, many=True),
     "front": _Field(FRONT_SCHEMA, {}),
     "backend": _Field(BACKEND_SCHEMA, {}),
+    "tfo": _Field(TFO_SCHEMA, {}),
 }
 # Old name -> new name (with its section), still read.
 RENAMED = {"retired_secret_files": "accepted_secret_files", "front.fast_path_interfaces": "front.interfaces"}
@@ -398,7 +438,8 @@ def parse_config(text: str, source: Path) -> Config:
         clock_skew_seconds=values["clock_skew_seconds"], server_wscale=values["server_wscale"],
         backend_mss=values["backend_mss"], encap_port=values["encap_port"], farm_mtu=values["farm_mtu"],
         fronts=values["fronts"], backends=values["backends"],
-        front=FrontConfig(**{**values["front"], "bgp": BgpConfig(**values["front"]["bgp"])}), backend=BackendConfig(**values["backend"]),
+        front=FrontConfig(**{**values["front"], "bgp": BgpConfig(**values["front"]["bgp"])}),
+        backend=BackendConfig(**values["backend"]), tfo=TfoConfig(**values["tfo"]),
         warnings=tuple(reader.warnings), lines=reader.lines)
 
 
@@ -419,7 +460,12 @@ def _check_relations(values: dict, root: yaml.MappingNode, reader: _Reader) -> N
     if overlap:
         raise reader.error(_key_node(root, "vips"), "vips",
                            f"{', '.join(map(str, sorted(overlap)))} is also a front or backend address")
-    bgp = values["front"]["bgp"]
+    front = values["front"]
+    if front["queue_num"] + front["workers"] - 1 > MAX_QUEUE:
+        raise reader.error(_key_node(_key_node(root, "front"), "workers"), "front.workers",
+                           f"{front['workers']} workers from queue_num {front['queue_num']} would need queues "
+                           f"beyond {MAX_QUEUE}")
+    bgp = front["bgp"]
     if (bgp["local_as"] is None) != (bgp["peer_as"] is None):
         missing = "front.bgp.peer_as" if bgp["peer_as"] is None else "front.bgp.local_as"
         raise reader.error(_key_node(_key_node(_key_node(root, "front"), "bgp"), missing.rpartition(".")[2]),

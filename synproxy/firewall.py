@@ -1,8 +1,9 @@
 """Packet-filter rules the product installs for itself, in a chain of its own, removed on exit.
 
 Fronts: in the raw table's PREROUTING, before connection tracking, traffic to the protected VIPs and
-ports is untracked and queued to NFQUEUE. There is no --queue-bypass: when no front process is bound,
-or the queue is full, the kernel drops the packets, so no SYN ever reaches a backend unanswered by a
+ports is untracked and queued to NFQUEUE (with several workers, spread over their queues by the CPU
+that received the packet). There is no --queue-bypass: when no front process is bound to a queue, or
+the queue is full, the kernel drops the packets, so no SYN ever reaches a backend unanswered by a
 cookie (fail closed).
 
 Backends: VIP traffic is untracked both ways. A connection that bpf_sk_assign_tcp_reqsk created was
@@ -101,9 +102,15 @@ class RawChain:
             pass
 
 
-def front_chain(queue_num: int) -> RawChain:
-    return RawChain(f"SYNPROXY-Q{queue_num}",
-                    [["-j", "CT", "--notrack"], ["-j", "NFQUEUE", "--queue-num", str(queue_num)]],
+def front_chain(queue_num: int, workers: int = 1) -> RawChain:
+    """The front's chain: queue ``queue_num``, or with several workers the queues from ``queue_num`` on, one
+    per worker, chosen by the receiving CPU (``--queue-cpu-fanout``: a flow that one CPU receives stays in
+    one queue, in order, and each worker reads what one CPU's softirq queued)."""
+    if workers == 1:
+        target = ["--queue-num", str(queue_num)]
+    else:
+        target = ["--queue-balance", f"{queue_num}:{queue_num + workers - 1}", "--queue-cpu-fanout"]
+    return RawChain(f"SYNPROXY-Q{queue_num}", [["-j", "CT", "--notrack"], ["-j", "NFQUEUE", *target]],
                     {"PREROUTING": ("-d", "--dport")})
 
 

@@ -81,3 +81,21 @@ def test_the_same_reload_on_the_real_raw_table():
             f"-A PREROUTING -d {V4}/32 -p tcp -m tcp --dport {port} -j SYNPROXY-Q3" for port in (443, 80)]
         assert "SYNPROXY" not in v6
         chain.remove(*NEW)
+
+
+def test_one_worker_reads_one_queue_and_several_share_out_by_cpu():
+    assert firewall.front_chain(3).actions[-1] == ["-j", "NFQUEUE", "--queue-num", "3"]
+    # No --queue-bypass either way: a queue without its worker drops (fail closed).
+    assert firewall.front_chain(3, workers=4).actions[-1] == [
+        "-j", "NFQUEUE", "--queue-balance", "3:6", "--queue-cpu-fanout"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="iptables in a namespace needs root")
+def test_the_kernel_takes_the_rule_that_shares_out_the_queues():
+    chain = firewall.front_chain(3, workers=2)
+    with namespaces(unique_name("spfw")) as (namespace,), inside(namespace):
+        chain.install(*OLD)
+        rules = subprocess.run(["iptables", "-w", "-t", "raw", "-S", chain.name], check=True, capture_output=True,
+                               text=True).stdout
+        assert "-j NFQUEUE --queue-balance 3:4 --queue-cpu-fanout" in rules and "bypass" not in rules
+        chain.remove(*OLD)

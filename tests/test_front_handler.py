@@ -177,6 +177,17 @@ def test_an_attacker_cannot_aim_flows_at_one_backend():
     assert min(chosen[0], chosen[1]) > 800, chosen
 
 
+def test_the_flow_hash_is_siphash13_of_the_tuple_in_40_bytes():
+    """Known answers: SipHash-1-3 (the XDP program hashes every packet it forwards; docs/cookie.md) of
+    the addresses in 16-byte form, the ports and four zero bytes. tests/test_front_xdp.py checks that the
+    program's flow_hash picks the same backends and source ports."""
+    key = bytes(range(16))
+    client4, vip4 = ipaddress.ip_address("198.18.1.2").packed, ipaddress.ip_address("198.19.0.10").packed
+    client6, vip6 = ipaddress.ip_address("2001:db8::1").packed, ipaddress.ip_address("2001:db8:ffff::10").packed
+    assert flow_hash(client4, vip4, 40000, 80, key) == 0xADE27A8F9B905C7A
+    assert flow_hash(client6, vip6, 40000, 443, key) == 0x91F608BCBBBE6708
+
+
 def test_maglev_moves_only_the_removed_backends_flows():
     three = build_table(["a", "b", "c"], size=65537)
     two = build_table(["a", "c"], size=65537)

@@ -58,8 +58,9 @@ from synproxy.bpf.loading import (
 from synproxy.config import UNKNOWN_FLOW_RESETS_PER_SECOND, ConfigError, load_config, log_warnings
 from synproxy.encap import encap_key
 from synproxy.logs import fatal, log
-from synproxy.salt import EPOCH_SLOTS, MAX_SECRETS, SaltSchedule, SecretRotation
+from synproxy.salt import EPOCH_SLOTS, MAX_SECRETS, SaltSchedule, SecretRotation, epoch_at
 from synproxy.systemd import Notifier
+from synproxy.tfo import TFO_SERVER_ENABLE, fastopen_keys, sysctl_key_value
 
 PROGRAM = "synproxy_backend"
 TC_HANDLE = TC_PRIORITY = 0x5350  # "SP": a fixed filter slot, so a later run or --detach finds it
@@ -110,6 +111,32 @@ def ensure_sysctls() -> None:
         if Path("/proc/sys/net/ipv4", name).read_text().strip() == "0":
             log("sysctl_warning", key=f"net.ipv4.{name}", value=0,
                 note="the kernel refuses connections whose cookie or ACK asks for this option")
+
+
+def install_fastopen_keys(secret: bytes, period: float, now: float) -> bool:
+    """The farm's TCP Fast Open keys for ``now`` (primary, backup: docs/cookie.md) in this network
+    namespace's net.ipv4.tcp_fastopen_key, and TFO allowed for server use; True when it wrote them.
+
+    The namespace-wide key rather than a listener's TCP_FASTOPEN_KEY: the listeners are the
+    application's sockets, not ours, and every TFO listener without a key of its own uses this one
+    (docs/backend.md). Compared with the kernel's value each time, so a key someone else wrote is
+    replaced within one refresh.
+    """
+    wanted = sysctl_key_value(fastopen_keys(secret, now, period))
+    keys, mode = Path("/proc/sys/net/ipv4/tcp_fastopen_key"), Path("/proc/sys/net/ipv4/tcp_fastopen")
+    try:
+        if keys.read_text().strip() == wanted:
+            return False
+        enabled = int(mode.read_text())
+        if not enabled & TFO_SERVER_ENABLE:
+            mode.write_text(str(enabled | TFO_SERVER_ENABLE))
+            log("sysctl_set", key="net.ipv4.tcp_fastopen", value=enabled | TFO_SERVER_ENABLE)
+        keys.write_text(wanted)
+    except OSError as error:
+        raise BackendError(f"cannot install the TCP Fast Open keys in net.ipv4.tcp_fastopen_key ({error.strerror}): "
+                           "tfo.enabled needs a writable /proc/sys/net") from None
+    log("tfo_keys_installed", key_period=epoch_at(now, period))
+    return True
 
 
 def encap_keys_value(schedule: SaltSchedule) -> bytes:
@@ -329,6 +356,9 @@ def serve(config, interface: str) -> int:
     schedule = rotation.effective(configured, None, time.time())
     _warn_if_secrets_unchecked(schedule)
     state, notifier = health.Health(), Notifier()
+    tfo = config.tfo.enabled  # refreshed below; off after a failure until the next reload
+    if tfo:
+        install_fastopen_keys(schedule.secrets[0], config.tfo.key_period_seconds, time.time())
     registry = serve_metrics(config.backend.metrics_address, state)
     running = restart_settings(config)
     untracked = firewall.backend_chain()
@@ -359,6 +389,7 @@ def serve(config, interface: str) -> int:
                                     config.backend.unknown_flow_resets_per_second)
                     plane.trust(config.fronts)
                     plane.protect(config.vips, config.ports)
+                    tfo = config.tfo.enabled
                     pending = [key for key, was, wanted in zip(RESTART_KEYS, running, restart_settings(config))
                                if was != wanted]
                     if restart_required is not None:
@@ -376,6 +407,12 @@ def serve(config, interface: str) -> int:
                 _warn_if_secrets_unchecked(schedule)
             plane.refresh_encap_keys(schedule)
             plane.refresh_salts(schedule, now)
+            if tfo:
+                try:
+                    install_fastopen_keys(schedule.secrets[0], config.tfo.key_period_seconds, now)
+                except BackendError as error:
+                    log("tfo_keys_failed", error=str(error), note="not retried until the next reload")
+                    tfo = False
             state.beat(health_checks(plane, interface), time.monotonic())
             notifier.beat(state.summary(time.monotonic()))
         notifier.notify("STOPPING=1")

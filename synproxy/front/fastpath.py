@@ -1,8 +1,8 @@
-"""The front's kernel data plane: bpf/front.bpf.c answers SYNs (tc ingress) or handles every protected
-packet (XDP) before netfilter sees them; select() picks the mode front.data_plane asks for.
+"""The front's kernel data plane: bpf/front.bpf.c handles every protected packet at XDP or, the fallback,
+at tc ingress, before netfilter sees it; select() picks the mode front.data_plane asks for.
 
 A packet handled through NFQUEUE costs a netlink round trip and the Python handler (~35k packets/s per
-front); the programs build the same SYN-ACK, and at XDP the same encapsulation, in the kernel. The
+front); the programs build the same SYN-ACK and the same encapsulation in the kernel. The
 Python front stays the authority: the programs handle only what they can handle byte for byte as
 handler.handle would and leave every other packet to the queue (docs/front.md). This shell builds,
 loads and attaches them, keeps their maps current (configuration, the salts of the epochs around the
@@ -62,7 +62,6 @@ TC_HANDLE = TC_PRIORITY = 0x5346  # "SF": the backend program uses "SP", so one 
 OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", "unrouted", "unsent",
             "validated", "forwarded", "forwarded_bad_mac", "forwarded_expired_epoch", "too_big", "unparsed")
 FAMILIES = (4, 6)
-TC_OUTCOMES = OUTCOMES.index("validated")  # the tc program's are the first ones; the rest are XDP's
 PATHS = ("tc", "xdp")  # enum front_path: which program counted
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}  # tried in this order
 _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
@@ -202,7 +201,7 @@ class FastPath:
         """One program's per-CPU counters summed, by (outcome, IP version)."""
         base = PATHS.index(path) * len(OUTCOMES)
         totals = {}
-        for index, outcome in enumerate(OUTCOMES if path == "xdp" else OUTCOMES[:TC_OUTCOMES]):
+        for index, outcome in enumerate(OUTCOMES):
             for offset, family in enumerate(FAMILIES):
                 totals[outcome, family] = counter_total(self.counters, (base + index) * 2 + offset)
         return totals
@@ -252,10 +251,32 @@ def _detach_leftover(name: str, ifindex: int) -> None:
     log("xdp_leftover_detached", interface=name, program_id=attached[0])
 
 
+def remove_leftovers(interfaces: Iterable[str]) -> None:
+    """Every start, whatever its data plane: the programs a killed front left on these interfaces (its tc
+    filter, by our handle; its XDP program, by name) would otherwise keep answering from stale maps for up
+    to two salt periods, and XDP encapsulating segments for as long as it stays (docs/front.md). An
+    interface that does not exist has none (a kernel data plane then fails on it by name)."""
+    for name in interfaces:
+        try:
+            ifindex = interface_index(name)
+        except SetupError:
+            continue
+        try:
+            left = tc_attached_program(ifindex, TC_HANDLE, TC_PRIORITY)
+            if left is not None:
+                tc_detach(ifindex, TC_HANDLE, TC_PRIORITY)
+                log("tc_leftover_detached", interface=name, program_id=left)
+        except BpfError as error:
+            raise FastPathError(f"removing the tc filter a previous front left on {name} failed: "
+                                f"{error.strerror}") from None
+        _detach_leftover(name, ifindex)
+
+
 def start(data_plane: str, interfaces: tuple[str, ...], xdp_mode: str, policy: FrontPolicy,
           schedule: SaltSchedule) -> tuple[FastPath, dict[str, str]]:
     """Build, load and fill the program, attach it at tc ingress on the interfaces and, for the xdp data
-    plane, at XDP too (the tc program answers the SYNs XDP passes for an unresolved neighbour). Returns it
+    plane, at XDP too (the tc program then sees what XDP passes: it answers a SYN XDP passes for an
+    unresolved neighbour; it decides the rest as XDP did, both share the decisions). Returns it
     and the XDP mode per interface."""
     try:
         fast_path = FastPath(build_object("front"))
@@ -277,7 +298,8 @@ def select(wanted: str, interfaces: tuple[str, ...], xdp_mode: str, policy: Fron
            schedule: SaltSchedule) -> tuple[str, FastPath | None, dict[str, str], str]:
     """The data plane front.data_plane asks for: (mode, the attached programs or None, XDP mode per
     interface, why). auto tries xdp, then tc, then settles for nfqueue, logging each failure; an explicit
-    mode that fails raises FastPathError."""
+    mode that fails raises FastPathError. A dead front's programs are removed first, in every mode."""
+    remove_leftovers(interfaces)
     if wanted == "nfqueue":
         return "nfqueue", None, {}, "front.data_plane: nfqueue"
     if not interfaces:

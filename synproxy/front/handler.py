@@ -24,6 +24,7 @@ from synproxy.packet import (
     FIN,
     RST,
     SYN,
+    FastOpen,
     MalformedPacket,
     build_icmp_too_big,
     build_tcp_options,
@@ -34,6 +35,7 @@ from synproxy.packet import (
     tcp_checksum_valid,
 )
 from synproxy.salt import SaltSchedule
+from synproxy.tfo import DEFAULT_KEY_PERIOD_SECONDS, fastopen_cookie, fastopen_keys
 
 SYN_ACK_WINDOW = 65535
 _REJECTED = {reason: f"forwarded_{reason.value}" for reason in Reject}
@@ -71,6 +73,8 @@ class FrontPolicy:
     sack: bool = True
     ecn: bool = True
     farm_mtu: int = 1500
+    tfo_secret: bytes | None = None   # the master secret the TFO keys come from; None: TFO cookies not offered
+    tfo_key_period: float = DEFAULT_KEY_PERIOD_SECONDS
 
     def __post_init__(self) -> None:
         table = build_table([addr.hex() for addr in self.backends])
@@ -164,7 +168,7 @@ class TokenBucket:
 
 def _answer_syn(segment, now: float, schedule: SaltSchedule, policy: FrontPolicy) -> Verdict:
     # Every SYN of a flood comes here: plain tuples and new_record instead of NamedTuple constructors.
-    mss, wscale, sack_permitted, timestamp = parse_tcp_options(segment.raw_options)
+    mss, wscale, sack_permitted, timestamp, fastopen = parse_tcp_options(segment.raw_options)
     ecn = policy.ecn and segment.flags & (ECE | CWR) == (ECE | CWR)
     sack = policy.sack and sack_permitted
     epoch, salt = schedule.minting_salt(now)
@@ -173,8 +177,20 @@ def _answer_syn(segment, now: float, schedule: SaltSchedule, policy: FrontPolicy
     if timestamp is not None:
         timestamp = (int(now * 1000) & 0xFFFFFFFF, timestamp[0])
     options = build_tcp_options(policy.announced_mss(segment.family),
-                                policy.server_wscale if wscale is not None else None, sack, timestamp)
+                                policy.server_wscale if wscale is not None else None, sack, timestamp,
+                                fastopen and _fastopen_reply(fastopen, segment, now, policy))
     reply = build_tcp_packet(segment.daddr, segment.saddr, segment.dport, segment.sport, cookie,
                              (segment.seq + 1) & 0xFFFFFFFF, SYN | ACK | (ECE if ecn else 0),
                              SYN_ACK_WINDOW, options)
     return new_record(Verdict, (Action.REPLY, reply, "syn_answered", -1))
+
+
+def _fastopen_reply(fastopen: FastOpen, segment, now: float, policy: FrontPolicy) -> FastOpen | None:
+    """The TFO option of the cookie SYN-ACK to a SYN that carries one: the cookie the backends' kernels
+    make for this client and VIP with the farm's primary key, in the form the client used
+    (docs/cookie.md, "TCP Fast Open"). Linux answers so both a request and a cookie it does not accept;
+    this front accepts none yet, so a SYN's data waits for the handshake, and the client resends it."""
+    if policy.tfo_secret is None:
+        return None
+    primary, _backup = fastopen_keys(policy.tfo_secret, now, policy.tfo_key_period)
+    return FastOpen(fastopen_cookie(primary, segment.saddr, segment.daddr), fastopen.experimental)
