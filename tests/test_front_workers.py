@@ -3,8 +3,9 @@
 Clients pinned to each CPU make the front's receive path run on that CPU, so --queue-cpu-fanout puts
 their packets in that CPU's queue: both workers must answer, the metrics must add them up, a worker
 killed with SIGKILL must come back (the front not ready, and so not announcing the VIPs by BGP, until it
-has), a stopped worker must make the front not ready too, SIGHUP must reach each worker, and killing the
-front must take its workers along. Last, a front started in NFQUEUE mode must remove the XDP and tc programs a killed
+has), a stopped worker must make the front not ready too, SIGHUP must reach each worker, SIGTERM must
+withdraw the VIPs while the workers answer through the stop wait, and killing the front must take its
+workers along. Last, a front started in NFQUEUE mode must remove the XDP and tc programs a killed
 front left on its interface.
 """
 
@@ -14,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -162,6 +164,26 @@ def test_sighup_reaches_every_worker(lab):
     finally:
         lab.config_path.write_text(text)
         os.kill(lab.pid(FRONT), signal.SIGHUP)
+
+
+def test_sigterm_withdraws_and_keeps_the_workers_through_the_stop_wait(lab):
+    """The parent withdraws at once, its workers run for front.bgp.stop_wait_seconds (the lab's: 1 s), then
+    everything stops."""
+    wait_for(lambda: announced(lab), 10, "the front is not ready and announced to begin with")
+    pids = set(workers(lab).values())
+    seen = len(events(lab, "front_stopping"))
+    stopper = threading.Thread(target=lab.stop_process, args=(FRONT,))
+    stopper.start()
+    try:
+        stopping = wait_for(lambda: events(lab, "front_stopping")[seen:], 5, "no front_stopping")
+        assert stopping[0]["withdraw_wait_seconds"] == 1
+        lab.wait_for_route(FRONT, announced=False, seconds=1)
+        assert all(os.path.exists(f"/proc/{pid}") for pid in pids), "a worker stopped before the stop wait ended"
+    finally:
+        stopper.join(15)
+    assert not stopper.is_alive() and pids_inside(lab.ns(FRONT)) == []
+    lab.start_front(FRONT)  # waits for its announcement
+    assert set(workers(lab).values()).isdisjoint(pids)
 
 
 def test_a_killed_front_takes_its_workers_along(lab):

@@ -740,7 +740,9 @@ class Front:
                 salts = f"the programs' salts were last refreshed for epoch {self.salts_epoch}, now {epoch}"
         return {"loop": None, "data_plane": "; ".join(problems) or None, "salts": salts,
                 "draining": "draining (SIGUSR1; SIGUSR2 ends it)" if self.draining else None,
-                "stopping": "stopping" if self.stop_requested else None}
+                # Once the stop has begun, not when SIGTERM arrived: a SIGTERM during a housekeeping would
+                # otherwise withdraw before the stop saw the announcement, and skip the stop wait.
+                "stopping": "stopping" if self.stop_at is not None else None}
 
     def reload(self) -> None:
         """SIGHUP: the configuration and secrets again; the queue's rules and the fast path's maps follow
@@ -814,8 +816,10 @@ class Front:
             _exit_with_parent(parent_pid)
             for sibling in self.workers.values():
                 sibling.channel.close()
-            # The parent's: a worker never touches the programs, the BGP sessions or systemd.
+            # The parent's: a worker never touches the programs, the BGP sessions or systemd (its copies of
+            # the sessions' sockets close with the last reference: the parent's Cease must end them).
             self.workers, self.kernel_path, self.announcer, self.notifier = {}, None, None, None
+            self.metrics.announcer = None
             self.worker_queue, self.channel, self.counts = queue_num, channel, PacketCounts()
             try:
                 queue = bind_queue(queue_num, self.on_packet)
