@@ -373,7 +373,8 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
     output.mkdir(parents=True, exist_ok=True)
     # The lab as users run it (front.data_plane auto): clients send complete checksums, as from a wire,
     # and the router's side of front0 runs an XDP program (synproxy.lab.topology), for every contender.
-    lab = Lab(name=unique_name("bench"), hosts=default_hosts(fronts=1, backends=1))
+    # Static routes: the contenders take the one front's place in turn, and its baseline is no front at all.
+    lab = Lab(name=unique_name("bench"), hosts=default_hosts(fronts=1, backends=1), routing="static")
     steps: list[dict] = []
     uploads: list[dict] = []
     running: dict[str, list[dict]] = {}

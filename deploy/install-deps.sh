@@ -11,7 +11,9 @@ APT_PACKAGES=(
   curl hping3 netsniff-ng tcpdump                 # clients, flood generators, debugging
   apache2-utils                                   # ab: the bench's connection-rate load (benchmarks/README.md)
   nginx                                           # the lab's real HTTP server (synproxy/lab/nginx.py)
-  prometheus                                      # scrapes the lab (`synproxy lab up --prometheus`)
+  prometheus                                      # scrapes the lab (`synproxy lab up --prometheus`); promtool
+  bird2                                           # the lab router's BGP daemon (synproxy/lab/routing.py)
+  systemd                                         # systemd-analyze verifies deploy/systemd/ (tests)
   docker.io docker-compose debootstrap            # the docker-compose lab (deploy/README.md)
   make
 )
@@ -24,8 +26,8 @@ if ((${#missing[@]})); then
   echo "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # Debian's postinst starts the services it installs (nginx on port 80 of this host): the lab runs its
-  # own servers inside namespaces, so none may start. A policy-rc.d answering 101 forbids it; one the
+  # Debian's postinst starts the services it installs (nginx on port 80 of this host, bird on port 179):
+  # the lab runs its own servers and its router's BIRD inside namespaces, so none may start. A policy-rc.d answering 101 forbids it; one the
   # host already has (a container's) is left as it is.
   policy=/usr/sbin/policy-rc.d
   if [[ ! -e $policy ]]; then

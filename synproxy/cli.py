@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import re
 import sys
-import tomllib
-from pathlib import Path
 
 from synproxy.config import DATA_PLANES, ConfigError, load_config, role_warnings
 from synproxy.firewall import FirewallError
+from synproxy.logs import fatal
+from synproxy.version import version
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -27,21 +26,6 @@ def _check_config(args: argparse.Namespace) -> int:
           f"{len(config.backends)} backends, {len(config.fronts)} fronts"
           f"{f', {len(warnings)} warnings' if warnings else ''})")
     return 0
-
-
-def version() -> str:
-    """The version pyproject.toml gives: read from it in a source tree (the lab's image runs one, and an
-    editable install's metadata may be another checkout's), else from the installed package's metadata."""
-    try:
-        project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
-        if project.get("name") == "synproxy":
-            return project["version"]
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        pass
-    try:
-        return importlib.metadata.version("synproxy")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (neither a source tree nor installed)"
 
 
 def _selftest(args: argparse.Namespace) -> int:
@@ -69,7 +53,7 @@ def _lab(args: argparse.Namespace) -> int:
 
     from synproxy.lab.demo import run_demo
     from synproxy.lab.topology import Lab, LabError
-    lab = Lab(name=args.name, prometheus=args.prometheus, data_plane=args.data_plane)
+    lab = Lab(name=args.name, prometheus=args.prometheus, data_plane=args.data_plane, routing=args.routing)
     try:
         if args.action == "up":
             lab.up()
@@ -113,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     front = commands.add_parser("front", help="answer SYNs with cookies on this node (NFQUEUE)")
     front.add_argument("--config", required=True, help="YAML configuration file")
+    control = front.add_mutually_exclusive_group()
+    control.add_argument("--stats", action="store_true",
+                         help="print the running front's readiness, BGP sessions and counters (from its metrics)")
+    control.add_argument("--drain", action="store_true", help="withdraw the running front's VIPs (SIGUSR1) and "
+                         "wait until its traffic has moved to the other fronts")
+    control.add_argument("--undrain", action="store_true", help="end a drain (SIGUSR2): announce again")
+    front.add_argument("--json", action="store_true", help="with --stats: one JSON object")
+    front.add_argument("--timeout", type=float, default=30.0, help="with --drain: give up after this many seconds")
     front.set_defaults(handler=_front)
 
     lab = commands.add_parser("lab", help="the namespace lab: client, attacker, ECMP router, fronts, backends")
@@ -121,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--prometheus", action="store_true", help="with up: also run Prometheus scraping every node")
     lab.add_argument("--data-plane", choices=DATA_PLANES, default="auto",
                      help="with up and demo: the fronts' front.data_plane (docs/front.md; default auto)")
+    lab.add_argument("--routing", choices=["bgp", "static"], default="bgp",
+                     help="with up and demo: the router learns the VIPs from the fronts by BGP (BIRD; default), "
+                          "or has static ECMP routes to every front")
     lab.add_argument("--fast-path", dest="data_plane", action="store_const", const="tc",
                      help="the same as --data-plane tc (the older name)")
     lab.set_defaults(handler=_lab)
@@ -147,16 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A node's errors are log lines (JSON, like the rest of its log); the tools' are plain lines.
+    node = args.command in ("front", "backend")
     try:
         return args.handler(args)
     except ConfigError as error:
-        print(f"synproxy: {error}", file=sys.stderr)
-        return 2
+        return _error(f"synproxy: {error}", node, 2)
     except FirewallError as error:
-        print(f"synproxy: cannot install packet-filter rules: {error}", file=sys.stderr)
-        return 1
+        return _error(f"synproxy: cannot install packet-filter rules: {error}", node, 1)
+    except SystemExit as error:
+        if node and isinstance(error.code, str):
+            return _error(error.code, node, 1)
+        raise
     except KeyboardInterrupt:
         return 130
+
+
+def _error(message: str, node: bool, code: int) -> int:
+    if node:
+        fatal(message)
+    else:
+        print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -52,6 +52,15 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class BgpConfig:
+    local_as: int | None            # None: the front announces nothing (no BGP)
+    peer_as: int | None
+    peers: tuple[IPAddress, ...]    # () = the gateways of the IPv4 default route
+    hold_time_seconds: int
+    stop_wait_seconds: float        # after withdrawing on a clean stop, keep answering this long
+
+
+@dataclass(frozen=True)
 class FrontConfig:
     queue_num: int
     farm_address: IPAddress | None
@@ -60,6 +69,7 @@ class FrontConfig:
     interfaces: tuple[str, ...]     # where the kernel data plane attaches; () = the default routes' interfaces
     xdp_mode: str                   # auto, native or generic
     workers: int = 1                # queue-reading processes, on queues queue_num .. queue_num + workers - 1
+    bgp: BgpConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -271,6 +281,13 @@ FRONT_SCHEMA = {
     "interfaces": _Field(_text, (), many=True),
     "xdp_mode": _Field(_choice(*XDP_MODES), "auto"),
     "workers": _Field(_workers, 1),
+    "bgp": _Field({
+        "local_as": _Field(_integer(1, 4294967294)),
+        "peer_as": _Field(_integer(1, 4294967294)),
+        "peers": _Field(_address, (), many=True),
+        "hold_time_seconds": _Field(_integer(3, 65535), 3),
+        "stop_wait_seconds": _Field(_seconds(0, strict=False), 2.0),
+    }, {}),
 }
 BACKEND_SCHEMA = {
     "interface": _Field(_text),
@@ -421,8 +438,8 @@ def parse_config(text: str, source: Path) -> Config:
         clock_skew_seconds=values["clock_skew_seconds"], server_wscale=values["server_wscale"],
         backend_mss=values["backend_mss"], encap_port=values["encap_port"], farm_mtu=values["farm_mtu"],
         fronts=values["fronts"], backends=values["backends"],
-        front=FrontConfig(**values["front"]), backend=BackendConfig(**values["backend"]),
-        tfo=TfoConfig(**values["tfo"]),
+        front=FrontConfig(**{**values["front"], "bgp": BgpConfig(**values["front"]["bgp"])}),
+        backend=BackendConfig(**values["backend"]), tfo=TfoConfig(**values["tfo"]),
         warnings=tuple(reader.warnings), lines=reader.lines)
 
 
@@ -448,6 +465,14 @@ def _check_relations(values: dict, root: yaml.MappingNode, reader: _Reader) -> N
         raise reader.error(_key_node(_key_node(root, "front"), "workers"), "front.workers",
                            f"{front['workers']} workers from queue_num {front['queue_num']} would need queues "
                            f"beyond {MAX_QUEUE}")
+    bgp = front["bgp"]
+    if (bgp["local_as"] is None) != (bgp["peer_as"] is None):
+        missing = "front.bgp.peer_as" if bgp["peer_as"] is None else "front.bgp.local_as"
+        raise reader.error(_key_node(_key_node(_key_node(root, "front"), "bgp"), missing.rpartition(".")[2]),
+                           missing, "front.bgp needs both local_as and peer_as")
+    if any(peer.version != 4 for peer in bgp["peers"]):
+        raise reader.error(_key_node(_key_node(_key_node(root, "front"), "bgp"), "peers"), "front.bgp.peers",
+                           "IPv4 addresses only: one session carries the IPv4 and the IPv6 VIPs")
     accepted = values["accepted_secret_files"]
     if len(accepted) > MAX_SECRETS - 1:
         raise reader.error(_key_node(root, "accepted_secret_files"), "accepted_secret_files",

@@ -40,14 +40,16 @@ def claim(role: str) -> socket.socket:
         lock.close()
         if error.errno != errno.EADDRINUSE:
             raise
-        pid = _holder(name)
+        pid = holder(role)
         raise AlreadyRunning(f"another synproxy {role} runs in this network namespace"
                              f"{f' (pid {pid})' if pid else ''}: stop it first") from None
     return lock
 
 
-def _holder(name: str) -> int | None:
-    """The process that bound abstract socket ``name``, found through its inode (None when not visible)."""
+def holder(role: str) -> int | None:
+    """The process running ``role`` in this network namespace (the one that bound its abstract socket),
+    found through the socket's inode; None when none runs or it is not visible."""
+    name = f"synproxy-{role}"
     inodes = {fields[6] for line in Path("/proc/net/unix").read_text().splitlines()[1:]
               if len(fields := line.split()) >= 8 and fields[7] == f"@{name}"}
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):

@@ -66,3 +66,34 @@ def interface_kind(name: str) -> str | None:
             return None
         info = ipr.get_links(found[0])[0].get_attr("IFLA_LINKINFO")
         return info.get_attr("IFLA_INFO_KIND") if info else None
+
+
+def global_ipv6_beside(address: ipaddress.IPv4Address) -> ipaddress.IPv6Address | None:
+    """A global IPv6 address of the interface holding ``address``: the IPv6 next hop a front announces
+    beside its IPv4 session's (the router reaches both on that link)."""
+    with IPRoute() as ipr:
+        holders = [msg["index"] for msg in ipr.get_addr(family=socket.AF_INET)
+                   if msg.get_attr("IFA_ADDRESS") == str(address)]
+        if not holders:
+            return None
+        for msg in ipr.get_addr(family=socket.AF_INET6, index=holders[0]):
+            candidate = ipaddress.IPv6Address(msg.get_attr("IFA_ADDRESS"))
+            if msg["scope"] == 0 and not candidate.is_link_local:
+                return candidate
+    return None
+
+
+def default_gateways() -> list[ipaddress.IPv4Address]:
+    """The gateways of the IPv4 default route (every path of a multipath one): a front's BGP peers when
+    front.bgp.peers is empty, as a top-of-rack router usually is both."""
+    found: list[ipaddress.IPv4Address] = []
+    with IPRoute() as ipr:
+        for msg in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
+            if msg["dst_len"] != 0 or msg["type"] != rt_type["unicast"]:
+                continue
+            hops = msg.get_attr("RTA_MULTIPATH") or [msg]
+            for hop in hops:
+                gateway = hop.get_attr("RTA_GATEWAY")
+                if gateway and ipaddress.IPv4Address(gateway) not in found:
+                    found.append(ipaddress.IPv4Address(gateway))
+    return found

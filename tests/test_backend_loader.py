@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -88,7 +89,8 @@ def test_operator_errors_are_one_line_and_exit_1(tmp_path, monkeypatch, capsys, 
     monkeypatch.setattr(os, "geteuid", lambda: euid)
     args = argparse.Namespace(config=_config(tmp_path, interface), interface=None, detach=False, stats=True)
     assert main(args) == 1
-    assert capsys.readouterr().err == message
+    line = json.loads(capsys.readouterr().err)  # one JSON line, as the node's log
+    assert (line["level"], line["event"], line["error"] + "\n") == ("fatal", "fatal", message)
 
 
 def test_missing_clang_is_named_when_a_build_is_needed(monkeypatch, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from pyroute2 import NetNS
 
 from synproxy.cli import main
-from synproxy.config import ConfigError, TfoConfig, load_config
+from synproxy.config import BgpConfig, ConfigError, TfoConfig, load_config
 from synproxy.maglev import FLOW_KEY_INFO, derive_flow_key
 from synproxy.netns import add_addresses, namespaces, unique_name
 from synproxy.salt import derive_key
@@ -364,3 +364,22 @@ def test_role_backend_warns_about_vips_not_configured_here(workdir, node):
     add_addresses(node, "lo", "198.19.0.10/32", "2001:db8:ffff::10/128")
     done = cli("check-config", "--role", "backend", str(path), namespace=node)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_bgp_is_off_by_default_and_read_with_its_defaults(workdir):
+    assert load_config(write(workdir, GOOD)).front.bgp.local_as is None
+    config = load_config(write(workdir, GOOD.replace("  queue_num: 3", "  bgp:\n    local_as: 64513\n"
+                                                                           "    peer_as: 64512")))
+    assert config.front.bgp == BgpConfig(64513, 64512, (), 3, 2.0)
+
+
+@pytest.mark.parametrize("bgp, expected", [
+    ("    local_as: 64513\n", ":8: front.bgp.peer_as: front.bgp needs both local_as and peer_as"),
+    ("    local_as: 64513\n    peer_as: 64512\n    peers: ['2001:db8::1']\n",
+     ":10: front.bgp.peers: IPv4 addresses only"),
+    ("    local_as: 64513\n    peer_as: 64512\n    hold_time_seconds: 2\n",
+     ":10: front.bgp.hold_time_seconds: must be between 3 and 65535, got 2"),
+])
+def test_bgp_mistakes_name_their_line(workdir, bgp, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(write(workdir, GOOD.replace("  queue_num: 3", "  bgp:\n" + bgp.rstrip("\n"))))

@@ -84,7 +84,9 @@ FORGER = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def lab():
-    with running_lab("spf", salt_period_seconds=PERIOD, clock_skew_seconds=SKEW) as lab:
+    """Static routes: these tests watch how a front fails while the router still sends it traffic, which
+    BGP would end by withdrawing it (that is tests/test_lab_bgp.py's subject)."""
+    with running_lab("spf", salt_period_seconds=PERIOD, clock_skew_seconds=SKEW, routing="static") as lab:
         yield lab
 
 

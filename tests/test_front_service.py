@@ -229,6 +229,20 @@ def test_the_data_plane_and_the_programs_counts_are_exported():
     assert found[(kernel, (("family", "ipv6"), ("outcome", "validated"), ("path", "xdp")))] == 3
 
 
+def test_an_attack_is_summarised_every_period_and_its_end_once():
+    summary = service.AttackSummary()
+    period = service.SUMMARY_SECONDS
+    assert summary.update({"syn_answered": 0}, 0.0) is None
+    assert summary.update({"syn_answered": 50}, period) is None, "ordinary traffic logs nothing"
+    found = summary.update({"syn_answered": 50 + 20_000 * int(period), "queue_dropped": 0}, 2 * period)
+    assert found == {"event": "under_attack", "seconds": period, "per_second": {"syn_answered": 20_000.0}}
+    found = summary.update({"syn_answered": 50 + 20_000 * int(period), "queue_dropped": 3}, 3 * period)
+    assert found["event"] == "under_attack" and found["per_second"] == {"queue_dropped": 0.3}
+    assert summary.update({"syn_answered": 60 + 20_000 * int(period), "queue_dropped": 3}, 4 * period)["event"] == \
+        "attack_ended"
+    assert summary.update({"syn_answered": 70 + 20_000 * int(period), "queue_dropped": 3}, 5 * period) is None
+
+
 def worker_counts(syns: int, forwarded: int, seconds: float) -> service.PacketCounts:
     counts = service.PacketCounts()
     counts.packets["syn_answered", 4] = syns

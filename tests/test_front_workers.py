@@ -2,7 +2,9 @@
 
 Clients pinned to each CPU make the front's receive path run on that CPU, so --queue-cpu-fanout puts
 their packets in that CPU's queue: both workers must answer, the metrics must add them up, a worker
-killed with SIGKILL must come back, SIGHUP must reach each worker, and killing the front must take its
+killed with SIGKILL must come back (the front not ready, and so not announcing the VIPs by BGP, until it
+has), a stopped worker must make the front not ready too, SIGHUP must reach each worker, SIGTERM must
+withdraw the VIPs while the workers answer through the stop wait, and killing the front must take its
 workers along. Last, a front started in NFQUEUE mode must remove the XDP and tc programs a killed
 front left on its interface.
 """
@@ -13,12 +15,14 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import pytest
 
+from synproxy.front.service import WORKER_SILENT_SECONDS, fetch
 from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, Lab, default_hosts, scrape
-from synproxy.netns import pids_inside
+from synproxy.netns import inside, pids_inside
 from tests.lab_fixtures import backend_stats, needs_root, running_lab
 
 pytestmark = [pytest.mark.netns, needs_root]
@@ -66,6 +70,20 @@ def wait_for(condition, seconds: float, what: str):
     return found
 
 
+def readiness(lab: Lab) -> tuple[int, dict]:
+    """The front's /readyz: its status and its checks."""
+    with inside(lab.ns("client")):
+        status, body = fetch(f"http://{lab.by_role('front')[0].address}:{FRONT_METRICS_PORT}/readyz")
+    return status, json.loads(body)["checks"]
+
+
+def announced(lab: Lab) -> bool:
+    """Ready, and the VIPs announced to the router (front.bgp: the lab's default routing)."""
+    samples = front_metrics(lab)
+    flags = [value for (name, _), value in samples.items() if name == "synproxy_front_bgp_announced"]
+    return readiness(lab)[0] == 200 and bool(flags) and all(flags)
+
+
 def workers(lab: Lab) -> dict[int, int]:
     """Each queue's worker now: queue -> PID (its latest worker_started)."""
     return {entry["queue"]: entry["pid"] for entry in events(lab, "worker_started")}
@@ -88,14 +106,20 @@ def test_both_queues_answer_and_the_metrics_add_them_up(lab):
 
 
 def test_a_killed_worker_is_restarted_and_connections_keep_succeeding(lab):
+    """The front is not ready (its queue 1 unread) from the worker's death until its restart."""
+    wait_for(lambda: announced(lab), 10, "the front is not ready and announced to begin with")
     before = front_metrics(lab)
     killed = workers(lab)[1]
     os.kill(killed, signal.SIGKILL)
+    checks = wait_for(lambda: (found := readiness(lab))[0] == 503 and found[1], 5,
+                      "the front stayed ready without its worker")
+    assert "NFQUEUE 1" in checks["data_plane"] and checks["loop"] == "ok", checks
     exited = wait_for(lambda: [e for e in events(lab, "worker_exited") if e["pid"] == killed], 5,
                       "the front did not notice its worker's death")
     assert exited[0]["signal"] == "SIGKILL" and exited[0]["queue"] == 1
     restarted = wait_for(lambda: workers(lab)[1] != killed and workers(lab)[1], 5, "no worker restarted")
     assert os.path.exists(f"/proc/{restarted}")
+    wait_for(lambda: announced(lab), 10, "the front is not ready and announced again after the restart")
     for cpu in CPUS:
         made = clients_on(lab, cpu, 10)
         assert made["failed"] == 0, made["errors"]
@@ -103,6 +127,22 @@ def test_a_killed_worker_is_restarted_and_connections_keep_succeeding(lab):
     assert after[("synproxy_front_worker_restarts_total", ())] == before[("synproxy_front_worker_restarts_total", ())] + 1
     packets = worker_packets(after)
     assert all(packets[queue] > worker_packets(before)[queue] for queue in ("0", "1")), "counts kept and growing"
+
+
+def test_a_stopped_worker_makes_the_front_not_ready(lab):
+    stopped = workers(lab)[0]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        checks = wait_for(lambda: (found := readiness(lab))[0] == 503 and found[1],
+                          WORKER_SILENT_SECONDS + 5, "the front stayed ready with a stopped worker")
+        assert time.monotonic() - started >= WORKER_SILENT_SECONDS - 0.5
+        assert f"pid {stopped}" in checks["data_plane"] and "has not reported" in checks["data_plane"], checks
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    wait_for(lambda: readiness(lab)[0] == 200, 5, "the front is not ready again once its worker runs")
+    assert workers(lab)[0] == stopped, "a stopped worker is waited for, not replaced"
+    wait_for(lambda: announced(lab), 10, "the VIPs are not announced again")
 
 
 def test_sighup_reaches_every_worker(lab):
@@ -124,6 +164,26 @@ def test_sighup_reaches_every_worker(lab):
     finally:
         lab.config_path.write_text(text)
         os.kill(lab.pid(FRONT), signal.SIGHUP)
+
+
+def test_sigterm_withdraws_and_keeps_the_workers_through_the_stop_wait(lab):
+    """The parent withdraws at once, its workers run for front.bgp.stop_wait_seconds (the lab's: 1 s), then
+    everything stops."""
+    wait_for(lambda: announced(lab), 10, "the front is not ready and announced to begin with")
+    pids = set(workers(lab).values())
+    seen = len(events(lab, "front_stopping"))
+    stopper = threading.Thread(target=lab.stop_process, args=(FRONT,))
+    stopper.start()
+    try:
+        stopping = wait_for(lambda: events(lab, "front_stopping")[seen:], 5, "no front_stopping")
+        assert stopping[0]["withdraw_wait_seconds"] == 1
+        lab.wait_for_route(FRONT, announced=False, seconds=1)
+        assert all(os.path.exists(f"/proc/{pid}") for pid in pids), "a worker stopped before the stop wait ended"
+    finally:
+        stopper.join(15)
+    assert not stopper.is_alive() and pids_inside(lab.ns(FRONT)) == []
+    lab.start_front(FRONT)  # waits for its announcement
+    assert set(workers(lab).values()).isdisjoint(pids)
 
 
 def test_a_killed_front_takes_its_workers_along(lab):

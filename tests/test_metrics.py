@@ -6,11 +6,13 @@ import json
 import sys
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from synproxy.lab.topology import VIP, Lab
+from synproxy.netns import inside
 from tests.lab_fixtures import clients, needs_root, running_lab
 
 pytestmark = [pytest.mark.netns, needs_root]
@@ -51,6 +53,19 @@ def test_every_node_is_scraped(traffic):
     lab, _, _ = traffic
     up = {series["metric"]["instance"]: series["value"][1] for series in lab.query_prometheus("up")}
     assert len(up) == 5 and set(up.values()) == {"1"}
+
+
+def test_the_shipped_alert_rules_are_loaded_and_the_fronts_announce(traffic):
+    """deploy/prometheus/alerts.yml in the lab's Prometheus; every front ready and announcing, as
+    SynproxyFrontNotAnnouncing and SynproxyFrontNotReady read it."""
+    lab, _, _ = traffic
+    assert value(lab, 'count(ALERTS{alertname=~"SynproxyFrontNot.*"})') == 0
+    assert value(lab, "sum(synproxy_front_ready)") == 3
+    assert value(lab, "sum(synproxy_front_bgp_announced)") == 3
+    with inside(lab.ns("router")):
+        rules = json.loads(urllib.request.urlopen("http://127.0.0.1:9090/api/v1/rules", timeout=5).read())
+    loaded = {rule["name"] for group in rules["data"]["groups"] for rule in group["rules"]}
+    assert {"SynproxySynsReachBackend", "SynproxyFrontNotAnnouncing", "SynproxyFrontsDisagreeOnEpoch"} <= loaded
 
 
 def test_front_counters_match_the_traffic(traffic):

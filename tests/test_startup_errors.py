@@ -9,6 +9,7 @@ machine's Python from /root).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -124,8 +125,8 @@ def test_a_second_instance_in_a_namespace_is_refused(namespace, tmp_path, argv):
 
 
 def test_a_worker_that_cannot_bind_its_queue_fails_the_start(namespace, tmp_path):
-    """With front.workers the queue is the second worker's: the start fails with its line, last after the
-    JSON logs of the workers started, and leaves neither rules nor workers behind."""
+    """With front.workers the queue is the second worker's: the start fails with its fatal line, last after
+    the logs of the workers started, and leaves neither rules nor workers behind."""
     config = write_config(tmp_path, f"front:\n  farm_address: {FRONT}\n  queue_num: 7\n  workers: 2\n")
     with inside(namespace):
         holder = NetfilterQueue()
@@ -136,7 +137,8 @@ def test_a_worker_that_cannot_bind_its_queue_fails_the_start(namespace, tmp_path
         holder.unbind()
     assert result.returncode != 0 and "Traceback" not in result.stderr
     *logs, error = result.stderr.strip().splitlines()
-    assert "NFQUEUE 8" in error and "another program" in error and not error.startswith("{")
+    fatal = json.loads(error)  # a node's fatal error is a log line too (synproxy.logs.fatal)
+    assert fatal["event"] == "fatal" and "NFQUEUE 8" in fatal["error"] and "another program" in fatal["error"]
     assert all(line.startswith("{") for line in logs)
     assert "SYNPROXY" not in raw_rules(namespace)
     assert pids_inside(namespace) == []

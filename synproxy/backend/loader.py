@@ -20,22 +20,22 @@ import json
 import os
 import signal
 import struct
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily
 
-from synproxy import firewall, instance
+from synproxy import firewall, health, instance
 from synproxy.backend.timewait import TimeWaitRecycler
 from synproxy.bpf.libbpf import (
     BpfError,
     BpfObject,
     Map,
     kernel_has_function,
+    program_id,
     program_maps,
     tc_attach,
     tc_attached_program,
@@ -59,8 +59,9 @@ from synproxy.bpf.loading import (
 )
 from synproxy.config import UNKNOWN_FLOW_RESETS_PER_SECOND, ConfigError, load_config, log_warnings
 from synproxy.encap import encap_key
-from synproxy.logs import log
+from synproxy.logs import fatal, log
 from synproxy.salt import EPOCH_SLOTS, MAX_SECRETS, SaltSchedule, SecretRotation, epoch_at
+from synproxy.systemd import Notifier
 from synproxy.tfo import TFO_SERVER_ENABLE, fastopen_keys, sysctl_key_value
 
 PROGRAM = "synproxy_backend"
@@ -320,14 +321,14 @@ def restart_settings(config) -> tuple:
     return config.backend.interface, config.backend.metrics_address
 
 
-def serve_metrics(address: str | None) -> CollectorRegistry | None:
-    """The metrics endpoint, started before anything is installed so a taken port is refused in one line."""
+def serve_metrics(address: str | None, state: health.Health) -> CollectorRegistry | None:
+    """The metrics and health endpoint, started before anything is installed so a taken port is refused in
+    one line."""
     if not address:
         return None
     registry = CollectorRegistry()
-    host, _, port = address.rpartition(":")
     try:
-        start_http_server(int(port), host.strip("[]"), registry=registry)
+        health.serve(address, registry, state, "backend")
     except OSError as error:
         raise BackendError(f"cannot serve metrics on {address}: {error.strerror}") from None
     return registry
@@ -347,10 +348,11 @@ def serve(config, interface: str) -> int:
     configured = config.salt_schedule()
     schedule = rotation.effective(configured, None, time.time())
     _warn_if_secrets_unchecked(schedule)
+    state, notifier = health.Health(), Notifier()
     tfo = config.tfo.enabled  # refreshed below; off after a failure until the next reload
     if tfo:
         install_fastopen_keys(schedule.secrets[0], config.tfo.key_period_seconds, time.time())
-    registry = serve_metrics(config.backend.metrics_address)
+    registry = serve_metrics(config.backend.metrics_address, state)
     running = restart_settings(config)
     untracked = firewall.backend_chain()
     untracked.install(config.vips, config.ports)
@@ -359,7 +361,11 @@ def serve(config, interface: str) -> int:
         plane = cleanup.enter_context(attached(interface, config.fronts, config.vips, config.ports,
                                                config.encap_port, config.server_wscale, schedule,
                                                config.backend.unknown_flow_resets_per_second))
-        cleanup.callback(TimeWaitRecycler(plane.time_wait).start().close)
+        try:
+            recycler = TimeWaitRecycler(plane.time_wait)
+        except PermissionError as error:
+            raise BackendError(str(error)) from None
+        cleanup.callback(recycler.start().close)
         restart_required = None
         if registry is not None:
             registry.register(_CountersCollector(plane))
@@ -405,7 +411,24 @@ def serve(config, interface: str) -> int:
                 except BackendError as error:
                     log("tfo_keys_failed", error=str(error), note="not retried until the next reload")
                     tfo = False
+            state.beat(health_checks(plane, interface), time.monotonic())
+            notifier.beat(state.summary(time.monotonic()))
+        notifier.notify("STOPPING=1")
     return 0
+
+
+def health_checks(plane: DataPlane, interface: str) -> dict[str, str | None]:
+    """What /readyz follows (synproxy/health.py): the program still in its tc slot. The salts are current
+    when the loop beats: it refreshes them (every accepted epoch and the next) just before each beat, so a
+    loop that stops refreshing stops beating."""
+    try:
+        attached = tc_attached_program(interface_index(interface), TC_HANDLE, TC_PRIORITY)
+    except (BpfError, SetupError) as error:
+        attached, problem = None, str(error)
+    else:
+        problem = f"no program in {interface}'s tc slot" if attached is None else f"another program ({attached}) " \
+                  f"in {interface}'s tc slot"
+    return {"loop": None, "program": None if attached == program_id(plane.prog_fd) else problem}
 
 
 def _warn_if_secrets_unchecked(schedule: SaltSchedule) -> None:
@@ -441,5 +464,5 @@ def main(args: argparse.Namespace) -> int:
             return serve(config, interface)
     except (BackendError, BpfError, instance.AlreadyRunning) as error:
         message = error.strerror if isinstance(error, BpfError) else str(error)
-        print(f"synproxy backend: {message}", file=sys.stderr)
+        fatal(f"synproxy backend: {message}")
         return 1

@@ -125,9 +125,13 @@ class TimeWaitRecycler:
     validated like its ACK, makes the connection."""
 
     def __init__(self, ring_map: Map):
-        self.diag = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
-        self.raw = {4: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW),
-                    6: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)}
+        try:
+            self.diag = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+            self.raw = {4: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW),
+                        6: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)}
+        except PermissionError:
+            raise PermissionError("the TIME_WAIT recycler needs CAP_NET_RAW for its raw sockets "
+                                  "(docs/backend.md, \"4-tuple reuse\")") from None
         self.reported: list[TimeWaitEvent] = []
         self.ring = RingBuffer(ring_map, self._on_record)
         self.recycled = self.probed = self.failed = 0

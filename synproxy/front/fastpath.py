@@ -25,6 +25,7 @@ from synproxy.bpf.libbpf import (
     XDP_FLAGS_UPDATE_IF_NOEXIST,
     BpfError,
     BpfObject,
+    program_id,
     program_name,
     tc_attach,
     tc_attached_program,
@@ -187,6 +188,22 @@ class FastPath:
             else:
                 raise FastPathError(f"attaching XDP to {name} failed ({'; '.join(failures)})")
         return modes
+
+    def missing(self) -> list[str]:
+        """The attachments that are gone (a filter or an XDP program someone removed or replaced, or an
+        interface that went): the readiness check (synproxy/health.py) withdraws the front for them."""
+        gone = []
+        tc_id, xdp_id = program_id(self.prog_fd), program_id(self.xdp_prog_fd)
+        for path, ifindexes, wanted in (("tc", self.attached, tc_id), ("xdp", self.xdp_attached, xdp_id)):
+            for ifindex in ifindexes:
+                try:
+                    found = (tc_attached_program(ifindex, TC_HANDLE, TC_PRIORITY) if path == "tc"
+                             else (xdp_attached_program(ifindex) or (None,))[0])
+                except BpfError:
+                    found = None
+                if found != wanted:
+                    gone.append(f"{path} on ifindex {ifindex}")
+        return gone
 
     def counts(self, path: str) -> dict[tuple[str, int], int]:
         """One program's per-CPU counters summed, by (outcome, IP version)."""

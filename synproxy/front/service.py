@@ -2,14 +2,18 @@
 
 It installs its packet-filter rules, binds the queue, gives every packet one verdict (the SYN-ACK or
 the encapsulated packet replaces the payload; everything else is dropped), serves its metrics, and
-removes its rules on exit. SIGHUP reloads the configuration and the secrets. Whatever happens while
+removes its rules on exit. SIGHUP reloads the configuration and the secrets. With front.bgp it announces
+the VIPs to its routers while it is ready (/readyz); SIGUSR1 drains it (withdraws, keeps answering what
+still arrives), SIGUSR2 ends the drain, and SIGTERM withdraws, answers for front.bgp.stop_wait_seconds
+while the routers move the traffic, then stops. Whatever happens while
 handling a packet, the packet gets a verdict (a drop, counted by reason) and the loop goes on: one
 packet must not stop a front.
 
 With ``front.workers`` above 1 the process supervises one forked worker per queue (Python runs one
 thread at a time, so cores need processes): each worker runs the same packet loop on its own queue and
-reports its counts; the parent owns the rules, the programs, the metrics endpoint and the reloads,
-forwards SIGHUP, and restarts a worker that dies. Workers die with the parent (PR_SET_PDEATHSIG).
+reports its counts; the parent owns the rules, the programs, the metrics and health endpoints, the BGP
+announcer, the drain, the stop wait and the reloads, forwards SIGHUP, and restarts a worker that dies
+(it is not ready meanwhile). Workers die with the parent (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -19,29 +23,35 @@ import bisect
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import pickle
 import select
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 import traceback
+import urllib.error
+import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 from netfilterqueue import NetfilterQueue
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
-from synproxy import firewall, instance
+from synproxy import firewall, health, instance
 from synproxy.config import Config, ConfigError, load_config, log_warnings
 from synproxy.encap import encap_key
 from synproxy.front import fastpath
+from synproxy.front.announce import Announcer
 from synproxy.front.handler import (
     ICMP_ERRORS_BURST,
     ICMP_ERRORS_PER_SECOND,
@@ -53,8 +63,9 @@ from synproxy.front.handler import (
     handle,
 )
 from synproxy.logs import log
-from synproxy.netlink import default_route_interfaces, local_addresses
+from synproxy.netlink import default_gateways, default_route_interfaces, local_addresses
 from synproxy.salt import SaltSchedule, SecretRotation
+from synproxy.systemd import Notifier
 
 QUEUE_MAX_LENGTH = 8192
 # The netlink socket must hold a full queue: netfilterqueue sizes it for its default of 1024
@@ -75,6 +86,9 @@ SCRAPE_WAIT_SECONDS = 1.0  # a stopped worker (SIGSTOP) delays a scrape this lon
 WORKER_START_SECONDS = 10.0
 WORKER_STOP_SECONDS = 5.0
 RESTART_SECONDS = 1.0
+# A worker that has not reported for this long (stopped, stuck) makes its front not ready: its queue's
+# packets wait unanswered.
+WORKER_SILENT_SECONDS = 2.0
 PR_SET_PDEATHSIG = 1
 # Forwarding for the rewritten packets; accept_local because an encapsulated packet leaves with this
 # node's own address as source, which the kernel otherwise drops as a martian when it routes it.
@@ -84,9 +98,12 @@ IPV6_FRONT_SYSCTLS = {"net.ipv6.conf.all.forwarding": "1"}  # only with an IPv6 
 # front answers many clients), so a flood of big packets gets small answers only, and few.
 TOO_BIG_PER_SECOND, TOO_BIG_BURST = 100, 200
 FAILURE_LOG_SECONDS = 10.0  # a packet that fails once fails as often as someone sends it: log each reason this often
+# Under attack (SYNs answered faster than this, or the queue dropping) the front logs what it did every
+# SUMMARY_SECONDS: the log then tells the story without a dashboard. Ordinary traffic logs nothing.
+SUMMARY_SECONDS, ATTACK_SYNS_PER_SECOND = 10.0, 1000
 # What a reload cannot change in a running front: the queue it holds, its metrics socket, its programs.
 RESTART_KEYS = ("front.queue_num", "front.metrics_address", "front.data_plane", "front.interfaces",
-                "front.xdp_mode", "front.workers")
+                "front.xdp_mode", "front.workers", "front.bgp")
 
 
 def ensure_sysctls(config: Config) -> None:
@@ -166,6 +183,33 @@ class FailureLog:
             not_logged_since=self.unlogged.pop(outcome, 0))
 
 
+class AttackSummary:
+    """Decides, from running totals (outcome -> packets, every path summed; "queue_dropped" too), when
+    to log a summary: every SUMMARY_SECONDS while under attack, and once when it ends."""
+
+    def __init__(self):
+        self.previous: dict[str, int] | None = None
+        self.since = 0.0
+        self.under_attack = False
+
+    def due(self, now: float) -> bool:
+        return self.previous is None or now - self.since >= SUMMARY_SECONDS
+
+    def update(self, totals: dict[str, int], now: float) -> dict | None:
+        if self.previous is None:
+            self.previous, self.since = dict(totals), now
+            return None
+        seconds = now - self.since
+        delta = {key: value - self.previous.get(key, 0) for key, value in totals.items()}
+        self.previous, self.since = dict(totals), now
+        attacked = delta.get("syn_answered", 0) >= ATTACK_SYNS_PER_SECOND * seconds or delta.get("queue_dropped", 0) > 0
+        was, self.under_attack = self.under_attack, attacked
+        if not attacked and not was:
+            return None
+        return {"event": "under_attack" if attacked else "attack_ended", "seconds": round(seconds, 1),
+                "per_second": {key: round(value / seconds, 1) for key, value in sorted(delta.items()) if value}}
+
+
 class PacketCounts:
     """What a packet loop counted: plain integers the loop adds to (Front.on_packet), read at scrape time
     (a prometheus_client Counter or Histogram takes a lock on every increment). A worker sends its own to
@@ -202,11 +246,12 @@ class _QueueCollector:
         self.last: dict[int, dict[str, int]] = {}     # per queue: the counts last read
         self.earlier: dict[int, dict[str, int]] = {}  # per queue: what its earlier bindings counted
 
-    def collect(self):
+    def read(self) -> tuple[int, dict[str, int]] | None:
+        """The queues' summed length and drops (``dropped``, ``user_dropped``); None when none was ever bound."""
         try:
             text = NFQUEUE_STATS.read_text()
         except OSError:
-            return
+            return None
         length, drops = 0, {"dropped": 0, "user_dropped": 0}
         with self.lock:
             for queue in self.queues:
@@ -224,8 +269,13 @@ class _QueueCollector:
                 length += stats["length"]
                 for key in drops:
                     drops[key] += stats[key] + self.earlier.get(queue, {}).get(key, 0)
-        if not self.last:
+        return (length, drops) if self.last else None
+
+    def collect(self):
+        read = self.read()
+        if read is None:
             return
+        length, drops = read
         yield GaugeMetricFamily("synproxy_front_queue_length", "Packets waiting in the NFQUEUE", value=length)
         yield CounterMetricFamily("synproxy_front_queue_dropped", "Packets the kernel dropped: queue full",
                                   value=drops["dropped"])
@@ -243,7 +293,8 @@ class FrontMetrics:
     def __init__(self, queue_num: int, workers: int = 1):
         self.queues = range(queue_num, queue_num + workers)
         self.registry = CollectorRegistry()
-        self.registry.register(_QueueCollector(self.queues))
+        self.queue_stats = _QueueCollector(self.queues)
+        self.registry.register(self.queue_stats)
         self.epoch = Gauge("synproxy_front_salt_epoch", "Current salt epoch", registry=self.registry)
         self.restart_required = Gauge("synproxy_front_restart_required",
                                       "1 when the configuration holds changes only a restart applies",
@@ -251,6 +302,8 @@ class FrontMetrics:
         self.kernel_path: fastpath.FastPath | None = None
         self.data_plane = "nfqueue"
         self.xdp_modes: dict[str, str] = {}  # interface -> XDP attach mode
+        self.health: health.Health | None = None
+        self.announcer: Announcer | None = None
         self.counts: dict[int, PacketCounts] = {}   # queue -> its loop's counts (a worker's latest report)
         self.earlier: dict[int, PacketCounts] = {}  # queue -> what its dead workers reported
         self.restarts = 0
@@ -273,17 +326,26 @@ class FrontMetrics:
                 self.earlier.setdefault(queue, PacketCounts()).add(counts)
             self.reported.notify_all()
 
-    def _queue_counts(self) -> dict[int, PacketCounts]:
-        """Each queue's counts for this scrape, after every live worker reported since it began."""
+    def _queue_counts(self, wait: bool = True) -> dict[int, PacketCounts]:
+        """Each queue's counts for this scrape, after every live worker reported since it began (or, without
+        ``wait``, as last reported: the front's own loop must not wait for its workers)."""
         since = time.monotonic()
         with self.reported:
-            self.reported.wait_for(lambda: all(self.reported_at.get(queue, 0) >= since for queue in self.live),
-                                   SCRAPE_WAIT_SECONDS)
+            if wait:
+                self.reported.wait_for(lambda: all(self.reported_at.get(queue, 0) >= since for queue in self.live),
+                                       SCRAPE_WAIT_SECONDS)
             sources = [(queue, counts) for part in (self.earlier, self.counts) for queue, counts in part.items()]
         by_queue: dict[int, PacketCounts] = {}
         for queue, counts in sources:
             by_queue.setdefault(queue, PacketCounts()).add(counts)
         return by_queue
+
+    def total(self) -> PacketCounts:
+        """Every queue's counts summed, as last reported."""
+        total = PacketCounts()
+        for counts in self._queue_counts(wait=False).values():
+            total.add(counts)
+        return total
 
     def collect(self):
         by_queue = self._queue_counts()
@@ -321,6 +383,19 @@ class FrontMetrics:
         for interface, mode in self.xdp_modes.items():
             xdp.add_metric([interface, mode], 1)
         yield xdp
+        if self.health is not None:
+            yield GaugeMetricFamily("synproxy_front_ready", "1 while /readyz answers 200: the front should get "
+                                    "traffic", value=1 if self.health.ready(time.monotonic()) else 0)
+        if self.announcer is not None:
+            announced = GaugeMetricFamily("synproxy_front_bgp_announced", "1 while the VIPs are announced to "
+                                          "this BGP peer", labels=["peer"])
+            established = GaugeMetricFamily("synproxy_front_bgp_established", "1 while the BGP session to this "
+                                            "peer is established", labels=["peer"])
+            for peer, state in self.announcer.states().items():
+                announced.add_metric([peer], 1 if state["announced"] else 0)
+                established.add_metric([peer], 1 if state["state"] == "established" else 0)
+            yield announced
+            yield established
         if self.kernel_path is not None:
             kernel = CounterMetricFamily("synproxy_front_kernel_packets",
                                          "Packets the front's BPF programs saw, by program, outcome and IP version",
@@ -346,7 +421,7 @@ class _BoundedReader:
 
     def recv(self, size: int) -> bytes:
         front = self.front
-        if front.stop_requested or front.reload_requested or time.monotonic() >= front.housekeeping_due:
+        if front.stop_due() or front.reload_requested or time.monotonic() >= front.housekeeping_due:
             raise BlockingIOError(errno.EAGAIN, "housekeeping due")
         return self.sock.recv(size)
 
@@ -407,6 +482,13 @@ class Front:
         self.failures = FailureLog()
         self.stop_requested: list[bool] = []
         self.reload_requested: list[bool] = []
+        self.draining = False
+        self.stop_at: float | None = None  # once stopping: when the routers have had the withdrawal long enough
+        self.health = health.Health()
+        self.notifier = Notifier()
+        self.attack_summary = AttackSummary()
+        self.announcer: Announcer | None = None
+        self.salts_epoch: int | None = None  # the epoch of the fast path's last successful salt refresh
         self.housekeeping_due = 0.0
         self.packets_seen = 0
         self.kernel_path: fastpath.FastPath | None = None
@@ -477,10 +559,10 @@ class Front:
         except instance.AlreadyRunning as error:
             raise SystemExit(f"synproxy front: {error}") from None
         self.running = restart_settings(config)
+        self.metrics.health = self.health
         if config.front.metrics_address:
-            host, _, port = config.front.metrics_address.rpartition(":")
             try:
-                start_http_server(int(port), host.strip("[]"), registry=self.metrics.registry)
+                health.serve(config.front.metrics_address, self.metrics.registry, self.health, "front")
             except OSError as error:
                 raise SystemExit(f"synproxy front: cannot serve metrics on {config.front.metrics_address}: "
                                  f"{error.strerror}") from None
@@ -488,6 +570,8 @@ class Front:
         signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
         signal.signal(signal.SIGINT, lambda *_: stop.append(True))
         signal.signal(signal.SIGHUP, lambda *_: reload.append(True))
+        signal.signal(signal.SIGUSR1, lambda *_: self.set_draining(True))
+        signal.signal(signal.SIGUSR2, lambda *_: self.set_draining(False))
         cpus = os.cpu_count() or 1
         if workers > cpus:
             log("config_warning", warning=f"{config.where('front.workers')}: {workers} workers on {cpus} online "
@@ -513,6 +597,7 @@ class Front:
             self.metrics.xdp_modes = xdp_modes
             log("data_plane_selected", mode=mode, interfaces=list(interfaces) if self.kernel_path else [],
                 xdp_modes=xdp_modes, reason=reason)
+            self.announcer = self.metrics.announcer = self.start_announcer(config)
             log("front_started", queue=queue_num, workers=workers, vips=[str(v) for v in config.vips],
                 ports=list(config.ports), backends=[str(b) for b in config.backends],
                 farm_address=str(farm_address(config)), data_plane=mode)
@@ -522,6 +607,8 @@ class Front:
             else:
                 self.supervise()
         finally:
+            if self.announcer is not None:
+                self.announcer.close()
             if self.kernel_path is not None:
                 self.kernel_path.close()
             if self.rules is not None:
@@ -534,7 +621,8 @@ class Front:
         return 0
 
     def serve(self, queue: NetfilterQueue, housekeeping, seconds: float) -> None:
-        """The packet loop on one queue, calling ``housekeeping`` every ``seconds`` until SIGTERM.
+        """The packet loop on one queue, calling ``housekeeping`` every ``seconds`` until the stop (SIGTERM,
+        then the stop wait ``housekeeping`` sets: the queue is answered meanwhile).
 
         A duplicate of the queue's descriptor, read blocking with the kernel's receive timeout: one
         system call per packet (a select() before each non-blocking read cost twice the CPU per SYN at
@@ -545,16 +633,31 @@ class Front:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", whole, int((seconds - whole) * 1e6)))
         reader = _BoundedReader(sock, self)
         try:
-            while not self.stop_requested:
+            while self.serving():
                 housekeeping()
                 self.housekeeping_due = time.monotonic() + seconds
-                queue.run_socket(reader)
+                if self.serving():
+                    queue.run_socket(reader)
         finally:
             sock.close()
 
+    def serving(self) -> bool:
+        """Not stopping, or stopping but still within the stop wait."""
+        return self.stop_at is None or time.monotonic() < self.stop_at
+
+    def stop_due(self) -> bool:
+        """SIGTERM arrived and the loop has not yet begun the stop (the next housekeeping does)."""
+        return bool(self.stop_requested) and self.stop_at is None
+
     def housekeeping(self) -> None:
-        """The front's own (its single loop's, or its parent's with workers): the salt epoch, retired
-        secrets, a reload SIGHUP asked for, the programs' salts and clock."""
+        """The front's own (its single loop's, or its parent's with workers): the stop (withdraw, then wait),
+        the salt epoch, retired secrets, a reload SIGHUP asked for, the programs' salts and clock, the
+        health checks and heartbeat, the attack summary and the BGP announcer."""
+        if self.stop_due():
+            wait = self.config.front.bgp.stop_wait_seconds if self.announcer and self.announcer.announced() else 0
+            self.stop_at = time.monotonic() + wait
+            log("front_stopping", withdraw_wait_seconds=wait)
+            self.notifier.notify("STOPPING=1")
         self.metrics.epoch.set(self.schedule.current_epoch(time.time()))
         self.expire_retired_secrets()
         if self.reload_requested:
@@ -563,8 +666,96 @@ class Front:
         if self.kernel_path is not None:
             try:
                 self.kernel_path.refresh(self.policy, self.schedule, time.time())
+                self.salts_epoch = self.schedule.current_epoch(time.time())
             except fastpath.FastPathError as error:  # its SYNs fall back to the queue (no_salt)
                 log("kernel_path_refresh_failed", error=str(error))
+        now = time.monotonic()
+        self.health.beat(self.health_checks(), now)
+        self.notifier.beat(self.health.summary(now))
+        if self.attack_summary.due(now):
+            summary = self.attack_summary.update(self.totals(), now)
+            if summary:
+                log(summary.pop("event"), **summary)
+        if self.announcer is not None:
+            self.announcer.tick(self.health.ready(now), now)
+
+    def totals(self) -> dict[str, int]:
+        """Packets by outcome over the queues (every worker's reported counts) and the programs (what
+        AttackSummary reads), and the kernel's queue drops."""
+        totals: defaultdict[str, int] = defaultdict(int)
+        for (outcome, _), value in list(self.metrics.total().packets.items()):
+            totals[outcome] += value
+        if self.kernel_path is not None:
+            for path in ("tc", "xdp") if self.metrics.xdp_modes else ("tc",):
+                for (outcome, _), value in self.kernel_path.counts(path).items():
+                    if outcome != "not_protected":  # the node's other traffic
+                        totals[outcome] += value
+        queues = self.metrics.queue_stats.read()
+        if queues is not None:
+            _, drops = queues
+            totals["queue_dropped"] = drops["dropped"] + drops["user_dropped"]
+        return dict(totals)
+
+    def start_announcer(self, config: Config) -> Announcer | None:
+        """BGP sessions to front.bgp.peers (or the default route's gateways), when front.bgp is set."""
+        settings = config.front.bgp
+        if settings is None or settings.local_as is None:
+            return None
+        peers = list(settings.peers) or default_gateways()
+        if not peers:
+            raise SystemExit("synproxy front: front.bgp.peers is empty and this node has no IPv4 default route "
+                             "to take a router from")
+        log("bgp_peers", peers=[str(peer) for peer in peers], local_as=settings.local_as, peer_as=settings.peer_as,
+            hold_time=settings.hold_time_seconds)
+        return Announcer(settings, config.vips, peers)
+
+    def set_draining(self, draining: bool) -> None:
+        """SIGUSR1 / SIGUSR2: readiness (and so the announcement) off or back on; packets are still answered."""
+        self.draining = draining
+        log("front_draining" if draining else "front_undrained")
+
+    def queue_problems(self) -> list[str]:
+        """Why some queue of this front is not being read: not bound, or (with workers) its worker dead,
+        restarting or silent for WORKER_SILENT_SECONDS."""
+        try:
+            text = NFQUEUE_STATS.read_text()
+        except OSError:
+            text = ""
+        problems = []
+        now = time.monotonic()
+        for queue in self.metrics.queues:
+            if len(self.metrics.queues) > 1:
+                worker = self.workers.get(queue)
+                if worker is None:
+                    problems.append(f"the worker for NFQUEUE {queue} is not running")
+                    continue
+                with self.metrics.reported:
+                    reported = max(self.metrics.reported_at.get(queue, 0.0), worker.started)
+                if now - reported > WORKER_SILENT_SECONDS:
+                    problems.append(f"the worker for NFQUEUE {queue} (pid {worker.pid}) has not reported for "
+                                    f"{now - reported:.0f} s")
+                    continue
+            if queue_stats(queue, text) is None:
+                problems.append(f"NFQUEUE {queue} is not bound")
+        return problems
+
+    def health_checks(self) -> dict[str, str | None]:
+        """What /readyz and the announcement follow (synproxy/health.py): the data plane attached (every
+        queue bound and read, the programs still on their interfaces), the salts the programs hold current,
+        and neither a drain nor a stop asked for."""
+        missing = self.kernel_path.missing() if self.kernel_path is not None else []
+        problems = self.queue_problems() + [f"program gone: {m}" for m in missing]
+        salts = None
+        if self.kernel_path is not None:
+            epoch = self.schedule.current_epoch(time.time())
+            # The programs hold the salts up to the epoch after the last refresh's (FastPath.refresh).
+            if self.salts_epoch is None or not self.salts_epoch <= epoch <= self.salts_epoch + 1:
+                salts = f"the programs' salts were last refreshed for epoch {self.salts_epoch}, now {epoch}"
+        return {"loop": None, "data_plane": "; ".join(problems) or None, "salts": salts,
+                "draining": "draining (SIGUSR1; SIGUSR2 ends it)" if self.draining else None,
+                # Once the stop has begun, not when SIGTERM arrived: a SIGTERM during a housekeeping would
+                # otherwise withdraw before the stop saw the announcement, and skip the stop wait.
+                "stopping": "stopping" if self.stop_at is not None else None}
 
     def reload(self) -> None:
         """SIGHUP: the configuration and secrets again; the queue's rules and the fast path's maps follow
@@ -638,7 +829,10 @@ class Front:
             _exit_with_parent(parent_pid)
             for sibling in self.workers.values():
                 sibling.channel.close()
-            self.workers, self.kernel_path = {}, None  # the parent's: a worker never touches the programs
+            # The parent's: a worker never touches the programs, the BGP sessions or systemd (its copies of
+            # the sessions' sockets close with the last reference: the parent's Cease must end them).
+            self.workers, self.kernel_path, self.announcer, self.notifier = {}, None, None, None
+            self.metrics.announcer = None
             self.worker_queue, self.channel, self.counts = queue_num, channel, PacketCounts()
             try:
                 queue = bind_queue(queue_num, self.on_packet)
@@ -660,7 +854,10 @@ class Front:
             os._exit(code)
 
     def worker_housekeeping(self) -> None:
-        """A worker's: retired secrets, a reload its parent forwarded (SIGHUP), and its counts to the parent."""
+        """A worker's: its stop (at once: the parent's stop wait ends with its SIGTERM), retired secrets, a
+        reload its parent forwarded (SIGHUP), and its counts to the parent."""
+        if self.stop_due():
+            self.stop_at = time.monotonic()
         self.expire_retired_secrets()
         if self.reload_requested:
             self.reload_requested.clear()
@@ -671,21 +868,21 @@ class Front:
             else:
                 log("worker_reloaded", queue=self.worker_queue, secrets_accepted=len(self.schedule.secrets))
         if not _send(self.channel, ("counts", (time.monotonic(), self.counts))):
-            self.stop_requested.append(True)  # the parent is gone
+            self.stop_at = time.monotonic()  # the parent is gone
 
     def supervise(self) -> None:
         """The parent's loop with workers: its housekeeping, the workers' reports, and a worker that died
-        logged and forked again (at most once per RESTART_SECONDS per queue)."""
+        logged and forked again (at most once per RESTART_SECONDS per queue; not once stopping)."""
         restart_at: dict[int, float] = {}
-        while not self.stop_requested:
+        while self.serving():
             self.housekeeping()
             for queue, due in list(restart_at.items()):
-                if due <= time.monotonic():
+                if due <= time.monotonic() and self.stop_at is None:
                     del restart_at[queue]
                     self.spawn(queue)
                     self.metrics.restarts += 1
-            deadline = time.monotonic() + HOUSEKEEPING_SECONDS
-            while not self.stop_requested and not self.reload_requested and time.monotonic() < deadline:
+            deadline = min(time.monotonic() + HOUSEKEEPING_SECONDS, self.stop_at or float("inf"))
+            while not self.stop_due() and not self.reload_requested and time.monotonic() < deadline:
                 channels = {worker.channel: worker for worker in self.workers.values()}
                 readable, _, _ = select.select(list(channels), [], [], max(0.0, deadline - time.monotonic()))
                 for channel in readable:
@@ -748,5 +945,109 @@ def restart_settings(config: Config) -> tuple:
     return front.queue_num, front.metrics_address, front.data_plane, front.interfaces, front.xdp_mode, front.workers
 
 
+def fetch(url: str) -> tuple[int, bytes]:
+    """An HTTP GET's status and body (a 503 from /readyz is an answer, not a failure)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def running_stats(config: Config) -> dict:
+    """The running front's readiness and counters, read from its metrics endpoint (the NFQUEUE path's
+    counts live in that process only)."""
+    address = config.front.metrics_address
+    if not address:
+        raise SystemExit("synproxy front: this needs front.metrics_address: the counts are read from the running "
+                         "front's metrics endpoint")
+    try:
+        _, ready = fetch(health.local_url(address, "/readyz"))
+        _, text = fetch(health.local_url(address, "/metrics"))
+    except OSError as error:
+        raise SystemExit(f"synproxy front: no front answers on {address} ({getattr(error, 'reason', error)})") from None
+    stats = {**json.loads(ready), "packets": {}, "kernel_packets": {}, "bgp": {}}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "synproxy_front_packets_total":
+                stats["packets"][labels["outcome"]] = stats["packets"].get(labels["outcome"], 0) + int(sample.value)
+            elif sample.name == "synproxy_front_kernel_packets_total":
+                key = f"{labels['path']}:{labels['outcome']}"
+                stats["kernel_packets"][key] = stats["kernel_packets"].get(key, 0) + int(sample.value)
+            elif sample.name in ("synproxy_front_bgp_announced", "synproxy_front_bgp_established"):
+                stats["bgp"].setdefault(labels["peer"], {})[sample.name.rpartition("_")[2]] = bool(sample.value)
+    return stats
+
+
+def handled(stats: dict) -> int:
+    """Packets to the VIPs this front has handled, by the queue or its programs (a program's
+    not_protected packets are the node's other traffic: BGP, scrapes)."""
+    return sum(stats["packets"].values()) + sum(value for key, value in stats["kernel_packets"].items()
+                                                 if not key.endswith(":not_protected"))
+
+
+def print_stats(stats: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(stats))
+        return
+    print(f"{'ready':24} {stats['ready']}")
+    for name, verdict in stats["checks"].items():
+        print(f"  {name:22} {verdict}")
+    for peer, state in stats["bgp"].items():
+        print(f"{'bgp ' + peer:24} {'established' if state.get('established') else 'down'}, "
+              f"{'announced' if state.get('announced') else 'withdrawn'}")
+    for outcome, value in sorted(stats["packets"].items()):
+        print(f"{outcome:24} {value}")
+    for key, value in sorted(stats["kernel_packets"].items()):
+        if value:
+            print(f"{key:24} {value}")
+
+
+def drain(config: Config, timeout: float, quiet_seconds: float = 1.0) -> int:
+    """Withdraw the running front (SIGUSR1) and wait until it has handled no packet for ``quiet_seconds``:
+    the routers have moved its traffic (new connections and established ones alike: any front serves
+    both). Bounded by ``timeout``."""
+    pid = instance.holder("front")
+    if pid is None:
+        raise SystemExit("synproxy front: no front runs in this network namespace")
+    os.kill(pid, signal.SIGUSR1)
+    if not config.front.metrics_address:
+        print(f"front {pid}: draining (no front.metrics_address to watch its traffic move)")
+        return 0
+    started = time.monotonic()
+    last, quiet_since, stats = None, time.monotonic(), {"bgp": {}}
+    while time.monotonic() - started < timeout:
+        stats = running_stats(config)
+        count = handled(stats)
+        withdrawn = stats["checks"].get("draining", "ok") != "ok" and not any(
+            state.get("announced") for state in stats["bgp"].values())
+        if count != last or not withdrawn:
+            last, quiet_since = count, time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_seconds:
+            print(f"front {pid}: drained: withdrawn, no packet for {quiet_seconds:g} s, "
+                  f"after {time.monotonic() - started:.1f} s")
+            return 0
+        time.sleep(0.1)
+    print(f"front {pid}: draining, but still handling packets after {timeout:g} s"
+          f"{'' if stats['bgp'] else ' (no front.bgp: the routers must follow /readyz to move the traffic)'}",
+          file=sys.stderr)
+    return 1
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.stats or args.drain:
+        config = load_config(args.config)
+        if args.drain:
+            return drain(config, args.timeout)
+        print_stats(running_stats(config), args.json)
+        return 0
+    if args.undrain:
+        pid = instance.holder("front")
+        if pid is None:
+            raise SystemExit("synproxy front: no front runs in this network namespace")
+        os.kill(pid, signal.SIGUSR2)
+        print(f"front {pid}: drain ended; it announces again once ready")
+        return 0
     return Front(args.config).run()
+

@@ -80,6 +80,9 @@ def report(lab: Lab, ordinary: dict, crossed: dict, curls: list, flooded: dict) 
         shown = f"{plane['mode']} ({', '.join(sorted(set(plane['xdp'].values())))})" if plane.get("xdp") else plane.get("mode")
         print(f"{host.name:8} {shown!s:>18} {summary['syn_answered']:14.0f} {summary['validated']:15.0f} "
               f"{summary['forwarded']:10.0f} {summary['dropped']:8.0f} {summary['queue_dropped']:12.0f}")
+    if lab.routing == "bgp":
+        routed = [name for name, state in lab.announcements().items() if state["routed"]]
+        print(f"router: the VIPs learned by BGP, ECMP over {', '.join(routed) or 'no front'}")
     print(f"{'backend':8} {'connections created':>20} {'SYNs received':>14}")
     for host in lab.by_role("backend"):
         stats = json.loads(lab.run(host.name, [sys.executable, "-m", "synproxy.cli", "backend", "--config",

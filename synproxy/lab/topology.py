@@ -2,13 +2,16 @@
 
 Every host is a network namespace named ``<lab>-<host>``; hosts are joined by veth pairs to one
 router namespace (no bridge, nothing in the root namespace, so the host's FORWARD policy does not
-matter). The router spreads traffic to the VIP over the fronts by ECMP with an L4 hash. Fronts and
+matter). The router spreads traffic to the VIP over the fronts by ECMP with an L4 hash: it learns the
+route by BGP (BIRD 2, synproxy/lab/routing.py) from every front that announces it, or, with
+``routing="static"``, has it configured. Fronts and
 backends run the product's own commands with one shared configuration. What was created is written
 to a state file first, so `down` removes everything even after a crash.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -30,7 +33,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from synproxy.bpf.libbpf import XDP_FLAGS_DRV_MODE, BpfObject, xdp_attach
 from synproxy.bpf.loading import build_object
 from synproxy.instance import CAP_SYS_ADMIN, has_capability
-from synproxy.lab import nginx
+from synproxy.lab import nginx, routing
 from synproxy.netns import add_addresses, inside, link, pids_inside, set_tx_checksum_offload, write_sysctls
 
 STATE_ROOT = Path("/run/synproxy-lab")
@@ -85,6 +88,7 @@ class Lab:
     clock_skew_seconds: float = 2.0
     prometheus: bool = False
     data_plane: str = "auto"  # the fronts' front.data_plane (docs/front.md)
+    routing: str = "bgp"      # bgp: the fronts announce the VIPs to the router's BIRD; static: ECMP routes
     workers: int | None = None  # the fronts' front.workers; None: the default
 
     @property
@@ -139,6 +143,8 @@ class Lab:
         try:
             self._build_network()
             self._write_config()
+            if self.routing == "bgp":
+                self._start_bird()
             for host in self.by_role("backend"):
                 self.start_backend(host.name)
                 self.start_nginx(host.name)
@@ -195,9 +201,10 @@ class Lab:
                     for vip in (f"{VIP}/32", f"{VIP6}/128"):
                         ns.route("add", dst=vip, type="blackhole")
         with NetNS(router) as ns:
-            fronts = self.by_role("front")
-            ns.route("add", dst=f"{VIP}/32", multipath=[{"gateway": h.address} for h in fronts])
-            ns.route("add", dst=f"{VIP6}/128", multipath=[{"gateway": h.address6} for h in fronts])
+            if self.routing == "static":
+                fronts = self.by_role("front")
+                ns.route("add", dst=f"{VIP}/32", multipath=[{"gateway": h.address} for h in fronts])
+                ns.route("add", dst=f"{VIP6}/128", multipath=[{"gateway": h.address6} for h in fronts])
             # Replies to spoofed sources, and anything else unknown, end here.
             ns.route("add", dst="0.0.0.0/0", type="blackhole")
             ns.route("add", dst="::/0", type="blackhole")
@@ -225,7 +232,9 @@ class Lab:
             f"salt_period_seconds: {self.salt_period_seconds}\nclock_skew_seconds: {self.clock_skew_seconds}\n"
             f"front:\n  metrics_address: 0.0.0.0:{FRONT_METRICS_PORT}\n  data_plane: {self.data_plane}\n"
             f"  xdp_mode: native\n{workers}"
-            f"backend:\n  interface: eth0\n  metrics_address: 0.0.0.0:{BACKEND_METRICS_PORT}\n")
+            + (f"  bgp:\n    local_as: {routing.FRONT_AS}\n    peer_as: {routing.ROUTER_AS}\n"
+               "    stop_wait_seconds: 1\n" if self.routing == "bgp" else "")
+            + f"backend:\n  interface: eth0\n  metrics_address: 0.0.0.0:{BACKEND_METRICS_PORT}\n")
         self.config_path.write_text(text)
 
     def start_front(self, name: str, data_plane: str | None = None) -> None:
@@ -234,6 +243,52 @@ class Lab:
         config = self.config_for(data_plane or self.data_plane)
         self._start(name, [sys.executable, "-m", "synproxy.cli", "front", "--config", str(config)],
                     '"event": "front_started"')
+        if self.routing == "bgp":
+            self.wait_for_route(name, announced=True)
+
+    # --- BGP ---------------------------------------------------------------------------------------
+
+    @property
+    def bird_socket(self) -> str:
+        return str(self.state_dir / "bird.ctl")
+
+    def _start_bird(self) -> None:
+        """BIRD in the router's namespace, before the fronts: they connect to it as they start."""
+        config = self.state_dir / "bird.conf"
+        config.write_text(routing.bird_config(self.by_role("client")[0].router_side,
+                                              {h.name: h.address for h in self.by_role("front")}))
+        try:
+            argv = routing.bird_argv(str(config), self.bird_socket)
+        except FileNotFoundError as error:
+            raise LabError(str(error)) from None
+        self._start("router-bird", argv, "<INFO> Started", namespace=self.ns("router"))
+
+    def routed_fronts(self) -> dict[str, bool]:
+        """Each front: whether the router's routes to both VIPs go through it (its announcement is installed)."""
+        hops = routing.next_hops(self.ns("router"), VIP) | routing.next_hops(self.ns("router"), VIP6)
+        return {h.name: h.address in hops and h.address6 in hops for h in self.by_role("front")}
+
+    def wait_for_route(self, front: str, announced: bool, seconds: float = 15) -> float:
+        """Wait until the router's VIP routes go through ``front`` (or no longer do); the seconds it took."""
+        started = time.monotonic()
+        while self.routed_fronts()[front] != announced:
+            if time.monotonic() - started > seconds:
+                raise LabError(f"the router's VIP routes {'lack' if announced else 'still have'} {front} after "
+                               f"{seconds:g} s; router-bird.log and {front}.log say why")
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    def announcements(self) -> dict[str, dict]:
+        """`lab status`: each front's BGP session as the router's BIRD sees it, and whether its route is
+        installed."""
+        routed = self.routed_fronts()
+        sessions = {}
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            for line in routing.birdc(self.ns("router"), self.bird_socket, "show", "protocols").splitlines():
+                fields = line.split()
+                if len(fields) >= 6 and fields[1] == "BGP":
+                    sessions[fields[0]] = fields[5]
+        return {name: {"session": sessions.get(name, "unknown"), "routed": routed[name]} for name in routed}
 
     def start_backend(self, name: str) -> None:
         """Start (or restart) a backend's data plane: it attaches its program and fills its maps."""
@@ -256,7 +311,8 @@ class Lab:
         self._remember("pids", label, master.pid)
 
     def _start_prometheus(self) -> None:
-        """Debian's Prometheus in the router's namespace, scraping every front and backend each second."""
+        """Debian's Prometheus in the router's namespace, scraping every front and backend each second, with
+        the shipped alert rules (deploy/prometheus/alerts.yml)."""
         binary = shutil.which("prometheus")
         if binary is None:
             raise LabError("prometheus not found: install Debian's prometheus package")
@@ -266,7 +322,8 @@ class Lab:
         config.write_text(json.dumps({  # JSON is YAML
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "scrape_configs": [{"job_name": job, "static_configs": [{"targets": addresses}]}
-                               for job, addresses in targets.items()]}))
+                               for job, addresses in targets.items()],
+            "rule_files": [str(REPO_ROOT / "deploy" / "prometheus" / "alerts.yml")]}))
         self._start("prometheus", [binary, f"--config.file={config}",
                                    f"--storage.tsdb.path={self.state_dir / 'prometheus-data'}",
                                    f"--web.listen-address=0.0.0.0:{PROMETHEUS_PORT}"],
@@ -372,7 +429,12 @@ class Lab:
     def down(self) -> None:
         _require_root()
         state = self._state()
-        # Fronts first (they remove their rules), then backends (they detach), then namespaces.
+        # Fronts first (they withdraw, answer a second, and remove their rules: all at once), then backends
+        # (they detach), then namespaces.
+        for label, pid in state["pids"].items():
+            if label.startswith("front"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
         for label, pid in sorted(state["pids"].items(), key=lambda item: not item[0].startswith("front")):
             _signal_and_wait(pid, signal.SIGTERM, 10)
         known = set(state["namespaces"]) | {n for n in netns.listnetns() if n.startswith(f"{self.name}-")}
@@ -392,7 +454,8 @@ class Lab:
         return {"name": self.name, "exists": (self.state_dir / "state.json").exists(),
                 "namespaces": [n for n in state["namespaces"] if n in netns.listnetns()],
                 "processes": processes,
-                "data_planes": {h.name: self.data_plane_of(h) for h in self.by_role("front") if processes.get(h.name)}}
+                "data_planes": {h.name: self.data_plane_of(h) for h in self.by_role("front") if processes.get(h.name)},
+                **({"announcements": self.announcements()} if (self.state_dir / "bird.conf").exists() else {})}
 
     def data_plane_of(self, front: Host) -> dict:
         """What a running front says it runs, from its metrics: the mode, and the XDP mode per interface."""

@@ -1,0 +1,103 @@
+"""The systemd units (deploy/systemd/) pass `systemd-analyze verify`, each role runs with nothing but its
+unit's capabilities, and a node tells systemd it is ready, beats its watchdog and says when it stops
+(synproxy/systemd.py, the NOTIFY_SOCKET datagram protocol)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from synproxy.lab.topology import REPO_ROOT
+from tests.test_health import config, namespace, running, synproxy, wait_for  # noqa: F401 - namespace is a fixture
+
+UNITS = sorted((REPO_ROOT / "deploy" / "systemd").glob("*.service"))
+
+
+def test_the_units_verify(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is in Debian's systemd package")
+    synproxy = shutil.which("synproxy")
+    assert synproxy, "the project is installed (deploy/install-deps.sh): the units run its entry point"
+    copies = []
+    for unit in UNITS:  # verify checks that ExecStart's program exists: point it at this host's
+        copy = tmp_path / unit.name
+        copy.write_text(unit.read_text().replace("/usr/local/bin/synproxy", synproxy))
+        copies.append(str(copy))
+    assert [unit.name for unit in UNITS] == ["synproxy-backend.service", "synproxy-front.service"]
+    result = subprocess.run(["systemd-analyze", "verify", *copies], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr  # bad keys are warnings only
+
+
+def bounding_set(role: str) -> list[str]:
+    text = (REPO_ROOT / "deploy" / "systemd" / f"synproxy-{role}.service").read_text()
+    return re.search(r"^CapabilityBoundingSet=(.*)$", text, re.MULTILINE).group(1).split()
+
+
+def with_only(capabilities: list[str]) -> tuple[str, ...]:
+    keep = ",".join(["-all", *(f"+{cap.removeprefix('CAP_').lower()}" for cap in capabilities)])
+    return "setpriv", f"--bounding-set={keep}", f"--inh-caps={keep}"
+
+
+@pytest.mark.parametrize("role, data_plane", [("front", "xdp"), ("backend", "nfqueue")])
+def test_each_role_runs_with_only_its_units_capabilities(namespace, tmp_path, role, data_plane):  # noqa: F811
+    with running(namespace, role, "--config", config(tmp_path, data_plane),
+                 prefix=with_only(bounding_set(role))) as process:
+        body = wait_for(namespace, "/readyz", 200, seconds=30)
+        assert process.poll() is None
+        assert all(verdict == "ok" for verdict in body["checks"].values())
+
+
+@pytest.mark.parametrize("role, data_plane, dropped", [("front", "xdp", "CAP_SYS_ADMIN"),
+                                                       ("front", "nfqueue", "CAP_NET_RAW"),
+                                                       ("backend", "nfqueue", "CAP_NET_RAW"),
+                                                       ("backend", "nfqueue", "CAP_BPF"),
+                                                       ("backend", "nfqueue", "CAP_PERFMON")])
+def test_each_capability_of_a_unit_is_needed(namespace, tmp_path, role, data_plane, dropped):  # noqa: F811
+    capabilities = [cap for cap in bounding_set(role) if cap != dropped]
+    result = subprocess.run(synproxy(namespace, role, "--config", config(tmp_path, data_plane),
+                                     prefix=with_only(capabilities)),
+                            capture_output=True, text=True, timeout=60, check=False, cwd=REPO_ROOT)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_front_says_ready_beats_its_watchdog_and_says_when_it_stops(namespace, tmp_path):  # noqa: F811
+    address = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(str(address))
+        systemd.settimeout(10)
+        with running(namespace, "front", "--config", config(tmp_path, "nfqueue"),
+                     env={"NOTIFY_SOCKET": str(address)}) as process:
+            first = systemd.recv(4096).decode()
+            assert first.startswith("READY=1\nSTATUS=")
+            assert systemd.recv(4096).decode().startswith("WATCHDOG=1\nSTATUS=")
+            wait_for(namespace, "/readyz", 200)
+            process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while (message := systemd.recv(4096).decode()) != "STOPPING=1":
+                assert time.monotonic() < deadline, message
+            assert process.wait(timeout=10) == 0
+
+
+def test_the_alert_rules_check_and_fire_as_their_tests_say():
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is in Debian's prometheus package")
+    rules = REPO_ROOT / "deploy" / "prometheus"
+    for argv in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]):
+        result = subprocess.run(["promtool", *argv], capture_output=True, text=True, timeout=60, check=False,
+                                cwd=rules)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_dashboard_query_has_a_legend():
+    dashboard = json.loads((REPO_ROOT / "deploy" / "grafana" / "synproxy-dashboard.json").read_text())
+    targets = [target for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    assert targets and all(target.get("legendFormat") for target in targets), \
+        [target["expr"] for target in targets if not target.get("legendFormat")]
