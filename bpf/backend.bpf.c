@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Backend data plane (tc ingress, direct action): authenticate and remove the fronts' encapsulation,
  * re-check the cookie of VALIDATED ACKs, and let the kernel create the connection with
- * bpf_sk_assign_tcp_reqsk. docs/backend.md describes what it trusts; docs/cookie.md the cookie. Outer
+ * bpf_sk_assign_tcp_reqsk; pass a segment no connection here owns on to the flow's previous owner
+ * (Beamer's daisy chain). docs/backend.md describes what it trusts; docs/cookie.md the cookie. Outer
  * IPv4; inner IPv4 or IPv6. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -9,12 +10,17 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
+#include <linux/if_packet.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
 #include "synproxy.h"
+
+#define AF_INET 2
+#define ENCAP_TTL 64
+#define IP_DF 0x4000
 
 /* The kernel's struct sock, only ever passed through. libbpf matches the kfunc's prototype against the
  * kernel's BTF kind by kind, and a forward declaration (FWD) would not match its STRUCT. */
@@ -250,13 +256,91 @@ static __always_inline int reset_allowed(const struct backend_config *cfg)
 	return 1;
 }
 
+/* What the encapsulation said, kept past decapsulate() (which moves the packet). */
+struct arrival {
+	struct encap_header header;
+	__be32 self;        /* the outer destination: this backend's farm address */
+	__be16 source_port; /* the front's flow-hash port, kept along the chain */
+};
+
+/* Pass the decapsulated segment on to its previous owner, as encap.chain builds it: the same inner
+ * packet and UDP ports, from this backend to that one, flagged CHAINED (so it is never passed on
+ * again), MACed anew with the primary encap key; back out of the farm interface it came in by, the
+ * kernel resolving the neighbour when it is not yet (backends seldom talk to each other). */
+static __always_inline int chain_to_previous(struct __sk_buff *skb, const struct segment *seg,
+					     const struct arrival *arrival, const struct backend_config *cfg)
+{
+	__u32 zero = 0;
+	const struct encap_keys *keys = bpf_map_lookup_elem(&encap_keys, &zero);
+	__be32 previous = arrival->header.previous;
+	__u8 flags = arrival->header.flags | ENCAP_FLAG_CHAINED;
+	union encap_message message;
+	struct {
+		struct iphdr ip;
+		struct udphdr udp;
+		struct encap_header header;
+	} outer = {};
+	__be16 ip_type = bpf_htons(ETH_P_IP);
+
+	if (!keys || !keys->nkeys)
+		return -1;
+	encap_message_of(&message, arrival->self, previous, seg, flags, previous);
+	__u64 mac = bpf_cpu_to_be64(encap_mac(&message, keys->keys[0]));
+	outer.ip.version = 4;
+	outer.ip.ihl = 5;
+	outer.ip.tot_len = bpf_htons(ENCAP_OVERHEAD + seg->ip_length);
+	outer.ip.frag_off = bpf_htons(IP_DF);
+	outer.ip.ttl = ENCAP_TTL;
+	outer.ip.protocol = IPPROTO_UDP;
+	outer.ip.saddr = arrival->self;
+	outer.ip.daddr = previous;
+	outer.ip.check = fold(bpf_csum_diff(0, 0, (void *)&outer.ip, sizeof(outer.ip), 0));
+	outer.udp.source = arrival->source_port;
+	outer.udp.dest = bpf_htons(cfg->encap_port);
+	outer.udp.len = bpf_htons(ENCAP_OVERHEAD - sizeof(struct iphdr) + seg->ip_length);
+	outer.header = arrival->header;
+	outer.header.flags = flags;
+	__builtin_memcpy(outer.header.mac, &mac, sizeof(mac));
+	_Static_assert(sizeof(outer) == ENCAP_OVERHEAD, "outer IPv4 + UDP + header");
+
+	if (bpf_skb_adjust_room(skb, ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) ||
+	    bpf_skb_store_bytes(skb, __builtin_offsetof(struct ethhdr, h_proto), &ip_type, 2, 0) ||
+	    bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &outer, sizeof(outer), 0))
+		return -1;
+
+	struct bpf_fib_lookup fib = {
+		.family = AF_INET,
+		.l4_protocol = IPPROTO_UDP,
+		.sport = outer.udp.source,
+		.dport = outer.udp.dest,
+		.tot_len = ENCAP_OVERHEAD + seg->ip_length,
+		.ifindex = skb->ifindex,
+		.ipv4_src = arrival->self,
+		.ipv4_dst = previous,
+	};
+	/* From the egress's view, out of the interface it came in by: a backend need not forward. */
+	int route = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+	if (route == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		struct bpf_redir_neigh next_hop = {.nh_family = AF_INET, .ipv4_nh = fib.ipv4_dst};
+
+		return bpf_redirect_neigh(fib.ifindex, &next_hop, sizeof(next_hop), 0);
+	}
+	if (route != BPF_FIB_LKUP_RET_SUCCESS || bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
+	    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
+		return -1;
+	return bpf_redirect(fib.ifindex, 0);
+}
+
 /* A decapsulated unflagged segment. A front cannot tell a forged ACK from one of an established
- * connection, so it forwards both: pass what a connection owns; what none owns (no socket, or only a
- * listener) the kernel would answer with a RST, unbounded, so pass it only within the reset budget
- * (a client whose connection this backend lost still gets its reset) and drop the rest. A client's RST
- * is never answered: drop it. docs/backend.md. */
+ * connection, so it forwards both: pass what a connection owns. What none owns (no socket, or only a
+ * listener) may belong to a connection the flow's previous owner holds (a backend change moved the flow
+ * here): pass it on to that one, once. The last hop (no previous owner named, or a chained packet) is
+ * where the kernel would answer it with a RST, unbounded, so it is passed only within the reset budget
+ * (a client whose connection this backend lost still gets its reset) and the rest dropped. A client's
+ * RST is never answered: dropped. docs/backend.md. */
 static __always_inline int pass_if_owned(struct __sk_buff *skb, const struct segment *seg,
-					 const struct backend_config *cfg)
+					 const struct arrival *arrival, const struct backend_config *cfg)
 {
 	struct bpf_sock *skc = socket_of(skb, seg);
 
@@ -266,6 +350,17 @@ static __always_inline int pass_if_owned(struct __sk_buff *skb, const struct seg
 		bpf_sk_release(skc);
 		if (!listening)
 			return TC_ACT_OK;
+	}
+	if (!(arrival->header.flags & ENCAP_FLAG_CHAINED) && arrival->header.previous &&
+	    arrival->header.previous != arrival->self) {
+		int verdict = chain_to_previous(skb, seg, arrival, cfg);
+
+		if (verdict < 0 || verdict == TC_ACT_SHOT) {
+			COUNT(COUNTER_CHAIN_FAILED);
+			return TC_ACT_SHOT;
+		}
+		COUNT(COUNTER_CHAINED);
+		return verdict;
 	}
 	if (!(seg->flags & TCP_FLAG_RST) && reset_allowed(cfg)) {
 		COUNT(COUNTER_NO_FLOW_RESET);
@@ -293,17 +388,17 @@ static __always_inline int encap_mac_valid(const struct encap_header *header, __
 {
 	__u32 zero = 0;
 	struct encap_keys *keys = bpf_map_lookup_elem(&encap_keys, &zero);
-	union cookie_message message;
+	union encap_message message;
 	__u64 mac;
 
 	if (!keys)
 		return 0;
 	__builtin_memcpy(&mac, header->mac, 8);
 	mac = bpf_be64_to_cpu(mac);
-	encap_message_of(&message, outer_saddr, outer_daddr, seg, header->flags);
+	encap_message_of(&message, outer_saddr, outer_daddr, seg, header->flags, header->previous);
 #pragma unroll
 	for (__u32 i = 0; i < MAX_SECRETS; i++) {
-		if (i < keys->nkeys && siphash24_48(message.words, keys->keys[i]) == mac)
+		if (i < keys->nkeys && encap_mac(&message, keys->keys[i]) == mac)
 			return 1;
 	}
 	return 0;
@@ -355,20 +450,24 @@ int synproxy_backend(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 
+	/* A chained packet comes from a backend, which this one may not know (added since its last
+	 * reload): its MAC alone admits it. Everything else must come from a trusted front. */
 	__u8 front[16];
 	ipv4_mapped(front, &ip->saddr);
-	if (!bpf_map_lookup_elem(&trusted_fronts, front)) {
+	int chained = (void *)(header + 1) <= data_end && (header->flags & ENCAP_FLAG_CHAINED);
+	if (!chained && !bpf_map_lookup_elem(&trusted_fronts, front)) {
 		COUNT(COUNTER_UNTRUSTED);
 		return TC_ACT_SHOT;
 	}
 	__u8 *inner = (void *)(header + 1);
-	if ((void *)(inner + 1) > data_end || header->magic != ENCAP_MAGIC || header->reserved) {
+	if ((void *)(inner + 1) > data_end || header->magic != ENCAP_MAGIC || header->version != ENCAP_VERSION ||
+	    header->reserved) {
 		COUNT(COUNTER_MALFORMED);
 		return TC_ACT_SHOT;
 	}
 	/* Kept past decapsulate(), which moves the packet. */
-	struct encap_header seen = *header;
-	__be32 outer_saddr = ip->saddr, outer_daddr = ip->daddr;
+	struct arrival arrival = {.header = *header, .self = ip->daddr, .source_port = udp->source};
+	__be32 outer_saddr = ip->saddr;
 	__u8 inner_version = *inner >> 4;
 	if ((inner_version != 4 && inner_version != 6) || decapsulate(skb, inner_version)) {
 		COUNT(COUNTER_MALFORMED);
@@ -380,18 +479,21 @@ int synproxy_backend(struct __sk_buff *skb)
 		COUNT(COUNTER_ENCAP_REFUSED);
 		return TC_ACT_SHOT;
 	}
-	if (!encap_mac_valid(&seen, outer_saddr, outer_daddr, &seg)) {
+	if (!encap_mac_valid(&arrival.header, outer_saddr, arrival.self, &seg)) {
 		COUNT(COUNTER_ENCAP_BAD_MAC);
 		return TC_ACT_SHOT;
 	}
-	if (!forwarded_by_a_front(&seg)) {
+	/* Only a front flags VALIDATED and only a backend CHAINED: a backend never passes on a handshake. */
+	if (!forwarded_by_a_front(&seg) ||
+	    (arrival.header.flags & (ENCAP_FLAG_VALIDATED | ENCAP_FLAG_CHAINED)) ==
+		    (ENCAP_FLAG_VALIDATED | ENCAP_FLAG_CHAINED)) {
 		COUNT(COUNTER_ENCAP_REFUSED);
 		return TC_ACT_SHOT;
 	}
 	COUNT(COUNTER_DECAPSULATED);
-	if (seen.flags & ENCAP_FLAG_VALIDATED)
+	if (arrival.header.flags & ENCAP_FLAG_VALIDATED)
 		return create_connection(skb, &seg, cfg);
-	return pass_if_owned(skb, &seg, cfg);
+	return pass_if_owned(skb, &seg, &arrival, cfg);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -44,7 +44,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, MAGLEV_TABLE_SIZE);
 	__type(key, __u32);
-	__type(value, __be32); /* the backend's IPv4 address */
+	__type(value, struct maglev_owners);
 } maglev SEC(".maps");
 
 /* The next hop to a backend, as bpf_fib_lookup gave it, per CPU: the lookup costs ~200 ns of a forwarded
@@ -96,15 +96,6 @@ static __always_inline int count(const struct segment *seg, __u32 outcome, int v
 static __always_inline int count_xdp(const struct segment *seg, __u32 outcome, int verdict)
 {
 	return count_on(FRONT_PATH_XDP, seg, outcome, verdict);
-}
-
-/* A 32-bit one's-complement sum (bpf_csum_diff's) folded to the 16-bit checksum field's value. */
-static __always_inline __u16 fold(__u64 sum)
-{
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return ~sum & 0xffff;
 }
 
 /* The sum of the TCP pseudo-header: addresses as given (16-byte form), protocol, TCP length. */
@@ -697,18 +688,21 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 
 	__u64 flow = flow_hash(seg, fwd->flow_key);
 	__u32 index = flow % MAGLEV_TABLE_SIZE;
-	const __be32 *entry = bpf_map_lookup_elem(&maglev, &index);
-	if (!entry || !*entry)
+	const struct maglev_owners *entry = bpf_map_lookup_elem(&maglev, &index);
+	if (!entry)
 		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
-	__be32 backend = *entry; /* read once: the loader may rewrite it */
+	/* Each field read once: the loader may rewrite them (one at a time, previous first). */
+	__be32 backend = entry->current, previous = entry->previous;
+	if (!backend)
+		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
 	__be16 source_port = bpf_htons(ENCAP_SOURCE_PORT_BASE | (flow & ENCAP_SOURCE_PORT_MASK));
 	struct route next_hop;
 	if (!route_to_backend(ctx, fwd, backend, source_port, &next_hop))
 		return count_xdp(seg, FRONT_UNROUTED, XDP_PASS);
 
-	union cookie_message message;
-	encap_message_of(&message, fwd->farm_address, backend, seg, flags);
-	__u64 mac = bpf_cpu_to_be64(siphash24_48(message.words, fwd->encap_key));
+	union encap_message message;
+	encap_message_of(&message, fwd->farm_address, backend, seg, flags, previous);
+	__u64 mac = bpf_cpu_to_be64(encap_mac(&message, fwd->encap_key));
 
 	/* The queue's copy ends where the IP packet does: drop an Ethernet pad, then make room. */
 	if (frame_length > sizeof(struct ethhdr) + ip_length &&
@@ -745,7 +739,9 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 	udp->check = 0;
 	header->magic = ENCAP_MAGIC;
 	header->flags = flags;
+	header->version = ENCAP_VERSION;
 	header->reserved = 0;
+	header->previous = previous;
 	__builtin_memcpy(header->mac, &mac, sizeof(mac));
 	return count_xdp(seg, outcome, send(ctx, next_hop.ifindex));
 }

@@ -33,17 +33,21 @@
 static const __u16 mss_table_v4[4] = {536, 1300, 1440, 1460};
 static const __u16 mss_table_v6[4] = {1220, 1420, 1440, 8940};
 
-/* --- encapsulation v2: outer IPv4 (20) + UDP (8) + this header (12) (docs/backend.md) --- */
+/* --- encapsulation v3: outer IPv4 (20) + UDP (8) + this header (16) (docs/backend.md) --- */
 #define ENCAP_MAGIC 0x5c
-#define ENCAP_FLAG_VALIDATED 0x01
-#define ENCAP_OVERHEAD 40
-#define ENCAP_MAC_INPUT_BYTES 48
+#define ENCAP_VERSION 3
+#define ENCAP_FLAG_VALIDATED 0x01 /* a handshake ACK whose cookie a front found valid */
+#define ENCAP_FLAG_CHAINED 0x02   /* passed on by the current owner to the previous one: never again */
+#define ENCAP_OVERHEAD 44
+#define ENCAP_MAC_INPUT_BYTES 56
 
 struct encap_header {
 	__u8 magic;
 	__u8 flags;
-	__u16 reserved; /* zero */
-	__u8 mac[8];    /* SipHash-2-4 of encap_message_of()'s 48 bytes under an encap key, big endian */
+	__u8 version;     /* ENCAP_VERSION */
+	__u8 reserved;    /* zero */
+	__be32 previous;  /* the flow's previous owner (Beamer's chain), 0: none */
+	__u8 mac[8];      /* SipHash-2-4 of encap_message_of()'s 56 bytes under an encap key, big endian */
 };
 
 /* bpf_skb_adjust_room flags (Linux 6.3) that also set skb->protocol to the inner family; the 6.1 uapi
@@ -178,10 +182,15 @@ struct front_forwarding {
 	__u8 flow_key[16];   /* maglev.derive_flow_key */
 };
 
-/* The front's Maglev table (maglev.build_table, written by the loader): entry flow_hash % size holds the
- * backend's IPv4 address itself, so a reload rewrites entries one aligned u32 at a time and a reader
- * never pairs an old index with a new backend list. 0: not written yet. */
+/* The front's Maglev table (maglev.build_table, written by the loader), entry flow_hash % size: the
+ * backend's IPv4 address itself (a reader never pairs an old index with a new backend list) and the
+ * slot's previous owner (maglev.PreviousOwners), one lookup for both. The loader writes one field per
+ * update, the previous owner first (synproxy/front/fastpath.py). current 0: not written yet. */
 #define MAGLEV_TABLE_SIZE 65537
+struct maglev_owners {
+	__be32 current;
+	__be32 previous; /* 0: none */
+};
 
 /* Indices of the per-CPU `counters` map; synproxy/backend/loader.py names them in this order. */
 enum counter {
@@ -203,6 +212,9 @@ enum counter {
 	COUNTER_NO_FLOW_RESET,     /* unflagged, no connection owns it (none, or only a listener): passed
 				    * within the reset budget, and the kernel answers it with a RST */
 	COUNTER_NO_FLOW_DROPPED,   /* the same beyond the budget, or a client's RST (never answered): dropped */
+	COUNTER_CHAINED,           /* unflagged, no connection owns it, a previous owner named: re-encapsulated
+				    * to it (Beamer's daisy chain) */
+	COUNTER_CHAIN_FAILED,      /* the same, but re-encapsulating or routing it failed: dropped */
 	COUNTER_MAX,
 };
 #define KFUNC_ERRNO_SLOTS 64
@@ -234,8 +246,9 @@ _Static_assert(sizeof(struct bpf_tcp_req_attrs) == 20, "the kfunc checks attrs__
 		v2 += v1; v1 = SIP_ROTL(v1, 17); v1 ^= v2; v2 = SIP_ROTL(v2, 32); \
 	} while (0)
 
-/* The 64-bit output as the kernel's siphash() returns it (and the Python siphash24 intdigest()). */
-static __always_inline __u64 siphash24_48(const __u64 m[COOKIE_MAC_INPUT_BYTES / 8], const __u8 key[16])
+/* The 64-bit output as the kernel's siphash() returns it (and the Python siphash24 intdigest()), for a
+ * message of `words` little-endian 64-bit words (a constant at every call). */
+static __always_inline __u64 siphash24_words(const __u64 *m, const __u32 words, const __u8 key[16])
 {
 	__u64 k0, k1;
 
@@ -246,14 +259,14 @@ static __always_inline __u64 siphash24_48(const __u64 m[COOKIE_MAC_INPUT_BYTES /
 	__u64 v2 = 0x6c7967656e657261ULL ^ k0;
 	__u64 v3 = 0x7465646279746573ULL ^ k1;
 #pragma unroll
-	for (int i = 0; i < COOKIE_MAC_INPUT_BYTES / 8; i++) {
+	for (int i = 0; i < words; i++) {
 		v3 ^= m[i];
 		SIP_ROUND;
 		SIP_ROUND;
 		v0 ^= m[i];
 	}
-	/* The final block is empty but for the length byte: 48 is a multiple of 8. */
-	__u64 b = (__u64)COOKIE_MAC_INPUT_BYTES << 56;
+	/* The final block is empty but for the length byte: the message is whole words. */
+	__u64 b = (__u64)(words * 8) << 56;
 	v3 ^= b;
 	SIP_ROUND;
 	SIP_ROUND;
@@ -264,6 +277,21 @@ static __always_inline __u64 siphash24_48(const __u64 m[COOKIE_MAC_INPUT_BYTES /
 	SIP_ROUND;
 	SIP_ROUND;
 	return v0 ^ v1 ^ v2 ^ v3;
+}
+
+/* The cookie's and the flow hash's 48-byte messages. */
+static __always_inline __u64 siphash24_48(const __u64 m[COOKIE_MAC_INPUT_BYTES / 8], const __u8 key[16])
+{
+	return siphash24_words(m, COOKIE_MAC_INPUT_BYTES / 8, key);
+}
+
+/* A 32-bit one's-complement sum (bpf_csum_diff's) folded to the 16-bit checksum field's value. */
+static __always_inline __u16 fold(__u64 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return ~sum & 0xffff;
 }
 
 /* A TCP segment of the (inner) packet, addresses in the MAC message's 16-byte form. */
@@ -405,10 +433,17 @@ static __always_inline void cookie_message_of(union cookie_message *message, con
 	__builtin_memcpy(&message->bytes[44], &data_be, 2);
 }
 
-/* The 48 bytes the encapsulation's MAC covers (docs/backend.md): outer source and destination, the
- * inner addresses (16-byte form) and ports, the header's flags, three zero bytes. */
-static __always_inline void encap_message_of(union cookie_message *message, __be32 outer_saddr,
-					     __be32 outer_daddr, const struct segment *seg, __u8 flags)
+union encap_message {
+	__u8 bytes[ENCAP_MAC_INPUT_BYTES];
+	__u64 words[ENCAP_MAC_INPUT_BYTES / 8];
+};
+
+/* The 56 bytes the encapsulation's MAC covers (docs/backend.md): outer source and destination, the
+ * inner addresses (16-byte form) and ports, the header's flags, three zero bytes, the previous owner,
+ * four zero bytes. */
+static __always_inline void encap_message_of(union encap_message *message, __be32 outer_saddr,
+					     __be32 outer_daddr, const struct segment *seg, __u8 flags,
+					     __be32 previous)
 {
 	__builtin_memset(message, 0, sizeof(*message));
 	__builtin_memcpy(&message->bytes[0], &outer_saddr, 4);
@@ -418,8 +453,13 @@ static __always_inline void encap_message_of(union cookie_message *message, __be
 	__builtin_memcpy(&message->bytes[40], &seg->sport, 2);
 	__builtin_memcpy(&message->bytes[42], &seg->dport, 2);
 	message->bytes[44] = flags;
+	__builtin_memcpy(&message->bytes[48], &previous, 4);
 }
-_Static_assert(ENCAP_MAC_INPUT_BYTES == COOKIE_MAC_INPUT_BYTES, "both MACs run siphash24_48");
+
+static __always_inline __u64 encap_mac(const union encap_message *message, const __u8 key[16])
+{
+	return siphash24_words(message->words, ENCAP_MAC_INPUT_BYTES / 8, key);
+}
 
 /* Is `epoch` accepted at `now_ns` (wall-clock ns)? The window of SaltSchedule.accepted_epochs
  * (synproxy/salt.py): [floor((now - period - skew) / period), floor((now + skew) / period)]. Each program

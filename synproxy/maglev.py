@@ -1,7 +1,10 @@
 """Maglev consistent hashing (Eisenbud et al., NSDI 2016), as Katran uses it.
 
 Every front builds the same lookup table from the same backend list, so all pick the same backend
-for a flow without talking to each other; removing a backend moves only the flows it had.
+for a flow without talking to each other; removing a backend moves only the flows it had. The flows a
+change moves anyway keep their connections through Beamer's daisy chain (Olteanu et al., NSDI 2018):
+PreviousOwners remembers, per slot, the backend that owned it before the change, and every packet
+names it, so the new owner can pass on what it has no connection for (docs/backend.md).
 """
 
 from __future__ import annotations
@@ -32,10 +35,13 @@ def _hash(data: bytes, seed: int) -> int:
     return siphash24(data, key=seed.to_bytes(16, "little")).intdigest()
 
 
-def build_table(backends: list[str], size: int = DEFAULT_TABLE_SIZE) -> list[int]:
-    """Lookup table of backend indexes; ``backends`` are stable names (their addresses)."""
+def build_table(backends: list[str], size: int = DEFAULT_TABLE_SIZE, weights: list[int] | None = None) -> list[int]:
+    """Lookup table of backend indexes; ``backends`` are stable names (their addresses). With ``weights``
+    a backend takes that many turns per round of the fill (Katran's weighted Maglev), so it owns slots in
+    proportion; all weights 1 is the unweighted table."""
     if not backends:
         raise ValueError("Maglev needs at least one backend")
+    turns = weights or [1] * len(backends)
     permutations = []
     for name in backends:
         data = name.encode()
@@ -47,15 +53,75 @@ def build_table(backends: list[str], size: int = DEFAULT_TABLE_SIZE) -> list[int
     filled = 0
     while True:
         for backend, (offset, skip) in enumerate(permutations):
-            slot = (offset + next_index[backend] * skip) % size
-            while table[slot] >= 0:
-                next_index[backend] += 1
+            for _ in range(turns[backend]):
                 slot = (offset + next_index[backend] * skip) % size
-            table[slot] = backend
-            next_index[backend] += 1
-            filled += 1
-            if filled == size:
-                return table
+                while table[slot] >= 0:
+                    next_index[backend] += 1
+                    slot = (offset + next_index[backend] * skip) % size
+                table[slot] = backend
+                next_index[backend] += 1
+                filled += 1
+                if filled == size:
+                    return table
+
+
+NO_OWNER = bytes(4)  # the encapsulation's previous-owner field when there is none to chain to
+
+
+class PreviousOwners:
+    """Per Maglev slot, the backend a packet of that slot is chained to when its current owner holds no
+    connection for it: the slot's owner before the last change that moved it, for ``window`` seconds
+    after that change, then the draining backend the slot would have without the drain (a draining
+    backend keeps its connections as long as it is listed), else none.
+
+    One previous owner per slot, as in Beamer: a slot moved twice within the window forgets its first
+    owner. The history lives in the front process: a front (re)started during a window chains nothing
+    it has not seen change. Times are the caller's monotonic clock."""
+
+    def __init__(self, window: float, size: int = DEFAULT_TABLE_SIZE):
+        self.window = window
+        self.owners = [NO_OWNER] * size       # what each slot's packets carry
+        self._current: list[bytes] | None = None
+        self._moved_from = [NO_OWNER] * size
+        self._until = [0.0] * size
+        self._draining = [NO_OWNER] * size
+        self._next_expiry = float("inf")
+
+    def follow(self, current: list[bytes], draining: list[bytes], gone: frozenset[bytes], now: float) -> None:
+        """A (re)loaded configuration: ``current`` owner per slot, the ``draining`` backend per slot (or
+        the current owner), ``gone`` backends never to chain to (down)."""
+        if self._current is not None:
+            moved_from, until, before = self._moved_from, self._until, self._current
+            for slot, owner in enumerate(current):
+                if owner != before[slot]:
+                    moved_from[slot] = before[slot]
+                    until[slot] = now + self.window
+        if gone:
+            self._moved_from = [NO_OWNER if owner in gone else owner for owner in self._moved_from]
+        self._current, self._draining = list(current), list(draining)
+        self._next_expiry = -1.0
+        self.expire(now)
+
+    def expire(self, now: float) -> bool:
+        """Recompute the owners when a slot's window has ended since the last call; True if any changed."""
+        if now < self._next_expiry or self._current is None:
+            return False
+        owners, current, moved_from, until, draining = (self.owners, self._current, self._moved_from,
+                                                        self._until, self._draining)
+        next_expiry, changed = float("inf"), False
+        for slot, owner in enumerate(current):
+            ends = until[slot]
+            if ends > now:
+                previous = moved_from[slot]
+                next_expiry = min(next_expiry, ends)
+            else:
+                previous = draining[slot]
+            previous = NO_OWNER if previous == owner else previous
+            if owners[slot] != previous:
+                owners[slot] = previous
+                changed = True
+        self._next_expiry = next_expiry
+        return changed
 
 
 def flow_hash(saddr: bytes, daddr: bytes, sport: int, dport: int, key: bytes) -> int:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import signal
 import socket
+import struct
 import time
 
 import pytest
@@ -68,17 +70,19 @@ def inner_flow(inner: bytes) -> tuple[bytes, bytes, int, int]:
 
 
 def encapsulated(inner: bytes, source: str = FRONT, flags: int = 1, magic: int = 0x5C, reserved: int = 0,
-                 key: bytes = KEY, mac_for: tuple[str, str] | None = None, mac_flags: int | None = None) -> bytes:
+                 key: bytes = KEY, mac_for: tuple[str, str] | None = None, mac_flags: int | None = None,
+                 version: int = encap.VERSION, previous: str = "0.0.0.0", destination: str = BACKEND) -> bytes:
     """As a front encapsulates, MACed with ``key`` for the outer addresses ``mac_for`` (default: the
     packet's own) and ``mac_flags`` (default: its own flags)."""
     mac = 0
+    owner = ipaddress.ip_address(previous).packed
     if len(inner) >= 24:
-        outer = mac_for or (source, BACKEND)
+        outer = mac_for or (source, destination)
         message = encap.mac_input(*(ipaddress.ip_address(a).packed for a in outer), *inner_flow(inner),
-                                  flags if mac_flags is None else mac_flags)
+                                  flags if mac_flags is None else mac_flags, owner)
         mac = encap.encap_mac(key, message)
-    return raw(Ether() / IP(src=source, dst=BACKEND) / UDP(sport=50000, dport=ENCAP_PORT, chksum=0)
-               / Raw(bytes([magic, flags]) + reserved.to_bytes(2, "big") + mac.to_bytes(8, "big") + inner))
+    return raw(Ether() / IP(src=source, dst=destination) / UDP(sport=50000, dport=ENCAP_PORT, chksum=0)
+               / Raw(bytes([magic, flags, version, reserved]) + owner + mac.to_bytes(8, "big") + inner))
 
 
 def run(plane: DataPlane, packet: bytes) -> tuple[int, bytes, dict]:
@@ -172,11 +176,13 @@ def test_untrusted_source_is_dropped_before_anything_is_parsed(monkeypatch, plan
 @pytest.mark.parametrize("packet", [
     encapsulated(raw(IP() / TCP()), magic=0x5D),
     encapsulated(raw(IP() / TCP()), reserved=1),
+    encapsulated(raw(IP() / TCP()), version=2),
     encapsulated(b"")[:-2],                    # the header cut short
     encapsulated(b"")[:-10],                   # the MAC cut short
     encapsulated(b""),                         # a header and nothing inside
     encapsulated(b"\x50" + bytes(39)),          # inner IP version 5
-], ids=["bad magic", "reserved bits", "truncated header", "truncated MAC", "no inner packet", "inner version"])
+], ids=["bad magic", "reserved bits", "v2 header", "truncated header", "truncated MAC", "no inner packet",
+        "inner version"])
 def test_malformed_encapsulation_is_dropped(plane, packet):
     verdict, _, changed = run(plane, packet)
     assert (verdict, changed) == (TC_ACT_SHOT, {"malformed": 1})
@@ -220,11 +226,14 @@ def test_plain_traffic_passes_untouched_and_syns_are_counted(plane):
 def test_every_encap_vector_is_accepted_exactly_as_sent(monkeypatch, plane, cookie_vectors, encap_vectors):
     """The vectors' packets are what a front sends: decapsulated, and the flagged handshake ACKs (whose
     cookies are cookie vectors) reach the socket lookup. No connection owns the others here: passed within
-    the reset budget, but a client's RST is dropped (the kernel would not answer it)."""
+    the reset budget, but a client's RST is dropped (the kernel would not answer it). Those naming a
+    previous owner are chained (test_a_segment_no_connection_owns_is_chained_...)."""
     assert (encap_vectors["front"], encap_vectors["backend"], encap_vectors["encap_port"]) == (FRONT, BACKEND,
                                                                                                ENCAP_PORT)
     load_salts(monkeypatch, plane, cookie_vectors, cookie_vectors["vectors"][0])
     for v in encap_vectors["vectors"]:
+        if "chained" in v:
+            continue
         inner = bytes.fromhex(v["inner"])
         verdict, out, changed = run(plane, ETHER + bytes.fromhex(v["packet"]))
         if v["validated"]:
@@ -235,6 +244,79 @@ def test_every_encap_vector_is_accepted_exactly_as_sent(monkeypatch, plane, cook
             expected = (TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
         assert (verdict, changed) == expected, v["name"]
         assert out[ETH_HEADER:] == inner and out[12:14] == (b"\x08\x00" if v["family"] == 4 else b"\x86\xdd")
+
+
+TC_ACT_REDIRECT = 7
+FARM_LINK, PREVIOUS_MAC = "bcha", "02:00:00:00:21:02"
+UNRESOLVED_PREVIOUS, UNROUTED_PREVIOUS = "198.18.22.2", "203.0.113.9"
+SK_BUFF_IFINDEX = struct.Struct("=40xI")  # struct __sk_buff up to ifindex: the interface it came in by
+
+
+@pytest.fixture(scope="module")
+def farm():
+    """A namespace where the backend sits on the farm network: the vectors' previous owner a resolved
+    neighbour, another one unresolved, a third unrouted. Runs there come in by the farm interface."""
+    name = netns.unique_name("bch")
+    with netns.namespaces(name):
+        netns.link(name, FARM_LINK, name, "bchb")
+        netns.add_addresses(name, FARM_LINK, f"{BACKEND}/16")
+        netns.run(name, ["ip", "neigh", "replace", "198.18.21.2", "lladdr", PREVIOUS_MAC, "dev", FARM_LINK, "nud",
+                         "permanent"])
+        link = json.loads(netns.run(name, ["ip", "-j", "link", "show", FARM_LINK]).stdout)[0]
+        yield name, SK_BUFF_IFINDEX.pack(link["ifindex"]), bytes.fromhex(link["address"].replace(":", ""))
+
+
+def run_in(farm, plane: DataPlane, packet: bytes) -> tuple[int, bytes, dict]:
+    name, context, _ = farm
+    before = read_counters(plane.counters, plane.kfunc_errors)
+    with netns.inside(name):
+        verdict, out = prog_test_run(plane.prog_fd, packet, context=context)
+    after = read_counters(plane.counters, plane.kfunc_errors)
+    return verdict, out, {key: after[key] - before[key] for key in COUNTERS if after[key] != before[key]}
+
+
+def test_a_segment_no_connection_owns_is_chained_to_its_previous_owner_as_encap_chain_builds_it(
+        farm, plane, encap_vectors):
+    """Every vector naming a previous owner, flags and families alike (a RST too: the previous owner may
+    hold its connection): sent back out of the farm interface to that owner, byte for byte encap.chain's
+    packet, after Ethernet addresses from the neighbour table. Nothing was chained before: the packets met
+    the reset budget here."""
+    chained = [v for v in encap_vectors["vectors"] if "chained" in v]
+    assert {v["family"] for v in chained} == {4, 6} and len(chained) == 8
+    own_mac = farm[2]
+    for v in chained:
+        verdict, out, changed = run_in(farm, plane, ETHER + bytes.fromhex(v["packet"]))
+        assert (verdict, changed) == (TC_ACT_REDIRECT, {"decapsulated": 1, "chained": 1}), v["name"]
+        assert out == bytes.fromhex(PREVIOUS_MAC.replace(":", "")) + own_mac + b"\x08\x00" + \
+            bytes.fromhex(v["chained"]), v["name"]
+
+
+def test_a_chained_packet_is_not_chained_again_and_meets_the_last_hops_reset_budget(farm, plane):
+    """At the previous owner: from a backend it need not trust (its MAC admits it), never passed on again,
+    reset within the budget like any packet of no connection."""
+    inner = raw(IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=4100, dport=80, flags="PA", seq=7, ack=9) / b"x")
+    from_owner = encapsulated(inner, source="198.18.23.2", flags=encap.FLAG_CHAINED, previous="198.18.21.2")
+    assert run_in(farm, plane, from_owner)[::2] == (TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
+    unchained = encapsulated(inner, source="198.18.23.2", flags=0, previous="198.18.21.2")
+    assert run_in(farm, plane, unchained)[::2] == (TC_ACT_SHOT, {"untrusted": 1})
+    validated = encapsulated(inner, source="198.18.23.2", flags=encap.FLAG_CHAINED | encap.FLAG_VALIDATED,
+                             previous="198.18.21.2")
+    assert run_in(farm, plane, validated)[::2] == (TC_ACT_SHOT, {"encap_refused": 1})
+
+
+def test_no_previous_owner_or_itself_named_is_the_last_hop(farm, plane):
+    inner = raw(IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=4101, dport=80, flags="A", seq=7, ack=9))
+    for previous in ("0.0.0.0", BACKEND):
+        packet = encapsulated(inner, flags=0, previous=previous)
+        assert run_in(farm, plane, packet)[::2] == (TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1}), previous
+
+
+def test_an_unresolved_previous_owner_is_left_to_the_kernels_neighbour_and_an_unrouted_one_drops(farm, plane):
+    inner = raw(IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=4102, dport=80, flags="A", seq=7, ack=9))
+    assert run_in(farm, plane, encapsulated(inner, flags=0, previous=UNRESOLVED_PREVIOUS))[::2] == (
+        TC_ACT_REDIRECT, {"decapsulated": 1, "chained": 1})
+    assert run_in(farm, plane, encapsulated(inner, flags=0, previous=UNROUTED_PREVIOUS))[::2] == (
+        TC_ACT_SHOT, {"decapsulated": 1, "chain_failed": 1})
 
 
 def tampered(v: dict, offset: int, xor: int) -> bytes:
@@ -248,8 +330,9 @@ def tampered(v: dict, offset: int, xor: int) -> bytes:
     return ETHER + bytes(packet)
 
 
-MAC_OFFSET = 20 + 8 + 4
-INNER_OFFSET = 20 + 8 + 12
+PREVIOUS_OFFSET = 20 + 8 + 4
+MAC_OFFSET = 20 + 8 + 8
+INNER_OFFSET = 20 + 8 + 16
 
 
 def inner_sport_offset(v: dict) -> int:
@@ -260,10 +343,11 @@ def inner_sport_offset(v: dict) -> int:
     (lambda v: MAC_OFFSET, 0x80),
     (lambda v: MAC_OFFSET + 7, 0x01),
     (lambda v: 20 + 8 + 1, encap.FLAG_VALIDATED),
+    (lambda v: PREVIOUS_OFFSET + 3, 0x01),
     (lambda v: 14, 0x01),  # 198.18.10.2 -> 198.18.11.2, a trusted front too
     (lambda v: 19, 0x01),
     (inner_sport_offset, 0x01),
-], ids=["MAC's first bit", "MAC's last bit", "VALIDATED flag", "outer source: another trusted front",
+], ids=["MAC's first bit", "MAC's last bit", "VALIDATED flag", "previous owner", "outer source: another trusted front",
         "outer destination", "inner source port"])
 def test_a_changed_bit_of_an_encapsulation_fails_its_mac(monkeypatch, plane, cookie_vectors, encap_vectors, offset, xor):
     load_salts(monkeypatch, plane, cookie_vectors, cookie_vectors["vectors"][0])

@@ -49,7 +49,7 @@ from synproxy.bpf.loading import (
 )
 from synproxy.front.handler import FrontPolicy
 from synproxy.logs import log
-from synproxy.maglev import DEFAULT_TABLE_SIZE
+from synproxy.maglev import DEFAULT_TABLE_SIZE, NO_OWNER
 from synproxy.netlink import interface_kind
 from synproxy.salt import SaltSchedule
 
@@ -65,7 +65,7 @@ PATHS = ("tc", "xdp")  # enum front_path: which program counted
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}  # tried in this order
 _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
 _FORWARDING = struct.Struct("=4s2sHQ16s16s")  # struct front_forwarding
-_BACKEND = struct.Struct("4s")  # a maglev map entry: the backend's IPv4 address, network order
+_OWNERS = struct.Struct("4s4s")  # struct maglev_owners: the current and the previous owner's IPv4 addresses
 
 
 class FastPathError(RuntimeError):
@@ -86,7 +86,7 @@ class FastPath:
             self.counters = sized_map(self.object, "counters", COUNTER.size)
             self.xdp_prog_fd = self.object.program_fd(XDP_PROGRAM)
             self.forwarding = sized_map(self.object, "forwarding", _FORWARDING.size)
-            self.maglev = sized_map(self.object, "maglev", _BACKEND.size)
+            self.maglev = sized_map(self.object, "maglev", _OWNERS.size)
         except BaseException:
             self.object.close()
             raise
@@ -98,7 +98,7 @@ class FastPath:
         self.xdp_attached: dict[int, str] = {}  # ifindex -> mode
         self._config_written = b""
         self._forwarding_written = b""
-        self._maglev_written: list[bytes | None] = [None] * DEFAULT_TABLE_SIZE
+        self._maglev_written: list[tuple[bytes, bytes] | None] = [None] * DEFAULT_TABLE_SIZE
 
     def configure(self, policy: FrontPolicy, schedule: SaltSchedule) -> None:
         """What the program protects and announces, then the salts and the clock (refresh())."""
@@ -109,26 +109,36 @@ class FastPath:
         try:
             replace_keys(self.protected_vips, {mapped(ipaddress.ip_address(vip)) for vip in policy.vips})
             replace_keys(self.protected_ports, {PORT_KEY.pack(port) for port in policy.ports})
-            self._write_maglev(policy)
+            self.write_maglev(policy)
         except BpfError as error:
             raise FastPathError(f"filling the fast path's maps failed: {error.strerror}") from None
         self.refresh(policy, schedule, time.time())
 
-    def _write_maglev(self, policy: FrontPolicy) -> None:
-        """The handler's own table, entry by entry where it changed: each entry is the backend's address,
-        one aligned 4-byte store, so a packet meanwhile reads the old or the new backend, never a mix."""
+    def write_maglev(self, policy: FrontPolicy) -> None:
+        """The handler's own tables, slot by slot where they changed (after a reload, or when a slot's
+        previous owner expired). A slot's two fields are written one update at a time, the previous
+        owner first: a packet meanwhile reads the old slot, the new one, or the old owner with the new
+        previous one, which is the old owner itself when a change moved the slot (no chain, as before);
+        never a new owner without the previous one its old connections need."""
         if len(policy.table) != DEFAULT_TABLE_SIZE:
             raise FastPathError(f"a Maglev table of {len(policy.table)} entries: the fast path holds "
                                 f"{DEFAULT_TABLE_SIZE}")
         if any(len(backend) != 4 for backend in policy.backends):
             raise FastPathError("the fast path encapsulates to IPv4 backends only")
-        addresses = [_BACKEND.pack(backend) for backend in policy.backends]
         written = self._maglev_written
-        for index, backend in enumerate(policy.table):
-            value = addresses[backend]
-            if written[index] != value:
-                self.maglev.update(MAP_KEY.pack(index), value)
-                written[index] = value
+        previous = policy.previous.owners if policy.previous is not None else [NO_OWNER] * DEFAULT_TABLE_SIZE
+        try:
+            for index, owner in enumerate(policy.owner_table()):
+                wanted = (owner, previous[index])
+                before = written[index]
+                if before == wanted:
+                    continue
+                if before is not None and before[0] != owner and before[1] != wanted[1]:
+                    self.maglev.update(MAP_KEY.pack(index), _OWNERS.pack(before[0], wanted[1]))
+                self.maglev.update(MAP_KEY.pack(index), _OWNERS.pack(*wanted))
+                written[index] = wanted
+        except BpfError as error:
+            raise FastPathError(f"filling the fast path's Maglev map failed: {error.strerror}") from None
 
     def refresh(self, policy: FrontPolicy, schedule: SaltSchedule, now: float) -> None:
         """At every housekeeping: the salts of the two epochs before the current one, the current one and

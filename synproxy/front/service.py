@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import ipaddress
 import signal
 import socket
 import struct
@@ -25,11 +26,12 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_se
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from synproxy import firewall, instance
-from synproxy.config import Config, ConfigError, load_config, log_warnings
+from synproxy.config import PREVIOUS_TABLE_SECONDS, Config, ConfigError, load_config, log_warnings
 from synproxy.encap import encap_key
 from synproxy.front import fastpath
 from synproxy.front.handler import TOO_BIG, Action, FrontPolicy, TokenBucket, handle
 from synproxy.logs import log
+from synproxy.maglev import PreviousOwners
 from synproxy.netlink import default_route_interfaces, local_addresses
 from synproxy.salt import SaltSchedule, SecretRotation
 
@@ -76,14 +78,24 @@ def farm_address(config: Config):
     return config.farm_address_among(local_addresses())
 
 
-def build_policy(config: Config, schedule: SaltSchedule) -> FrontPolicy:
-    """The handler's policy; encapsulations are MACed with the key of the secret that mints cookies."""
-    return FrontPolicy(vips=frozenset(vip.packed for vip in config.vips), ports=frozenset(config.ports),
-                       farm_address=farm_address(config).packed,
-                       backends=tuple(b.packed for b in config.backends), encap_port=config.encap_port,
-                       encap_key=encap_key(schedule.secrets[0]), flow_key=config.flow_key(),
-                       backend_mss=config.backend_mss, server_wscale=config.server_wscale,
-                       farm_mtu=config.farm_mtu)
+def build_policy(config: Config, schedule: SaltSchedule, previous: PreviousOwners | None = None) -> FrontPolicy:
+    """The handler's policy; encapsulations are MACed with the key of the secret that mints cookies. New
+    connections go to the backends neither draining nor down; ``previous`` (the front's chain history)
+    follows the new tables."""
+    entries = config.backend_entries
+    active = [entry for entry in entries if not entry.drain and not entry.down]
+    policy = FrontPolicy(vips=frozenset(vip.packed for vip in config.vips), ports=frozenset(config.ports),
+                         farm_address=farm_address(config).packed,
+                         backends=tuple(entry.address.packed for entry in active), encap_port=config.encap_port,
+                         encap_key=encap_key(schedule.secrets[0]), flow_key=config.flow_key(),
+                         backend_mss=config.backend_mss, server_wscale=config.server_wscale,
+                         farm_mtu=config.farm_mtu, weights=tuple(entry.weight for entry in active),
+                         draining=tuple((entry.address.packed, entry.weight) for entry in entries if entry.drain),
+                         down=frozenset(entry.address.packed for entry in entries if entry.down), previous=previous)
+    if previous is not None:
+        previous.window = config.front.previous_table_seconds
+        previous.follow(policy.owner_table(), policy.draining_table(), policy.down, time.monotonic())
+    return policy
 
 
 def queue_stats(queue_num: int, text: str) -> dict[str, int] | None:
@@ -233,6 +245,7 @@ class Front:
     def __init__(self, config_path: str):
         self.config_path = config_path
         self.rotation = SecretRotation()
+        self.previous_owners = PreviousOwners(PREVIOUS_TABLE_SECONDS)  # the window follows the configuration
         self.load()
         self.metrics = FrontMetrics(self.config.front.queue_num)
         try:
@@ -254,9 +267,9 @@ class Front:
         log_warnings(config)
         configured_schedule = config.salt_schedule()
         schedule = self.rotation.effective(configured_schedule, getattr(self, "schedule", None), time.time())
-        self.policy = build_policy(config, schedule)
+        self.policy = build_policy(config, schedule, self.previous_owners)
         self.configured_schedule, self.schedule, self.config = configured_schedule, schedule, config
-        self.backend_labels = tuple(str(b) for b in config.backends)  # Verdict.backend indexes these
+        self.backend_labels = tuple(str(ipaddress.ip_address(b)) for b in self.policy.backends)  # Verdict.backend
 
     def expire_retired_secrets(self) -> None:
         schedule = self.rotation.effective(self.configured_schedule, self.schedule, time.time())
@@ -350,11 +363,14 @@ class Front:
             while not stop:
                 self.metrics.epoch.set(self.schedule.current_epoch(time.time()))
                 self.expire_retired_secrets()
+                chain_expired = self.previous_owners.expire(time.monotonic())
                 if reload:
                     reload.clear()
                     self.reload()
                 if self.kernel_path is not None:
                     try:
+                        if chain_expired:
+                            self.kernel_path.write_maglev(self.policy)
                         self.kernel_path.refresh(self.policy, self.schedule, time.time())
                     except fastpath.FastPathError as error:  # its SYNs fall back to the queue (no_salt)
                         log("kernel_path_refresh_failed", error=str(error))

@@ -29,6 +29,7 @@ from synproxy.salt import derive_salt
 OUT = Path(__file__).with_name("cookies.json")
 ENCAP_OUT = Path(__file__).with_name("encap.json")
 FRONT, BACKEND, ENCAP_PORT = "198.18.10.2", "198.18.20.2", 6080
+PREVIOUS = "198.18.21.2"  # the flow's previous owner in the vectors that name one
 SECRET = bytes(range(32))
 PERIOD = 60
 TUPLES = {
@@ -90,24 +91,32 @@ def build_document() -> dict:
             "vectors": vectors}
 
 
-def encap_vector(rng: random.Random, name: str, inner: bytes, validated: bool, key: bytes) -> dict:
+def encap_vector(rng: random.Random, name: str, inner: bytes, validated: bool, key: bytes,
+                 previous: bytes = encap.NO_OWNER) -> dict:
     segment = parse_tcp(inner)
     front, backend = (ipaddress.ip_address(a).packed for a in (FRONT, BACKEND))
     flags = encap.FLAG_VALIDATED if validated else 0
-    message = encap.mac_input(front, backend, segment.saddr, segment.daddr, segment.sport, segment.dport, flags)
+    message = encap.mac_input(front, backend, segment.saddr, segment.daddr, segment.sport, segment.dport, flags,
+                              previous)
     flow_hash = rng.getrandbits(64)
-    return {
+    packet = encap.encapsulate(inner, segment, front, backend, ENCAP_PORT, flow_hash, validated, key, previous)
+    vector = {
         "name": name, "family": segment.family, "validated": validated, "flow_hash": flow_hash,
-        "inner": inner.hex(), "mac_input": message.hex(), "mac": encap.encap_mac(key, message),
-        "packet": encap.encapsulate(inner, segment, front, backend, ENCAP_PORT, flow_hash, validated, key).hex(),
+        "previous": str(ipaddress.ip_address(previous)), "inner": inner.hex(), "mac_input": message.hex(),
+        "mac": encap.encap_mac(key, message), "packet": packet.hex(),
     }
+    if previous != encap.NO_OWNER and not validated:
+        vector["chained"] = encap.chain(packet, segment, key).hex()  # what BACKEND sends on to PREVIOUS
+    return vector
 
 
 def build_encap_document(cookies: dict) -> dict:
     """Per family: the handshake ACK of the first cookie vector, flagged VALIDATED, then unflagged
-    segments of an established connection on the same tuple (plain ACK, data, FIN, RST)."""
+    segments of an established connection on the same tuple (plain ACK, data, FIN, RST); each once
+    without a previous owner and once naming PREVIOUS, with the packet BACKEND chains on to it."""
     rng = random.Random(20261130)
     key = encap.encap_key(SECRET)
+    previous_owner = ipaddress.ip_address(PREVIOUS).packed
     vectors = []
     for family in (4, 6):
         cookie = next(v for v in cookies["vectors"] if v["family"] == family)
@@ -119,13 +128,16 @@ def build_encap_document(cookies: dict) -> dict:
                                     502, options, payload)
 
         timestamp = build_tcp_options(None, None, False, (1234, 5678))
-        vectors.append(encap_vector(rng, f"v{family} handshake ACK, validated", segment(ACK, options=timestamp),
-                                    True, key))
-        for name, flags, payload in (("ACK", ACK, b""), ("data", PSH | ACK, b"GET / HTTP/1.0\r\n\r\n"),
-                                     ("FIN", FIN | ACK, b""), ("RST", RST, b"")):
-            vectors.append(encap_vector(rng, f"v{family} {name}", segment(flags, payload), False, key))
+        for previous in (encap.NO_OWNER, previous_owner):
+            named = "" if previous == encap.NO_OWNER else ", previous owner named"
+            vectors.append(encap_vector(rng, f"v{family} handshake ACK, validated{named}",
+                                        segment(ACK, options=timestamp), True, key, previous))
+            for name, flags, payload in (("ACK", ACK, b""), ("data", PSH | ACK, b"GET / HTTP/1.0\r\n\r\n"),
+                                         ("FIN", FIN | ACK, b""), ("RST", RST, b"")):
+                vectors.append(encap_vector(rng, f"v{family} {name}{named}", segment(flags, payload), False, key,
+                                            previous))
     return {"spec": "docs/backend.md", "secret": SECRET.hex(), "encap_key": key.hex(), "front": FRONT,
-            "backend": BACKEND, "encap_port": ENCAP_PORT, "vectors": vectors}
+            "backend": BACKEND, "previous": PREVIOUS, "encap_port": ENCAP_PORT, "vectors": vectors}
 
 
 def render(document: dict) -> str:
