@@ -70,57 +70,63 @@ NO_OWNER = bytes(4)  # the encapsulation's previous-owner field when there is no
 
 class PreviousOwners:
     """Per Maglev slot, the backend a packet of that slot is chained to when its current owner holds no
-    connection for it: the slot's owner before the last change that moved it, for ``window`` seconds
-    after that change, then the draining backend the slot would have without the drain (a draining
-    backend keeps its connections as long as it is listed), else none.
+    connection for it: of the owners the slot had within ``window`` seconds before it moved, the oldest
+    (the connections that lasted longest are the ones a change must not break; a slot moved twice
+    within the window names its first owner, then its second once the first's window ends), else the
+    draining backend that would own the slot without its drain (a draining backend keeps its connections
+    as long as it is listed), else none.
 
-    One previous owner per slot, as in Beamer: a slot moved twice within the window forgets its first
-    owner. The history lives in the front process: a front (re)started during a window chains nothing
-    it has not seen change. Times are the caller's monotonic clock."""
+    Packets carry one previous owner, as in Beamer. The history lives in the front process: a front
+    (re)started during a window chains nothing it has not seen change. Times are the caller's monotonic
+    clock."""
 
     def __init__(self, window: float, size: int = DEFAULT_TABLE_SIZE):
         self.window = window
         self.owners = [NO_OWNER] * size       # what each slot's packets carry
         self._current: list[bytes] | None = None
-        self._moved_from = [NO_OWNER] * size
-        self._until = [0.0] * size
         self._draining = [NO_OWNER] * size
+        self._history: dict[int, list[tuple[bytes, float]]] = {}  # slot -> (former owner, until), oldest first
         self._next_expiry = float("inf")
 
     def follow(self, current: list[bytes], draining: list[bytes], gone: frozenset[bytes], now: float) -> None:
         """A (re)loaded configuration: ``current`` owner per slot, the ``draining`` backend per slot (or
         the current owner), ``gone`` backends never to chain to (down)."""
         if self._current is not None:
-            moved_from, until, before = self._moved_from, self._until, self._current
+            history, before = self._history, self._current
             for slot, owner in enumerate(current):
                 if owner != before[slot]:
-                    moved_from[slot] = before[slot]
-                    until[slot] = now + self.window
+                    history.setdefault(slot, []).append((before[slot], now + self.window))
         if gone:
-            self._moved_from = [NO_OWNER if owner in gone else owner for owner in self._moved_from]
+            for slot, entries in list(self._history.items()):
+                self._history[slot] = [entry for entry in entries if entry[0] not in gone]
         self._current, self._draining = list(current), list(draining)
-        self._next_expiry = -1.0
-        self.expire(now)
+        self._settle(range(len(current)), now)
 
     def expire(self, now: float) -> bool:
-        """Recompute the owners when a slot's window has ended since the last call; True if any changed."""
+        """Drop the windows that ended since the last call and recompute their slots; True if any owner
+        changed."""
         if now < self._next_expiry or self._current is None:
             return False
-        owners, current, moved_from, until, draining = (self.owners, self._current, self._moved_from,
-                                                        self._until, self._draining)
-        next_expiry, changed = float("inf"), False
-        for slot, owner in enumerate(current):
-            ends = until[slot]
-            if ends > now:
-                previous = moved_from[slot]
-                next_expiry = min(next_expiry, ends)
-            else:
-                previous = draining[slot]
+        return self._settle(list(self._history), now)
+
+    def _settle(self, slots, now: float) -> bool:
+        owners, current, draining, history = self.owners, self._current, self._draining, self._history
+        changed = False
+        for slot in slots:
+            owner = current[slot]
+            entries = history.get(slot)
+            if entries is not None:
+                entries = [entry for entry in entries if entry[1] > now]
+                if entries:
+                    history[slot] = entries
+                else:
+                    del history[slot]
+            previous = next((former for former, _ in entries or () if former != owner), draining[slot])
             previous = NO_OWNER if previous == owner else previous
             if owners[slot] != previous:
                 owners[slot] = previous
                 changed = True
-        self._next_expiry = next_expiry
+        self._next_expiry = min((entries[0][1] for entries in history.values()), default=float("inf"))
         return changed
 
 
