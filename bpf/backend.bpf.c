@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Backend data plane (tc ingress, direct action): authenticate and remove the fronts' encapsulation,
  * re-check the cookie of VALIDATED ACKs, and let the kernel create the connection with
- * bpf_sk_assign_tcp_reqsk; pass a segment no connection here owns on to the flow's previous owner
+ * bpf_sk_assign_tcp_reqsk; pass a segment no connection here owns on to the flow's former owners
  * (Beamer's daisy chain). docs/backend.md describes what it trusts; docs/cookie.md the cookie. Outer
  * IPv4; inner IPv4 or IPv6. */
 #include <linux/bpf.h>
@@ -263,16 +263,32 @@ struct arrival {
 	__be16 source_port; /* the front's flow-hash port, kept along the chain */
 };
 
-/* Pass the decapsulated segment on to its previous owner, as encap.chain builds it: the same inner
- * packet and UDP ports, from this backend to that one, flagged CHAINED (so it is never passed on
- * again), MACed anew with the primary encap key; back out of the farm interface it came in by, the
- * kernel resolving the neighbour when it is not yet (backends seldom talk to each other). */
-static __always_inline int chain_to_previous(struct __sk_buff *skb, const struct segment *seg,
-					     const struct arrival *arrival, const struct backend_config *cfg)
+/* Where a backend with no connection for this unflagged segment passes it on (encap.next_owner): from
+ * a front's packet, to the first former owner named that is not itself; from a chained one, when it is
+ * the previous owner, to the earlier. 0: this is the last hop. */
+static __always_inline __be32 next_owner(const struct arrival *arrival)
+{
+	const struct former_owners *former = &arrival->header.former;
+	__be32 self = arrival->self;
+
+	if (!(arrival->header.flags & ENCAP_FLAG_CHAINED)) {
+		if (former->previous && former->previous != self)
+			return former->previous;
+	} else if (former->previous != self) {
+		return 0;
+	}
+	return former->earlier != self ? former->earlier : 0;
+}
+
+/* Pass the decapsulated segment on to `next`, as encap.chain builds it: the same inner packet, UDP ports
+ * and former owners, from this backend to that one, flagged CHAINED, MACed anew with the primary encap
+ * key; back out of the farm interface it came in by, the kernel resolving the neighbour when it is not
+ * yet (backends seldom talk to each other). */
+static __always_inline int chain_to(struct __sk_buff *skb, const struct segment *seg, const struct arrival *arrival,
+				    __be32 next, const struct backend_config *cfg)
 {
 	__u32 zero = 0;
 	const struct encap_keys *keys = bpf_map_lookup_elem(&encap_keys, &zero);
-	__be32 previous = arrival->header.previous;
 	__u8 flags = arrival->header.flags | ENCAP_FLAG_CHAINED;
 	union encap_message message;
 	struct {
@@ -284,7 +300,7 @@ static __always_inline int chain_to_previous(struct __sk_buff *skb, const struct
 
 	if (!keys || !keys->nkeys)
 		return -1;
-	encap_message_of(&message, arrival->self, previous, seg, flags, previous);
+	encap_message_of(&message, arrival->self, next, seg, flags, &arrival->header.former);
 	__u64 mac = bpf_cpu_to_be64(encap_mac(&message, keys->keys[0]));
 	outer.ip.version = 4;
 	outer.ip.ihl = 5;
@@ -293,7 +309,7 @@ static __always_inline int chain_to_previous(struct __sk_buff *skb, const struct
 	outer.ip.ttl = ENCAP_TTL;
 	outer.ip.protocol = IPPROTO_UDP;
 	outer.ip.saddr = arrival->self;
-	outer.ip.daddr = previous;
+	outer.ip.daddr = next;
 	outer.ip.check = fold(bpf_csum_diff(0, 0, (void *)&outer.ip, sizeof(outer.ip), 0));
 	outer.udp.source = arrival->source_port;
 	outer.udp.dest = bpf_htons(cfg->encap_port);
@@ -317,7 +333,7 @@ static __always_inline int chain_to_previous(struct __sk_buff *skb, const struct
 		.tot_len = ENCAP_OVERHEAD + seg->ip_length,
 		.ifindex = skb->ifindex,
 		.ipv4_src = arrival->self,
-		.ipv4_dst = previous,
+		.ipv4_dst = next,
 	};
 	/* From the egress's view, out of the interface it came in by: a backend need not forward. */
 	int route = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
@@ -334,11 +350,11 @@ static __always_inline int chain_to_previous(struct __sk_buff *skb, const struct
 
 /* A decapsulated unflagged segment. A front cannot tell a forged ACK from one of an established
  * connection, so it forwards both: pass what a connection owns. What none owns (no socket, or only a
- * listener) may belong to a connection the flow's previous owner holds (a backend change moved the flow
- * here): pass it on to that one, once. The last hop (no previous owner named, or a chained packet) is
- * where the kernel would answer it with a RST, unbounded, so it is passed only within the reset budget
- * (a client whose connection this backend lost still gets its reset) and the rest dropped. A client's
- * RST is never answered: dropped. docs/backend.md. */
+ * listener) may belong to a connection a former owner of the flow holds (a backend change moved the
+ * flow here): pass it on (next_owner). The last hop is where the kernel would answer it with a RST,
+ * unbounded, so it is passed only within the reset budget (a client whose connection this backend lost
+ * still gets its reset) and the rest dropped. A client's RST is never answered: dropped.
+ * docs/backend.md. */
 static __always_inline int pass_if_owned(struct __sk_buff *skb, const struct segment *seg,
 					 const struct arrival *arrival, const struct backend_config *cfg)
 {
@@ -351,9 +367,9 @@ static __always_inline int pass_if_owned(struct __sk_buff *skb, const struct seg
 		if (!listening)
 			return TC_ACT_OK;
 	}
-	if (!(arrival->header.flags & ENCAP_FLAG_CHAINED) && arrival->header.previous &&
-	    arrival->header.previous != arrival->self) {
-		int verdict = chain_to_previous(skb, seg, arrival, cfg);
+	__be32 next = next_owner(arrival);
+	if (next) {
+		int verdict = chain_to(skb, seg, arrival, next, cfg);
 
 		if (verdict < 0 || verdict == TC_ACT_SHOT) {
 			COUNT(COUNTER_CHAIN_FAILED);
@@ -395,7 +411,7 @@ static __always_inline int encap_mac_valid(const struct encap_header *header, __
 		return 0;
 	__builtin_memcpy(&mac, header->mac, 8);
 	mac = bpf_be64_to_cpu(mac);
-	encap_message_of(&message, outer_saddr, outer_daddr, seg, header->flags, header->previous);
+	encap_message_of(&message, outer_saddr, outer_daddr, seg, header->flags, &header->former);
 #pragma unroll
 	for (__u32 i = 0; i < MAX_SECRETS; i++) {
 		if (i < keys->nkeys && encap_mac(&message, keys->keys[i]) == mac)

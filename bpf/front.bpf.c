@@ -691,8 +691,9 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 	const struct maglev_owners *entry = bpf_map_lookup_elem(&maglev, &index);
 	if (!entry)
 		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
-	/* Each field read once: the loader may rewrite them (one at a time, previous first). */
-	__be32 backend = entry->current, previous = entry->previous;
+	/* Read once: the loader may rewrite them (the former owners first). */
+	__be32 backend = entry->current;
+	struct former_owners former = entry->former;
 	if (!backend)
 		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
 	__be16 source_port = bpf_htons(ENCAP_SOURCE_PORT_BASE | (flow & ENCAP_SOURCE_PORT_MASK));
@@ -701,7 +702,7 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 		return count_xdp(seg, FRONT_UNROUTED, XDP_PASS);
 
 	union encap_message message;
-	encap_message_of(&message, fwd->farm_address, backend, seg, flags, previous);
+	encap_message_of(&message, fwd->farm_address, backend, seg, flags, &former);
 	__u64 mac = bpf_cpu_to_be64(encap_mac(&message, fwd->encap_key));
 
 	/* The queue's copy ends where the IP packet does: drop an Ethernet pad, then make room. */
@@ -741,7 +742,7 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 	header->flags = flags;
 	header->version = ENCAP_VERSION;
 	header->reserved = 0;
-	header->previous = previous;
+	header->former = former;
 	__builtin_memcpy(header->mac, &mac, sizeof(mac));
 	return count_xdp(seg, outcome, send(ctx, next_hop.ifindex));
 }

@@ -33,20 +33,26 @@
 static const __u16 mss_table_v4[4] = {536, 1300, 1440, 1460};
 static const __u16 mss_table_v6[4] = {1220, 1420, 1440, 8940};
 
-/* --- encapsulation v3: outer IPv4 (20) + UDP (8) + this header (16) (docs/backend.md) --- */
+/* --- encapsulation v3: outer IPv4 (20) + UDP (8) + this header (20) (docs/backend.md) --- */
 #define ENCAP_MAGIC 0x5c
 #define ENCAP_VERSION 3
 #define ENCAP_FLAG_VALIDATED 0x01 /* a handshake ACK whose cookie a front found valid */
-#define ENCAP_FLAG_CHAINED 0x02   /* passed on by the current owner to the previous one: never again */
-#define ENCAP_OVERHEAD 44
+#define ENCAP_FLAG_CHAINED 0x02   /* passed on by a backend to a former owner (encap.next_owner) */
+#define ENCAP_OVERHEAD 48
 #define ENCAP_MAC_INPUT_BYTES 56
+
+/* The flow's former owners (Beamer's chain, two deep; maglev.PreviousOwners), 0: none. */
+struct former_owners {
+	__be32 previous; /* the most recent */
+	__be32 earlier;  /* the oldest within the window, or a draining owner */
+};
 
 struct encap_header {
 	__u8 magic;
 	__u8 flags;
 	__u8 version;     /* ENCAP_VERSION */
 	__u8 reserved;    /* zero */
-	__be32 previous;  /* the flow's previous owner (Beamer's chain), 0: none */
+	struct former_owners former;
 	__u8 mac[8];      /* SipHash-2-4 of encap_message_of()'s 56 bytes under an encap key, big endian */
 };
 
@@ -184,12 +190,12 @@ struct front_forwarding {
 
 /* The front's Maglev table (maglev.build_table, written by the loader), entry flow_hash % size: the
  * backend's IPv4 address itself (a reader never pairs an old index with a new backend list) and the
- * slot's previous owner (maglev.PreviousOwners), one lookup for both. The loader writes one field per
- * update, the previous owner first (synproxy/front/fastpath.py). current 0: not written yet. */
+ * slot's former owners (maglev.PreviousOwners), one lookup for all. The loader writes the former owners
+ * before the current one (synproxy/front/fastpath.py). current 0: not written yet. */
 #define MAGLEV_TABLE_SIZE 65537
 struct maglev_owners {
 	__be32 current;
-	__be32 previous; /* 0: none */
+	struct former_owners former;
 };
 
 /* Indices of the per-CPU `counters` map; synproxy/backend/loader.py names them in this order. */
@@ -212,8 +218,8 @@ enum counter {
 	COUNTER_NO_FLOW_RESET,     /* unflagged, no connection owns it (none, or only a listener): passed
 				    * within the reset budget, and the kernel answers it with a RST */
 	COUNTER_NO_FLOW_DROPPED,   /* the same beyond the budget, or a client's RST (never answered): dropped */
-	COUNTER_CHAINED,           /* unflagged, no connection owns it, a previous owner named: re-encapsulated
-				    * to it (Beamer's daisy chain) */
+	COUNTER_CHAINED,           /* unflagged, no connection owns it, a former owner to try: re-encapsulated
+				    * to it (Beamer's daisy chain, encap.next_owner) */
 	COUNTER_CHAIN_FAILED,      /* the same, but re-encapsulating or routing it failed: dropped */
 	COUNTER_MAX,
 };
@@ -439,11 +445,10 @@ union encap_message {
 };
 
 /* The 56 bytes the encapsulation's MAC covers (docs/backend.md): outer source and destination, the
- * inner addresses (16-byte form) and ports, the header's flags, three zero bytes, the previous owner,
- * four zero bytes. */
+ * inner addresses (16-byte form) and ports, the header's flags, three zero bytes, the former owners. */
 static __always_inline void encap_message_of(union encap_message *message, __be32 outer_saddr,
 					     __be32 outer_daddr, const struct segment *seg, __u8 flags,
-					     __be32 previous)
+					     const struct former_owners *former)
 {
 	__builtin_memset(message, 0, sizeof(*message));
 	__builtin_memcpy(&message->bytes[0], &outer_saddr, 4);
@@ -453,7 +458,7 @@ static __always_inline void encap_message_of(union encap_message *message, __be3
 	__builtin_memcpy(&message->bytes[40], &seg->sport, 2);
 	__builtin_memcpy(&message->bytes[42], &seg->dport, 2);
 	message->bytes[44] = flags;
-	__builtin_memcpy(&message->bytes[48], &previous, 4);
+	__builtin_memcpy(&message->bytes[48], former, sizeof(*former));
 }
 
 static __always_inline __u64 encap_mac(const union encap_message *message, const __u8 key[16])

@@ -3,8 +3,8 @@
 Every front builds the same lookup table from the same backend list, so all pick the same backend
 for a flow without talking to each other; removing a backend moves only the flows it had. The flows a
 change moves anyway keep their connections through Beamer's daisy chain (Olteanu et al., NSDI 2018):
-PreviousOwners remembers, per slot, the backend that owned it before the change, and every packet
-names it, so the new owner can pass on what it has no connection for (docs/backend.md).
+PreviousOwners remembers, per slot, the backends that owned it before the changes, and every packet
+names two of them, so the new owner can pass on what it has no connection for (docs/backend.md).
 """
 
 from __future__ import annotations
@@ -65,24 +65,25 @@ def build_table(backends: list[str], size: int = DEFAULT_TABLE_SIZE, weights: li
                     return table
 
 
-NO_OWNER = bytes(4)  # the encapsulation's previous-owner field when there is none to chain to
+NO_OWNER = bytes(4)  # an encapsulation's former-owner field when there is none to chain to
+NO_FORMER_OWNERS = NO_OWNER + NO_OWNER
 
 
 class PreviousOwners:
-    """Per Maglev slot, the backend a packet of that slot is chained to when its current owner holds no
-    connection for it: of the owners the slot had within ``window`` seconds before it moved, the oldest
-    (the connections that lasted longest are the ones a change must not break; a slot moved twice
-    within the window names its first owner, then its second once the first's window ends), else the
-    draining backend that would own the slot without its drain (a draining backend keeps its connections
-    as long as it is listed), else none.
+    """Per Maglev slot, the two backends a packet of that slot is chained to, in turn, when its current
+    owner holds no connection for it: of the owners the slot had within ``window`` seconds before it
+    moved, the most recent (Beamer's previous owner) and the oldest (the connections that lasted
+    longest); where fewer than two are known, the draining backend that would own the slot without its
+    drain (a draining backend keeps its connections as long as it is listed).
 
-    Packets carry one previous owner, as in Beamer. The history lives in the front process: a front
-    (re)started during a window chains nothing it has not seen change. Times are the caller's monotonic
-    clock."""
+    ``owners[slot]`` is the 8 bytes the encapsulation carries: previous, then earlier (IPv4 addresses,
+    zero for none). A slot moved three times within the window forgets its middle owner. The history
+    lives in the front process: a front (re)started during a window chains nothing it has not seen
+    change. Times are the caller's monotonic clock."""
 
     def __init__(self, window: float, size: int = DEFAULT_TABLE_SIZE):
         self.window = window
-        self.owners = [NO_OWNER] * size       # what each slot's packets carry
+        self.owners = [NO_FORMER_OWNERS] * size
         self._current: list[bytes] | None = None
         self._draining = [NO_OWNER] * size
         self._history: dict[int, list[tuple[bytes, float]]] = {}  # slot -> (former owner, until), oldest first
@@ -115,16 +116,21 @@ class PreviousOwners:
         for slot in slots:
             owner = current[slot]
             entries = history.get(slot)
+            formers = []
             if entries is not None:
                 entries = [entry for entry in entries if entry[1] > now]
                 if entries:
                     history[slot] = entries
+                    formers = [former for former, _ in entries if former != owner]
                 else:
                     del history[slot]
-            previous = next((former for former, _ in entries or () if former != owner), draining[slot])
-            previous = NO_OWNER if previous == owner else previous
-            if owners[slot] != previous:
-                owners[slot] = previous
+            chosen = [formers[-1], formers[0]] if formers else []  # the most recent, then the oldest
+            if draining[slot] != owner:
+                chosen.append(draining[slot])
+            chosen = list(dict.fromkeys(chosen))[:2]
+            value = b"".join(chosen).ljust(8, b"\0")
+            if owners[slot] != value:
+                owners[slot] = value
                 changed = True
         self._next_expiry = min((entries[0][1] for entries in history.values()), default=float("inf"))
         return changed

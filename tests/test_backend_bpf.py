@@ -71,11 +71,12 @@ def inner_flow(inner: bytes) -> tuple[bytes, bytes, int, int]:
 
 def encapsulated(inner: bytes, source: str = FRONT, flags: int = 1, magic: int = 0x5C, reserved: int = 0,
                  key: bytes = KEY, mac_for: tuple[str, str] | None = None, mac_flags: int | None = None,
-                 version: int = encap.VERSION, previous: str = "0.0.0.0", destination: str = BACKEND) -> bytes:
+                 version: int = encap.VERSION, former: tuple[str, str] = ("0.0.0.0", "0.0.0.0"),
+                 destination: str = BACKEND) -> bytes:
     """As a front encapsulates, MACed with ``key`` for the outer addresses ``mac_for`` (default: the
-    packet's own) and ``mac_flags`` (default: its own flags)."""
+    packet's own) and ``mac_flags`` (default: its own flags), naming the ``former`` owners."""
     mac = 0
-    owner = ipaddress.ip_address(previous).packed
+    owner = b"".join(ipaddress.ip_address(a).packed for a in former)
     if len(inner) >= 24:
         outer = mac_for or (source, destination)
         message = encap.mac_input(*(ipaddress.ip_address(a).packed for a in outer), *inner_flow(inner),
@@ -247,21 +248,22 @@ def test_every_encap_vector_is_accepted_exactly_as_sent(monkeypatch, plane, cook
 
 
 TC_ACT_REDIRECT = 7
-FARM_LINK, PREVIOUS_MAC = "bcha", "02:00:00:00:21:02"
-UNRESOLVED_PREVIOUS, UNROUTED_PREVIOUS = "198.18.22.2", "203.0.113.9"
+FARM_LINK = "bcha"
+HOPS = {"198.18.21.2": "02:00:00:00:21:02", "198.18.22.2": "02:00:00:00:22:02", BACKEND: "02:00:00:00:20:02"}
+UNRESOLVED_OWNER, UNROUTED_OWNER = "198.18.23.2", "203.0.113.9"
 SK_BUFF_IFINDEX = struct.Struct("=40xI")  # struct __sk_buff up to ifindex: the interface it came in by
 
 
 @pytest.fixture(scope="module")
 def farm():
-    """A namespace where the backend sits on the farm network: the vectors' previous owner a resolved
-    neighbour, another one unresolved, a third unrouted. Runs there come in by the farm interface."""
+    """A namespace where the backend sits on the farm network: the vectors' former owners resolved
+    neighbours, another unresolved, a third unrouted. Runs there come in by the farm interface."""
     name = netns.unique_name("bch")
     with netns.namespaces(name):
         netns.link(name, FARM_LINK, name, "bchb")
-        netns.add_addresses(name, FARM_LINK, f"{BACKEND}/16")
-        netns.run(name, ["ip", "neigh", "replace", "198.18.21.2", "lladdr", PREVIOUS_MAC, "dev", FARM_LINK, "nud",
-                         "permanent"])
+        netns.add_addresses(name, FARM_LINK, "198.18.30.2/16")
+        for address, mac in HOPS.items():
+            netns.run(name, ["ip", "neigh", "replace", address, "lladdr", mac, "dev", FARM_LINK, "nud", "permanent"])
         link = json.loads(netns.run(name, ["ip", "-j", "link", "show", FARM_LINK]).stdout)[0]
         yield name, SK_BUFF_IFINDEX.pack(link["ifindex"]), bytes.fromhex(link["address"].replace(":", ""))
 
@@ -275,47 +277,52 @@ def run_in(farm, plane: DataPlane, packet: bytes) -> tuple[int, bytes, dict]:
     return verdict, out, {key: after[key] - before[key] for key in COUNTERS if after[key] != before[key]}
 
 
-def test_a_segment_no_connection_owns_is_chained_to_its_previous_owner_as_encap_chain_builds_it(
-        farm, plane, encap_vectors):
-    """Every vector naming a previous owner, flags and families alike (a RST too: the previous owner may
-    hold its connection): sent back out of the farm interface to that owner, byte for byte encap.chain's
-    packet, after Ethernet addresses from the neighbour table. Nothing was chained before: the packets met
-    the reset budget here."""
+def test_a_segment_no_connection_owns_goes_along_the_chain_as_encap_chain_builds_it(farm, plane, encap_vectors):
+    """Every vector naming former owners, flags and families alike (a RST too: a former owner may hold its
+    connection): sent back out of the farm interface, byte for byte encap.chain's packet after Ethernet
+    addresses from the neighbour table; and at the previous owner, the chained packet once more to the
+    earlier one. Nothing was chained before: the packets met the reset budget here."""
     chained = [v for v in encap_vectors["vectors"] if "chained" in v]
-    assert {v["family"] for v in chained} == {4, 6} and len(chained) == 8
-    own_mac = farm[2]
+    assert {(v["family"], len(v["chained"])) for v in chained} == {(4, 1), (4, 2), (6, 1), (6, 2)}
     for v in chained:
-        verdict, out, changed = run_in(farm, plane, ETHER + bytes.fromhex(v["packet"]))
-        assert (verdict, changed) == (TC_ACT_REDIRECT, {"decapsulated": 1, "chained": 1}), v["name"]
-        assert out == bytes.fromhex(PREVIOUS_MAC.replace(":", "")) + own_mac + b"\x08\x00" + \
-            bytes.fromhex(v["chained"]), v["name"]
+        hops = [BACKEND, *(a for a in v["former"] if a != "0.0.0.0")]
+        for hop, (arriving, leaving) in enumerate(zip([v["packet"], *v["chained"]], v["chained"])):
+            verdict, out, changed = run_in(farm, plane, ETHER + bytes.fromhex(arriving))
+            assert (verdict, changed) == (TC_ACT_REDIRECT, {"decapsulated": 1, "chained": 1}), (v["name"], hop)
+            assert out == bytes.fromhex(HOPS[hops[hop + 1]].replace(":", "")) + farm[2] + b"\x08\x00" + \
+                bytes.fromhex(leaving), (v["name"], hop)
+        last = run_in(farm, plane, ETHER + bytes.fromhex(v["chained"][-1]))
+        expected = ({"decapsulated": 1, "no_flow_dropped": 1} if parse_tcp(bytes.fromhex(v["inner"])).flags & RST
+                    else {"decapsulated": 1, "no_flow_reset": 1})
+        assert last[::2] == (TC_ACT_SHOT if "no_flow_dropped" in expected else TC_ACT_OK, expected), v["name"]
 
 
-def test_a_chained_packet_is_not_chained_again_and_meets_the_last_hops_reset_budget(farm, plane):
-    """At the previous owner: from a backend it need not trust (its MAC admits it), never passed on again,
-    reset within the budget like any packet of no connection."""
+def test_a_chained_packet_comes_from_a_backend_no_one_trusts_and_is_admitted_by_its_mac(farm, plane):
+    """At a former owner: from a backend it need not know (added since its last reload), admitted by its
+    MAC alone; not flagged CHAINED, the same source is refused; a chained handshake never happens."""
     inner = raw(IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=4100, dport=80, flags="PA", seq=7, ack=9) / b"x")
-    from_owner = encapsulated(inner, source="198.18.23.2", flags=encap.FLAG_CHAINED, previous="198.18.21.2")
+    from_owner = encapsulated(inner, source="198.18.23.2", flags=encap.FLAG_CHAINED,
+                              former=("198.18.21.2", "0.0.0.0"))
     assert run_in(farm, plane, from_owner)[::2] == (TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
-    unchained = encapsulated(inner, source="198.18.23.2", flags=0, previous="198.18.21.2")
+    unchained = encapsulated(inner, source="198.18.23.2", flags=0, former=("198.18.21.2", "0.0.0.0"))
     assert run_in(farm, plane, unchained)[::2] == (TC_ACT_SHOT, {"untrusted": 1})
     validated = encapsulated(inner, source="198.18.23.2", flags=encap.FLAG_CHAINED | encap.FLAG_VALIDATED,
-                             previous="198.18.21.2")
+                             former=("198.18.21.2", "0.0.0.0"))
     assert run_in(farm, plane, validated)[::2] == (TC_ACT_SHOT, {"encap_refused": 1})
 
 
-def test_no_previous_owner_or_itself_named_is_the_last_hop(farm, plane):
+@pytest.mark.parametrize("former", [("0.0.0.0", "0.0.0.0"), (BACKEND, "0.0.0.0"), (BACKEND, BACKEND)])
+def test_naming_no_former_owner_or_itself_makes_it_the_last_hop(farm, plane, former):
     inner = raw(IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=4101, dport=80, flags="A", seq=7, ack=9))
-    for previous in ("0.0.0.0", BACKEND):
-        packet = encapsulated(inner, flags=0, previous=previous)
-        assert run_in(farm, plane, packet)[::2] == (TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1}), previous
+    assert run_in(farm, plane, encapsulated(inner, flags=0, former=former))[::2] == (
+        TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
 
 
-def test_an_unresolved_previous_owner_is_left_to_the_kernels_neighbour_and_an_unrouted_one_drops(farm, plane):
+def test_an_unresolved_former_owner_is_left_to_the_kernels_neighbour_and_an_unrouted_one_drops(farm, plane):
     inner = raw(IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=4102, dport=80, flags="A", seq=7, ack=9))
-    assert run_in(farm, plane, encapsulated(inner, flags=0, previous=UNRESOLVED_PREVIOUS))[::2] == (
+    assert run_in(farm, plane, encapsulated(inner, flags=0, former=(UNRESOLVED_OWNER, "0.0.0.0")))[::2] == (
         TC_ACT_REDIRECT, {"decapsulated": 1, "chained": 1})
-    assert run_in(farm, plane, encapsulated(inner, flags=0, previous=UNROUTED_PREVIOUS))[::2] == (
+    assert run_in(farm, plane, encapsulated(inner, flags=0, former=(UNROUTED_OWNER, "0.0.0.0")))[::2] == (
         TC_ACT_SHOT, {"decapsulated": 1, "chain_failed": 1})
 
 
@@ -330,9 +337,9 @@ def tampered(v: dict, offset: int, xor: int) -> bytes:
     return ETHER + bytes(packet)
 
 
-PREVIOUS_OFFSET = 20 + 8 + 4
-MAC_OFFSET = 20 + 8 + 8
-INNER_OFFSET = 20 + 8 + 16
+FORMER_OFFSET = 20 + 8 + 4
+MAC_OFFSET = 20 + 8 + 12
+INNER_OFFSET = 20 + 8 + 20
 
 
 def inner_sport_offset(v: dict) -> int:
@@ -343,11 +350,12 @@ def inner_sport_offset(v: dict) -> int:
     (lambda v: MAC_OFFSET, 0x80),
     (lambda v: MAC_OFFSET + 7, 0x01),
     (lambda v: 20 + 8 + 1, encap.FLAG_VALIDATED),
-    (lambda v: PREVIOUS_OFFSET + 3, 0x01),
+    (lambda v: FORMER_OFFSET + 3, 0x01),
+    (lambda v: FORMER_OFFSET + 7, 0x01),
     (lambda v: 14, 0x01),  # 198.18.10.2 -> 198.18.11.2, a trusted front too
     (lambda v: 19, 0x01),
     (inner_sport_offset, 0x01),
-], ids=["MAC's first bit", "MAC's last bit", "VALIDATED flag", "previous owner", "outer source: another trusted front",
+], ids=["MAC's first bit", "MAC's last bit", "VALIDATED flag", "previous owner", "earlier owner", "outer source: another trusted front",
         "outer destination", "inner source port"])
 def test_a_changed_bit_of_an_encapsulation_fails_its_mac(monkeypatch, plane, cookie_vectors, encap_vectors, offset, xor):
     load_salts(monkeypatch, plane, cookie_vectors, cookie_vectors["vectors"][0])

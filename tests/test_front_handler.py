@@ -91,7 +91,7 @@ def test_forwarded_packet_is_the_client_packet_inside_the_encapsulation():
                               encap.FLAG_VALIDATED)
     mac = encap.encap_mac(POLICY.encap_key, message).to_bytes(8, "big")
     header = raw(outer[UDP].payload)[:encap.HEADER_BYTES]
-    assert header == bytes([encap.MAGIC, encap.FLAG_VALIDATED, encap.VERSION, 0]) + encap.NO_OWNER + mac
+    assert header == bytes([encap.MAGIC, encap.FLAG_VALIDATED, encap.VERSION, 0]) + encap.NO_FORMER_OWNERS + mac
     assert raw(outer[UDP].payload)[encap.HEADER_BYTES:] == original
     assert len(verdict.packet) == len(original) + encap.OVERHEAD
 

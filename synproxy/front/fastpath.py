@@ -49,7 +49,7 @@ from synproxy.bpf.loading import (
 )
 from synproxy.front.handler import FrontPolicy
 from synproxy.logs import log
-from synproxy.maglev import DEFAULT_TABLE_SIZE, NO_OWNER
+from synproxy.maglev import DEFAULT_TABLE_SIZE, NO_FORMER_OWNERS
 from synproxy.netlink import interface_kind
 from synproxy.salt import SaltSchedule
 
@@ -65,7 +65,7 @@ PATHS = ("tc", "xdp")  # enum front_path: which program counted
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}  # tried in this order
 _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
 _FORWARDING = struct.Struct("=4s2sHQ16s16s")  # struct front_forwarding
-_OWNERS = struct.Struct("4s4s")  # struct maglev_owners: the current and the previous owner's IPv4 addresses
+_OWNERS = struct.Struct("4s8s")  # struct maglev_owners: the current owner, then previous and earlier (IPv4)
 
 
 class FastPathError(RuntimeError):
@@ -116,20 +116,20 @@ class FastPath:
 
     def write_maglev(self, policy: FrontPolicy) -> None:
         """The handler's own tables, slot by slot where they changed (after a reload, or when a slot's
-        previous owner expired). A slot's two fields are written one update at a time, the previous
-        owner first: a packet meanwhile reads the old slot, the new one, or the old owner with the new
-        previous one, which is the old owner itself when a change moved the slot (no chain, as before);
-        never a new owner without the previous one its old connections need."""
+        former owner expired). The former owners are written before the current one, in a separate
+        update: a packet meanwhile goes to the old owner (naming the new former owners, among them the
+        old owner itself when a change moved the slot, which it skips), never to a new owner without the
+        former owners its old connections need."""
         if len(policy.table) != DEFAULT_TABLE_SIZE:
             raise FastPathError(f"a Maglev table of {len(policy.table)} entries: the fast path holds "
                                 f"{DEFAULT_TABLE_SIZE}")
         if any(len(backend) != 4 for backend in policy.backends):
             raise FastPathError("the fast path encapsulates to IPv4 backends only")
         written = self._maglev_written
-        previous = policy.previous.owners if policy.previous is not None else [NO_OWNER] * DEFAULT_TABLE_SIZE
+        formers = policy.previous.owners if policy.previous is not None else [NO_FORMER_OWNERS] * DEFAULT_TABLE_SIZE
         try:
             for index, owner in enumerate(policy.owner_table()):
-                wanted = (owner, previous[index])
+                wanted = (owner, formers[index])
                 before = written[index]
                 if before == wanted:
                     continue

@@ -2,7 +2,7 @@
 
 A SYN becomes a SYN-ACK whose ISN is the cookie (returned in place of the SYN, so the NFQUEUE shell
 needs one verdict and no second socket). Every other packet to a protected VIP and port is
-encapsulated to the backend the Maglev table picks, naming the slot's previous owner (Beamer's chain,
+encapsulated to the backend the Maglev table picks, naming the slot's former owners (Beamer's chain,
 maglev.PreviousOwners); a handshake ACK whose cookie validates is flagged VALIDATED so the backend
 creates the connection. A packet too big to encapsulate within the farm's MTU
 is answered as a router would (ICMP "fragmentation needed" / ICMPv6 "packet too big" from the VIP), so
@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from synproxy import encap
 from synproxy.cookie import Reject, check_cookie, make_cookie
-from synproxy.maglev import NO_OWNER, PreviousOwners, build_table, flow_hash
+from synproxy.maglev import NO_FORMER_OWNERS, PreviousOwners, build_table, flow_hash
 from synproxy.packet import (
     ACK,
     CWR,
@@ -108,10 +108,10 @@ class FrontPolicy:
         table = self._table
         return table[flow % len(table)]
 
-    def previous_owner(self, flow: int) -> bytes:
-        """The flow's previous owner, NO_OWNER when none (docs/backend.md, the chain)."""
+    def former_owners(self, flow: int) -> bytes:
+        """The flow's former owners as the encapsulation carries them (docs/backend.md, the chain)."""
         previous = self.previous
-        return previous.owners[flow % len(self._table)] if previous is not None else NO_OWNER
+        return previous.owners[flow % len(self._table)] if previous is not None else NO_FORMER_OWNERS
 
     def announced_mss(self, family: int) -> int:
         """The MSS clients may send: the backends' less the encapsulation (and IPv6's longer header)."""
@@ -156,7 +156,7 @@ def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolic
     flow = flow_hash(segment.saddr, segment.daddr, segment.sport, segment.dport, policy.flow_key)
     backend = policy.backend_for(flow)
     wrapped = encap.encapsulate(packet, segment, policy.farm_address, policy.backends[backend], policy.encap_port,
-                                flow, validated, policy.encap_key, policy.previous_owner(flow))
+                                flow, validated, policy.encap_key, policy.former_owners(flow))
     return Verdict(Action.FORWARD, wrapped, outcome, backend)
 
 
