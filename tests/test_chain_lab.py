@@ -72,13 +72,26 @@ def write_backends(lab: Lab, entries: list[str]) -> None:
     lab.config_path.write_text(f"{text[:start]}backends: [{listed}{text[end:]}")
 
 
-def test_long_lived_connections_survive_an_add_a_removal_a_drain_and_a_weight_change_under_a_flood(lab):
+def set_window(lab: Lab, seconds: float | None) -> None:
+    """front.previous_table_seconds: ``seconds``, or the default when None."""
+    text = lab.config_path.read_text()
+    text = "".join(line for line in text.splitlines(keepends=True) if "previous_table_seconds" not in line)
+    if seconds is not None:
+        text = text.replace("front:\n", f"front:\n  previous_table_seconds: {seconds}\n")
+    lab.config_path.write_text(text)
+
+
+def changes_under_a_flood(lab: Lab) -> tuple[list[dict], int, dict]:
+    """The four changes, each a SIGHUP of every front, while CONNECTIONS echo connections opened before
+    them exchange data and the attacker floods SYNs; each connection's record, SYNs sent, chained counts."""
     write_backends(lab, ["{backend0}", "{backend1}", "{backend2}"])
     reload_fronts(lab)
     stop_file = lab.state_dir / "holder.stop"
+    stop_file.unlink(missing_ok=True)
     holder = lab.popen("client", [PYTHON, "-c", HOLDER, str(CONNECTIONS), str(stop_file), "120", VIP],
                        stdout=subprocess.PIPE, text=True)
-    flood = None
+    before = {host.name: backend_stats(lab, host.name)["chained"] for host in lab.by_role("backend")}
+    flood, sent = None, 0
     try:
         assert json.loads(holder.stdout.readline()) == {"opened": CONNECTIONS}
         flood = lab.popen("attacker", [PYTHON, "-m", "synproxy.lab.flood", "--target", VIP, "--port", "7",
@@ -99,11 +112,28 @@ def test_long_lived_connections_survive_an_add_a_removal_a_drain_and_a_weight_ch
         state = json.loads(holder.communicate(timeout=60)[0].splitlines()[-1])
         if flood is not None:
             sent = json.loads(flood.communicate(timeout=60)[0])["sent"]
-    chained = {host.name: backend_stats(lab, host.name)["chained"] for host in lab.by_role("backend")}
+    chained = {host.name: backend_stats(lab, host.name)["chained"] - before[host.name]
+               for host in lab.by_role("backend")}
     kept = sum(record["error"] is None for record in state)
     print(f"\nconnections kept: {kept} of {CONNECTIONS}; rounds each: {min(r['rounds'] for r in state)}–"
           f"{max(r['rounds'] for r in state)}; bytes echoed: {sum(r['bytes'] for r in state)}; "
           f"SYNs flooded: {sent}; chained by backend: {chained}")
+    return state, sent, chained
+
+
+def test_without_a_window_only_the_drained_backends_connections_survive(lab):
+    """The control: previous_table_seconds 0 chains nothing but to the draining backend, as before the
+    chain a change reset the connections Maglev moved."""
+    set_window(lab, 0)
+    try:
+        state, _, _ = changes_under_a_flood(lab)
+    finally:
+        set_window(lab, None)
+    assert sum(record["error"] is not None for record in state) >= CONNECTIONS // 4
+
+
+def test_long_lived_connections_survive_an_add_a_removal_a_drain_and_a_weight_change_under_a_flood(lab):
+    state, sent, chained = changes_under_a_flood(lab)
     assert [record["error"] for record in state] == [None] * CONNECTIONS
     assert min(record["rounds"] for record in state) >= 40, "every connection kept exchanging data"
-    assert sum(chained.values()) > 0, "moved flows reached their previous owners through the chain"
+    assert sent > 10_000 and sum(chained.values()) > 0
