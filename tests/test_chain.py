@@ -17,10 +17,12 @@ from scapy.packet import raw
 from synproxy import encap
 from synproxy.config import ConfigError, parse_config
 from synproxy.front.handler import Action, FrontPolicy, handle
-from synproxy.front.service import build_policy
+from synproxy.front.service import Front, build_policy
 from synproxy.maglev import NO_FORMER_OWNERS, NO_OWNER, PreviousOwners, build_table, flow_hash
 from synproxy.packet import parse_tcp
+from tests.lab_fixtures import needs_root
 from tests.test_front_handler import POLICY, SCHEDULE
+from tests.test_front_service import BACKENDS, QueuedPacket, data, write_config
 
 A, B, C, D = (ipaddress.ip_address(f"198.18.{20 + i}.2").packed for i in range(4))
 NOW = 1.8e9
@@ -199,3 +201,32 @@ def test_backends_take_weights_drain_and_down_and_policies_follow(tmp_path):
 def test_bad_backend_entries_are_one_line_errors(tmp_path, backends, front, error):
     with pytest.raises(ConfigError, match=error):
         parse_config(write(tmp_path, backends, front), tmp_path / "synproxy.yaml")
+
+
+@needs_root  # the front opens a raw socket
+def test_the_nfqueue_front_names_former_owners_after_a_sighup_reload_and_not_with_a_zero_window(tmp_path):
+    """The shell keeps the history across reloads (Front.load is what SIGHUP runs): after a backend is
+    added, the packets of the flows it took name where they were."""
+    added = "198.18.22.2"
+    for window, expect_names in (("", True), ("  previous_table_seconds: 0\n", False)):
+        front = Front(str(write_config(tmp_path, BACKENDS, window)))
+        write_config(tmp_path, [*BACKENDS, added], window)
+        front.load()
+        named = Counter()
+        for sport in range(30000, 30400):
+            packet = QueuedPacket(data(4, sport=sport))
+            front.on_packet(packet)
+            destination, formers = packet.replacement[16:20], named_of(packet.replacement)
+            named[str(ipaddress.ip_address(destination)), formers] += 1
+        moved = {key: count for key, count in named.items() if key[0] == added}
+        assert moved, named
+        if expect_names:
+            assert all(formers[0] in {ipaddress.ip_address(b).packed for b in BACKENDS} and formers[1] == NO_OWNER
+                       for _, formers in moved)
+            assert all(formers == (NO_OWNER, NO_OWNER) for (to, formers) in named if to != added)
+        else:
+            assert {formers for _, formers in named} == {(NO_OWNER, NO_OWNER)}
+
+
+def named_of(packet: bytes) -> tuple[bytes, bytes]:
+    return named(header_former(packet))
