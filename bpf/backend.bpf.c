@@ -19,6 +19,7 @@
 #include "synproxy.h"
 
 #define AF_INET 2
+#define EALREADY 114
 #define ENCAP_TTL 64
 #define IP_DF 0x4000
 
@@ -319,8 +320,14 @@ static __always_inline int chain_to(struct __sk_buff *skb, const struct segment 
 	__builtin_memcpy(outer.header.mac, &mac, sizeof(mac));
 	_Static_assert(sizeof(outer) == ENCAP_OVERHEAD, "outer IPv4 + UDP + header");
 
-	if (bpf_skb_adjust_room(skb, ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC,
-				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) ||
+	/* A packet chained once arrives with skb->encapsulation still set by the first hop's grow (veth and
+	 * forwarding keep it), and the encapsulating grow refuses it (-EALREADY): grow it plainly then (the
+	 * Ethernet type written below says what it is; a received segment needs no offload). */
+	long grown = bpf_skb_adjust_room(skb, ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC,
+					 BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP);
+	if (grown == -EALREADY)
+		grown = bpf_skb_adjust_room(skb, ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC, 0);
+	if (grown ||
 	    bpf_skb_store_bytes(skb, __builtin_offsetof(struct ethhdr, h_proto), &ip_type, 2, 0) ||
 	    bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &outer, sizeof(outer), 0))
 		return -1;

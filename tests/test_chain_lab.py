@@ -30,9 +30,10 @@ HOLDER = """
 import json, os, random, socket, sys, time
 count, stop_file, deadline = int(sys.argv[1]), sys.argv[2], time.monotonic() + float(sys.argv[3])
 rng = random.Random(14)
-connections = [socket.create_connection((sys.argv[4], 7), timeout=5, source_address=("", int(sys.argv[5]) + i))
+connections = [socket.create_connection((sys.argv[4], 7), timeout=2, source_address=("", int(sys.argv[5]) + i))
                for i in range(count)]
 state = [{"rounds": 0, "bytes": 0, "error": None} for _ in connections]
+started = time.monotonic()
 print(json.dumps({"opened": count}), flush=True)
 while not os.path.exists(stop_file) and time.monotonic() < deadline:
     for connection, record in zip(connections, state):
@@ -52,7 +53,7 @@ while not os.path.exists(stop_file) and time.monotonic() < deadline:
             record["rounds"] += 1
             record["bytes"] += len(payload)
         except (OSError, ValueError) as error:
-            record["error"] = f"{type(error).__name__}: {error}"
+            record["error"] = f"{type(error).__name__}: {error} after {time.monotonic() - started:.1f} s"
     time.sleep(0.1)
 print(json.dumps(state), flush=True)
 """
@@ -115,7 +116,7 @@ def changes_under_a_flood(lab: Lab, first_port: int) -> tuple[list[dict], int, d
         assert flood.poll() is None, "the changes happened under the flood"
     finally:
         stop_file.touch()
-        state = json.loads(holder.communicate(timeout=60)[0].splitlines()[-1])
+        state = json.loads(holder.communicate(timeout=200)[0].splitlines()[-1])
         if flood is not None:
             sent = json.loads(flood.communicate(timeout=60)[0])["sent"]
     after = {host.name: backend_stats(lab, host.name) for host in lab.by_role("backend")}
@@ -125,7 +126,8 @@ def changes_under_a_flood(lab: Lab, first_port: int) -> tuple[list[dict], int, d
     kept = sum(record["error"] is None for record in state)
     print(f"\nconnections kept: {kept} of {CONNECTIONS}; rounds each: {min(r['rounds'] for r in state)}–"
           f"{max(r['rounds'] for r in state)}; bytes echoed: {sum(r['bytes'] for r in state)}; "
-          f"SYNs flooded: {sent}; chained by backend: {chained}")
+          f"SYNs flooded: {sent}; chained by backend: {chained}; errors: "
+          f"{sorted(record['error'] for record in state if record['error'])}")
     return state, sent, chained
 
 
