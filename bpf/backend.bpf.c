@@ -284,7 +284,10 @@ static __always_inline __be32 next_owner(const struct arrival *arrival)
 /* Pass the decapsulated segment on to `next`, as encap.chain builds it: the same inner packet, UDP ports
  * and former owners, from this backend to that one, flagged CHAINED, MACed anew with the primary encap
  * key; back out of the farm interface it came in by, the kernel resolving the neighbour when it is not
- * yet (backends seldom talk to each other). */
+ * yet (backends seldom talk to each other). Returns the verdict, CHAIN_UNROUTED when there is no route
+ * to `next` (the packet untouched: this backend is then the last hop), or CHAIN_BROKEN. */
+#define CHAIN_UNROUTED -1
+#define CHAIN_BROKEN -2
 static __always_inline int chain_to(struct __sk_buff *skb, const struct segment *seg, const struct arrival *arrival,
 				    __be32 next, const struct backend_config *cfg)
 {
@@ -299,8 +302,22 @@ static __always_inline int chain_to(struct __sk_buff *skb, const struct segment 
 	} outer = {};
 	__be16 ip_type = bpf_htons(ETH_P_IP);
 
+	/* From the egress's view, out of the interface it came in by: a backend need not forward. */
+	struct bpf_fib_lookup fib = {
+		.family = AF_INET,
+		.l4_protocol = IPPROTO_UDP,
+		.sport = arrival->source_port,
+		.dport = bpf_htons(cfg->encap_port),
+		.tot_len = ENCAP_OVERHEAD + seg->ip_length,
+		.ifindex = skb->ifindex,
+		.ipv4_src = arrival->self,
+		.ipv4_dst = next,
+	};
+	int route = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+	if (route != BPF_FIB_LKUP_RET_SUCCESS && route != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return CHAIN_UNROUTED;
 	if (!keys || !keys->nkeys)
-		return -1;
+		return CHAIN_UNROUTED;
 	encap_message_of(&message, arrival->self, next, seg, flags, &arrival->header.former);
 	__u64 mac = bpf_cpu_to_be64(encap_mac(&message, keys->keys[0]));
 	outer.ip.version = 4;
@@ -330,28 +347,14 @@ static __always_inline int chain_to(struct __sk_buff *skb, const struct segment 
 	if (grown ||
 	    bpf_skb_store_bytes(skb, __builtin_offsetof(struct ethhdr, h_proto), &ip_type, 2, 0) ||
 	    bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &outer, sizeof(outer), 0))
-		return -1;
-
-	struct bpf_fib_lookup fib = {
-		.family = AF_INET,
-		.l4_protocol = IPPROTO_UDP,
-		.sport = outer.udp.source,
-		.dport = outer.udp.dest,
-		.tot_len = ENCAP_OVERHEAD + seg->ip_length,
-		.ifindex = skb->ifindex,
-		.ipv4_src = arrival->self,
-		.ipv4_dst = next,
-	};
-	/* From the egress's view, out of the interface it came in by: a backend need not forward. */
-	int route = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+		return CHAIN_BROKEN;
 	if (route == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		struct bpf_redir_neigh next_hop = {.nh_family = AF_INET, .ipv4_nh = fib.ipv4_dst};
 
 		return bpf_redirect_neigh(fib.ifindex, &next_hop, sizeof(next_hop), 0);
 	}
-	if (route != BPF_FIB_LKUP_RET_SUCCESS || bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
-	    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
-		return -1;
+	if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) || bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
+		return CHAIN_BROKEN;
 	return bpf_redirect(fib.ifindex, 0);
 }
 
@@ -378,12 +381,15 @@ static __always_inline int pass_if_owned(struct __sk_buff *skb, const struct seg
 	if (next) {
 		int verdict = chain_to(skb, seg, arrival, next, cfg);
 
-		if (verdict < 0 || verdict == TC_ACT_SHOT) {
+		if (verdict == CHAIN_BROKEN || verdict == TC_ACT_SHOT) {
 			COUNT(COUNTER_CHAIN_FAILED);
 			return TC_ACT_SHOT;
 		}
-		COUNT(COUNTER_CHAINED);
-		return verdict;
+		if (verdict != CHAIN_UNROUTED) {
+			COUNT(COUNTER_CHAINED);
+			return verdict;
+		}
+		COUNT(COUNTER_CHAIN_FAILED); /* no route to it: the last hop, so the client is not left hanging */
 	}
 	if (!(seg->flags & TCP_FLAG_RST) && reset_allowed(cfg)) {
 		COUNT(COUNTER_NO_FLOW_RESET);
