@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pyroute2 import NetNS
 
+from benchmarks import connection_rate
 from benchmarks import contenders as contenders_module
 from benchmarks.contenders import BACKEND, FRONT, PORT, QUEUE, Contender
 from benchmarks.generator import FLOODS, PACER_TABLE, GeneratorError, pacer, trafgen_argv, trafgen_config
@@ -37,6 +38,7 @@ from benchmarks.measure import (
     namespace_inodes,
     pin_process,
     process_cpu_seconds,
+    process_tree,
     program_stats,
     steer_receive,
 )
@@ -144,7 +146,8 @@ class Bench:
 
     def pin(self, contender: Contender) -> None:
         """The contender's processes and the backend's (its data plane and servers) onto the contender CPU."""
-        for pid in (contender.pid(self.lab), self.lab.pid(BACKEND), self.lab.pid(f"{BACKEND}-servers")):
+        for pid in (contender.pid(self.lab), self.lab.pid(BACKEND), self.lab.pid(f"{BACKEND}-servers"),
+                    *process_tree(self.lab.pid(f"{BACKEND}-nginx"))):
             pin_process(pid, CONTENDER_CPU)
 
     def programs(self) -> dict[int, str]:
@@ -323,11 +326,13 @@ def rotated(items: list, turn: int) -> list:
 
 
 def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: float, idle_seconds: float,
-        repetitions: int, upload_bytes: int, chosen: list[type[Contender]], output: Path, profile: bool) -> dict:
+        repetitions: int, upload_bytes: int, chosen: list[type[Contender]], output: Path, profile: bool,
+        quick: bool = False) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     lab = Lab(name=unique_name("bench"), hosts=default_hosts(fronts=1, backends=1), data_plane="nfqueue")
     steps: list[dict] = []
     uploads: list[dict] = []
+    connections: list[dict] = []
     started = time.time()
     stats_fd = enable_bpf_stats()
     contenders = [contender_class() for contender_class in chosen]
@@ -361,6 +366,9 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
                                 (output / PROFILE_FILE).write_text(hot_functions(bench.work_dir / "profile.raw"))
                 finally:
                     contender.leave(lab)
+            if "connections" in scenarios:  # its own two routes (benchmarks/connection_rate.py)
+                connections += connection_rate.measure(bench, repetition, idle_seconds, quick)
+                print(f"bench:   connections: {json.dumps(connections[-1])}", file=sys.stderr, flush=True)
     finally:
         os.close(stats_fd)
         if bench is not None:
@@ -375,6 +383,7 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
         "rates": {scenario: list(rates[scenario]) for scenario in scenarios if scenario in rates},
         "upload_bytes": upload_bytes,
         "contenders": {c.name: c.description for c in chosen}, "steps": steps, "uploads": uploads,
+        "connections": connections,
     }
 
 
@@ -433,10 +442,11 @@ def main(args: argparse.Namespace) -> int:
     upload_bytes = QUICK_UPLOAD_BYTES if args.quick else UPLOAD_BYTES
     try:
         results = run(scenarios, rates, seconds, seconds / 2, repetitions, upload_bytes, chosen, args.output,
-                      args.profile)
+                      args.profile, quick=args.quick)
     except (GeneratorError, LabError, OSError) as error:
         print(f"synproxy bench: {error}", file=sys.stderr)
         return 1
     write_report(results, args.output)
+    connection_rate.append_report(results, args.output)
     print(f"synproxy bench: results in {args.output}/results.md ({results['machine']['minutes']} minutes)")
     return 0

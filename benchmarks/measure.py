@@ -58,6 +58,21 @@ def pin_process(pid: int | None, cpu: int) -> None:
             pass
 
 
+def process_tree(pid: int | None) -> list[int]:
+    """A process and its children (nginx's master and its workers): the kernel here has no
+    /proc/PID/task/TID/children, so read every process's parent."""
+    if pid is None:
+        return []
+    children = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid:
+                children.append(int(entry.name))
+        except OSError:  # it ended meanwhile
+            pass
+    return [pid, *children]
+
+
 def steer_receive(namespace: str, interface: str, cpu: int) -> None:
     """RPS: the interface's received packets are processed on ``cpu`` (a veth has one receive queue)."""
     subprocess.run(["ip", "netns", "exec", namespace, "sh", "-c",

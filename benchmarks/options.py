@@ -10,7 +10,7 @@ FULL_RATES = (10_000, 20_000, 40_000, 80_000, FLAT_OUT)   # the SYN flood
 FLOOD_RATES = (40_000, FLAT_OUT)                           # the ACK and mixed floods
 QUICK_RATES = (20_000, FLAT_OUT)
 QUICK_FLOOD_RATES = (FLAT_OUT,)
-SCENARIOS = ("syn", "ack", "mixed", "upload")
+SCENARIOS = ("syn", "ack", "mixed", "upload", "connections")  # connections: benchmarks/connection_rate.py
 
 
 def rate_list(text: str) -> tuple[int, ...]:

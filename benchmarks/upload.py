@@ -1,8 +1,11 @@
-"""One bulk upload to the VIP: an HTTP POST of --bytes (the lab's servers read and discard the body).
+"""One bulk upload to the VIP: an HTTP POST of --bytes to nginx's /upload (synproxy/lab/nginx.py), which
+reads and discards the body.
 
 `python3 -m benchmarks.upload --target VIP --bytes N --seconds S` prints one JSON object: the bytes
-the server says it read, the seconds from connect to its answer, and the throughput. A transfer still
-running after --seconds stops there (`complete`: false) and counts what was sent by then.
+sent, the seconds from connect to the server's close, and the throughput. nginx may answer 204 before
+the body is in, but closes only once it has read all of it (a request without keep-alive): the close is
+the end. A transfer still running after --seconds stops there (`complete`: false) and counts what was
+sent by then.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import time
 
 from synproxy.lab.clients import connect
+from synproxy.lab.nginx import UPLOAD_PATH
 
 CHUNK = 1 << 18
 
@@ -22,7 +26,7 @@ def upload(target: str, port: int, size: int, seconds: float) -> dict:
     deadline = started + seconds
     sent = 0
     with connect(target, port, seconds, None) as sock:
-        sock.sendall(f"POST / HTTP/1.0\r\nHost: {target}\r\nContent-Length: {size}\r\n\r\n".encode())
+        sock.sendall(f"POST {UPLOAD_PATH} HTTP/1.0\r\nHost: {target}\r\nContent-Length: {size}\r\n\r\n".encode())
         while sent < size and time.monotonic() < deadline:
             sock.settimeout(max(0.1, deadline - time.monotonic()))
             try:
@@ -36,8 +40,9 @@ def upload(target: str, port: int, size: int, seconds: float) -> dict:
         while piece := sock.recv(4096):
             answer += piece
     elapsed = time.monotonic() - started
-    received = json.loads(answer.partition(b"\r\n\r\n")[2])["received"]
-    return {"bytes": received, "seconds": round(elapsed, 3), "complete": received == size}
+    if not answer.startswith((b"HTTP/1.1 204 ", b"HTTP/1.0 204 ")):
+        raise ValueError(f"unexpected answer {answer[:40]!r}")
+    return {"bytes": sent, "seconds": round(elapsed, 3), "complete": True}
 
 
 def main() -> None:

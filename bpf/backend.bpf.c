@@ -36,6 +36,22 @@ struct sock___x {
 	__u32 sk_max_ack_backlog;
 } __attribute__((preserve_access_index));
 
+/* The TIME_WAIT socket's fields RFC 6191's test reads (tcp_timewait_state_process), CO-RE like sock___x:
+ * tw_rcv_nxt is sock_common's skc_tw_rcv_nxt, in an anonymous union. */
+struct sock_common___x {
+	__u32 skc_tw_rcv_nxt;
+} __attribute__((preserve_access_index));
+
+struct inet_timewait_sock___x {
+	struct sock_common___x __tw_common;
+} __attribute__((preserve_access_index));
+
+struct tcp_timewait_sock___x {
+	struct inet_timewait_sock___x tw_sk;
+	__u32 tw_ts_recent;
+	int tw_ts_recent_stamp;
+} __attribute__((preserve_access_index));
+
 extern int bpf_sk_assign_tcp_reqsk(struct __sk_buff *skb, struct sock *sk,
 				   struct bpf_tcp_req_attrs *attrs, int attrs__sz) __ksym;
 
@@ -79,8 +95,13 @@ struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); /* per CPU: no atomics, no contention under a flood */
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct reset_bucket);
+	__type(value, struct token_bucket);
 } reset_budget SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024); /* 1170 events of 48 bytes (+ 8 of header each) */
+} time_wait SEC(".maps");
 
 static __always_inline void count_in(void *map, __u32 index)
 {
@@ -160,6 +181,53 @@ static __always_inline void fill_attrs(struct __sk_buff *skb, const struct segme
 	attrs->tstamp_ok = ack_timestamps(skb, seg, &attrs->rcv_tsval, &attrs->rcv_tsecr);
 }
 
+/* Would the kernel's TIME_WAIT socket let a SYN recycle it (RFC 6191, as tcp_timewait_state_process
+ * decides)? The SYN's ISN is the ACK's seq - 1; its TSval is taken from the ACK (the client's clock, no
+ * older than the SYN's). With timestamps on both connections (the old one: tw_ts_recent_stamp set), a
+ * TSval older than tw_ts_recent is refused (PAWS) and a newer one accepted; otherwise the ISN must lie
+ * after the old connection's tw_rcv_nxt. */
+static __always_inline int rfc6191_accepts(struct __sk_buff *skb, const struct segment *seg, struct bpf_sock *skc)
+{
+	struct tcp_timewait_sock___x *tw = (void *)bpf_skc_to_tcp_timewait_sock(skc);
+	__u32 tsval = 0, tsecr = 0;
+
+	if (!tw)
+		return 0;
+	if (tw->tw_ts_recent_stamp && ack_timestamps(skb, seg, &tsval, &tsecr)) {
+		__s32 age = (__s32)(tw->tw_ts_recent - tsval);
+
+		if (age > 0)
+			return 0;
+		if (age < 0)
+			return 1;
+	}
+	return (__s32)(seg->seq - 1 - tw->tw_sk.__tw_common.skc_tw_rcv_nxt) > 0;
+}
+
+/* A validated ACK met a TIME_WAIT socket. The kernel recycles one for a SYN RFC 6191 accepts, but the kfunc's
+ * connection cannot be inserted next to it, and tc has no way to remove it: the loader does (sock_diag
+ * SOCK_DESTROY), told through the ring buffer, and then makes the client repeat its ACK (docs/backend.md).
+ * This ACK is dropped meanwhile: passed, the TIME_WAIT socket would answer it with its old ACK. What RFC
+ * 6191 refuses is passed to the TIME_WAIT socket, as the kernel would pass the SYN. */
+static __always_inline int recycle_time_wait(struct __sk_buff *skb, const struct segment *seg, struct bpf_sock *skc)
+{
+	if (!rfc6191_accepts(skb, seg, skc)) {
+		COUNT(COUNTER_TIME_WAIT_REFUSED);
+		return TC_ACT_OK;
+	}
+	__u32 headers = seg->tcp_offset - sizeof(struct ethhdr) + seg->tcp_length;
+	struct time_wait_event event = {.sport = seg->sport, .dport = seg->dport, .seq = seg->seq, .ack = seg->ack,
+					 .family = seg->family, .data = seg->ip_length > headers};
+	__builtin_memcpy(event.saddr, seg->saddr, 16);
+	__builtin_memcpy(event.daddr, seg->daddr, 16);
+	if (bpf_ringbuf_output(&time_wait, &event, sizeof(event), 0)) {
+		COUNT(COUNTER_TIME_WAIT_UNREPORTED);
+		return TC_ACT_SHOT;
+	}
+	COUNT(COUNTER_TIME_WAIT_RECYCLED);
+	return TC_ACT_SHOT;
+}
+
 /* The socket the kernel would deliver this segment to (established, request, time-wait or listener), or
  * none; the caller releases it (bpf_sk_release) on every path. */
 static __always_inline struct bpf_sock *socket_of(struct __sk_buff *skb, const struct segment *seg)
@@ -204,7 +272,13 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 		COUNT(COUNTER_NO_SOCKET);
 		return TC_ACT_OK;
 	}
-	/* The lookup also finds established, request and time-wait sockets: only a listener is ours. */
+	if (skc->state == BPF_TCP_TIME_WAIT) {
+		int verdict = recycle_time_wait(skb, seg, skc);
+
+		bpf_sk_release(skc);
+		return verdict;
+	}
+	/* The lookup also finds established and request sockets: only a listener is ours. */
 	struct tcp_sock *listener = skc->state == BPF_TCP_LISTEN ? bpf_skc_to_tcp_sock(skc) : 0;
 	if (!listener) {
 		COUNT(COUNTER_NOT_LISTENER);
@@ -233,28 +307,12 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 	return TC_ACT_OK;
 }
 
-/* May this CPU pass one more packet of no connection to the kernel, which answers it with a RST? A
- * token bucket kept in ns of credit: time adds credit up to reset_credit_ns, a reset spends
- * reset_cost_ns. Per CPU, each with its share of the rate: the backend's total stays within the rate
- * plus the burst (plus one per CPU) whichever CPUs the flood lands on. */
+/* May this CPU pass one more packet of no connection to the kernel, which answers it with a RST? */
 static __always_inline int reset_allowed(const struct backend_config *cfg)
 {
 	__u32 zero = 0;
-	struct reset_bucket *bucket = bpf_map_lookup_elem(&reset_budget, &zero);
-	__u64 now = bpf_ktime_get_ns(), credit;
 
-	if (!bucket || !cfg->reset_cost_ns)
-		return 0;
-	credit = bucket->credit_ns + (now - bucket->updated_ns);
-	if (credit > cfg->reset_credit_ns)
-		credit = cfg->reset_credit_ns;
-	bucket->updated_ns = now;
-	if (credit < cfg->reset_cost_ns) {
-		bucket->credit_ns = credit;
-		return 0;
-	}
-	bucket->credit_ns = credit - cfg->reset_cost_ns;
-	return 1;
+	return token_take(bpf_map_lookup_elem(&reset_budget, &zero), cfg->reset_cost_ns, cfg->reset_credit_ns);
 }
 
 /* What the encapsulation said, kept past decapsulate() (which moves the packet). */
@@ -328,7 +386,7 @@ static __always_inline int chain_to(struct __sk_buff *skb, const struct segment 
 	outer.ip.protocol = IPPROTO_UDP;
 	outer.ip.saddr = arrival->self;
 	outer.ip.daddr = next;
-	outer.ip.check = fold(bpf_csum_diff(0, 0, (void *)&outer.ip, sizeof(outer.ip), 0));
+	outer.ip.check = ipv4_header_fold(&outer.ip);
 	outer.udp.source = arrival->source_port;
 	outer.udp.dest = bpf_htons(cfg->encap_port);
 	outer.udp.len = bpf_htons(ENCAP_OVERHEAD - sizeof(struct iphdr) + seg->ip_length);
@@ -456,6 +514,37 @@ static __always_inline int decapsulate(struct __sk_buff *skb, __u8 inner_version
 	return 0;
 }
 
+/* A decapsulated packet flagged ICMP: an error a front received about one of this backend's flows (a
+router towards the client: "fragmentation needed", "packet too big", "unreachable", "time exceeded").
+Passed to the stack, whose TCP finds the socket from the quoted segment and lowers its path MTU (it
+ignores errors whose quoted sequence number is outside the window), only when the front's MAC covers
+the flow and the flag, and the flow is a protected VIP and port the error was sent to. It is not passed
+on along the chain (a backend never flags one CHAINED): where no socket here owns the flow, the stack
+drops it, so a connection a backend change left on a former owner misses the errors about it
+(docs/backend.md). */
+static __always_inline int pass_icmp_error(struct __sk_buff *skb, const struct encap_header *header,
+					   __be32 outer_saddr, __be32 outer_daddr)
+{
+	struct segment error = {}, flow = {};
+
+	if (!parse_icmp_error((void *)(long)skb->data, (void *)(long)skb->data_end, &error, &flow) ||
+	    (header->flags & (ENCAP_FLAG_VALIDATED | ENCAP_FLAG_CHAINED))) {
+		COUNT(COUNTER_ENCAP_REFUSED);
+		return TC_ACT_SHOT;
+	}
+	if (!encap_mac_valid(header, outer_saddr, outer_daddr, &flow)) {
+		COUNT(COUNTER_ENCAP_BAD_MAC);
+		return TC_ACT_SHOT;
+	}
+	if (!forwarded_by_a_front(&flow) || __builtin_memcmp(error.daddr, flow.daddr, 16)) {
+		COUNT(COUNTER_ENCAP_REFUSED);
+		return TC_ACT_SHOT;
+	}
+	COUNT(COUNTER_DECAPSULATED);
+	COUNT(COUNTER_ICMP_PASSED);
+	return TC_ACT_OK;
+}
+
 SEC("tc")
 int synproxy_backend(struct __sk_buff *skb)
 {
@@ -502,6 +591,8 @@ int synproxy_backend(struct __sk_buff *skb)
 		COUNT(COUNTER_MALFORMED);
 		return TC_ACT_SHOT;
 	}
+	if (arrival.header.flags & ENCAP_FLAG_ICMP)
+		return pass_icmp_error(skb, &arrival.header, outer_saddr, arrival.self);
 	/* The MAC covers the inner addresses and ports: only a TCP segment can be checked (and a front
 	 * forwards nothing else). */
 	if (!parse_segment(skb, &seg)) {

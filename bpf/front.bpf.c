@@ -54,7 +54,7 @@ struct {
 #define ROUTE_CACHE_NS 100000000ULL /* 100 ms */
 #define ROUTE_CACHE_SLOTS 256
 struct route {
-	__u64 checked_ns; /* bpf_ktime_get_ns() of the lookup; 0: empty */
+	__u64 checked_ns; /* bpf_ktime_get_tai_ns() of the lookup; 0: empty */
 	__be32 backend;   /* the tag: for this backend */
 	__u32 ingress_ifindex;
 	__u32 ifindex;
@@ -68,6 +68,28 @@ struct {
 	__type(key, __u32);
 	__type(value, struct route);
 } routes SEC(".maps");
+
+/* The ICMP errors the programs forward: each CPU's bucket (token_take) and, written by the loader, what a
+ * token costs and the most credit a CPU holds (loading.per_cpu_token_bucket of
+ * handler.ICMP_ERRORS_PER_SECOND). */
+struct icmp_limit {
+	__u64 cost_ns;
+	__u64 credit_max_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct icmp_limit);
+} icmp_limit SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct token_bucket);
+} icmp_budget SEC(".maps");
 
 /* By program (enum front_path), outcome and IP version: both programs may see one packet (a SYN XDP passes
  * because its neighbour is unresolved is answered at tc), so each counts its own. */
@@ -98,34 +120,22 @@ static __always_inline int count_xdp(const struct segment *seg, __u32 outcome, i
 	return count_on(FRONT_PATH_XDP, seg, outcome, verdict);
 }
 
-/* The sum of the TCP pseudo-header: addresses as given (16-byte form), protocol, TCP length. */
-static __always_inline __s64 pseudo_header_sum(__u8 family, const __u8 saddr[16], const __u8 daddr[16],
+/* The sum of the TCP pseudo-header (addresses as given, 16-byte form; protocol; TCP length) folded to 32
+ * bits, bpf_csum_diff's seed: added up inline, where two helper calls cost ~30 ns a SYN. Byte order
+ * needs no care: a one's-complement sum only needs each byte's parity of position kept, and the
+ * protocol and length land at the pseudo-header's positions in both families' layouts. */
+static __always_inline __u32 pseudo_header_sum(__u8 family, const __u8 saddr[16], const __u8 daddr[16],
 					       __u32 tcp_length)
 {
-	if (family == 4) {
-		struct {
-			__u8 saddr[4];
-			__u8 daddr[4];
-			__u8 zero;
-			__u8 protocol;
-			__be16 length;
-		} v4 = {.protocol = IPPROTO_TCP, .length = bpf_htons(tcp_length)};
+	const __u32 *s = (const void *)saddr, *d = (const void *)daddr;
+	__u64 sum = (__u64)bpf_htonl(tcp_length) + bpf_htonl(IPPROTO_TCP);
 
-		__builtin_memcpy(v4.saddr, &saddr[12], 4);
-		__builtin_memcpy(v4.daddr, &daddr[12], 4);
-		return bpf_csum_diff(0, 0, (void *)&v4, sizeof(v4), 0);
-	}
-	struct {
-		__u8 saddr[16];
-		__u8 daddr[16];
-		__be32 length;
-		__u8 zero[3];
-		__u8 next_header;
-	} v6 = {.length = bpf_htonl(tcp_length), .next_header = IPPROTO_TCP};
-
-	__builtin_memcpy(v6.saddr, saddr, 16);
-	__builtin_memcpy(v6.daddr, daddr, 16);
-	return bpf_csum_diff(0, 0, (void *)&v6, sizeof(v6), 0);
+	if (family == 4)
+		sum += (__u64)s[3] + d[3];
+	else
+		sum += (__u64)s[0] + s[1] + s[2] + s[3] + d[0] + d[1] + d[2] + d[3];
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	return (sum & 0xffffffff) + (sum >> 32);
 }
 
 /* What the SYN's options say, as parse_tcp_options reads them (a repeated option: the last wins). */
@@ -203,6 +213,37 @@ static long walk_option(__u32 step, void *context)
 	return 0;
 }
 
+/* The option layouts most SYNs carry, read without the walk (its bpf_loop calls cost ~80 ns a SYN,
+ * benchmarks/front_xdp_cost.py); each layout fixes everything parse_tcp_options reads. Linux's: MSS,
+ * SACK permitted, timestamps, NOP, window scale (20 bytes); without timestamps (build_tcp_options'
+ * order too): MSS, NOP, NOP, SACK permitted, NOP, window scale (12). 0: walk them. */
+static __noinline int read_common_options(struct option_walk *walk)
+{
+	const __u8 *o = &walk->tcp[sizeof(struct tcphdr)];
+	struct syn_options *options = &walk->options;
+
+	if (o[0] != TCPOPT_MSS || o[1] != TCPOLEN_MSS)
+		return 0;
+	if (walk->length == sizeof(struct tcphdr) + 20 && o[4] == TCPOPT_SACK_PERM && o[5] == TCPOLEN_SACK_PERM &&
+	    o[6] == TCPOPT_TIMESTAMP && o[7] == TCPOLEN_TIMESTAMP && o[16] == TCPOPT_NOP && o[17] == TCPOPT_WINDOW &&
+	    o[18] == TCPOLEN_WINDOW) {
+		options->tsval = (__u32)o[8] << 24 | (__u32)o[9] << 16 | (__u32)o[10] << 8 | o[11];
+		options->has_timestamp = 1;
+		options->wscale = o[19];
+	} else if (walk->length == sizeof(struct tcphdr) + 12 && o[4] == TCPOPT_NOP && o[5] == TCPOPT_NOP &&
+		   o[6] == TCPOPT_SACK_PERM && o[7] == TCPOLEN_SACK_PERM && o[8] == TCPOPT_NOP &&
+		   o[9] == TCPOPT_WINDOW && o[10] == TCPOLEN_WINDOW) {
+		options->wscale = o[11];
+	} else {
+		return 0;
+	}
+	options->mss = o[2] << 8 | o[3];
+	options->has_mss = 1;
+	options->sack_permitted = 1;
+	options->has_wscale = 1;
+	return 1;
+}
+
 /* The cookie's data bits (docs/cookie.md): epoch mod 4, window scale code, SACK, ECN, MSS index. */
 static __always_inline __u32 cookie_data(__u8 family, const struct syn_options *options, __u8 sack, __u8 ecn,
 					 __u64 epoch)
@@ -269,6 +310,17 @@ static __always_inline long load_bytes(void *ctx, int xdp, __u32 offset, void *t
 	return xdp ? bpf_xdp_load_bytes(ctx, offset, to, length) : bpf_skb_load_bytes(ctx, offset, to, length);
 }
 
+/* The packet's first and last byte + 1 for direct access, whichever hook runs (as load_bytes). */
+static __always_inline void *packet_data(void *ctx, int xdp)
+{
+	return xdp ? (void *)(long)((struct xdp_md *)ctx)->data : (void *)(long)((struct __sk_buff *)ctx)->data;
+}
+
+static __always_inline void *packet_end(void *ctx, int xdp)
+{
+	return xdp ? (void *)(long)((struct xdp_md *)ctx)->data_end : (void *)(long)((struct __sk_buff *)ctx)->data_end;
+}
+
 /* The route back to the client, looked up as the kernel would forward the SYN-ACK it got from the queue.
  * Returns the bpf_fib_lookup result; the egress interface and MAC addresses are left in `fib`. */
 static __always_inline int route_back(void *ctx, __u32 ifindex, const struct segment *seg, __u32 length,
@@ -327,19 +379,20 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 	/* Checksums: the IPv4 header's (the kernel checks it after this hook) and the segment's. A local
 	 * sender's (a veth's) SYN still carries a partial one: the queue's copy gets it completed. */
 	if (seg->family == 4) {
-		__u8 header[sizeof(struct iphdr)];
+		const struct iphdr *ip = packet_data(ctx, xdp) + sizeof(struct ethhdr);
 
-		if (load_bytes(ctx, xdp, sizeof(struct ethhdr), header, sizeof(header)) ||
-		    fold(bpf_csum_diff(0, 0, (void *)header, sizeof(header), 0)))
+		if ((void *)(ip + 1) > packet_end(ctx, xdp) || ipv4_header_fold(ip))
 			return FRONT_UNVERIFIED;
 	}
-	__s64 sum = pseudo_header_sum(seg->family, seg->saddr, seg->daddr, tcp_length);
-	if (sum < 0 || fold(bpf_csum_diff(0, 0, (void *)walk.tcp, tcp_length, sum)))
+	__u32 sum = pseudo_header_sum(seg->family, seg->saddr, seg->daddr, tcp_length);
+	if (fold(bpf_csum_diff(0, 0, (void *)walk.tcp, tcp_length, sum)))
 		return FRONT_UNVERIFIED;
 
-	bpf_loop(MAX_OPTIONS_WALKED + 1, walk_option, &walk, 0);
-	if (walk.parsed != 1)
-		return FRONT_QUEUED;
+	if (!read_common_options(&walk)) {
+		bpf_loop(MAX_OPTIONS_WALKED + 1, walk_option, &walk, 0);
+		if (walk.parsed != 1)
+			return FRONT_QUEUED;
+	}
 	const struct syn_options options = walk.options;
 
 	__u64 now_ns = bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
@@ -403,8 +456,6 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 	th->ece = ecn;
 	th->window = bpf_htons(SYN_ACK_WINDOW);
 	sum = pseudo_header_sum(seg->family, seg->daddr, seg->saddr, reply_length);
-	if (sum < 0)
-		return FRONT_QUEUED;
 	th->check = fold(bpf_csum_diff(0, 0, (void *)reply, reply_length, sum));
 	answer->tcp_length = reply_length;
 
@@ -419,7 +470,7 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 		ip->protocol = IPPROTO_TCP;
 		__builtin_memcpy(&ip->saddr, &seg->daddr[12], 4);
 		__builtin_memcpy(&ip->daddr, &seg->saddr[12], 4);
-		ip->check = fold(bpf_csum_diff(0, 0, (void *)ip, sizeof(*ip), 0));
+		ip->check = ipv4_header_fold(ip);
 	} else {
 		struct ipv6hdr *ip6 = (void *)answer->ip;
 
@@ -433,7 +484,7 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 	return FRONT_SYN_ANSWERED;
 }
 
-static __always_inline int answer_syn(struct __sk_buff *skb, const struct segment *seg,
+static __noinline int answer_syn(struct __sk_buff *skb, const struct segment *seg,
 				      const struct front_config *cfg)
 {
 	struct syn_ack answer = {};
@@ -472,32 +523,46 @@ static __always_inline int answer_syn(struct __sk_buff *skb, const struct segmen
 	return count(seg, FRONT_SYN_ANSWERED, bpf_redirect(fib.ifindex, 0));
 }
 
-SEC("tc")
-int synproxy_front(struct __sk_buff *skb)
-{
-	__u32 zero = 0;
-	const struct front_config *cfg = bpf_map_lookup_elem(&config, &zero);
-	struct segment seg = {};
-
-	/* A VLAN tag the device took off stays in the skb: the route back and the redirect would not
-	 * carry it, so tagged traffic goes the kernel's way. */
-	if (!cfg || !cfg->period_ns || skb->pkt_type != PACKET_HOST || skb->vlan_present ||
-	    !parse_segment(skb, &seg) || addresses_refused(&seg))
-		return TC_ACT_OK;
-	__u16 port = bpf_ntohs(seg.dport);
-	if (!bpf_map_lookup_elem(&protected_vips, seg.daddr) || !bpf_map_lookup_elem(&protected_ports, &port))
-		return count(&seg, FRONT_NOT_PROTECTED, TC_ACT_OK);
-	if ((seg.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN)) != TCP_FLAG_SYN)
-		return count(&seg, FRONT_QUEUED, TC_ACT_OK);
-	return answer_syn(skb, &seg, cfg);
-}
-
-/* --- XDP: the whole data plane --- */
+/* --- XDP: the SYN-ACK --- */
 
 /* Out of the interface the packet came in: XDP_TX; out of another: a redirect. */
 static __always_inline int send(struct xdp_md *ctx, __u32 ifindex)
 {
 	return ifindex == ctx->ingress_ifindex ? XDP_TX : bpf_redirect(ifindex, 0);
+}
+
+/* The SYN-ACK's headers written over the frame adjust_tail sized for them: directly, where four
+ * bpf_xdp_store_bytes calls cost ~70 ns more (benchmarks/front_xdp_cost.py). 0 if the frame is shorter
+ * (it cannot be). */
+static __always_inline int write_syn_ack(struct xdp_md *ctx, const struct bpf_fib_lookup *fib,
+					 const struct syn_ack *answer, __u8 family)
+{
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = (void *)(long)ctx->data;
+	void *ip = eth + 1;
+	const __u32 *from = (const void *)answer->tcp;
+	__u32 *to;
+
+	if (ip + sizeof(struct ipv6hdr) > data_end) /* the shortest SYN-ACK, IPv4's, is longer than 40 */
+		return 0;
+	if (family == 4) {
+		__builtin_memcpy(ip, answer->ip, sizeof(struct iphdr));
+		to = ip + sizeof(struct iphdr);
+	} else {
+		__builtin_memcpy(ip, answer->ip, sizeof(struct ipv6hdr));
+		to = ip + sizeof(struct ipv6hdr);
+	}
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+#pragma unroll
+	for (__u32 i = 0; i < MAX_TCP_HEADER / 4; i++) {
+		if (i * 4 >= answer->tcp_length)
+			break;
+		if ((void *)(to + i + 1) > data_end)
+			return 0;
+		to[i] = from[i];
+	}
+	return 1;
 }
 
 /* Its own BPF function (as forward() is): inlined together, their stack frames would not fit in 512 bytes. */
@@ -517,22 +582,22 @@ static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *s
 		return count_xdp(seg, FRONT_UNROUTED, XDP_PASS);
 	if (bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + ip_length + reply_length) - (int)frame_length))
 		return count_xdp(seg, FRONT_UNSENT, XDP_PASS); /* unchanged */
-	if (bpf_xdp_store_bytes(ctx, 0, fib.dmac, ETH_ALEN) || bpf_xdp_store_bytes(ctx, ETH_ALEN, fib.smac, ETH_ALEN) ||
-	    bpf_xdp_store_bytes(ctx, sizeof(struct ethhdr), answer.ip, ip_length) ||
-	    bpf_xdp_store_bytes(ctx, sizeof(struct ethhdr) + ip_length, answer.tcp, reply_length))
+	if (!write_syn_ack(ctx, &fib, &answer, seg->family))
 		return count_xdp(seg, FRONT_UNSENT, XDP_DROP); /* half rewritten */
 	return count_xdp(seg, FRONT_SYN_ANSWERED, send(ctx, fib.ifindex));
 }
 
 #define MAX_CHECKSUM_BLOCKS 8 /* of 256 bytes: segments up to 2303 bytes are checked here */
 
+/* --- Every other segment: the decisions both hooks share, then each one's packet surgery --- */
+
 /* Sum `length` packet bytes from `offset` into `sum`: bpf_csum_diff reads packet memory in pieces of a
  * constant size (a multiple of 4, at most 512), the last 1-3 bytes padded with zeros. -1 when the
- * segment is longer than this reads. */
-static __always_inline __s64 packet_sum(struct xdp_md *ctx, __u32 offset, __u32 length, __s64 sum)
+ * segment is longer than this reads (or, at tc, than the linear data holds). */
+static __always_inline __s64 packet_sum(void *ctx, int xdp, __u32 offset, __u32 length, __s64 sum)
 {
-	void *data_end = (void *)(long)ctx->data_end;
-	__u8 *at = (void *)(long)ctx->data + (offset & 0xff);
+	void *data_end = packet_end(ctx, xdp);
+	__u8 *at = packet_data(ctx, xdp) + (offset & 0xff);
 
 #pragma unroll
 	for (int i = 0; i < MAX_CHECKSUM_BLOCKS; i++) {
@@ -581,32 +646,35 @@ static __always_inline __s64 packet_sum(struct xdp_md *ctx, __u32 offset, __u32 
 	return sum;
 }
 
-/* Does the segment's TCP checksum hold, as handler's tcp_checksum_valid reads it? */
-static __always_inline int segment_checksum_holds(struct xdp_md *ctx, const struct segment *seg)
+/* Does the segment's TCP checksum hold, as handler's tcp_checksum_valid reads it? At tc the segment is
+ * first made linear (one handshake ACK per connection pays for it). */
+static __always_inline int segment_checksum_holds(void *ctx, int xdp, const struct segment *seg)
 {
 	__u32 length = seg->ip_length - (seg->tcp_offset - sizeof(struct ethhdr));
-	__s64 sum = pseudo_header_sum(seg->family, seg->saddr, seg->daddr, length);
 
-	if (sum < 0)
+	if (!xdp && bpf_skb_pull_data(ctx, sizeof(struct ethhdr) + seg->ip_length))
 		return 0;
-	sum = packet_sum(ctx, seg->tcp_offset, length, sum);
+	__s64 sum = packet_sum(ctx, xdp, seg->tcp_offset, length,
+			       pseudo_header_sum(seg->family, seg->saddr, seg->daddr, length));
+
 	return sum >= 0 && !fold(sum);
 }
 
-/* The next hop to `backend`: this CPU's cached lookup while younger than ROUTE_CACHE_NS, else a new
+/* The next hop to `backend`: this CPU's cached lookup while younger than ROUTE_CACHE_NS by `now_ns` (the
+ * packet's one clock reading, CLOCK_TAI: a clock step only ends an entry early), else a new
  * bpf_fib_lookup. It is looked up for a packet of farm_mtu bytes, so a route whose MTU is smaller leaves
  * every packet to the queue. 0 when there is no route or the neighbour is unresolved (XDP has no
- * bpf_redirect_neigh: the kernel resolves it for the queue's packet). */
-static __always_inline int route_to_backend(struct xdp_md *ctx, const struct front_forwarding *fwd, __be32 backend,
-					    __be16 source_port, struct route *next_hop)
+ * bpf_redirect_neigh: the kernel resolves it for the queue's packet; tc does as XDP does). */
+static __always_inline int route_to_backend(void *ctx, int xdp, const struct front_forwarding *fwd, __be32 backend,
+					    __be16 source_port, __u64 now_ns, struct route *next_hop)
 {
-	__u32 slot = ((bpf_ntohl(backend) ^ ctx->ingress_ifindex) * 2654435761u) >> 24; /* Knuth's multiplicative hash */
+	__u32 ingress = xdp ? ((struct xdp_md *)ctx)->ingress_ifindex : ((struct __sk_buff *)ctx)->ifindex;
+	__u32 slot = ((bpf_ntohl(backend) ^ ingress) * 2654435761u) >> 24; /* Knuth's multiplicative hash */
 	struct route *cached = bpf_map_lookup_elem(&routes, &slot);
-	__u64 now_ns = bpf_ktime_get_ns();
 
 	if (!cached)
 		return 0;
-	if (cached->backend == backend && cached->ingress_ifindex == ctx->ingress_ifindex &&
+	if (cached->backend == backend && cached->ingress_ifindex == ingress &&
 	    now_ns - cached->checked_ns < ROUTE_CACHE_NS) {
 		*next_hop = *cached;
 		return 1;
@@ -617,7 +685,7 @@ static __always_inline int route_to_backend(struct xdp_md *ctx, const struct fro
 		.sport = source_port,
 		.dport = fwd->encap_port,
 		.tot_len = fwd->farm_mtu,
-		.ifindex = ctx->ingress_ifindex,
+		.ifindex = ingress,
 		.ipv4_src = fwd->farm_address,
 		.ipv4_dst = backend,
 	};
@@ -625,7 +693,7 @@ static __always_inline int route_to_backend(struct xdp_md *ctx, const struct fro
 		cached->checked_ns = 0;
 		return 0;
 	}
-	*cached = (struct route){.checked_ns = now_ns, .backend = backend, .ingress_ifindex = ctx->ingress_ifindex,
+	*cached = (struct route){.checked_ns = now_ns, .backend = backend, .ingress_ifindex = ingress,
 				 .ifindex = fib.ifindex};
 	__builtin_memcpy(cached->dmac, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(cached->smac, fib.smac, ETH_ALEN);
@@ -633,45 +701,102 @@ static __always_inline int route_to_backend(struct xdp_md *ctx, const struct fro
 	return 1;
 }
 
-/* Every segment but a SYN to a protected VIP and port: encapsulated to its Maglev backend as
- * handler.handle does, or left to the queue. */
-static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg)
+/* What forwarding a segment takes, decided: where to, and the encapsulation's fields. Callers zero it:
+ * with the former owners in it, clang stored a never-set register into a field on a path that leaves
+ * the plan unused (the queued one), which the verifier refuses (R2 !read_ok). */
+struct forwarding_plan {
+	struct route next_hop;
+	__be32 farm_address;
+	__be32 backend;
+	struct former_owners former; /* the slot's, named in the header (Beamer's chain) */
+	__be16 encap_port;
+	__be16 source_port;
+	__u8 flags;
+	__u8 pad[3];
+	__u64 mac; /* big endian */
+};
+
+/* The outcomes of a segment the program encapsulates; every other one is left to the queue. */
+static __always_inline int forwarded(__u32 outcome)
+{
+	return outcome == FRONT_VALIDATED || outcome == FRONT_FORWARDED || outcome == FRONT_FORWARDED_BAD_MAC ||
+	       outcome == FRONT_FORWARDED_EXPIRED_EPOCH;
+}
+
+/* Where `seg`'s flow goes (its Maglev backend and the route there) and the encapsulation's fields, with
+ * `flags` and the slot's former owners (an ICMP error's too: its flow's slot), for a packet decided as
+ * `outcome`: that outcome, or the one that leaves it to the queue. */
+static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct front_forwarding *fwd,
+						const struct segment *seg, __u8 flags, __u64 tai_ns, __u32 outcome,
+						struct forwarding_plan *plan)
+{
+	__u64 flow = flow_hash(seg, fwd->flow_key);
+	__u32 index = flow % MAGLEV_TABLE_SIZE;
+	const struct maglev_owners *entry = bpf_map_lookup_elem(&maglev, &index);
+	if (!entry)
+		return FRONT_QUEUED;
+	/* Read once: the loader may rewrite them (the former owners first). */
+	__be32 backend = entry->current;
+	struct former_owners former = entry->former;
+	if (!backend)
+		return FRONT_QUEUED;
+	plan->backend = backend;
+	plan->former = former;
+	plan->source_port = bpf_htons(ENCAP_SOURCE_PORT_BASE | (flow & ENCAP_SOURCE_PORT_MASK));
+	if (!route_to_backend(ctx, xdp, fwd, plan->backend, plan->source_port, tai_ns, &plan->next_hop))
+		return FRONT_UNROUTED;
+
+	union encap_message message;
+	encap_message_of(&message, fwd->farm_address, plan->backend, seg, flags, &plan->former);
+	plan->mac = bpf_cpu_to_be64(encap_mac(&message, fwd->encap_key));
+	plan->farm_address = fwd->farm_address;
+	plan->encap_port = fwd->encap_port;
+	plan->flags = flags;
+	return outcome;
+}
+
+/* Every segment but a SYN to a protected VIP and port, as handler.handle decides it, on either hook:
+ * the outcome, and for a forwarded() one the plan the hook's surgery carries out. */
+static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct segment *seg,
+					     const struct front_config *cfg, struct forwarding_plan *plan)
 {
 	__u32 zero = 0;
 	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	__u32 frame_length = data_end - data;
+	__u32 frame_length = xdp ? packet_end(ctx, xdp) - packet_data(ctx, xdp) : ((struct __sk_buff *)ctx)->len;
 	__u32 ip_header = seg->tcp_offset - sizeof(struct ethhdr);
 	__u32 ip_length = seg->ip_length;
 
 	if (!fwd)
-		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
+		return FRONT_QUEUED;
 	/* What parse_tcp calls malformed, a frame shorter than its IP packet (the kernel drops both), and
 	 * IPv4 options (the handler forwards those; this program leaves them to it). */
 	if ((seg->family == 4 && ip_header != sizeof(struct iphdr)) || seg->tcp_length < sizeof(struct tcphdr) ||
 	    ip_header + seg->tcp_length > ip_length || sizeof(struct ethhdr) + ip_length > frame_length)
-		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
+		return FRONT_QUEUED;
 	if (ip_length + ENCAP_OVERHEAD > fwd->farm_mtu)
-		return count_xdp(seg, FRONT_TOO_BIG, XDP_PASS);
+		return FRONT_TOO_BIG;
 	if (seg->family == 4) { /* the kernel checks it after this hook and drops what fails */
-		struct iphdr *ip = data + sizeof(struct ethhdr);
+		const struct iphdr *ip = packet_data(ctx, xdp) + sizeof(struct ethhdr);
 
-		if ((void *)(ip + 1) > data_end || fold(bpf_csum_diff(0, 0, (void *)ip, sizeof(*ip), 0)))
-			return count_xdp(seg, FRONT_UNVERIFIED, XDP_PASS);
+		if ((void *)(ip + 1) > packet_end(ctx, xdp) || ipv4_header_fold(ip))
+			return FRONT_UNVERIFIED;
 	}
 
 	__u32 outcome = FRONT_FORWARDED;
 	__u8 flags = 0;
+	__u64 tai_ns = bpf_ktime_get_tai_ns(); /* the one clock reading: a helper call costs ~20 ns */
 	if ((seg->flags & TCP_FLAG_ACK) && !(seg->flags & (TCP_FLAG_RST | TCP_FLAG_FIN))) {
 		__u32 cookie = seg->ack - 1;
-		__u64 now_ns = bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
+		__u64 now_ns = tai_ns + cfg->clock_offset_ns;
+		__u64 epoch = now_ns / cfg->period_ns;
 		const struct salt_slot *slot = cookie_slot(cookie);
+		/* A cookie of the current epoch names the minting slot itself: one map lookup (~25 ns) less. */
+		int current = ((cookie >> COOKIE_EPOCH_SHIFT) & (COOKIE_EPOCH_SLOTS - 1)) == epoch % COOKIE_EPOCH_SLOTS;
 
 		/* Without the current epoch's salt the map is stale (the front process stalled): it cannot
 		 * tell an expired cookie from a salt not written, the handler can. */
-		if (!minting_slot(now_ns / cfg->period_ns))
-			return count_xdp(seg, FRONT_NO_SALT, XDP_PASS);
+		if (current ? !slot || slot->epoch != epoch || !slot->nkeys : !minting_slot(epoch))
+			return FRONT_NO_SALT;
 		if (!slot || !epoch_accepted(slot->epoch, now_ns, cfg->period_ns, fwd->skew_ns)) {
 			outcome = FRONT_FORWARDED_EXPIRED_EPOCH;
 		} else if (!cookie_mac_valid(slot, seg, cookie)) {
@@ -679,49 +804,27 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 		} else {
 			/* The handler drops a validating ACK with a wrong checksum; the queue completes a
 			 * local sender's partial one. */
-			if (!segment_checksum_holds(ctx, seg))
-				return count_xdp(seg, FRONT_UNVERIFIED, XDP_PASS);
+			if (!segment_checksum_holds(ctx, xdp, seg))
+				return FRONT_UNVERIFIED;
 			outcome = FRONT_VALIDATED;
 			flags = ENCAP_FLAG_VALIDATED;
 		}
 	}
 
-	__u64 flow = flow_hash(seg, fwd->flow_key);
-	__u32 index = flow % MAGLEV_TABLE_SIZE;
-	const struct maglev_owners *entry = bpf_map_lookup_elem(&maglev, &index);
-	if (!entry)
-		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
-	/* Read once: the loader may rewrite them (the former owners first). */
-	__be32 backend = entry->current;
-	struct former_owners former = entry->former;
-	if (!backend)
-		return count_xdp(seg, FRONT_QUEUED, XDP_PASS);
-	__be16 source_port = bpf_htons(ENCAP_SOURCE_PORT_BASE | (flow & ENCAP_SOURCE_PORT_MASK));
-	struct route next_hop;
-	if (!route_to_backend(ctx, fwd, backend, source_port, &next_hop))
-		return count_xdp(seg, FRONT_UNROUTED, XDP_PASS);
+	return plan_encapsulation(ctx, xdp, fwd, seg, flags, tai_ns, outcome, plan);
+}
 
-	union encap_message message;
-	encap_message_of(&message, fwd->farm_address, backend, seg, flags, &former);
-	__u64 mac = bpf_cpu_to_be64(encap_mac(&message, fwd->encap_key));
-
-	/* The queue's copy ends where the IP packet does: drop an Ethernet pad, then make room. */
-	if (frame_length > sizeof(struct ethhdr) + ip_length &&
-	    bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + ip_length) - (int)frame_length))
-		return count_xdp(seg, FRONT_UNSENT, XDP_PASS);
-	if (bpf_xdp_adjust_head(ctx, -ENCAP_OVERHEAD))
-		return count_xdp(seg, FRONT_UNSENT, XDP_PASS);
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
+/* The Ethernet, outer IPv4, UDP and encapsulation headers as encap.encapsulate builds them, for an
+ * inner IP packet of `ip_length` bytes, written at `to`: the frame itself (XDP) or a stack copy (tc). */
+static __always_inline void build_encapsulation(void *to, const struct forwarding_plan *plan, __u32 ip_length)
+{
+	struct ethhdr *eth = to;
 	struct iphdr *outer = (void *)(eth + 1);
 	struct udphdr *udp = (void *)(outer + 1);
 	struct encap_header *header = (void *)(udp + 1);
-	if ((void *)(header + 1) > data_end)
-		return count_xdp(seg, FRONT_UNSENT, XDP_DROP); /* cannot happen: room was just made */
 
-	__builtin_memcpy(eth->h_dest, next_hop.dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, next_hop.smac, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, plan->next_hop.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, plan->next_hop.smac, ETH_ALEN);
 	eth->h_proto = bpf_htons(ETH_P_IP);
 	*outer = (struct iphdr){
 		.version = 4,
@@ -730,21 +833,200 @@ static __noinline int forward(struct xdp_md *ctx, const struct segment *seg, con
 		.frag_off = bpf_htons(IP_DF),
 		.ttl = ENCAP_TTL,
 		.protocol = IPPROTO_UDP,
-		.saddr = fwd->farm_address,
-		.daddr = backend,
+		.saddr = plan->farm_address,
+		.daddr = plan->backend,
 	};
-	outer->check = fold(bpf_csum_diff(0, 0, (void *)outer, sizeof(*outer), 0));
-	udp->source = source_port;
-	udp->dest = fwd->encap_port;
+	outer->check = ipv4_header_fold(outer);
+	udp->source = plan->source_port;
+	udp->dest = plan->encap_port;
 	udp->len = bpf_htons(ENCAP_OVERHEAD - sizeof(struct iphdr) + ip_length);
 	udp->check = 0;
 	header->magic = ENCAP_MAGIC;
-	header->flags = flags;
+	header->flags = plan->flags;
 	header->version = ENCAP_VERSION;
 	header->reserved = 0;
-	header->former = former;
-	__builtin_memcpy(header->mac, &mac, sizeof(mac));
-	return count_xdp(seg, outcome, send(ctx, next_hop.ifindex));
+	header->former = plan->former;
+	__builtin_memcpy(header->mac, &plan->mac, sizeof(plan->mac));
+}
+
+#define ENCAPSULATED_HEADERS (sizeof(struct ethhdr) + ENCAP_OVERHEAD)
+
+/* XDP's surgery for a planned packet (seg: its IP packet's length and family): trim an Ethernet pad, grow
+ * the head, write the headers, send. */
+static __always_inline int encapsulate_xdp(struct xdp_md *ctx, const struct segment *seg,
+					   const struct forwarding_plan *plan, __u32 outcome)
+{
+	__u32 ip_length = seg->ip_length;
+	__u32 frame_length = ctx->data_end - ctx->data;
+
+	/* The queue's copy ends where the IP packet does: drop an Ethernet pad, then make room. */
+	if (frame_length > sizeof(struct ethhdr) + ip_length &&
+	    bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + ip_length) - (int)frame_length))
+		return count_xdp(seg, FRONT_UNSENT, XDP_PASS);
+	if (bpf_xdp_adjust_head(ctx, -ENCAP_OVERHEAD))
+		return count_xdp(seg, FRONT_UNSENT, XDP_PASS);
+	void *data = (void *)(long)ctx->data;
+	if (data + ENCAPSULATED_HEADERS > (void *)(long)ctx->data_end)
+		return count_xdp(seg, FRONT_UNSENT, XDP_DROP); /* cannot happen: room was just made */
+	build_encapsulation(data, plan, ip_length);
+	return count_xdp(seg, outcome, send(ctx, plan->next_hop.ifindex));
+}
+
+static __noinline int forward_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg)
+{
+	struct forwarding_plan plan = {};
+	__u32 outcome = plan_forwarding(ctx, 1, seg, cfg, &plan);
+
+	if (!forwarded(outcome))
+		return count_xdp(seg, outcome, XDP_PASS);
+	return encapsulate_xdp(ctx, seg, &plan, outcome);
+}
+
+/* tc's surgery: trim an Ethernet pad, make room after the Ethernet header (the flags also make the
+ * skb's protocol IPv4 for an IPv6 inner packet, and record the inner headers for offloads), write the
+ * headers (the Ethernet one outside a received checksum's reach, the rest inside), redirect. A GSO
+ * packet (the receive path merged several) is the queue's: it hands the handler one segment at a time. */
+static __always_inline int encapsulate_tc(struct __sk_buff *skb, const struct segment *seg,
+					  const struct forwarding_plan *plan, __u32 outcome)
+{
+	__u64 headers[(ENCAPSULATED_HEADERS + 2 + 7) / 8]; /* from byte 2: the outer IPv4 header 4-aligned */
+	__u8 *copy = (__u8 *)headers + 2;
+	__u32 ip_length = seg->ip_length;
+
+	if ((skb->len > sizeof(struct ethhdr) + ip_length &&
+	     bpf_skb_change_tail(skb, sizeof(struct ethhdr) + ip_length, 0)) ||
+	    bpf_skb_adjust_room(skb, ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
+		return count(seg, FRONT_UNSENT, TC_ACT_OK); /* unchanged */
+	build_encapsulation(copy, plan, ip_length);
+	if (bpf_skb_store_bytes(skb, 0, copy, sizeof(struct ethhdr), 0) ||
+	    bpf_skb_store_bytes(skb, sizeof(struct ethhdr), copy + sizeof(struct ethhdr), ENCAP_OVERHEAD,
+				BPF_F_RECOMPUTE_CSUM))
+		return count(seg, FRONT_UNSENT, TC_ACT_SHOT); /* half rewritten */
+	return count(seg, outcome, bpf_redirect(plan->next_hop.ifindex, 0));
+}
+
+static __noinline int forward_tc(struct __sk_buff *skb, const struct segment *seg, const struct front_config *cfg)
+{
+	struct forwarding_plan plan = {};
+
+	if (skb->gso_segs > 1)
+		return count(seg, FRONT_QUEUED, TC_ACT_OK);
+	__u32 outcome = plan_forwarding(skb, 0, seg, cfg, &plan);
+	if (!forwarded(outcome))
+		return count(seg, outcome, TC_ACT_OK);
+	return encapsulate_tc(skb, seg, &plan, outcome);
+}
+
+/* --- ICMP errors about a protected flow --- */
+
+#define NOT_OURS FRONT_COUNTER_MAX /* plan_icmp_error: not an ICMP error to a VIP, passed on uncounted */
+
+/* An ICMP error to a VIP about a segment a protected VIP and port sent, as handler._icmp_error decides it:
+ * encapsulated flagged ICMP to the backend of the quoted flow (plan_encapsulation: the flow's own hash
+ * and MAC tuple), within this CPU's share of the ICMP budget. `error` is the caller's (zeroed) segment,
+ * filled with the error's own addresses and length: one more here would not fit the stack. */
+static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment *error, struct forwarding_plan *plan)
+{
+	struct segment flow = {};
+	__u32 zero = 0;
+
+	if (!parse_icmp_error(packet_data(ctx, xdp), packet_end(ctx, xdp), error, &flow) ||
+	    addresses_refused(error) || !bpf_map_lookup_elem(&protected_vips, error->daddr))
+		return NOT_OURS;
+	__u16 port = bpf_ntohs(flow.dport);
+	if (__builtin_memcmp(error->daddr, flow.daddr, 16) || !bpf_map_lookup_elem(&protected_ports, &port))
+		return FRONT_ICMP_NOT_PROTECTED;
+	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
+	if (!fwd)
+		return FRONT_QUEUED;
+	if (error->ip_length + ENCAP_OVERHEAD > fwd->farm_mtu)
+		return FRONT_TOO_BIG;
+	if (error->family == 4) { /* the kernel checks it after this hook and drops what fails */
+		const struct iphdr *ip = packet_data(ctx, xdp) + sizeof(struct ethhdr);
+
+		if ((void *)(ip + 1) > packet_end(ctx, xdp) || ipv4_header_fold(ip))
+			return FRONT_UNVERIFIED;
+	}
+	__u32 outcome = plan_encapsulation(ctx, xdp, fwd, &flow, ENCAP_FLAG_ICMP, bpf_ktime_get_tai_ns(),
+					   FRONT_ICMP_FORWARDED, plan);
+	const struct icmp_limit *limit = bpf_map_lookup_elem(&icmp_limit, &zero);
+	if (outcome == FRONT_ICMP_FORWARDED &&
+	    (!limit || !token_take(bpf_map_lookup_elem(&icmp_budget, &zero), limit->cost_ns, limit->credit_max_ns)))
+		return FRONT_ICMP_RATE_LIMITED;
+	return outcome;
+}
+
+/* What the handler drops, the programs drop; the rest they cannot forward is left to the queue. */
+static __always_inline int icmp_dropped(__u32 outcome)
+{
+	return outcome == FRONT_ICMP_NOT_PROTECTED || outcome == FRONT_ICMP_RATE_LIMITED;
+}
+
+static __noinline int forward_icmp_error_xdp(struct xdp_md *ctx, struct segment *error)
+{
+	struct forwarding_plan plan = {};
+	__u32 outcome = plan_icmp_error(ctx, 1, error, &plan);
+
+	if (outcome == NOT_OURS)
+		return XDP_PASS;
+	if (outcome != FRONT_ICMP_FORWARDED)
+		return count_xdp(error, outcome, icmp_dropped(outcome) ? XDP_DROP : XDP_PASS);
+	return encapsulate_xdp(ctx, error, &plan, outcome);
+}
+
+static __noinline int forward_icmp_error_tc(struct __sk_buff *skb, struct segment *error)
+{
+	struct forwarding_plan plan = {};
+	__u32 outcome = plan_icmp_error(skb, 0, error, &plan);
+
+	if (outcome == NOT_OURS)
+		return TC_ACT_OK;
+	if (outcome != FRONT_ICMP_FORWARDED)
+		return count(error, outcome, icmp_dropped(outcome) ? TC_ACT_SHOT : TC_ACT_OK);
+	return encapsulate_tc(skb, error, &plan, outcome);
+}
+
+/* --- The entries: one set of decisions for every frame, each hook's own answer_syn and forward --- */
+
+/* A frame either hook passed its own checks for: what both do with it. */
+static __always_inline int handle_frame(void *ctx, int xdp, const struct front_config *cfg)
+{
+	__u32 path = xdp ? FRONT_PATH_XDP : FRONT_PATH_TC;
+	int pass = xdp ? XDP_PASS : TC_ACT_OK;
+	struct segment seg = {};
+
+	enum parsed parsed = parse_frame(packet_data(ctx, xdp), packet_end(ctx, xdp), &seg);
+	if (parsed == PARSE_OTHER) /* not TCP: an ICMP error about a protected flow, or not ours */
+		return xdp ? forward_icmp_error_xdp(ctx, &seg) : forward_icmp_error_tc(ctx, &seg);
+	if (addresses_refused(&seg))
+		return pass;
+	if (!bpf_map_lookup_elem(&protected_vips, seg.daddr))
+		return parsed == PARSE_SEGMENT ? count_on(path, &seg, FRONT_NOT_PROTECTED, pass) : pass;
+	if (parsed == PARSE_UNHANDLED)
+		return count_on(path, &seg, FRONT_UNPARSED, pass);
+	__u16 port = bpf_ntohs(seg.dport);
+	if (!bpf_map_lookup_elem(&protected_ports, &port))
+		return count_on(path, &seg, FRONT_NOT_PROTECTED, pass);
+	if (seg.flags & TCP_FLAG_SYN) {
+		if (seg.flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
+			return count_on(path, &seg, FRONT_QUEUED, pass); /* the handler drops it: invalid_flags */
+		return xdp ? answer_syn_xdp(ctx, &seg, cfg) : answer_syn(ctx, &seg, cfg);
+	}
+	return xdp ? forward_xdp(ctx, &seg, cfg) : forward_tc(ctx, &seg, cfg);
+}
+
+SEC("tc")
+int synproxy_front(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	const struct front_config *cfg = bpf_map_lookup_elem(&config, &zero);
+
+	/* A VLAN tag the device took off stays in the skb: the route back and the redirect would not
+	 * carry it, so tagged traffic goes the kernel's way. */
+	if (!cfg || !cfg->period_ns || skb->pkt_type != PACKET_HOST || skb->vlan_present)
+		return TC_ACT_OK;
+	return handle_frame(skb, 0, cfg);
 }
 
 SEC("xdp")
@@ -755,28 +1037,12 @@ int synproxy_front_xdp(struct xdp_md *ctx)
 	struct ethhdr *eth = data;
 	__u32 zero = 0;
 	const struct front_config *cfg = bpf_map_lookup_elem(&config, &zero);
-	struct segment seg = {};
 
 	/* Multicast and broadcast frames are not for one host (XDP has no pkt_type: a unicast frame for
 	 * another host reaches it only in promiscuous mode). */
 	if (!cfg || !cfg->period_ns || (void *)(eth + 1) > data_end || (eth->h_dest[0] & 1))
 		return XDP_PASS;
-	enum parsed parsed = parse_frame(data, data_end, &seg);
-	if (parsed == PARSE_OTHER || addresses_refused(&seg))
-		return XDP_PASS;
-	if (!bpf_map_lookup_elem(&protected_vips, seg.daddr))
-		return parsed == PARSE_SEGMENT ? count_xdp(&seg, FRONT_NOT_PROTECTED, XDP_PASS) : XDP_PASS;
-	if (parsed == PARSE_UNHANDLED)
-		return count_xdp(&seg, FRONT_UNPARSED, XDP_PASS);
-	__u16 port = bpf_ntohs(seg.dport);
-	if (!bpf_map_lookup_elem(&protected_ports, &port))
-		return count_xdp(&seg, FRONT_NOT_PROTECTED, XDP_PASS);
-	if (seg.flags & TCP_FLAG_SYN) {
-		if (seg.flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
-			return count_xdp(&seg, FRONT_QUEUED, XDP_PASS); /* the handler drops it: invalid_flags */
-		return answer_syn_xdp(ctx, &seg, cfg);
-	}
-	return forward(ctx, &seg, cfg);
+	return handle_frame(ctx, 1, cfg);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -37,7 +37,8 @@ static const __u16 mss_table_v6[4] = {1220, 1420, 1440, 8940};
 #define ENCAP_MAGIC 0x5c
 #define ENCAP_VERSION 3
 #define ENCAP_FLAG_VALIDATED 0x01 /* a handshake ACK whose cookie a front found valid */
-#define ENCAP_FLAG_CHAINED 0x02   /* passed on by a backend to a former owner (encap.next_owner) */
+#define ENCAP_FLAG_ICMP 0x02      /* an ICMP error about the flow; the MAC's tuple is the flow's (client -> VIP) */
+#define ENCAP_FLAG_CHAINED 0x04   /* passed on by a backend to a former owner (encap.next_owner) */
 #define ENCAP_OVERHEAD 48
 #define ENCAP_MAC_INPUT_BYTES 56
 
@@ -77,10 +78,32 @@ struct backend_config {
 	__u64 reset_credit_ns; /* the most credit a CPU holds: its share of the burst, at least one reset */
 };
 
-struct reset_bucket {      /* per CPU: the budget of resets for packets of no connection */
+struct token_bucket {      /* per CPU: the backend's resets for packets of no connection, the front's ICMP errors */
 	__u64 credit_ns;
 	__u64 updated_ns;  /* bpf_ktime_get_ns() of the last take; 0 at start, so the bucket starts full */
 };
+
+/* May this CPU spend one more token? A token bucket kept in ns of credit: time adds credit up to
+ * credit_max_ns, a token costs cost_ns (CPUs / rate per second, in ns: each CPU has its share of the
+ * rate, so the node's total stays within the rate plus the burst whichever CPUs the packets land on;
+ * loading.per_cpu_token_bucket computes both). A cost of 0 allows nothing. */
+static __always_inline int token_take(struct token_bucket *bucket, __u64 cost_ns, __u64 credit_max_ns)
+{
+	__u64 now = bpf_ktime_get_ns(), credit;
+
+	if (!bucket || !cost_ns)
+		return 0;
+	credit = bucket->credit_ns + (now - bucket->updated_ns);
+	if (credit > credit_max_ns)
+		credit = credit_max_ns;
+	bucket->updated_ns = now;
+	if (credit < cost_ns) {
+		bucket->credit_ns = credit;
+		return 0;
+	}
+	bucket->credit_ns = credit - cost_ns;
+	return 1;
+}
 
 struct salt_slot {          /* one per epoch mod 4 */
 	__u32 valid;
@@ -166,6 +189,11 @@ enum front_counter {
 	FRONT_TOO_BIG,       /* XDP: the encapsulation would exceed the farm MTU: left to the queue */
 	FRONT_UNPARSED,      /* XDP: TCP to a protected VIP the program does not parse (IPv4 fragments,
 			      * IPv6 extension headers): left to the queue */
+	FRONT_ICMP_FORWARDED,     /* XDP: an ICMP error about a protected flow, encapsulated flagged ICMP to
+				   * the flow's backend */
+	FRONT_ICMP_RATE_LIMITED,  /* XDP: the same beyond the ICMP budget: dropped */
+	FRONT_ICMP_NOT_PROTECTED, /* XDP: an ICMP error to a VIP about another port, or sent elsewhere than
+				   * the quoted segment's sender: dropped */
 	FRONT_COUNTER_MAX,
 };
 
@@ -221,9 +249,29 @@ enum counter {
 	COUNTER_CHAINED,           /* unflagged, no connection owns it, a former owner to try: re-encapsulated
 				    * to it (Beamer's daisy chain, encap.next_owner) */
 	COUNTER_CHAIN_FAILED,      /* the same, but re-encapsulating or routing it failed: dropped */
+	COUNTER_ICMP_PASSED,       /* flagged ICMP: an error about a protected flow, passed to the stack */
+	COUNTER_TIME_WAIT_RECYCLED,   /* valid cookie meeting a TIME_WAIT socket RFC 6191 would recycle for its
+				       * SYN: reported to the loader (which destroys it), dropped */
+	COUNTER_TIME_WAIT_REFUSED,    /* the same, RFC 6191 would refuse the SYN: passed to the TIME_WAIT socket */
+	COUNTER_TIME_WAIT_UNREPORTED, /* the same as recycled, but the ring buffer was full: dropped, unreported */
 	COUNTER_MAX,
 };
 #define KFUNC_ERRNO_SLOTS 64
+
+/* What the backend program tells its loader through the `time_wait` ring buffer: a validated handshake
+ * ACK met a TIME_WAIT socket that RFC 6191 lets a new SYN recycle. The loader destroys the socket (sock_diag)
+ * and elicits the client's ACK again (docs/backend.md). Addresses in the 16-byte form, ports network order. */
+struct time_wait_event {
+	__u8 saddr[16];  /* the client */
+	__u8 daddr[16];  /* the VIP */
+	__be16 sport;
+	__be16 dport;
+	__u32 seq;       /* the ACK's: the client's ISN + 1 */
+	__u32 ack;       /* the ACK's: the cookie + 1 */
+	__u8 family;
+	__u8 data;       /* 1: the segment carried data (the loader then leaves it to the client to send it again) */
+	__u8 pad[2];
+};
 
 /* The kernel's struct bpf_tcp_req_attrs (include/net/tcp.h); attrs__sz must be its size, 20, and
  * reserved[] zero, or the kfunc answers -EINVAL. */
@@ -242,7 +290,8 @@ struct bpf_tcp_req_attrs {
 };
 _Static_assert(sizeof(struct bpf_tcp_req_attrs) == 20, "the kfunc checks attrs__sz against 20");
 
-/* --- SipHash-2-4 over the fixed 48-byte cookie message (six little-endian words) --- */
+/* --- SipHash over a message of whole 64-bit little-endian words (the cookie's 48 bytes and the
+ * encapsulation's 56: SipHash-2-4; the flow hash's 40: SipHash-1-3) --- */
 #define SIP_ROTL(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
 #define SIP_ROUND                                                              \
 	do {                                                                   \
@@ -252,9 +301,11 @@ _Static_assert(sizeof(struct bpf_tcp_req_attrs) == 20, "the kfunc checks attrs__
 		v2 += v1; v1 = SIP_ROTL(v1, 17); v1 ^= v2; v2 = SIP_ROTL(v2, 32); \
 	} while (0)
 
-/* The 64-bit output as the kernel's siphash() returns it (and the Python siphash24 intdigest()), for a
- * message of `words` little-endian 64-bit words (a constant at every call). */
-static __always_inline __u64 siphash24_words(const __u64 *m, const __u32 words, const __u8 key[16])
+/* SipHash-c-d of `words` 64-bit words, the 64-bit output as the kernel's siphash() returns it (and the
+ * Python siphash24 package's siphash24/siphash13 intdigest()). Every argument but m and key is a
+ * constant at each call, so the rounds unroll. */
+static __always_inline __u64 siphash_words(const __u64 *m, int words, int c_rounds, int d_rounds,
+					   const __u8 key[16])
 {
 	__u64 k0, k1;
 
@@ -267,28 +318,29 @@ static __always_inline __u64 siphash24_words(const __u64 *m, const __u32 words, 
 #pragma unroll
 	for (int i = 0; i < words; i++) {
 		v3 ^= m[i];
-		SIP_ROUND;
-		SIP_ROUND;
+#pragma unroll
+		for (int r = 0; r < c_rounds; r++)
+			SIP_ROUND;
 		v0 ^= m[i];
 	}
 	/* The final block is empty but for the length byte: the message is whole words. */
 	__u64 b = (__u64)(words * 8) << 56;
 	v3 ^= b;
-	SIP_ROUND;
-	SIP_ROUND;
+#pragma unroll
+	for (int r = 0; r < c_rounds; r++)
+		SIP_ROUND;
 	v0 ^= b;
 	v2 ^= 0xff;
-	SIP_ROUND;
-	SIP_ROUND;
-	SIP_ROUND;
-	SIP_ROUND;
+#pragma unroll
+	for (int r = 0; r < d_rounds; r++)
+		SIP_ROUND;
 	return v0 ^ v1 ^ v2 ^ v3;
 }
 
-/* The cookie's and the flow hash's 48-byte messages. */
+/* SipHash-2-4 of the 48-byte cookie message. */
 static __always_inline __u64 siphash24_48(const __u64 m[COOKIE_MAC_INPUT_BYTES / 8], const __u8 key[16])
 {
-	return siphash24_words(m, COOKIE_MAC_INPUT_BYTES / 8, key);
+	return siphash_words(m, COOKIE_MAC_INPUT_BYTES / 8, 2, 4, key);
 }
 
 /* A 32-bit one's-complement sum (bpf_csum_diff's) folded to the 16-bit checksum field's value. */
@@ -298,6 +350,16 @@ static __always_inline __u16 fold(__u64 sum)
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
 	return ~sum & 0xffff;
+}
+
+/* An IPv4 header's (20 bytes, no options) one's-complement sum, folded: 0 when its checksum holds, the
+ * checksum to write when the field is 0. Five loads where bpf_csum_diff is a helper call: ~20 ns less
+ * per forwarded packet (benchmarks/front_xdp_cost.py). */
+static __always_inline __u16 ipv4_header_fold(const struct iphdr *ip)
+{
+	const __u32 *words = (const void *)ip;
+
+	return fold((__u64)words[0] + words[1] + words[2] + words[3] + words[4]);
 }
 
 /* A TCP segment of the (inner) packet, addresses in the MAC message's 16-byte form. */
@@ -414,6 +476,99 @@ static __always_inline int parse_segment(struct __sk_buff *skb, struct segment *
 	return parse_frame((void *)(long)skb->data, (void *)(long)skb->data_end, seg) == PARSE_SEGMENT;
 }
 
+#define PROTO_ICMPV6 58
+#define ICMP_HEADER_BYTES 8
+#define QUOTED_TCP_BYTES 8 /* what every ICMP error quotes of the segment: ports and sequence number */
+
+/* The ICMP errors a host's TCP acts on (packet.ICMP_ERROR_TYPES): IPv4 destination unreachable (3, with
+ * "fragmentation needed") and time exceeded (11); ICMPv6 destination unreachable (1), packet too big (2),
+ * time exceeded (3). */
+static __always_inline int icmp_error_type(__u8 family, __u8 type)
+{
+	return family == 4 ? type == 3 || type == 11 : type >= 1 && type <= 3;
+}
+
+/* packet.parse_icmp_error over the frame at `data`: an ICMP(v6) error that quotes a TCP segment's IP header
+ * (of the packet's own family, not a later fragment) and 8 bytes of its TCP header, all inside the IP
+ * packet, which is inside the frame. Fills `flow` as the flow's own packets are (saddr and sport the
+ * client: the quoted destination; daddr and dport the server), its family and ip_length (the ICMP
+ * packet's), and `error` with the error's own addresses. 1 when it is one, else 0. */
+static __always_inline int parse_icmp_error(void *data, void *data_end, struct segment *error, struct segment *flow)
+{
+	struct ethhdr *eth = data;
+	__u8 *icmp, *quoted, *ports;
+	__u32 header, total;
+
+	if ((void *)(eth + 1) > data_end)
+		return 0;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < 5 || ip->protocol != IPPROTO_ICMP ||
+		    (ip->frag_off & bpf_htons(IP_MF_OR_OFFSET)))
+			return 0;
+		header = ip->ihl * 4;
+		total = bpf_ntohs(ip->tot_len);
+		if (total < header || (void *)ip + total > data_end)
+			return 0;
+		ipv4_mapped(error->saddr, &ip->saddr);
+		ipv4_mapped(error->daddr, &ip->daddr);
+		flow->family = 4;
+		icmp = (void *)ip + header;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end || ip6->version != 6 || ip6->nexthdr != PROTO_ICMPV6)
+			return 0;
+		header = sizeof(*ip6);
+		total = header + bpf_ntohs(ip6->payload_len);
+		if ((void *)ip6 + total > data_end)
+			return 0;
+		__builtin_memcpy(error->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(error->daddr, &ip6->daddr, 16);
+		flow->family = 6;
+		icmp = (void *)(ip6 + 1);
+	} else {
+		return 0;
+	}
+	flow->ip_length = error->ip_length = total;
+	error->family = flow->family;
+	/* From here every byte read must lie inside the IP packet (offsets checked against `total`) and,
+	 * for the verifier, inside the frame (pointers checked against data_end). */
+	quoted = icmp + ICMP_HEADER_BYTES;
+	if (header + ICMP_HEADER_BYTES + 1 > total || (void *)(quoted + 1) > data_end ||
+	    !icmp_error_type(flow->family, icmp[0]) || quoted[0] >> 4 != flow->family)
+		return 0;
+	__u32 quoted_header;
+	if (flow->family == 4) {
+		struct iphdr *inner = (void *)quoted;
+
+		if (header + ICMP_HEADER_BYTES + sizeof(*inner) > total || (void *)(inner + 1) > data_end ||
+		    inner->protocol != IPPROTO_TCP || inner->ihl < 5 || (inner->frag_off & bpf_htons(0x1fff)))
+			return 0;
+		quoted_header = inner->ihl * 4;
+		ipv4_mapped(flow->saddr, &inner->daddr);
+		ipv4_mapped(flow->daddr, &inner->saddr);
+	} else {
+		struct ipv6hdr *inner = (void *)quoted;
+
+		if (header + ICMP_HEADER_BYTES + sizeof(*inner) > total || (void *)(inner + 1) > data_end ||
+		    inner->nexthdr != IPPROTO_TCP)
+			return 0;
+		quoted_header = sizeof(*inner);
+		__builtin_memcpy(flow->saddr, &inner->daddr, 16);
+		__builtin_memcpy(flow->daddr, &inner->saddr, 16);
+	}
+	ports = quoted + quoted_header;
+	if (header + ICMP_HEADER_BYTES + quoted_header + QUOTED_TCP_BYTES > total ||
+	    (void *)(ports + QUOTED_TCP_BYTES) > data_end)
+		return 0;
+	__builtin_memcpy(&flow->dport, ports, 2);
+	__builtin_memcpy(&flow->sport, ports + 2, 2);
+	flow->flags = 0;
+	return 1;
+}
+
 union cookie_message {
 	__u8 bytes[COOKIE_MAC_INPUT_BYTES];
 	__u64 words[COOKIE_MAC_INPUT_BYTES / 8];
@@ -463,7 +618,7 @@ static __always_inline void encap_message_of(union encap_message *message, __be3
 
 static __always_inline __u64 encap_mac(const union encap_message *message, const __u8 key[16])
 {
-	return siphash24_words(message->words, ENCAP_MAC_INPUT_BYTES / 8, key);
+	return siphash_words(message->words, ENCAP_MAC_INPUT_BYTES / 8, 2, 4, key);
 }
 
 /* Is `epoch` accepted at `now_ns` (wall-clock ns)? The window of SaltSchedule.accepted_epochs
@@ -506,18 +661,24 @@ static __always_inline int cookie_mac_valid(const struct salt_slot *slot, const 
 	return 0;
 }
 
-/* maglev.flow_hash: SipHash-2-4 of the addresses (16-byte form), the ports and 12 zero bytes, so the
- * cookie's 48-byte SipHash serves; the same on every front, which share the flow key. */
+/* maglev.flow_hash: SipHash-1-3 of the addresses (16-byte form), the ports and 4 zero bytes, the same on
+ * every front, which share the flow key. Not a wire format (only fronts compute it, each for itself):
+ * the lighter SipHash-1-3, a keyed hash still, keeps an attacker from aiming 4-tuples at one backend at
+ * about half the rounds (benchmarks/front_xdp_cost.py). */
+#define FLOW_HASH_INPUT_BYTES 40
 static __always_inline __u64 flow_hash(const struct segment *seg, const __u8 key[16])
 {
-	union cookie_message message;
+	union {
+		__u8 bytes[FLOW_HASH_INPUT_BYTES];
+		__u64 words[FLOW_HASH_INPUT_BYTES / 8];
+	} message;
 
-	__builtin_memset(message.bytes, 0, sizeof(message));
 	__builtin_memcpy(&message.bytes[0], seg->saddr, 16);
 	__builtin_memcpy(&message.bytes[16], seg->daddr, 16);
 	__builtin_memcpy(&message.bytes[32], &seg->sport, 2);
 	__builtin_memcpy(&message.bytes[34], &seg->dport, 2);
-	return siphash24_48(message.words, key);
+	__builtin_memset(&message.bytes[36], 0, 4);
+	return siphash_words(message.words, FLOW_HASH_INPUT_BYTES / 8, 1, 3, key);
 }
 _Static_assert(sizeof(struct encap_header) == ENCAP_OVERHEAD - 28, "outer IPv4 + UDP + header");
 

@@ -9,6 +9,7 @@ APT_PACKAGES=(
   iproute2 iptables nftables procps               # netns lab, NFQUEUE rules, sysctls
   libnetfilter-queue-dev gcc python3-dev          # build the netfilterqueue binding
   curl hping3 netsniff-ng tcpdump                 # clients, flood generators, debugging
+  apache2-utils                                   # ab: the bench's connection-rate load (benchmarks/README.md)
   nginx                                           # the lab's real HTTP server (synproxy/lab/nginx.py)
   prometheus                                      # scrapes the lab (`synproxy lab up --prometheus`)
   docker.io docker-compose debootstrap            # the docker-compose lab (deploy/README.md)

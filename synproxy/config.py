@@ -22,6 +22,7 @@ import yaml
 from synproxy.logs import log
 from synproxy.maglev import derive_flow_key
 from synproxy.salt import MAX_SECRETS, MIN_SECRET_BYTES, SaltSchedule
+from synproxy.tfo import DEFAULT_KEY_PERIOD_SECONDS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Fronts refresh their fast path's salts every 0.5 s and backends their program's every 0.25 s, each
@@ -43,6 +44,12 @@ DATA_PLANES = ("auto", "xdp", "tc", "nfqueue")
 PREVIOUS_TABLE_SECONDS = 3600.0
 MAX_BACKEND_WEIGHT = 1000  # Maglev turns per round: proportions finer than 1:1000 mean nothing at 65537 slots
 XDP_MODES = ("auto", "native", "generic")
+# A TFO cookie lives one to two key periods and a client keeps it across visits (docs/cookie.md): a period
+# shorter than a minute would make clients re-learn cookies all the time for no gain.
+MIN_TFO_KEY_PERIOD_SECONDS = 60.0
+# front.workers: one NFQUEUE and one process per worker (docs/front.md); queues are numbered from queue_num.
+MAX_WORKERS = 1024
+MAX_QUEUE = 65535
 SECRET_COMMAND = "(umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' > {path})"
 
 
@@ -59,6 +66,7 @@ class FrontConfig:
     interfaces: tuple[str, ...]     # where the kernel data plane attaches; () = the default routes' interfaces
     xdp_mode: str                   # auto, native or generic
     previous_table_seconds: float   # how long a moved flow is chained to its previous backend
+    workers: int = 1                # queue-reading processes, on queues queue_num .. queue_num + workers - 1
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,12 @@ class BackendConfig:
     interface: str | None
     metrics_address: str | None
     unknown_flow_resets_per_second: int  # the program's reset budget; 0: drop them all
+
+
+@dataclass(frozen=True)
+class TfoConfig:
+    enabled: bool               # backends install the farm's TCP Fast Open keys (docs/backend.md)
+    key_period_seconds: float   # a new key each period; the previous one is still accepted
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,7 @@ class Config:
     backend: BackendConfig
     farm_mtu: int = 1500  # the fronts-to-backends network's MTU: what an encapsulated packet may reach
     backend_entries: tuple[BackendEntry, ...] = ()  # `backends` with their weight, drain and down settings
+    tfo: TfoConfig = TfoConfig(enabled=False, key_period_seconds=DEFAULT_KEY_PERIOD_SECONDS)
     warnings: tuple[str, ...] = ()
     lines: dict[str, int] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -181,6 +196,12 @@ def _seconds(minimum: float, strict: bool) -> Callable[[Any], float]:
     return check
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {_shown(value)}")
+    return value
+
+
 def _address(value: Any) -> IPAddress:
     """A unicast address a packet can be sent to and from: not 0.0.0.0, ::, multicast, loopback,
     link-local or reserved (which includes 255.255.255.255 and IPv4-mapped IPv6)."""
@@ -209,9 +230,15 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return check
 
 
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected true or false, got {_shown(value)}")
+def _workers(value: Any) -> int:
+    """A count of at least 1, or ``auto``: the number of online CPUs (``--queue-cpu-fanout`` numbers the
+    queues by the CPU that received the packet, so more workers than CPUs would get nothing)."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer or auto, got {_shown(value)}")
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"must be between 1 and {MAX_WORKERS}, or auto, got {value}")
     return value
 
 
@@ -255,12 +282,13 @@ class _Field:
 PORT = _integer(1, 65535)
 
 FRONT_SCHEMA = {
-    "queue_num": _Field(_integer(0, 65535), 0),
+    "queue_num": _Field(_integer(0, MAX_QUEUE), 0),
     "farm_address": _Field(_address),
     "metrics_address": _Field(_host_port),
     "data_plane": _Field(_choice(*DATA_PLANES), "auto"),
     "interfaces": _Field(_text, (), many=True),
     "xdp_mode": _Field(_choice(*XDP_MODES), "auto"),
+    "workers": _Field(_workers, 1),
     "previous_table_seconds": _Field(_seconds(0, strict=False), PREVIOUS_TABLE_SECONDS),
 }
 BACKEND_ENTRY_SCHEMA = {
@@ -274,6 +302,11 @@ BACKEND_SCHEMA = {
     "metrics_address": _Field(_host_port),
     "unknown_flow_resets_per_second": _Field(_integer(0, MAX_UNKNOWN_FLOW_RESETS_PER_SECOND),
                                              UNKNOWN_FLOW_RESETS_PER_SECOND),
+}
+TFO_SCHEMA = {
+    "enabled": _Field(_boolean, False),
+    "key_period_seconds": _Field(_seconds(MIN_TFO_KEY_PERIOD_SECONDS, strict=False),
+                                 DEFAULT_KEY_PERIOD_SECONDS),
 }
 SCHEMA = {
     "vips": _Field(_address, required=True, many=True),
@@ -291,6 +324,7 @@ SCHEMA = {
     "backends": _Field(_address, required=True, many=True, entry=BACKEND_ENTRY_SCHEMA),
     "front": _Field(FRONT_SCHEMA, {}),
     "backend": _Field(BACKEND_SCHEMA, {}),
+    "tfo": _Field(TFO_SCHEMA, {}),
 }
 # Old name -> new name (with its section), still read.
 RENAMED = {"retired_secret_files": "accepted_secret_files", "front.fast_path_interfaces": "front.interfaces"}
@@ -424,6 +458,7 @@ def parse_config(text: str, source: Path) -> Config:
         fronts=values["fronts"], backends=tuple(entry["address"] for entry in values["backends"]),
         backend_entries=tuple(BackendEntry(**entry) for entry in values["backends"]),
         front=FrontConfig(**values["front"]), backend=BackendConfig(**values["backend"]),
+        tfo=TfoConfig(**values["tfo"]),
         warnings=tuple(reader.warnings), lines=reader.lines)
 
 
@@ -451,6 +486,11 @@ def _check_relations(values: dict, root: yaml.MappingNode, reader: _Reader) -> N
     if overlap:
         raise reader.error(_key_node(root, "vips"), "vips",
                            f"{', '.join(map(str, sorted(overlap)))} is also a front or backend address")
+    front = values["front"]
+    if front["queue_num"] + front["workers"] - 1 > MAX_QUEUE:
+        raise reader.error(_key_node(_key_node(root, "front"), "workers"), "front.workers",
+                           f"{front['workers']} workers from queue_num {front['queue_num']} would need queues "
+                           f"beyond {MAX_QUEUE}")
     accepted = values["accepted_secret_files"]
     if len(accepted) > MAX_SECRETS - 1:
         raise reader.error(_key_node(root, "accepted_secret_files"), "accepted_secret_files",

@@ -15,13 +15,14 @@ import struct
 from siphash24 import siphash24
 
 from synproxy.maglev import NO_FORMER_OWNERS, NO_OWNER
-from synproxy.packet import PROTO_UDP, V4_MAPPED_PREFIX, TcpSegment, build_ip_header
+from synproxy.packet import PROTO_UDP, V4_MAPPED_PREFIX, IcmpError, TcpSegment, build_ip_header
 from synproxy.salt import derive_key
 
 MAGIC = 0x5C
 VERSION = 3  # byte 2; v2 had zero there, so a v2 backend counts a v3 packet malformed, and the reverse
 FLAG_VALIDATED = 0x01  # a handshake ACK whose cookie the front found valid: the backend creates the connection
-FLAG_CHAINED = 0x02    # passed on by a backend to a former owner (next_owner says whether once more)
+FLAG_ICMP = 0x02       # an ICMP error about the flow (the MAC's tuple is the flow's, client to VIP)
+FLAG_CHAINED = 0x04    # passed on by a backend to a former owner (next_owner says whether once more)
 HEADER_BYTES = 20
 OVERHEAD = 20 + 8 + HEADER_BYTES
 ENCAP_KEY_INFO = b"synproxy-encap-key-v1"
@@ -63,12 +64,13 @@ def _wrap(inner: bytes, source: bytes, destination: bytes, source_port: int, por
             + _HEADER.pack(MAGIC, flags, VERSION, former, mac) + inner)
 
 
-def encapsulate(inner: bytes, segment: TcpSegment, front: bytes, backend: bytes, port: int, flow_hash: int,
-                validated: bool, key: bytes, former: bytes = NO_FORMER_OWNERS) -> bytes:
-    """Wrap ``inner`` (parsed as ``segment``) for ``backend``, naming the flow's ``former`` owners
-    (previous, earlier), MACed with ``key``; the UDP source port carries the flow hash so the farm
-    network can spread flows."""
-    flags = FLAG_VALIDATED if validated else 0
+def encapsulate(inner: bytes, segment: TcpSegment | IcmpError, front: bytes, backend: bytes, port: int,
+                flow_hash: int, validated: bool, key: bytes, former: bytes = NO_FORMER_OWNERS,
+                icmp: bool = False) -> bytes:
+    """Wrap ``inner`` (parsed as ``segment``: its flow's addresses and ports) for ``backend``, naming the
+    flow's ``former`` owners (previous, earlier), MACed with ``key``; the UDP source port carries the flow
+    hash so the farm network can spread flows."""
+    flags = (FLAG_VALIDATED if validated else 0) | (FLAG_ICMP if icmp else 0)
     mac = encap_mac(key, mac_input(front, backend, segment.saddr, segment.daddr, segment.sport, segment.dport,
                                    flags, former))
     return _wrap(inner, front, backend, 0xC000 | (flow_hash & 0x3FFF), port, flags, former, mac)
@@ -78,9 +80,10 @@ def next_owner(flags: int, backend: bytes, former: bytes) -> bytes | None:
     """Where a ``backend`` that holds no connection for an unflagged segment passes it on, or None when
     it is the last hop (which resets within its budget): from the front's packet, to the first former
     owner named that is not itself; from a chained one, when it is the previous owner, to the earlier.
-    A packet thus takes at most two extra hops, and none back."""
+    A packet thus takes at most two extra hops, and none back. A handshake (VALIDATED) is never passed
+    on, nor an ICMP error (left to the stack, docs/backend.md)."""
     previous, earlier = former[:4], former[4:]
-    if flags & FLAG_VALIDATED:
+    if flags & (FLAG_VALIDATED | FLAG_ICMP):
         return None
     if not flags & FLAG_CHAINED:
         candidates = (previous, earlier)

@@ -1,8 +1,10 @@
 """Packet-filter rules the product installs for itself, in a chain of its own, removed on exit.
 
 Fronts: in the raw table's PREROUTING, before connection tracking, traffic to the protected VIPs and
-ports is untracked and queued to NFQUEUE. There is no --queue-bypass: when no front process is bound,
-or the queue is full, the kernel drops the packets, so no SYN ever reaches a backend unanswered by a
+ports, and the ICMP errors to the VIPs a TCP acts on (handler._icmp_error), is untracked and queued to
+NFQUEUE (with several workers, spread over their queues by the CPU that received the packet). There is
+no --queue-bypass: when no front process is bound to a queue, or the queue is full, the kernel drops
+the packets, so no SYN ever reaches a backend unanswered by a
 cookie (fail closed).
 
 Backends: VIP traffic is untracked both ways. A connection that bpf_sk_assign_tcp_reqsk created was
@@ -16,6 +18,9 @@ import subprocess
 from collections.abc import Iterable
 
 from synproxy.config import IPAddress
+from synproxy.packet import ICMP_ERROR_TYPES
+
+_ICMP_MATCH = {4: ("icmp", "--icmp-type"), 6: ("ipv6-icmp", "--icmpv6-type")}
 
 
 class FirewallError(RuntimeError):
@@ -39,16 +44,24 @@ def _run(args: list[str], check: bool = True) -> bool:
 class RawChain:
     """A chain in the raw table holding ``actions``, reached by one jump per VIP, port and hook."""
 
-    def __init__(self, name: str, actions: list[list[str]], hooks: dict[str, tuple[str, str]]):
+    def __init__(self, name: str, actions: list[list[str]], hooks: dict[str, tuple[str, str]],
+                 icmp_errors: bool = False):
         self.name = name
         self.actions = actions
         self.hooks = hooks  # hook -> (address match, port match), e.g. "PREROUTING": ("-d", "--dport")
+        self.icmp_errors = icmp_errors  # also one jump per VIP, hook and ICMP error type
 
     def _jumps(self, vips: Iterable[IPAddress], ports: Iterable[int]):
         for vip in vips:
             for port in ports:
                 for hook, (address, port_match) in self.hooks.items():
                     yield _tool(vip), hook, [address, str(vip), "-p", "tcp", port_match, str(port), "-j", self.name]
+            if self.icmp_errors:
+                protocol, type_match = _ICMP_MATCH[vip.version]
+                for hook, (address, _) in self.hooks.items():
+                    for icmp_type in ICMP_ERROR_TYPES[vip.version]:
+                        yield _tool(vip), hook, [address, str(vip), "-p", protocol, type_match, str(icmp_type),
+                                                 "-j", self.name]
 
     def install(self, vips: tuple[IPAddress, ...], ports: tuple[int, ...]) -> None:
         """Create the chain and the jumps (after removing any left by a crashed run)."""
@@ -101,10 +114,16 @@ class RawChain:
             pass
 
 
-def front_chain(queue_num: int) -> RawChain:
-    return RawChain(f"SYNPROXY-Q{queue_num}",
-                    [["-j", "CT", "--notrack"], ["-j", "NFQUEUE", "--queue-num", str(queue_num)]],
-                    {"PREROUTING": ("-d", "--dport")})
+def front_chain(queue_num: int, workers: int = 1) -> RawChain:
+    """The front's chain: queue ``queue_num``, or with several workers the queues from ``queue_num`` on, one
+    per worker, chosen by the receiving CPU (``--queue-cpu-fanout``: a flow that one CPU receives stays in
+    one queue, in order, and each worker reads what one CPU's softirq queued)."""
+    if workers == 1:
+        target = ["--queue-num", str(queue_num)]
+    else:
+        target = ["--queue-balance", f"{queue_num}:{queue_num + workers - 1}", "--queue-cpu-fanout"]
+    return RawChain(f"SYNPROXY-Q{queue_num}", [["-j", "CT", "--notrack"], ["-j", "NFQUEUE", *target]],
+                    {"PREROUTING": ("-d", "--dport")}, icmp_errors=True)
 
 
 def backend_chain() -> RawChain:

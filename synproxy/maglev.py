@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import struct
 
-from siphash24 import siphash24
+from siphash24 import siphash13, siphash24
 
 from synproxy.packet import V4_MAPPED_PREFIX
 from synproxy.salt import derive_key
 
 DEFAULT_TABLE_SIZE = 65537  # prime, much larger than any backend count (MAGLEV_TABLE_SIZE in bpf/synproxy.h)
 FLOW_KEY_INFO = b"synproxy-flow-key-v1"
-# The flow hash's 48-byte message: addresses in the cookie message's 16-byte form (IPv4 as ::ffff:a.b.c.d),
-# ports, zeros. The front's BPF program hashes it with the cookie's 48-byte SipHash.
-_FLOW_MESSAGE = struct.Struct("!16s16sHH12x")
+# The flow hash's 40-byte message: addresses in the cookie message's 16-byte form (IPv4 as ::ffff:a.b.c.d),
+# ports, zeros to whole 64-bit words (flow_hash in bpf/synproxy.h).
+_FLOW_MESSAGE = struct.Struct("!16s16sHH4x")
 _U64 = (1 << 64) - 1
 
 
@@ -138,7 +138,8 @@ class PreviousOwners:
 
 def flow_hash(saddr: bytes, daddr: bytes, sport: int, dport: int, key: bytes) -> int:
     """An unsigned 64-bit hash of the 4-tuple, the same on every front (they share ``key``) and in
-    their BPF program (flow_hash in bpf/synproxy.h)."""
+    their BPF program (flow_hash in bpf/synproxy.h). SipHash-1-3: only fronts compute it, so it is no
+    wire format, and it runs for every packet the XDP program forwards (docs/cookie.md, the flow key)."""
     if len(saddr) == 4:
         saddr, daddr = V4_MAPPED_PREFIX + saddr, V4_MAPPED_PREFIX + daddr
-    return siphash24(_FLOW_MESSAGE.pack(saddr, daddr, sport, dport), key=key).intdigest() & _U64
+    return siphash13(_FLOW_MESSAGE.pack(saddr, daddr, sport, dport), key=key).intdigest() & _U64

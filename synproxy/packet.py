@@ -30,6 +30,9 @@ _SACK_ALONE = {True: b"\x01\x01\x04\x02", False: b""}
 new_record = tuple.__new__
 
 OPT_END, OPT_NOP, OPT_MSS, OPT_WSCALE, OPT_SACK_PERMITTED, OPT_TIMESTAMP = 0, 1, 2, 3, 4, 8
+OPT_FASTOPEN, OPT_EXPERIMENTAL = 34, 254     # RFC 7413; RFC 6994's shared experimental kind
+FASTOPEN_MAGIC = 0xF989                      # TFO's experiment id under kind 254 (TCPOPT_FASTOPEN_MAGIC)
+TCP_FASTOPEN_COOKIE_MIN, TCP_FASTOPEN_COOKIE_MAX = 4, 16
 _OPTION_LENGTHS = {OPT_MSS: 4, OPT_WSCALE: 3, OPT_SACK_PERMITTED: 2, OPT_TIMESTAMP: 10}
 
 
@@ -41,11 +44,19 @@ class MalformedPacket(ValueError):
         self.reason = reason
 
 
+class FastOpen(NamedTuple):
+    """A TCP Fast Open option in a SYN or SYN-ACK."""
+
+    cookie: bytes       # b"": a SYN asking for a cookie
+    experimental: bool  # kind 254 + magic 0xF989 (pre-RFC clients) rather than kind 34: a reply uses the same
+
+
 class TcpOptions(NamedTuple):
     mss: int | None = None
     wscale: int | None = None
     sack_permitted: bool = False
     timestamp: tuple[int, int] | None = None  # (TSval, TSecr)
+    fastopen: FastOpen | None = None
 
 
 class TcpSegment(NamedTuple):
@@ -140,9 +151,20 @@ def parse_tcp(packet: bytes) -> TcpSegment:
                                    packet[header + 20:header + tcp_header], total - header - tcp_header))
 
 
+def _fastopen(cookie: bytes, experimental: bool, previous: FastOpen | None) -> FastOpen | None:
+    """As Linux's tcp_parse_fastopen_option: an odd length is ignored, a cookie is 4 to 16 bytes, none
+    is a request, any other length cancels the option."""
+    if len(cookie) % 2:
+        return previous
+    if not cookie or TCP_FASTOPEN_COOKIE_MIN <= len(cookie) <= TCP_FASTOPEN_COOKIE_MAX:
+        return new_record(FastOpen, (cookie, experimental))
+    return None
+
+
 def parse_tcp_options(raw: bytes) -> TcpOptions:
-    """Read MSS, window scale, SACK-permitted and timestamps; skip unknown options safely."""
-    mss = wscale = timestamp = None
+    """Read MSS, window scale, SACK-permitted, timestamps and TCP Fast Open (in both forms); skip unknown
+    options safely."""
+    mss = wscale = timestamp = fastopen = None
     sack = False
     i, end = 0, len(raw)
     while i < end:
@@ -165,12 +187,16 @@ def parse_tcp_options(raw: bytes) -> TcpOptions:
             wscale = raw[i + 2]
         elif kind == OPT_SACK_PERMITTED:
             sack = True
+        elif kind == OPT_FASTOPEN:
+            fastopen = _fastopen(raw[i + 2:i + length], False, fastopen)
+        elif kind == OPT_EXPERIMENTAL and length >= 4 and raw[i + 2] << 8 | raw[i + 3] == FASTOPEN_MAGIC:
+            fastopen = _fastopen(raw[i + 4:i + length], True, fastopen)
         i += length
-    return new_record(TcpOptions, (mss, wscale, sack, timestamp))
+    return new_record(TcpOptions, (mss, wscale, sack, timestamp, fastopen))
 
 
 def build_tcp_options(mss: int | None = None, wscale: int | None = None, sack_permitted: bool = False,
-                      timestamp: tuple[int, int] | None = None) -> bytes:
+                      timestamp: tuple[int, int] | None = None, fastopen: FastOpen | None = None) -> bytes:
     """Options in the order Linux sends them, padded with NOPs to a multiple of four bytes.
 
     Takes TcpOptions' fields (``build_tcp_options(*options)``): the front builds one per SYN.
@@ -180,7 +206,19 @@ def build_tcp_options(mss: int | None = None, wscale: int | None = None, sack_pe
     else:
         middle = _SACK_ALONE[sack_permitted]
     return ((b"" if mss is None else _MSS.pack(OPT_MSS, 4, mss)) + middle
-            + (b"" if wscale is None else bytes((OPT_NOP, OPT_WSCALE, 3, wscale))))
+            + (b"" if wscale is None else bytes((OPT_NOP, OPT_WSCALE, 3, wscale)))
+            + (b"" if fastopen is None else build_fastopen_option(fastopen)))
+
+
+def build_fastopen_option(fastopen: FastOpen) -> bytes:
+    """The option as Linux writes it (tcp_options_write): kind 34, or kind 254 and the magic, then the
+    cookie, then two NOPs when the length is 2 mod 4."""
+    cookie, experimental = fastopen
+    if experimental:
+        option = bytes((OPT_EXPERIMENTAL, 4 + len(cookie))) + FASTOPEN_MAGIC.to_bytes(2, "big") + cookie
+    else:
+        option = bytes((OPT_FASTOPEN, 2 + len(cookie))) + cookie
+    return option + bytes((OPT_NOP, OPT_NOP)) * (len(option) % 4 == 2)
 
 
 def _ip_header_words(addresses: int, protocol: int, total_length: int, ttl: int) -> int:
@@ -253,3 +291,74 @@ def build_icmp_too_big(packet: bytes, mtu: int) -> bytes:
         words += int.from_bytes(saddr + daddr, "big") + PROTO_ICMPV6 + length
     message = _ICMP_HEADER.pack(*kind, checksum_from_sum(words), rest) + quoted
     return build_ip_header(saddr, daddr, protocol, length) + message
+
+
+# The ICMP errors a host's TCP acts on (RFC 1122 4.2.3.9, RFC 4443 3): the path-MTU ones among them.
+ICMP_TIME_EXCEEDED = 11
+ICMPV6_DEST_UNREACH, ICMPV6_TIME_EXCEEDED = 1, 3
+ICMP_ERROR_TYPES = {4: (ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED),
+                    6: (ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED)}
+_QUOTED_PORTS = struct.Struct("!HH")
+
+
+class IcmpError(NamedTuple):
+    """An ICMP error about a TCP segment a server sent to a client, named as the flow's own packets are:
+    ``saddr``/``sport`` the client, ``daddr``/``dport`` the server (the quoted segment's destination and
+    source), so the flow hash and the encapsulation's MAC are the flow's. ``destination`` is the error's
+    own (the quoted segment's sender, when a router sent it)."""
+
+    family: int
+    saddr: bytes
+    daddr: bytes
+    sport: int
+    dport: int
+    destination: bytes
+    icmp_type: int
+
+
+def parse_icmp_error(packet: bytes) -> IcmpError:
+    """Parse an ICMP or ICMPv6 error (ICMP_ERROR_TYPES) that quotes a TCP segment's IP header and ports, of
+    the packet's own family. Raises MalformedPacket: ``not_icmp_error`` for other ICMP (echo, redirects...)
+    and other protocols, else what is wrong with it."""
+    if not packet:
+        raise MalformedPacket("truncated_ip")
+    version = packet[0] >> 4
+    if version == 4:
+        if len(packet) < 20:
+            raise MalformedPacket("truncated_ip")
+        vihl, _tos, total, _ident, frag, _ttl, proto, _csum, _saddr, destination = _IPV4.unpack_from(packet)
+        header, wanted = (vihl & 0xF) * 4, PROTO_ICMP
+        if header < 20 or total < header or total > len(packet):
+            raise MalformedPacket("bad_ip_length")
+        if frag & 0x3FFF:
+            raise MalformedPacket("fragment")
+    elif version == 6:
+        if len(packet) < 40:
+            raise MalformedPacket("truncated_ip")
+        _vtcfl, payload, proto, _hops, _saddr, destination = _IPV6.unpack_from(packet)
+        header, total, wanted = 40, 40 + payload, PROTO_ICMPV6
+        if total > len(packet):
+            raise MalformedPacket("bad_ip_length")
+    else:
+        raise MalformedPacket("bad_ip_version")
+    if proto != wanted or total - header < _ICMP_HEADER.size or packet[header] not in ICMP_ERROR_TYPES[version]:
+        raise MalformedPacket("not_icmp_error")
+    quoted = header + _ICMP_HEADER.size
+    if total - quoted < 1 or packet[quoted] >> 4 != version:
+        raise MalformedPacket("bad_quoted_packet")
+    # Where the quoted IP header keeps its length, protocol and addresses, by family.
+    if version == 4:
+        quoted_header, fixed, proto_at, source_at, length = (packet[quoted] & 0xF) * 4, 20, 9, 12, 4
+    else:
+        quoted_header, fixed, proto_at, source_at, length = 40, 40, 6, 8, 16
+    if total - quoted < fixed or packet[quoted + proto_at] != PROTO_TCP:
+        raise MalformedPacket("bad_quoted_packet")
+    if version == 4 and int.from_bytes(packet[quoted + 6:quoted + 8], "big") & 0x1FFF:
+        raise MalformedPacket("bad_quoted_packet")  # a later fragment: no TCP header where the ports would be
+    source = packet[quoted + source_at:quoted + source_at + length]
+    target = packet[quoted + source_at + length:quoted + source_at + 2 * length]
+    # The quoted header and the first 8 bytes of its TCP header (ports and sequence number: RFC 792).
+    if quoted_header < 20 or total - quoted < quoted_header + 8:
+        raise MalformedPacket("bad_quoted_packet")
+    server_port, client_port = _QUOTED_PORTS.unpack_from(packet, quoted + quoted_header)
+    return new_record(IcmpError, (version, target, source, client_port, server_port, destination, packet[header]))

@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,13 @@ def fast_path(policy, schedule):
     loaded.configure(policy, schedule)
     yield loaded
     loaded.close()
+
+
+@pytest.fixture
+def one_cpu():
+    """The test on one CPU: a per-CPU token bucket (the backend's resets, the front's ICMP errors) holds that
+    CPU's share."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    yield
+    os.sched_setaffinity(0, cpus)

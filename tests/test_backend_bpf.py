@@ -14,19 +14,22 @@ import time
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, ICMPv6TimeExceeded, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
 from synproxy import encap, netns
 from synproxy.backend import loader
 from synproxy.backend.loader import COUNTERS, BackendError, DataPlane, check_kernel, read_counters
-from synproxy.bpf.libbpf import kernel_has_function, prog_test_run
+from synproxy.backend.timewait import TimeWaitEvent
+from synproxy.bpf.libbpf import RingBuffer, kernel_has_function, prog_test_run
 from synproxy.bpf.loading import MAP_KEY, SALT_SLOT, build_object
 from synproxy.cookie import SynOptions, check_cookie, make_cookie
-from synproxy.packet import RST, parse_tcp
+from synproxy.front.handler import FrontPolicy, handle
+from synproxy.packet import RST, parse_icmp_error, parse_tcp
 from synproxy.salt import SaltSchedule, derive_salt
 from tests.lab_fixtures import needs_root
+from tests.test_front_handler import icmp_error
 from tests.vectors.generate import SECRET
 
 pytestmark = needs_root
@@ -497,15 +500,6 @@ def forged_ack(sport: int = 4000, flags: str = "A") -> bytes:
 
 
 @pytest.fixture
-def one_cpu():
-    """The test on one CPU: the reset budget is a per-CPU bucket holding that CPU's share."""
-    cpus = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(cpus)})
-    yield
-    os.sched_setaffinity(0, cpus)
-
-
-@pytest.fixture
 def budget(plane, one_cpu):
     """Set the reset budget (resets per second, the whole backend); the default is restored after."""
     yield lambda rate: plane.configure(ENCAP_PORT, 7, rate)
@@ -551,3 +545,144 @@ def test_packets_of_a_connection_pass_and_a_listener_alone_does_not_own_them(pla
         for flags in ("A", "PA", "FA", "R"):
             assert run(plane, forged_ack(sport, flags))[::2] == (TC_ACT_OK, {"decapsulated": 1}), flags
         assert run(plane, forged_ack(sport + 1))[::2] == (TC_ACT_SHOT, {"decapsulated": 1, "no_flow_dropped": 1})
+
+
+ICMP_POLICY = FrontPolicy(vips=frozenset(ipaddress.ip_address(vip).packed for vip in VIPS), ports=frozenset(PORTS),
+                          farm_address=ipaddress.ip_address(FRONT).packed,
+                          backends=(ipaddress.ip_address(BACKEND).packed,), encap_port=ENCAP_PORT, encap_key=KEY,
+                          flow_key=bytes(16))
+
+
+def front_sends(packet: bytes) -> bytes:
+    """What the Python front sends this backend for ``packet`` (handler.handle), in a frame."""
+    verdict = handle(packet, 0.0, SaltSchedule((SECRET,)), ICMP_POLICY)
+    assert verdict.outcome == "icmp_forwarded", verdict.outcome
+    return ETHER + verdict.packet
+
+
+@pytest.mark.parametrize("family, kind", [(4, ICMP(type=3, code=4, nexthopmtu=1280)), (4, ICMP(type=11)),
+                                          (6, ICMPv6PacketTooBig(mtu=1280)), (6, ICMPv6DestUnreach(code=1)),
+                                          (6, ICMPv6TimeExceeded())],
+                         ids=["frag needed", "time exceeded", "v6 too big", "v6 unreachable", "v6 time exceeded"])
+def test_an_icmp_error_a_front_forwards_reaches_the_stack(plane, family, kind):
+    error = icmp_error(family, kind, vip=VIPS[0] if family == 4 else VIPS[1])
+    verdict, out, changed = run(plane, front_sends(error))
+    assert (verdict, changed) == (TC_ACT_OK, {"decapsulated": 1, "icmp_passed": 1})
+    assert out[12:14] == (b"\x08\x00" if family == 4 else b"\x86\xdd") and out[ETH_HEADER:] == error
+
+
+def with_header(packet: bytes, flags: int | None = None, mac_of: bytes | None = None, mac: bytes | None = None) -> bytes:
+    """``packet`` (a frame from front_sends) with other flags, MACed as the front would for another inner
+    packet's flow (``mac_of``: what the front sends for that one), with ``mac``, or the MAC kept."""
+    header = ETH_HEADER + 28
+    at = header + encap.HEADER_BYTES - 8
+    mac = mac or (packet if mac_of is None else mac_of)[at:at + 8]
+    flags = packet[header + 1] if flags is None else flags
+    return packet[:header + 1] + bytes([flags]) + packet[header + 2:at] + mac + packet[at + 8:]
+
+
+def test_icmp_errors_need_the_flag_a_mac_over_the_flow_and_a_protected_flow(plane):
+    error = icmp_error(vip=VIPS[0])
+    sent = front_sends(error)
+    other_flow = front_sends(icmp_error(vip=VIPS[0], client_port=40001))
+    not_protected = ETHER + encap.encapsulate(icmp_error(vip=VIPS[0], sport=22), parse_icmp_error(
+        icmp_error(vip=VIPS[0], sport=22)), ICMP_POLICY.farm_address, ICMP_POLICY.backends[0], ENCAP_PORT, 0, False,
+        KEY, icmp=True)
+    # An error sent to another address than the quoted segment's sender (the VIP).
+    misaddressed = icmp_error(vip=VIPS[0], destination="198.19.0.99")
+    misaddressed_sent = ETHER + encap.encapsulate(misaddressed, parse_icmp_error(misaddressed),
+                                                  ICMP_POLICY.farm_address, ICMP_POLICY.backends[0], ENCAP_PORT, 0,
+                                                  False, KEY, icmp=True)
+    # A backend never passes an error on along the chain: one flagged CHAINED is refused, its MAC genuine.
+    flow, chained = parse_icmp_error(error), encap.FLAG_ICMP | encap.FLAG_CHAINED
+    chained_mac = encap.encap_mac(KEY, encap.mac_input(ICMP_POLICY.farm_address, ICMP_POLICY.backends[0], flow.saddr,
+                                                       flow.daddr, flow.sport, flow.dport, chained))
+    for packet, outcome in (
+        (with_header(sent, flags=encap.FLAG_ICMP | encap.FLAG_VALIDATED), "encap_refused"),
+        (with_header(sent, flags=chained, mac=chained_mac.to_bytes(8, "big")), "encap_refused"),
+        (with_header(sent, mac_of=other_flow), "encap_bad_mac"),
+        (with_header(sent, flags=0), "encap_refused"),  # unflagged: not a TCP segment
+        (not_protected, "encap_refused"),
+        (misaddressed_sent, "encap_refused"),
+    ):
+        assert run(plane, packet)[::2] == (TC_ACT_SHOT, {outcome: 1})
+
+
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_SEND_QUEUE = 19, 20, 21, 2
+TW_PORT = 41000
+
+
+@contextlib.contextmanager
+def server_side_time_wait():
+    """In a namespace of the test's own: a connection from CLIENT4:TW_PORT to the VIP:80 that the server
+    closed first, so the server's side is in TIME_WAIT. Yields the old connection's tw_rcv_nxt (the
+    client's last sequence number + 1: its FIN's) and the client's last TSval (timestamps without random
+    offsets, tcp_timestamps=2: the client's TSval is CLOCK_MONOTONIC in ms)."""
+    name = netns.unique_name("sptw")
+    with netns.namespaces(name), netns.inside(name):
+        netns.run(name, ["ip", "link", "set", "lo", "up"])
+        netns.add_addresses(name, "lo", f"{VIPS[0]}/32", f"{CLIENT4}/32")
+        netns.write_sysctls(name, {"net.ipv4.tcp_timestamps": "2"})
+        with socket.create_server((VIPS[0], 80)) as listener:
+            client = socket.create_connection((VIPS[0], 80), source_address=(CLIENT4, TW_PORT))
+            server, _ = listener.accept()
+            client.sendall(b"request")
+            server.recv(100)
+            server.close()  # the server closes first
+            client.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+            client.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+            write_seq = client.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
+            client.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
+            client.recv(100)  # the server's FIN
+            client.close()
+            last_tsval = time.monotonic_ns() // 10**6 & 0xFFFFFFFF
+            time.sleep(0.05)
+            states = netns.run(name, ["ss", "-Htan", "state", "time-wait"]).stdout
+            assert f"{VIPS[0]}:80" in states and f"{CLIENT4}:{TW_PORT}" in states
+            yield (write_seq + 1) & 0xFFFFFFFF, last_tsval
+
+
+def validated_ack(monkeypatch, plane: DataPlane, isn: int, tsval: int | None) -> bytes:
+    """The client's handshake ACK for a new connection from the TIME_WAIT tuple, its cookie valid now."""
+    schedule = SaltSchedule((SECRET,))
+    now = time.time()
+    set_clock(monkeypatch, plane, now)
+    plane.refresh_salts(schedule, now)
+    epoch = schedule.current_epoch(now)
+    cookie = make_cookie(derive_salt(SECRET, epoch), epoch, ipaddress.ip_address(CLIENT4).packed,
+                         ipaddress.ip_address(VIPS[0]).packed, TW_PORT, 80, isn,
+                         SynOptions(mss=1460, wscale=7, sack=True, ecn=False))
+    options = [("NOP", None), ("NOP", None), ("Timestamp", (tsval, 1))] if tsval is not None else []
+    return encapsulated(raw(IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=TW_PORT, dport=80, flags="A",
+                                                              seq=(isn + 1) % 2**32, ack=(cookie + 1) % 2**32,
+                                                              options=options)))
+
+
+@pytest.mark.parametrize("isn_offset, ts_offset, recycled", [
+    (1000, None, True),       # a higher ISN, no timestamps
+    (-1000, None, False),     # a lower ISN, no timestamps
+    (-1000, 10_000, True),    # a lower ISN, a newer timestamp
+    (1000, -10_000, False),   # a higher ISN, an older timestamp (PAWS)
+    (-1000, -10_000, False),  # both older
+], ids=["higher ISN", "lower ISN", "lower ISN newer TSval", "higher ISN older TSval", "both older"])
+def test_a_validated_ack_recycles_a_time_wait_socket_only_where_rfc_6191_accepts_the_syn(
+        monkeypatch, plane, isn_offset, ts_offset, recycled):
+    reported = []
+    ring = RingBuffer(plane.time_wait, reported.append)
+    try:
+        with server_side_time_wait() as (rcv_nxt, last_tsval):
+            tsval = None if ts_offset is None else (last_tsval + ts_offset) % 2**32
+            isn = (rcv_nxt + isn_offset) % 2**32
+            packet = validated_ack(monkeypatch, plane, isn, tsval)
+            verdict, _, changed = run(plane, packet)
+            ring.poll(0)
+    finally:
+        ring.close()
+    if recycled:  # dropped, and the loader told which socket
+        assert (verdict, changed) == (TC_ACT_SHOT, {"decapsulated": 1, "time_wait_recycled": 1})
+        event = TimeWaitEvent.unpack(reported[0])
+        assert len(reported) == 1 and event == TimeWaitEvent(
+            4, ipaddress.ip_address(CLIENT4).packed, ipaddress.ip_address(VIPS[0]).packed,
+            TW_PORT.to_bytes(2, "big"), (80).to_bytes(2, "big"), (isn + 1) % 2**32, parse_tcp(packet[ETH_HEADER + encap.OVERHEAD:]).ack)
+    else:  # left to the TIME_WAIT socket, as the kernel leaves it a SYN it refuses
+        assert (verdict, changed, reported) == (TC_ACT_OK, {"decapsulated": 1, "time_wait_refused": 1}, [])

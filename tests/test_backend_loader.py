@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from synproxy.backend.loader import COUNTERS, held_epochs, main, reset_budget
-from synproxy.bpf.loading import SetupError, bpf_dir, build_object, mapped, salt_slots
+from synproxy.backend.loader import COUNTERS, held_epochs, main
+from synproxy.bpf.loading import SetupError, bpf_dir, build_object, mapped, per_cpu_token_bucket, salt_slots
 from synproxy.salt import SaltSchedule, derive_salt
 
 SALT_SLOT = struct.Struct("<IIQ16s16s")
@@ -33,7 +33,7 @@ def test_counter_names_follow_the_enum_in_the_header():
     (1, 4, (4_000_000_000, 4_000_000_000)),    # below one per CPU: each still holds one
 ])
 def test_the_reset_budget_shares_rate_and_burst_between_cpus(rate, cpus, expected):
-    assert reset_budget(rate, cpus) == expected
+    assert per_cpu_token_bucket(rate, cpus) == expected
 
 
 def test_fronts_are_keyed_as_ipv4_mapped_ipv6():

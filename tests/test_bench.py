@@ -50,6 +50,13 @@ def test_quick_bench_gives_figures_for_every_contender_and_scenario(tmp_path):
     assert set(uploads) == SERVING and all(u["bytes"] > 0 and u["mb_per_second"] > 0 for u in uploads.values())
     report = (tmp_path / "results.md").read_text()
     assert "| synproxy-front |" in report and "## Bulk upload" in report and "| ack | synproxy-front" in report
+    # The connection-rate scenario (benchmarks/connection_rate.py): both routes, both load modes, both floods.
+    connections = results["connections"]
+    assert {(c["route"], c["mode"], c["flood"]) for c in connections} == {
+        *((route, mode, None) for route in ("proxy", "bypass") for mode in ("new", "keepalive")),
+        *((route, "new", flood) for route in ("proxy", "bypass") for flood in ("syn", "ack"))}
+    assert all(c["requests"] > 0 and c["p99_ms"] for c in connections if c["flood"] is None or c["route"] == "proxy")
+    assert "## New connections per second" in report
     for plot in {p for group in PLOTS.values() for p in group}:
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
 

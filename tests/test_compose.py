@@ -100,6 +100,13 @@ def test_client_requests_reach_both_backends_through_the_fronts(compose):
     assert json.loads(echo.stdout)["failed"] == 0
 
 
+def test_nginx_serves_a_large_body_through_the_vip(compose):
+    """The backends' HTTP server is nginx (synproxy/lab/nginx.py, in the image): 10 MiB through the fronts."""
+    done = compose("client", "curl", "-sS", "-m", "60", "-o", "/dev/null", "-D", "-", "-w", "%{http_code} %{size_download}",
+                   f"http://{VIP}/10m", check=True)
+    assert "Server: nginx" in done.stdout and done.stdout.endswith(f"200 {10 << 20}")
+
+
 def test_front_metrics_and_backend_counters(compose):
     compose("client", "curl", "-sS", "-m", "5", f"http://{VIP}/", check=True)
     fronts = [compose("client", "curl", "-sS", f"http://198.18.120.{20 + i}:9100/metrics", check=True).stdout

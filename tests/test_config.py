@@ -12,7 +12,7 @@ import pytest
 from pyroute2 import NetNS
 
 from synproxy.cli import main
-from synproxy.config import ConfigError, load_config
+from synproxy.config import ConfigError, TfoConfig, load_config
 from synproxy.maglev import FLOW_KEY_INFO, derive_flow_key
 from synproxy.netns import add_addresses, namespaces, unique_name
 from synproxy.salt import derive_key
@@ -57,6 +57,14 @@ def test_good_config_loads_with_defaults(workdir):
     assert config.salt_schedule().secrets == (bytes.fromhex("ab" * 32),)
 
 
+
+def test_workers_default_to_one_and_auto_is_the_online_cpus(workdir, monkeypatch):
+    assert load_config(write(workdir, GOOD)).front.workers == 1
+    assert load_config(write(workdir, GOOD.replace("  queue_num: 3", "  workers: 4"))).front.workers == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert load_config(write(workdir, GOOD.replace("  queue_num: 3", "  workers: auto"))).front.workers == 6
+
+
 @pytest.mark.parametrize("change, expected", [
     (("ports: [80, 443]", "ports: [eighty]"), ":2: ports: expected an integer, got 'eighty'"),
     (("ports: [80, 443]", "ports: [80, 70000]"), ":2: ports: must be between 1 and 65535, got 70000"),
@@ -79,7 +87,15 @@ def test_good_config_loads_with_defaults(workdir):
     (("  queue_num: 3", "  data_plane: ebpf"), ":7: front.data_plane: expected one of auto, xdp, tc, nfqueue, got 'ebpf'"),
     (("  queue_num: 3", "  xdp_mode: offload"), ":7: front.xdp_mode: expected one of auto, native, generic, got 'offload'"),
     (("  queue_num: 3", "  interfaces: eth0"), ":7: front.interfaces: expected a list, got eth0"),
+    (("  queue_num: 3", "  workers: 0"), ":7: front.workers: must be between 1 and 1024, or auto, got 0"),
+    (("  queue_num: 3", "  workers: two"), ":7: front.workers: expected an integer or auto, got 'two'"),
+    (("  queue_num: 3", "  workers: true"), ":7: front.workers: expected an integer or auto, got true"),
+    (("  queue_num: 3", "  queue_num: 65535\n  workers: 2"),
+     ":8: front.workers: 2 workers from queue_num 65535 would need queues beyond 65535"),
     (("  queue_num: 3", "  interfaces: [eth0]\n  fast_path_interfaces: [eth1]"), ":8: front.interfaces: given twice"),
+    (("front:", "tfo:\n  enabled: 1\nfront:"), ":7: tfo.enabled: expected true or false, got 1"),
+    (("front:", "tfo:\n  key_period_seconds: 30\nfront:"), ":7: tfo.key_period_seconds: must be at least 60.0, got 30"),
+    (("front:", "tfo: on\nfront:"), ":6: tfo: expected a mapping of keys to values, got on"),
 ])
 def test_mistakes_name_file_line_and_key(workdir, change, expected, capsys):
     path = write(workdir, GOOD.replace(*change))
@@ -204,6 +220,12 @@ def test_bounds_refuse_what_cannot_work(workdir, change, expected, capsys):
     assert main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err
     assert expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_tfo_is_off_by_default_and_its_key_period_a_day(workdir):
+    assert load_config(write(workdir, GOOD)).tfo == TfoConfig(enabled=False, key_period_seconds=86400.0)
+    config = load_config(write(workdir, GOOD + "tfo:\n  enabled: true\n  key_period_seconds: 3600\n"))
+    assert config.tfo == TfoConfig(enabled=True, key_period_seconds=3600.0)
 
 
 def test_an_empty_section_or_value_means_the_defaults(workdir):

@@ -64,13 +64,17 @@ def test_encapsulation_layout(encap_vectors):
         assert message[48:] == header[4:12]
 
 
+VALIDATED, ICMP, CHAINED = encap.FLAG_VALIDATED, encap.FLAG_ICMP, encap.FLAG_CHAINED
+
+
 @pytest.mark.parametrize("flags, backend, former, expected", [
     (0, "b", "pe", "p"), (0, "b", "p0", "p"), (0, "b", "0e", "e"), (0, "b", "00", None),
     (0, "p", "pe", "e"),                       # the front's packet reached the previous owner itself
     (0, "b", "bb", None),
-    (2, "p", "pe", "e"), (2, "p", "p0", None),  # chained to the previous owner: on to the earlier
-    (2, "e", "pe", None), (2, "x", "pe", None),  # chained anywhere else: the last hop
-    (1, "b", "pe", None), (3, "p", "pe", None),  # VALIDATED: never passed on
+    (CHAINED, "p", "pe", "e"), (CHAINED, "p", "p0", None),  # chained to the previous owner: on to the earlier
+    (CHAINED, "e", "pe", None), (CHAINED, "x", "pe", None),  # chained anywhere else: the last hop
+    (VALIDATED, "b", "pe", None), (VALIDATED | CHAINED, "p", "pe", None),  # VALIDATED: never passed on
+    (ICMP, "b", "pe", None),                                 # an ICMP error: left to the stack
 ])
 def test_next_owner(flags, backend, former, expected):
     address = {"b": b"\x0a\0\0\x01", "p": b"\x0a\0\0\x02", "e": b"\x0a\0\0\x03", "x": b"\x0a\0\0\x04",

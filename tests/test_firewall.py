@@ -77,7 +77,31 @@ def test_the_same_reload_on_the_real_raw_table():
         chain.replace(OLD, NEW)
         v4, v6 = (subprocess.run([tool, "-w", "-t", "raw", "-S"], check=True, capture_output=True, text=True).stdout
                   for tool in ("iptables", "ip6tables"))
-        assert [line for line in v4.splitlines() if "-j SYNPROXY-Q3" in line] == [
-            f"-A PREROUTING -d {V4}/32 -p tcp -m tcp --dport {port} -j SYNPROXY-Q3" for port in (443, 80)]
+        # The ICMP errors to the VIP a TCP acts on are queued too (handler._icmp_error), and kept.
+        assert sorted(line for line in v4.splitlines() if "-j SYNPROXY-Q3" in line) == sorted([
+            *(f"-A PREROUTING -d {V4}/32 -p tcp -m tcp --dport {port} -j SYNPROXY-Q3" for port in (443, 80)),
+            *(f"-A PREROUTING -d {V4}/32 -p icmp -m icmp --icmp-type {kind} -j SYNPROXY-Q3" for kind in (3, 11))])
         assert "SYNPROXY" not in v6
-        chain.remove(*NEW)
+        chain.install(*OLD)
+        v6 = subprocess.run(["ip6tables", "-w", "-t", "raw", "-S"], check=True, capture_output=True, text=True).stdout
+        assert sorted(line for line in v6.splitlines() if "icmp" in line) == [
+            f"-A PREROUTING -d {V6}/128 -p ipv6-icmp -m icmp6 --icmpv6-type {kind} -j SYNPROXY-Q3" for kind in (1, 2, 3)]
+        chain.remove(*OLD)
+
+
+def test_one_worker_reads_one_queue_and_several_share_out_by_cpu():
+    assert firewall.front_chain(3).actions[-1] == ["-j", "NFQUEUE", "--queue-num", "3"]
+    # No --queue-bypass either way: a queue without its worker drops (fail closed).
+    assert firewall.front_chain(3, workers=4).actions[-1] == [
+        "-j", "NFQUEUE", "--queue-balance", "3:6", "--queue-cpu-fanout"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="iptables in a namespace needs root")
+def test_the_kernel_takes_the_rule_that_shares_out_the_queues():
+    chain = firewall.front_chain(3, workers=2)
+    with namespaces(unique_name("spfw")) as (namespace,), inside(namespace):
+        chain.install(*OLD)
+        rules = subprocess.run(["iptables", "-w", "-t", "raw", "-S", chain.name], check=True, capture_output=True,
+                               text=True).stdout
+        assert "-j NFQUEUE --queue-balance 3:4 --queue-cpu-fanout" in rules and "bypass" not in rules
+        chain.remove(*OLD)

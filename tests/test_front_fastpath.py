@@ -182,6 +182,47 @@ def test_random_options_are_answered_as_the_handler_would_or_left_to_the_queue(
     assert answered > 100 and queued > 100
 
 
+# The layouts the program reads without its option walk (read_common_options in bpf/front.bpf.c):
+# Linux's SYN, and Linux's without timestamps.
+COMMON_LAYOUTS = {"Linux": "0204{mss:04x}0402080a{tsval:08x}00000000010303{wscale:02x}",
+                  "Linux without timestamps": "0204{mss:04x}01010402010303{wscale:02x}"}
+
+
+def layout(name: str, rng: random.Random) -> bytes:
+    return bytes.fromhex(COMMON_LAYOUTS[name].format(mss=rng.randrange(65536), tsval=rng.randrange(2**32),
+                                                     wscale=rng.randrange(256)))
+
+
+@pytest.mark.parametrize("name", COMMON_LAYOUTS)
+def test_the_common_option_layouts_and_their_near_misses_are_read_as_the_handler_reads_them(
+        monkeypatch, route_namespace, fast_path, policy, schedule, name):
+    """Any values in the layouts the program reads without its walk, and each layout with one byte
+    changed (which the walk then reads, or the queue gets): the handler's answer, byte for byte."""
+    rng = random.Random(name)
+    now = 29000000 * PERIOD + 5
+    set_clock(monkeypatch, fast_path, policy, schedule, now)
+    answered = 0
+    for case in range(300):
+        options = layout(name, rng)
+        if case % 2:
+            at = rng.randrange(len(options))
+            options = options[:at] + bytes([rng.choice([0, 1, 2, 3, 4, 8, 10, rng.randrange(256)])]) + options[at + 1:]
+        family = rng.choice(FAMILIES)
+        src, dst = ("198.18.1.2", VIP4) if family == 4 else ("2001:db8:1::2", VIP6)
+        packet = build_tcp_packet(ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed,
+                                  rng.randrange(1, 65536), PORT, rng.randrange(2**32), 0, SYN, 64240, options)
+        frame = raw(Ether(dst=HOST_MAC, type=0x0800 if family == 4 else 0x86DD)) + packet
+        verdict, out, changed = run(route_namespace, fast_path, frame)
+        expected = handle(packet, now, schedule, policy)
+        if expected.action is Action.REPLY:
+            answered += 1
+            assert verdict == TC_ACT_REDIRECT, (case, options.hex())
+            assert without_clock(out[14:]) == without_clock(expected.packet), (case, options.hex())
+        else:
+            assert (verdict, out, changed) == (TC_ACT_OK, frame, {("queued", family): 1}), (case, options.hex())
+    assert answered > 150
+
+
 @pytest.mark.parametrize("case, frame, outcome", [
     ("an ACK", syn("198.18.1.2", VIP4, flags="A"), "queued"),
     ("a SYN-ACK", syn("198.18.1.2", VIP4, flags="SA"), "queued"),

@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6EchoRequest,
+    ICMPv6PacketTooBig,
+    ICMPv6TimeExceeded,
+    IPv6,
+)
 from scapy.packet import raw
 
 from synproxy import encap
@@ -177,6 +183,17 @@ def test_an_attacker_cannot_aim_flows_at_one_backend():
     assert min(chosen[0], chosen[1]) > 800, chosen
 
 
+def test_the_flow_hash_is_siphash13_of_the_tuple_in_40_bytes():
+    """Known answers: SipHash-1-3 (the XDP program hashes every packet it forwards; docs/cookie.md) of
+    the addresses in 16-byte form, the ports and four zero bytes. tests/test_front_xdp.py checks that the
+    program's flow_hash picks the same backends and source ports."""
+    key = bytes(range(16))
+    client4, vip4 = ipaddress.ip_address("198.18.1.2").packed, ipaddress.ip_address("198.19.0.10").packed
+    client6, vip6 = ipaddress.ip_address("2001:db8::1").packed, ipaddress.ip_address("2001:db8:ffff::10").packed
+    assert flow_hash(client4, vip4, 40000, 80, key) == 0xADE27A8F9B905C7A
+    assert flow_hash(client6, vip6, 40000, 443, key) == 0x91F608BCBBBE6708
+
+
 def test_maglev_moves_only_the_removed_backends_flows():
     three = build_table(["a", "b", "c"], size=65537)
     two = build_table(["a", "c"], size=65537)
@@ -254,3 +271,78 @@ def test_token_bucket_allows_its_burst_then_its_rate():
     assert [bucket.take(10.015) for _ in range(2)] == [True, False]  # 1.5 tokens came back in 15 ms
     assert bucket.take(9.0) is False  # a clock going back gives nothing
     assert sum(bucket.take(20.0) for _ in range(10)) == 3  # refilled to the burst, not beyond
+
+
+ROUTER4, ROUTER6 = "198.18.1.1", "2001:db8:1::1"
+
+
+def icmp_error(family=4, kind=None, vip=None, sport=80, destination=None, client_port=40000, quoted_bytes=None):
+    """A router's error about a 1200-byte segment the server sent from VIP:sport to the client, quoting
+    what a router quotes (576 bytes in all for IPv4, 1280 for IPv6) unless told otherwise."""
+    if family == 4:
+        quoted = IP(src=vip or VIP4, dst=CLIENT4) / TCP(sport=sport, dport=client_port, flags="PA", seq=7) / bytes(1200)
+        return raw(IP(src=ROUTER4, dst=destination or vip or VIP4) / (kind or ICMP(type=3, code=4, nexthopmtu=1280))
+                   / raw(quoted)[:quoted_bytes or 548])
+    quoted = IPv6(src=vip or VIP6, dst=CLIENT6) / TCP(sport=sport, dport=client_port, flags="PA", seq=7) / bytes(1400)
+    return raw(IPv6(src=ROUTER6, dst=destination or vip or VIP6) / (kind or ICMPv6PacketTooBig(mtu=1280))
+               / raw(quoted)[:quoted_bytes or 1232])
+
+
+@pytest.mark.parametrize("family, kind", [
+    (4, ICMP(type=3, code=4, nexthopmtu=1280)),
+    (4, ICMP(type=3, code=1)),
+    (4, ICMP(type=11, code=0)),
+    (6, ICMPv6PacketTooBig(mtu=1280)),
+    (6, ICMPv6DestUnreach(code=3)),
+    (6, ICMPv6TimeExceeded()),
+], ids=["frag needed", "host unreachable", "time exceeded", "v6 too big", "v6 unreachable", "v6 time exceeded"])
+def test_an_icmp_error_about_a_flow_goes_to_the_flows_backend_flagged_icmp(family, kind):
+    packet = icmp_error(family, kind)
+    verdict = handle(packet, NOW, SCHEDULE, POLICY)
+    client, vip = (CLIENT4, VIP4) if family == 4 else (CLIENT6, VIP6)
+    layer = IP if family == 4 else IPv6
+    flow_packet = raw(layer(src=client, dst=vip) / TCP(sport=40000, dport=80, flags="A", seq=1, ack=8))
+    assert (verdict.action, verdict.outcome) == (Action.FORWARD, "icmp_forwarded")
+    assert verdict.backend == handle(flow_packet, NOW, SCHEDULE, POLICY).backend
+    outer = IP(verdict.packet)
+    assert (outer.src, outer.dst, outer[UDP].dport) == ("198.18.10.2", BACKENDS[verdict.backend], 6080)
+    # The MAC covers the flow's tuple, as for its own packets, and the ICMP flag.
+    message = encap.mac_input(POLICY.farm_address, POLICY.backends[verdict.backend],
+                              ipaddress.ip_address(client).packed, ipaddress.ip_address(vip).packed, 40000, 80,
+                              encap.FLAG_ICMP)
+    mac = encap.encap_mac(POLICY.encap_key, message).to_bytes(8, "big")
+    assert raw(outer[UDP].payload) == bytes([encap.MAGIC, encap.FLAG_ICMP, encap.VERSION, 0]) + \
+        encap.NO_FORMER_OWNERS + mac + packet
+
+
+def test_every_backend_gets_the_errors_of_its_own_flows():
+    for sport in range(30000, 30200):
+        error = handle(icmp_error(client_port=sport), NOW, SCHEDULE, POLICY)
+        flow_packet = raw(IP(src=CLIENT4, dst=VIP4) / TCP(sport=sport, dport=80, flags="A"))
+        assert error.backend == handle(flow_packet, NOW, SCHEDULE, POLICY).backend
+
+
+@pytest.mark.parametrize("packet, outcome", [
+    (icmp_error(sport=22), "icmp_not_protected"),
+    (icmp_error(vip="198.19.0.99"), "icmp_not_protected"),
+    (icmp_error(destination="198.19.0.99"), "icmp_not_protected"),  # about another sender's segment
+    (icmp_error(6, sport=22), "icmp_not_protected"),
+    (raw(IP(src=ROUTER4, dst=VIP4) / ICMP(type=8) / b"ping"), "malformed_not_icmp_error"),
+    (raw(IP(src=ROUTER4, dst=VIP4) / ICMP(type=5) / raw(IP(src=VIP4, dst=CLIENT4) / TCP())),
+     "malformed_not_icmp_error"),  # a redirect
+    (raw(IPv6(src=ROUTER6, dst=VIP6) / ICMPv6EchoRequest()), "malformed_not_icmp_error"),
+    (raw(IP(src=ROUTER4, dst=VIP4) / ICMP(type=3, code=4) / raw(IP(src=VIP4, dst=CLIENT4) / UDP())),
+     "malformed_bad_quoted_packet"),
+    (raw(IP(src=ROUTER4, dst=VIP4) / ICMP(type=3, code=4) / raw(IP(src=VIP4, dst=CLIENT4) / TCP())[:24]),
+     "malformed_bad_quoted_packet"),
+    (raw(IP(src=ROUTER4, dst=VIP4) / ICMP(type=3, code=4) / raw(IPv6(src=VIP6, dst=CLIENT6) / TCP())),
+     "malformed_bad_quoted_packet"),
+    (raw(IP(src=ROUTER4, dst=VIP4) / ICMP(type=3, code=4) / raw(IP(src=VIP4, dst=CLIENT4, frag=3) / TCP())),
+     "malformed_bad_quoted_packet"),
+    (raw(IP(src=ROUTER4, dst=VIP4) / ICMP(type=3, code=4)), "malformed_bad_quoted_packet"),
+    # Longer than a router quotes, and than the encapsulation carries.
+    (icmp_error(6, quoted_bytes=1500 - 40 - 8 - 39), "icmp_too_big"),
+])
+def test_other_icmp_is_dropped_with_a_reason(packet, outcome):
+    verdict = handle(packet, NOW, SCHEDULE, POLICY)
+    assert (verdict.action, verdict.outcome) == (Action.DROP, outcome)

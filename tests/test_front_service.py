@@ -11,6 +11,8 @@ import errno
 import ipaddress
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from synproxy.front import service
 from synproxy.front.handler import TokenBucket
 from synproxy.front.service import Front
 from synproxy.netns import inside, namespaces, unique_name
+from tests.test_front_handler import icmp_error
 
 VIP4, VIP6 = "198.19.0.10", "2001:db8:ffff::10"
 BACKENDS = ["198.18.20.2", "198.18.21.2"]
@@ -95,8 +98,8 @@ def test_a_failed_send_drops_the_packet_counts_the_reason_and_logs_once(front, c
         front.on_packet(packet)
     assert [packet.verdicts for packet in packets] == [["drop"]] * 5
     outcome = f"send_failed_{errno.errorcode[code].lower()}"
-    assert front.metrics.packets[outcome, 6] == 5
-    assert not front.metrics.forwarded, "a packet that was not sent is not counted as forwarded"
+    assert front.counts.packets[outcome, 6] == 5
+    assert not front.counts.forwarded, "a packet that was not sent is not counted as forwarded"
     logged = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert [(entry["event"], entry["outcome"]) for entry in logged] == [("packet_failed", outcome)]
 
@@ -109,7 +112,7 @@ def test_an_exception_in_the_handler_drops_the_packet_and_the_loop_goes_on(front
     packet = QueuedPacket(data(4))
     front.on_packet(packet)
     assert packet.verdicts == ["drop"]
-    assert front.metrics.packets["internal_error", 4] == 1
+    assert front.counts.packets["internal_error", 4] == 1
     assert "KeyError" in json.loads(capsys.readouterr().err)["error"]
 
 
@@ -120,8 +123,31 @@ def test_too_big_answers_are_rate_limited(front):
         front.on_packet(packet)
     assert [packet.verdicts for packet in packets] == [["accept"]] * 3 + [["drop"]] * 2
     assert IPv6(packets[0].replacement)[ICMPv6PacketTooBig].mtu == 1500 - encap.OVERHEAD
-    assert front.metrics.packets["too_big", 6] == 3
-    assert front.metrics.packets["too_big_rate_limited", 6] == 2
+    assert front.counts.packets["too_big", 6] == 3
+    assert front.counts.packets["too_big_rate_limited", 6] == 2
+
+
+class RecordingSocket:
+    def __init__(self):
+        self.sent: list[tuple[bytes, tuple]] = []
+
+    def sendto(self, data: bytes, address) -> int:
+        self.sent.append((data, address))
+        return len(data)
+
+
+def test_icmp_errors_are_forwarded_within_their_budget(front):
+    """IPv4 errors replace the queued packet; IPv6 ones leave by the raw socket, as IPv6 segments do."""
+    front.icmp_errors = TokenBucket(rate=0, burst=4)  # no refill: the burst, then nothing
+    front.raw_ipv4 = RecordingSocket()
+    packets = [QueuedPacket(icmp_error(family)) for family in (4, 6, 4, 6, 4, 6)]
+    for packet in packets:
+        front.on_packet(packet)
+    assert [packet.verdicts for packet in packets] == [["accept"], ["drop"]] * 2 + [["drop"]] * 2
+    assert packets[0].replacement[20 + 8 + 1] == encap.FLAG_ICMP
+    assert [data[20 + 8 + 1] for data, _ in front.raw_ipv4.sent] == [encap.FLAG_ICMP] * 2
+    assert front.counts.packets["icmp_forwarded", 4] == front.counts.packets["icmp_forwarded", 6] == 2
+    assert front.counts.packets["icmp_rate_limited", 4] == front.counts.packets["icmp_rate_limited", 6] == 1
 
 
 def test_forwarded_counts_are_keyed_by_backend_address_across_a_reload(front, tmp_path):
@@ -141,7 +167,7 @@ def test_forwarded_counts_are_keyed_by_backend_address_across_a_reload(front, tm
                                                            front.policy).backend]
             address = str(ipaddress.ip_address(backend))
             expected[address] = expected.get(address, 0) + 1
-    assert dict(front.metrics.forwarded) == expected
+    assert dict(front.counts.forwarded) == expected
     assert set(expected) == set(added)
 
 
@@ -201,3 +227,45 @@ def test_the_data_plane_and_the_programs_counts_are_exported():
     assert found[(kernel, (("family", "ipv4"), ("outcome", "syn_answered"), ("path", "tc")))] == 7
     assert found[(kernel, (("family", "ipv4"), ("outcome", "syn_answered"), ("path", "xdp")))] == 11
     assert found[(kernel, (("family", "ipv6"), ("outcome", "validated"), ("path", "xdp")))] == 3
+
+
+def worker_counts(syns: int, forwarded: int, seconds: float) -> service.PacketCounts:
+    counts = service.PacketCounts()
+    counts.packets["syn_answered", 4] = syns
+    counts.forwarded["198.18.20.2"] = forwarded
+    counts.observe(seconds)
+    return counts
+
+
+def test_workers_counts_add_up_across_reports_and_a_restart():
+    """The parent's metrics: each queue's latest report, plus what its dead workers reported; a scrape
+    waits for a report from every live worker newer than itself."""
+    metrics = service.FrontMetrics(queue_num=4, workers=2)
+
+    def samples() -> dict:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in metrics.registry.collect() for s in family.samples}
+
+    metrics.report(4, time.monotonic(), worker_counts(10, 3, 3e-6))
+    metrics.report(5, time.monotonic(), worker_counts(7, 1, 2e-3))
+    found = samples()
+    assert found[("synproxy_front_packets_total", (("family", "ipv4"), ("outcome", "syn_answered")))] == 17
+    assert found[("synproxy_front_forwarded_packets_total", (("backend", "198.18.20.2"),))] == 4
+    assert found[("synproxy_front_worker_packets_total", (("queue", "4"),))] == 10
+    assert found[("synproxy_front_worker_packets_total", (("queue", "5"),))] == 7
+    histogram = "synproxy_front_packet_processing_seconds"  # the buckets and names prometheus_client's Histogram had
+    assert found[(f"{histogram}_bucket", (("le", "5e-06"),))] == 1
+    assert found[(f"{histogram}_bucket", (("le", "0.001"),))] == 1
+    assert found[(f"{histogram}_bucket", (("le", "0.01"),))] == found[(f"{histogram}_bucket", (("le", "+Inf"),))] == 2
+    assert found[(f"{histogram}_count", ())] == 2 and found[(f"{histogram}_sum", ())] == pytest.approx(2.003e-3)
+    metrics.retire(5)  # its worker died; the new one starts from 0
+    metrics.live = {4, 5}
+    late = threading.Timer(0.2, lambda: (metrics.report(4, time.monotonic(), worker_counts(50, 3, 3e-6)),
+                                         metrics.report(5, time.monotonic(), worker_counts(2, 0, 3e-6))))
+    started = time.monotonic()
+    late.start()
+    found = samples()
+    assert 0.2 <= time.monotonic() - started < service.SCRAPE_WAIT_SECONDS, "waited for both reports, no longer"
+    assert found[("synproxy_front_worker_packets_total", (("queue", "5"),))] == 7 + 2
+    assert found[("synproxy_front_packets_total", (("family", "ipv4"), ("outcome", "syn_answered")))] == 50 + 9
+    assert found[("synproxy_front_worker_restarts_total", ())] == 0  # counted by the supervisor, not here

@@ -1,9 +1,11 @@
-"""The front's XDP program under BPF_PROG_TEST_RUN, against the Python handler it stands in for.
+"""The front's XDP program under BPF_PROG_TEST_RUN, against the Python handler it stands in for, and the
+tc program wherever it forwards as XDP does (the `hook` fixture: both share the decisions).
 
 Every packet to a protected VIP and port must come out as handler.handle's verdict, byte for byte
 after the Ethernet header: handshake ACKs encapsulated flagged VALIDATED, every other segment
 encapsulated unflagged to the handler's Maglev backend, SYNs answered with the handler's SYN-ACK
-(TSval aside); and every packet the program leaves to the queue must pass unchanged and counted. The
+(TSval aside; the tc program's SYN-ACKs are tests/test_front_fastpath.py's); and every packet the
+program leaves to the queue must pass unchanged and counted. The
 runs happen in a namespace of their own, with routes to a backend subnet through a gateway whose
 neighbour entry is permanent (XDP cannot resolve one).
 """
@@ -19,8 +21,14 @@ import struct
 import time
 
 import pytest
-from scapy.layers.inet import IP, TCP
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6PacketTooBig,
+    ICMPv6TimeExceeded,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+)
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
@@ -30,11 +38,12 @@ from synproxy.bpf.libbpf import (
     BpfObject,
     prog_test_run,
     program_id,
+    tc_attached_program,
     xdp_attach,
     xdp_attached_program,
     xdp_detach,
 )
-from synproxy.bpf.loading import build_object
+from synproxy.bpf.loading import MAP_KEY, build_object
 from synproxy.front import fastpath
 from synproxy.front.fastpath import FastPath, FastPathError
 from synproxy.front.handler import Action, FrontPolicy, handle
@@ -55,9 +64,14 @@ from tests.test_front_fastpath import (
     vector_syn,
     without_clock,
 )
+from tests.test_front_handler import icmp_error
 
 pytestmark = needs_root
 XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = 1, 2, 3, 4
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+PASS = {"xdp": XDP_PASS, "tc": TC_ACT_OK}
+REDIRECT = {"xdp": XDP_REDIRECT, "tc": TC_ACT_REDIRECT}
+DROP = {"xdp": XDP_DROP, "tc": TC_ACT_SHOT}
 XDP_MD = struct.Struct("=6I")  # struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue, egress
 GATEWAY4, GATEWAY6, GATEWAY_MAC = "10.99.0.2", "fd00:99::2", "02:00:00:00:99:02"
 FARM = "10.99.0.1"
@@ -113,16 +127,24 @@ def schedule(cookie_vectors):
     return SaltSchedule((bytes.fromhex(cookie_vectors["secret"]),), period=PERIOD, skew=2)
 
 
-def run(namespace: str, fast_path: FastPath, frame: bytes, ingress: str | None = None) -> tuple[int, bytes, dict]:
-    """The verdict, the frame after, and the counters that moved; the frame comes in on ``ingress``
-    (the namespace's loopback by default)."""
-    before = fast_path.counts("xdp")
+@pytest.fixture(params=["xdp", "tc"])
+def hook(request) -> str:
+    """The program a forwarding test runs: the XDP one, and the tc one, which must forward alike."""
+    return request.param
+
+
+def run(namespace: str, fast_path: FastPath, frame: bytes, ingress: str | None = None,
+        hook: str = "xdp") -> tuple[int, bytes, dict]:
+    """The verdict, the frame after, and the counters that moved, of the `hook`'s program; the frame
+    comes in on ``ingress`` (XDP only; the namespace's loopback by default)."""
+    before = fast_path.counts(hook)
     with netns.inside(namespace):
         context = None
         if ingress is not None:
             context = XDP_MD.pack(0, len(frame), 0, socket.if_nametoindex(ingress), 0, 0)
-        verdict, out = prog_test_run(fast_path.xdp_prog_fd, frame, context=context)
-    after = fast_path.counts("xdp")
+        prog_fd = fast_path.xdp_prog_fd if hook == "xdp" else fast_path.prog_fd
+        verdict, out = prog_test_run(prog_fd, frame, context=context)
+    after = fast_path.counts(hook)
     return verdict, out, {key: after[key] - before[key] for key in after if after[key] != before[key]}
 
 
@@ -150,16 +172,16 @@ def usable(vectors: list[dict]) -> list[dict]:
     return [v for v in vectors if (v["epoch"] + 1) * PERIOD * 10**9 < 2**63]
 
 
-def assert_encapsulated(verdict: int, out: bytes, expected, link_mac: bytes) -> None:
+def assert_encapsulated(verdict: int, out: bytes, expected, link_mac: bytes, hook: str = "xdp") -> None:
     assert expected.action is Action.FORWARD
-    assert verdict == XDP_REDIRECT
+    assert verdict == REDIRECT[hook]
     assert out[:14] == bytes.fromhex(GATEWAY_MAC.replace(":", "")) + link_mac + b"\x08\x00"
     assert out[14:] == expected.packet
 
 
 @pytest.mark.parametrize("shape", ["bare", "timestamp", "payload"])
 def test_every_vectors_ack_is_encapsulated_validated_as_the_handler_does(
-        monkeypatch, namespace, link_mac, fast_path, policy, schedule, cookie_vectors, shape):
+        hook, monkeypatch, namespace, link_mac, fast_path, policy, schedule, cookie_vectors, shape):
     rng = random.Random(13)
     vectors = usable(cookie_vectors["vectors"])
     assert {v["family"] for v in vectors} == {4, 6} and len(vectors) > 100
@@ -172,12 +194,12 @@ def test_every_vectors_ack_is_encapsulated_validated_as_the_handler_does(
         frame = vector_ack(vector, options, payload)
         expected = handle(frame[14:], now, schedule, policy)
         assert expected.outcome == "validated", vector["name"]
-        verdict, out, changed = run(namespace, fast_path, frame)
+        verdict, out, changed = run(namespace, fast_path, frame, hook=hook)
         assert changed == {("validated", vector["family"]): 1}, vector["name"]
-        assert_encapsulated(verdict, out, expected, link_mac)
+        assert_encapsulated(verdict, out, expected, link_mac, hook)
 
 
-def test_a_wrong_cookie_is_forwarded_unflagged(monkeypatch, namespace, link_mac, fast_path, policy, schedule,
+def test_a_wrong_cookie_is_forwarded_unflagged(hook, monkeypatch, namespace, link_mac, fast_path, policy, schedule,
                                                 cookie_vectors):
     for vector in usable(cookie_vectors["vectors"])[:40]:
         now = vector["epoch"] * PERIOD + PERIOD / 2
@@ -185,13 +207,13 @@ def test_a_wrong_cookie_is_forwarded_unflagged(monkeypatch, namespace, link_mac,
         frame = vector_ack(vector, cookie_delta=1 << 12)  # the MAC's bits, not the epoch's
         expected = handle(frame[14:], now, schedule, policy)
         assert expected.outcome == "forwarded_bad_mac"
-        verdict, out, changed = run(namespace, fast_path, frame)
+        verdict, out, changed = run(namespace, fast_path, frame, hook=hook)
         assert changed == {("forwarded_bad_mac", vector["family"]): 1}, vector["name"]
-        assert_encapsulated(verdict, out, expected, link_mac)
+        assert_encapsulated(verdict, out, expected, link_mac, hook)
 
 
 def test_random_established_packets_are_encapsulated_as_the_handler_does(
-        monkeypatch, namespace, link_mac, fast_path, policy, schedule):
+        hook, monkeypatch, namespace, link_mac, fast_path, policy, schedule):
     rng = random.Random(31)
     # One second past an epoch boundary: with the skew, three epochs are accepted (until 2 s past it,
     # so the program's clock is set again for every packet).
@@ -211,27 +233,27 @@ def test_random_established_packets_are_encapsulated_as_the_handler_does(
                                   bytes(rng.randrange(256) for _ in range(rng.randrange(0, 1361))))
         frame = frame_of(packet)
         expected = handle(packet, now, schedule, policy)
-        verdict, out, changed = run(namespace, fast_path, frame)
+        verdict, out, changed = run(namespace, fast_path, frame, hook=hook)
         assert changed == {(expected.outcome, family): 1}, case
-        assert_encapsulated(verdict, out, expected, link_mac)
+        assert_encapsulated(verdict, out, expected, link_mac, hook)
         outcomes.add(expected.outcome)
     assert outcomes == {"forwarded", "forwarded_bad_mac", "forwarded_expired_epoch"}
 
 
-def test_an_ethernet_pad_is_not_encapsulated(monkeypatch, namespace, link_mac, fast_path, policy, schedule,
+def test_an_ethernet_pad_is_not_encapsulated(hook, monkeypatch, namespace, link_mac, fast_path, policy, schedule,
                                              cookie_vectors):
     vector = next(v for v in usable(cookie_vectors["vectors"]) if v["family"] == 4)
     now = vector["epoch"] * PERIOD + PERIOD / 2
     set_clock(monkeypatch, fast_path, policy, schedule, now)
     frame = vector_ack(vector)
     assert len(frame) == 54
-    verdict, out, changed = run(namespace, fast_path, frame + bytes(6))  # padded to Ethernet's 60 bytes
+    verdict, out, changed = run(namespace, fast_path, frame + bytes(6), hook=hook)  # padded to Ethernet's 60 bytes
     assert changed == {("validated", 4): 1}
-    assert_encapsulated(verdict, out, handle(frame[14:], now, schedule, policy), link_mac)
+    assert_encapsulated(verdict, out, handle(frame[14:], now, schedule, policy), link_mac, hook)
 
 
 def test_the_maglev_choice_is_the_handlers_also_after_a_reordered_reload(
-        monkeypatch, namespace, cookie_vectors, schedule):
+        hook, monkeypatch, namespace, cookie_vectors, schedule):
     rng = random.Random(5)
     first = make_policy(cookie_vectors["vectors"])
     reordered = make_policy(cookie_vectors["vectors"], backends=BACKENDS[3:] + BACKENDS[:3])
@@ -248,7 +270,7 @@ def test_the_maglev_choice_is_the_handlers_also_after_a_reordered_reload(
                 packet = build_tcp_packet(bytes([rng.randrange(1, 127)]) + rng.randbytes(3), ipaddress.ip_address(VIP4).packed,
                                           rng.randrange(1, 65536), PORT, rng.randrange(2**32), 0, ACK, 1000)
                 expected = handle(packet, now, schedule, current)
-                _, out, _ = run(namespace, loaded, frame_of(packet))
+                _, out, _ = run(namespace, loaded, frame_of(packet), hook=hook)
                 assert out[14 + 16:14 + 20] == current.backends[expected.backend] and out[14:] == expected.packet
                 chosen.add(expected.backend)
             assert len(chosen) == len(BACKENDS)
@@ -257,10 +279,10 @@ def test_the_maglev_choice_is_the_handlers_also_after_a_reordered_reload(
 
 
 def test_a_moved_flow_names_its_former_owners_as_the_handler_does_until_the_window_ends(
-        monkeypatch, namespace, cookie_vectors, schedule):
+        hook, monkeypatch, namespace, cookie_vectors, schedule):
     """A backend added, then a drain: each moved flow goes to its new owner and names its former owners in
-    the header, byte for byte as handler.handle; once the window ends (and the loader rewrites the slots
-    that expired) only the drained backend's flows keep naming it."""
+    the header, byte for byte as handler.handle, and so do ICMP errors about such flows; once the window
+    ends (and the loader rewrites the slots that expired) only the drained backend's flows keep naming it."""
     rng = random.Random(7)
     previous = PreviousOwners(window=60.0)
     vectors = cookie_vectors["vectors"]
@@ -285,11 +307,19 @@ def test_a_moved_flow_names_its_former_owners_as_the_handler_does_until_the_wind
                                           ipaddress.ip_address(VIP4).packed, rng.randrange(1, 65536), PORT,
                                           rng.randrange(2**32), 0, ACK, 1000)
                 expected = handle(packet, now, schedule, current)
-                _, out, _ = run(namespace, loaded, frame_of(packet))
+                _, out, _ = run(namespace, loaded, frame_of(packet), hook=hook)
                 assert out[14:] == expected.packet
                 named.update((out[14 + 32:14 + 36], out[14 + 36:14 + 40]))
             none, drained = bytes(4), ipaddress.ip_address(BACKENDS[0]).packed
             assert named == [{none}, {none} | set(steps[0][0].backends), {none, drained}][step], step
+            errors_named = set()
+            for client_port in rng.sample(range(1, 65536), 100):
+                frame = icmp_frame(rng.choice((4, 6)), client_port=client_port)
+                expected = handle(frame[14:], now, schedule, current)
+                _, out, _ = run(namespace, loaded, frame, hook=hook)
+                assert expected.outcome == "icmp_forwarded" and out[14:] == expected.packet, step
+                errors_named.update((out[14 + 32:14 + 36], out[14 + 36:14 + 40]))
+            assert errors_named <= named and (errors_named != {none}) == (step > 0), step
     finally:
         loaded.close()
 
@@ -345,14 +375,14 @@ PASSED = [
 
 
 @pytest.mark.parametrize("case, frame, outcome", PASSED, ids=[case for case, _, _ in PASSED])
-def test_what_the_program_does_not_handle_passes_unchanged(monkeypatch, namespace, fast_path, policy, schedule,
+def test_what_the_program_does_not_handle_passes_unchanged(hook, monkeypatch, namespace, fast_path, policy, schedule,
                                                            case, frame, outcome):
     set_clock(monkeypatch, fast_path, policy, schedule, 1000 * PERIOD + 30)
     family = 6 if frame[12:14] == b"\x86\xdd" else 4
-    assert run(namespace, fast_path, frame) == (XDP_PASS, frame, {(outcome, family): 1}), case
+    assert run(namespace, fast_path, frame, hook=hook) == (PASS[hook], frame, {(outcome, family): 1}), case
 
 
-def test_a_validating_ack_with_a_bad_checksum_goes_to_the_queue(monkeypatch, namespace, fast_path, policy,
+def test_a_validating_ack_with_a_bad_checksum_goes_to_the_queue(hook, monkeypatch, namespace, fast_path, policy,
                                                                 schedule, cookie_vectors):
     vector = usable(cookie_vectors["vectors"])[0]
     now = vector["epoch"] * PERIOD + PERIOD / 2
@@ -361,7 +391,28 @@ def test_a_validating_ack_with_a_bad_checksum_goes_to_the_queue(monkeypatch, nam
     offset = 14 + (20 if vector["family"] == 4 else 40) + 16
     frame = frame_with(good, offset, bytes([good[offset] ^ 0xFF]))
     assert handle(frame[14:], now, schedule, policy).outcome == "malformed_bad_checksum"
-    assert run(namespace, fast_path, frame) == (XDP_PASS, frame, {("unverified", vector["family"]): 1})
+    assert run(namespace, fast_path, frame, hook=hook) == (PASS[hook], frame, {("unverified", vector["family"]): 1})
+
+
+SK_BUFF_SIZE, GSO_SEGS_OFFSET = 192, 164  # struct __sk_buff and its gso_segs (<linux/bpf.h>)
+
+
+def test_a_merged_gso_packet_goes_to_the_queue_at_tc(monkeypatch, namespace, fast_path, policy, schedule):
+    """GRO may merge a flow's segments into one skb before tc sees it; the queue hands the handler one
+    segment at a time, so the tc program leaves such a packet to it."""
+    now = 1000 * PERIOD + 30
+    set_clock(monkeypatch, fast_path, policy, schedule, now)
+    frame = segment("198.18.1.2", VIP4, payload=bytes(1000))
+    unmerged = handle(frame[14:], now, schedule, policy).outcome
+    context = bytearray(SK_BUFF_SIZE)
+    struct.pack_into("=I", context, GSO_SEGS_OFFSET, 2)
+    before = fast_path.counts("tc")
+    with netns.inside(namespace):
+        assert prog_test_run(fast_path.prog_fd, frame, context=bytes(context)) == (TC_ACT_OK, frame)
+        assert prog_test_run(fast_path.prog_fd, frame)[0] == TC_ACT_REDIRECT  # the same, not merged
+    after = fast_path.counts("tc")
+    assert {key: after[key] - before[key] for key in after if after[key] != before[key]} == {
+        ("queued", 4): 1, (unmerged, 4): 1}
 
 
 def test_a_multicast_frame_is_not_looked_at(namespace, fast_path):
@@ -369,7 +420,7 @@ def test_a_multicast_frame_is_not_looked_at(namespace, fast_path):
     assert run(namespace, fast_path, frame) == (XDP_PASS, frame, {})
 
 
-def test_without_the_current_epochs_salt_syns_and_acks_go_to_the_queue(monkeypatch, namespace, fast_path,
+def test_without_the_current_epochs_salt_syns_and_acks_go_to_the_queue(hook, monkeypatch, namespace, fast_path,
                                                                        policy, schedule):
     set_clock(monkeypatch, fast_path, policy, schedule, 1000 * PERIOD + 30)
     # The map holds epochs 998-1001; a clock in epoch 1003 finds none to mint with, and cannot tell an
@@ -378,19 +429,19 @@ def test_without_the_current_epochs_salt_syns_and_acks_go_to_the_queue(monkeypat
     monkeypatch.setattr(fastpath, "clock_offset_ns", lambda: offset)
     fast_path.refresh(policy, schedule, 1000 * PERIOD + 30)
     for frame in (syn("198.18.1.2", VIP4), ACK4):
-        assert run(namespace, fast_path, frame) == (XDP_PASS, frame, {("no_salt", 4): 1})
+        assert run(namespace, fast_path, frame, hook=hook) == (PASS[hook], frame, {("no_salt", 4): 1})
     fin = segment("198.18.1.2", VIP4, flags="FA")  # no cookie to check: forwarded
-    assert run(namespace, fast_path, fin)[2] == {("forwarded", 4): 1}
+    assert run(namespace, fast_path, fin, hook=hook)[2] == {("forwarded", 4): 1}
 
 
 @pytest.mark.parametrize("backend", [UNREACHABLE_BACKEND, UNRESOLVED_BACKEND])
-def test_no_route_to_the_backend_goes_to_the_queue(monkeypatch, namespace, cookie_vectors, schedule, backend):
+def test_no_route_to_the_backend_goes_to_the_queue(hook, monkeypatch, namespace, cookie_vectors, schedule, backend):
     unroutable = make_policy(cookie_vectors["vectors"], backends=(backend,))
     loaded = FastPath(build_object("front"))
     try:
         loaded.configure(unroutable, schedule)
         set_clock(monkeypatch, loaded, unroutable, schedule, 1000 * PERIOD + 30)
-        assert run(namespace, loaded, ACK4) == (XDP_PASS, ACK4, {("unrouted", 4): 1})
+        assert run(namespace, loaded, ACK4, hook=hook) == (PASS[hook], ACK4, {("unrouted", 4): 1})
     finally:
         loaded.close()
 
@@ -445,17 +496,39 @@ def test_a_program_a_killed_front_left_is_replaced(namespace, policy, schedule):
         assert xdp_attached_program(ifindex) is None
 
 
-def test_a_route_change_is_seen_within_the_route_cache_time(monkeypatch, namespace, cookie_vectors, schedule):
+def test_every_start_removes_the_programs_a_killed_front_left(namespace, policy, schedule):
+    """Whatever the next front's data plane: nfqueue attaches nothing, tc no XDP program, and a dead
+    front's would keep answering from its stale maps (docs/front.md)."""
+    with netns.inside(namespace):
+        ifindex = socket.if_nametoindex(LINK)
+        for next_mode in ("nfqueue", "tc"):
+            dead, _ = fastpath.start("xdp", (LINK,), "native", policy, schedule)
+            dead.attached.clear()  # as if the process had died: nothing detaches them
+            dead.xdp_attached.clear()
+            dead.close()
+            assert xdp_attached_program(ifindex) and tc_attached_program(ifindex, fastpath.TC_HANDLE,
+                                                                          fastpath.TC_PRIORITY)
+            mode, loaded, _, _ = fastpath.select(next_mode, (LINK,), "native", policy, schedule)
+            try:
+                assert mode == next_mode and xdp_attached_program(ifindex) is None
+                tc_program = tc_attached_program(ifindex, fastpath.TC_HANDLE, fastpath.TC_PRIORITY)
+                assert tc_program == (program_id(loaded.prog_fd) if loaded else None)
+            finally:
+                if loaded:
+                    loaded.close()
+
+
+def test_a_route_change_is_seen_within_the_route_cache_time(hook, monkeypatch, namespace, cookie_vectors, schedule):
     single = make_policy(cookie_vectors["vectors"], backends=(BACKENDS[0],))
     loaded = FastPath(build_object("front"))
     try:
         loaded.configure(single, schedule)
         set_clock(monkeypatch, loaded, single, schedule, 1000 * PERIOD + 30)
-        assert run(namespace, loaded, ACK4)[0] == XDP_REDIRECT
+        assert run(namespace, loaded, ACK4, hook=hook)[0] == REDIRECT[hook]
         netns.run(namespace, ["ip", "route", "add", "unreachable", f"{BACKENDS[0]}/32"])
         try:
             time.sleep(ROUTE_CACHE_SECONDS * 1.5)
-            assert run(namespace, loaded, ACK4) == (XDP_PASS, ACK4, {("unrouted", 4): 1})
+            assert run(namespace, loaded, ACK4, hook=hook) == (PASS[hook], ACK4, {("unrouted", 4): 1})
         finally:
             netns.run(namespace, ["ip", "route", "del", "unreachable", f"{BACKENDS[0]}/32"])
     finally:
@@ -487,3 +560,83 @@ def test_the_data_plane_is_chosen_as_configured_and_auto_says_why(namespace, pol
         assert fastpath.select("auto", (), "auto", policy, schedule)[:3] == ("nfqueue", None, {})
         with pytest.raises(FastPathError, match="front.interfaces: no network interface 'nope' here"):
             fastpath.select("tc", ("nope",), "auto", policy, schedule)
+
+
+ICMP_KINDS = [(4, ICMP(type=3, code=4, nexthopmtu=1280)), (4, ICMP(type=3, code=3)), (4, ICMP(type=11)),
+              (6, ICMPv6PacketTooBig(mtu=1280)), (6, ICMPv6DestUnreach(code=4)), (6, ICMPv6TimeExceeded())]
+
+
+def icmp_frame(family: int, kind=None, **fields) -> bytes:
+    return frame_of(icmp_error(family, kind, **{"vip": VIP4 if family == 4 else VIP6, "sport": PORT, **fields}))
+
+
+@pytest.mark.parametrize("family, kind", ICMP_KINDS, ids=["frag needed", "port unreachable", "time exceeded",
+                                                          "v6 too big", "v6 unreachable", "v6 time exceeded"])
+def test_an_icmp_error_about_a_flow_is_encapsulated_as_the_handler_does(
+        hook, monkeypatch, namespace, link_mac, fast_path, policy, schedule, family, kind):
+    now = 1000 * PERIOD + 30
+    set_clock(monkeypatch, fast_path, policy, schedule, now)
+    rng = random.Random(family)
+    backends = set()
+    for client_port in [40000] + [rng.randrange(1, 65536) for _ in range(60)]:
+        frame = icmp_frame(family, kind, client_port=client_port)
+        expected = handle(frame[14:], now, schedule, policy)
+        assert expected.outcome == "icmp_forwarded"
+        verdict, out, changed = run(namespace, fast_path, frame, hook=hook)
+        assert changed == {("icmp_forwarded", family): 1}
+        assert_encapsulated(verdict, out, expected, link_mac, hook)
+        backends.add(expected.backend)
+    assert len(backends) > 3  # spread as the flows are
+
+
+@pytest.mark.parametrize("frame, outcome", [
+    (icmp_frame(4, sport=PORT + 1), "icmp_not_protected"),
+    (icmp_frame(6, sport=PORT + 1), "icmp_not_protected"),
+    (icmp_frame(4, destination="198.19.0.10", vip="198.19.0.99"), "icmp_not_protected"),
+], ids=["another port", "v6 another port", "sent elsewhere than its quoted sender"])
+def test_an_icmp_error_about_another_flow_is_dropped_as_the_handler_does(
+        hook, monkeypatch, namespace, fast_path, policy, schedule, frame, outcome):
+    set_clock(monkeypatch, fast_path, policy, schedule, 1000 * PERIOD + 30)
+    assert handle(frame[14:], 0, schedule, policy).outcome == outcome
+    family = 6 if frame[12:14] == b"\x86\xdd" else 4
+    assert run(namespace, fast_path, frame, hook=hook)[::2] == (DROP[hook], {(outcome, family): 1})
+
+
+# What the program passes, what it counts, and what the handler then does (None: the kernel drops it first).
+ICMP_PASSED = [
+    ("an echo request", frame_of(raw(IP(src="198.18.1.1", dst=VIP4) / ICMP(type=8) / b"ping")), {},
+     "malformed_not_icmp_error"),
+    ("quoting a UDP datagram", frame_of(raw(IP(src="198.18.1.1", dst=VIP4) / ICMP(type=3, code=4)
+                                            / raw(IP(src=VIP4, dst="198.18.1.2") / UDP()))), {},
+     "malformed_bad_quoted_packet"),
+    ("quoting too little", icmp_frame(4, quoted_bytes=27), {}, "malformed_bad_quoted_packet"),
+    ("to another address", frame_of(icmp_error(4, vip="198.19.0.99", sport=PORT)), {}, "icmp_not_protected"),
+    ("longer than the farm MTU takes", icmp_frame(6, quoted_bytes=1500 - 40 - 8 - 39), {("too_big", 6): 1},
+     "icmp_too_big"),
+    ("a bad IPv4 header checksum", frame_with(icmp_frame(4), 14 + 10, b"\x12\x34"), {("unverified", 4): 1}, None),
+]
+
+
+@pytest.mark.parametrize("case, frame, changed, handler_outcome", ICMP_PASSED, ids=[case[0] for case in ICMP_PASSED])
+def test_icmp_the_program_does_not_forward_passes_unchanged(hook, monkeypatch, namespace, fast_path, policy,
+                                                           schedule, case, frame, changed, handler_outcome):
+    set_clock(monkeypatch, fast_path, policy, schedule, 1000 * PERIOD + 30)
+    if handler_outcome:
+        assert handle(frame[14:], 0, schedule, policy)[::2] == (Action.DROP, handler_outcome), case
+    assert run(namespace, fast_path, frame, hook=hook) == (PASS[hook], frame, changed), case
+
+
+def test_icmp_errors_beyond_the_budget_are_dropped_and_counted(monkeypatch, namespace, fast_path, policy, schedule,
+                                                               one_cpu):
+    """A budget of 3 errors a second on the one CPU the test runs on: 3 pass, the next 5 are dropped, and
+    0.4 s later one more passes."""
+    set_clock(monkeypatch, fast_path, policy, schedule, 1000 * PERIOD + 30)
+    fast_path.icmp_limit.update(MAP_KEY.pack(0), struct.pack("=QQ", 10**9 // 3, 10**9))
+    try:
+        outcomes = [run(namespace, fast_path, icmp_frame(4))[2] for _ in range(8)]
+        time.sleep(0.4)
+        later = run(namespace, fast_path, icmp_frame(4))[2]
+    finally:
+        fast_path.configure(policy, schedule)
+    assert outcomes == [{("icmp_forwarded", 4): 1}] * 3 + [{("icmp_rate_limited", 4): 1}] * 5
+    assert later == {("icmp_forwarded", 4): 1}

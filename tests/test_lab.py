@@ -14,24 +14,26 @@ import time
 import pytest
 
 from synproxy import encap
+from synproxy.lab import nginx
 from synproxy.lab.demo import front_summary, scrape
-from synproxy.lab.topology import FRONT_METRICS_PORT, VIP, VIP6, Lab
+from synproxy.lab.topology import ECHO_PORT, FRONT_METRICS_PORT, HTTP_PORT, TCP_INFO_PORT, VIP, VIP6, Lab
 from tests.lab_fixtures import backend_stats, clients, needs_root, running_lab, total_created
 
 pytestmark = [pytest.mark.netns, needs_root]
 PERIOD, SKEW = 3.0, 0.5
 PYTHON = sys.executable
 
-# One HTTP request; prints the server's JSON answer and the client's own view of the connection.
+# One HTTP request to the backends' TCP_INFO reporter (nginx cannot say what TCP negotiated); prints its
+# JSON answer and the client's own view of the connection.
 HTTP_WITH_INFO = textwrap.dedent("""
     import json, socket, sys
     from synproxy.tcpinfo import negotiated
-    target, mss = sys.argv[1], int(sys.argv[2])
+    target, mss, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     sock = socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET)
     sock.settimeout(5)
     if mss:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
-    sock.connect((target, 80))
+    sock.connect((target, port))
     sock.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
     answer = b""
     while chunk := sock.recv(65536):
@@ -73,10 +75,13 @@ def test_curl_and_python_clients_reach_both_backends_with_their_real_address(lab
 
 def test_backends_servers_listen_with_a_realistic_backlog(lab):
     """A full accept queue resets new handshakes (docs/backend.md): socketserver's default backlog, 5,
-    would reset clients as soon as a handful of handshakes arrive together."""
+    would reset clients as soon as a handful of handshakes arrive together. HTTP is nginx, one
+    `reuseport` listener per worker and family; echo and the TCP_INFO reporter are Python, one per family."""
     for host in lab.by_role("backend"):
-        listeners = lab.run(host.name, ["ss", "-Hltn", "( sport = :80 or sport = :7 )"]).stdout.splitlines()
-        assert len(listeners) == 4 and {line.split()[2] for line in listeners} == {str(socket.SOMAXCONN)}
+        for port, expected, backlog in ((HTTP_PORT, 2 * nginx.WORKERS, nginx.BACKLOG),
+                                        (ECHO_PORT, 2, socket.SOMAXCONN), (TCP_INFO_PORT, 2, socket.SOMAXCONN)):
+            listeners = lab.run(host.name, ["ss", "-Hltn", f"sport = :{port}"]).stdout.splitlines()
+            assert len(listeners) == expected and {line.split()[2] for line in listeners} == {str(backlog)}, port
 
 
 def test_dual_stack_client_reaches_the_same_backends_over_both_families(lab):
@@ -96,6 +101,50 @@ def test_ack_validated_by_a_front_that_never_saw_the_syn(lab, family, ports):
     assert after["front0"].get("validated", 0) == before["front0"].get("validated", 0)
 
 
+# Client ports the router steers to one front each (Lab.steer_handshakes), one block per front and family.
+PINNED_PORTS, PINNED_BLOCK = 43000, 100
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_nginx_serves_every_body_through_every_front(lab, family, tmp_path):
+    """Each front in turn (the router's ECMP pinned by client port): a new connection gets nginx's answer
+    with the client's real address, and one more carries every body, up to 10 MB, whole."""
+    vip, client_address, _ = FAMILIES[family]
+    for index, front in enumerate(lab.by_role("front")):
+        first = PINNED_PORTS + PINNED_BLOCK * (2 * index + (family == 6))
+        lab.steer_handshakes((first, first + PINNED_BLOCK - 1), syn_front=front.name, ack_front=front.name)
+        before = {h.name: _front_outcomes(lab, h)["validated"] for h in lab.by_role("front")}
+        curl = ["curl", "-sS", f"-{family}", "-m", "30", "--local-port", f"{first}-{first + PINNED_BLOCK - 1}"]
+        answer = json.loads(lab.run("client", [*curl, url(vip)]).stdout)
+        assert answer["client"].startswith(f"{client_address}:") and answer["backend"] in ("backend0", "backend1")
+        outputs = []
+        for name in nginx.BODY_SIZES:
+            outputs += ["-o", str(tmp_path / f"{front.name}-{name}"), f"{url(vip)}{name}"]
+        codes = lab.run("client", [*curl, "-w", "%{http_code} ", *outputs], timeout=120).stdout.split()
+        assert codes == ["200"] * len(nginx.BODY_SIZES), (front.name, codes)
+        for name, size in nginx.BODY_SIZES.items():
+            assert (tmp_path / f"{front.name}-{name}").read_bytes() == nginx.body(size), (front.name, name)
+        after = {h.name: _front_outcomes(lab, h)["validated"] for h in lab.by_role("front")}
+        moved = {name: after[name] - before[name] for name in after}
+        assert moved[front.name] >= 2 and all(moved[other] == 0 for other in moved if other != front.name), moved
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_nginx_workers_on_every_backend_share_the_connections_made_from_cookies(lab, family):
+    """Connections the backends' program makes from validated ACKs land on every worker of each backend's
+    nginx `reuseport` group (the kernel picks a listener of the group per flow), through the fronts."""
+    created = total_created(lab)
+    done = lab.run("client", ["curl", "-sS", f"-{family}", "-m", "10", "-H", "Connection: close",
+                              "-w", "%header{x-worker}\n", f"{url(FAMILIES[family][0])}?[1-64]"], timeout=120)
+    lines = done.stdout.splitlines()  # each answer's JSON line, then the worker that wrote it
+    workers: dict[str, set[str]] = {}
+    for body, worker in zip(lines[::2], lines[1::2], strict=True):
+        workers.setdefault(json.loads(body)["backend"], set()).add(worker)
+    assert {backend: len(pids) for backend, pids in workers.items()} == {"backend0": nginx.WORKERS,
+                                                                          "backend1": nginx.WORKERS}
+    assert total_created(lab) - created >= 64
+
+
 @pytest.mark.parametrize("timestamps", [0, 1])
 @pytest.mark.parametrize("window_scaling", [0, 1])
 @pytest.mark.parametrize("sack", [0, 1])
@@ -106,7 +155,8 @@ def test_options_matrix(lab, timestamps, window_scaling, sack, ecn, family, mss)
                           "net.ipv4.tcp_window_scaling": str(window_scaling),
                           "net.ipv4.tcp_sack": str(sack), "net.ipv4.tcp_ecn": str(ecn)})
     try:
-        seen = json.loads(lab.run("client", [PYTHON, "-c", HTTP_WITH_INFO, FAMILIES[family][0], str(mss)]).stdout)
+        seen = json.loads(lab.run("client", [PYTHON, "-c", HTTP_WITH_INFO, FAMILIES[family][0], str(mss),
+                                              str(TCP_INFO_PORT)]).stdout)
     finally:
         lab.sysctl("client", {"net.ipv4.tcp_timestamps": "1", "net.ipv4.tcp_window_scaling": "1",
                               "net.ipv4.tcp_sack": "1", "net.ipv4.tcp_ecn": "2"})
@@ -154,7 +204,7 @@ def _blocked_handshake(lab: Lab, hold: float, meanwhile=lambda: None, family: in
 def test_handshake_straddling_a_salt_rotation_succeeds(lab, family):
     # SYN answered in epoch N; the ACK (with the request) reaches a front only in epoch N+1.
     time.sleep(PERIOD - (time.time() % PERIOD) + 0.2)
-    assert _blocked_handshake(lab, PERIOD, family=family) == "HTTP/1.0 200"
+    assert _blocked_handshake(lab, PERIOD, family=family) == "HTTP/1.1 200"
 
 
 def test_ack_two_epochs_old_creates_no_connection(lab):
@@ -174,7 +224,7 @@ def test_master_secret_rotation_by_sighup_loses_no_handshake_in_flight(lab):
         time.sleep(0.5)  # the backends' loaders and the fronts pick it up
 
     # The SYN was answered under the old secret; the ACK arrives after every node switched.
-    assert _blocked_handshake(lab, 1.5, meanwhile=rotate) == "HTTP/1.0 200"
+    assert _blocked_handshake(lab, 1.5, meanwhile=rotate) == "HTTP/1.1 200"
     assert secret.read_text() != old
     assert clients(lab, 5)["failed"] == 0, "new handshakes use the new secret"
 

@@ -23,7 +23,7 @@ def test_down_removes_everything_even_without_its_state_file(capsys):
         status = lab.status()
         assert len(status["namespaces"]) == 8 and all(status["processes"].values())
         pids = [pid for ns in status["namespaces"] for pid in pids_inside(ns)]
-        assert len(pids) >= 7  # 3 fronts, 2 backend loaders, 2 server processes
+        assert len(pids) >= 13  # 3 fronts, 2 backend loaders, 2 Python servers, 2 nginx masters + 4 workers
         (lab.state_dir / "state.json").unlink()  # as if the controller had crashed and lost it
     finally:
         assert main(["lab", "down", "--name", name]) == 0

@@ -10,6 +10,7 @@ from scapy.packet import raw
 from synproxy.packet import (
     ACK,
     SYN,
+    FastOpen,
     MalformedPacket,
     TcpOptions,
     build_tcp_options,
@@ -25,7 +26,9 @@ V6 = (bytes.fromhex("20010db8000100000000000000000002"), bytes.fromhex("20010db8
 
 tcp_options = st.builds(TcpOptions, mss=st.none() | st.integers(0, 65535),
                         wscale=st.none() | st.integers(0, 14), sack_permitted=st.booleans(),
-                        timestamp=st.none() | st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)))
+                        timestamp=st.none() | st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)),
+                        fastopen=st.none() | st.builds(FastOpen, st.sampled_from((0, 4, 6, 8, 10, 12, 14, 16)).flatmap(
+                            lambda size: st.binary(min_size=size, max_size=size)), st.booleans()))
 
 
 def scapy_checksums(packet: bytes, family: int) -> tuple[int, int]:
@@ -81,6 +84,23 @@ def test_bad_option_lengths_are_malformed(raw_options):
     with pytest.raises(MalformedPacket) as caught:
         parse_tcp_options(raw_options)
     assert caught.value.reason == "bad_tcp_option"
+
+
+@pytest.mark.parametrize("raw_options, fastopen", [
+    (b"\x22\x02\x01\x01", FastOpen(b"", False)),                            # a request
+    (b"\x22\x0a" + bytes(range(8)) + b"\x01\x01", FastOpen(bytes(range(8)), False)),
+    (b"\xfe\x04\xf9\x89", FastOpen(b"", True)),                             # the experimental form
+    (b"\xfe\x08\xf9\x89\x01\x02\x03\x04", FastOpen(b"\x01\x02\x03\x04", True)),
+    (b"\xfe\x04\xf9\x88", None),                                             # another experiment
+    (b"\xfe\x02\x01\x01", None),
+    (b"\x22\x03\x00\x01", None),                                             # odd length: ignored...
+    (b"\x22\x02\x22\x03\x00\x01", FastOpen(b"", False)),                  # ...so an earlier one stands
+    (b"\x22\x04\x00\x01", None),                                             # 2 bytes: too short a cookie
+    (b"\x22\x02\x22\x04\x00\x01", None),                                  # ...which cancels an earlier one
+    (b"\x22\x14" + bytes(18), None),                                          # 18 bytes: too long
+])
+def test_fast_open_options_are_read_as_linux_reads_them(raw_options, fastopen):
+    assert parse_tcp_options(raw_options).fastopen == fastopen
 
 
 def test_end_of_options_stops_parsing():

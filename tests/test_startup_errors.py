@@ -20,7 +20,7 @@ from netfilterqueue import NetfilterQueue
 
 from synproxy import instance
 from synproxy.lab.topology import REPO_ROOT
-from synproxy.netns import inside, namespaces, unique_name
+from synproxy.netns import inside, namespaces, pids_inside, unique_name
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
 METRICS = "127.0.0.1:9100"
@@ -121,3 +121,22 @@ def test_a_second_instance_in_a_namespace_is_refused(namespace, tmp_path, argv):
         result = synproxy(namespace, *argv, "--config", str(config))
     assert_one_line(result, f"another synproxy {argv[0]} runs", f"pid {os.getpid()}")
     assert "SYNPROXY" not in raw_rules(namespace)
+
+
+def test_a_worker_that_cannot_bind_its_queue_fails_the_start(namespace, tmp_path):
+    """With front.workers the queue is the second worker's: the start fails with its line, last after the
+    JSON logs of the workers started, and leaves neither rules nor workers behind."""
+    config = write_config(tmp_path, f"front:\n  farm_address: {FRONT}\n  queue_num: 7\n  workers: 2\n")
+    with inside(namespace):
+        holder = NetfilterQueue()
+        holder.bind(8, lambda packet: packet.drop())
+    try:
+        result = synproxy(namespace, "front", "--config", str(config))
+    finally:
+        holder.unbind()
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    *logs, error = result.stderr.strip().splitlines()
+    assert "NFQUEUE 8" in error and "another program" in error and not error.startswith("{")
+    assert all(line.startswith("{") for line in logs)
+    assert "SYNPROXY" not in raw_rules(namespace)
+    assert pids_inside(namespace) == []

@@ -7,7 +7,6 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 work="${SYNPROXY_IMAGE_WORK:-/var/tmp/synproxy-images}"
-base_image="synproxy-base:bookworm"
 image="synproxy-lab:latest"
 
 # The Debian mirror this host already uses (first "URIs:" of a deb822 source, else sources.list).
@@ -16,7 +15,9 @@ mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/de
 [ -n "$mirror" ] || { echo "no Debian mirror found in /etc/apt sources" >&2; exit 1; }
 
 packages=python3,python3-pip,python3-yaml,python3-cryptography,python3-cffi-backend,python3-prometheus-client,python3-pyroute2,\
-python3-scapy,iproute2,iptables,libnetfilter-queue1,libbpf1,curl,procps,prometheus,ca-certificates
+python3-scapy,iproute2,iptables,libnetfilter-queue1,libbpf1,curl,procps,prometheus,nginx,ca-certificates
+# The base image's tag names its package list: a base made before a package was added is not reused.
+base_image="synproxy-base:bookworm-$(printf %s "$packages" | sha256sum | cut -c1-12)"
 
 if ! docker image inspect "$base_image" >/dev/null 2>&1; then
   rm -rf "$work/rootfs" && mkdir -p "$work"
@@ -38,5 +39,5 @@ cp "$repo"/bpf/*.c "$repo"/bpf/*.h "$context/bpf/"
 cp $objects "$context/bpf/build/"
 find "$context" -name __pycache__ -prune -exec rm -rf {} +
 cp "$here/Dockerfile" "$here/start.sh" "$context/"
-docker build --quiet -t "$image" "$context" >/dev/null
+docker build --quiet --build-arg BASE="$base_image" -t "$image" "$context" >/dev/null
 echo "$image"

@@ -16,6 +16,8 @@ case "$role" in
     exec python3 -m synproxy.cli front --config /etc/synproxy/synproxy.yaml ;;
   backend)
     ip addr add "$VIP/32" dev lo 2>/dev/null || true
+    # HTTP is nginx (reuseport, backlog 4096); echo (7) and the TCP_INFO reporter (8080) are Python.
+    python3 -m synproxy.lab.nginx --prefix /tmp/nginx --vip "$VIP" --backend "$(hostname)" &
     python3 -m synproxy.lab.servers --name "$(hostname)" &
     exec python3 -m synproxy.cli backend --config /etc/synproxy/synproxy.yaml ;;
   prometheus)

@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
 from synproxy import firewall, instance
+from synproxy.backend.timewait import TimeWaitRecycler
 from synproxy.bpf.libbpf import (
     BpfError,
     BpfObject,
@@ -52,13 +53,15 @@ from synproxy.bpf.loading import (
     counter_total,
     interface_index,
     mapped,
+    per_cpu_token_bucket,
     replace_keys,
     sized_map,
 )
 from synproxy.config import UNKNOWN_FLOW_RESETS_PER_SECOND, ConfigError, load_config, log_warnings
 from synproxy.encap import encap_key
 from synproxy.logs import log
-from synproxy.salt import EPOCH_SLOTS, MAX_SECRETS, SaltSchedule, SecretRotation
+from synproxy.salt import EPOCH_SLOTS, MAX_SECRETS, SaltSchedule, SecretRotation, epoch_at
+from synproxy.tfo import TFO_SERVER_ENABLE, fastopen_keys, sysctl_key_value
 
 PROGRAM = "synproxy_backend"
 TC_HANDLE = TC_PRIORITY = 0x5350  # "SP": a fixed filter slot, so a later run or --detach finds it
@@ -68,10 +71,10 @@ SALT_CHECK_SECONDS = 0.25  # how often the salts are refreshed (the next epoch's
 # enum counter in bpf/synproxy.h, in order.
 COUNTERS = ("passed", "decapsulated", "untrusted", "malformed", "cookie_bad", "no_socket", "not_listener",
             "created", "kfunc_failed", "syn_received", "encap_bad_mac", "encap_refused", "listen_overflow",
-            "no_flow_reset", "no_flow_dropped", "chained", "chain_failed")
+            "no_flow_reset", "no_flow_dropped", "chained", "chain_failed", "icmp_passed", "time_wait_recycled",
+            "time_wait_refused", "time_wait_unreported")
 _CONFIG = struct.Struct("=QQqHBxIQQ")     # struct backend_config
 ENCAP_KEYS = struct.Struct("<I4x16s16s")  # struct encap_keys
-NS_PER_SECOND = 1_000_000_000
 
 
 class BackendError(SetupError):
@@ -111,6 +114,32 @@ def ensure_sysctls() -> None:
                 note="the kernel refuses connections whose cookie or ACK asks for this option")
 
 
+def install_fastopen_keys(secret: bytes, period: float, now: float) -> bool:
+    """The farm's TCP Fast Open keys for ``now`` (primary, backup: docs/cookie.md) in this network
+    namespace's net.ipv4.tcp_fastopen_key, and TFO allowed for server use; True when it wrote them.
+
+    The namespace-wide key rather than a listener's TCP_FASTOPEN_KEY: the listeners are the
+    application's sockets, not ours, and every TFO listener without a key of its own uses this one
+    (docs/backend.md). Compared with the kernel's value each time, so a key someone else wrote is
+    replaced within one refresh.
+    """
+    wanted = sysctl_key_value(fastopen_keys(secret, now, period))
+    keys, mode = Path("/proc/sys/net/ipv4/tcp_fastopen_key"), Path("/proc/sys/net/ipv4/tcp_fastopen")
+    try:
+        if keys.read_text().strip() == wanted:
+            return False
+        enabled = int(mode.read_text())
+        if not enabled & TFO_SERVER_ENABLE:
+            mode.write_text(str(enabled | TFO_SERVER_ENABLE))
+            log("sysctl_set", key="net.ipv4.tcp_fastopen", value=enabled | TFO_SERVER_ENABLE)
+        keys.write_text(wanted)
+    except OSError as error:
+        raise BackendError(f"cannot install the TCP Fast Open keys in net.ipv4.tcp_fastopen_key ({error.strerror}): "
+                           "tfo.enabled needs a writable /proc/sys/net") from None
+    log("tfo_keys_installed", key_period=epoch_at(now, period))
+    return True
+
+
 def encap_keys_value(schedule: SaltSchedule) -> bytes:
     """The `encap_keys` element: the encap keys of the accepted secrets (at most two, the minting one
     first), as salt_slots() orders the salts."""
@@ -125,16 +154,6 @@ def held_epochs(schedule: SaltSchedule, now: float) -> range:
     with a skew above half the period the window spans four epochs near each boundary."""
     accepted = schedule.accepted_epochs(now)
     return range(accepted.start, min(accepted.stop + 1, accepted.start + EPOCH_SLOTS))
-
-
-def reset_budget(resets_per_second: int, cpus: int) -> tuple[int, int]:
-    """The program's per-CPU token bucket (reset_cost_ns, reset_credit_ns) for a backend-wide rate of
-    resets to packets of no connection, with a burst of one second's worth: each CPU gets its share of
-    both, and holds at least one reset. A rate of 0 passes none."""
-    if not resets_per_second:
-        return 0, 0
-    cost_ns = NS_PER_SECOND * cpus // resets_per_second
-    return cost_ns, max(NS_PER_SECOND, cost_ns)
 
 
 class DataPlane:
@@ -156,6 +175,7 @@ class DataPlane:
             self.salts = SaltMap(self._map("salts", SALT_SLOT.size))
             self.counters = self._map("counters", COUNTER.size)
             self.kfunc_errors = self._map("kfunc_errors", COUNTER.size)
+            self.time_wait = self.object.map("time_wait")  # a ring buffer: timewait.TimeWaitRecycler reads it
             self._encap_keys_written = b""
         except BaseException:
             self.object.close()
@@ -167,7 +187,7 @@ class DataPlane:
     def configure(self, encap_port: int, server_wscale: int,
                   unknown_flow_resets_per_second: int = UNKNOWN_FLOW_RESETS_PER_SECOND) -> None:
         self._settings = (encap_port, server_wscale)
-        self._reset_budget = reset_budget(unknown_flow_resets_per_second, os.cpu_count() or 1)
+        self._reset_budget = per_cpu_token_bucket(unknown_flow_resets_per_second, os.cpu_count() or 1)
         self._write_config()
 
     def _write_config(self) -> None:
@@ -327,6 +347,9 @@ def serve(config, interface: str) -> int:
     configured = config.salt_schedule()
     schedule = rotation.effective(configured, None, time.time())
     _warn_if_secrets_unchecked(schedule)
+    tfo = config.tfo.enabled  # refreshed below; off after a failure until the next reload
+    if tfo:
+        install_fastopen_keys(schedule.secrets[0], config.tfo.key_period_seconds, time.time())
     registry = serve_metrics(config.backend.metrics_address)
     running = restart_settings(config)
     untracked = firewall.backend_chain()
@@ -336,6 +359,7 @@ def serve(config, interface: str) -> int:
         plane = cleanup.enter_context(attached(interface, config.fronts, config.vips, config.ports,
                                                config.encap_port, config.server_wscale, schedule,
                                                config.backend.unknown_flow_resets_per_second))
+        cleanup.callback(TimeWaitRecycler(plane.time_wait).start().close)
         restart_required = None
         if registry is not None:
             registry.register(_CountersCollector(plane))
@@ -357,6 +381,7 @@ def serve(config, interface: str) -> int:
                                     config.backend.unknown_flow_resets_per_second)
                     plane.trust(config.fronts)
                     plane.protect(config.vips, config.ports)
+                    tfo = config.tfo.enabled
                     pending = [key for key, was, wanted in zip(RESTART_KEYS, running, restart_settings(config))
                                if was != wanted]
                     if restart_required is not None:
@@ -374,6 +399,12 @@ def serve(config, interface: str) -> int:
                 _warn_if_secrets_unchecked(schedule)
             plane.refresh_encap_keys(schedule)
             plane.refresh_salts(schedule, now)
+            if tfo:
+                try:
+                    install_fastopen_keys(schedule.secrets[0], config.tfo.key_period_seconds, now)
+                except BackendError as error:
+                    log("tfo_keys_failed", error=str(error), note="not retried until the next reload")
+                    tfo = False
     return 0
 
 

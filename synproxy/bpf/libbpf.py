@@ -80,6 +80,10 @@ _declare("bpf_obj_get_info_by_fd", ctypes.c_int, ctypes.c_int, _voidp, ctypes.PO
 _declare("btf__load_vmlinux_btf", _voidp)
 _declare("btf__find_by_name_kind", ctypes.c_int, _voidp, ctypes.c_char_p, _u32)
 _declare("btf__free", None, _voidp)
+_RING_SAMPLE = ctypes.CFUNCTYPE(ctypes.c_int, _voidp, _voidp, ctypes.c_size_t)
+_declare("ring_buffer__new", _voidp, ctypes.c_int, _RING_SAMPLE, _voidp, _voidp)
+_declare("ring_buffer__poll", ctypes.c_int, _voidp, ctypes.c_int)
+_declare("ring_buffer__free", None, _voidp)
 
 
 def _check(result: int, what: str) -> int:
@@ -168,6 +172,32 @@ class Map:
         if self.per_cpu:
             return [buffer.raw[i:i + self.value_size] for i in range(0, size, stride)]
         return buffer.raw
+
+
+class RingBuffer:
+    """A BPF_MAP_TYPE_RINGBUF map read through libbpf: poll() hands each record's bytes to ``on_record``
+    (in the polling thread; an exception there is the callback's to catch: ctypes would only print it)."""
+
+    def __init__(self, ring_map: Map, on_record):
+        def sample(_context, data, size) -> int:
+            on_record(ctypes.string_at(data, size))
+            return 0
+
+        self._callback = _RING_SAMPLE(sample)  # kept: libbpf holds only the pointer
+        self._ring = _lib.ring_buffer__new(ring_map.fd, self._callback, None, None)
+        if not self._ring:
+            code = ctypes.get_errno() or errno.EINVAL
+            raise BpfError(code, f"ring_buffer__new: {os.strerror(code)}")
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to ``timeout_ms`` for records and hand them over; how many (a signal counts as none)."""
+        result = _lib.ring_buffer__poll(self._ring, timeout_ms)
+        return 0 if result == -errno.EINTR else _check(result, "ring_buffer__poll")
+
+    def close(self) -> None:
+        if self._ring:
+            _lib.ring_buffer__free(self._ring)
+            self._ring = None
 
 
 class BpfObject:

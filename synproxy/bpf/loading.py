@@ -26,6 +26,7 @@ SALT_SLOT = struct.Struct("<IIQ16s16s")   # struct salt_slot
 PORT_KEY = struct.Struct("=H")  # protected_ports key: host order
 MAP_KEY = struct.Struct("<I")   # array map index
 COUNTER = struct.Struct("<Q")   # one CPU's value in a per-CPU counter map
+NS_PER_SECOND = 1_000_000_000
 
 
 class SetupError(RuntimeError):
@@ -139,6 +140,16 @@ def replace_keys(flag_map: Map, wanted: set[bytes]) -> None:
         flag_map.delete(key)
     for key in wanted:
         flag_map.update(key, b"\x01")
+
+
+def per_cpu_token_bucket(per_second: int, cpus: int) -> tuple[int, int]:
+    """A program's per-CPU token bucket (cost_ns, credit_max_ns: token_take in bpf/synproxy.h) for a
+    node-wide rate, with a burst of one second's worth: each CPU gets its share of both, and holds at
+    least one token. A rate of 0 allows nothing."""
+    if not per_second:
+        return 0, 0
+    cost_ns = NS_PER_SECOND * cpus // per_second
+    return cost_ns, max(NS_PER_SECOND, cost_ns)
 
 
 def counter_total(counter_map: Map, index: int) -> int:

@@ -1,8 +1,8 @@
-"""The front's kernel data plane: bpf/front.bpf.c answers SYNs (tc ingress) or handles every protected
-packet (XDP) before netfilter sees them; select() picks the mode front.data_plane asks for.
+"""The front's kernel data plane: bpf/front.bpf.c handles every protected packet at XDP or, the fallback,
+at tc ingress, before netfilter sees it; select() picks the mode front.data_plane asks for.
 
 A packet handled through NFQUEUE costs a netlink round trip and the Python handler (~35k packets/s per
-front); the programs build the same SYN-ACK, and at XDP the same encapsulation, in the kernel. The
+front); the programs build the same SYN-ACK and the same encapsulation in the kernel. The
 Python front stays the authority: the programs handle only what they can handle byte for byte as
 handler.handle would and leave every other packet to the queue (docs/front.md). This shell builds,
 loads and attaches them, keeps their maps current (configuration, the salts of the epochs around the
@@ -13,6 +13,7 @@ reads their counters.
 from __future__ import annotations
 
 import ipaddress
+import os
 import struct
 import time
 from collections.abc import Iterable
@@ -26,6 +27,7 @@ from synproxy.bpf.libbpf import (
     BpfObject,
     program_name,
     tc_attach,
+    tc_attached_program,
     tc_detach,
     xdp_attach,
     xdp_attached_program,
@@ -44,10 +46,11 @@ from synproxy.bpf.loading import (
     counter_total,
     interface_index,
     mapped,
+    per_cpu_token_bucket,
     replace_keys,
     sized_map,
 )
-from synproxy.front.handler import FrontPolicy
+from synproxy.front.handler import ICMP_ERRORS_PER_SECOND, FrontPolicy
 from synproxy.logs import log
 from synproxy.maglev import DEFAULT_TABLE_SIZE, NO_FORMER_OWNERS
 from synproxy.netlink import interface_kind
@@ -58,13 +61,14 @@ XDP_PROGRAM = "synproxy_front_xdp"
 TC_HANDLE = TC_PRIORITY = 0x5346  # "SF": the backend program uses "SP", so one node can run both
 # enum front_counter in bpf/synproxy.h, in order; each counted per IP version.
 OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", "unrouted", "unsent",
-            "validated", "forwarded", "forwarded_bad_mac", "forwarded_expired_epoch", "too_big", "unparsed")
+            "validated", "forwarded", "forwarded_bad_mac", "forwarded_expired_epoch", "too_big", "unparsed",
+            "icmp_forwarded", "icmp_rate_limited", "icmp_not_protected")
 FAMILIES = (4, 6)
-TC_OUTCOMES = OUTCOMES.index("validated")  # the tc program's are the first ones; the rest are XDP's
 PATHS = ("tc", "xdp")  # enum front_path: which program counted
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}  # tried in this order
 _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
 _FORWARDING = struct.Struct("=4s2sHQ16s16s")  # struct front_forwarding
+_ICMP_LIMIT = struct.Struct("=QQ")  # struct icmp_limit: cost_ns, credit_max_ns
 _OWNERS = struct.Struct("4s8s")  # struct maglev_owners: the current owner, then previous and earlier (IPv4)
 
 
@@ -87,6 +91,7 @@ class FastPath:
             self.xdp_prog_fd = self.object.program_fd(XDP_PROGRAM)
             self.forwarding = sized_map(self.object, "forwarding", _FORWARDING.size)
             self.maglev = sized_map(self.object, "maglev", _OWNERS.size)
+            self.icmp_limit = sized_map(self.object, "icmp_limit", _ICMP_LIMIT.size)
         except BaseException:
             self.object.close()
             raise
@@ -110,6 +115,9 @@ class FastPath:
             replace_keys(self.protected_vips, {mapped(ipaddress.ip_address(vip)) for vip in policy.vips})
             replace_keys(self.protected_ports, {PORT_KEY.pack(port) for port in policy.ports})
             self.write_maglev(policy)
+            # The shell's rate (handler.ICMP_ERRORS_PER_SECOND), shared out between the CPUs.
+            self.icmp_limit.update(MAP_KEY.pack(0), _ICMP_LIMIT.pack(
+                *per_cpu_token_bucket(ICMP_ERRORS_PER_SECOND, os.cpu_count() or 1)))
         except BpfError as error:
             raise FastPathError(f"filling the fast path's maps failed: {error.strerror}") from None
         self.refresh(policy, schedule, time.time())
@@ -194,7 +202,7 @@ class FastPath:
         """One program's per-CPU counters summed, by (outcome, IP version)."""
         base = PATHS.index(path) * len(OUTCOMES)
         totals = {}
-        for index, outcome in enumerate(OUTCOMES if path == "xdp" else OUTCOMES[:TC_OUTCOMES]):
+        for index, outcome in enumerate(OUTCOMES):
             for offset, family in enumerate(FAMILIES):
                 totals[outcome, family] = counter_total(self.counters, (base + index) * 2 + offset)
         return totals
@@ -244,10 +252,32 @@ def _detach_leftover(name: str, ifindex: int) -> None:
     log("xdp_leftover_detached", interface=name, program_id=attached[0])
 
 
+def remove_leftovers(interfaces: Iterable[str]) -> None:
+    """Every start, whatever its data plane: the programs a killed front left on these interfaces (its tc
+    filter, by our handle; its XDP program, by name) would otherwise keep answering from stale maps for up
+    to two salt periods, and XDP encapsulating segments for as long as it stays (docs/front.md). An
+    interface that does not exist has none (a kernel data plane then fails on it by name)."""
+    for name in interfaces:
+        try:
+            ifindex = interface_index(name)
+        except SetupError:
+            continue
+        try:
+            left = tc_attached_program(ifindex, TC_HANDLE, TC_PRIORITY)
+            if left is not None:
+                tc_detach(ifindex, TC_HANDLE, TC_PRIORITY)
+                log("tc_leftover_detached", interface=name, program_id=left)
+        except BpfError as error:
+            raise FastPathError(f"removing the tc filter a previous front left on {name} failed: "
+                                f"{error.strerror}") from None
+        _detach_leftover(name, ifindex)
+
+
 def start(data_plane: str, interfaces: tuple[str, ...], xdp_mode: str, policy: FrontPolicy,
           schedule: SaltSchedule) -> tuple[FastPath, dict[str, str]]:
     """Build, load and fill the program, attach it at tc ingress on the interfaces and, for the xdp data
-    plane, at XDP too (the tc program answers the SYNs XDP passes for an unresolved neighbour). Returns it
+    plane, at XDP too (the tc program then sees what XDP passes: it answers a SYN XDP passes for an
+    unresolved neighbour; it decides the rest as XDP did, both share the decisions). Returns it
     and the XDP mode per interface."""
     try:
         fast_path = FastPath(build_object("front"))
@@ -269,7 +299,8 @@ def select(wanted: str, interfaces: tuple[str, ...], xdp_mode: str, policy: Fron
            schedule: SaltSchedule) -> tuple[str, FastPath | None, dict[str, str], str]:
     """The data plane front.data_plane asks for: (mode, the attached programs or None, XDP mode per
     interface, why). auto tries xdp, then tc, then settles for nfqueue, logging each failure; an explicit
-    mode that fails raises FastPathError."""
+    mode that fails raises FastPathError. A dead front's programs are removed first, in every mode."""
+    remove_leftovers(interfaces)
     if wanted == "nfqueue":
         return "nfqueue", None, {}, "front.data_plane: nfqueue"
     if not interfaces:

@@ -6,7 +6,10 @@ encapsulated to the backend the Maglev table picks, naming the slot's former own
 maglev.PreviousOwners); a handshake ACK whose cookie validates is flagged VALIDATED so the backend
 creates the connection. A packet too big to encapsulate within the farm's MTU
 is answered as a router would (ICMP "fragmentation needed" / ICMPv6 "packet too big" from the VIP), so
-the client's path-MTU discovery shrinks its packets. No per-flow state is kept.
+the client's path-MTU discovery shrinks its packets. An ICMP error about a protected flow (a router
+towards the client saying "fragmentation needed", "packet too big", "unreachable" or "time exceeded" to
+the VIP) is encapsulated, flagged ICMP, to the backend that owns the flow, whose TCP then lowers its path
+MTU (or gives up). No per-flow state is kept.
 """
 
 from __future__ import annotations
@@ -23,24 +26,35 @@ from synproxy.packet import (
     CWR,
     ECE,
     FIN,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
     RST,
     SYN,
+    FastOpen,
     MalformedPacket,
     build_icmp_too_big,
     build_tcp_options,
     build_tcp_packet,
     new_record,
+    parse_icmp_error,
     parse_tcp,
     parse_tcp_options,
     tcp_checksum_valid,
 )
 from synproxy.salt import SaltSchedule
+from synproxy.tfo import DEFAULT_KEY_PERIOD_SECONDS, fastopen_cookie, fastopen_keys
 
 SYN_ACK_WINDOW = 65535
 _REJECTED = {reason: f"forwarded_{reason.value}" for reason in Reject}
 _IPV6_EXTRA = 20  # an IPv6 header is 20 bytes longer than an IPv4 one
 _IPV4_DONT_FRAGMENT = 0x40  # in the byte at offset 6
 TOO_BIG = "too_big"
+ICMP_FORWARDED = "icmp_forwarded"
+# ICMP errors forwarded per second by one front, and the burst (the shell's TokenBucket; the XDP program's
+# per-CPU buckets share the same rate and burst out). A router sends one "too big" per burst of
+# segments, and Linux rate-limits its own errors to ~1/s per destination; past the budget they are
+# dropped (`icmp_rate_limited`), so a flood of forged errors reaches the backends at this rate at most.
+ICMP_ERRORS_PER_SECOND, ICMP_ERRORS_BURST = 1000, 1000
 
 
 class Action(enum.Enum):
@@ -77,6 +91,8 @@ class FrontPolicy:
     down: frozenset[bytes] = frozenset()    # never chained to: their connections reset
     # The shell's history (it calls previous.follow with this policy's tables); None: nothing is chained.
     previous: PreviousOwners | None = field(default=None, compare=False)
+    tfo_secret: bytes | None = None   # the master secret the TFO keys come from; None: TFO cookies not offered
+    tfo_key_period: float = DEFAULT_KEY_PERIOD_SECONDS
 
     def __post_init__(self) -> None:
         table = build_table([addr.hex() for addr in self.backends], weights=list(self.weights) or None)
@@ -128,6 +144,9 @@ def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolic
     try:
         segment = parse_tcp(packet)
     except MalformedPacket as error:
+        # Checked only here: the TCP path pays nothing for the ICMP one.
+        if error.reason == "not_tcp" and packet[9 if packet[0] >> 4 == 4 else 6] in (PROTO_ICMP, PROTO_ICMPV6):
+            return _icmp_error(packet, policy)
         return Verdict(Action.DROP, None, f"malformed_{error.reason}")
     if segment.daddr not in policy.vips or segment.dport not in policy.ports:
         return Verdict(Action.DROP, None, "not_protected")
@@ -170,6 +189,27 @@ def _too_big(packet: bytes, policy: FrontPolicy) -> Verdict:
     return Verdict(Action.REPLY, build_icmp_too_big(packet, policy.encapsulation_mtu), TOO_BIG)
 
 
+def _icmp_error(packet: bytes, policy: FrontPolicy) -> Verdict:
+    """An ICMP error to a VIP about a segment from a protected VIP and port goes where the flow's packets
+    go (the same flow hash, so the same backend, on every front), flagged ICMP: the backend's stack
+    finds the socket from the quoted segment (Katran and GLB do the same). Whoever can send ICMP to a
+    VIP reaches only the TCP of the backend owning that flow, which checks the quoted sequence number."""
+    try:
+        error = parse_icmp_error(packet)
+    except MalformedPacket as reason:
+        return Verdict(Action.DROP, None, f"malformed_{reason.reason}")
+    if (error.destination != error.daddr or error.daddr not in policy.vips
+            or error.dport not in policy.ports):
+        return Verdict(Action.DROP, None, "icmp_not_protected")
+    if len(packet) > policy.encapsulation_mtu:  # a router quotes at most 576 (IPv4) or 1280 (IPv6) bytes
+        return Verdict(Action.DROP, None, "icmp_too_big")
+    flow = flow_hash(error.saddr, error.daddr, error.sport, error.dport, policy.flow_key)
+    backend = policy.backend_for(flow)
+    wrapped = encap.encapsulate(packet, error, policy.farm_address, policy.backends[backend], policy.encap_port,
+                                flow, False, policy.encap_key, policy.former_owners(flow), icmp=True)
+    return Verdict(Action.FORWARD, wrapped, ICMP_FORWARDED, backend)
+
+
 class TokenBucket:
     """Allows ``rate`` events a second on average and ``burst`` at once; the caller says what time it is
     (a monotonic clock), so tests need no sleeping."""
@@ -192,7 +232,7 @@ class TokenBucket:
 
 def _answer_syn(segment, now: float, schedule: SaltSchedule, policy: FrontPolicy) -> Verdict:
     # Every SYN of a flood comes here: plain tuples and new_record instead of NamedTuple constructors.
-    mss, wscale, sack_permitted, timestamp = parse_tcp_options(segment.raw_options)
+    mss, wscale, sack_permitted, timestamp, fastopen = parse_tcp_options(segment.raw_options)
     ecn = policy.ecn and segment.flags & (ECE | CWR) == (ECE | CWR)
     sack = policy.sack and sack_permitted
     epoch, salt = schedule.minting_salt(now)
@@ -201,8 +241,20 @@ def _answer_syn(segment, now: float, schedule: SaltSchedule, policy: FrontPolicy
     if timestamp is not None:
         timestamp = (int(now * 1000) & 0xFFFFFFFF, timestamp[0])
     options = build_tcp_options(policy.announced_mss(segment.family),
-                                policy.server_wscale if wscale is not None else None, sack, timestamp)
+                                policy.server_wscale if wscale is not None else None, sack, timestamp,
+                                fastopen and _fastopen_reply(fastopen, segment, now, policy))
     reply = build_tcp_packet(segment.daddr, segment.saddr, segment.dport, segment.sport, cookie,
                              (segment.seq + 1) & 0xFFFFFFFF, SYN | ACK | (ECE if ecn else 0),
                              SYN_ACK_WINDOW, options)
     return new_record(Verdict, (Action.REPLY, reply, "syn_answered", -1))
+
+
+def _fastopen_reply(fastopen: FastOpen, segment, now: float, policy: FrontPolicy) -> FastOpen | None:
+    """The TFO option of the cookie SYN-ACK to a SYN that carries one: the cookie the backends' kernels
+    make for this client and VIP with the farm's primary key, in the form the client used
+    (docs/cookie.md, "TCP Fast Open"). Linux answers so both a request and a cookie it does not accept;
+    this front accepts none yet, so a SYN's data waits for the handshake, and the client resends it."""
+    if policy.tfo_secret is None:
+        return None
+    primary, _backup = fastopen_keys(policy.tfo_secret, now, policy.tfo_key_period)
+    return FastOpen(fastopen_cookie(primary, segment.saddr, segment.daddr), fastopen.experimental)

@@ -5,31 +5,54 @@ the encapsulated packet replaces the payload; everything else is dropped), serve
 removes its rules on exit. SIGHUP reloads the configuration and the secrets. Whatever happens while
 handling a packet, the packet gets a verdict (a drop, counted by reason) and the loop goes on: one
 packet must not stop a front.
+
+With ``front.workers`` above 1 the process supervises one forked worker per queue (Python runs one
+thread at a time, so cores need processes): each worker runs the same packet loop on its own queue and
+reports its counts; the parent owns the rules, the programs, the metrics endpoint and the reloads,
+forwards SIGHUP, and restarts a worker that dies. Workers die with the parent (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
+import ctypes
 import errno
 import ipaddress
+import os
+import pickle
+import select
 import signal
 import socket
 import struct
+import threading
 import time
 import traceback
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from netfilterqueue import NetfilterQueue
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from synproxy import firewall, instance
 from synproxy.config import PREVIOUS_TABLE_SECONDS, Config, ConfigError, load_config, log_warnings
 from synproxy.encap import encap_key
 from synproxy.front import fastpath
-from synproxy.front.handler import TOO_BIG, Action, FrontPolicy, TokenBucket, handle
+from synproxy.front.handler import (
+    ICMP_ERRORS_BURST,
+    ICMP_ERRORS_PER_SECOND,
+    ICMP_FORWARDED,
+    TOO_BIG,
+    Action,
+    FrontPolicy,
+    TokenBucket,
+    handle,
+)
 from synproxy.logs import log
 from synproxy.maglev import PreviousOwners
 from synproxy.netlink import default_route_interfaces, local_addresses
@@ -44,7 +67,17 @@ SOCKET_BUFFER_BYTES = QUEUE_MAX_LENGTH * 2048
 NFQUEUE_STATS = Path("/proc/net/netfilter/nfnetlink_queue")
 # Timing every packet into a histogram would cost as much as handling it: time one in 16.
 TIMING_SAMPLE_MASK = 15
+PROCESSING_BUCKETS = (2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2)  # seconds
 HOUSEKEEPING_SECONDS = 0.5  # how often the loop handles signals, salt epochs and secret expiry
+# Workers: each sends its counts this often (a scrape waits for a report newer than itself, so its
+# totals hold every verdict given before it, at most this much later); a worker that dies is restarted
+# at most once per RESTART_SECONDS (one failing at start would otherwise be forked in a tight loop).
+WORKER_REPORT_SECONDS = 0.1
+SCRAPE_WAIT_SECONDS = 1.0  # a stopped worker (SIGSTOP) delays a scrape this long, then its last counts serve
+WORKER_START_SECONDS = 10.0
+WORKER_STOP_SECONDS = 5.0
+RESTART_SECONDS = 1.0
+PR_SET_PDEATHSIG = 1
 # Forwarding for the rewritten packets; accept_local because an encapsulated packet leaves with this
 # node's own address as source, which the kernel otherwise drops as a martian when it routes it.
 FRONT_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.accept_local": "1"}
@@ -55,7 +88,7 @@ TOO_BIG_PER_SECOND, TOO_BIG_BURST = 100, 200
 FAILURE_LOG_SECONDS = 10.0  # a packet that fails once fails as often as someone sends it: log each reason this often
 # What a reload cannot change in a running front: the queue it holds, its metrics socket, its programs.
 RESTART_KEYS = ("front.queue_num", "front.metrics_address", "front.data_plane", "front.interfaces",
-                "front.xdp_mode")
+                "front.xdp_mode", "front.workers")
 
 
 def ensure_sysctls(config: Config) -> None:
@@ -91,7 +124,9 @@ def build_policy(config: Config, schedule: SaltSchedule, previous: PreviousOwner
                          backend_mss=config.backend_mss, server_wscale=config.server_wscale,
                          farm_mtu=config.farm_mtu, weights=tuple(entry.weight for entry in active),
                          draining=tuple((entry.address.packed, entry.weight) for entry in entries if entry.drain),
-                         down=frozenset(entry.address.packed for entry in entries if entry.down), previous=previous)
+                         down=frozenset(entry.address.packed for entry in entries if entry.down), previous=previous,
+                         tfo_secret=schedule.secrets[0] if config.tfo.enabled else None,
+                         tfo_key_period=config.tfo.key_period_seconds)
     if previous is not None:
         previous.window = config.front.previous_table_seconds
         previous.follow(policy.owner_table(), policy.draining_table(), policy.down, time.monotonic())
@@ -144,41 +179,84 @@ class FailureLog:
             not_logged_since=self.unlogged.pop(outcome, 0))
 
 
-class _QueueCollector:
-    """The kernel's view of this front's queue, read at scrape time."""
+class PacketCounts:
+    """What a packet loop counted: plain integers the loop adds to (Front.on_packet), read at scrape time
+    (a prometheus_client Counter or Histogram takes a lock on every increment). A worker sends its own to
+    the parent, pickled."""
 
-    def __init__(self, queue_num: int):
-        self.queue_num = queue_num
+    def __init__(self):
+        self.packets: defaultdict[tuple[str, int], int] = defaultdict(int)  # (outcome, IP version)
+        # By backend address, not position: a reload may add, remove or reorder backends.
+        self.forwarded: defaultdict[str, int] = defaultdict(int)
+        self.timing = [0] * (len(PROCESSING_BUCKETS) + 1)  # sampled processing times per bucket, +Inf last
+        self.timing_sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.timing[bisect.bisect_left(PROCESSING_BUCKETS, seconds)] += 1
+        self.timing_sum += seconds
+
+    def add(self, other: PacketCounts) -> None:
+        for key, value in list(other.packets.items()):
+            self.packets[key] += value
+        for key, value in list(other.forwarded.items()):
+            self.forwarded[key] += value
+        self.timing = [mine + theirs for mine, theirs in zip(self.timing, other.timing)]
+        self.timing_sum += other.timing_sum
+
+
+class _QueueCollector:
+    """The kernel's view of this front's queues, read at scrape time and summed over them. A restarted
+    worker binds its queue anew, and the kernel's drop counts start again from 0: the earlier binding's
+    are kept, so the sums never go down while the front runs."""
+
+    def __init__(self, queues: range):
+        self.queues = queues
+        self.lock = threading.Lock()  # scrapes may run concurrently
+        self.last: dict[int, dict[str, int]] = {}     # per queue: the counts last read
+        self.earlier: dict[int, dict[str, int]] = {}  # per queue: what its earlier bindings counted
 
     def collect(self):
         try:
-            stats = queue_stats(self.queue_num, NFQUEUE_STATS.read_text())
+            text = NFQUEUE_STATS.read_text()
         except OSError:
-            stats = None
-        if stats is None:
             return
-        yield GaugeMetricFamily("synproxy_front_queue_length", "Packets waiting in the NFQUEUE",
-                                value=stats["length"])
+        length, drops = 0, {"dropped": 0, "user_dropped": 0}
+        with self.lock:
+            for queue in self.queues:
+                stats = queue_stats(queue, text)
+                last = self.last.get(queue)
+                if stats is None:  # not bound now (a worker restarting): its counts so far still count
+                    stats = {"length": 0, **last} if last else None
+                elif last and any(stats[key] < last[key] for key in drops):
+                    earlier = self.earlier.setdefault(queue, dict.fromkeys(drops, 0))
+                    for key in drops:
+                        earlier[key] += last[key]
+                if stats is None:
+                    continue
+                self.last[queue] = {key: stats[key] for key in drops}
+                length += stats["length"]
+                for key in drops:
+                    drops[key] += stats[key] + self.earlier.get(queue, {}).get(key, 0)
+        if not self.last:
+            return
+        yield GaugeMetricFamily("synproxy_front_queue_length", "Packets waiting in the NFQUEUE", value=length)
         yield CounterMetricFamily("synproxy_front_queue_dropped", "Packets the kernel dropped: queue full",
-                                  value=stats["dropped"])
+                                  value=drops["dropped"])
         yield CounterMetricFamily("synproxy_front_queue_user_dropped",
-                                  "Packets the kernel dropped: netlink buffer full", value=stats["user_dropped"])
+                                  "Packets the kernel dropped: netlink buffer full", value=drops["user_dropped"])
 
 
 class FrontMetrics:
-    """Prometheus metrics of one front process.
+    """Prometheus metrics of one front, served by its (parent) process.
 
-    The per-packet counts are plain integers the packet loop adds to (Front.on_packet) and a
-    collector reads at scrape time: a prometheus_client Counter takes a lock on every increment.
+    The per-packet counts are each queue's PacketCounts: the packet loop's own in a single process, the
+    latest report of its worker otherwise, plus what the queue's dead workers had reported.
     """
 
-    def __init__(self, queue_num: int):
+    def __init__(self, queue_num: int, workers: int = 1):
+        self.queues = range(queue_num, queue_num + workers)
         self.registry = CollectorRegistry()
-        self.registry.register(_QueueCollector(queue_num))
-        self.processing = Histogram("synproxy_front_packet_processing_seconds",
-                                    "Time to decide and give the verdict for one packet (1 in 16 sampled)",
-                                    buckets=(2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2),
-                                    registry=self.registry)
+        self.registry.register(_QueueCollector(self.queues))
         self.epoch = Gauge("synproxy_front_salt_epoch", "Current salt epoch", registry=self.registry)
         self.restart_required = Gauge("synproxy_front_restart_required",
                                       "1 when the configuration holds changes only a restart applies",
@@ -186,22 +264,67 @@ class FrontMetrics:
         self.kernel_path: fastpath.FastPath | None = None
         self.data_plane = "nfqueue"
         self.xdp_modes: dict[str, str] = {}  # interface -> XDP attach mode
-        self.packets: defaultdict[tuple[str, int], int] = defaultdict(int)  # (outcome, IP version)
-        # By backend address, not position: a reload may add, remove or reorder backends.
-        self.forwarded: defaultdict[str, int] = defaultdict(int)
+        self.counts: dict[int, PacketCounts] = {}   # queue -> its loop's counts (a worker's latest report)
+        self.earlier: dict[int, PacketCounts] = {}  # queue -> what its dead workers reported
+        self.restarts = 0
+        self.reported = threading.Condition()  # guards the three below; notified on every report
+        self.reported_at: dict[int, float] = {}  # queue -> CLOCK_MONOTONIC of its worker's latest report
+        self.live: set[int] = set()              # queues whose worker runs
         self.registry.register(self)
 
+    def report(self, queue: int, at: float, counts: PacketCounts) -> None:
+        with self.reported:
+            self.counts[queue], self.reported_at[queue] = counts, at
+            self.reported.notify_all()
+
+    def retire(self, queue: int) -> None:
+        """A worker died: its last report moves to the queue's earlier counts, and scrapes stop waiting for it."""
+        with self.reported:
+            self.live.discard(queue)
+            counts = self.counts.pop(queue, None)
+            if counts is not None:
+                self.earlier.setdefault(queue, PacketCounts()).add(counts)
+            self.reported.notify_all()
+
+    def _queue_counts(self) -> dict[int, PacketCounts]:
+        """Each queue's counts for this scrape, after every live worker reported since it began."""
+        since = time.monotonic()
+        with self.reported:
+            self.reported.wait_for(lambda: all(self.reported_at.get(queue, 0) >= since for queue in self.live),
+                                   SCRAPE_WAIT_SECONDS)
+            sources = [(queue, counts) for part in (self.earlier, self.counts) for queue, counts in part.items()]
+        by_queue: dict[int, PacketCounts] = {}
+        for queue, counts in sources:
+            by_queue.setdefault(queue, PacketCounts()).add(counts)
+        return by_queue
+
     def collect(self):
+        by_queue = self._queue_counts()
+        total = PacketCounts()
+        workers = CounterMetricFamily("synproxy_front_worker_packets",
+                                      "Packets each worker gave a verdict, by its queue", labels=["queue"])
+        for queue, counts in sorted(by_queue.items()):
+            total.add(counts)
+            workers.add_metric([str(queue)], sum(counts.packets.values()))
         packets = CounterMetricFamily("synproxy_front_packets", "Packets handled, by outcome and IP version",
                                       labels=["outcome", "family"])
-        for (outcome, family), value in list(self.packets.items()):
+        for (outcome, family), value in total.packets.items():
             packets.add_metric([outcome, f"ipv{family}" if family in (4, 6) else "other"], value)
         yield packets
         forwarded = CounterMetricFamily("synproxy_front_forwarded_packets", "Packets forwarded, by backend",
                                         labels=["backend"])
-        for backend, value in list(self.forwarded.items()):
+        for backend, value in total.forwarded.items():
             forwarded.add_metric([backend], value)
         yield forwarded
+        cumulative = [sum(total.timing[:index + 1]) for index in range(len(total.timing))]
+        yield HistogramMetricFamily("synproxy_front_packet_processing_seconds",
+                                    "Time to decide and give the verdict for one packet (1 in 16 sampled)",
+                                    buckets=[*zip(map(floatToGoString, PROCESSING_BUCKETS), cumulative),
+                                             ("+Inf", cumulative[-1])],
+                                    sum_value=total.timing_sum)
+        yield workers
+        yield CounterMetricFamily("synproxy_front_worker_restarts", "Workers restarted after they died",
+                                  value=self.restarts)
         data_plane = GaugeMetricFamily("synproxy_front_data_plane", "1 for the data plane this front runs",
                                        labels=["mode"])
         data_plane.add_metric([self.data_plane], 1)
@@ -241,18 +364,60 @@ class _BoundedReader:
         return self.sock.recv(size)
 
 
+@dataclass
+class Worker:
+    """A forked worker, as its parent knows it."""
+    queue: int
+    pid: int
+    channel: socket.socket  # the parent's end: the worker's reports arrive on it; EOF when it ends
+    started: float          # CLOCK_MONOTONIC
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """The kernel kills this worker when the front's process ends, however it ends (kill -9 runs no
+    cleanup): no worker outlives its front holding a queue. A parent gone before the call is checked."""
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _send(channel: socket.socket, message: tuple) -> bool:
+    """One message to the other end, never blocking (a stopped parent must not stop the packet loop: the
+    next report carries the same totals); False when the other end is gone."""
+    try:
+        channel.send(pickle.dumps(message), socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def _exit_status(status: int) -> dict:
+    if os.WIFSIGNALED(status):
+        return {"signal": signal.Signals(os.WTERMSIG(status)).name}
+    return {"exit_code": os.waitstatus_to_exitcode(status)}
+
+
 class Front:
     def __init__(self, config_path: str):
         self.config_path = config_path
         self.rotation = SecretRotation()
         self.previous_owners = PreviousOwners(PREVIOUS_TABLE_SECONDS)  # the window follows the configuration
         self.load()
-        self.metrics = FrontMetrics(self.config.front.queue_num)
+        log_warnings(self.config)
+        self.metrics = FrontMetrics(self.config.front.queue_num, self.config.front.workers)
+        self.counts = PacketCounts()  # this process's packet loop's (a worker makes its own)
         try:
             self.raw_ipv4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         except PermissionError:
             raise SystemExit("synproxy front: cannot open a raw socket: this needs root (CAP_NET_RAW)") from None
         self.too_big_answers = TokenBucket(TOO_BIG_PER_SECOND, TOO_BIG_BURST)
+        self.icmp_errors = TokenBucket(ICMP_ERRORS_PER_SECOND, ICMP_ERRORS_BURST)
         self.failures = FailureLog()
         self.stop_requested: list[bool] = []
         self.reload_requested: list[bool] = []
@@ -261,10 +426,12 @@ class Front:
         self.kernel_path: fastpath.FastPath | None = None
         self.rules: firewall.RawChain | None = None
         self.protected: tuple = ((), ())  # the VIPs and ports the rules hold
+        self.workers: dict[int, Worker] = {}  # queue -> its worker (front.workers above 1)
+        self.worker_queue: int | None = None   # in a worker: its queue
+        self.channel: socket.socket | None = None  # in a worker: its end towards the parent
 
     def load(self) -> None:
         config = load_config(self.config_path)
-        log_warnings(config)
         configured_schedule = config.salt_schedule()
         schedule = self.rotation.effective(configured_schedule, getattr(self, "schedule", None), time.time())
         self.policy = build_policy(config, schedule, self.previous_owners)
@@ -289,6 +456,9 @@ class Front:
             action, reply, outcome, backend = handle(payload, time.time(), self.schedule, self.policy)
             if action is Action.DROP:
                 packet.drop()
+            elif outcome == ICMP_FORWARDED and not self.icmp_errors.take(time.monotonic()):
+                packet.drop()
+                outcome = "icmp_rate_limited"
             elif action is Action.FORWARD and family == 6:
                 # The encapsulation is IPv4: a queued IPv6 packet cannot become one in place, so it
                 # leaves through a raw socket and the original is dropped.
@@ -306,16 +476,16 @@ class Front:
             with contextlib.suppress(RuntimeError):  # "verdict already given": a send failed after its drop
                 packet.drop()
             self.failures.note(outcome, error, time.monotonic())
-        metrics = self.metrics
-        metrics.packets[outcome, family] += 1
+        counts = self.counts
+        counts.packets[outcome, family] += 1
         if backend >= 0:
-            metrics.forwarded[self.backend_labels[backend]] += 1
+            counts.forwarded[self.backend_labels[backend]] += 1
         if timed:
-            metrics.processing.observe(time.perf_counter() - started)
+            counts.observe(time.perf_counter() - started)
 
     def run(self) -> int:
         config = self.config
-        queue_num = config.front.queue_num
+        queue_num, workers = config.front.queue_num, config.front.workers
         try:  # before anything is installed: a second front would take over this one's rules, then remove them
             self.instance_lock = instance.claim("front")
         except instance.AlreadyRunning as error:
@@ -332,64 +502,94 @@ class Front:
         signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
         signal.signal(signal.SIGINT, lambda *_: stop.append(True))
         signal.signal(signal.SIGHUP, lambda *_: reload.append(True))
-        queue = bind_queue(queue_num, self.on_packet)
-        ensure_sysctls(config)
-        self.rules = firewall.front_chain(queue_num)
-        self.rules.install(config.vips, config.ports)
-        self.protected = (config.vips, config.ports)
-        interfaces = config.front.interfaces or default_route_interfaces()
+        cpus = os.cpu_count() or 1
+        if workers > cpus:
+            log("config_warning", warning=f"{config.where('front.workers')}: {workers} workers on {cpus} online "
+                "CPUs: --queue-cpu-fanout queues by CPU, so the queues past the CPU count get no packets")
+        queue = bind_queue(queue_num, self.on_packet) if workers == 1 else None
+        started = False
         try:
-            mode, self.kernel_path, xdp_modes, reason = fastpath.select(
-                config.front.data_plane, interfaces, config.front.xdp_mode, self.policy, self.schedule)
-        except fastpath.FastPathError as error:
-            self.rules.remove(config.vips, config.ports)
-            queue.unbind()
-            raise SystemExit(f"synproxy: front data plane {config.front.data_plane}: {error}") from None
-        self.metrics.kernel_path, self.metrics.data_plane, self.metrics.xdp_modes = self.kernel_path, mode, xdp_modes
-        log("data_plane_selected", mode=mode, interfaces=list(interfaces) if self.kernel_path else [],
-            xdp_modes=xdp_modes, reason=reason)
-        log("front_started", queue=queue_num, vips=[str(v) for v in config.vips], ports=list(config.ports),
-            backends=[str(b) for b in config.backends], farm_address=str(farm_address(config)), data_plane=mode)
-        # A duplicate of the queue's descriptor, read blocking with the kernel's receive timeout:
-        # one system call per packet (a select() before each non-blocking read cost twice the CPU
-        # per SYN at 10k SYN/s; Python's own socket timeout polls before every read too). When the
-        # timeout expires the read fails with EAGAIN, which ends run_socket().
+            if queue is not None:
+                self.metrics.counts[queue_num] = self.counts
+            else:
+                self.start_workers()  # each binds its queue before the rules send packets there
+            ensure_sysctls(config)
+            self.rules = firewall.front_chain(queue_num, workers)
+            self.protected = (config.vips, config.ports)
+            self.rules.install(*self.protected)
+            interfaces = config.front.interfaces or default_route_interfaces()
+            try:
+                mode, self.kernel_path, xdp_modes, reason = fastpath.select(
+                    config.front.data_plane, interfaces, config.front.xdp_mode, self.policy, self.schedule)
+            except fastpath.FastPathError as error:
+                raise SystemExit(f"synproxy: front data plane {config.front.data_plane}: {error}") from None
+            self.metrics.kernel_path, self.metrics.data_plane = self.kernel_path, mode
+            self.metrics.xdp_modes = xdp_modes
+            log("data_plane_selected", mode=mode, interfaces=list(interfaces) if self.kernel_path else [],
+                xdp_modes=xdp_modes, reason=reason)
+            log("front_started", queue=queue_num, workers=workers, vips=[str(v) for v in config.vips],
+                ports=list(config.ports), backends=[str(b) for b in config.backends],
+                farm_address=str(farm_address(config)), data_plane=mode)
+            started = True
+            if queue is not None:
+                self.serve(queue, self.housekeeping, HOUSEKEEPING_SECONDS)
+            else:
+                self.supervise()
+        finally:
+            if self.kernel_path is not None:
+                self.kernel_path.close()
+            if self.rules is not None:
+                self.rules.remove(*self.protected)
+            if queue is not None:
+                queue.unbind()
+            self.stop_workers()
+            if started:
+                log("front_stopped", queue=queue_num)
+        return 0
+
+    def serve(self, queue: NetfilterQueue, housekeeping, seconds: float) -> None:
+        """The packet loop on one queue, calling ``housekeeping`` every ``seconds`` until SIGTERM.
+
+        A duplicate of the queue's descriptor, read blocking with the kernel's receive timeout: one
+        system call per packet (a select() before each non-blocking read cost twice the CPU per SYN at
+        10k SYN/s; Python's own socket timeout polls before every read too). When the timeout expires
+        the read fails with EAGAIN, which ends run_socket()."""
         sock = socket.fromfd(queue.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
-        seconds = int(HOUSEKEEPING_SECONDS)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                        struct.pack("ll", seconds, int((HOUSEKEEPING_SECONDS - seconds) * 1e6)))
+        whole = int(seconds)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", whole, int((seconds - whole) * 1e6)))
         reader = _BoundedReader(sock, self)
         try:
-            while not stop:
-                self.metrics.epoch.set(self.schedule.current_epoch(time.time()))
-                self.expire_retired_secrets()
-                chain_expired = self.previous_owners.expire(time.monotonic())
-                if reload:
-                    reload.clear()
-                    self.reload()
-                if self.kernel_path is not None:
-                    try:
-                        if chain_expired:
-                            self.kernel_path.write_maglev(self.policy)
-                        self.kernel_path.refresh(self.policy, self.schedule, time.time())
-                    except fastpath.FastPathError as error:  # its SYNs fall back to the queue (no_salt)
-                        log("kernel_path_refresh_failed", error=str(error))
-                self.housekeeping_due = time.monotonic() + HOUSEKEEPING_SECONDS
+            while not self.stop_requested:
+                housekeeping()
+                self.housekeeping_due = time.monotonic() + seconds
                 queue.run_socket(reader)
         finally:
             sock.close()
-            if self.kernel_path is not None:
-                self.kernel_path.close()
-            self.rules.remove(*self.protected)
-            queue.unbind()
-            log("front_stopped", queue=queue_num)
-        return 0
+
+    def housekeeping(self) -> None:
+        """The front's own (its single loop's, or its parent's with workers): the salt epoch, retired
+        secrets, former owners whose window ended, a reload SIGHUP asked for, the programs' salts and clock."""
+        self.metrics.epoch.set(self.schedule.current_epoch(time.time()))
+        self.expire_retired_secrets()
+        chain_expired = self.previous_owners.expire(time.monotonic())
+        if self.reload_requested:
+            self.reload_requested.clear()
+            self.reload()
+        if self.kernel_path is not None:
+            try:
+                if chain_expired:
+                    self.kernel_path.write_maglev(self.policy)
+                self.kernel_path.refresh(self.policy, self.schedule, time.time())
+            except fastpath.FastPathError as error:  # its SYNs fall back to the queue (no_salt)
+                log("kernel_path_refresh_failed", error=str(error))
 
     def reload(self) -> None:
         """SIGHUP: the configuration and secrets again; the queue's rules and the fast path's maps follow
-        the VIPs and ports. The RESTART_KEYS keep their running values, and are reported instead."""
+        the VIPs and ports, and the workers reload too. The RESTART_KEYS keep their running values, and are
+        reported instead."""
         try:
             self.load()
+            log_warnings(self.config)
             ensure_sysctls(self.config)
             wanted = (self.config.vips, self.config.ports)
             if wanted != self.protected:
@@ -400,6 +600,9 @@ class Front:
         except (ConfigError, firewall.FirewallError, fastpath.FastPathError) as error:
             log("config_reload_failed", error=str(error))
             return
+        for worker in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):  # it just died: it restarts with this configuration
+                os.kill(worker.pid, signal.SIGHUP)
         pending = [key for key, running, wanted in zip(RESTART_KEYS, self.running, restart_settings(self.config))
                    if running != wanted]
         self.metrics.restart_required.set(1 if pending else 0)
@@ -409,11 +612,160 @@ class Front:
         else:
             log("config_reloaded", source=str(self.config.source), secrets_accepted=len(self.schedule.secrets))
 
+    # --- workers (front.workers above 1) ---------------------------------------------------------
+
+    def start_workers(self) -> None:
+        """One worker per queue, each bound before this returns; one that cannot bind is this start's error."""
+        for queue in self.metrics.queues:
+            self.spawn(queue)
+        deadline = time.monotonic() + WORKER_START_SECONDS
+        for worker in self.workers.values():
+            worker.channel.settimeout(max(0.0, deadline - time.monotonic()))
+            try:
+                data = worker.channel.recv(1 << 16)
+            except TimeoutError:
+                raise SystemExit(f"synproxy front: the worker for queue {worker.queue} did not start within "
+                                 f"{WORKER_START_SECONDS:.0f} s") from None
+            finally:
+                worker.channel.setblocking(False)  # as spawn() left it
+            kind, detail = pickle.loads(data) if data else ("failed", None)
+            if kind == "failed":
+                raise SystemExit(detail or f"synproxy front: the worker for queue {worker.queue} ended at start")
+
+    def spawn(self, queue: int) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            parent_end.close()
+            self.work(queue, child_end, parent_pid)
+        child_end.close()
+        parent_end.setblocking(False)
+        self.workers[queue] = Worker(queue, pid, parent_end, time.monotonic())
+        with self.metrics.reported:
+            self.metrics.live.add(queue)
+        log("worker_started", queue=queue, pid=pid)
+
+    def work(self, queue_num: int, channel: socket.socket, parent_pid: int) -> NoReturn:
+        """A worker, in the forked child: binds its queue and runs the packet loop. It leaves by os._exit,
+        never back into the parent's code (whose finally blocks remove the rules). The signal handlers
+        are the parent's, appending to this process's copies of its lists."""
+        code = 1
+        try:
+            _exit_with_parent(parent_pid)
+            for sibling in self.workers.values():
+                sibling.channel.close()
+            self.workers, self.kernel_path = {}, None  # the parent's: a worker never touches the programs
+            self.worker_queue, self.channel, self.counts = queue_num, channel, PacketCounts()
+            try:
+                queue = bind_queue(queue_num, self.on_packet)
+            except SystemExit as error:
+                _send(channel, ("failed", str(error)))
+                log("worker_failed", queue=queue_num, error=str(error))
+                os._exit(1)
+            _send(channel, ("ready", None))
+            try:
+                self.serve(queue, self.worker_housekeeping, WORKER_REPORT_SECONDS)
+            finally:
+                queue.unbind()
+            code = 0
+        except BaseException as error:  # noqa: BLE001 - logged; the parent restarts the worker
+            where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+            log("worker_failed", queue=queue_num, error=f"{type(error).__name__}: {error}",
+                where=f"{where.filename}:{where.lineno}" if where else None)
+        finally:
+            os._exit(code)
+
+    def worker_housekeeping(self) -> None:
+        """A worker's: retired secrets, former owners whose window ended (its own copy of the history, forked
+        from its parent's and following the same reloads), a reload its parent forwarded (SIGHUP), and its
+        counts to the parent."""
+        self.expire_retired_secrets()
+        self.previous_owners.expire(time.monotonic())
+        if self.reload_requested:
+            self.reload_requested.clear()
+            try:
+                self.load()
+            except ConfigError as error:
+                log("config_reload_failed", queue=self.worker_queue, error=str(error))
+            else:
+                log("worker_reloaded", queue=self.worker_queue, secrets_accepted=len(self.schedule.secrets))
+        if not _send(self.channel, ("counts", (time.monotonic(), self.counts))):
+            self.stop_requested.append(True)  # the parent is gone
+
+    def supervise(self) -> None:
+        """The parent's loop with workers: its housekeeping, the workers' reports, and a worker that died
+        logged and forked again (at most once per RESTART_SECONDS per queue)."""
+        restart_at: dict[int, float] = {}
+        while not self.stop_requested:
+            self.housekeeping()
+            for queue, due in list(restart_at.items()):
+                if due <= time.monotonic():
+                    del restart_at[queue]
+                    self.spawn(queue)
+                    self.metrics.restarts += 1
+            deadline = time.monotonic() + HOUSEKEEPING_SECONDS
+            while not self.stop_requested and not self.reload_requested and time.monotonic() < deadline:
+                channels = {worker.channel: worker for worker in self.workers.values()}
+                readable, _, _ = select.select(list(channels), [], [], max(0.0, deadline - time.monotonic()))
+                for channel in readable:
+                    worker = channels[channel]
+                    if not self.receive(worker):
+                        self.reap(worker)
+                        restart_at[worker.queue] = max(time.monotonic(), worker.started + RESTART_SECONDS)
+
+    def receive(self, worker: Worker) -> bool:
+        """Every message waiting from a worker; False once it ended (EOF)."""
+        while True:
+            try:
+                data = worker.channel.recv(1 << 20)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            kind, detail = pickle.loads(data)
+            if kind == "counts":
+                self.metrics.report(worker.queue, *detail)
+            elif kind == "failed":  # it logged why, and exits
+                return False
+
+    def reap(self, worker: Worker) -> None:
+        """A worker whose channel closed: wait for its exit (killing one that lingers), log it, keep its counts."""
+        deadline = time.monotonic() + WORKER_STOP_SECONDS
+        while (finished := os.waitpid(worker.pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(worker.pid, signal.SIGKILL)
+                finished = os.waitpid(worker.pid, 0)
+                break
+            time.sleep(0.01)
+        worker.channel.close()
+        del self.workers[worker.queue]
+        self.metrics.retire(worker.queue)
+        log("worker_exited", queue=worker.queue, pid=worker.pid, **_exit_status(finished[1]))
+
+    def stop_workers(self) -> None:
+        """SIGTERM every worker, then SIGKILL what has not exited within WORKER_STOP_SECONDS."""
+        for worker in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_STOP_SECONDS
+        for worker in self.workers.values():
+            while os.waitpid(worker.pid, os.WNOHANG)[0] == 0:
+                if time.monotonic() > deadline:
+                    os.kill(worker.pid, signal.SIGKILL)
+                    os.waitpid(worker.pid, 0)
+                    break
+                time.sleep(0.01)
+            worker.channel.close()
+        self.workers.clear()
+
 
 def restart_settings(config: Config) -> tuple:
     """The values of RESTART_KEYS, in that order."""
     front = config.front
-    return front.queue_num, front.metrics_address, front.data_plane, front.interfaces, front.xdp_mode
+    return front.queue_num, front.metrics_address, front.data_plane, front.interfaces, front.xdp_mode, front.workers
 
 
 def main(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ def http_get(target: str, port: int, timeout: float, source_port: int | None = N
         while chunk := sock.recv(65536):
             response += chunk
     head, _, body = response.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.0 200"):
+    if not head.startswith((b"HTTP/1.0 200 ", b"HTTP/1.1 200 ")):  # nginx answers a 1.0 request in 1.1
         raise OSError(f"unexpected answer {head[:40]!r}")
     return connected, json.loads(body)
 

@@ -1,5 +1,6 @@
-"""The lab backends' real servers: HTTP that reports who connected and what TCP negotiated (POST: reads
-and discards the body, for the bench's upload), and echo.
+"""The lab backends' Python servers, for what nginx (synproxy/lab/nginx.py, port 80) cannot do: an HTTP
+server that reports what TCP negotiated (nginx's $tcpinfo_* variables have no MSS, window scales, SACK,
+timestamps or ECN), and echo.
 
 `python3 -m synproxy.lab.servers --name be0` (run inside a backend's namespace). The HTTP answer is
 JSON: {"backend", "client", "tcp_info"} so a test can see the real client address and the options.
@@ -27,17 +28,6 @@ class _Http(BaseHTTPRequestHandler):
                            "tcp_info": negotiated(self.connection)}).encode() + b"\n"
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self) -> None:
-        """Read the body and discard it (the bench's bulk upload), answering with the bytes read."""
-        remaining = received = int(self.headers.get("Content-Length", 0))
-        while remaining and (chunk := self.rfile.read(min(remaining, 1 << 20))):
-            remaining -= len(chunk)
-        body = json.dumps({"received": received - remaining}).encode() + b"\n"
-        self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -83,7 +73,7 @@ def _v6_only(server_class):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--name", required=True)
-    parser.add_argument("--http-port", type=int, default=80)
+    parser.add_argument("--http-port", type=int, default=8080)
     parser.add_argument("--echo-port", type=int, default=7)
     args = parser.parse_args()
     servers = []

@@ -30,12 +30,15 @@ from pyroute2.netlink.exceptions import NetlinkError
 from synproxy.bpf.libbpf import XDP_FLAGS_DRV_MODE, BpfObject, xdp_attach
 from synproxy.bpf.loading import build_object
 from synproxy.instance import CAP_SYS_ADMIN, has_capability
+from synproxy.lab import nginx
 from synproxy.netns import add_addresses, inside, link, pids_inside, set_tx_checksum_offload, write_sysctls
 
 STATE_ROOT = Path("/run/synproxy-lab")
 VIP = "198.19.0.10"
 VIP6 = "2001:db8:ffff::10"
-PORTS = (80, 7)
+# HTTP is nginx (synproxy/lab/nginx.py); echo and the TCP_INFO reporter are Python (synproxy/lab/servers.py).
+HTTP_PORT, ECHO_PORT, TCP_INFO_PORT = 80, 7, 8080
+PORTS = (HTTP_PORT, ECHO_PORT, TCP_INFO_PORT)
 SPOOFED_SOURCES = "198.18.128.0/17"  # the attacker's spoofed range; the router blackholes replies
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FRONT_METRICS_PORT, BACKEND_METRICS_PORT, PROMETHEUS_PORT = 9100, 9101, 9090
@@ -82,6 +85,7 @@ class Lab:
     clock_skew_seconds: float = 2.0
     prometheus: bool = False
     data_plane: str = "auto"  # the fronts' front.data_plane (docs/front.md)
+    workers: int | None = None  # the fronts' front.workers; None: the default
 
     @property
     def state_dir(self) -> Path:
@@ -137,8 +141,10 @@ class Lab:
             self._write_config()
             for host in self.by_role("backend"):
                 self.start_backend(host.name)
+                self.start_nginx(host.name)
                 self._start(f"{host.name}-servers", [sys.executable, "-m", "synproxy.lab.servers", "--name",
-                                                     host.name],
+                                                     host.name, "--http-port", str(TCP_INFO_PORT),
+                                                     "--echo-port", str(ECHO_PORT)],
                             '"event": "servers_ready"', namespace=self.ns(host.name))
             for host in self.by_role("front"):
                 self.start_front(host.name)
@@ -180,9 +186,9 @@ class Lab:
                 attach_xdp_pass(router, host.name)
             if host.role == "backend":
                 add_addresses(namespace, "lo", f"{VIP}/32", f"{VIP6}/128")
-                # No TIME_WAIT on the backends: a client reusing a 4-tuple within 60 s would otherwise
-                # stall (docs/backend.md); the lab's clients make thousands of connections to one VIP.
-                write_sysctls(namespace, {"net.ipv4.tcp_ecn": "1", "net.ipv4.tcp_max_tw_buckets": "0"})
+                # TIME_WAIT stays on: a 4-tuple reused within it is recycled as the kernel would
+                # (docs/backend.md, "4-tuple reuse").
+                write_sysctls(namespace, {"net.ipv4.tcp_ecn": "1"})
             if host.role == "front":
                 # A front never routes VIP traffic itself: what its queue does not rewrite dies here.
                 with NetNS(namespace) as ns:
@@ -210,6 +216,7 @@ class Lab:
             secret.write_text(os.urandom(32).hex() + "\n")
         fronts = ", ".join(h.address for h in self.by_role("front"))
         backends = ", ".join(h.address for h in self.by_role("backend"))
+        workers = f"  workers: {self.workers}\n" if self.workers else ""
         text = (
             "# Written by `synproxy lab up`: one configuration for every front and backend.\n"
             f"vips: [{VIP}, {VIP6}]\nports: [{', '.join(map(str, PORTS))}]\nsecret_file: secret.hex\n"
@@ -217,7 +224,7 @@ class Lab:
             f"fronts: [{fronts}]\nbackends: [{backends}]\n"
             f"salt_period_seconds: {self.salt_period_seconds}\nclock_skew_seconds: {self.clock_skew_seconds}\n"
             f"front:\n  metrics_address: 0.0.0.0:{FRONT_METRICS_PORT}\n  data_plane: {self.data_plane}\n"
-            "  xdp_mode: native\n"
+            f"  xdp_mode: native\n{workers}"
             f"backend:\n  interface: eth0\n  metrics_address: 0.0.0.0:{BACKEND_METRICS_PORT}\n")
         self.config_path.write_text(text)
 
@@ -232,6 +239,21 @@ class Lab:
         """Start (or restart) a backend's data plane: it attaches its program and fills its maps."""
         self._start(name, [sys.executable, "-m", "synproxy.cli", "backend", "--config", str(self.config_path)],
                     '"event": "backend_attached"')
+
+    def start_nginx(self, name: str) -> None:
+        """A backend's nginx on the VIPs' HTTP port: its prefix under the lab's state directory, its
+        master process recorded as ``<backend>-nginx`` (SIGTERM stops it and its workers)."""
+        if shutil.which("nginx") is None:
+            raise LabError("nginx not found: install Debian's nginx package (deploy/install-deps.sh)")
+        config = nginx.prepare(self.state_dir / f"{name}-nginx", VIP, VIP6, port=HTTP_PORT, backend=name)
+        label = f"{name}-nginx"
+        try:
+            with open(self.state_dir / "logs" / f"{label}.log", "ab") as log_file:
+                master = nginx.start(self.ns(name), config, port=HTTP_PORT, stdout=log_file,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        except (OSError, RuntimeError) as error:
+            raise LabError(f"{label} did not start: {error}") from None
+        self._remember("pids", label, master.pid)
 
     def _start_prometheus(self) -> None:
         """Debian's Prometheus in the router's namespace, scraping every front and backend each second."""

@@ -1,7 +1,7 @@
-"""Regenerate tests/vectors/cookies.json and encap.json: `python3 tests/vectors/generate.py`.
+"""Regenerate tests/vectors/cookies.json, encap.json and tfo.json: `python3 tests/vectors/generate.py`.
 
-The vectors pin docs/cookie.md and the encapsulation of docs/backend.md for the Python core and the
-backend's BPF program alike. Deterministic: the same code always writes the same files, so a diff shows
+The vectors pin docs/cookie.md (the cookie, and the TCP Fast Open keys and cookies) and the encapsulation
+of docs/backend.md for the Python core and the BPF programs alike. Deterministic: the same code always writes the same files, so a diff shows
 a change to the cookie or the encapsulation.
 """
 
@@ -23,11 +23,26 @@ from synproxy.cookie import (
     make_cookie,
     mss_index,
 )
-from synproxy.packet import ACK, FIN, PSH, RST, build_tcp_options, build_tcp_packet, parse_tcp
+from synproxy.packet import (
+    ACK,
+    FIN,
+    PSH,
+    RST,
+    FastOpen,
+    build_fastopen_option,
+    build_tcp_options,
+    build_tcp_packet,
+    parse_tcp,
+)
 from synproxy.salt import derive_salt
+from synproxy.tfo import TFO_KEY_INFO_PREFIX, derive_tfo_key, fastopen_cookie, fastopen_keys, sysctl_key_value
 
 OUT = Path(__file__).with_name("cookies.json")
 ENCAP_OUT = Path(__file__).with_name("encap.json")
+TFO_OUT = Path(__file__).with_name("tfo.json")
+TFO_KEY_PERIOD = 86400
+# Key periods: the first ones, a day of 2024 and the next, and both sides of 2**32 (the counter is 8 bytes).
+TFO_KEY_PERIODS = (0, 1, 19_800, 19_801, 0xFFFFFFFF, 0x100000000)
 FRONT, BACKEND, ENCAP_PORT = "198.18.10.2", "198.18.20.2", 6080
 # The flow's former owners in the vectors that name them: previous only, and previous and earlier.
 PREVIOUS, EARLIER = "198.18.21.2", "198.18.22.2"
@@ -146,6 +161,37 @@ def build_encap_document(cookies: dict) -> dict:
             "vectors": vectors}
 
 
+def tfo_cookie_vector(key_period: int, saddr_text: str, daddr_text: str) -> dict:
+    key = derive_tfo_key(SECRET, key_period)
+    saddr, daddr = (ipaddress.ip_address(a).packed for a in (saddr_text, daddr_text))
+    cookie = fastopen_cookie(key, saddr, daddr)
+    return {"family": 4 if len(saddr) == 4 else 6, "saddr": saddr_text, "daddr": daddr_text,
+            "key_period": key_period, "key": key.hex(), "message": (saddr + daddr).hex(), "cookie": cookie.hex(),
+            "option": build_fastopen_option(FastOpen(cookie, False)).hex(),
+            "option_experimental": build_fastopen_option(FastOpen(cookie, True)).hex()}
+
+
+def build_tfo_document() -> dict:
+    """Keys per key period, the (primary, backup) pair and sysctl text at moments around a boundary, and
+    cookies: the cookie vectors' address pairs and random ones, each family."""
+    rng = random.Random(20261130_15)
+    keys = [{"key_period": n, "info": (TFO_KEY_INFO_PREFIX + n.to_bytes(8, "big")).hex(),
+             "key": derive_tfo_key(SECRET, n).hex()} for n in TFO_KEY_PERIODS]
+    schedule = []
+    for now in (19_801 * TFO_KEY_PERIOD - 0.5, 19_801 * TFO_KEY_PERIOD, 19_801 * TFO_KEY_PERIOD + 0.5):
+        primary, backup = fastopen_keys(SECRET, now, TFO_KEY_PERIOD)
+        schedule.append({"now": now, "primary": primary.hex(), "backup": backup.hex(),
+                         "sysctl": sysctl_key_value((primary, backup))})
+    cookies = [tfo_cookie_vector(n, *TUPLES[family]) for family in (4, 6) for n in (19_800, 19_801)]
+    for family, bits in ((4, 32), (6, 128)):
+        for _ in range(4):
+            saddr, daddr = (str(ipaddress.ip_address(rng.getrandbits(bits)) if family == 6
+                                else ipaddress.IPv4Address(rng.getrandbits(32))) for _ in range(2))
+            cookies.append(tfo_cookie_vector(rng.choice(TFO_KEY_PERIODS), saddr, daddr))
+    return {"spec": "docs/cookie.md", "secret": SECRET.hex(), "key_period_seconds": TFO_KEY_PERIOD,
+            "keys": keys, "schedule": schedule, "cookies": cookies}
+
+
 def render(document: dict) -> str:
     return json.dumps(document, indent=1) + "\n"
 
@@ -157,6 +203,9 @@ def main() -> None:
     encap_document = build_encap_document(document)
     ENCAP_OUT.write_text(render(encap_document))
     print(f"wrote {len(encap_document['vectors'])} vectors to {ENCAP_OUT}")
+    tfo_document = build_tfo_document()
+    TFO_OUT.write_text(render(tfo_document))
+    print(f"wrote {len(tfo_document['cookies'])} cookies to {TFO_OUT}")
 
 
 if __name__ == "__main__":
