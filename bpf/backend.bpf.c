@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Backend data plane (tc ingress, direct action): authenticate and remove the fronts' encapsulation,
  * re-check the cookie of VALIDATED ACKs, and let the kernel create the connection with
- * bpf_sk_assign_tcp_reqsk. docs/backend.md describes what it trusts; docs/cookie.md the cookie. Outer
+ * bpf_sk_assign_tcp_reqsk; pass a segment no connection here owns on to the flow's former owners
+ * (Beamer's daisy chain). docs/backend.md describes what it trusts; docs/cookie.md the cookie. Outer
  * IPv4; inner IPv4 or IPv6. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -9,12 +10,18 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
+#include <linux/if_packet.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
 #include "synproxy.h"
+
+#define AF_INET 2
+#define EALREADY 114
+#define ENCAP_TTL 64
+#define IP_DF 0x4000
 
 /* The kernel's struct sock, only ever passed through. libbpf matches the kfunc's prototype against the
  * kernel's BTF kind by kind, and a forward declaration (FWD) would not match its STRUCT. */
@@ -308,13 +315,116 @@ static __always_inline int reset_allowed(const struct backend_config *cfg)
 	return token_take(bpf_map_lookup_elem(&reset_budget, &zero), cfg->reset_cost_ns, cfg->reset_credit_ns);
 }
 
+/* What the encapsulation said, kept past decapsulate() (which moves the packet). */
+struct arrival {
+	struct encap_header header;
+	__be32 self;        /* the outer destination: this backend's farm address */
+	__be16 source_port; /* the front's flow-hash port, kept along the chain */
+};
+
+/* Where a backend with no connection for this unflagged segment passes it on (encap.next_owner): from
+ * a front's packet, to the first former owner named that is not itself; from a chained one, when it is
+ * the previous owner, to the earlier. 0: this is the last hop. */
+static __always_inline __be32 next_owner(const struct arrival *arrival)
+{
+	const struct former_owners *former = &arrival->header.former;
+	__be32 self = arrival->self;
+
+	if (!(arrival->header.flags & ENCAP_FLAG_CHAINED)) {
+		if (former->previous && former->previous != self)
+			return former->previous;
+	} else if (former->previous != self) {
+		return 0;
+	}
+	return former->earlier != self ? former->earlier : 0;
+}
+
+/* Pass the decapsulated segment on to `next`, as encap.chain builds it: the same inner packet, UDP ports
+ * and former owners, from this backend to that one, flagged CHAINED, MACed anew with the primary encap
+ * key; back out of the farm interface it came in by, the kernel resolving the neighbour when it is not
+ * yet (backends seldom talk to each other). Returns the verdict, CHAIN_UNROUTED when there is no route
+ * to `next` (the packet untouched: this backend is then the last hop), or CHAIN_BROKEN. */
+#define CHAIN_UNROUTED -1
+#define CHAIN_BROKEN -2
+static __always_inline int chain_to(struct __sk_buff *skb, const struct segment *seg, const struct arrival *arrival,
+				    __be32 next, const struct backend_config *cfg)
+{
+	__u32 zero = 0;
+	const struct encap_keys *keys = bpf_map_lookup_elem(&encap_keys, &zero);
+	__u8 flags = arrival->header.flags | ENCAP_FLAG_CHAINED;
+	union encap_message message;
+	struct {
+		struct iphdr ip;
+		struct udphdr udp;
+		struct encap_header header;
+	} outer = {};
+	__be16 ip_type = bpf_htons(ETH_P_IP);
+
+	/* From the egress's view, out of the interface it came in by: a backend need not forward. */
+	struct bpf_fib_lookup fib = {
+		.family = AF_INET,
+		.l4_protocol = IPPROTO_UDP,
+		.sport = arrival->source_port,
+		.dport = bpf_htons(cfg->encap_port),
+		.tot_len = ENCAP_OVERHEAD + seg->ip_length,
+		.ifindex = skb->ifindex,
+		.ipv4_src = arrival->self,
+		.ipv4_dst = next,
+	};
+	int route = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+	if (route != BPF_FIB_LKUP_RET_SUCCESS && route != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return CHAIN_UNROUTED;
+	if (!keys || !keys->nkeys)
+		return CHAIN_UNROUTED;
+	encap_message_of(&message, arrival->self, next, seg, flags, &arrival->header.former);
+	__u64 mac = bpf_cpu_to_be64(encap_mac(&message, keys->keys[0]));
+	outer.ip.version = 4;
+	outer.ip.ihl = 5;
+	outer.ip.tot_len = bpf_htons(ENCAP_OVERHEAD + seg->ip_length);
+	outer.ip.frag_off = bpf_htons(IP_DF);
+	outer.ip.ttl = ENCAP_TTL;
+	outer.ip.protocol = IPPROTO_UDP;
+	outer.ip.saddr = arrival->self;
+	outer.ip.daddr = next;
+	outer.ip.check = ipv4_header_fold(&outer.ip);
+	outer.udp.source = arrival->source_port;
+	outer.udp.dest = bpf_htons(cfg->encap_port);
+	outer.udp.len = bpf_htons(ENCAP_OVERHEAD - sizeof(struct iphdr) + seg->ip_length);
+	outer.header = arrival->header;
+	outer.header.flags = flags;
+	__builtin_memcpy(outer.header.mac, &mac, sizeof(mac));
+	_Static_assert(sizeof(outer) == ENCAP_OVERHEAD, "outer IPv4 + UDP + header");
+
+	/* A packet chained once arrives with skb->encapsulation still set by the first hop's grow (veth and
+	 * forwarding keep it), and the encapsulating grow refuses it (-EALREADY): grow it plainly then (the
+	 * Ethernet type written below says what it is; a received segment needs no offload). */
+	long grown = bpf_skb_adjust_room(skb, ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC,
+					 BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP);
+	if (grown == -EALREADY)
+		grown = bpf_skb_adjust_room(skb, ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC, 0);
+	if (grown ||
+	    bpf_skb_store_bytes(skb, __builtin_offsetof(struct ethhdr, h_proto), &ip_type, 2, 0) ||
+	    bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &outer, sizeof(outer), 0))
+		return CHAIN_BROKEN;
+	if (route == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		struct bpf_redir_neigh next_hop = {.nh_family = AF_INET, .ipv4_nh = fib.ipv4_dst};
+
+		return bpf_redirect_neigh(fib.ifindex, &next_hop, sizeof(next_hop), 0);
+	}
+	if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) || bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
+		return CHAIN_BROKEN;
+	return bpf_redirect(fib.ifindex, 0);
+}
+
 /* A decapsulated unflagged segment. A front cannot tell a forged ACK from one of an established
- * connection, so it forwards both: pass what a connection owns; what none owns (no socket, or only a
- * listener) the kernel would answer with a RST, unbounded, so pass it only within the reset budget
- * (a client whose connection this backend lost still gets its reset) and drop the rest. A client's RST
- * is never answered: drop it. docs/backend.md. */
+ * connection, so it forwards both: pass what a connection owns. What none owns (no socket, or only a
+ * listener) may belong to a connection a former owner of the flow holds (a backend change moved the
+ * flow here): pass it on (next_owner). The last hop is where the kernel would answer it with a RST,
+ * unbounded, so it is passed only within the reset budget (a client whose connection this backend lost
+ * still gets its reset) and the rest dropped. A client's RST is never answered: dropped.
+ * docs/backend.md. */
 static __always_inline int pass_if_owned(struct __sk_buff *skb, const struct segment *seg,
-					 const struct backend_config *cfg)
+					 const struct arrival *arrival, const struct backend_config *cfg)
 {
 	struct bpf_sock *skc = socket_of(skb, seg);
 
@@ -324,6 +434,20 @@ static __always_inline int pass_if_owned(struct __sk_buff *skb, const struct seg
 		bpf_sk_release(skc);
 		if (!listening)
 			return TC_ACT_OK;
+	}
+	__be32 next = next_owner(arrival);
+	if (next) {
+		int verdict = chain_to(skb, seg, arrival, next, cfg);
+
+		if (verdict == CHAIN_BROKEN || verdict == TC_ACT_SHOT) {
+			COUNT(COUNTER_CHAIN_FAILED);
+			return TC_ACT_SHOT;
+		}
+		if (verdict != CHAIN_UNROUTED) {
+			COUNT(COUNTER_CHAINED);
+			return verdict;
+		}
+		COUNT(COUNTER_CHAIN_FAILED); /* no route to it: the last hop, so the client is not left hanging */
 	}
 	if (!(seg->flags & TCP_FLAG_RST) && reset_allowed(cfg)) {
 		COUNT(COUNTER_NO_FLOW_RESET);
@@ -351,17 +475,17 @@ static __always_inline int encap_mac_valid(const struct encap_header *header, __
 {
 	__u32 zero = 0;
 	struct encap_keys *keys = bpf_map_lookup_elem(&encap_keys, &zero);
-	union cookie_message message;
+	union encap_message message;
 	__u64 mac;
 
 	if (!keys)
 		return 0;
 	__builtin_memcpy(&mac, header->mac, 8);
 	mac = bpf_be64_to_cpu(mac);
-	encap_message_of(&message, outer_saddr, outer_daddr, seg, header->flags);
+	encap_message_of(&message, outer_saddr, outer_daddr, seg, header->flags, &header->former);
 #pragma unroll
 	for (__u32 i = 0; i < MAX_SECRETS; i++) {
-		if (i < keys->nkeys && siphash24_48(message.words, keys->keys[i]) == mac)
+		if (i < keys->nkeys && encap_mac(&message, keys->keys[i]) == mac)
 			return 1;
 	}
 	return 0;
@@ -394,14 +518,17 @@ static __always_inline int decapsulate(struct __sk_buff *skb, __u8 inner_version
 router towards the client: "fragmentation needed", "packet too big", "unreachable", "time exceeded").
 Passed to the stack, whose TCP finds the socket from the quoted segment and lowers its path MTU (it
 ignores errors whose quoted sequence number is outside the window), only when the front's MAC covers
-the flow and the flag, and the flow is a protected VIP and port the error was sent to. */
+the flow and the flag, and the flow is a protected VIP and port the error was sent to. It is not passed
+on along the chain (a backend never flags one CHAINED): where no socket here owns the flow, the stack
+drops it, so a connection a backend change left on a former owner misses the errors about it
+(docs/backend.md). */
 static __always_inline int pass_icmp_error(struct __sk_buff *skb, const struct encap_header *header,
 					   __be32 outer_saddr, __be32 outer_daddr)
 {
 	struct segment error = {}, flow = {};
 
 	if (!parse_icmp_error((void *)(long)skb->data, (void *)(long)skb->data_end, &error, &flow) ||
-	    (header->flags & ENCAP_FLAG_VALIDATED)) {
+	    (header->flags & (ENCAP_FLAG_VALIDATED | ENCAP_FLAG_CHAINED))) {
 		COUNT(COUNTER_ENCAP_REFUSED);
 		return TC_ACT_SHOT;
 	}
@@ -441,45 +568,52 @@ int synproxy_backend(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 
+	/* A chained packet comes from a backend, which this one may not know (added since its last
+	 * reload): its MAC alone admits it. Everything else must come from a trusted front. */
 	__u8 front[16];
 	ipv4_mapped(front, &ip->saddr);
-	if (!bpf_map_lookup_elem(&trusted_fronts, front)) {
+	int chained = (void *)(header + 1) <= data_end && (header->flags & ENCAP_FLAG_CHAINED);
+	if (!chained && !bpf_map_lookup_elem(&trusted_fronts, front)) {
 		COUNT(COUNTER_UNTRUSTED);
 		return TC_ACT_SHOT;
 	}
 	__u8 *inner = (void *)(header + 1);
-	if ((void *)(inner + 1) > data_end || header->magic != ENCAP_MAGIC || header->reserved) {
+	if ((void *)(inner + 1) > data_end || header->magic != ENCAP_MAGIC || header->version != ENCAP_VERSION ||
+	    header->reserved) {
 		COUNT(COUNTER_MALFORMED);
 		return TC_ACT_SHOT;
 	}
 	/* Kept past decapsulate(), which moves the packet. */
-	struct encap_header seen = *header;
-	__be32 outer_saddr = ip->saddr, outer_daddr = ip->daddr;
+	struct arrival arrival = {.header = *header, .self = ip->daddr, .source_port = udp->source};
+	__be32 outer_saddr = ip->saddr;
 	__u8 inner_version = *inner >> 4;
 	if ((inner_version != 4 && inner_version != 6) || decapsulate(skb, inner_version)) {
 		COUNT(COUNTER_MALFORMED);
 		return TC_ACT_SHOT;
 	}
-	if (seen.flags & ENCAP_FLAG_ICMP)
-		return pass_icmp_error(skb, &seen, outer_saddr, outer_daddr);
+	if (arrival.header.flags & ENCAP_FLAG_ICMP)
+		return pass_icmp_error(skb, &arrival.header, outer_saddr, arrival.self);
 	/* The MAC covers the inner addresses and ports: only a TCP segment can be checked (and a front
 	 * forwards nothing else). */
 	if (!parse_segment(skb, &seg)) {
 		COUNT(COUNTER_ENCAP_REFUSED);
 		return TC_ACT_SHOT;
 	}
-	if (!encap_mac_valid(&seen, outer_saddr, outer_daddr, &seg)) {
+	if (!encap_mac_valid(&arrival.header, outer_saddr, arrival.self, &seg)) {
 		COUNT(COUNTER_ENCAP_BAD_MAC);
 		return TC_ACT_SHOT;
 	}
-	if (!forwarded_by_a_front(&seg)) {
+	/* Only a front flags VALIDATED and only a backend CHAINED: a backend never passes on a handshake. */
+	if (!forwarded_by_a_front(&seg) ||
+	    (arrival.header.flags & (ENCAP_FLAG_VALIDATED | ENCAP_FLAG_CHAINED)) ==
+		    (ENCAP_FLAG_VALIDATED | ENCAP_FLAG_CHAINED)) {
 		COUNT(COUNTER_ENCAP_REFUSED);
 		return TC_ACT_SHOT;
 	}
 	COUNT(COUNTER_DECAPSULATED);
-	if (seen.flags & ENCAP_FLAG_VALIDATED)
+	if (arrival.header.flags & ENCAP_FLAG_VALIDATED)
 		return create_connection(skb, &seg, cfg);
-	return pass_if_owned(skb, &seg, cfg);
+	return pass_if_owned(skb, &seg, &arrival, cfg);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -44,7 +44,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, MAGLEV_TABLE_SIZE);
 	__type(key, __u32);
-	__type(value, __be32); /* the backend's IPv4 address */
+	__type(value, struct maglev_owners);
 } maglev SEC(".maps");
 
 /* The next hop to a backend, as bpf_fib_lookup gave it, per CPU: the lookup costs ~200 ns of a forwarded
@@ -118,25 +118,6 @@ static __always_inline int count(const struct segment *seg, __u32 outcome, int v
 static __always_inline int count_xdp(const struct segment *seg, __u32 outcome, int verdict)
 {
 	return count_on(FRONT_PATH_XDP, seg, outcome, verdict);
-}
-
-/* A 32-bit one's-complement sum (bpf_csum_diff's) folded to the 16-bit checksum field's value. */
-static __always_inline __u16 fold(__u64 sum)
-{
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return ~sum & 0xffff;
-}
-
-/* An IPv4 header's (20 bytes, no options) one's-complement sum, folded: 0 when its checksum holds, the
- * checksum to write when the field is 0. Five loads where bpf_csum_diff is a helper call: ~20 ns less
- * per forwarded packet (benchmarks/front_xdp_cost.py). */
-static __always_inline __u16 ipv4_header_fold(const struct iphdr *ip)
-{
-	const __u32 *words = (const void *)ip;
-
-	return fold((__u64)words[0] + words[1] + words[2] + words[3] + words[4]);
 }
 
 /* The sum of the TCP pseudo-header (addresses as given, 16-byte form; protocol; TCP length) folded to 32
@@ -720,11 +701,14 @@ static __always_inline int route_to_backend(void *ctx, int xdp, const struct fro
 	return 1;
 }
 
-/* What forwarding a segment takes, decided: where to, and the encapsulation's fields. */
+/* What forwarding a segment takes, decided: where to, and the encapsulation's fields. Callers zero it:
+ * with the former owners in it, clang stored a never-set register into a field on a path that leaves
+ * the plan unused (the queued one), which the verifier refuses (R2 !read_ok). */
 struct forwarding_plan {
 	struct route next_hop;
 	__be32 farm_address;
 	__be32 backend;
+	struct former_owners former; /* the slot's, named in the header (Beamer's chain) */
 	__be16 encap_port;
 	__be16 source_port;
 	__u8 flags;
@@ -740,24 +724,31 @@ static __always_inline int forwarded(__u32 outcome)
 }
 
 /* Where `seg`'s flow goes (its Maglev backend and the route there) and the encapsulation's fields, with
- * `flags`, for a packet decided as `outcome`: that outcome, or the one that leaves it to the queue. */
+ * `flags` and the slot's former owners (an ICMP error's too: its flow's slot), for a packet decided as
+ * `outcome`: that outcome, or the one that leaves it to the queue. */
 static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct front_forwarding *fwd,
 						const struct segment *seg, __u8 flags, __u64 tai_ns, __u32 outcome,
 						struct forwarding_plan *plan)
 {
 	__u64 flow = flow_hash(seg, fwd->flow_key);
 	__u32 index = flow % MAGLEV_TABLE_SIZE;
-	const __be32 *entry = bpf_map_lookup_elem(&maglev, &index);
-	if (!entry || !*entry)
+	const struct maglev_owners *entry = bpf_map_lookup_elem(&maglev, &index);
+	if (!entry)
 		return FRONT_QUEUED;
-	plan->backend = *entry; /* read once: the loader may rewrite it */
+	/* Read once: the loader may rewrite them (the former owners first). */
+	__be32 backend = entry->current;
+	struct former_owners former = entry->former;
+	if (!backend)
+		return FRONT_QUEUED;
+	plan->backend = backend;
+	plan->former = former;
 	plan->source_port = bpf_htons(ENCAP_SOURCE_PORT_BASE | (flow & ENCAP_SOURCE_PORT_MASK));
 	if (!route_to_backend(ctx, xdp, fwd, plan->backend, plan->source_port, tai_ns, &plan->next_hop))
 		return FRONT_UNROUTED;
 
-	union cookie_message message;
-	encap_message_of(&message, fwd->farm_address, plan->backend, seg, flags);
-	plan->mac = bpf_cpu_to_be64(siphash24_48(message.words, fwd->encap_key));
+	union encap_message message;
+	encap_message_of(&message, fwd->farm_address, plan->backend, seg, flags, &plan->former);
+	plan->mac = bpf_cpu_to_be64(encap_mac(&message, fwd->encap_key));
 	plan->farm_address = fwd->farm_address;
 	plan->encap_port = fwd->encap_port;
 	plan->flags = flags;
@@ -852,7 +843,9 @@ static __always_inline void build_encapsulation(void *to, const struct forwardin
 	udp->check = 0;
 	header->magic = ENCAP_MAGIC;
 	header->flags = plan->flags;
+	header->version = ENCAP_VERSION;
 	header->reserved = 0;
+	header->former = plan->former;
 	__builtin_memcpy(header->mac, &plan->mac, sizeof(plan->mac));
 }
 
@@ -881,7 +874,7 @@ static __always_inline int encapsulate_xdp(struct xdp_md *ctx, const struct segm
 
 static __noinline int forward_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg)
 {
-	struct forwarding_plan plan;
+	struct forwarding_plan plan = {};
 	__u32 outcome = plan_forwarding(ctx, 1, seg, cfg, &plan);
 
 	if (!forwarded(outcome))
@@ -915,7 +908,7 @@ static __always_inline int encapsulate_tc(struct __sk_buff *skb, const struct se
 
 static __noinline int forward_tc(struct __sk_buff *skb, const struct segment *seg, const struct front_config *cfg)
 {
-	struct forwarding_plan plan;
+	struct forwarding_plan plan = {};
 
 	if (skb->gso_segs > 1)
 		return count(seg, FRONT_QUEUED, TC_ACT_OK);
@@ -972,7 +965,7 @@ static __always_inline int icmp_dropped(__u32 outcome)
 
 static __noinline int forward_icmp_error_xdp(struct xdp_md *ctx, struct segment *error)
 {
-	struct forwarding_plan plan;
+	struct forwarding_plan plan = {};
 	__u32 outcome = plan_icmp_error(ctx, 1, error, &plan);
 
 	if (outcome == NOT_OURS)
@@ -984,7 +977,7 @@ static __noinline int forward_icmp_error_xdp(struct xdp_md *ctx, struct segment 
 
 static __noinline int forward_icmp_error_tc(struct __sk_buff *skb, struct segment *error)
 {
-	struct forwarding_plan plan;
+	struct forwarding_plan plan = {};
 	__u32 outcome = plan_icmp_error(skb, 0, error, &plan);
 
 	if (outcome == NOT_OURS)

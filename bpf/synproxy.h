@@ -33,18 +33,28 @@
 static const __u16 mss_table_v4[4] = {536, 1300, 1440, 1460};
 static const __u16 mss_table_v6[4] = {1220, 1420, 1440, 8940};
 
-/* --- encapsulation v2: outer IPv4 (20) + UDP (8) + this header (12) (docs/backend.md) --- */
+/* --- encapsulation v3: outer IPv4 (20) + UDP (8) + this header (20) (docs/backend.md) --- */
 #define ENCAP_MAGIC 0x5c
-#define ENCAP_FLAG_VALIDATED 0x01
-#define ENCAP_FLAG_ICMP 0x02 /* an ICMP error about the flow; the MAC's tuple is the flow's (client -> VIP) */
-#define ENCAP_OVERHEAD 40
-#define ENCAP_MAC_INPUT_BYTES 48
+#define ENCAP_VERSION 3
+#define ENCAP_FLAG_VALIDATED 0x01 /* a handshake ACK whose cookie a front found valid */
+#define ENCAP_FLAG_ICMP 0x02      /* an ICMP error about the flow; the MAC's tuple is the flow's (client -> VIP) */
+#define ENCAP_FLAG_CHAINED 0x04   /* passed on by a backend to a former owner (encap.next_owner) */
+#define ENCAP_OVERHEAD 48
+#define ENCAP_MAC_INPUT_BYTES 56
+
+/* The flow's former owners (Beamer's chain, two deep; maglev.PreviousOwners), 0: none. */
+struct former_owners {
+	__be32 previous; /* the most recent */
+	__be32 earlier;  /* the oldest within the window, or a draining owner */
+};
 
 struct encap_header {
 	__u8 magic;
 	__u8 flags;
-	__u16 reserved; /* zero */
-	__u8 mac[8];    /* SipHash-2-4 of encap_message_of()'s 48 bytes under an encap key, big endian */
+	__u8 version;     /* ENCAP_VERSION */
+	__u8 reserved;    /* zero */
+	struct former_owners former;
+	__u8 mac[8];      /* SipHash-2-4 of encap_message_of()'s 56 bytes under an encap key, big endian */
 };
 
 /* bpf_skb_adjust_room flags (Linux 6.3) that also set skb->protocol to the inner family; the 6.1 uapi
@@ -206,10 +216,15 @@ struct front_forwarding {
 	__u8 flow_key[16];   /* maglev.derive_flow_key */
 };
 
-/* The front's Maglev table (maglev.build_table, written by the loader): entry flow_hash % size holds the
- * backend's IPv4 address itself, so a reload rewrites entries one aligned u32 at a time and a reader
- * never pairs an old index with a new backend list. 0: not written yet. */
+/* The front's Maglev table (maglev.build_table, written by the loader), entry flow_hash % size: the
+ * backend's IPv4 address itself (a reader never pairs an old index with a new backend list) and the
+ * slot's former owners (maglev.PreviousOwners), one lookup for all. The loader writes the former owners
+ * before the current one (synproxy/front/fastpath.py). current 0: not written yet. */
 #define MAGLEV_TABLE_SIZE 65537
+struct maglev_owners {
+	__be32 current;
+	struct former_owners former;
+};
 
 /* Indices of the per-CPU `counters` map; synproxy/backend/loader.py names them in this order. */
 enum counter {
@@ -231,6 +246,9 @@ enum counter {
 	COUNTER_NO_FLOW_RESET,     /* unflagged, no connection owns it (none, or only a listener): passed
 				    * within the reset budget, and the kernel answers it with a RST */
 	COUNTER_NO_FLOW_DROPPED,   /* the same beyond the budget, or a client's RST (never answered): dropped */
+	COUNTER_CHAINED,           /* unflagged, no connection owns it, a former owner to try: re-encapsulated
+				    * to it (Beamer's daisy chain, encap.next_owner) */
+	COUNTER_CHAIN_FAILED,      /* the same, but re-encapsulating or routing it failed: dropped */
 	COUNTER_ICMP_PASSED,       /* flagged ICMP: an error about a protected flow, passed to the stack */
 	COUNTER_TIME_WAIT_RECYCLED,   /* valid cookie meeting a TIME_WAIT socket RFC 6191 would recycle for its
 				       * SYN: reported to the loader (which destroys it), dropped */
@@ -272,8 +290,8 @@ struct bpf_tcp_req_attrs {
 };
 _Static_assert(sizeof(struct bpf_tcp_req_attrs) == 20, "the kfunc checks attrs__sz against 20");
 
-/* --- SipHash over a message of whole 64-bit little-endian words (the cookie's and the encapsulation's
- * 48 bytes: SipHash-2-4; the flow hash's 40: SipHash-1-3) --- */
+/* --- SipHash over a message of whole 64-bit little-endian words (the cookie's 48 bytes and the
+ * encapsulation's 56: SipHash-2-4; the flow hash's 40: SipHash-1-3) --- */
 #define SIP_ROTL(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
 #define SIP_ROUND                                                              \
 	do {                                                                   \
@@ -319,10 +337,29 @@ static __always_inline __u64 siphash_words(const __u64 *m, int words, int c_roun
 	return v0 ^ v1 ^ v2 ^ v3;
 }
 
-/* SipHash-2-4 of the 48-byte cookie (or encapsulation) message. */
+/* SipHash-2-4 of the 48-byte cookie message. */
 static __always_inline __u64 siphash24_48(const __u64 m[COOKIE_MAC_INPUT_BYTES / 8], const __u8 key[16])
 {
 	return siphash_words(m, COOKIE_MAC_INPUT_BYTES / 8, 2, 4, key);
+}
+
+/* A 32-bit one's-complement sum (bpf_csum_diff's) folded to the 16-bit checksum field's value. */
+static __always_inline __u16 fold(__u64 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return ~sum & 0xffff;
+}
+
+/* An IPv4 header's (20 bytes, no options) one's-complement sum, folded: 0 when its checksum holds, the
+ * checksum to write when the field is 0. Five loads where bpf_csum_diff is a helper call: ~20 ns less
+ * per forwarded packet (benchmarks/front_xdp_cost.py). */
+static __always_inline __u16 ipv4_header_fold(const struct iphdr *ip)
+{
+	const __u32 *words = (const void *)ip;
+
+	return fold((__u64)words[0] + words[1] + words[2] + words[3] + words[4]);
 }
 
 /* A TCP segment of the (inner) packet, addresses in the MAC message's 16-byte form. */
@@ -557,10 +594,16 @@ static __always_inline void cookie_message_of(union cookie_message *message, con
 	__builtin_memcpy(&message->bytes[44], &data_be, 2);
 }
 
-/* The 48 bytes the encapsulation's MAC covers (docs/backend.md): outer source and destination, the
- * inner addresses (16-byte form) and ports, the header's flags, three zero bytes. */
-static __always_inline void encap_message_of(union cookie_message *message, __be32 outer_saddr,
-					     __be32 outer_daddr, const struct segment *seg, __u8 flags)
+union encap_message {
+	__u8 bytes[ENCAP_MAC_INPUT_BYTES];
+	__u64 words[ENCAP_MAC_INPUT_BYTES / 8];
+};
+
+/* The 56 bytes the encapsulation's MAC covers (docs/backend.md): outer source and destination, the
+ * inner addresses (16-byte form) and ports, the header's flags, three zero bytes, the former owners. */
+static __always_inline void encap_message_of(union encap_message *message, __be32 outer_saddr,
+					     __be32 outer_daddr, const struct segment *seg, __u8 flags,
+					     const struct former_owners *former)
 {
 	__builtin_memset(message, 0, sizeof(*message));
 	__builtin_memcpy(&message->bytes[0], &outer_saddr, 4);
@@ -570,8 +613,13 @@ static __always_inline void encap_message_of(union cookie_message *message, __be
 	__builtin_memcpy(&message->bytes[40], &seg->sport, 2);
 	__builtin_memcpy(&message->bytes[42], &seg->dport, 2);
 	message->bytes[44] = flags;
+	__builtin_memcpy(&message->bytes[48], former, sizeof(*former));
 }
-_Static_assert(ENCAP_MAC_INPUT_BYTES == COOKIE_MAC_INPUT_BYTES, "both MACs run siphash24_48");
+
+static __always_inline __u64 encap_mac(const union encap_message *message, const __u8 key[16])
+{
+	return siphash_words(message->words, ENCAP_MAC_INPUT_BYTES / 8, 2, 4, key);
+}
 
 /* Is `epoch` accepted at `now_ns` (wall-clock ns)? The window of SaltSchedule.accepted_epochs
  * (synproxy/salt.py): [floor((now - period - skew) / period), floor((now + skew) / period)]. Each program

@@ -37,6 +37,12 @@ UNKNOWN_FLOW_RESETS_PER_SECOND = 1000
 MAX_UNKNOWN_FLOW_RESETS_PER_SECOND = 1_000_000
 # front.data_plane: where the front handles packets (docs/front.md); front.xdp_mode: how XDP attaches.
 DATA_PLANES = ("auto", "xdp", "tc", "nfqueue")
+# How long a front chains a moved flow's packets to the backend that owned it before a change (Beamer's
+# previous table, docs/backend.md): longer than the connections that must survive a change. An hour
+# covers ordinary ones; the cost of a long window is a second hop for a moved flow's packets that its
+# new owner holds no connection for (old connections, forged ACKs).
+PREVIOUS_TABLE_SECONDS = 3600.0
+MAX_BACKEND_WEIGHT = 1000  # Maglev turns per round: proportions finer than 1:1000 mean nothing at 65537 slots
 XDP_MODES = ("auto", "native", "generic")
 # A TFO cookie lives one to two key periods and a client keeps it across visits (docs/cookie.md): a period
 # shorter than a minute would make clients re-learn cookies all the time for no gain.
@@ -68,8 +74,18 @@ class FrontConfig:
     data_plane: str                 # auto, xdp, tc or nfqueue (docs/front.md)
     interfaces: tuple[str, ...]     # where the kernel data plane attaches; () = the default routes' interfaces
     xdp_mode: str                   # auto, native or generic
+    previous_table_seconds: float   # how long a moved flow is chained to its previous backend
     workers: int = 1                # queue-reading processes, on queues queue_num .. queue_num + workers - 1
     bgp: BgpConfig | None = None
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """One of `backends`: an address, or a mapping with these keys."""
+    address: IPAddress
+    weight: int = 1       # Maglev share relative to the others
+    drain: bool = False   # no new connections; its own keep being chained to it while it is listed
+    down: bool = False    # gone: no new connections, nothing chained to it (its connections reset)
 
 
 @dataclass(frozen=True)
@@ -99,10 +115,11 @@ class Config:
     backend_mss: int
     encap_port: int
     fronts: tuple[IPAddress, ...]
-    backends: tuple[IPAddress, ...]
+    backends: tuple[IPAddress, ...]         # every listed backend's address, draining and down ones too
     front: FrontConfig
     backend: BackendConfig
     farm_mtu: int = 1500  # the fronts-to-backends network's MTU: what an encapsulated packet may reach
+    backend_entries: tuple[BackendEntry, ...] = ()  # `backends` with their weight, drain and down settings
     tfo: TfoConfig = TfoConfig(enabled=False, key_period_seconds=DEFAULT_KEY_PERIOD_SECONDS)
     warnings: tuple[str, ...] = ()
     lines: dict[str, int] = field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -269,6 +286,7 @@ class _Field:
     default: Any = None
     required: bool = False
     many: bool = False
+    entry: dict | None = None  # many: an item may also be a mapping of this schema (its first key given as a scalar)
 
 
 PORT = _integer(1, 65535)
@@ -288,6 +306,13 @@ FRONT_SCHEMA = {
         "hold_time_seconds": _Field(_integer(3, 65535), 3),
         "stop_wait_seconds": _Field(_seconds(0, strict=False), 2.0),
     }, {}),
+    "previous_table_seconds": _Field(_seconds(0, strict=False), PREVIOUS_TABLE_SECONDS),
+}
+BACKEND_ENTRY_SCHEMA = {
+    "address": _Field(_address, required=True),
+    "weight": _Field(_integer(1, MAX_BACKEND_WEIGHT), 1),
+    "drain": _Field(_boolean, False),
+    "down": _Field(_boolean, False),
 }
 BACKEND_SCHEMA = {
     "interface": _Field(_text),
@@ -313,7 +338,7 @@ SCHEMA = {
     "encap_port": _Field(PORT, 6080),
     "farm_mtu": _Field(_integer(576, 65535), 1500),
     "fronts": _Field(_address, (), many=True),
-    "backends": _Field(_address, required=True, many=True),
+    "backends": _Field(_address, required=True, many=True, entry=BACKEND_ENTRY_SCHEMA),
     "front": _Field(FRONT_SCHEMA, {}),
     "backend": _Field(BACKEND_SCHEMA, {}),
     "tfo": _Field(TFO_SCHEMA, {}),
@@ -384,8 +409,18 @@ class _Reader:
                 raise self.error(node, name, f"expected a list, got {_described(node)}")
             if field_.required and not node.value:
                 raise self.error(node, name, "must not be empty")
-            return tuple(self.scalar(item, field_.check, name) for item in node.value)
+            return tuple(self.item(item, field_, name) for item in node.value)
         return self.scalar(node, field_.check, name)
+
+    def item(self, node: yaml.Node, field_: _Field, name: str) -> Any:
+        """One list item: a scalar, or with ``entry`` a mapping (the scalar form fills its first key)."""
+        if field_.entry is None:
+            return self.scalar(node, field_.check, name)
+        if isinstance(node, yaml.MappingNode):
+            return self.section(node, field_.entry, name)
+        first = next(iter(field_.entry))
+        return {key: self.scalar(node, field_.check, name) if key == first else entry.default
+                for key, entry in field_.entry.items()}
 
     def scalar(self, node: yaml.Node, check: Callable[[Any], Any], name: str) -> Any:
         if not isinstance(node, yaml.ScalarNode):
@@ -437,7 +472,8 @@ def parse_config(text: str, source: Path) -> Config:
         salt_period_seconds=values["salt_period_seconds"],
         clock_skew_seconds=values["clock_skew_seconds"], server_wscale=values["server_wscale"],
         backend_mss=values["backend_mss"], encap_port=values["encap_port"], farm_mtu=values["farm_mtu"],
-        fronts=values["fronts"], backends=values["backends"],
+        fronts=values["fronts"], backends=tuple(entry["address"] for entry in values["backends"]),
+        backend_entries=tuple(BackendEntry(**entry) for entry in values["backends"]),
         front=FrontConfig(**{**values["front"], "bgp": BgpConfig(**values["front"]["bgp"])}),
         backend=BackendConfig(**values["backend"]), tfo=TfoConfig(**values["tfo"]),
         warnings=tuple(reader.warnings), lines=reader.lines)
@@ -450,13 +486,20 @@ def _key_node(root: yaml.MappingNode, key: str) -> yaml.Node:
 
 def _check_relations(values: dict, root: yaml.MappingNode, reader: _Reader) -> None:
     """Constraints between keys, reported at the later key's line."""
-    for key in ("vips", "ports", "fronts", "backends"):
-        if len(set(values[key])) != len(values[key]):
+    backends = [entry["address"] for entry in values["backends"]]
+    for key, listed in (("vips", values["vips"]), ("ports", values["ports"]), ("fronts", values["fronts"]),
+                        ("backends", backends)):
+        if len(set(listed)) != len(listed):
             raise reader.error(_key_node(root, key), key, "lists the same entry twice")
+    if any(entry["drain"] and entry["down"] for entry in values["backends"]):
+        raise reader.error(_key_node(root, "backends"), "backends", "a backend is either draining or down, not both")
+    if all(entry["drain"] or entry["down"] for entry in values["backends"]):
+        raise reader.error(_key_node(root, "backends"), "backends",
+                           "every backend is draining or down: new connections would have nowhere to go")
     if values["clock_skew_seconds"] > values["salt_period_seconds"]:
         raise reader.error(_key_node(root, "clock_skew_seconds"), "clock_skew_seconds",
                            "must not exceed salt_period_seconds")
-    overlap = set(values["vips"]) & (set(values["fronts"]) | set(values["backends"]))
+    overlap = set(values["vips"]) & (set(values["fronts"]) | set(backends))
     if overlap:
         raise reader.error(_key_node(root, "vips"), "vips",
                            f"{', '.join(map(str, sorted(overlap)))} is also a front or backend address")

@@ -181,5 +181,6 @@ def encapsulations(count: int, key: bytes, front: bytes, backend: bytes, port: i
         else:
             mac = rng.getrandbits(64)
         length = 8 + encap.HEADER_BYTES + len(packet)
-        header = struct.pack("!HHHHBBHQ", 0xC000, port, length, 0, encap.MAGIC, flags, 0, mac)
+        header = struct.pack("!HHHHBBBx8sQ", 0xC000, port, length, 0, encap.MAGIC, flags, encap.VERSION,
+                             encap.NO_FORMER_OWNERS, mac)
         yield kind, genuine, build_ip_header(front, backend, PROTO_UDP, length) + header + packet

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import signal
 import socket
+import struct
 import time
 
 import pytest
@@ -71,17 +73,20 @@ def inner_flow(inner: bytes) -> tuple[bytes, bytes, int, int]:
 
 
 def encapsulated(inner: bytes, source: str = FRONT, flags: int = 1, magic: int = 0x5C, reserved: int = 0,
-                 key: bytes = KEY, mac_for: tuple[str, str] | None = None, mac_flags: int | None = None) -> bytes:
+                 key: bytes = KEY, mac_for: tuple[str, str] | None = None, mac_flags: int | None = None,
+                 version: int = encap.VERSION, former: tuple[str, str] = ("0.0.0.0", "0.0.0.0"),
+                 destination: str = BACKEND) -> bytes:
     """As a front encapsulates, MACed with ``key`` for the outer addresses ``mac_for`` (default: the
-    packet's own) and ``mac_flags`` (default: its own flags)."""
+    packet's own) and ``mac_flags`` (default: its own flags), naming the ``former`` owners."""
     mac = 0
+    owner = b"".join(ipaddress.ip_address(a).packed for a in former)
     if len(inner) >= 24:
-        outer = mac_for or (source, BACKEND)
+        outer = mac_for or (source, destination)
         message = encap.mac_input(*(ipaddress.ip_address(a).packed for a in outer), *inner_flow(inner),
-                                  flags if mac_flags is None else mac_flags)
+                                  flags if mac_flags is None else mac_flags, owner)
         mac = encap.encap_mac(key, message)
-    return raw(Ether() / IP(src=source, dst=BACKEND) / UDP(sport=50000, dport=ENCAP_PORT, chksum=0)
-               / Raw(bytes([magic, flags]) + reserved.to_bytes(2, "big") + mac.to_bytes(8, "big") + inner))
+    return raw(Ether() / IP(src=source, dst=destination) / UDP(sport=50000, dport=ENCAP_PORT, chksum=0)
+               / Raw(bytes([magic, flags, version, reserved]) + owner + mac.to_bytes(8, "big") + inner))
 
 
 def run(plane: DataPlane, packet: bytes) -> tuple[int, bytes, dict]:
@@ -175,11 +180,13 @@ def test_untrusted_source_is_dropped_before_anything_is_parsed(monkeypatch, plan
 @pytest.mark.parametrize("packet", [
     encapsulated(raw(IP() / TCP()), magic=0x5D),
     encapsulated(raw(IP() / TCP()), reserved=1),
+    encapsulated(raw(IP() / TCP()), version=2),
     encapsulated(b"")[:-2],                    # the header cut short
     encapsulated(b"")[:-10],                   # the MAC cut short
     encapsulated(b""),                         # a header and nothing inside
     encapsulated(b"\x50" + bytes(39)),          # inner IP version 5
-], ids=["bad magic", "reserved bits", "truncated header", "truncated MAC", "no inner packet", "inner version"])
+], ids=["bad magic", "reserved bits", "v2 header", "truncated header", "truncated MAC", "no inner packet",
+        "inner version"])
 def test_malformed_encapsulation_is_dropped(plane, packet):
     verdict, _, changed = run(plane, packet)
     assert (verdict, changed) == (TC_ACT_SHOT, {"malformed": 1})
@@ -223,11 +230,14 @@ def test_plain_traffic_passes_untouched_and_syns_are_counted(plane):
 def test_every_encap_vector_is_accepted_exactly_as_sent(monkeypatch, plane, cookie_vectors, encap_vectors):
     """The vectors' packets are what a front sends: decapsulated, and the flagged handshake ACKs (whose
     cookies are cookie vectors) reach the socket lookup. No connection owns the others here: passed within
-    the reset budget, but a client's RST is dropped (the kernel would not answer it)."""
+    the reset budget, but a client's RST is dropped (the kernel would not answer it). Those naming a
+    previous owner are chained (test_a_segment_no_connection_owns_is_chained_...)."""
     assert (encap_vectors["front"], encap_vectors["backend"], encap_vectors["encap_port"]) == (FRONT, BACKEND,
                                                                                                ENCAP_PORT)
     load_salts(monkeypatch, plane, cookie_vectors, cookie_vectors["vectors"][0])
     for v in encap_vectors["vectors"]:
+        if "chained" in v:
+            continue
         inner = bytes.fromhex(v["inner"])
         verdict, out, changed = run(plane, ETHER + bytes.fromhex(v["packet"]))
         if v["validated"]:
@@ -238,6 +248,86 @@ def test_every_encap_vector_is_accepted_exactly_as_sent(monkeypatch, plane, cook
             expected = (TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
         assert (verdict, changed) == expected, v["name"]
         assert out[ETH_HEADER:] == inner and out[12:14] == (b"\x08\x00" if v["family"] == 4 else b"\x86\xdd")
+
+
+TC_ACT_REDIRECT = 7
+FARM_LINK = "bcha"
+HOPS = {"198.18.21.2": "02:00:00:00:21:02", "198.18.22.2": "02:00:00:00:22:02", BACKEND: "02:00:00:00:20:02"}
+UNRESOLVED_OWNER, UNROUTED_OWNER = "198.18.23.2", "203.0.113.9"
+SK_BUFF_IFINDEX = struct.Struct("=40xI")  # struct __sk_buff up to ifindex: the interface it came in by
+
+
+@pytest.fixture(scope="module")
+def farm():
+    """A namespace where the backend sits on the farm network: the vectors' former owners resolved
+    neighbours, another unresolved, a third unrouted. Runs there come in by the farm interface."""
+    name = netns.unique_name("bch")
+    with netns.namespaces(name):
+        netns.link(name, FARM_LINK, name, "bchb")
+        netns.add_addresses(name, FARM_LINK, "198.18.30.2/16")
+        for address, mac in HOPS.items():
+            netns.run(name, ["ip", "neigh", "replace", address, "lladdr", mac, "dev", FARM_LINK, "nud", "permanent"])
+        link = json.loads(netns.run(name, ["ip", "-j", "link", "show", FARM_LINK]).stdout)[0]
+        yield name, SK_BUFF_IFINDEX.pack(link["ifindex"]), bytes.fromhex(link["address"].replace(":", ""))
+
+
+def run_in(farm, plane: DataPlane, packet: bytes) -> tuple[int, bytes, dict]:
+    name, context, _ = farm
+    before = read_counters(plane.counters, plane.kfunc_errors)
+    with netns.inside(name):
+        verdict, out = prog_test_run(plane.prog_fd, packet, context=context)
+    after = read_counters(plane.counters, plane.kfunc_errors)
+    return verdict, out, {key: after[key] - before[key] for key in COUNTERS if after[key] != before[key]}
+
+
+def test_a_segment_no_connection_owns_goes_along_the_chain_as_encap_chain_builds_it(farm, plane, encap_vectors):
+    """Every vector naming former owners, flags and families alike (a RST too: a former owner may hold its
+    connection): sent back out of the farm interface, byte for byte encap.chain's packet after Ethernet
+    addresses from the neighbour table; and at the previous owner, the chained packet once more to the
+    earlier one. Nothing was chained before: the packets met the reset budget here."""
+    chained = [v for v in encap_vectors["vectors"] if "chained" in v]
+    assert {(v["family"], len(v["chained"])) for v in chained} == {(4, 1), (4, 2), (6, 1), (6, 2)}
+    for v in chained:
+        hops = [BACKEND, *(a for a in v["former"] if a != "0.0.0.0")]
+        for hop, (arriving, leaving) in enumerate(zip([v["packet"], *v["chained"]], v["chained"])):
+            verdict, out, changed = run_in(farm, plane, ETHER + bytes.fromhex(arriving))
+            assert (verdict, changed) == (TC_ACT_REDIRECT, {"decapsulated": 1, "chained": 1}), (v["name"], hop)
+            assert out == bytes.fromhex(HOPS[hops[hop + 1]].replace(":", "")) + farm[2] + b"\x08\x00" + \
+                bytes.fromhex(leaving), (v["name"], hop)
+        last = run_in(farm, plane, ETHER + bytes.fromhex(v["chained"][-1]))
+        expected = ({"decapsulated": 1, "no_flow_dropped": 1} if parse_tcp(bytes.fromhex(v["inner"])).flags & RST
+                    else {"decapsulated": 1, "no_flow_reset": 1})
+        assert last[::2] == (TC_ACT_SHOT if "no_flow_dropped" in expected else TC_ACT_OK, expected), v["name"]
+
+
+def test_a_chained_packet_comes_from_a_backend_no_one_trusts_and_is_admitted_by_its_mac(farm, plane):
+    """At a former owner: from a backend it need not know (added since its last reload), admitted by its
+    MAC alone; not flagged CHAINED, the same source is refused; a chained handshake never happens."""
+    inner = raw(IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=4100, dport=80, flags="PA", seq=7, ack=9) / b"x")
+    from_owner = encapsulated(inner, source="198.18.23.2", flags=encap.FLAG_CHAINED,
+                              former=("198.18.21.2", "0.0.0.0"))
+    assert run_in(farm, plane, from_owner)[::2] == (TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
+    unchained = encapsulated(inner, source="198.18.23.2", flags=0, former=("198.18.21.2", "0.0.0.0"))
+    assert run_in(farm, plane, unchained)[::2] == (TC_ACT_SHOT, {"untrusted": 1})
+    validated = encapsulated(inner, source="198.18.23.2", flags=encap.FLAG_CHAINED | encap.FLAG_VALIDATED,
+                             former=("198.18.21.2", "0.0.0.0"))
+    assert run_in(farm, plane, validated)[::2] == (TC_ACT_SHOT, {"encap_refused": 1})
+
+
+@pytest.mark.parametrize("former", [("0.0.0.0", "0.0.0.0"), (BACKEND, "0.0.0.0"), (BACKEND, BACKEND)])
+def test_naming_no_former_owner_or_itself_makes_it_the_last_hop(farm, plane, former):
+    inner = raw(IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=4101, dport=80, flags="A", seq=7, ack=9))
+    assert run_in(farm, plane, encapsulated(inner, flags=0, former=former))[::2] == (
+        TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
+
+
+def test_an_unresolved_former_owner_is_left_to_the_kernels_neighbour_and_an_unrouted_one_ends_the_chain(farm, plane):
+    inner = raw(IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=4102, dport=80, flags="A", seq=7, ack=9))
+    assert run_in(farm, plane, encapsulated(inner, flags=0, former=(UNRESOLVED_OWNER, "0.0.0.0")))[::2] == (
+        TC_ACT_REDIRECT, {"decapsulated": 1, "chained": 1})
+    # No route: this backend is the last hop, so the client gets its reset instead of silence.
+    assert run_in(farm, plane, encapsulated(inner, flags=0, former=(UNROUTED_OWNER, "0.0.0.0")))[::2] == (
+        TC_ACT_OK, {"decapsulated": 1, "chain_failed": 1, "no_flow_reset": 1})
 
 
 def tampered(v: dict, offset: int, xor: int) -> bytes:
@@ -251,8 +341,9 @@ def tampered(v: dict, offset: int, xor: int) -> bytes:
     return ETHER + bytes(packet)
 
 
-MAC_OFFSET = 20 + 8 + 4
-INNER_OFFSET = 20 + 8 + 12
+FORMER_OFFSET = 20 + 8 + 4
+MAC_OFFSET = 20 + 8 + 12
+INNER_OFFSET = 20 + 8 + 20
 
 
 def inner_sport_offset(v: dict) -> int:
@@ -263,10 +354,12 @@ def inner_sport_offset(v: dict) -> int:
     (lambda v: MAC_OFFSET, 0x80),
     (lambda v: MAC_OFFSET + 7, 0x01),
     (lambda v: 20 + 8 + 1, encap.FLAG_VALIDATED),
+    (lambda v: FORMER_OFFSET + 3, 0x01),
+    (lambda v: FORMER_OFFSET + 7, 0x01),
     (lambda v: 14, 0x01),  # 198.18.10.2 -> 198.18.11.2, a trusted front too
     (lambda v: 19, 0x01),
     (inner_sport_offset, 0x01),
-], ids=["MAC's first bit", "MAC's last bit", "VALIDATED flag", "outer source: another trusted front",
+], ids=["MAC's first bit", "MAC's last bit", "VALIDATED flag", "previous owner", "earlier owner", "outer source: another trusted front",
         "outer destination", "inner source port"])
 def test_a_changed_bit_of_an_encapsulation_fails_its_mac(monkeypatch, plane, cookie_vectors, encap_vectors, offset, xor):
     load_salts(monkeypatch, plane, cookie_vectors, cookie_vectors["vectors"][0])
@@ -478,13 +571,14 @@ def test_an_icmp_error_a_front_forwards_reaches_the_stack(plane, family, kind):
     assert out[12:14] == (b"\x08\x00" if family == 4 else b"\x86\xdd") and out[ETH_HEADER:] == error
 
 
-def with_header(packet: bytes, flags: int | None = None, mac_of: bytes | None = None) -> bytes:
+def with_header(packet: bytes, flags: int | None = None, mac_of: bytes | None = None, mac: bytes | None = None) -> bytes:
     """``packet`` (a frame from front_sends) with other flags, MACed as the front would for another inner
-    packet's flow (``mac_of``: what the front sends for that one), or the MAC kept."""
+    packet's flow (``mac_of``: what the front sends for that one), with ``mac``, or the MAC kept."""
     header = ETH_HEADER + 28
-    mac = packet[header + 4:header + 12] if mac_of is None else mac_of[header + 4:header + 12]
+    at = header + encap.HEADER_BYTES - 8
+    mac = mac or (packet if mac_of is None else mac_of)[at:at + 8]
     flags = packet[header + 1] if flags is None else flags
-    return packet[:header + 1] + bytes([flags]) + packet[header + 2:header + 4] + mac + packet[header + 12:]
+    return packet[:header + 1] + bytes([flags]) + packet[header + 2:at] + mac + packet[at + 8:]
 
 
 def test_icmp_errors_need_the_flag_a_mac_over_the_flow_and_a_protected_flow(plane):
@@ -499,8 +593,13 @@ def test_icmp_errors_need_the_flag_a_mac_over_the_flow_and_a_protected_flow(plan
     misaddressed_sent = ETHER + encap.encapsulate(misaddressed, parse_icmp_error(misaddressed),
                                                   ICMP_POLICY.farm_address, ICMP_POLICY.backends[0], ENCAP_PORT, 0,
                                                   False, KEY, icmp=True)
+    # A backend never passes an error on along the chain: one flagged CHAINED is refused, its MAC genuine.
+    flow, chained = parse_icmp_error(error), encap.FLAG_ICMP | encap.FLAG_CHAINED
+    chained_mac = encap.encap_mac(KEY, encap.mac_input(ICMP_POLICY.farm_address, ICMP_POLICY.backends[0], flow.saddr,
+                                                       flow.daddr, flow.sport, flow.dport, chained))
     for packet, outcome in (
         (with_header(sent, flags=encap.FLAG_ICMP | encap.FLAG_VALIDATED), "encap_refused"),
+        (with_header(sent, flags=chained, mac=chained_mac.to_bytes(8, "big")), "encap_refused"),
         (with_header(sent, mac_of=other_flow), "encap_bad_mac"),
         (with_header(sent, flags=0), "encap_refused"),  # unflagged: not a TCP segment
         (not_protected, "encap_refused"),

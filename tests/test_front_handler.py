@@ -97,7 +97,7 @@ def test_forwarded_packet_is_the_client_packet_inside_the_encapsulation():
                               encap.FLAG_VALIDATED)
     mac = encap.encap_mac(POLICY.encap_key, message).to_bytes(8, "big")
     header = raw(outer[UDP].payload)[:encap.HEADER_BYTES]
-    assert header == bytes([encap.MAGIC, encap.FLAG_VALIDATED, 0, 0]) + mac
+    assert header == bytes([encap.MAGIC, encap.FLAG_VALIDATED, encap.VERSION, 0]) + encap.NO_FORMER_OWNERS + mac
     assert raw(outer[UDP].payload)[encap.HEADER_BYTES:] == original
     assert len(verdict.packet) == len(original) + encap.OVERHEAD
 
@@ -311,7 +311,8 @@ def test_an_icmp_error_about_a_flow_goes_to_the_flows_backend_flagged_icmp(famil
                               ipaddress.ip_address(client).packed, ipaddress.ip_address(vip).packed, 40000, 80,
                               encap.FLAG_ICMP)
     mac = encap.encap_mac(POLICY.encap_key, message).to_bytes(8, "big")
-    assert raw(outer[UDP].payload) == bytes([encap.MAGIC, encap.FLAG_ICMP, 0, 0]) + mac + packet
+    assert raw(outer[UDP].payload) == bytes([encap.MAGIC, encap.FLAG_ICMP, encap.VERSION, 0]) + \
+        encap.NO_FORMER_OWNERS + mac + packet
 
 
 def test_every_backend_gets_the_errors_of_its_own_flows():

@@ -12,6 +12,7 @@ neighbour entry is permanent (XDP cannot resolve one).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import random
@@ -46,6 +47,7 @@ from synproxy.bpf.loading import MAP_KEY, build_object
 from synproxy.front import fastpath
 from synproxy.front.fastpath import FastPath, FastPathError
 from synproxy.front.handler import Action, FrontPolicy, handle
+from synproxy.maglev import PreviousOwners
 from synproxy.netlink import default_route_interfaces
 from synproxy.packet import ACK, build_tcp_packet
 from synproxy.salt import SaltSchedule
@@ -272,6 +274,52 @@ def test_the_maglev_choice_is_the_handlers_also_after_a_reordered_reload(
                 assert out[14 + 16:14 + 20] == current.backends[expected.backend] and out[14:] == expected.packet
                 chosen.add(expected.backend)
             assert len(chosen) == len(BACKENDS)
+    finally:
+        loaded.close()
+
+
+def test_a_moved_flow_names_its_former_owners_as_the_handler_does_until_the_window_ends(
+        hook, monkeypatch, namespace, cookie_vectors, schedule):
+    """A backend added, then a drain: each moved flow goes to its new owner and names its former owners in
+    the header, byte for byte as handler.handle, and so do ICMP errors about such flows; once the window
+    ends (and the loader rewrites the slots that expired) only the drained backend's flows keep naming it."""
+    rng = random.Random(7)
+    previous = PreviousOwners(window=60.0)
+    vectors = cookie_vectors["vectors"]
+    steps = [(make_policy(vectors, backends=BACKENDS[:3]), 0.0),
+             (make_policy(vectors, backends=BACKENDS[:4]), 1.0),                       # added
+             (dataclasses.replace(make_policy(vectors, backends=BACKENDS[1:4]),
+                                  draining=((ipaddress.ip_address(BACKENDS[0]).packed, 1),)), 2.0)]  # drained
+    loaded = FastPath(build_object("front"))
+    try:
+        for step, (built, at) in enumerate(steps):
+            current = dataclasses.replace(built, previous=previous)
+            previous.follow(current.owner_table(), current.draining_table(), current.down, at)
+            loaded.configure(current, schedule)
+            if step == len(steps) - 1:
+                assert previous.expire(at + 61.0)
+                loaded.write_maglev(current)
+            now = 1000 * PERIOD + 30
+            set_clock(monkeypatch, loaded, current, schedule, now)
+            named = set()
+            for _ in range(400):
+                packet = build_tcp_packet(bytes([rng.randrange(1, 127)]) + rng.randbytes(3),
+                                          ipaddress.ip_address(VIP4).packed, rng.randrange(1, 65536), PORT,
+                                          rng.randrange(2**32), 0, ACK, 1000)
+                expected = handle(packet, now, schedule, current)
+                _, out, _ = run(namespace, loaded, frame_of(packet), hook=hook)
+                assert out[14:] == expected.packet
+                named.update((out[14 + 32:14 + 36], out[14 + 36:14 + 40]))
+            none, drained = bytes(4), ipaddress.ip_address(BACKENDS[0]).packed
+            assert named == [{none}, {none} | set(steps[0][0].backends), {none, drained}][step], step
+            errors_named = set()
+            for client_port in rng.sample(range(1, 65536), 100):
+                frame = icmp_frame(rng.choice((4, 6)), client_port=client_port)
+                expected = handle(frame[14:], now, schedule, current)
+                _, out, _ = run(namespace, loaded, frame, hook=hook)
+                assert expected.outcome == "icmp_forwarded" and out[14:] == expected.packet, step
+                errors_named.update((out[14 + 32:14 + 36], out[14 + 36:14 + 40]))
+            assert errors_named <= named and (errors_named != {none}) == (step > 0), step
     finally:
         loaded.close()
 

@@ -53,7 +53,7 @@ from synproxy.bpf.loading import (
 )
 from synproxy.front.handler import ICMP_ERRORS_PER_SECOND, FrontPolicy
 from synproxy.logs import log
-from synproxy.maglev import DEFAULT_TABLE_SIZE
+from synproxy.maglev import DEFAULT_TABLE_SIZE, NO_FORMER_OWNERS
 from synproxy.netlink import interface_kind
 from synproxy.salt import SaltSchedule
 
@@ -70,7 +70,7 @@ XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}  # tri
 _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
 _FORWARDING = struct.Struct("=4s2sHQ16s16s")  # struct front_forwarding
 _ICMP_LIMIT = struct.Struct("=QQ")  # struct icmp_limit: cost_ns, credit_max_ns
-_BACKEND = struct.Struct("4s")  # a maglev map entry: the backend's IPv4 address, network order
+_OWNERS = struct.Struct("4s8s")  # struct maglev_owners: the current owner, then previous and earlier (IPv4)
 
 
 class FastPathError(RuntimeError):
@@ -91,7 +91,7 @@ class FastPath:
             self.counters = sized_map(self.object, "counters", COUNTER.size)
             self.xdp_prog_fd = self.object.program_fd(XDP_PROGRAM)
             self.forwarding = sized_map(self.object, "forwarding", _FORWARDING.size)
-            self.maglev = sized_map(self.object, "maglev", _BACKEND.size)
+            self.maglev = sized_map(self.object, "maglev", _OWNERS.size)
             self.icmp_limit = sized_map(self.object, "icmp_limit", _ICMP_LIMIT.size)
         except BaseException:
             self.object.close()
@@ -104,7 +104,7 @@ class FastPath:
         self.xdp_attached: dict[int, str] = {}  # ifindex -> mode
         self._config_written = b""
         self._forwarding_written = b""
-        self._maglev_written: list[bytes | None] = [None] * DEFAULT_TABLE_SIZE
+        self._maglev_written: list[tuple[bytes, bytes] | None] = [None] * DEFAULT_TABLE_SIZE
 
     def configure(self, policy: FrontPolicy, schedule: SaltSchedule) -> None:
         """What the program protects and announces, then the salts and the clock (refresh())."""
@@ -115,7 +115,7 @@ class FastPath:
         try:
             replace_keys(self.protected_vips, {mapped(ipaddress.ip_address(vip)) for vip in policy.vips})
             replace_keys(self.protected_ports, {PORT_KEY.pack(port) for port in policy.ports})
-            self._write_maglev(policy)
+            self.write_maglev(policy)
             # The shell's rate (handler.ICMP_ERRORS_PER_SECOND), shared out between the CPUs.
             self.icmp_limit.update(MAP_KEY.pack(0), _ICMP_LIMIT.pack(
                 *per_cpu_token_bucket(ICMP_ERRORS_PER_SECOND, os.cpu_count() or 1)))
@@ -123,21 +123,31 @@ class FastPath:
             raise FastPathError(f"filling the fast path's maps failed: {error.strerror}") from None
         self.refresh(policy, schedule, time.time())
 
-    def _write_maglev(self, policy: FrontPolicy) -> None:
-        """The handler's own table, entry by entry where it changed: each entry is the backend's address,
-        one aligned 4-byte store, so a packet meanwhile reads the old or the new backend, never a mix."""
+    def write_maglev(self, policy: FrontPolicy) -> None:
+        """The handler's own tables, slot by slot where they changed (after a reload, or when a slot's
+        former owner expired). The former owners are written before the current one, in a separate
+        update: a packet meanwhile goes to the old owner (naming the new former owners, among them the
+        old owner itself when a change moved the slot, which it skips), never to a new owner without the
+        former owners its old connections need."""
         if len(policy.table) != DEFAULT_TABLE_SIZE:
             raise FastPathError(f"a Maglev table of {len(policy.table)} entries: the fast path holds "
                                 f"{DEFAULT_TABLE_SIZE}")
         if any(len(backend) != 4 for backend in policy.backends):
             raise FastPathError("the fast path encapsulates to IPv4 backends only")
-        addresses = [_BACKEND.pack(backend) for backend in policy.backends]
         written = self._maglev_written
-        for index, backend in enumerate(policy.table):
-            value = addresses[backend]
-            if written[index] != value:
-                self.maglev.update(MAP_KEY.pack(index), value)
-                written[index] = value
+        formers = policy.previous.owners if policy.previous is not None else [NO_FORMER_OWNERS] * DEFAULT_TABLE_SIZE
+        try:
+            for index, owner in enumerate(policy.owner_table()):
+                wanted = (owner, formers[index])
+                before = written[index]
+                if before == wanted:
+                    continue
+                if before is not None and before[0] != owner and before[1] != wanted[1]:
+                    self.maglev.update(MAP_KEY.pack(index), _OWNERS.pack(before[0], wanted[1]))
+                self.maglev.update(MAP_KEY.pack(index), _OWNERS.pack(*wanted))
+                written[index] = wanted
+        except BpfError as error:
+            raise FastPathError(f"filling the fast path's Maglev map failed: {error.strerror}") from None
 
     def refresh(self, policy: FrontPolicy, schedule: SaltSchedule, now: float) -> None:
         """At every housekeeping: the salts of the two epochs before the current one, the current one and

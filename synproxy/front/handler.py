@@ -2,8 +2,9 @@
 
 A SYN becomes a SYN-ACK whose ISN is the cookie (returned in place of the SYN, so the NFQUEUE shell
 needs one verdict and no second socket). Every other packet to a protected VIP and port is
-encapsulated to the backend the Maglev table picks; a handshake ACK whose cookie validates is flagged
-VALIDATED so the backend creates the connection. A packet too big to encapsulate within the farm's MTU
+encapsulated to the backend the Maglev table picks, naming the slot's former owners (Beamer's chain,
+maglev.PreviousOwners); a handshake ACK whose cookie validates is flagged VALIDATED so the backend
+creates the connection. A packet too big to encapsulate within the farm's MTU
 is answered as a router would (ICMP "fragmentation needed" / ICMPv6 "packet too big" from the VIP), so
 the client's path-MTU discovery shrinks its packets. An ICMP error about a protected flow (a router
 towards the client saying "fragmentation needed", "packet too big", "unreachable" or "time exceeded" to
@@ -14,12 +15,12 @@ MTU (or gives up). No per-flow state is kept.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from synproxy import encap
 from synproxy.cookie import Reject, check_cookie, make_cookie
-from synproxy.maglev import build_table, flow_hash
+from synproxy.maglev import NO_FORMER_OWNERS, PreviousOwners, build_table, flow_hash
 from synproxy.packet import (
     ACK,
     CWR,
@@ -76,7 +77,7 @@ class FrontPolicy:
     vips: frozenset[bytes]
     ports: frozenset[int]
     farm_address: bytes
-    backends: tuple[bytes, ...]
+    backends: tuple[bytes, ...]  # those new connections go to: the current table's (no draining or down one)
     encap_port: int
     encap_key: bytes   # encap.encap_key of the minting secret: the backends check the MAC with it
     flow_key: bytes       # maglev.derive_flow_key: the same on every front, unknown outside
@@ -85,11 +86,16 @@ class FrontPolicy:
     sack: bool = True
     ecn: bool = True
     farm_mtu: int = 1500
+    weights: tuple[int, ...] = ()          # per backend; () = all 1
+    draining: tuple[tuple[bytes, int], ...] = ()  # (address, weight): chained to, never new connections
+    down: frozenset[bytes] = frozenset()    # never chained to: their connections reset
+    # The shell's history (it calls previous.follow with this policy's tables); None: nothing is chained.
+    previous: PreviousOwners | None = field(default=None, compare=False)
     tfo_secret: bytes | None = None   # the master secret the TFO keys come from; None: TFO cookies not offered
     tfo_key_period: float = DEFAULT_KEY_PERIOD_SECONDS
 
     def __post_init__(self) -> None:
-        table = build_table([addr.hex() for addr in self.backends])
+        table = build_table([addr.hex() for addr in self.backends], weights=list(self.weights) or None)
         object.__setattr__(self, "_table", table)
 
     @property
@@ -97,9 +103,31 @@ class FrontPolicy:
         """The Maglev table (backend indexes): the front's BPF program gets its map from this one build."""
         return self._table
 
+    def owner_table(self) -> list[bytes]:
+        """The current owner's address per slot."""
+        backends = self.backends
+        return [backends[index] for index in self._table]
+
+    def draining_table(self) -> list[bytes]:
+        """Per slot, the draining backend that would own it without the drain, else its current owner:
+        the table built with the draining backends as if active, which moves only their slots."""
+        if not self.draining:
+            return self.owner_table()
+        everyone = [*self.backends, *(address for address, _ in self.draining)]
+        weights = [*(self.weights or [1] * len(self.backends)), *(weight for _, weight in self.draining)]
+        draining = frozenset(address for address, _ in self.draining)
+        current = self.owner_table()
+        return [everyone[index] if everyone[index] in draining else owner
+                for index, owner in zip(build_table([a.hex() for a in everyone], weights=weights), current)]
+
     def backend_for(self, flow: int) -> int:
         table = self._table
         return table[flow % len(table)]
+
+    def former_owners(self, flow: int) -> bytes:
+        """The flow's former owners as the encapsulation carries them (docs/backend.md, the chain)."""
+        previous = self.previous
+        return previous.owners[flow % len(self._table)] if previous is not None else NO_FORMER_OWNERS
 
     def announced_mss(self, family: int) -> int:
         """The MSS clients may send: the backends' less the encapsulation (and IPv6's longer header)."""
@@ -147,7 +175,7 @@ def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolic
     flow = flow_hash(segment.saddr, segment.daddr, segment.sport, segment.dport, policy.flow_key)
     backend = policy.backend_for(flow)
     wrapped = encap.encapsulate(packet, segment, policy.farm_address, policy.backends[backend], policy.encap_port,
-                                flow, validated, policy.encap_key)
+                                flow, validated, policy.encap_key, policy.former_owners(flow))
     return Verdict(Action.FORWARD, wrapped, outcome, backend)
 
 
@@ -178,7 +206,7 @@ def _icmp_error(packet: bytes, policy: FrontPolicy) -> Verdict:
     flow = flow_hash(error.saddr, error.daddr, error.sport, error.dport, policy.flow_key)
     backend = policy.backend_for(flow)
     wrapped = encap.encapsulate(packet, error, policy.farm_address, policy.backends[backend], policy.encap_port,
-                                flow, False, policy.encap_key, icmp=True)
+                                flow, False, policy.encap_key, policy.former_owners(flow), icmp=True)
     return Verdict(Action.FORWARD, wrapped, ICMP_FORWARDED, backend)
 
 

@@ -23,6 +23,7 @@ import bisect
 import contextlib
 import ctypes
 import errno
+import ipaddress
 import json
 import os
 import pickle
@@ -48,7 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
 from synproxy import firewall, health, instance
-from synproxy.config import Config, ConfigError, load_config, log_warnings
+from synproxy.config import PREVIOUS_TABLE_SECONDS, Config, ConfigError, load_config, log_warnings
 from synproxy.encap import encap_key
 from synproxy.front import fastpath
 from synproxy.front.announce import Announcer
@@ -63,6 +64,7 @@ from synproxy.front.handler import (
     handle,
 )
 from synproxy.logs import log
+from synproxy.maglev import PreviousOwners
 from synproxy.netlink import default_gateways, default_route_interfaces, local_addresses
 from synproxy.salt import SaltSchedule, SecretRotation
 from synproxy.systemd import Notifier
@@ -126,15 +128,26 @@ def farm_address(config: Config):
     return config.farm_address_among(local_addresses())
 
 
-def build_policy(config: Config, schedule: SaltSchedule) -> FrontPolicy:
-    """The handler's policy; encapsulations are MACed with the key of the secret that mints cookies."""
-    return FrontPolicy(vips=frozenset(vip.packed for vip in config.vips), ports=frozenset(config.ports),
-                       farm_address=farm_address(config).packed,
-                       backends=tuple(b.packed for b in config.backends), encap_port=config.encap_port,
-                       encap_key=encap_key(schedule.secrets[0]), flow_key=config.flow_key(),
-                       backend_mss=config.backend_mss, server_wscale=config.server_wscale,
-                       farm_mtu=config.farm_mtu, tfo_secret=schedule.secrets[0] if config.tfo.enabled else None,
-                       tfo_key_period=config.tfo.key_period_seconds)
+def build_policy(config: Config, schedule: SaltSchedule, previous: PreviousOwners | None = None) -> FrontPolicy:
+    """The handler's policy; encapsulations are MACed with the key of the secret that mints cookies. New
+    connections go to the backends neither draining nor down; ``previous`` (the front's chain history)
+    follows the new tables."""
+    entries = config.backend_entries
+    active = [entry for entry in entries if not entry.drain and not entry.down]
+    policy = FrontPolicy(vips=frozenset(vip.packed for vip in config.vips), ports=frozenset(config.ports),
+                         farm_address=farm_address(config).packed,
+                         backends=tuple(entry.address.packed for entry in active), encap_port=config.encap_port,
+                         encap_key=encap_key(schedule.secrets[0]), flow_key=config.flow_key(),
+                         backend_mss=config.backend_mss, server_wscale=config.server_wscale,
+                         farm_mtu=config.farm_mtu, weights=tuple(entry.weight for entry in active),
+                         draining=tuple((entry.address.packed, entry.weight) for entry in entries if entry.drain),
+                         down=frozenset(entry.address.packed for entry in entries if entry.down), previous=previous,
+                         tfo_secret=schedule.secrets[0] if config.tfo.enabled else None,
+                         tfo_key_period=config.tfo.key_period_seconds)
+    if previous is not None:
+        previous.window = config.front.previous_table_seconds
+        previous.follow(policy.owner_table(), policy.draining_table(), policy.down, time.monotonic())
+    return policy
 
 
 def queue_stats(queue_num: int, text: str) -> dict[str, int] | None:
@@ -469,6 +482,7 @@ class Front:
     def __init__(self, config_path: str):
         self.config_path = config_path
         self.rotation = SecretRotation()
+        self.previous_owners = PreviousOwners(PREVIOUS_TABLE_SECONDS)  # the window follows the configuration
         self.load()
         log_warnings(self.config)
         self.metrics = FrontMetrics(self.config.front.queue_num, self.config.front.workers)
@@ -502,9 +516,9 @@ class Front:
         config = load_config(self.config_path)
         configured_schedule = config.salt_schedule()
         schedule = self.rotation.effective(configured_schedule, getattr(self, "schedule", None), time.time())
-        self.policy = build_policy(config, schedule)
+        self.policy = build_policy(config, schedule, self.previous_owners)
         self.configured_schedule, self.schedule, self.config = configured_schedule, schedule, config
-        self.backend_labels = tuple(str(b) for b in config.backends)  # Verdict.backend indexes these
+        self.backend_labels = tuple(str(ipaddress.ip_address(b)) for b in self.policy.backends)  # Verdict.backend
 
     def expire_retired_secrets(self) -> None:
         schedule = self.rotation.effective(self.configured_schedule, self.schedule, time.time())
@@ -651,8 +665,9 @@ class Front:
 
     def housekeeping(self) -> None:
         """The front's own (its single loop's, or its parent's with workers): the stop (withdraw, then wait),
-        the salt epoch, retired secrets, a reload SIGHUP asked for, the programs' salts and clock, the
-        health checks and heartbeat, the attack summary and the BGP announcer."""
+        the salt epoch, retired secrets, former owners whose window ended, a reload SIGHUP asked for, the
+        programs' salts and clock, the health checks and heartbeat, the attack summary and the BGP
+        announcer."""
         if self.stop_due():
             wait = self.config.front.bgp.stop_wait_seconds if self.announcer and self.announcer.announced() else 0
             self.stop_at = time.monotonic() + wait
@@ -660,11 +675,14 @@ class Front:
             self.notifier.notify("STOPPING=1")
         self.metrics.epoch.set(self.schedule.current_epoch(time.time()))
         self.expire_retired_secrets()
+        chain_expired = self.previous_owners.expire(time.monotonic())
         if self.reload_requested:
             self.reload_requested.clear()
             self.reload()
         if self.kernel_path is not None:
             try:
+                if chain_expired:
+                    self.kernel_path.write_maglev(self.policy)
                 self.kernel_path.refresh(self.policy, self.schedule, time.time())
                 self.salts_epoch = self.schedule.current_epoch(time.time())
             except fastpath.FastPathError as error:  # its SYNs fall back to the queue (no_salt)
@@ -854,11 +872,13 @@ class Front:
             os._exit(code)
 
     def worker_housekeeping(self) -> None:
-        """A worker's: its stop (at once: the parent's stop wait ends with its SIGTERM), retired secrets, a
-        reload its parent forwarded (SIGHUP), and its counts to the parent."""
+        """A worker's: its stop (at once: the parent's stop wait ends with its SIGTERM), retired secrets, former
+        owners whose window ended (its own copy of the history, forked from its parent's and following the
+        same reloads), a reload its parent forwarded (SIGHUP), and its counts to the parent."""
         if self.stop_due():
             self.stop_at = time.monotonic()
         self.expire_retired_secrets()
+        self.previous_owners.expire(time.monotonic())
         if self.reload_requested:
             self.reload_requested.clear()
             try:

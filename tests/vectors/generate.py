@@ -44,6 +44,8 @@ TFO_KEY_PERIOD = 86400
 # Key periods: the first ones, a day of 2024 and the next, and both sides of 2**32 (the counter is 8 bytes).
 TFO_KEY_PERIODS = (0, 1, 19_800, 19_801, 0xFFFFFFFF, 0x100000000)
 FRONT, BACKEND, ENCAP_PORT = "198.18.10.2", "198.18.20.2", 6080
+# The flow's former owners in the vectors that name them: previous only, and previous and earlier.
+PREVIOUS, EARLIER = "198.18.21.2", "198.18.22.2"
 SECRET = bytes(range(32))
 PERIOD = 60
 TUPLES = {
@@ -105,24 +107,36 @@ def build_document() -> dict:
             "vectors": vectors}
 
 
-def encap_vector(rng: random.Random, name: str, inner: bytes, validated: bool, key: bytes) -> dict:
+def encap_vector(rng: random.Random, name: str, inner: bytes, validated: bool, key: bytes,
+                 former: bytes = encap.NO_FORMER_OWNERS) -> dict:
     segment = parse_tcp(inner)
     front, backend = (ipaddress.ip_address(a).packed for a in (FRONT, BACKEND))
     flags = encap.FLAG_VALIDATED if validated else 0
-    message = encap.mac_input(front, backend, segment.saddr, segment.daddr, segment.sport, segment.dport, flags)
+    message = encap.mac_input(front, backend, segment.saddr, segment.daddr, segment.sport, segment.dport, flags,
+                              former)
     flow_hash = rng.getrandbits(64)
-    return {
+    packet = encap.encapsulate(inner, segment, front, backend, ENCAP_PORT, flow_hash, validated, key, former)
+    vector = {
         "name": name, "family": segment.family, "validated": validated, "flow_hash": flow_hash,
-        "inner": inner.hex(), "mac_input": message.hex(), "mac": encap.encap_mac(key, message),
-        "packet": encap.encapsulate(inner, segment, front, backend, ENCAP_PORT, flow_hash, validated, key).hex(),
+        "former": [str(ipaddress.ip_address(former[:4])), str(ipaddress.ip_address(former[4:]))],
+        "inner": inner.hex(), "mac_input": message.hex(), "mac": encap.encap_mac(key, message), "packet": packet.hex(),
     }
+    chained = encap.chain(packet, segment, key)
+    if chained is not None:  # what BACKEND sends on to the previous owner, and that one to the earlier
+        vector["chained"] = [chained.hex()]
+        again = encap.chain(chained, segment, key)
+        if again is not None:
+            vector["chained"].append(again.hex())
+    return vector
 
 
 def build_encap_document(cookies: dict) -> dict:
     """Per family: the handshake ACK of the first cookie vector, flagged VALIDATED, then unflagged
-    segments of an established connection on the same tuple (plain ACK, data, FIN, RST)."""
+    segments of an established connection on the same tuple (plain ACK, data, FIN, RST); each naming no
+    former owner, then PREVIOUS, then PREVIOUS and EARLIER, with the packets the chain passes on."""
     rng = random.Random(20261130)
     key = encap.encap_key(SECRET)
+    previous, earlier = (ipaddress.ip_address(a).packed for a in (PREVIOUS, EARLIER))
     vectors = []
     for family in (4, 6):
         cookie = next(v for v in cookies["vectors"] if v["family"] == family)
@@ -134,13 +148,17 @@ def build_encap_document(cookies: dict) -> dict:
                                     502, options, payload)
 
         timestamp = build_tcp_options(None, None, False, (1234, 5678))
-        vectors.append(encap_vector(rng, f"v{family} handshake ACK, validated", segment(ACK, options=timestamp),
-                                    True, key))
-        for name, flags, payload in (("ACK", ACK, b""), ("data", PSH | ACK, b"GET / HTTP/1.0\r\n\r\n"),
-                                     ("FIN", FIN | ACK, b""), ("RST", RST, b"")):
-            vectors.append(encap_vector(rng, f"v{family} {name}", segment(flags, payload), False, key))
+        for former, named in ((encap.NO_FORMER_OWNERS, ""), (previous + encap.NO_OWNER, ", previous owner named"),
+                              (previous + earlier, ", previous and earlier owners named")):
+            vectors.append(encap_vector(rng, f"v{family} handshake ACK, validated{named}",
+                                        segment(ACK, options=timestamp), True, key, former))
+            for name, flags, payload in (("ACK", ACK, b""), ("data", PSH | ACK, b"GET / HTTP/1.0\r\n\r\n"),
+                                         ("FIN", FIN | ACK, b""), ("RST", RST, b"")):
+                vectors.append(encap_vector(rng, f"v{family} {name}{named}", segment(flags, payload), False, key,
+                                            former))
     return {"spec": "docs/backend.md", "secret": SECRET.hex(), "encap_key": key.hex(), "front": FRONT,
-            "backend": BACKEND, "encap_port": ENCAP_PORT, "vectors": vectors}
+            "backend": BACKEND, "previous": PREVIOUS, "earlier": EARLIER, "encap_port": ENCAP_PORT,
+            "vectors": vectors}
 
 
 def tfo_cookie_vector(key_period: int, saddr_text: str, daddr_text: str) -> dict:
