@@ -22,6 +22,7 @@
 #define EALREADY 114
 #define ENCAP_TTL 64
 #define IP_DF 0x4000
+#define LOOPBACK_IFINDEX 1 /* the loopback device's in every network namespace (include/net/flow.h) */
 
 /* The kernel's struct sock, only ever passed through. libbpf matches the kfunc's prototype against the
  * kernel's BTF kind by kind, and a forward declaration (FWD) would not match its STRUCT. */
@@ -100,8 +101,15 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 64 * 1024); /* 1170 events of 48 bytes (+ 8 of header each) */
+	__uint(max_entries, 1024 * 1024); /* 640 events of the largest packet, ~5000 of a small request */
 } time_wait SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); /* where an event is written: too large for the stack */
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct time_wait_event);
+} time_wait_scratch SEC(".maps");
 
 static __always_inline void count_in(void *map, __u32 index)
 {
@@ -204,23 +212,54 @@ static __always_inline int rfc6191_accepts(struct __sk_buff *skb, const struct s
 	return (__s32)(seg->seq - 1 - tw->tw_sk.__tw_common.skc_tw_rcv_nxt) > 0;
 }
 
+/* What the encapsulation said, kept past decapsulate() (which moves the packet). */
+struct arrival {
+	struct encap_header header;
+	__be32 front;       /* the outer source: a front (or a backend passing it on) */
+	__be32 self;        /* the outer destination: this backend's farm address */
+	__be16 source_port; /* the front's flow-hash port, kept along the chain */
+};
+
 /* A validated ACK met a TIME_WAIT socket. The kernel recycles one for a SYN RFC 6191 accepts, but the kfunc's
  * connection cannot be inserted next to it, and tc has no way to remove it: the loader does (sock_diag
- * SOCK_DESTROY), told through the ring buffer, and then makes the client repeat its ACK (docs/backend.md).
- * This ACK is dropped meanwhile: passed, the TIME_WAIT socket would answer it with its old ACK. What RFC
- * 6191 refuses is passed to the TIME_WAIT socket, as the kernel would pass the SYN. */
-static __always_inline int recycle_time_wait(struct __sk_buff *skb, const struct segment *seg, struct bpf_sock *skc)
+ * SOCK_DESTROY), told through the ring buffer, and then re-injects the segment, encapsulated again, on
+ * the loopback device, where this program meets it once more and makes the connection (docs/backend.md).
+ * The event carries the inner packet for that (and what the outer headers held), unless it is larger
+ * than TIME_WAIT_PACKET_MAX: the client's retransmission then makes the connection. This segment is
+ * dropped meanwhile: passed, the TIME_WAIT socket would answer it with its old ACK. What RFC 6191
+ * refuses is passed to the TIME_WAIT socket, as the kernel would pass the SYN. */
+static __always_inline int recycle_time_wait(struct __sk_buff *skb, const struct segment *seg, struct bpf_sock *skc,
+					     const struct arrival *arrival, const struct backend_config *cfg)
 {
+	__u32 zero = 0, length = seg->ip_length;
+	struct time_wait_event *event = bpf_map_lookup_elem(&time_wait_scratch, &zero);
+
 	if (!rfc6191_accepts(skb, seg, skc)) {
 		COUNT(COUNTER_TIME_WAIT_REFUSED);
 		return TC_ACT_OK;
 	}
-	__u32 headers = seg->tcp_offset - sizeof(struct ethhdr) + seg->tcp_length;
-	struct time_wait_event event = {.sport = seg->sport, .dport = seg->dport, .seq = seg->seq, .ack = seg->ack,
-					 .family = seg->family, .data = seg->ip_length > headers};
-	__builtin_memcpy(event.saddr, seg->saddr, 16);
-	__builtin_memcpy(event.daddr, seg->daddr, 16);
-	if (bpf_ringbuf_output(&time_wait, &event, sizeof(event), 0)) {
+	if (!event) {
+		COUNT(COUNTER_TIME_WAIT_UNREPORTED);
+		return TC_ACT_SHOT;
+	}
+	__builtin_memcpy(event->saddr, seg->saddr, 16);
+	__builtin_memcpy(event->daddr, seg->daddr, 16);
+	event->sport = seg->sport;
+	event->dport = seg->dport;
+	event->seq = seg->seq;
+	event->ack = seg->ack;
+	event->family = seg->family;
+	event->reinjected = skb->ingress_ifindex == LOOPBACK_IFINDEX;
+	event->front = arrival->front;
+	event->backend = arrival->self;
+	event->source_port = arrival->source_port;
+	event->encap_port = bpf_htons(cfg->encap_port);
+	event->header = arrival->header;
+	if (length == 0 || length > TIME_WAIT_PACKET_MAX ||
+	    bpf_skb_load_bytes(skb, sizeof(struct ethhdr), event->packet, length))
+		length = 0;
+	event->length = length;
+	if (bpf_ringbuf_output(&time_wait, event, __builtin_offsetof(struct time_wait_event, packet) + length, 0)) {
 		COUNT(COUNTER_TIME_WAIT_UNREPORTED);
 		return TC_ACT_SHOT;
 	}
@@ -254,7 +293,7 @@ static __always_inline struct bpf_sock *socket_of(struct __sk_buff *skb, const s
 /* A decapsulated VALIDATED segment: if it is a handshake ACK with a valid cookie and a listener waits on
  * its tuple, have the kernel create the connection. */
 static __always_inline int create_connection(struct __sk_buff *skb, const struct segment *seg,
-					     const struct backend_config *cfg)
+					     const struct arrival *arrival, const struct backend_config *cfg)
 {
 	if ((seg->flags & (TCP_FLAG_ACK | TCP_FLAG_SYN | TCP_FLAG_RST | TCP_FLAG_FIN)) != TCP_FLAG_ACK)
 		return TC_ACT_OK;
@@ -273,7 +312,7 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 		return TC_ACT_OK;
 	}
 	if (skc->state == BPF_TCP_TIME_WAIT) {
-		int verdict = recycle_time_wait(skb, seg, skc);
+		int verdict = recycle_time_wait(skb, seg, skc, arrival, cfg);
 
 		bpf_sk_release(skc);
 		return verdict;
@@ -314,13 +353,6 @@ static __always_inline int reset_allowed(const struct backend_config *cfg)
 
 	return token_take(bpf_map_lookup_elem(&reset_budget, &zero), cfg->reset_cost_ns, cfg->reset_credit_ns);
 }
-
-/* What the encapsulation said, kept past decapsulate() (which moves the packet). */
-struct arrival {
-	struct encap_header header;
-	__be32 self;        /* the outer destination: this backend's farm address */
-	__be16 source_port; /* the front's flow-hash port, kept along the chain */
-};
 
 /* Where a backend with no connection for this unflagged segment passes it on (encap.next_owner): from
  * a front's packet, to the first former owner named that is not itself; from a chained one, when it is
@@ -563,6 +595,10 @@ int synproxy_backend(struct __sk_buff *skb)
 	if (!cfg || (void *)(udp + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
 	    ip->ihl != 5 || ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(IP_MF_OR_OFFSET)) ||
 	    udp->dest != bpf_htons(cfg->encap_port)) {
+		/* The loopback device's own traffic: this program is there only for the TIME_WAIT recycler's
+		 * re-injected segments (recycle_time_wait). */
+		if (skb->ingress_ifindex == LOOPBACK_IFINDEX)
+			return TC_ACT_OK;
 		count_plain_syn(skb);
 		COUNT(COUNTER_PASSED);
 		return TC_ACT_OK;
@@ -584,22 +620,21 @@ int synproxy_backend(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 	/* Kept past decapsulate(), which moves the packet. */
-	struct arrival arrival = {.header = *header, .self = ip->daddr, .source_port = udp->source};
-	__be32 outer_saddr = ip->saddr;
+	struct arrival arrival = {.header = *header, .front = ip->saddr, .self = ip->daddr, .source_port = udp->source};
 	__u8 inner_version = *inner >> 4;
 	if ((inner_version != 4 && inner_version != 6) || decapsulate(skb, inner_version)) {
 		COUNT(COUNTER_MALFORMED);
 		return TC_ACT_SHOT;
 	}
 	if (arrival.header.flags & ENCAP_FLAG_ICMP)
-		return pass_icmp_error(skb, &arrival.header, outer_saddr, arrival.self);
+		return pass_icmp_error(skb, &arrival.header, arrival.front, arrival.self);
 	/* The MAC covers the inner addresses and ports: only a TCP segment can be checked (and a front
 	 * forwards nothing else). */
 	if (!parse_segment(skb, &seg)) {
 		COUNT(COUNTER_ENCAP_REFUSED);
 		return TC_ACT_SHOT;
 	}
-	if (!encap_mac_valid(&arrival.header, outer_saddr, arrival.self, &seg)) {
+	if (!encap_mac_valid(&arrival.header, arrival.front, arrival.self, &seg)) {
 		COUNT(COUNTER_ENCAP_BAD_MAC);
 		return TC_ACT_SHOT;
 	}
@@ -612,7 +647,7 @@ int synproxy_backend(struct __sk_buff *skb)
 	}
 	COUNT(COUNTER_DECAPSULATED);
 	if (arrival.header.flags & ENCAP_FLAG_VALIDATED)
-		return create_connection(skb, &seg, cfg);
+		return create_connection(skb, &seg, &arrival, cfg);
 	return pass_if_owned(skb, &seg, &arrival, cfg);
 }
 

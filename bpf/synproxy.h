@@ -251,7 +251,7 @@ enum counter {
 	COUNTER_CHAIN_FAILED,      /* the same, but re-encapsulating or routing it failed: dropped */
 	COUNTER_ICMP_PASSED,       /* flagged ICMP: an error about a protected flow, passed to the stack */
 	COUNTER_TIME_WAIT_RECYCLED,   /* valid cookie meeting a TIME_WAIT socket RFC 6191 would recycle for its
-				       * SYN: reported to the loader (which destroys it), dropped */
+				       * SYN: dropped, reported to the loader (which destroys it and re-injects the segment) */
 	COUNTER_TIME_WAIT_REFUSED,    /* the same, RFC 6191 would refuse the SYN: passed to the TIME_WAIT socket */
 	COUNTER_TIME_WAIT_UNREPORTED, /* the same as recycled, but the ring buffer was full: dropped, unreported */
 	COUNTER_MAX,
@@ -259,18 +259,27 @@ enum counter {
 #define KFUNC_ERRNO_SLOTS 64
 
 /* What the backend program tells its loader through the `time_wait` ring buffer: a validated handshake
- * ACK met a TIME_WAIT socket that RFC 6191 lets a new SYN recycle. The loader destroys the socket (sock_diag)
- * and elicits the client's ACK again (docs/backend.md). Addresses in the 16-byte form, ports network order. */
+ * ACK (or the data right behind it) met a TIME_WAIT socket that RFC 6191 lets a new SYN recycle, and was
+ * dropped. The loader destroys the socket (sock_diag) and re-injects the packet, encapsulated again from
+ * the fields below, on the loopback device, where this program passes it once more (docs/backend.md).
+ * Addresses in the 16-byte form, ports network order. Sent without the unused tail of packet[]. */
+#define TIME_WAIT_PACKET_MAX 1600 /* a 1500-byte farm MTU's inner packets; larger ones are left to the client */
 struct time_wait_event {
 	__u8 saddr[16];  /* the client */
 	__u8 daddr[16];  /* the VIP */
 	__be16 sport;
 	__be16 dport;
-	__u32 seq;       /* the ACK's: the client's ISN + 1 */
-	__u32 ack;       /* the ACK's: the cookie + 1 */
+	__u32 seq;       /* the segment's: the client's ISN + 1 */
+	__u32 ack;       /* the segment's: the cookie + 1 */
 	__u8 family;
-	__u8 data;       /* 1: the segment carried data (the loader then leaves it to the client to send it again) */
-	__u8 pad[2];
+	__u8 reinjected; /* 1: it arrived on the loopback device, re-injected already: not again */
+	__u16 length;    /* bytes of packet[]: the inner IP packet, or 0 when it did not fit */
+	__be32 front;    /* the outer source address */
+	__be32 backend;  /* the outer destination address */
+	__be16 source_port; /* the outer UDP ports */
+	__be16 encap_port;
+	struct encap_header header; /* as received, MAC included */
+	__u8 packet[TIME_WAIT_PACKET_MAX];
 };
 
 /* The kernel's struct bpf_tcp_req_attrs (include/net/tcp.h); attrs__sz must be its size, 20, and

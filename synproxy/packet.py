@@ -113,6 +113,25 @@ def tcp_checksum_valid(packet: bytes, segment: TcpSegment) -> bool:
     return checksum_from_sum(words + PROTO_TCP + end - start) == 0
 
 
+def tcp_checksum_completed(packet: bytes) -> bytes | None:
+    """``packet`` (IPv4 without options, or IPv6, carrying TCP) with a whole TCP checksum, or None when
+    its checksum is wrong. A sender that offloads it leaves only the pseudo-header's sum in the field for
+    its device to finish (Linux's CHECKSUM_PARTIAL, kept across veth), and such a packet crosses the
+    fronts unchanged: completed here; a packet sent again through a packet socket is checked in full."""
+    if tcp_checksum_valid(packet, parse_tcp(packet)):
+        return packet
+    if packet[0] >> 4 == 4:
+        start, end, addresses = 20, int.from_bytes(packet[2:4], "big"), packet[12:20]
+    else:
+        start, end, addresses = 40, 40 + int.from_bytes(packet[4:6], "big"), packet[8:40]
+    pseudo_header = _words(addresses) + PROTO_TCP + end - start
+    if int.from_bytes(packet[start + 16:start + 18], "big") != ~checksum_from_sum(pseudo_header) & 0xFFFF:
+        return None
+    unchecked = packet[:start + 16] + bytes(2) + packet[start + 18:end]
+    checksum = checksum_from_sum(pseudo_header + _words(unchecked[start:]))
+    return unchecked[:start + 16] + checksum.to_bytes(2, "big") + unchecked[start + 18:]
+
+
 def parse_tcp(packet: bytes) -> TcpSegment:
     """Parse an IPv4 or IPv6 packet carrying TCP (no IPv6 extension headers, no fragments)."""
     if not packet:

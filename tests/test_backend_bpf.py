@@ -21,7 +21,7 @@ from scapy.packet import Raw, raw
 from synproxy import encap, netns
 from synproxy.backend import loader
 from synproxy.backend.loader import COUNTERS, BackendError, DataPlane, check_kernel, read_counters
-from synproxy.backend.timewait import TimeWaitEvent
+from synproxy.backend.timewait import TimeWaitEvent, reinjection_frame
 from synproxy.bpf.libbpf import RingBuffer, kernel_has_function, prog_test_run
 from synproxy.bpf.loading import MAP_KEY, SALT_SLOT, build_object
 from synproxy.cookie import SynOptions, check_cookie, make_cookie
@@ -678,11 +678,16 @@ def test_a_validated_ack_recycles_a_time_wait_socket_only_where_rfc_6191_accepts
             ring.poll(0)
     finally:
         ring.close()
-    if recycled:  # dropped, and the loader told which socket
+    if recycled:  # dropped, and the loader told which socket, with what re-injecting the packet needs
         assert (verdict, changed) == (TC_ACT_SHOT, {"decapsulated": 1, "time_wait_recycled": 1})
         event = TimeWaitEvent.unpack(reported[0])
-        assert len(reported) == 1 and event == TimeWaitEvent(
+        assert len(reported) == 1 and event[:8] == (
             4, ipaddress.ip_address(CLIENT4).packed, ipaddress.ip_address(VIPS[0]).packed,
-            TW_PORT.to_bytes(2, "big"), (80).to_bytes(2, "big"), (isn + 1) % 2**32, parse_tcp(packet[ETH_HEADER + encap.OVERHEAD:]).ack)
+            TW_PORT.to_bytes(2, "big"), (80).to_bytes(2, "big"), (isn + 1) % 2**32,
+            parse_tcp(packet[ETH_HEADER + encap.OVERHEAD:]).ack, False)
+        assert event.packet == packet[ETH_HEADER + encap.OVERHEAD:]
+        frame, outer_addresses, outer_end = reinjection_frame(event), slice(ETH_HEADER + 12, ETH_HEADER + 20), ETH_HEADER + 20
+        assert (frame[outer_addresses], frame[outer_end:]) == (packet[outer_addresses], packet[outer_end:]), \
+            "encapsulated again as it came"
     else:  # left to the TIME_WAIT socket, as the kernel leaves it a SYN it refuses
         assert (verdict, changed, reported) == (TC_ACT_OK, {"decapsulated": 1, "time_wait_refused": 1}, [])

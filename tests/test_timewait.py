@@ -1,6 +1,6 @@
 """The loader's side of 4-tuple reuse (synproxy/backend/timewait.py) on real sockets in a namespace of the
-test's own: only a TIME_WAIT socket of the reported tuple is destroyed, and the probe makes a client's
-TCP repeat its ACK."""
+test's own: only a TIME_WAIT socket of the reported tuple is destroyed; and the frame that re-injects a
+dropped segment."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import socket
 import time
 
 import pytest
-from scapy.layers.inet import IP, TCP
 
 from synproxy import netns
-from synproxy.backend.timewait import NETLINK_SOCK_DIAG, TimeWaitEvent, destroy_time_wait, elicit_ack
+from synproxy.backend.timewait import NETLINK_SOCK_DIAG, TimeWaitEvent, destroy_time_wait, reinjection_frame
+from synproxy.packet import ACK, PROTO_TCP, PSH, build_tcp_packet, internet_checksum, tcp_checksum_completed
 from tests.lab_fixtures import needs_root
 
 pytestmark = needs_root
@@ -55,41 +55,30 @@ def test_only_the_time_wait_socket_of_the_tuple_is_destroyed(namespace):
     assert not destroy_time_wait(diag, event_for()), "reported twice: the second finds nothing"
 
 
-def test_the_probe_makes_the_client_repeat_its_ack(namespace):
-    """A client's connection to the VIP (the server side stands in for what the fronts made): the probe,
-    one below the client's next expected sequence number, gets the client's ACK with the numbers its
-    handshake ACK carried."""
-    _, _, listener = namespace
-    with socket.create_connection((VIP, PORT), source_address=(CLIENT, CLIENT_PORT)) as client, \
-            socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as capture, \
-            socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw_socket:
-        server, _ = listener.accept()
-        capture.settimeout(2)
-        # What the client expects next and what the server has acknowledged, read from a server segment.
-        server.sendall(b"x")
-        client.recv(1)
-        while True:
-            segment = IP(capture.recv(2048))
-            if segment[TCP].sport == PORT and segment[TCP].dport == CLIENT_PORT:
-                expected_by_client = segment[TCP].seq + 1
-                acked_by_server = segment[TCP].ack
-                break
-        time.sleep(0.3)  # the client's (delayed) ACK of that byte carries the same numbers: let it pass
-        capture.setblocking(False)
-        while True:
-            try:
-                capture.recv(2048)
-            except BlockingIOError:
-                break
-        capture.settimeout(2)
-        raw_socket.sendto(elicit_ack(event_for(seq=acked_by_server, ack=expected_by_client)), (CLIENT, 0))
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:
-            segment = IP(capture.recv(2048))
-            tcp = segment[TCP]
-            if tcp.sport == CLIENT_PORT and tcp.dport == PORT and not len(tcp.payload):
-                assert (tcp.seq, tcp.ack, tcp.flags) == (acked_by_server, expected_by_client, "A")
-                break
-        else:
-            pytest.fail("the client did not answer the probe")
-        server.close()
+@pytest.mark.parametrize("client, vip", [(CLIENT, VIP), ("2001:db8:1::2", "2001:db8::10")])
+def test_a_partial_checksum_is_completed_and_a_wrong_one_refused(client, vip):
+    """A segment whose sender offloaded its checksum carries only the pseudo-header's sum: re-injected
+    through a packet socket it would be checked in full and dropped, so it is completed; any other wrong
+    checksum is a damaged segment, never made valid."""
+    whole = build_tcp_packet(ipaddress.ip_address(client).packed, ipaddress.ip_address(vip).packed, CLIENT_PORT, PORT,
+                             1000, 5000, ACK | PSH, 0, payload=b"GET / HTTP/1.0\r\n\r\n")
+    start = 20 if ":" not in client else 40
+    addresses = whole[12:20] if ":" not in client else whole[8:40]
+    pseudo_header_sum = ~internet_checksum(addresses + bytes([0, PROTO_TCP]) + (len(whole) - start).to_bytes(2, "big"))
+    partial = whole[:start + 16] + (pseudo_header_sum & 0xFFFF).to_bytes(2, "big") + whole[start + 18:]
+    damaged = whole[:start + 16] + bytes(2) + whole[start + 18:]
+    assert tcp_checksum_completed(whole) == whole
+    assert tcp_checksum_completed(partial) == whole
+    assert tcp_checksum_completed(damaged) is None
+
+
+def test_only_what_was_not_yet_re_injected_and_was_copied_whole_is_re_injected():
+    packet = build_tcp_packet(ipaddress.ip_address(CLIENT).packed, ipaddress.ip_address(VIP).packed, CLIENT_PORT,
+                              PORT, 1000, 5000, ACK, 0)
+    event = event_for()._replace(front=bytes([10, 0, 0, 1]), backend=bytes([10, 0, 0, 2]), source_port=b"\xc0\x01",
+                                 encap_port=(6080).to_bytes(2, "big"), header=bytes(20), packet=packet)
+    frame = reinjection_frame(event)
+    assert frame[:14] == bytes(12) + b"\x08\x00" and frame[-len(packet):] == packet
+    assert frame[14 + 20:14 + 28] == b"\xc0\x01\x17\xc0" + (8 + 20 + len(packet)).to_bytes(2, "big") + bytes(2)
+    assert reinjection_frame(event._replace(reinjected=True)) is None
+    assert reinjection_frame(event._replace(packet=b"")) is None

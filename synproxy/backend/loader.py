@@ -280,14 +280,21 @@ def attached(interface: str, fronts: Iterable[ipaddress.IPv4Address | ipaddress.
         plane.protect(vips, ports)
         plane.refresh_encap_keys(schedule)
         plane.refresh_salts(schedule, time.time())
-        tc_attach(ifindex, plane.prog_fd, TC_HANDLE, TC_PRIORITY)
+        # Also at the loopback device's ingress: the TIME_WAIT recycler re-injects segments there
+        # (timewait.py); the program passes the device's own traffic uncounted.
+        loopback = interface_index("lo")
+        tc_attach(loopback, plane.prog_fd, TC_HANDLE, TC_PRIORITY)
         try:
-            log("backend_attached", interface=interface, object=object_path.name, encap_port=encap_port,
-                fronts=[str(front) for front in fronts])
-            yield plane
+            tc_attach(ifindex, plane.prog_fd, TC_HANDLE, TC_PRIORITY)
+            try:
+                log("backend_attached", interface=interface, object=object_path.name, encap_port=encap_port,
+                    fronts=[str(front) for front in fronts])
+                yield plane
+            finally:
+                tc_detach(ifindex, TC_HANDLE, TC_PRIORITY)
+                log("backend_detached", interface=interface)
         finally:
-            tc_detach(ifindex, TC_HANDLE, TC_PRIORITY)
-            log("backend_detached", interface=interface)
+            tc_detach(loopback, TC_HANDLE, TC_PRIORITY)
     finally:
         plane.close()
 

@@ -1,22 +1,22 @@
 """4-tuple reuse behind the fronts (docs/backend.md): the backend program reports, through its `time_wait`
-ring buffer, each validated handshake ACK that met a TIME_WAIT socket RFC 6191 would recycle for a SYN;
-this thread destroys that socket and makes the client repeat its ACK.
+ring buffer, each validated handshake segment that met a TIME_WAIT socket RFC 6191 would recycle for a
+SYN, and drops it; this thread destroys that socket and re-injects the segment.
 
 The kernel recycles such a socket itself when the SYN arrives (tcp_timewait_state_process), but behind
 the fronts the backend sees only the ACK: the kfunc's connection cannot be inserted next to the TIME_WAIT
 socket, and tc cannot remove it. sock_diag's SOCK_DESTROY can (CAP_NET_ADMIN; it works for TIME_WAIT
 sockets). The socket is first looked up by its tuple and destroyed by its cookie, so only that TIME_WAIT
-socket is, never a connection the same tuple has since made. Then, unless the client sent data behind
-its ACK, a bare ACK from the VIP one below what the client expects (a keepalive probe's sequence
-number) makes the client's TCP answer with a duplicate ACK (RFC 793's answer to an old segment): the
-same sequence and acknowledgment numbers as its handshake ACK, which the fronts validate again and the
-backend now turns into the connection.
+socket is, never a connection the same tuple has since made. Then the dropped segment (the event carries
+it, and what its encapsulation held) is sent again, encapsulated as it arrived, on the loopback device
+through a packet socket: it comes back in at the loopback device's ingress, where the backend program is
+attached too, passes the same checks and makes the connection (or reaches the one the client's next
+segment made meanwhile). The client sees no loss: its ACK and its data right behind it (an HTTP request)
+are both delivered, about a millisecond late, instead of the data at its retransmission (200 ms).
 """
 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 import struct
@@ -26,9 +26,10 @@ from typing import NamedTuple
 
 from synproxy.bpf.libbpf import Map, RingBuffer
 from synproxy.logs import log
-from synproxy.packet import ACK, build_tcp_packet
+from synproxy.packet import PROTO_UDP, MalformedPacket, build_ip_header, tcp_checksum_completed
 
-EVENT = struct.Struct("=16s16s2s2sIIBB2x")  # struct time_wait_event
+EVENT = struct.Struct("=16s16s2s2sIIBBH4s4s2s2s20s")  # struct time_wait_event up to its packet
+ETH_P_IP = 0x0800
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, SOCK_DESTROY = 4, 20, 21
 NLM_F_REQUEST, NLM_F_ACK, NLMSG_ERROR = 0x1, 0x4, 2
 TCP_TIME_WAIT, TCP_LISTEN = 6, 10  # include/net/tcp_states.h
@@ -37,8 +38,11 @@ _REQUEST = struct.Struct("=BBBxI2s2s16s16sIQ")  # struct inet_diag_req_v2 with i
 _NO_COOKIE = 0xFFFFFFFFFFFFFFFF  # INET_DIAG_NOCOOKIE in both words
 _ANSWER = struct.Struct("=BB2x2s2s16s16sIQ")     # struct inet_diag_msg up to the socket's cookie
 POLL_MS = 200  # how long one poll waits: the thread sees a stop request within this
-# After destroying, how long reports of the same tuple may still be on their way (a segment the program
-# handled on another CPU while the socket was being destroyed): read before deciding on the probe.
+# How long reports of the same tuple may still be on their way (the request a client sends right behind
+# its ACK, ~0.1 ms later in the lab): read before destroying, so that data meets the TIME_WAIT socket and
+# is re-injected after the ACK. Arriving after the destroy instead, it would make a connection itself,
+# racing the re-injected ACK's on another CPU: the loser of the two finds the winner's socket in the
+# hash and is dropped, and the client sends it again 200 ms later (1 of 10 reconnects in the lab).
 SETTLE_SECONDS = 0.001
 
 
@@ -48,15 +52,23 @@ class TimeWaitEvent(NamedTuple):
     vip: bytes
     client_port: bytes  # network order
     vip_port: bytes
-    seq: int  # the ACK's: the client's ISN + 1
-    ack: int  # the ACK's: the cookie + 1
-    data: bool = False  # the segment carried data
+    seq: int  # the segment's: the client's ISN + 1
+    ack: int  # the segment's: the cookie + 1
+    reinjected: bool = False  # it came in on the loopback device: re-injected once already
+    front: bytes = b""  # the encapsulation's outer source and destination addresses (IPv4)
+    backend: bytes = b""
+    source_port: bytes = b""  # its UDP ports, network order
+    encap_port: bytes = b""
+    header: bytes = b""  # the synproxy header as received, MAC included
+    packet: bytes = b""  # the inner IP packet, or nothing when it was larger than the program copies
 
     @classmethod
     def unpack(cls, record: bytes) -> TimeWaitEvent:
-        saddr, daddr, sport, dport, seq, ack, family, data = EVENT.unpack(record[:EVENT.size])
+        (saddr, daddr, sport, dport, seq, ack, family, reinjected, length, front, backend, source_port, encap_port,
+         header) = EVENT.unpack_from(record)
         size = 4 if family == 4 else 16
-        return cls(family, saddr[-size:], daddr[-size:], sport, dport, seq, ack, bool(data))
+        return cls(family, saddr[-size:], daddr[-size:], sport, dport, seq, ack, bool(reinjected), front, backend,
+                   source_port, encap_port, header, bytes(record[EVENT.size:EVENT.size + length]))
 
     @property
     def flow(self) -> tuple:
@@ -108,33 +120,39 @@ def destroy_time_wait(sock: socket.socket, event: TimeWaitEvent) -> bool:
     return destroyed == 0
 
 
-def elicit_ack(event: TimeWaitEvent) -> bytes:
-    """The probe that makes the client repeat its ACK: from the VIP, sequence number the cookie (one below
-    the client's next expected), no payload, acknowledging what the ACK carried."""
-    return build_tcp_packet(event.vip, event.client, int.from_bytes(event.vip_port, "big"),
-                            int.from_bytes(event.client_port, "big"), (event.ack - 1) & 0xFFFFFFFF, event.seq,
-                            ACK, 0)
+def reinjection_frame(event: TimeWaitEvent) -> bytes | None:
+    """The dropped segment encapsulated again as it arrived (outer addresses and ports, the header with its
+    MAC), in an Ethernet frame to the loopback device's address (zeros: another makes the frame
+    PACKET_OTHERHOST, which IP drops); None when it cannot be re-injected: too large to be copied,
+    re-injected once already, or damaged."""
+    if event.reinjected or not event.packet:
+        return None
+    try:
+        inner = tcp_checksum_completed(event.packet)
+    except MalformedPacket:
+        return None
+    if inner is None:
+        return None
+    udp_length = 8 + len(event.header) + len(inner)
+    return (bytes(12) + ETH_P_IP.to_bytes(2, "big") + build_ip_header(event.front, event.backend, PROTO_UDP, udp_length)
+            + event.source_port + event.encap_port + udp_length.to_bytes(2, "big") + bytes(2) + event.header + inner)
 
 
 class TimeWaitRecycler:
-    """The thread that reads the program's `time_wait` ring buffer and recycles what it reports.
-
-    The probe is sent only when the client has sent nothing behind its ACK: a client with data in flight
-    answers it with its next sequence number, which carries no cookie, and the listener would reset the
-    connection. Such a client sends its data again after its retransmission timeout, and that segment,
-    validated like its ACK, makes the connection."""
+    """The thread that reads the program's `time_wait` ring buffer and recycles what it reports: each
+    report's TIME_WAIT socket destroyed (once: the data right behind an ACK finds it gone), then its
+    segment re-injected, in the order the program reported them (an ACK before the data behind it)."""
 
     def __init__(self, ring_map: Map):
         try:
             self.diag = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
-            self.raw = {4: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW),
-                        6: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)}
+            self.loopback = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: sends only
         except PermissionError:
-            raise PermissionError("the TIME_WAIT recycler needs CAP_NET_RAW for its raw sockets "
+            raise PermissionError("the TIME_WAIT recycler needs CAP_NET_RAW for its packet socket "
                                   "(docs/backend.md, \"4-tuple reuse\")") from None
         self.reported: list[TimeWaitEvent] = []
         self.ring = RingBuffer(ring_map, self._on_record)
-        self.recycled = self.probed = self.failed = 0
+        self.recycled = self.reinjected = self.failed = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="time-wait-recycler", daemon=True)
 
@@ -151,35 +169,25 @@ class TimeWaitRecycler:
                 self.recycle()
 
     def recycle(self) -> None:
-        """Destroy what the reports name, let reports still on their way arrive, then probe the clients
-        that sent nothing behind their ACK."""
+        """Let reports still on their way arrive, then destroy the TIME_WAIT socket each report names, if it
+        is still there, and send its segment again. A segment that cannot be re-injected is left to the
+        client's retransmission."""
+        time.sleep(SETTLE_SECONDS)
+        self.ring.poll(0)
         events, self.reported = self.reported, []
-        destroyed = {}
         for event in events:
             try:
-                if event.flow not in destroyed and destroy_time_wait(self.diag, event):
-                    destroyed[event.flow] = event
-            except OSError as error:
-                self._failed(error)
-        if not destroyed:
-            return
-        self.recycled += len(destroyed)
-        time.sleep(SETTLE_SECONDS)
-        self.ring.poll(0)  # the late reports stay for the next round: other tuples' are new work
-        with_data = {event.flow for event in events + self.reported if event.data}
-        for flow, event in destroyed.items():
-            try:
-                # Data behind the ACK, dropped (the client sends it again) or already the connection: a
-                # probe then would only reach a later state of the tuple.
-                if flow in with_data or connected(self.diag, event):
-                    continue
-                self.raw[event.family].sendto(elicit_ack(event), (str(ipaddress.ip_address(event.client)), 0))
-                self.probed += 1
+                if destroy_time_wait(self.diag, event):
+                    self.recycled += 1
+                frame = reinjection_frame(event)
+                if frame is not None:
+                    self.loopback.sendto(frame, ("lo", ETH_P_IP))
+                    self.reinjected += 1
             except OSError as error:
                 self._failed(error)
 
     def _failed(self, error: OSError) -> None:
-        """A refused destroy or probe: the client's own retransmission tries again."""
+        """A refused destroy or re-injection: the client's own retransmission tries again."""
         self.failed += 1
         log("time_wait_recycle_failed", error=f"{errno.errorcode.get(error.errno, error.errno)}: {error}")
 
@@ -188,5 +196,5 @@ class TimeWaitRecycler:
         if self._thread.is_alive():
             self._thread.join()
         self.ring.close()
-        for sock in (self.diag, *self.raw.values()):
+        for sock in (self.diag, self.loopback):
             sock.close()
