@@ -42,7 +42,7 @@ POLL_MS = 200  # how long one poll waits: the thread sees a stop request within 
 # its ACK, ~0.1 ms later in the lab): read before destroying, so that data meets the TIME_WAIT socket and
 # is re-injected after the ACK. Arriving after the destroy instead, it would make a connection itself,
 # racing the re-injected ACK's on another CPU: the loser of the two finds the winner's socket in the
-# hash and is dropped, and the client sends it again 200 ms later (1 of 10 reconnects in the lab).
+# hash and is dropped, and the client sends it again 200 ms later (1-2 of 88 reconnects in the lab).
 SETTLE_SECONDS = 0.001
 
 
@@ -69,10 +69,6 @@ class TimeWaitEvent(NamedTuple):
         size = 4 if family == 4 else 16
         return cls(family, saddr[-size:], daddr[-size:], sport, dport, seq, ack, bool(reinjected), front, backend,
                    source_port, encap_port, header, bytes(record[EVENT.size:EVENT.size + length]))
-
-    @property
-    def flow(self) -> tuple:
-        return self.family, self.client, self.vip, self.client_port, self.vip_port
 
 
 def _diag(sock: socket.socket, kind: int, event: TimeWaitEvent, cookie: int) -> bytes | int:
