@@ -39,6 +39,7 @@ static const __u16 mss_table_v6[4] = {1220, 1420, 1440, 8940};
 #define ENCAP_FLAG_VALIDATED 0x01 /* a handshake ACK whose cookie a front found valid */
 #define ENCAP_FLAG_ICMP 0x02      /* an ICMP error about the flow; the MAC's tuple is the flow's (client -> VIP) */
 #define ENCAP_FLAG_CHAINED 0x04   /* passed on by a backend to a former owner (encap.next_owner) */
+#define ENCAP_FLAG_FASTOPEN 0x08  /* a SYN whose TCP Fast Open cookie a front found valid: passed to the stack */
 #define ENCAP_OVERHEAD 48
 #define ENCAP_MAC_INPUT_BYTES 56
 

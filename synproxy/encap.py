@@ -23,6 +23,7 @@ VERSION = 3  # byte 2; v2 had zero there, so a v2 backend counts a v3 packet mal
 FLAG_VALIDATED = 0x01  # a handshake ACK whose cookie the front found valid: the backend creates the connection
 FLAG_ICMP = 0x02       # an ICMP error about the flow (the MAC's tuple is the flow's, client to VIP)
 FLAG_CHAINED = 0x04    # passed on by a backend to a former owner (next_owner says whether once more)
+FLAG_FASTOPEN = 0x08   # a SYN whose TCP Fast Open cookie the front found valid: the backend's stack takes it
 HEADER_BYTES = 20
 OVERHEAD = 20 + 8 + HEADER_BYTES
 ENCAP_KEY_INFO = b"synproxy-encap-key-v1"
@@ -66,11 +67,11 @@ def _wrap(inner: bytes, source: bytes, destination: bytes, source_port: int, por
 
 def encapsulate(inner: bytes, segment: TcpSegment | IcmpError, front: bytes, backend: bytes, port: int,
                 flow_hash: int, validated: bool, key: bytes, former: bytes = NO_FORMER_OWNERS,
-                icmp: bool = False) -> bytes:
+                icmp: bool = False, fastopen: bool = False) -> bytes:
     """Wrap ``inner`` (parsed as ``segment``: its flow's addresses and ports) for ``backend``, naming the
     flow's ``former`` owners (previous, earlier), MACed with ``key``; the UDP source port carries the flow
     hash so the farm network can spread flows."""
-    flags = (FLAG_VALIDATED if validated else 0) | (FLAG_ICMP if icmp else 0)
+    flags = (FLAG_VALIDATED if validated else 0) | (FLAG_ICMP if icmp else 0) | (FLAG_FASTOPEN if fastopen else 0)
     mac = encap_mac(key, mac_input(front, backend, segment.saddr, segment.daddr, segment.sport, segment.dport,
                                    flags, former))
     return _wrap(inner, front, backend, 0xC000 | (flow_hash & 0x3FFF), port, flags, former, mac)
@@ -80,10 +81,10 @@ def next_owner(flags: int, backend: bytes, former: bytes) -> bytes | None:
     """Where a ``backend`` that holds no connection for an unflagged segment passes it on, or None when
     it is the last hop (which resets within its budget): from the front's packet, to the first former
     owner named that is not itself; from a chained one, when it is the previous owner, to the earlier.
-    A packet thus takes at most two extra hops, and none back. A handshake (VALIDATED) is never passed
-    on, nor an ICMP error (left to the stack, docs/backend.md)."""
+    A packet thus takes at most two extra hops, and none back. A handshake (VALIDATED, or a FASTOPEN
+    SYN) is never passed on, nor an ICMP error (left to the stack, docs/backend.md)."""
     previous, earlier = former[:4], former[4:]
-    if flags & (FLAG_VALIDATED | FLAG_ICMP):
+    if flags & (FLAG_VALIDATED | FLAG_ICMP | FLAG_FASTOPEN):
         return None
     if not flags & FLAG_CHAINED:
         candidates = (previous, earlier)

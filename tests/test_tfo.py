@@ -16,9 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from synproxy import netns
+from synproxy import encap, netns
 from synproxy.backend.loader import install_fastopen_keys
-from synproxy.front.handler import Action, FrontPolicy, handle
+from synproxy.front.handler import (
+    FASTOPEN_COOKIE_ISSUED,
+    FASTOPEN_PER_SOURCE_BURST,
+    FASTOPEN_PER_SOURCE_RATE,
+    Action,
+    FastOpenLimit,
+    FrontPolicy,
+    handle,
+)
+from synproxy.maglev import flow_hash
 from synproxy.packet import (
     ACK,
     SYN,
@@ -357,3 +366,97 @@ def next_syn(capture_socket: socket.socket, family: int) -> bytes:
         if segment.dport == SERVER_PORT and segment.flags & (SYN | ACK) == SYN:
             return data
     raise AssertionError(f"no SYN within {TIMEOUT} s")
+
+
+def tfo_syn(family: int, cookie: bytes, data: bytes = b"GET / HTTP/1.0\r\n\r\n", source: str | None = None,
+            experimental: bool = False) -> bytes:
+    client, server = (ipaddress.ip_address(a).packed for a in ADDRESSES[family])
+    if source is not None:
+        client = ipaddress.ip_address(source).packed
+    return build_tcp_packet(client, server, 40000, SERVER_PORT, 1000, 0, SYN, 64240,
+                            build_tcp_options(1460, 7, True, (5, 0), FastOpen(cookie, experimental)), data)
+
+
+def farm_cookie(secret: bytes, key_period: int, family: int, source: str | None = None) -> bytes:
+    client, server = (ipaddress.ip_address(a).packed for a in ADDRESSES[family])
+    if source is not None:
+        client = ipaddress.ip_address(source).packed
+    return fastopen_cookie(derive_tfo_key(secret, key_period), client, server)
+
+
+TFO_SECRET, TFO_NOW = bytes(range(32)), 19_801 * 86400.0 + 7  # key period 19801
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("key_period", [19_801, 19_800], ids=["primary", "backup"])
+@pytest.mark.parametrize("experimental", [False, True])
+def test_a_syn_with_a_valid_tfo_cookie_goes_to_its_backend_flagged_fastopen(family, key_period, experimental):
+    """Encapsulated as any packet of the flow (same backend, former owners, MAC), flagged FASTOPEN
+    under the MAC; the SYN itself, data and options, unchanged inside."""
+    policy = front_policy(family, TFO_SECRET)
+    syn = tfo_syn(family, farm_cookie(TFO_SECRET, key_period, family), experimental=experimental)
+    verdict = handle(syn, TFO_NOW, SaltSchedule((b"f" * 32,)), policy, FastOpenLimit())
+    assert (verdict.action, verdict.outcome, verdict.fastopen, verdict.backend) == (
+        Action.FORWARD, "fastopen_accepted", "accepted", 0)
+    segment = parse_tcp(syn)
+    flow = flow_hash(segment.saddr, segment.daddr, segment.sport, segment.dport, policy.flow_key)
+    assert verdict.packet == encap.encapsulate(syn, segment, policy.farm_address, policy.backends[0],
+                                               policy.encap_port, flow, False, policy.encap_key, fastopen=True)
+    assert verdict.packet[29] == encap.FLAG_FASTOPEN and verdict.packet[encap.OVERHEAD:] == syn
+    # Forwarded unflagged (as a failed cookie would be), the MAC no longer holds: the flag is under it.
+    assert verdict.packet[40:48] != encap.encapsulate(syn, segment, policy.farm_address, policy.backends[0],
+                                                      policy.encap_port, flow, False, policy.encap_key)[40:48]
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("case, fallback", [
+    ("expired", "invalid_cookie"),      # two key periods old: Linux refuses it too
+    ("other client", "invalid_cookie"),  # made for another address
+    ("forged", "invalid_cookie"),
+    ("no data", "no_data"),
+    ("too big", "too_big"),
+    ("disabled", "disabled"),
+    ("no limiter", "rate_limited"),
+])
+def test_a_tfo_syn_in_doubt_gets_the_stateless_cookie_syn_ack(family, case, fallback):
+    """With a fresh TFO cookie (the primary's) when TFO is on, as Linux answers a cookie it refuses:
+    the client completes the handshake and sends its data again."""
+    cookie = {"expired": farm_cookie(TFO_SECRET, 19_799, family),
+              "other client": farm_cookie(TFO_SECRET, 19_801, family, "10.9.9.9" if family == 4 else "2001:db8::99"),
+              "forged": bytes(8)}.get(case, farm_cookie(TFO_SECRET, 19_801, family))
+    data = {"no data": b"", "too big": bytes(1500)}.get(case, b"GET / HTTP/1.0\r\n\r\n")
+    policy = front_policy(family, None if case == "disabled" else TFO_SECRET)
+    verdict = handle(tfo_syn(family, cookie, data), TFO_NOW, SaltSchedule((b"f" * 32,)), policy,
+                     None if case == "no limiter" else FastOpenLimit())
+    assert (verdict.action, verdict.outcome, verdict.fastopen) == (Action.REPLY, "syn_answered", fallback)
+    reply = parse_tcp(verdict.packet)
+    assert reply.flags == SYN | ACK and reply.ack == 1001  # the data is not acknowledged
+    fresh = None if case == "disabled" else FastOpen(farm_cookie(TFO_SECRET, 19_801, family), False)
+    assert parse_tcp_options(reply.raw_options).fastopen == fresh
+    assert (fallback in FASTOPEN_COOKIE_ISSUED) == (fresh is not None)
+
+
+def test_one_source_beyond_its_tfo_budget_falls_back_and_others_do_not():
+    """A burst of FASTOPEN_PER_SOURCE_BURST, then FASTOPEN_PER_SOURCE_RATE a second; other addresses
+    keep their own budget."""
+    policy, limit, schedule = front_policy(4, TFO_SECRET), FastOpenLimit(), SaltSchedule((b"f" * 32,))
+    flooder, other = "10.0.0.7", "10.0.0.8"
+
+    def results(source: str, count: int, now: float) -> list[str]:
+        syn = tfo_syn(4, farm_cookie(TFO_SECRET, 19_801, 4, source), source=source)
+        return [handle(syn, now, schedule, policy, limit).fastopen for _ in range(count)]
+
+    assert results(flooder, 100, TFO_NOW) == ["accepted"] * FASTOPEN_PER_SOURCE_BURST + ["rate_limited"] * (
+        100 - FASTOPEN_PER_SOURCE_BURST)
+    assert results(other, 5, TFO_NOW) == ["accepted"] * 5
+    assert results(flooder, 100, TFO_NOW + 1) == ["accepted"] * FASTOPEN_PER_SOURCE_RATE + ["rate_limited"] * (
+        100 - FASTOPEN_PER_SOURCE_RATE)
+
+
+def test_the_per_source_tfo_budget_remembers_a_bounded_number_of_sources():
+    limit = FastOpenLimit(rate=1, burst=1, sources=3)
+    assert all(limit.take(bytes([i]), 0.0) for i in range(3))
+    assert not limit.take(bytes([0]), 0.0)  # still remembered, and spent
+    assert limit.take(bytes([3]), 0.0)     # a fourth: the least recently seen (1) is forgotten
+    assert len(limit.buckets) == 3 and bytes([1]) not in limit.buckets
+    assert limit.take(bytes([1]), 0.0)     # back with a full bucket (the bound FASTOPEN_SOURCES explains)

@@ -15,6 +15,7 @@ MTU (or gives up). No per-flow state is kept.
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -55,6 +56,15 @@ ICMP_FORWARDED = "icmp_forwarded"
 # segments, and Linux rate-limits its own errors to ~1/s per destination; past the budget they are
 # dropped (`icmp_rate_limited`), so a flood of forged errors reaches the backends at this rate at most.
 ICMP_ERRORS_PER_SECOND, ICMP_ERRORS_BURST = 1000, 1000
+FASTOPEN_ACCEPTED = "fastopen_accepted"
+# TFO SYNs one client address may send to the backends (FastOpenLimit), beyond which its TFO SYNs take the
+# stateless cookie path. A browser opens at most 6 connections per host at once and reuses them; 20 at
+# once and 10 a second afterwards leave room for a NAT of a few users and keep one address from
+# holding more than a sliver of a backend listener's TFO queue (qlen 256 in the lab's nginx).
+FASTOPEN_PER_SOURCE_RATE, FASTOPEN_PER_SOURCE_BURST = 10, 20
+# Addresses FastOpenLimit remembers (~250 bytes each in CPython: ~4 MB). A forgotten address starts
+# again with a full bucket, so an address whose bucket ran dry gains at most one burst per eviction.
+FASTOPEN_SOURCES = 16384
 
 
 class Action(enum.Enum):
@@ -68,6 +78,16 @@ class Verdict(NamedTuple):
     packet: bytes | None
     outcome: str          # counter label: what happened and why (docs/metrics.md)
     backend: int = -1     # index into FrontPolicy.backends for FORWARD
+    # A SYN with a TCP Fast Open option: "requested" (a cookie asked for, tfo.enabled), "accepted"
+    # (forwarded), or why its cookie took the stateless path (FASTOPEN_FALLBACKS); "" otherwise.
+    fastopen: str = ""
+
+
+# Why a SYN carrying a TFO cookie got the cookie SYN-ACK instead of reaching a backend (docs/front.md).
+FASTOPEN_FALLBACKS = ("disabled", "invalid_cookie", "no_data", "rate_limited", "too_big")
+# The Verdict.fastopen of a SYN-ACK that carries a TFO cookie (with tfo.enabled, Linux's rule: a
+# request's, and a cookie's it does not accept).
+FASTOPEN_COOKIE_ISSUED = frozenset({"requested", *FASTOPEN_FALLBACKS} - {"disabled"})
 
 
 @dataclass(frozen=True)
@@ -139,8 +159,10 @@ class FrontPolicy:
         return self.farm_mtu - encap.OVERHEAD
 
 
-def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolicy) -> Verdict:
-    """Decide what to do with one packet queued to this front."""
+def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolicy,
+           fastopen_limit: FastOpenLimit | None = None) -> Verdict:
+    """Decide what to do with one packet queued to this front. ``fastopen_limit``: the shell's per-source
+    budget of TFO SYNs; without one, no TFO SYN is forwarded."""
     try:
         segment = parse_tcp(packet)
     except MalformedPacket as error:
@@ -157,7 +179,7 @@ def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolic
         if not tcp_checksum_valid(packet, segment):
             return Verdict(Action.DROP, None, "malformed_bad_checksum")
         try:
-            return _answer_syn(segment, now, schedule, policy)
+            return _answer_syn(packet, segment, now, schedule, policy, fastopen_limit)
         except MalformedPacket as error:
             return Verdict(Action.DROP, None, f"malformed_{error.reason}")
     if len(packet) > policy.encapsulation_mtu:
@@ -230,9 +252,39 @@ class TokenBucket:
         return True
 
 
-def _answer_syn(segment, now: float, schedule: SaltSchedule, policy: FrontPolicy) -> Verdict:
+class FastOpenLimit:
+    """A token bucket (TokenBucket's rule) per client address for the TFO SYNs a front forwards, for the
+    ``sources`` addresses seen last (an LRU: bounded memory whatever the number of addresses). A valid
+    TFO cookie is per address, so whoever owns addresses can get cookies for them and flood backends
+    with TFO SYNs; this bounds what each address sends, the backends' TFO queue (the listener's qlen)
+    what all of them together leave pending."""
+
+    def __init__(self, rate: float = FASTOPEN_PER_SOURCE_RATE, burst: float = FASTOPEN_PER_SOURCE_BURST,
+                 sources: int = FASTOPEN_SOURCES):
+        self.rate, self.burst, self.sources = rate, burst, sources
+        self.buckets: OrderedDict[bytes, TokenBucket] = OrderedDict()
+
+    def take(self, source: bytes, now: float) -> bool:
+        buckets = self.buckets
+        bucket = buckets.get(source)
+        if bucket is None:
+            if len(buckets) >= self.sources:
+                buckets.popitem(last=False)
+            bucket = buckets[source] = TokenBucket(self.rate, self.burst)
+        else:
+            buckets.move_to_end(source)
+        return bucket.take(now)
+
+
+def _answer_syn(packet: bytes, segment, now: float, schedule: SaltSchedule, policy: FrontPolicy,
+                fastopen_limit: FastOpenLimit | None) -> Verdict:
     # Every SYN of a flood comes here: plain tuples and new_record instead of NamedTuple constructors.
     mss, wscale, sack_permitted, timestamp, fastopen = parse_tcp_options(segment.raw_options)
+    fastopen_result = ""
+    if fastopen is not None:
+        fastopen_result = _fastopen_decision(packet, segment, fastopen, now, policy, fastopen_limit)
+        if fastopen_result == "accepted":
+            return _forward_fastopen(packet, segment, policy)
     ecn = policy.ecn and segment.flags & (ECE | CWR) == (ECE | CWR)
     sack = policy.sack and sack_permitted
     epoch, salt = schedule.minting_salt(now)
@@ -246,14 +298,49 @@ def _answer_syn(segment, now: float, schedule: SaltSchedule, policy: FrontPolicy
     reply = build_tcp_packet(segment.daddr, segment.saddr, segment.dport, segment.sport, cookie,
                              (segment.seq + 1) & 0xFFFFFFFF, SYN | ACK | (ECE if ecn else 0),
                              SYN_ACK_WINDOW, options)
-    return new_record(Verdict, (Action.REPLY, reply, "syn_answered", -1))
+    return new_record(Verdict, (Action.REPLY, reply, "syn_answered", -1, fastopen_result))
+
+
+def _fastopen_decision(packet: bytes, segment, fastopen: FastOpen, now: float, policy: FrontPolicy,
+                       fastopen_limit: FastOpenLimit | None) -> str:
+    """What a SYN's TFO option gets: "requested" (no cookie in it), "accepted" (a valid cookie: the SYN
+    goes to the flow's backend, whose kernel checks the cookie again with the same keys and opens the
+    connection with the SYN's data), or a reason from FASTOPEN_FALLBACKS, under which it is answered as
+    any SYN. A cookie is checked as Linux checks it (tcp_fastopen_cookie_gen_check): the primary's or
+    the backup's, for this client address and VIP. A SYN without data gains nothing from the backend
+    (Linux clients send a cookie only with data), and one too big to encapsulate could not reach it."""
+    if policy.tfo_secret is None:
+        return "disabled" if fastopen.cookie else ""
+    if not fastopen.cookie:
+        return "requested"
+    if fastopen.cookie not in (fastopen_cookie(key, segment.saddr, segment.daddr)
+                               for key in fastopen_keys(policy.tfo_secret, now, policy.tfo_key_period)):
+        return "invalid_cookie"
+    if not segment.payload_length:
+        return "no_data"
+    if len(packet) > policy.encapsulation_mtu:
+        return "too_big"
+    if fastopen_limit is None or not fastopen_limit.take(segment.saddr, now):
+        return "rate_limited"
+    return "accepted"
+
+
+def _forward_fastopen(packet: bytes, segment, policy: FrontPolicy) -> Verdict:
+    """A TFO SYN with a valid cookie, encapsulated flagged FASTOPEN to the flow's backend (the same one
+    its ACK and every later packet go to), whose stack creates the connection and answers directly."""
+    flow = flow_hash(segment.saddr, segment.daddr, segment.sport, segment.dport, policy.flow_key)
+    backend = policy.backend_for(flow)
+    wrapped = encap.encapsulate(packet, segment, policy.farm_address, policy.backends[backend], policy.encap_port,
+                                flow, False, policy.encap_key, policy.former_owners(flow), fastopen=True)
+    return Verdict(Action.FORWARD, wrapped, FASTOPEN_ACCEPTED, backend, "accepted")
 
 
 def _fastopen_reply(fastopen: FastOpen, segment, now: float, policy: FrontPolicy) -> FastOpen | None:
     """The TFO option of the cookie SYN-ACK to a SYN that carries one: the cookie the backends' kernels
     make for this client and VIP with the farm's primary key, in the form the client used
-    (docs/cookie.md, "TCP Fast Open"). Linux answers so both a request and a cookie it does not accept;
-    this front accepts none yet, so a SYN's data waits for the handshake, and the client resends it."""
+    (docs/cookie.md, "TCP Fast Open"). Linux answers so both a request and a cookie it does not accept
+    (here: any the SYN-ACK answers, _fastopen_decision), whose SYN's data then waits for the handshake,
+    and the client resends it."""
     if policy.tfo_secret is None:
         return None
     primary, _backup = fastopen_keys(policy.tfo_secret, now, policy.tfo_key_period)

@@ -54,11 +54,14 @@ from synproxy.encap import encap_key
 from synproxy.front import fastpath
 from synproxy.front.announce import Announcer
 from synproxy.front.handler import (
+    FASTOPEN_COOKIE_ISSUED,
+    FASTOPEN_FALLBACKS,
     ICMP_ERRORS_BURST,
     ICMP_ERRORS_PER_SECOND,
     ICMP_FORWARDED,
     TOO_BIG,
     Action,
+    FastOpenLimit,
     FrontPolicy,
     TokenBucket,
     handle,
@@ -230,6 +233,7 @@ class PacketCounts:
 
     def __init__(self):
         self.packets: defaultdict[tuple[str, int], int] = defaultdict(int)  # (outcome, IP version)
+        self.fastopen: defaultdict[str, int] = defaultdict(int)  # TFO SYNs by Verdict.fastopen
         # By backend address, not position: a reload may add, remove or reorder backends.
         self.forwarded: defaultdict[str, int] = defaultdict(int)
         self.timing = [0] * (len(PROCESSING_BUCKETS) + 1)  # sampled processing times per bucket, +Inf last
@@ -244,6 +248,8 @@ class PacketCounts:
             self.packets[key] += value
         for key, value in list(other.forwarded.items()):
             self.forwarded[key] += value
+        for key, value in list(getattr(other, "fastopen", {}).items()):  # a worker started before the upgrade has none
+            self.fastopen[key] += value
         self.timing = [mine + theirs for mine, theirs in zip(self.timing, other.timing)]
         self.timing_sum += other.timing_sum
 
@@ -360,6 +366,24 @@ class FrontMetrics:
             total.add(counts)
         return total
 
+    def fastopen_metrics(self, total: PacketCounts):
+        """TCP Fast Open (docs/metrics.md): the handler's counts, and the cookies the BPF programs issued."""
+        issued = sum(value for result, value in total.fastopen.items() if result in FASTOPEN_COOKIE_ISSUED)
+        if self.kernel_path is not None:
+            for path in ("tc", "xdp") if self.xdp_modes else ("tc",):
+                issued += sum(value for (outcome, _), value in self.kernel_path.counts(path).items()
+                              if outcome == "fastopen_cookie_issued")
+        yield CounterMetricFamily("synproxy_front_fastopen_cookies_issued",
+                                  "SYN-ACKs that carried a TCP Fast Open cookie", value=issued)
+        yield CounterMetricFamily("synproxy_front_fastopen_accepted",
+                                  "SYNs with a valid TCP Fast Open cookie forwarded to their backend",
+                                  value=total.fastopen.get("accepted", 0))
+        fallbacks = CounterMetricFamily("synproxy_front_fastopen_fallbacks", "SYNs with a TCP Fast Open cookie "
+                                        "answered with the stateless cookie SYN-ACK, by reason", labels=["reason"])
+        for reason in FASTOPEN_FALLBACKS:
+            fallbacks.add_metric([reason], total.fastopen.get(reason, 0))
+        yield fallbacks
+
     def collect(self):
         by_queue = self._queue_counts()
         total = PacketCounts()
@@ -373,6 +397,7 @@ class FrontMetrics:
         for (outcome, family), value in total.packets.items():
             packets.add_metric([outcome, f"ipv{family}" if family in (4, 6) else "other"], value)
         yield packets
+        yield from self.fastopen_metrics(total)
         forwarded = CounterMetricFamily("synproxy_front_forwarded_packets", "Packets forwarded, by backend",
                                         labels=["backend"])
         for backend, value in total.forwarded.items():
@@ -493,6 +518,7 @@ class Front:
             raise SystemExit("synproxy front: cannot open a raw socket: this needs root (CAP_NET_RAW)") from None
         self.too_big_answers = TokenBucket(TOO_BIG_PER_SECOND, TOO_BIG_BURST)
         self.icmp_errors = TokenBucket(ICMP_ERRORS_PER_SECOND, ICMP_ERRORS_BURST)
+        self.fastopen_limit = FastOpenLimit()  # per process: each worker's queue gets its own CPUs' share
         self.failures = FailureLog()
         self.stop_requested: list[bool] = []
         self.reload_requested: list[bool] = []
@@ -531,11 +557,12 @@ class Front:
         timed = not self.packets_seen & TIMING_SAMPLE_MASK
         if timed:
             started = time.perf_counter()
-        family, backend = 0, -1
+        family, backend, fastopen = 0, -1, ""
         try:
             payload = packet.get_payload()
             family = payload[0] >> 4 if payload else 0
-            action, reply, outcome, backend = handle(payload, time.time(), self.schedule, self.policy)
+            action, reply, outcome, backend, fastopen = handle(payload, time.time(), self.schedule, self.policy,
+                                                               self.fastopen_limit)
             if action is Action.DROP:
                 packet.drop()
             elif outcome == ICMP_FORWARDED and not self.icmp_errors.take(time.monotonic()):
@@ -562,6 +589,8 @@ class Front:
         counts.packets[outcome, family] += 1
         if backend >= 0:
             counts.forwarded[self.backend_labels[backend]] += 1
+        if fastopen:
+            counts.fastopen[fastopen] += 1
         if timed:
             counts.observe(time.perf_counter() - started)
 
