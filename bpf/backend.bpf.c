@@ -532,6 +532,28 @@ static __always_inline int forwarded_by_a_front(const struct segment *seg)
 	       bpf_map_lookup_elem(&protected_ports, &port);
 }
 
+/* --- TCP Fast Open: a SYN a front forwarded flagged FASTOPEN (its TFO cookie held there) --- */
+
+/* Passed to the stack, whose TCP checks the cookie again with the farm's key (net.ipv4.tcp_fastopen_key,
+ * installed by the loader), creates the connection and hands the SYN's data to the application before
+ * the handshake completes, within the listener's TFO queue (its TCP_FASTOPEN qlen); its SYN-ACK goes to
+ * the client directly. Only a SYN (no ACK, RST or FIN) to a protected VIP and port, never chained or
+ * flagged VALIDATED as well: anything else under this flag is no front's (docs/backend.md). */
+static __always_inline int pass_fastopen_syn(const struct segment *seg, __u8 flags)
+{
+	__u16 port = bpf_ntohs(seg->dport);
+
+	if ((seg->flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN)) != TCP_FLAG_SYN ||
+	    (flags & (ENCAP_FLAG_VALIDATED | ENCAP_FLAG_CHAINED)) || !bpf_map_lookup_elem(&protected_vips, seg->daddr) ||
+	    !bpf_map_lookup_elem(&protected_ports, &port)) {
+		COUNT(COUNTER_ENCAP_REFUSED);
+		return TC_ACT_SHOT;
+	}
+	COUNT(COUNTER_DECAPSULATED);
+	COUNT(COUNTER_FASTOPEN_PASSED);
+	return TC_ACT_OK;
+}
+
 /* Strip outer IPv4 + UDP + header; the inner family becomes skb->protocol and the Ethernet type. */
 static __always_inline int decapsulate(struct __sk_buff *skb, __u8 inner_version)
 {
@@ -638,6 +660,8 @@ int synproxy_backend(struct __sk_buff *skb)
 		COUNT(COUNTER_ENCAP_BAD_MAC);
 		return TC_ACT_SHOT;
 	}
+	if (arrival.header.flags & ENCAP_FLAG_FASTOPEN)
+		return pass_fastopen_syn(&seg, arrival.header.flags);
 	/* Only a front flags VALIDATED and only a backend CHAINED: a backend never passes on a handshake. */
 	if (!forwarded_by_a_front(&seg) ||
 	    (arrival.header.flags & (ENCAP_FLAG_VALIDATED | ENCAP_FLAG_CHAINED)) ==

@@ -255,6 +255,7 @@ enum counter {
 				       * SYN: dropped, reported to the loader (which destroys it and re-injects the segment) */
 	COUNTER_TIME_WAIT_REFUSED,    /* the same, RFC 6191 would refuse the SYN: passed to the TIME_WAIT socket */
 	COUNTER_TIME_WAIT_UNREPORTED, /* the same as recycled, but the ring buffer was full: dropped, unreported */
+	COUNTER_FASTOPEN_PASSED,      /* flagged FASTOPEN: a SYN whose TFO cookie a front found valid, passed to the stack */
 	COUNTER_MAX,
 };
 #define KFUNC_ERRNO_SLOTS 64

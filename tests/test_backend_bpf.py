@@ -410,6 +410,34 @@ def test_authentic_encapsulation_of_what_a_front_never_forwards_is_refused(plane
     assert (verdict, changed) == (TC_ACT_SHOT, {"encap_refused": 1})
 
 
+def tfo_syn(layer, client: str, vip: str, port: int = 80, flags: str = "S") -> bytes:
+    """A client's TFO SYN: a cookie (TCP option 34) and data."""
+    return raw(layer(src=client, dst=vip) / TCP(sport=4000, dport=port, flags=flags, seq=1000,
+                                                options=[("MSS", 1460), (34, bytes(8))]) / b"GET / HTTP/1.0\r\n\r\n")
+
+
+@pytest.mark.parametrize("layer, client, vip", [(IP, CLIENT4, VIPS[0]), (IPv6, CLIENT6, VIPS[1])], ids=["v4", "v6"])
+def test_a_syn_a_front_flagged_fastopen_is_passed_to_the_stack_and_nothing_else_under_the_flag(plane, layer, client,
+                                                                                              vip):
+    """The stack checks the TFO cookie itself (the farm's key); the program only decapsulates an authentic
+    FASTOPEN SYN. An unflagged SYN is refused as before."""
+    syn = tfo_syn(layer, client, vip)
+    verdict, out, changed = run(plane, encapsulated(syn, flags=encap.FLAG_FASTOPEN))
+    assert (verdict, changed) == (TC_ACT_OK, {"decapsulated": 1, "fastopen_passed": 1})
+    assert out[ETH_HEADER:] == syn
+    for refused, flags in ((syn, 0),
+                           (syn, encap.FLAG_FASTOPEN | encap.FLAG_VALIDATED),
+                           (tfo_syn(layer, client, vip, flags="SA"), encap.FLAG_FASTOPEN),
+                           (tfo_syn(layer, client, vip, flags="A"), encap.FLAG_FASTOPEN),
+                           (tfo_syn(layer, client, vip, port=22), encap.FLAG_FASTOPEN)):
+        assert run(plane, encapsulated(refused, flags=flags))[::2] == (TC_ACT_SHOT, {"encap_refused": 1}), flags
+    chained = encap.FLAG_FASTOPEN | encap.FLAG_CHAINED  # from a backend: no front's, whatever its source
+    assert run(plane, encapsulated(syn, flags=chained))[::2] == (TC_ACT_SHOT, {"encap_refused": 1})
+    # The flag is under the MAC: set on a packet MACed without it, it fails.
+    assert run(plane, encapsulated(syn, flags=encap.FLAG_FASTOPEN, mac_flags=0))[::2] == (
+        TC_ACT_SHOT, {"encap_bad_mac": 1})
+
+
 CLOCK_PERIOD = 60
 
 
