@@ -120,6 +120,108 @@ static __always_inline int count_xdp(const struct segment *seg, __u32 outcome, i
 	return count_on(FRONT_PATH_XDP, seg, outcome, verdict);
 }
 
+/* --- TCP Fast Open (docs/cookie.md, "TCP Fast Open"; handler._fastopen_decision) ---
+ *
+ * The programs answer a SYN's TFO cookie request with the cookie the backends' kernels make (SipHash-2-4
+ * of the client's and the VIP's addresses under the farm's primary key: ~20 ns for IPv4, ~40 for IPv6
+ * here, no AES since Linux 5.10). A SYN that carries a cookie (it carries data too, so it is left to
+ * the queue before its options are read) or a TFO option in any other form is the handler's: it checks
+ * the cookie against both keys, holds the per-source budget (FastOpenLimit) and forwards it flagged
+ * FASTOPEN, or answers it. */
+#define TCPOPT_FASTOPEN 34
+#define TCPOPT_EXPERIMENTAL 254
+#define TCPOPT_FASTOPEN_MAGIC 0xf989
+#define TCPOLEN_FASTOPEN_REQUEST 2
+#define TCPOLEN_EXPERIMENTAL_REQUEST 4
+#define FASTOPEN_COOKIE_BYTES 8
+#define FASTOPEN_OPTION_BYTES 12 /* either form, padded to a multiple of 4 as Linux writes it */
+
+/* What a SYN's TFO options ask for (struct syn_options.fastopen); the last one read wins but QUEUE. */
+enum fastopen_ask {
+	FASTOPEN_NONE,
+	FASTOPEN_REQUEST,              /* kind 34, no cookie */
+	FASTOPEN_REQUEST_EXPERIMENTAL, /* kind 254 + 0xF989, no cookie */
+	FASTOPEN_QUEUE,                /* a cookie, or a length the handler reads its own way */
+};
+
+/* The farm's TFO key the programs make cookies with (tfo.py: fastopen_keys' primary), written by the
+ * loader when tfo.enabled (absent: no cookie offered, as the handler without tfo_secret); one element,
+ * key 0, replaced whole. */
+struct fastopen_key {
+	__u64 period_ns;  /* tfo.key_period_seconds */
+	__u64 key_period; /* the period number `primary` belongs to: another one now leaves the SYN to the queue */
+	__u8 primary[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct fastopen_key);
+} fastopen_key SEC(".maps");
+
+/* A TFO option the walk met at `i` (kind, size already bounds-checked): what the SYN asks for. */
+static __always_inline __u8 fastopen_ask_of(const __u8 *tcp, __u32 i, __u8 kind, __u8 size, __u8 asked)
+{
+	if (asked == FASTOPEN_QUEUE)
+		return asked;
+	if (kind == TCPOPT_FASTOPEN)
+		return size == TCPOLEN_FASTOPEN_REQUEST ? FASTOPEN_REQUEST : FASTOPEN_QUEUE;
+	if (size < TCPOLEN_EXPERIMENTAL_REQUEST || (tcp[(i + 2) & 63] << 8 | tcp[(i + 3) & 63]) != TCPOPT_FASTOPEN_MAGIC)
+		return asked; /* another experiment: ignored */
+	return size == TCPOLEN_EXPERIMENTAL_REQUEST ? FASTOPEN_REQUEST_EXPERIMENTAL : FASTOPEN_QUEUE;
+}
+
+/* The cookie the backends' kernels make for `seg`'s client and VIP with `key`, as a little-endian CPU
+ * stores it (the kernel's cpu_to_le64). Its own BPF function, hashing the segment's own addresses (the
+ * IPv6 message is saddr and daddr as they lie in struct segment): inlined, or with a message copy, it
+ * pushed the SYN path's stack frames past 512 bytes. */
+static __noinline __u64 fastopen_cookie(const struct segment *seg, const struct fastopen_key *key)
+{
+	if (seg->family == 4) { /* the 4-byte addresses, as the kernel's IPv4 cookie */
+		__u64 message;
+
+		__builtin_memcpy(&message, &seg->saddr[12], 4);
+		__builtin_memcpy((__u8 *)&message + 4, &seg->daddr[12], 4);
+		return siphash_words(&message, 1, 2, 4, key->primary);
+	}
+	return siphash_words((const __u64 *)seg->saddr, 4, 2, 4, key->primary);
+}
+
+/* The farm's key for a SYN that asks for a cookie at wall time `now_ns`: NULL when TFO is off, and
+ * `stale` set when the key is another period's (the loader is late: the queue answers). */
+static __always_inline const struct fastopen_key *fastopen_key_now(__u64 now_ns, int *stale)
+{
+	__u32 zero = 0;
+	const struct fastopen_key *key = bpf_map_lookup_elem(&fastopen_key, &zero);
+
+	*stale = key && (!key->period_ns || now_ns / key->period_ns != key->key_period);
+	return key;
+}
+
+/* The TFO option at `reply[at]`, in the form asked: `22 0a` cookie `01 01`, or `fe 0c f9 89` cookie
+ * (FASTOPEN_OPTION_BYTES either way, as Linux writes them). */
+static __always_inline void write_fastopen_option(__u8 *reply, __u32 at, __u8 experimental, __u64 cookie)
+{
+	const __u8 *bytes = (const __u8 *)&cookie;
+	__u32 start = experimental ? 4 : 2;
+
+	if (experimental) {
+		reply[at & 63] = TCPOPT_EXPERIMENTAL;
+		reply[(at + 1) & 63] = FASTOPEN_OPTION_BYTES;
+		reply[(at + 2) & 63] = TCPOPT_FASTOPEN_MAGIC >> 8;
+		reply[(at + 3) & 63] = TCPOPT_FASTOPEN_MAGIC & 0xff;
+	} else {
+		reply[at & 63] = TCPOPT_FASTOPEN;
+		reply[(at + 1) & 63] = 2 + FASTOPEN_COOKIE_BYTES;
+		reply[(at + 10) & 63] = TCPOPT_NOP;
+		reply[(at + 11) & 63] = TCPOPT_NOP;
+	}
+#pragma unroll
+	for (__u32 i = 0; i < FASTOPEN_COOKIE_BYTES; i++)
+		reply[(at + start + i) & 63] = bytes[i];
+}
+
 /* The sum of the TCP pseudo-header (addresses as given, 16-byte form; protocol; TCP length) folded to 32
  * bits, bpf_csum_diff's seed: added up inline, where two helper calls cost ~30 ns a SYN. Byte order
  * needs no care: a one's-complement sum only needs each byte's parity of position kept, and the
@@ -147,6 +249,7 @@ struct syn_options {
 	__u8 sack_permitted;
 	__u8 has_timestamp;
 	__u32 tsval;
+	__u8 fastopen; /* enum fastopen_ask */
 };
 
 /* The SYN's TCP header and the walk over its options (bpf_loop verifies one step once, where an
@@ -206,6 +309,10 @@ static long walk_option(__u32 step, void *context)
 		walk->options.tsval = (__u32)walk->tcp[(i + 2) & 63] << 24 | (__u32)walk->tcp[(i + 3) & 63] << 16 |
 				      (__u32)walk->tcp[(i + 4) & 63] << 8 | walk->tcp[(i + 5) & 63];
 		walk->options.has_timestamp = 1;
+		break;
+	case TCPOPT_FASTOPEN:
+	case TCPOPT_EXPERIMENTAL:
+		walk->options.fastopen = fastopen_ask_of(walk->tcp, i, kind, size, walk->options.fastopen);
 		break;
 	}
 	walk->parsed = -1;
@@ -347,7 +454,8 @@ static __always_inline int route_back(void *ctx, __u32 ifindex, const struct seg
 struct syn_ack {
 	__u8 ip[sizeof(struct ipv6hdr)]; /* IPv4: the first 20 bytes */
 	__u8 tcp[64];
-	__u32 tcp_length;                /* 24..40 */
+	__u32 tcp_length;                /* 24..52 */
+	__u8 fastopen;                   /* it carries a TFO cookie */
 };
 
 static __always_inline __u32 ip_header_length(__u8 family)
@@ -394,12 +502,22 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 			return FRONT_QUEUED;
 	}
 	const struct syn_options options = walk.options;
+	if (options.fastopen == FASTOPEN_QUEUE)
+		return FRONT_QUEUED;
 
 	__u64 now_ns = bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
 	__u64 epoch = now_ns / cfg->period_ns;
 	const struct salt_slot *slot = minting_slot(epoch);
 	if (!slot)
 		return FRONT_NO_SALT;
+	const struct fastopen_key *fastopen = 0;
+	if (options.fastopen) {
+		int stale;
+
+		fastopen = fastopen_key_now(now_ns, &stale);
+		if (stale)
+			return FRONT_QUEUED;
+	}
 
 	__u8 sack = cfg->sack && options.sack_permitted;
 	__u8 ecn = cfg->ecn && (seg->flags & (TCP_FLAG_ECE | TCP_FLAG_CWR)) == (TCP_FLAG_ECE | TCP_FLAG_CWR);
@@ -445,7 +563,13 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 		reply[(at + 3) & 63] = cfg->server_wscale;
 		at += 4;
 	}
-	__u32 reply_length = at & 0x3c; /* 24..40, a multiple of 4 */
+	if (fastopen) { /* last, as build_tcp_options puts it */
+		write_fastopen_option(reply, at, options.fastopen == FASTOPEN_REQUEST_EXPERIMENTAL,
+				      fastopen_cookie(seg, fastopen));
+		at += FASTOPEN_OPTION_BYTES;
+		answer->fastopen = 1;
+	}
+	__u32 reply_length = at & 0x3c; /* 24..52, a multiple of 4 */
 	th->source = seg->dport;
 	th->dest = seg->sport;
 	th->seq = bpf_htonl(cookie);
@@ -484,6 +608,13 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 	return FRONT_SYN_ANSWERED;
 }
 
+/* A SYN-ACK sent with a TFO cookie is counted once more, as such. */
+static __always_inline void count_fastopen(__u32 path, const struct segment *seg, const struct syn_ack *answer)
+{
+	if (answer->fastopen)
+		count_on(path, seg, FRONT_FASTOPEN_COOKIE_ISSUED, 0);
+}
+
 static __noinline int answer_syn(struct __sk_buff *skb, const struct segment *seg,
 				      const struct front_config *cfg)
 {
@@ -515,11 +646,13 @@ static __noinline int answer_syn(struct __sk_buff *skb, const struct segment *se
 			next_hop.nh_family = AF_INET6;
 			__builtin_memcpy(next_hop.ipv6_nh, fib.ipv6_dst, 16);
 		}
+		count_fastopen(FRONT_PATH_TC, seg, &answer);
 		return count(seg, FRONT_SYN_ANSWERED, bpf_redirect_neigh(fib.ifindex, &next_hop, sizeof(next_hop), 0));
 	}
 	if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
 	    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
 		return count(seg, FRONT_UNSENT, TC_ACT_SHOT);
+	count_fastopen(FRONT_PATH_TC, seg, &answer);
 	return count(seg, FRONT_SYN_ANSWERED, bpf_redirect(fib.ifindex, 0));
 }
 
@@ -584,6 +717,7 @@ static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *s
 		return count_xdp(seg, FRONT_UNSENT, XDP_PASS); /* unchanged */
 	if (!write_syn_ack(ctx, &fib, &answer, seg->family))
 		return count_xdp(seg, FRONT_UNSENT, XDP_DROP); /* half rewritten */
+	count_fastopen(FRONT_PATH_XDP, seg, &answer);
 	return count_xdp(seg, FRONT_SYN_ANSWERED, send(ctx, fib.ifindex));
 }
 

@@ -195,6 +195,7 @@ enum front_counter {
 	FRONT_ICMP_RATE_LIMITED,  /* XDP: the same beyond the ICMP budget: dropped */
 	FRONT_ICMP_NOT_PROTECTED, /* XDP: an ICMP error to a VIP about another port, or sent elsewhere than
 				   * the quoted segment's sender: dropped */
+	FRONT_FASTOPEN_COOKIE_ISSUED, /* a SYN answered (counted syn_answered too) with a TCP Fast Open cookie */
 	FRONT_COUNTER_MAX,
 };
 

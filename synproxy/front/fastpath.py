@@ -55,7 +55,8 @@ from synproxy.front.handler import ICMP_ERRORS_PER_SECOND, FrontPolicy
 from synproxy.logs import log
 from synproxy.maglev import DEFAULT_TABLE_SIZE, NO_FORMER_OWNERS
 from synproxy.netlink import interface_kind
-from synproxy.salt import SaltSchedule
+from synproxy.salt import SaltSchedule, epoch_at
+from synproxy.tfo import derive_tfo_key
 
 PROGRAM = "synproxy_front"
 XDP_PROGRAM = "synproxy_front_xdp"
@@ -63,13 +64,14 @@ TC_HANDLE = TC_PRIORITY = 0x5346  # "SF": the backend program uses "SP", so one 
 # enum front_counter in bpf/synproxy.h, in order; each counted per IP version.
 OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", "unrouted", "unsent",
             "validated", "forwarded", "forwarded_bad_mac", "forwarded_expired_epoch", "too_big", "unparsed",
-            "icmp_forwarded", "icmp_rate_limited", "icmp_not_protected")
+            "icmp_forwarded", "icmp_rate_limited", "icmp_not_protected", "fastopen_cookie_issued")
 FAMILIES = (4, 6)
 PATHS = ("tc", "xdp")  # enum front_path: which program counted
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}  # tried in this order
 _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
 _FORWARDING = struct.Struct("=4s2sHQ16s16s")  # struct front_forwarding
 _ICMP_LIMIT = struct.Struct("=QQ")  # struct icmp_limit: cost_ns, credit_max_ns
+_FASTOPEN_KEY = struct.Struct("=QQ16s")  # struct fastopen_key: period_ns, key_period, primary
 _OWNERS = struct.Struct("4s8s")  # struct maglev_owners: the current owner, then previous and earlier (IPv4)
 
 
@@ -93,6 +95,7 @@ class FastPath:
             self.forwarding = sized_map(self.object, "forwarding", _FORWARDING.size)
             self.maglev = sized_map(self.object, "maglev", _OWNERS.size)
             self.icmp_limit = sized_map(self.object, "icmp_limit", _ICMP_LIMIT.size)
+            self.fastopen_key = sized_map(self.object, "fastopen_key", _FASTOPEN_KEY.size)
         except BaseException:
             self.object.close()
             raise
@@ -104,6 +107,7 @@ class FastPath:
         self.xdp_attached: dict[int, str] = {}  # ifindex -> mode
         self._config_written = b""
         self._forwarding_written = b""
+        self._fastopen_written = b""
         self._maglev_written: list[tuple[bytes, bytes] | None] = [None] * DEFAULT_TABLE_SIZE
 
     def configure(self, policy: FrontPolicy, schedule: SaltSchedule) -> None:
@@ -167,8 +171,24 @@ class FastPath:
             if forwarding != self._forwarding_written:
                 self.forwarding.update(MAP_KEY.pack(0), forwarding)
                 self._forwarding_written = forwarding
+            self.refresh_fastopen_key(policy, now)
         except BpfError as error:
             raise FastPathError(f"updating the fast path's maps failed: {error.strerror}") from None
+
+    def refresh_fastopen_key(self, policy: FrontPolicy, now: float) -> None:
+        """The TFO key the programs answer cookie requests with: this key period's primary (the
+        programs leave requests to the queue while it is another period's), none without tfo.enabled."""
+        if policy.tfo_secret is None:
+            if self._fastopen_written:
+                self.fastopen_key.delete(MAP_KEY.pack(0))
+                self._fastopen_written = b""
+            return
+        key_period = epoch_at(now, policy.tfo_key_period)
+        value = _FASTOPEN_KEY.pack(round(policy.tfo_key_period * 1e9), key_period,
+                                   derive_tfo_key(policy.tfo_secret, key_period))
+        if value != self._fastopen_written:
+            self.fastopen_key.update(MAP_KEY.pack(0), value)
+            self._fastopen_written = value
 
     def attach(self, interfaces: Iterable[str]) -> None:
         for name in interfaces:
