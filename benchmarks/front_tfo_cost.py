@@ -1,0 +1,90 @@
+"""What answering a TCP Fast Open cookie request costs the front's XDP program (`python3 -m
+benchmarks.front_tfo_cost`, root): ns per SYN inside the program, with the kernel's run-time statistics,
+for a SYN in Linux's layout, the same SYN asking for a TFO cookie (its SYN-ACK then carries one: the
+option walk and one SipHash-2-4 of the addresses more), IPv4 and IPv6. The method of
+benchmarks/front_xdp_cost.py, whose namespace and per-run measure it shares."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+import statistics
+import time
+
+from benchmarks.front_xdp_cost import _per_run
+from synproxy import netns
+from synproxy.bpf.libbpf import enable_run_time_stats, prog_test_run
+from synproxy.bpf.loading import build_object
+from synproxy.front.fastpath import FastPath
+from synproxy.front.handler import FrontPolicy
+from synproxy.packet import SYN, FastOpen, build_tcp_options, build_tcp_packet
+from synproxy.salt import SaltSchedule
+
+ADDRESSES = {4: ("198.18.1.2", "198.19.0.10"), 6: ("2001:db8:1::2", "2001:db8:ffff::10")}
+ETHERNET = {4: bytes(12) + b"\x08\x00", 6: bytes(12) + b"\x86\xdd"}
+PORT = 80
+
+
+def frames() -> dict[str, bytes]:
+    out = {}
+    for family, (client, vip) in ADDRESSES.items():
+        client, vip = ipaddress.ip_address(client).packed, ipaddress.ip_address(vip).packed
+        for name, fastopen in (("SYN", None), ("SYN asking for a TFO cookie", FastOpen(b"", False))):
+            options = build_tcp_options(1460, 7, True, (1000, 0), fastopen)
+            out[f"IPv{family} {name}"] = ETHERNET[family] + build_tcp_packet(client, vip, 40000, PORT, 1000, 0, SYN,
+                                                                             64240, options)
+    return out
+
+
+def measure(runs: int, repetitions: int) -> dict[str, list[float]]:
+    policy = FrontPolicy(vips=frozenset(ipaddress.ip_address(vip).packed for _, vip in ADDRESSES.values()),
+                         ports=frozenset({PORT}), farm_address=ipaddress.ip_address("10.99.0.1").packed,
+                         backends=(ipaddress.ip_address("10.98.0.1").packed,), encap_port=6080,
+                         encap_key=os.urandom(16), flow_key=os.urandom(16))
+    policy = dataclasses.replace(policy, tfo_secret=os.urandom(32))
+    schedule = SaltSchedule((os.urandom(32),), period=60, skew=2)
+    name = netns.unique_name("tc")
+    results: dict[str, list[float]] = {}
+    with netns.namespaces(name):
+        netns.link(name, "tca", name, "tcb")
+        netns.add_addresses(name, "tca", "10.99.0.1/24", "fd00:99::1/64")
+        for gateway in ("10.99.0.2", "fd00:99::2"):
+            netns.run(name, ["ip", "neigh", "replace", gateway, "lladdr", "02:00:00:00:99:02", "dev", "tca", "nud",
+                             "permanent"])
+        netns.add_route(name, "0.0.0.0/0", "10.99.0.2")
+        netns.add_route(name, "::/0", "fd00:99::2")
+        netns.write_sysctls(name, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"})
+        loaded = FastPath(build_object("front"))
+        stats = enable_run_time_stats()
+        try:
+            loaded.configure(policy, schedule)
+            for _ in range(repetitions):
+                loaded.refresh(policy, schedule, time.time())
+                for kind, frame in frames().items():
+                    counted = loaded.counts("xdp")
+                    with netns.inside(name):
+                        prog_test_run(loaded.xdp_prog_fd, frame)
+                    moved = {key[0] for key, value in loaded.counts("xdp").items() if value != counted[key]}
+                    if "syn_answered" not in moved or ("TFO" in kind) != ("fastopen_cookie_issued" in moved):
+                        raise SystemExit(f"{kind}: the program counted {moved}")
+                    results.setdefault(kind, []).append(_per_run(name, loaded.xdp_prog_fd, frame, runs))
+        finally:
+            os.close(stats)
+            loaded.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20000)
+    parser.add_argument("--repetitions", type=int, default=5)
+    args = parser.parse_args()
+    print(f"ns per SYN inside the XDP program ({args.runs} runs x {args.repetitions}): median (min-max)")
+    for kind, values in measure(args.runs, args.repetitions).items():
+        print(f"  {kind:40} {statistics.median(values):7.0f} ({min(values):.0f}-{max(values):.0f})")
+
+
+if __name__ == "__main__":
+    main()
