@@ -20,8 +20,8 @@ VIP4, VIP6, PORT = "198.19.0.10", "2001:db8:ffff::10", 8080
 
 def test_the_configuration_listens_with_reuseport_on_both_families_and_logs_no_access(tmp_path):
     text = nginx.render_config(tmp_path, VIP4, VIP6, port=PORT)
-    assert f"listen {VIP4}:{PORT} reuseport backlog={nginx.BACKLOG};" in text
-    assert f"listen [{VIP6}]:{PORT} reuseport backlog={nginx.BACKLOG};" in text
+    assert f"listen {VIP4}:{PORT} reuseport backlog={nginx.BACKLOG} fastopen={nginx.FASTOPEN_QUEUE};" in text
+    assert f"listen [{VIP6}]:{PORT} reuseport backlog={nginx.BACKLOG} fastopen={nginx.FASTOPEN_QUEUE};" in text
     assert f"worker_processes {nginx.WORKERS};" in text and "access_log off;" in text
     assert str(tmp_path) in text and "/var/" not in text  # nothing outside its own prefix
 

@@ -28,6 +28,9 @@ UPLOAD_PATH = "/upload"  # answers 204 and discards the request body
 UPLOAD_LIMIT_BYTES = 1 << 30  # the bench uploads 200 MB (benchmarks/upload.py)
 WORKERS = 2  # one per core of the lab machine
 BACKLOG = 4096
+# The listeners' TCP Fast Open queue (TCP_FASTOPEN qlen): TFO connections pending their client's ACK;
+# past it the kernel handles TFO SYNs as any SYN (docs/front.md, "TCP Fast Open").
+FASTOPEN_QUEUE = 256
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 STARTUP_SECONDS = 10
 
@@ -49,7 +52,7 @@ def render_config(prefix: Path, vip4: str, vip6: str | None, port: int = 80, wor
     """
     user = user or pwd.getpwuid(os.geteuid()).pw_name
     temp_paths = "\n".join(f"    {name}_temp_path {prefix}/temp/{name};" for name in TEMP_DIRS)
-    listen = f"reuseport backlog={backlog}"
+    listen = f"reuseport backlog={backlog} fastopen={FASTOPEN_QUEUE}"
     listen6 = f"        listen [{vip6}]:{port} {listen};\n" if vip6 else ""
     return f"""\
 user {user};

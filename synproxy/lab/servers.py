@@ -45,15 +45,27 @@ class _Echo(socketserver.BaseRequestHandler):
 # socketserver listens with a backlog of 5: behind the backend's cookies a full accept queue resets
 # new handshakes (docs/backend.md), and `ab -c 64` fails against such a server even without a proxy.
 BACKLOG = socket.SOMAXCONN
+# TCP Fast Open connections pending their client's ACK a listener holds (its TCP_FASTOPEN qlen); past it
+# the kernel handles TFO SYNs as any SYN (docs/front.md, "TCP Fast Open"). The listener asks for TFO;
+# the backend loader's keys and net.ipv4.tcp_fastopen decide whether it gets any.
+FASTOPEN_QUEUE = 128
 
 
-class _EchoServer(socketserver.ThreadingTCPServer):
+class _FastOpen:
+    """A listener that accepts TCP Fast Open (set before listen(), as nginx's `fastopen=`)."""
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, FASTOPEN_QUEUE)
+        super().server_bind()
+
+
+class _EchoServer(_FastOpen, socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
     request_queue_size = BACKLOG
 
 
-class _HttpServer(ThreadingHTTPServer):
+class _HttpServer(_FastOpen, ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = BACKLOG
 
