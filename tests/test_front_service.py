@@ -283,3 +283,30 @@ def test_workers_counts_add_up_across_reports_and_a_restart():
     assert found[("synproxy_front_worker_packets_total", (("queue", "5"),))] == 7 + 2
     assert found[("synproxy_front_packets_total", (("family", "ipv4"), ("outcome", "syn_answered")))] == 50 + 9
     assert found[("synproxy_front_worker_restarts_total", ())] == 0  # counted by the supervisor, not here
+
+
+class KernelCookies:
+    """Stands in for the loaded programs' counters: the TFO cookies each issued."""
+
+    def counts(self, path: str) -> dict:
+        return {("syn_answered", 4): 9, ("fastopen_cookie_issued", 4): 2 if path == "tc" else 5,
+                ("fastopen_cookie_issued", 6): 1}
+
+
+def test_tcp_fast_open_is_exported_from_the_workers_and_the_programs():
+    """Cookies issued by the handler (requests and fallbacks, not `disabled`) and by both programs;
+    accepted; fallbacks by reason, every reason present from the start."""
+    metrics = service.FrontMetrics(queue_num=4, workers=2)
+    first, second = service.PacketCounts(), service.PacketCounts()
+    first.fastopen.update({"requested": 3, "accepted": 4, "invalid_cookie": 1, "disabled": 6})
+    second.fastopen.update({"accepted": 1, "rate_limited": 2})
+    metrics.report(4, time.monotonic(), first)
+    metrics.report(5, time.monotonic(), second)
+    metrics.kernel_path, metrics.xdp_modes = KernelCookies(), {"eth0": "native"}
+    found = {(s.name, tuple(sorted(s.labels.items()))): s.value
+             for family in metrics.registry.collect() for s in family.samples}
+    assert found[("synproxy_front_fastopen_cookies_issued_total", ())] == 3 + 1 + 2 + (2 + 1) + (5 + 1)
+    assert found[("synproxy_front_fastopen_accepted_total", ())] == 5
+    fallbacks = {dict(labels)["reason"]: value for (name, labels), value in found.items()
+                 if name == "synproxy_front_fastopen_fallbacks_total"}
+    assert fallbacks == {"disabled": 6, "invalid_cookie": 1, "no_data": 0, "rate_limited": 2, "too_big": 0}
