@@ -90,6 +90,7 @@ class Lab:
     data_plane: str = "auto"  # the fronts' front.data_plane (docs/front.md)
     routing: str = "bgp"      # bgp: the fronts announce the VIPs to the router's BIRD; static: ECMP routes
     workers: int | None = None  # the fronts' front.workers; None: the default
+    tfo_key_period_seconds: float | None = None  # tfo.enabled with this key period; None: TFO off
 
     @property
     def state_dir(self) -> Path:
@@ -234,7 +235,9 @@ class Lab:
             f"  xdp_mode: native\n{workers}"
             + (f"  bgp:\n    local_as: {routing.FRONT_AS}\n    peer_as: {routing.ROUTER_AS}\n"
                "    stop_wait_seconds: 1\n" if self.routing == "bgp" else "")
-            + f"backend:\n  interface: eth0\n  metrics_address: 0.0.0.0:{BACKEND_METRICS_PORT}\n")
+            + f"backend:\n  interface: eth0\n  metrics_address: 0.0.0.0:{BACKEND_METRICS_PORT}\n"
+            + (f"tfo:\n  enabled: true\n  key_period_seconds: {self.tfo_key_period_seconds}\n"
+               if self.tfo_key_period_seconds else ""))
         self.config_path.write_text(text)
 
     def start_front(self, name: str, data_plane: str | None = None) -> None:
