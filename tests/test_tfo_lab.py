@@ -1,0 +1,259 @@
+"""TCP Fast Open through the lab with real Linux clients (docs/front.md, "TCP Fast Open"): a first
+connection learns the farm's cookie from a front, the next one's data reaches the backend's application
+in the SYN, through another front too; after a key rotation the previous key's cookie still opens, two
+periods on it falls back; and one source's flood of TFO SYNs beyond its budget falls back, counted,
+without overflowing a backend's TFO queue or costing another client its TFO."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import itertools
+import math
+import socket
+import time
+from collections import Counter
+
+import pytest
+
+from synproxy import netns
+from synproxy.front.handler import FASTOPEN_PER_SOURCE_BURST, FASTOPEN_PER_SOURCE_RATE
+from synproxy.lab.topology import ECHO_PORT, FRONT_METRICS_PORT, VIP, VIP6, scrape
+from synproxy.packet import parse_tcp
+from tests.lab_fixtures import needs_root, running_lab
+from tests.test_tfo import ETH_P_ALL, TCP_FASTOPEN_CONNECT, netstat
+
+pytestmark = [pytest.mark.netns, needs_root]
+KEY_PERIOD = 60.0  # the shortest tfo.key_period_seconds: a rotation within the test's patience
+VIPS = {4: VIP, 6: VIP6}
+STEERED_PORTS = (44000, 44999)  # client ports the router sends to one front (Lab.steer_handshakes)
+TIMEOUT = 5.0
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with running_lab("tfo", salt_period_seconds=3.0, clock_skew_seconds=0.5, tfo_key_period_seconds=KEY_PERIOD) as lab:
+        yield lab
+
+
+_ports = itertools.count(STEERED_PORTS[0])
+_steered_to: list[str] = []
+
+
+def pinned_port(lab, front: str) -> int:
+    """A client port not used before whose packets the router sends to ``front`` (the steered ports
+    all go to the front steered to last)."""
+    if _steered_to[-1:] != [front]:
+        lab.steer_handshakes(STEERED_PORTS, syn_front=front, ack_front=front)
+        _steered_to.append(front)
+    port = next(_ports)
+    assert port <= STEERED_PORTS[1]
+    return port
+
+
+def echo(lab, host: str, family: int, data: bytes, port: int = 0) -> bytes:
+    """One connection from ``host`` by TCP_FASTOPEN_CONNECT to the VIP's echo server: with a cached
+    cookie the data rides in the SYN, else the SYN asks for one; what came back."""
+    with netns.inside(lab.ns(host)):
+        sock = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_STREAM)
+    with sock:
+        sock.settimeout(TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if port:
+            sock.bind(("0.0.0.0" if family == 4 else "::", port))
+        sock.connect((VIPS[family], ECHO_PORT))
+        sock.sendall(data)
+        received = b""
+        while len(received) < len(data) and (chunk := sock.recv(65536)):
+            received += chunk
+        return received
+
+
+def backends_tfo(lab) -> Counter:
+    """The backends' TFO counters summed (TcpExtTCPFastOpen*, prefix removed)."""
+    total = Counter()
+    for host in lab.by_role("backend"):
+        for name, value in netstat(lab.ns(host.name)).items():
+            if name.startswith("TcpExtTCPFastOpen"):
+                total[name.removeprefix("TcpExtTCPFastOpen")] += value
+    return total
+
+
+def fronts_tfo(lab) -> dict[str, Counter]:
+    """Per front: cookies issued, accepted, and fallbacks by reason."""
+    counts = {}
+    for host in lab.by_role("front"):
+        counts[host.name] = mine = Counter()
+        for (name, labels), value in scrape(lab, host.name, host.address, FRONT_METRICS_PORT).items():
+            if name == "synproxy_front_fastopen_cookies_issued_total":
+                mine["issued"] += value
+            elif name == "synproxy_front_fastopen_accepted_total":
+                mine["accepted"] += value
+            elif name == "synproxy_front_fastopen_fallbacks_total":
+                mine[dict(labels)["reason"]] += value
+    return counts
+
+
+def moved(before, after) -> dict:
+    if isinstance(before, Counter):
+        return {key: after[key] - before[key] for key in after if after[key] != before[key]}
+    return {name: moved(before[name], after[name]) for name in after}
+
+
+def forget_cookies(lab, host: str) -> None:
+    lab.run(host, ["ip", "tcp_metrics", "flush", "all"])
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_cookie_one_front_hands_out_opens_a_fast_connection_through_another(lab, family):
+    forget_cookies(lab, "client")
+    front_before, backend_before = fronts_tfo(lab), backends_tfo(lab)
+    assert echo(lab, "client", family, b"learn", pinned_port(lab, "front0")) == b"learn"
+    learned = moved(front_before, fronts_tfo(lab))
+    assert learned["front0"] == {"issued": 1} and not learned["front1"] and not learned["front2"], learned
+    assert moved(backend_before, backends_tfo(lab)).get("Passive", 0) == 0
+
+    front_before, backend_before = fronts_tfo(lab), backends_tfo(lab)
+    assert echo(lab, "client", family, b"data in the SYN", pinned_port(lab, "front1")) == b"data in the SYN"
+    fast = moved(front_before, fronts_tfo(lab))
+    assert fast["front1"] == {"accepted": 1} and not fast["front0"] and not fast["front2"], fast
+    backend = moved(backend_before, backends_tfo(lab))
+    assert backend.get("Passive") == 1 and not backend.get("PassiveFail"), backend
+
+
+def wait_for_key_period(number: int) -> None:
+    """Until a second into key period ``number`` (every node rotates within 0.25 s of its start)."""
+    delay = number * KEY_PERIOD + 1 - time.time()
+    assert delay < 3 * KEY_PERIOD
+    time.sleep(max(0.0, delay))
+
+
+def test_after_a_rotation_the_previous_keys_cookie_still_opens_and_two_periods_on_it_does_not(lab):
+    """Two clients (the lab's client and attacker hosts: two addresses, two cookie caches) learn their
+    cookie in one key period; in the next, one TFO connection opens with it (the backup key, on the
+    front and on the backend); in the one after, the other's falls back to the cookie SYN-ACK, and its
+    data arrives after the handshake."""
+    for host in ("client", "attacker"):
+        forget_cookies(lab, host)
+    learned_in = math.floor(time.time() / KEY_PERIOD)
+    if time.time() - learned_in * KEY_PERIOD > KEY_PERIOD - 5:  # too close to the rotation: learn after it
+        learned_in += 1
+        wait_for_key_period(learned_in)
+    for host in ("client", "attacker"):
+        assert echo(lab, host, 4, b"learn") == b"learn"
+    assert math.floor(time.time() / KEY_PERIOD) == learned_in
+
+    wait_for_key_period(learned_in + 1)
+    front_before, backend_before = fronts_tfo(lab), backends_tfo(lab)
+    assert echo(lab, "client", 4, b"backup key") == b"backup key"
+    assert sum(front["accepted"] for front in fronts_tfo(lab).values()) - sum(
+        front["accepted"] for front in front_before.values()) == 1
+    backend = moved(backend_before, backends_tfo(lab))
+    assert backend.get("Passive") == 1 and backend.get("PassiveAltKey") == 1, backend
+
+    wait_for_key_period(learned_in + 2)
+    front_before, backend_before = fronts_tfo(lab), backends_tfo(lab)
+    assert echo(lab, "attacker", 4, b"expired") == b"expired"
+    fronts = moved(front_before, fronts_tfo(lab))
+    assert sum((Counter(front) for front in fronts.values()), Counter()) == {"invalid_cookie": 1, "issued": 1}, fronts
+    assert moved(backend_before, backends_tfo(lab)).get("Passive", 0) == 0
+
+
+FLOOD = 80
+
+
+def test_one_source_beyond_its_budget_falls_back_and_starves_no_one(lab):
+    """One address (the client host) opens FLOOD TFO connections through one front as fast as it can:
+    the front forwards at most its budget (FASTOPEN_PER_SOURCE_BURST, then _RATE a second), the rest
+    fall back counted `rate_limited`, and every connection still delivers its data. The backends' TFO
+    queues never overflow, and another address's TFO connection right after still opens in its SYN."""
+    forget_cookies(lab, "client")
+    assert echo(lab, "client", 4, b"learn", pinned_port(lab, "front0")) == b"learn"
+    front_before, backend_before = fronts_tfo(lab), backends_tfo(lab)
+    started = time.monotonic()
+    for index in range(FLOOD):
+        data = f"flood {index}".encode()
+        assert echo(lab, "client", 4, data, pinned_port(lab, "front0")) == data
+    elapsed = time.monotonic() - started
+    front0 = moved(front_before, fronts_tfo(lab))["front0"]
+    budget = FASTOPEN_PER_SOURCE_BURST + FASTOPEN_PER_SOURCE_RATE * elapsed
+    assert FASTOPEN_PER_SOURCE_BURST <= front0["accepted"] <= budget + 1, (front0, elapsed)
+    assert front0["rate_limited"] == FLOOD - front0["accepted"] and front0["issued"] == front0["rate_limited"], front0
+    backend = moved(backend_before, backends_tfo(lab))
+    assert backend.get("Passive") == front0["accepted"] and not backend.get("ListenOverflow"), backend
+
+    forget_cookies(lab, "attacker")
+    assert echo(lab, "attacker", 4, b"learn") == b"learn"
+    backend_before = backends_tfo(lab)
+    assert echo(lab, "attacker", 4, b"not starved") == b"not starved"
+    assert moved(backend_before, backends_tfo(lab)).get("Passive") == 1
+    print(f"flood: {FLOOD} TFO SYNs in {elapsed:.2f} s from one source: {front0['accepted']} forwarded, "
+          f"{front0['rate_limited']} fell back")
+
+
+HTTP_PORT = 80
+
+
+def http_trace(lab, fastopen: bool, port: int) -> list[tuple[str, int, int]]:
+    """One HTTP/1.0 GET to nginx on the VIP from the client's ``port`` (TCP_FASTOPEN_CONNECT or a plain
+    connect), traced on the client's interface: (direction, TCP flags, payload bytes) per segment of
+    the connection in the order they crossed it, "out" from the client, "in" to it."""
+    client = ipaddress.ip_address(next(h.address for h in lab.hosts if h.name == "client")).packed
+    with netns.inside(lab.ns("client")):
+        capture = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with capture, sock:
+        capture.bind(("eth0", 0))
+        capture.settimeout(0.2)
+        sock.settimeout(TIMEOUT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if fastopen:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+        sock.bind(("0.0.0.0", port))
+        sock.connect((VIP, HTTP_PORT))
+        sock.sendall(b"GET /1k HTTP/1.0\r\n\r\n")
+        while sock.recv(65536):
+            pass
+        trace = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                data = capture.recv(65535)
+                if data[0] >> 4 != 4 or data[9] != socket.IPPROTO_TCP:
+                    continue
+                segment = parse_tcp(data)
+                if port not in (segment.sport, segment.dport):
+                    continue
+                trace.append(("out" if segment.saddr == client else "in", segment.flags, segment.payload_length))
+    return trace
+
+
+def round_trips_to_first_byte(trace: list[tuple[str, int, int]]) -> int:
+    """Round trips until the response's first byte: the request leaves after as many waits for the
+    server as there are runs of its segments before the request's first byte, and its answer takes one
+    more. (Order, not time: the server's response and the client's ACK of the SYN-ACK may cross.)"""
+    waits, last = 0, None
+    for direction, _, payload in trace:
+        if direction == "out" and payload:
+            return waits + 1
+        if direction == "in" and last != "in":
+            waits += 1
+        last = direction
+    raise AssertionError(f"no request in {trace}")
+
+
+def test_a_request_in_the_syn_gets_its_first_byte_one_round_trip_sooner(lab):
+    """The time to first byte in round trips, from a packet trace on the client: 2 with a plain
+    handshake (SYN / SYN-ACK, then request / response), 1 with TFO (the request rides in the SYN): in
+    the lab a round trip is well under a millisecond, so the count, not the time, is the figure."""
+    forget_cookies(lab, "client")
+    trips = {}
+    for name, fastopen in (("plain", False), ("learning", True), ("tfo", True)):
+        trace = http_trace(lab, fastopen, pinned_port(lab, "front2"))
+        trips[name] = round_trips_to_first_byte(trace)
+        direction, flags, payload = trace[0]
+        assert direction == "out" and flags & 0x02, trace  # the SYN
+        assert (payload > 0) == (name == "tfo"), trace      # the request in it, with a cookie
+    assert trips == {"plain": 2, "learning": 2, "tfo": 1}, trips
+    assert any(direction == "in" and payload for direction, _, payload in trace), trace  # it was answered
+    print(f"round trips to the first byte: {trips}")
