@@ -30,14 +30,18 @@ STEERED_PORTS = (44000, 44999)  # client ports the router sends to one front (La
 TIMEOUT = 5.0
 
 
-@pytest.fixture(scope="module")
-def lab():
-    with running_lab("tfo", salt_period_seconds=3.0, clock_skew_seconds=0.5, tfo_key_period_seconds=KEY_PERIOD) as lab:
-        yield lab
-
-
 _ports = itertools.count(STEERED_PORTS[0])
 _steered_to: list[str] = []
+
+
+@pytest.fixture(scope="module", params=["auto", "nfqueue"])
+def lab(request):
+    """The default data plane (XDP answers cookie requests, the queue's handler the SYNs that carry a
+    cookie), and the NFQUEUE reference (the handler does everything)."""
+    _steered_to.clear()
+    with running_lab("tfo", salt_period_seconds=3.0, clock_skew_seconds=0.5, tfo_key_period_seconds=KEY_PERIOD,
+                     data_plane=request.param) as lab:
+        yield lab
 
 
 def pinned_port(lab, front: str) -> int:
