@@ -460,3 +460,11 @@ def test_the_per_source_tfo_budget_remembers_a_bounded_number_of_sources():
     assert limit.take(bytes([3]), 0.0)     # a fourth: the least recently seen (1) is forgotten
     assert len(limit.buckets) == 3 and bytes([1]) not in limit.buckets
     assert limit.take(bytes([1]), 0.0)     # back with a full bucket (the bound FASTOPEN_SOURCES explains)
+
+
+def test_a_fastopen_syn_is_never_passed_along_the_chain():
+    """A backend that does not hold the flow never passes a FASTOPEN SYN on to a former owner: the SYN
+    makes its connection where the front sent it, as a VALIDATED ACK does."""
+    previous, earlier = bytes([198, 18, 20, 3]), bytes([198, 18, 20, 4])
+    assert encap.next_owner(encap.FLAG_FASTOPEN, bytes([198, 18, 20, 2]), previous + earlier) is None
+    assert encap.next_owner(0, bytes([198, 18, 20, 2]), previous + earlier) == previous
