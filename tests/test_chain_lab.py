@@ -160,13 +160,14 @@ def changes_under_a_flood(lab: Lab, first_port: int, order: tuple[str, ...] = CH
     holder, stop_file = hold(lab, first_port)
     before = {host.name: backend_stats(lab, host.name)["chained"] for host in lab.by_role("backend")}
     flood, sent, state = None, 0, []
-    # Long enough for the changes (3 s after each, and a reload takes up to 0.3 s per front), no longer.
-    flood_seconds = 4 + len(order) * (6 if one_front_at_a_time else 4)
+    # Long enough for the changes (3 s after each, and a front's reload took up to ~1 s), no longer.
+    flood_seconds = 4 + len(order) * (10 if one_front_at_a_time else 5)
     try:
         flood = lab.popen("attacker", [PYTHON, "-m", "synproxy.lab.flood", "--target", VIP, "--port", "7",
                                        "--count", "2000000", "--seconds", str(flood_seconds), "--rate", "5000"],
                           stdout=subprocess.PIPE, text=True)
         time.sleep(2)
+        changing = time.monotonic()
         for step in range(len(order)):
             write_backends(lab, backends_after(set(order[:step + 1])))
             if one_front_at_a_time:
@@ -176,6 +177,7 @@ def changes_under_a_flood(lab: Lab, first_port: int, order: tuple[str, ...] = CH
             else:
                 reload_fronts(lab)
             time.sleep(3)
+        print(f"\nthe changes took {time.monotonic() - changing:.1f} s")
         assert flood.poll() is None, "the changes happened under the flood"
     finally:
         state = released(holder, stop_file)
@@ -201,6 +203,7 @@ def test_long_lived_connections_survive_an_add_a_removal_a_drain_and_a_weight_ch
         lab, first_port, order, one_front_at_a_time):
     state, sent, chained, forwarded = changes_under_a_flood(lab, first_port, order, one_front_at_a_time)
     rerun = f"order {order} (SYNPROXY_CHAIN_ORDER_SEED={SEED})"
+    print(rerun)
     assert [record["error"] for record in state] == [None] * CONNECTIONS, rerun
     assert min(record["rounds"] for record in state) >= 40, "every connection kept exchanging data"
     assert sent > 10_000 and sum(chained.values()) > 0
@@ -260,6 +263,6 @@ def test_a_connection_whose_backend_died_ends_with_an_error_and_does_not_hang(la
           f"backend0's servers killed / backend1 listed down to each connection's error: {ended}")
     assert on["backend0"] and on["backend1"] and on["backend2"], on
     assert all(error and seconds < 3 for seconds, error in ended["backend0"]), ended["backend0"]
-    assert all(error and "ConnectionResetError" in error and seconds < 5 for seconds, error in ended["backend1"]), \
+    assert all(error and "ConnectionResetError" in error and seconds < 7 for seconds, error in ended["backend1"]), \
         ended["backend1"]
     assert all(error is None for _, error in ended["backend2"]), ended["backend2"]
