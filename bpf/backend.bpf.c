@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Backend data plane (tc ingress, direct action): authenticate and remove the fronts' encapsulation,
  * re-check the cookie of VALIDATED ACKs, and let the kernel create the connection with
- * bpf_sk_assign_tcp_reqsk; pass a segment no connection here owns on to the flow's former owners
- * (Beamer's daisy chain). docs/backend.md describes what it trusts; docs/cookie.md the cookie. Outer
- * IPv4; inner IPv4 or IPv6. */
+ * bpf_sk_assign_tcp_reqsk; pass a segment no connection here owns, or an ICMP error about such a flow,
+ * on to the flow's former owners (Beamer's daisy chain). docs/backend.md describes what it trusts;
+ * docs/cookie.md the cookie. Outer IPv4; inner IPv4 or IPv6. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
