@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Backend data plane (tc ingress, direct action): authenticate and remove the fronts' encapsulation,
  * re-check the cookie of VALIDATED ACKs, and let the kernel create the connection with
- * bpf_sk_assign_tcp_reqsk; pass a segment no connection here owns on to the flow's former owners
- * (Beamer's daisy chain). docs/backend.md describes what it trusts; docs/cookie.md the cookie. Outer
- * IPv4; inner IPv4 or IPv6. */
+ * bpf_sk_assign_tcp_reqsk; pass a segment no connection here owns, or an ICMP error about such a flow,
+ * on to the flow's former owners (Beamer's daisy chain). docs/backend.md describes what it trusts;
+ * docs/cookie.md the cookie. Outer IPv4; inner IPv4 or IPv6. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -448,38 +448,69 @@ static __always_inline int chain_to(struct __sk_buff *skb, const struct segment 
 	return bpf_redirect(fib.ifindex, 0);
 }
 
-/* A decapsulated unflagged segment. A front cannot tell a forged ACK from one of an established
- * connection, so it forwards both: pass what a connection owns. What none owns (no socket, or only a
- * listener) may belong to a connection a former owner of the flow holds (a backend change moved the
- * flow here): pass it on (next_owner). The last hop is where the kernel would answer it with a RST,
- * unbounded, so it is passed only within the reset budget (a client whose connection this backend lost
- * still gets its reset) and the rest dropped. A client's RST is never answered: dropped.
- * docs/backend.md. */
-static __always_inline int pass_if_owned(struct __sk_buff *skb, const struct segment *seg,
-					 const struct arrival *arrival, const struct backend_config *cfg)
+/* Does a connection here own the flow of `seg` (a socket other than a listener: established, request or
+ * time-wait)? */
+static __always_inline int owned_here(struct __sk_buff *skb, const struct segment *seg)
 {
 	struct bpf_sock *skc = socket_of(skb, seg);
 
-	if (skc) {
-		int listening = skc->state == BPF_TCP_LISTEN;
+	if (!skc)
+		return 0;
+	int listening = skc->state == BPF_TCP_LISTEN;
 
-		bpf_sk_release(skc);
-		if (!listening)
-			return TC_ACT_OK;
-	}
+	bpf_sk_release(skc);
+	return !listening;
+}
+
+/* No connection here owns the flow of `seg`: pass the packet on to the next owner the header names
+ * (next_owner), if any. Returns the verdict, or CHAIN_UNROUTED when this is the last hop (no next owner,
+ * or no route to it: the packet untouched). */
+static __always_inline int pass_on(struct __sk_buff *skb, const struct segment *seg, const struct arrival *arrival,
+				   const struct backend_config *cfg)
+{
 	__be32 next = next_owner(arrival);
-	if (next) {
-		int verdict = chain_to(skb, seg, arrival, next, cfg);
 
-		if (verdict == CHAIN_BROKEN || verdict == TC_ACT_SHOT) {
-			COUNT(COUNTER_CHAIN_FAILED);
-			return TC_ACT_SHOT;
-		}
-		if (verdict != CHAIN_UNROUTED) {
-			COUNT(COUNTER_CHAINED);
-			return verdict;
-		}
-		COUNT(COUNTER_CHAIN_FAILED); /* no route to it: the last hop, so the client is not left hanging */
+	if (!next)
+		return CHAIN_UNROUTED;
+	int verdict = chain_to(skb, seg, arrival, next, cfg);
+
+	if (verdict == CHAIN_BROKEN || verdict == TC_ACT_SHOT) {
+		COUNT(COUNTER_CHAIN_FAILED);
+		return TC_ACT_SHOT;
+	}
+	if (verdict != CHAIN_UNROUTED) {
+		COUNT(COUNTER_CHAINED);
+		return verdict;
+	}
+	COUNT(COUNTER_CHAIN_FAILED); /* no route to it: the last hop, so the client is not left hanging */
+	return CHAIN_UNROUTED;
+}
+
+/* A decapsulated unflagged segment, or an ICMP error about the flow `seg` (icmp_error_accepted). A front
+ * cannot tell a forged ACK from one of an established connection, so it forwards both: pass what a
+ * connection owns. What none owns (no socket, or only a listener) may belong to a connection a former
+ * owner of the flow holds (a backend change moved the flow here): pass it on (next_owner), an error
+ * about the flow as its segments. The last hop is where the kernel would answer a segment with a RST,
+ * unbounded, so it is passed only within the reset budget (a client whose connection this backend lost
+ * still gets its reset) and the rest dropped. A client's RST is never answered: dropped. An error is
+ * answered by nothing: passed. docs/backend.md. */
+static __always_inline int pass_if_owned(struct __sk_buff *skb, const struct segment *seg,
+					 const struct arrival *arrival, const struct backend_config *cfg)
+{
+	int icmp = arrival->header.flags & ENCAP_FLAG_ICMP;
+
+	if (owned_here(skb, seg)) {
+		if (icmp)
+			COUNT(COUNTER_ICMP_PASSED);
+		return TC_ACT_OK;
+	}
+	int verdict = pass_on(skb, seg, arrival, cfg);
+
+	if (verdict != CHAIN_UNROUTED)
+		return verdict;
+	if (icmp) {
+		COUNT(COUNTER_ICMP_PASSED);
+		return TC_ACT_OK;
 	}
 	if (!(seg->flags & TCP_FLAG_RST) && reset_allowed(cfg)) {
 		COUNT(COUNTER_NO_FLOW_RESET);
@@ -570,33 +601,32 @@ static __always_inline int decapsulate(struct __sk_buff *skb, __u8 inner_version
 
 /* A decapsulated packet flagged ICMP: an error a front received about one of this backend's flows (a
 router towards the client: "fragmentation needed", "packet too big", "unreachable", "time exceeded").
-Passed to the stack, whose TCP finds the socket from the quoted segment and lowers its path MTU (it
-ignores errors whose quoted sequence number is outside the window), only when the front's MAC covers
-the flow and the flag, and the flow is a protected VIP and port the error was sent to. It is not passed
-on along the chain (a backend never flags one CHAINED): where no socket here owns the flow, the stack
-drops it, so a connection a backend change left on a former owner misses the errors about it
-(docs/backend.md). */
-static __always_inline int pass_icmp_error(struct __sk_buff *skb, const struct encap_header *header,
-					   __be32 outer_saddr, __be32 outer_daddr)
+Accepted only when the MAC (the front's, or that of the backend that passed it on) covers the flow, the
+flags and the former owners, it is not flagged VALIDATED, and the flow is a protected VIP and port the
+error was sent to; `flow` is then the flow (its ip_length the error's, all of which a chain passes on).
+pass_if_owned then gives it to the stack where a connection here owns the flow (its TCP finds the socket
+from the quoted segment and lowers its path MTU; it ignores errors whose quoted sequence number is
+outside the window), or else passes it on along the chain as the flow's segments (a backend change left
+the connection on a former owner); the last hop's stack drops it. docs/backend.md. */
+static __always_inline int icmp_error_accepted(struct __sk_buff *skb, const struct arrival *arrival,
+					       struct segment *flow)
 {
-	struct segment error = {}, flow = {};
+	struct segment error = {};
 
-	if (!parse_icmp_error((void *)(long)skb->data, (void *)(long)skb->data_end, &error, &flow) ||
-	    (header->flags & (ENCAP_FLAG_VALIDATED | ENCAP_FLAG_CHAINED))) {
+	if (!parse_icmp_error((void *)(long)skb->data, (void *)(long)skb->data_end, &error, flow) ||
+	    (arrival->header.flags & ENCAP_FLAG_VALIDATED)) {
 		COUNT(COUNTER_ENCAP_REFUSED);
-		return TC_ACT_SHOT;
+		return 0;
 	}
-	if (!encap_mac_valid(header, outer_saddr, outer_daddr, &flow)) {
+	if (!encap_mac_valid(&arrival->header, arrival->front, arrival->self, flow)) {
 		COUNT(COUNTER_ENCAP_BAD_MAC);
-		return TC_ACT_SHOT;
+		return 0;
 	}
-	if (!forwarded_by_a_front(&flow) || __builtin_memcmp(error.daddr, flow.daddr, 16)) {
+	if (!forwarded_by_a_front(flow) || __builtin_memcmp(error.daddr, flow->daddr, 16)) {
 		COUNT(COUNTER_ENCAP_REFUSED);
-		return TC_ACT_SHOT;
+		return 0;
 	}
-	COUNT(COUNTER_DECAPSULATED);
-	COUNT(COUNTER_ICMP_PASSED);
-	return TC_ACT_OK;
+	return 1;
 }
 
 SEC("tc")
@@ -648,8 +678,11 @@ int synproxy_backend(struct __sk_buff *skb)
 		COUNT(COUNTER_MALFORMED);
 		return TC_ACT_SHOT;
 	}
-	if (arrival.header.flags & ENCAP_FLAG_ICMP)
-		return pass_icmp_error(skb, &arrival.header, arrival.front, arrival.self);
+	if (arrival.header.flags & ENCAP_FLAG_ICMP) {
+		if (!icmp_error_accepted(skb, &arrival, &seg))
+			return TC_ACT_SHOT;
+		goto decapsulated; /* one inlined pass_if_owned: two copies of the chain's stack exceed 512 bytes */
+	}
 	/* The MAC covers the inner addresses and ports: only a TCP segment can be checked (and a front
 	 * forwards nothing else). */
 	if (!parse_segment(skb, &seg)) {
@@ -669,6 +702,7 @@ int synproxy_backend(struct __sk_buff *skb)
 		COUNT(COUNTER_ENCAP_REFUSED);
 		return TC_ACT_SHOT;
 	}
+decapsulated:
 	COUNT(COUNTER_DECAPSULATED);
 	if (arrival.header.flags & ENCAP_FLAG_VALIDATED)
 		return create_connection(skb, &seg, &arrival, cfg);

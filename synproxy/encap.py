@@ -78,13 +78,13 @@ def encapsulate(inner: bytes, segment: TcpSegment | IcmpError, front: bytes, bac
 
 
 def next_owner(flags: int, backend: bytes, former: bytes) -> bytes | None:
-    """Where a ``backend`` that holds no connection for an unflagged segment passes it on, or None when
-    it is the last hop (which resets within its budget): from the front's packet, to the first former
-    owner named that is not itself; from a chained one, when it is the previous owner, to the earlier.
-    A packet thus takes at most two extra hops, and none back. A handshake (VALIDATED, or a FASTOPEN
-    SYN) is never passed on, nor an ICMP error (left to the stack, docs/backend.md)."""
+    """Where a ``backend`` that holds no connection for a segment (or for the flow an ICMP error quotes)
+    passes it on, or None when it is the last hop (which resets a segment within its budget and gives an
+    error to its stack): from the front's packet, to the first former owner named that is not itself;
+    from a chained one, when it is the previous owner, to the earlier. A packet thus takes at most two
+    extra hops, and none back. A handshake (VALIDATED, or a FASTOPEN SYN) is never passed on."""
     previous, earlier = former[:4], former[4:]
-    if flags & (FLAG_VALIDATED | FLAG_ICMP | FLAG_FASTOPEN):
+    if flags & (FLAG_VALIDATED | FLAG_FASTOPEN):
         return None
     if not flags & FLAG_CHAINED:
         candidates = (previous, earlier)
@@ -95,11 +95,11 @@ def next_owner(flags: int, backend: bytes, former: bytes) -> bytes | None:
     return next((owner for owner in candidates if owner not in (NO_OWNER, backend)), None)
 
 
-def chain(packet: bytes, segment: TcpSegment, key: bytes) -> bytes | None:
+def chain(packet: bytes, segment: TcpSegment | IcmpError, key: bytes) -> bytes | None:
     """What a backend sends on for an encapsulated ``packet`` (outer IPv4 onwards; ``segment`` its inner
-    segment) it holds no connection for, or None (next_owner): the same inner packet, UDP ports and
-    former owners, from itself (the outer destination) to the next owner, flagged CHAINED, MACed anew
-    with ``key``."""
+    segment, or for an ICMP error the flow it quotes) it holds no connection for, or None (next_owner):
+    the same inner packet, UDP ports and former owners, from itself (the outer destination) to the next
+    owner, flagged CHAINED (an error stays flagged ICMP), MACed anew with ``key``."""
     backend, flags, former = packet[16:20], packet[29], packet[32:40]
     destination = next_owner(flags, backend, former)
     if destination is None:

@@ -4,6 +4,8 @@ vectors of both families and every verdict, read from its counters and its outpu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import ipaddress
 import json
 import os
@@ -26,6 +28,7 @@ from synproxy.bpf.libbpf import RingBuffer, kernel_has_function, prog_test_run
 from synproxy.bpf.loading import MAP_KEY, SALT_SLOT, build_object
 from synproxy.cookie import SynOptions, check_cookie, make_cookie
 from synproxy.front.handler import FrontPolicy, handle
+from synproxy.maglev import PreviousOwners
 from synproxy.packet import RST, parse_icmp_error, parse_tcp
 from synproxy.salt import SaltSchedule, derive_salt
 from tests.lab_fixtures import needs_root
@@ -621,19 +624,95 @@ def test_icmp_errors_need_the_flag_a_mac_over_the_flow_and_a_protected_flow(plan
     misaddressed_sent = ETHER + encap.encapsulate(misaddressed, parse_icmp_error(misaddressed),
                                                   ICMP_POLICY.farm_address, ICMP_POLICY.backends[0], ENCAP_PORT, 0,
                                                   False, KEY, icmp=True)
-    # A backend never passes an error on along the chain: one flagged CHAINED is refused, its MAC genuine.
-    flow, chained = parse_icmp_error(error), encap.FLAG_ICMP | encap.FLAG_CHAINED
-    chained_mac = encap.encap_mac(KEY, encap.mac_input(ICMP_POLICY.farm_address, ICMP_POLICY.backends[0], flow.saddr,
-                                                       flow.daddr, flow.sport, flow.dport, chained))
     for packet, outcome in (
         (with_header(sent, flags=encap.FLAG_ICMP | encap.FLAG_VALIDATED), "encap_refused"),
-        (with_header(sent, flags=chained, mac=chained_mac.to_bytes(8, "big")), "encap_refused"),
         (with_header(sent, mac_of=other_flow), "encap_bad_mac"),
         (with_header(sent, flags=0), "encap_refused"),  # unflagged: not a TCP segment
         (not_protected, "encap_refused"),
         (misaddressed_sent, "encap_refused"),
     ):
         assert run(plane, packet)[::2] == (TC_ACT_SHOT, {outcome: 1})
+
+
+PREVIOUS_OWNER, EARLIER_OWNER = "198.18.21.2", "198.18.22.2"  # resolved neighbours in the farm namespace
+
+
+@functools.cache
+def moved_policy() -> FrontPolicy:
+    """ICMP_POLICY after two backend changes: every slot owned by the earlier owner, then the previous,
+    now BACKEND, so the front names both in every packet (maglev.PreviousOwners)."""
+    previous = PreviousOwners(window=60.0)
+    for at, owner in enumerate((EARLIER_OWNER, PREVIOUS_OWNER, BACKEND)):
+        policy = dataclasses.replace(ICMP_POLICY, backends=(ipaddress.ip_address(owner).packed,), previous=previous)
+        previous.follow(policy.owner_table(), policy.draining_table(), policy.down, float(at))
+    return policy
+
+
+def front_sends_after_the_changes(packet: bytes) -> bytes:
+    """What the Python front sends BACKEND for ``packet`` after moved_policy's changes, in a frame."""
+    verdict = handle(packet, 0.0, SaltSchedule((SECRET,)), moved_policy())
+    assert verdict.outcome == "icmp_forwarded", verdict.outcome
+    owners = ipaddress.ip_address(PREVIOUS_OWNER).packed + ipaddress.ip_address(EARLIER_OWNER).packed
+    assert verdict.packet[32:40] == owners
+    return ETHER + verdict.packet
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_an_icmp_error_about_a_flow_no_connection_here_owns_follows_the_chain(farm, plane, family):
+    """After a backend change the flow's connection lives on a former owner: the error the front sends the
+    current owner goes on, byte for byte as encap.chain builds it (flagged ICMP and CHAINED), to the
+    previous owner, from there to the earlier one, whose stack gets it as the last hop. Before, the
+    current owner gave it to its own stack, where no socket took it."""
+    error = icmp_error(family, vip=VIPS[0] if family == 4 else VIPS[1], client_port=40100)
+    flow = parse_icmp_error(error)
+    hops = [BACKEND, PREVIOUS_OWNER, EARLIER_OWNER]
+    arriving = front_sends_after_the_changes(error)
+    for hop in range(2):
+        verdict, out, changed = run_in(farm, plane, arriving)
+        assert (verdict, changed) == (TC_ACT_REDIRECT, {"decapsulated": 1, "chained": 1}), hop
+        leaving = encap.chain(arriving[ETH_HEADER:], flow, KEY)
+        assert leaving[16:20] == ipaddress.ip_address(hops[hop + 1]).packed
+        assert leaving[29] == encap.FLAG_ICMP | encap.FLAG_CHAINED and leaving[encap.OVERHEAD:] == error
+        assert out == bytes.fromhex(HOPS[hops[hop + 1]].replace(":", "")) + farm[2] + b"\x08\x00" + leaving, hop
+        arriving = ETHER + leaving
+    assert encap.chain(arriving[ETH_HEADER:], flow, KEY) is None
+    verdict, out, changed = run_in(farm, plane, arriving)
+    assert (verdict, changed) == (TC_ACT_OK, {"decapsulated": 1, "icmp_passed": 1})
+    assert out[ETH_HEADER:] == error
+
+
+def test_an_icmp_error_about_a_flow_a_connection_here_owns_reaches_the_stack_whatever_the_header_names(plane):
+    """The chain starts only where no connection owns the flow: in a namespace of the test's own, an error
+    quoting a real connection's segment (server to client) is passed here, former owners named or not;
+    one about another port of the same client, which only the listener meets, is passed on (no route to
+    the former owner there: the last hop)."""
+    name = netns.unique_name("spbi")
+    with netns.namespaces(name), netns.inside(name), contextlib.ExitStack() as sockets:
+        netns.run(name, ["ip", "link", "set", "lo", "up"])
+        netns.add_addresses(name, "lo", f"{VIPS[0]}/32", f"{CLIENT4}/32")
+        listener = sockets.enter_context(socket.create_server((VIPS[0], 80)))
+        client = sockets.enter_context(socket.create_connection((VIPS[0], 80), source_address=(CLIENT4, 0)))
+        sockets.enter_context(listener.accept()[0])
+        sport = client.getsockname()[1]
+        owned = icmp_error(vip=VIPS[0], client_port=sport)
+        for sent in (front_sends(owned), front_sends_after_the_changes(owned)):
+            assert run(plane, sent)[::2] == (TC_ACT_OK, {"decapsulated": 1, "icmp_passed": 1})
+        not_owned = front_sends_after_the_changes(icmp_error(vip=VIPS[0], client_port=sport + 1))
+        assert run(plane, not_owned)[::2] == (TC_ACT_OK, {"decapsulated": 1, "chain_failed": 1, "icmp_passed": 1})
+
+
+def test_a_chained_icmp_error_is_admitted_by_its_mac_and_a_validated_one_never(farm, plane):
+    """At a former owner: from a backend no one trusts, admitted by its MAC alone; flagged VALIDATED too,
+    refused; not flagged ICMP, refused (not a TCP segment); not flagged CHAINED, the source is untrusted."""
+    error = icmp_error(vip=VIPS[0], client_port=40101)
+    chained = encap.chain(front_sends_after_the_changes(error)[ETH_HEADER:], parse_icmp_error(error), KEY)
+    assert chained[12:16] == ipaddress.ip_address(BACKEND).packed
+    assert run_in(farm, plane, ETHER + chained)[::2] == (TC_ACT_REDIRECT, {"decapsulated": 1, "chained": 1})
+    sent = ETHER + chained
+    validated = encap.FLAG_ICMP | encap.FLAG_CHAINED | encap.FLAG_VALIDATED
+    assert run_in(farm, plane, with_header(sent, flags=validated))[::2] == (TC_ACT_SHOT, {"encap_refused": 1})
+    assert run_in(farm, plane, with_header(sent, flags=encap.FLAG_CHAINED))[::2] == (TC_ACT_SHOT, {"encap_refused": 1})
+    assert run_in(farm, plane, with_header(sent, flags=encap.FLAG_ICMP))[::2] == (TC_ACT_SHOT, {"untrusted": 1})
 
 
 TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_SEND_QUEUE = 19, 20, 21, 2

@@ -74,7 +74,8 @@ VALIDATED, ICMP, CHAINED = encap.FLAG_VALIDATED, encap.FLAG_ICMP, encap.FLAG_CHA
     (CHAINED, "p", "pe", "e"), (CHAINED, "p", "p0", None),  # chained to the previous owner: on to the earlier
     (CHAINED, "e", "pe", None), (CHAINED, "x", "pe", None),  # chained anywhere else: the last hop
     (VALIDATED, "b", "pe", None), (VALIDATED | CHAINED, "p", "pe", None),  # VALIDATED: never passed on
-    (ICMP, "b", "pe", None),                                 # an ICMP error: left to the stack
+    # An ICMP error about a flow follows the chain as the flow's segments do.
+    (ICMP, "b", "pe", "p"), (ICMP, "p", "pe", "e"), (ICMP | CHAINED, "p", "pe", "e"), (ICMP | CHAINED, "e", "pe", None),
 ])
 def test_next_owner(flags, backend, former, expected):
     address = {"b": b"\x0a\0\0\x01", "p": b"\x0a\0\0\x02", "e": b"\x0a\0\0\x03", "x": b"\x0a\0\0\x04",

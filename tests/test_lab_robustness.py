@@ -165,12 +165,13 @@ def write_backends(lab: Lab, names: list[str]) -> list[str]:
     return [addresses[n] for n in names]
 
 
-def reload_fronts(lab: Lab) -> None:
-    """SIGHUP every front and wait until each has logged the reload (or its failure)."""
-    logs = {host.name: lab.state_dir / "logs" / f"{host.name}.log" for host in lab.by_role("front")}
+def reload_fronts(lab: Lab, fronts: list[str] | None = None) -> None:
+    """SIGHUP every front (or those named) and wait until each has logged the reload (or its failure)."""
+    logs = {host.name: lab.state_dir / "logs" / f"{host.name}.log" for host in lab.by_role("front")
+            if fronts is None or host.name in fronts}
     done = {name: path.read_text().count('"config_reload') for name, path in logs.items()}
-    for host in lab.by_role("front"):
-        os.kill(lab.pid(host.name), signal.SIGHUP)
+    for name in logs:
+        os.kill(lab.pid(name), signal.SIGHUP)
     deadline = time.monotonic() + 10
     while any(path.read_text().count('"config_reload') == done[name] for name, path in logs.items()):
         assert time.monotonic() < deadline, "a front did not log its reload within 10 s"
