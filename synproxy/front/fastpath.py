@@ -71,6 +71,8 @@ _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
 _FORWARDING = struct.Struct("=4s2sHQ16s16s")  # struct front_forwarding
 _ICMP_LIMIT = struct.Struct("=QQ")  # struct icmp_limit: cost_ns, credit_max_ns
 _OWNERS = struct.Struct("4s8s")  # struct maglev_owners: the current owner, then previous and earlier (IPv4)
+VIP_PORT_COUNTS = struct.Struct("=3Q")  # struct vip_port_counts, in this order:
+VIP_PORT_OUTCOMES = ("syn_answered", "validated", "forwarded")
 
 
 class FastPathError(RuntimeError):
@@ -93,6 +95,7 @@ class FastPath:
             self.forwarding = sized_map(self.object, "forwarding", _FORWARDING.size)
             self.maglev = sized_map(self.object, "maglev", _OWNERS.size)
             self.icmp_limit = sized_map(self.object, "icmp_limit", _ICMP_LIMIT.size)
+            self.vip_port_counters = sized_map(self.object, "vip_port_counters", VIP_PORT_COUNTS.size)
         except BaseException:
             self.object.close()
             raise
@@ -115,6 +118,7 @@ class FastPath:
         try:
             replace_keys(self.protected_vips, {mapped(ipaddress.ip_address(vip)) for vip in policy.vips})
             replace_keys(self.protected_ports, {PORT_KEY.pack(port) for port in policy.ports})
+            self.write_vip_ports(policy)
             self.write_maglev(policy)
             # The shell's rate (handler.ICMP_ERRORS_PER_SECOND), shared out between the CPUs.
             self.icmp_limit.update(MAP_KEY.pack(0), _ICMP_LIMIT.pack(
@@ -122,6 +126,33 @@ class FastPath:
         except BpfError as error:
             raise FastPathError(f"filling the fast path's maps failed: {error.strerror}") from None
         self.refresh(policy, schedule, time.time())
+
+    def write_vip_ports(self, policy: FrontPolicy) -> None:
+        """One per-CPU counter entry per configured VIP and port (a pair kept across a reload keeps its
+        counts); none at all when the pairs exceed the map, which the front then reports per VIP from its
+        queue only (it logs so at start)."""
+        wanted = set()
+        pairs = len(policy.vips) * len(policy.ports)
+        if pairs > self.vip_port_counters.max_entries:
+            log("vip_port_counters_off", pairs=pairs, most=self.vip_port_counters.max_entries)
+        else:
+            wanted = {mapped(ipaddress.ip_address(vip)) + PORT_KEY.pack(port)
+                      for vip in policy.vips for port in policy.ports}
+        present = set(self.vip_port_counters.keys())
+        for key in present - wanted:
+            self.vip_port_counters.delete(key)
+        for key in wanted - present:
+            self.vip_port_counters.update(key, bytes(VIP_PORT_COUNTS.size))
+
+    def vip_port_counts(self) -> dict[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], tuple[int, ...]]:
+        """Both programs' counts per (VIP, port), summed over the CPUs, in VIP_PORT_OUTCOMES' order."""
+        totals, pairs = {}, self.vip_port_counters.keys()  # a BPF map's keys, read once
+        for key in pairs:
+            per_cpu = self.vip_port_counters.lookup(key) or []
+            vip = ipaddress.ip_address(key[:16])
+            totals[vip.ipv4_mapped or vip, PORT_KEY.unpack(key[16:])[0]] = tuple(
+                map(sum, zip(*(VIP_PORT_COUNTS.unpack(value) for value in per_cpu)))) or (0, 0, 0)
+        return totals
 
     def write_maglev(self, policy: FrontPolicy) -> None:
         """The handler's own tables, slot by slot where they changed (after a reload, or when a slot's
