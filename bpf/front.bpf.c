@@ -101,12 +101,11 @@ struct {
 } counters SEC(".maps");
 
 /* Per protected VIP and port, both programs together: what an operator asks per service (docs/metrics.md,
- * synproxy_front_vip_packets_total). The loader puts in every configured pair (a set the configuration
- * bounds) and removes the others; the programs only look up, so a pair the map lacks is not counted. */
-struct vip_port {
-	__u8 vip[16]; /* IPv4 as ::ffff:a.b.c.d, as protected_vips */
-	__u16 port;   /* host order, as protected_ports */
-};
+ * synproxy_front_vip_packets_total). The front's loader numbers its VIPs and ports 1..VIP_PORT_SLOTS in
+ * the values of protected_vips and protected_ports (0: not counted), which handle_frame looks up anyway,
+ * and handle_frame notes the pair's element in the segment: counting then costs an array element, where
+ * a hash keyed by VIP and port cost 50-90 ns a packet (docs/metrics.md). */
+#define VIP_PORT_SLOTS 64
 
 struct vip_port_counts {
 	__u64 syn_answered;
@@ -115,33 +114,18 @@ struct vip_port_counts {
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 4096);
-	__type(key, struct vip_port);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, VIP_PORT_SLOTS * VIP_PORT_SLOTS); /* (VIP's slot - 1) * VIP_PORT_SLOTS + port's - 1 */
+	__type(key, __u32);
 	__type(value, struct vip_port_counts);
 } vip_port_counters SEC(".maps");
 
-/* The key is built in a per-CPU scratch element, not on the stack, and in a function of its own: the
- * deepest chain of calls had 24 bytes of stack too few for it (the verifier allows 512 over a chain). */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct vip_port);
-} vip_port_key SEC(".maps");
-
-static __noinline void count_vip_port(const struct segment *seg, __u32 outcome)
+static __always_inline void count_vip_port(const struct segment *seg, __u32 outcome)
 {
-	__u32 zero = 0;
-	struct vip_port *key = bpf_map_lookup_elem(&vip_port_key, &zero);
+	__u32 index = seg->vip_port - 1;
 	struct vip_port_counts *counts;
 
-	if (!key)
-		return;
-	__builtin_memcpy(key->vip, seg->daddr, sizeof(key->vip));
-	key->port = bpf_ntohs(seg->dport);
-	counts = bpf_map_lookup_elem(&vip_port_counters, key);
-	if (!counts)
+	if (!seg->vip_port || !(counts = bpf_map_lookup_elem(&vip_port_counters, &index)))
 		return;
 	if (outcome == FRONT_SYN_ANSWERED)
 		counts->syn_answered += 1;
@@ -1054,13 +1038,17 @@ static __always_inline int handle_frame(void *ctx, int xdp, const struct front_c
 		return xdp ? forward_icmp_error_xdp(ctx, &seg) : forward_icmp_error_tc(ctx, &seg);
 	if (addresses_refused(&seg))
 		return pass;
-	if (!bpf_map_lookup_elem(&protected_vips, seg.daddr))
+	__u8 *vip_slot = bpf_map_lookup_elem(&protected_vips, seg.daddr);
+	if (!vip_slot)
 		return parsed == PARSE_SEGMENT ? count_on(path, &seg, FRONT_NOT_PROTECTED, pass) : pass;
 	if (parsed == PARSE_UNHANDLED)
 		return count_on(path, &seg, FRONT_UNPARSED, pass);
 	__u16 port = bpf_ntohs(seg.dport);
-	if (!bpf_map_lookup_elem(&protected_ports, &port))
+	__u8 *port_slot = bpf_map_lookup_elem(&protected_ports, &port);
+	if (!port_slot)
 		return count_on(path, &seg, FRONT_NOT_PROTECTED, pass);
+	if (*vip_slot && *vip_slot <= VIP_PORT_SLOTS && *port_slot && *port_slot <= VIP_PORT_SLOTS)
+		seg.vip_port = (*vip_slot - 1) * VIP_PORT_SLOTS + *port_slot;
 	if (seg.flags & TCP_FLAG_SYN) {
 		if (seg.flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
 			return count_on(path, &seg, FRONT_QUEUED, pass); /* the handler drops it: invalid_flags */

@@ -10,7 +10,7 @@ import dataclasses
 import ipaddress
 import random
 
-from synproxy.front.fastpath import FastPath
+from synproxy.front.fastpath import VIP_PORT_SLOTS, FastPath
 from synproxy.front.service import destination
 from synproxy.packet import build_tcp_packet
 from tests import test_front_xdp
@@ -68,21 +68,40 @@ def test_every_handled_packet_is_counted_once_under_its_vip_and_port(monkeypatch
     assert {"syn_answered", "validated", "forwarded"} <= seen
 
 
-def test_a_reload_keeps_one_entry_per_configured_pair_and_the_kept_pairs_counts(monkeypatch, namespace, fast_path,
-                                                                                 policy, schedule, cookie_vectors):
+def test_a_reload_keeps_the_kept_pairs_counts_and_a_returning_pair_starts_from_zero(
+        monkeypatch, namespace, fast_path, policy, schedule, cookie_vectors):
     vector = next(v for v in usable(cookie_vectors["vectors"]) if v["family"] == 4)
     set_clock(monkeypatch, fast_path, policy, schedule, vector["epoch"] * PERIOD + PERIOD / 2)
-    run(namespace, fast_path, vector_syn(vector, False))
     pair = (ipaddress.ip_address(vector["daddr"]), vector["dport"])
+    other_port = min(policy.ports - {vector["dport"]})
+    run(namespace, fast_path, vector_syn(vector, False))
     answered = fast_path.vip_port_counts()[pair][0]
     assert answered >= 1
-    pairs = {(ipaddress.ip_address(vip), port) for vip in policy.vips for port in policy.ports}
-    assert set(fast_path.vip_port_counts()) == pairs
-    narrower = dataclasses.replace(policy, ports=frozenset({vector["dport"]}))
+    assert set(fast_path.vip_port_counts()) == {(ipaddress.ip_address(vip), port) for vip in policy.vips
+                                                for port in policy.ports}
     try:
-        fast_path.configure(narrower, schedule)
-        assert set(fast_path.vip_port_counts()) == {(ipaddress.ip_address(vip), vector["dport"])
-                                                    for vip in policy.vips}
+        fast_path.configure(dataclasses.replace(policy, ports=frozenset({vector["dport"], other_port})), schedule)
         assert fast_path.vip_port_counts()[pair][0] == answered
+        fast_path.configure(dataclasses.replace(policy, ports=frozenset({other_port})), schedule)
+        assert pair not in fast_path.vip_port_counts()
+        fast_path.configure(policy, schedule)
+        assert fast_path.vip_port_counts()[pair] == (0, 0, 0)
+    finally:
+        fast_path.configure(policy, schedule)
+
+
+def test_past_the_slots_a_pair_is_protected_but_not_counted(monkeypatch, namespace, fast_path, policy, schedule,
+                                                            cookie_vectors, capsys):
+    vector = next(v for v in usable(cookie_vectors["vectors"]) if v["family"] == 4)
+    many = dataclasses.replace(policy, ports=frozenset(range(20000, 20000 + VIP_PORT_SLOTS)) | {vector["dport"]})
+    try:
+        fast_path.configure(many, schedule)
+        assert '"event": "vip_port_counters_partial"' in capsys.readouterr().err
+        set_clock(monkeypatch, fast_path, many, schedule, vector["epoch"] * PERIOD + PERIOD / 2)
+        changed, moved = counted(namespace, fast_path, vector_syn(vector, False), "xdp")
+        assert changed == {("syn_answered", 4): 1}
+        pair = (ipaddress.ip_address(vector["daddr"]), vector["dport"])
+        assert moved == ({} if pair not in fast_path.vip_port_counts() else {(*pair, "syn_answered"): 1})
+        assert len({port for _, port in fast_path.vip_port_counts()}) == VIP_PORT_SLOTS
     finally:
         fast_path.configure(policy, schedule)
