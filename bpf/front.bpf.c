@@ -100,6 +100,41 @@ struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
+/* Per protected VIP and port, both programs together: what an operator asks per service (docs/metrics.md,
+ * synproxy_front_vip_packets_total). The front's loader numbers its VIPs and ports 1..VIP_PORT_SLOTS in
+ * the values of protected_vips and protected_ports (0: not counted), which handle_frame looks up anyway,
+ * and handle_frame notes the pair's element in the segment: counting then costs an array element, where
+ * a hash keyed by VIP and port cost 50-90 ns a packet (docs/metrics.md). */
+#define VIP_PORT_SLOTS 64
+
+struct vip_port_counts {
+	__u64 syn_answered;
+	__u64 validated;
+	__u64 forwarded; /* FRONT_FORWARDED and both FRONT_FORWARDED_* */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, VIP_PORT_SLOTS * VIP_PORT_SLOTS); /* (VIP's slot - 1) * VIP_PORT_SLOTS + port's - 1 */
+	__type(key, __u32);
+	__type(value, struct vip_port_counts);
+} vip_port_counters SEC(".maps");
+
+static __always_inline void count_vip_port(const struct segment *seg, __u32 outcome)
+{
+	__u32 index = seg->vip_port - 1;
+	struct vip_port_counts *counts;
+
+	if (!seg->vip_port || !(counts = bpf_map_lookup_elem(&vip_port_counters, &index)))
+		return;
+	if (outcome == FRONT_SYN_ANSWERED)
+		counts->syn_answered += 1;
+	else if (outcome == FRONT_VALIDATED)
+		counts->validated += 1;
+	else
+		counts->forwarded += 1;
+}
+
 static __always_inline int count_on(__u32 path, const struct segment *seg, __u32 outcome, int verdict)
 {
 	__u32 index = (path * FRONT_COUNTER_MAX + outcome) * 2 + (seg->family == 6);
@@ -107,6 +142,8 @@ static __always_inline int count_on(__u32 path, const struct segment *seg, __u32
 
 	if (value)
 		*value += 1;
+	if (outcome == FRONT_SYN_ANSWERED || (outcome >= FRONT_VALIDATED && outcome <= FRONT_FORWARDED_EXPIRED_EPOCH))
+		count_vip_port(seg, outcome);
 	return verdict;
 }
 
@@ -1135,13 +1172,17 @@ static __always_inline int handle_frame(void *ctx, int xdp, const struct front_c
 		return xdp ? forward_icmp_error_xdp(ctx, &seg) : forward_icmp_error_tc(ctx, &seg);
 	if (addresses_refused(&seg))
 		return pass;
-	if (!bpf_map_lookup_elem(&protected_vips, seg.daddr))
+	__u8 *vip_slot = bpf_map_lookup_elem(&protected_vips, seg.daddr);
+	if (!vip_slot)
 		return parsed == PARSE_SEGMENT ? count_on(path, &seg, FRONT_NOT_PROTECTED, pass) : pass;
 	if (parsed == PARSE_UNHANDLED)
 		return count_on(path, &seg, FRONT_UNPARSED, pass);
 	__u16 port = bpf_ntohs(seg.dport);
-	if (!bpf_map_lookup_elem(&protected_ports, &port))
+	__u8 *port_slot = bpf_map_lookup_elem(&protected_ports, &port);
+	if (!port_slot)
 		return count_on(path, &seg, FRONT_NOT_PROTECTED, pass);
+	if (*vip_slot && *vip_slot <= VIP_PORT_SLOTS && *port_slot && *port_slot <= VIP_PORT_SLOTS)
+		seg.vip_port = (*vip_slot - 1) * VIP_PORT_SLOTS + *port_slot;
 	if (seg.flags & TCP_FLAG_SYN) {
 		if (seg.flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
 			return count_on(path, &seg, FRONT_QUEUED, pass); /* the handler drops it: invalid_flags */

@@ -387,6 +387,7 @@ struct segment {
 	__u32 ip_length;  /* the IP packet's own length field: header(s) and payload (IPv6: 40 + payload) */
 	__u8 family;      /* 4 or 6 */
 	__u8 flags;       /* TCP flags byte (FIN 0x01 ... CWR 0x80) */
+	__u16 vip_port;   /* front: 1 + its VIP and port's element in vip_port_counters, 0 = not counted */
 };
 
 #define TCP_FLAG_FIN 0x01

@@ -210,6 +210,28 @@ class KernelCounts:
     def counts(self, path: str) -> dict:
         return {("syn_answered", 4): 7 if path == "tc" else 11, ("validated", 6): 0 if path == "tc" else 3}
 
+    def vip_port_counts(self) -> dict:
+        return {(ipaddress.ip_address(VIP4), 80): (18, 2, 40), (ipaddress.ip_address(VIP6), 443): (0, 3, 0)}
+
+
+def test_per_vip_and_port_the_queue_and_the_programs_add_up(front):
+    """synproxy_front_vip_packets_total: the queue's SYNs answered and segments forwarded, per VIP and port,
+    plus the programs' own per-VIP counts; nothing for packets to no configured VIP and port."""
+    front.raw_ipv4 = RecordingSocket()
+    syn = raw(IP(src="198.18.1.2", dst=VIP4) / TCP(sport=40001, dport=80, flags="S", options=[("MSS", 1460)]))
+    stray = raw(IP(src="198.18.1.2", dst="198.19.0.99") / TCP(sport=40001, dport=80, flags="S"))
+    for payload in (syn, syn, data(4), data(6), stray):
+        front.on_packet(QueuedPacket(payload))
+    metrics = front.metrics
+    metrics.report(0, time.monotonic(), front.counts)
+    metrics.kernel_path = KernelCounts()
+    found = {(s.labels["vip"], s.labels["port"], s.labels["outcome"]): s.value
+             for family in metrics.registry.collect() for s in family.samples
+             if s.name == "synproxy_front_vip_packets_total"}
+    assert found == {(VIP4, "80", "syn_answered"): 2 + 18, (VIP4, "80", "forwarded"): 1 + 40,
+                     (VIP4, "80", "validated"): 2, (VIP6, "80", "forwarded"): 1,
+                     (VIP6, "443", "syn_answered"): 0, (VIP6, "443", "validated"): 3, (VIP6, "443", "forwarded"): 0}
+
 
 def test_the_data_plane_and_the_programs_counts_are_exported():
     metrics = service.FrontMetrics(queue_num=0)
@@ -291,6 +313,9 @@ class KernelCookies:
     def counts(self, path: str) -> dict:
         return {("syn_answered", 4): 9, ("fastopen_cookie_issued", 4): 2 if path == "tc" else 5,
                 ("fastopen_cookie_issued", 6): 1}
+
+    def vip_port_counts(self) -> dict:
+        return {}
 
 
 def test_tcp_fast_open_is_exported_from_the_workers_and_the_programs():

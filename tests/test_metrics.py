@@ -90,6 +90,20 @@ def test_front_counters_match_the_traffic(traffic):
     assert len(lab.query_prometheus('synproxy_front_data_plane{mode="xdp"} == 1')) == 3, "the default"
 
 
+def test_per_vip_and_port_counts_add_up_to_the_fronts_totals(traffic):
+    """synproxy_front_vip_packets_total (the queue's and the programs' counts together): every SYN answered,
+    handshake validated and packet forwarded is counted once, under the VIP and port it was sent to."""
+    lab, _, _ = traffic
+    both = '{__name__=~"synproxy_front_packets_total|synproxy_front_kernel_packets_total", outcome=~"%s"}'
+    for outcome, outcomes in (("syn_answered", "syn_answered"), ("validated", "validated"),
+                              ("forwarded", "forwarded|forwarded_bad_mac|forwarded_expired_epoch")):
+        per_vip = value(lab, f'sum(synproxy_front_vip_packets_total{{outcome="{outcome}"}})')
+        assert per_vip == value(lab, f"sum({both % outcomes})") > 0, outcome
+    answered = {(s["metric"]["vip"], s["metric"]["port"])
+                for s in lab.query_prometheus('synproxy_front_vip_packets_total{outcome="syn_answered"} > 0')}
+    assert {(VIP, "80"), (VIP, "7")} <= answered  # the flood and HTTP, the echo clients
+
+
 def test_front_gauges_and_histogram(traffic):
     lab, _, _ = traffic
     epochs = {float(s["value"][1]) for s in lab.query_prometheus("synproxy_front_salt_epoch")}

@@ -5,6 +5,7 @@ unit's capabilities, and a node tells systemd it is ready, beats its watchdog an
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -14,6 +15,7 @@ import time
 
 import pytest
 
+from synproxy.config import ConfigError, load_config
 from synproxy.lab.topology import REPO_ROOT
 from tests.test_health import config, namespace, running, synproxy, wait_for  # noqa: F401 - namespace is a fixture
 
@@ -101,3 +103,27 @@ def test_every_dashboard_query_has_a_legend():
     targets = [target for panel in dashboard["panels"] for target in panel.get("targets", [])]
     assert targets and all(target.get("legendFormat") for target in targets), \
         [target["expr"] for target in targets if not target.get("legendFormat")]
+
+
+def test_the_etc_synproxy_layout_is_what_the_units_and_the_configuration_expect(tmp_path):
+    """deploy/README.md's /etc/synproxy, file by file with its mode, loads as one configuration whose
+    secrets are the files next to it; the units read its synproxy.yaml; a secret others can read is refused."""
+    readme = (REPO_ROOT / "deploy" / "README.md").read_text()
+    layout = dict(re.findall(r"^  (\S+)\s+(0[0-7]{3})\s", readme[readme.index("/etc/synproxy/\n"):], re.MULTILINE))
+    assert layout == {"synproxy.yaml": "0644", "secret.hex": "0600", "flow-secret.hex": "0600",
+                      "secret-next.hex": "0600"}
+    for unit in UNITS:
+        assert "--config /etc/synproxy/synproxy.yaml" in unit.read_text()
+    for name, mode in layout.items():
+        (tmp_path / name).write_text(os.urandom(32).hex() + "\n")
+        (tmp_path / name).chmod(int(mode, 8))
+    (tmp_path / "synproxy.yaml").write_text(
+        "vips: [198.19.0.10]\nports: [80]\nsecret_file: secret.hex\nflow_secret_file: flow-secret.hex\n"
+        "accepted_secret_files: [secret-next.hex]\nbackends: [198.18.20.2]\n")
+    loaded = load_config(tmp_path / "synproxy.yaml")
+    assert (loaded.secret_file, loaded.flow_secret_file, loaded.accepted_secret_files) == (
+        tmp_path / "secret.hex", tmp_path / "flow-secret.hex", (tmp_path / "secret-next.hex",))
+    assert len(loaded.salt_schedule().secrets) == 2
+    (tmp_path / "secret.hex").chmod(0o644)
+    with pytest.raises(ConfigError, match="secret.hex"):
+        load_config(tmp_path / "synproxy.yaml").salt_schedule()

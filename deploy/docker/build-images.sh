@@ -15,7 +15,7 @@ mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/de
 [ -n "$mirror" ] || { echo "no Debian mirror found in /etc/apt sources" >&2; exit 1; }
 
 packages=python3,python3-pip,python3-yaml,python3-cryptography,python3-cffi-backend,python3-prometheus-client,python3-pyroute2,\
-python3-scapy,iproute2,iptables,libnetfilter-queue1,libbpf1,curl,procps,prometheus,nginx,ca-certificates
+python3-scapy,iproute2,iptables,libnetfilter-queue1,libbpf1,curl,procps,prometheus,nginx,bird2,ca-certificates
 # The base image's tag names its package list: a base made before a package was added is not reused.
 base_image="synproxy-base:bookworm-$(printf %s "$packages" | sha256sum | cut -c1-12)"
 

@@ -7,10 +7,15 @@ if [ -n "${ROUTER:-}" ]; then
 fi
 case "$role" in
   router)
-    hops=""
-    for front in $FRONTS; do hops="$hops nexthop via $front"; done
-    ip route replace "$VIP/32" $hops
-    exec sleep infinity ;;
+    # The namespace lab's router: BIRD 2 learns the VIP from every front that announces it (front.bgp)
+    # and installs one ECMP route through them. Anything else (replies to spoofed sources) ends here,
+    # never on Docker's gateway and the host's network.
+    ip route replace blackhole default
+    peers=""; i=0
+    for front in $FRONTS; do peers="$peers front$i=$front"; i=$((i + 1)); done
+    python3 -m synproxy.lab.routing --router-id "$ROUTER_ID" $peers > /etc/bird/bird.conf
+    mkdir -p /run/bird
+    exec bird -f -c /etc/bird/bird.conf -s /run/bird/bird.ctl ;;
   front)
     ip route replace blackhole "$VIP/32"
     exec python3 -m synproxy.cli front --config /etc/synproxy/synproxy.yaml ;;
@@ -21,7 +26,7 @@ case "$role" in
     python3 -m synproxy.lab.servers --name "$(hostname)" &
     exec python3 -m synproxy.cli backend --config /etc/synproxy/synproxy.yaml ;;
   prometheus)
-    exec prometheus --config.file=/etc/synproxy/prometheus.yml --storage.tsdb.path=/tmp/prometheus \
+    exec prometheus --config.file=/etc/prometheus/prometheus.yml --storage.tsdb.path=/tmp/prometheus \
       --web.listen-address=0.0.0.0:9090 ;;
   client)
     exec sleep infinity ;;

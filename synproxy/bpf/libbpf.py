@@ -141,9 +141,12 @@ class Map:
         self.max_entries = max_entries
 
     def update(self, key: bytes, value: bytes) -> None:
+        """Set an element; in a per-CPU map, every CPU's copy to ``value``."""
         if len(key) != self.key_size or len(value) != self.value_size:
             raise BpfError(errno.EINVAL, f"map entry of {len(key)}+{len(value)} bytes, "
                                          f"expected {self.key_size}+{self.value_size}")
+        if self.per_cpu:  # the kernel reads one value per possible CPU, each 8-byte aligned
+            value = value.ljust((self.value_size + 7) // 8 * 8, b"\0") * possible_cpus()
         _check(_lib.bpf_map_update_elem(self.fd, key, value, BPF_ANY), "bpf_map_update_elem")
 
     def delete(self, key: bytes) -> None:

@@ -136,10 +136,15 @@ class SaltMap:
 
 def replace_keys(flag_map: Map, wanted: set[bytes]) -> None:
     """Make a map of flags (key -> 1) hold exactly the keys ``wanted``."""
-    for key in set(flag_map.keys()) - wanted:
-        flag_map.delete(key)
-    for key in wanted:
-        flag_map.update(key, b"\x01")
+    replace_entries(flag_map, dict.fromkeys(wanted, b"\x01"))
+
+
+def replace_entries(bpf_map: Map, wanted: dict[bytes, bytes]) -> None:
+    """Make a hash map hold exactly the entries ``wanted`` (key -> value)."""
+    for key in set(bpf_map.keys()) - wanted.keys():
+        bpf_map.delete(key)
+    for key, value in wanted.items():
+        bpf_map.update(key, value)
 
 
 def per_cpu_token_bucket(per_second: int, cpus: int) -> tuple[int, int]:

@@ -48,7 +48,7 @@ from synproxy.bpf.loading import (
     interface_index,
     mapped,
     per_cpu_token_bucket,
-    replace_keys,
+    replace_entries,
     sized_map,
 )
 from synproxy.front.handler import ICMP_ERRORS_PER_SECOND, FrontPolicy
@@ -73,6 +73,9 @@ _FORWARDING = struct.Struct("=4s2sHQ16s16s")  # struct front_forwarding
 _ICMP_LIMIT = struct.Struct("=QQ")  # struct icmp_limit: cost_ns, credit_max_ns
 _FASTOPEN_KEY = struct.Struct("=QQ16s")  # struct fastopen_key: period_ns, key_period, primary
 _OWNERS = struct.Struct("4s8s")  # struct maglev_owners: the current owner, then previous and earlier (IPv4)
+VIP_PORT_COUNTS = struct.Struct("=3Q")  # struct vip_port_counts, in this order:
+VIP_PORT_OUTCOMES = ("syn_answered", "validated", "forwarded")
+VIP_PORT_SLOTS = 64  # VIP_PORT_SLOTS in bpf/front.bpf.c: VIPs, and ports, counted per pair
 
 
 class FastPathError(RuntimeError):
@@ -96,6 +99,7 @@ class FastPath:
             self.maglev = sized_map(self.object, "maglev", _OWNERS.size)
             self.icmp_limit = sized_map(self.object, "icmp_limit", _ICMP_LIMIT.size)
             self.fastopen_key = sized_map(self.object, "fastopen_key", _FASTOPEN_KEY.size)
+            self.vip_port_counters = sized_map(self.object, "vip_port_counters", VIP_PORT_COUNTS.size)
         except BaseException:
             self.object.close()
             raise
@@ -103,6 +107,12 @@ class FastPath:
             self.object.close()
             raise FastPathError(f"the program's Maglev map holds {self.maglev.max_entries} entries, the table "
                                 f"{DEFAULT_TABLE_SIZE}: bpf/synproxy.h and synproxy/maglev.py disagree")
+        if self.vip_port_counters.max_entries != VIP_PORT_SLOTS ** 2:
+            self.object.close()
+            raise FastPathError(f"the program's vip_port_counters map holds {self.vip_port_counters.max_entries} "
+                                f"entries, not {VIP_PORT_SLOTS ** 2}: bpf/front.bpf.c and fastpath.py disagree")
+        self.vip_slots: dict[bytes, int] = {}   # protected_vips key -> its slot (0: not counted per VIP)
+        self.port_slots: dict[bytes, int] = {}  # protected_ports key -> its slot
         self.attached: list[int] = []
         self.xdp_attached: dict[int, str] = {}  # ifindex -> mode
         self._config_written = b""
@@ -117,8 +127,7 @@ class FastPath:
             if len(wanted) > flag_map.max_entries:
                 raise FastPathError(f"{len(wanted)} {what}: the fast path holds at most {flag_map.max_entries}")
         try:
-            replace_keys(self.protected_vips, {mapped(ipaddress.ip_address(vip)) for vip in policy.vips})
-            replace_keys(self.protected_ports, {PORT_KEY.pack(port) for port in policy.ports})
+            self.write_protected(policy)
             self.write_maglev(policy)
             # The shell's rate (handler.ICMP_ERRORS_PER_SECOND), shared out between the CPUs.
             self.icmp_limit.update(MAP_KEY.pack(0), _ICMP_LIMIT.pack(
@@ -126,6 +135,44 @@ class FastPath:
         except BpfError as error:
             raise FastPathError(f"filling the fast path's maps failed: {error.strerror}") from None
         self.refresh(policy, schedule, time.time())
+
+    def write_protected(self, policy: FrontPolicy) -> None:
+        """The VIPs and ports the programs protect, each with its slot for the per-VIP counters (1 ..
+        VIP_PORT_SLOTS; 0 past them: not counted, logged). A VIP or port kept across a reload keeps its
+        slot and its counts; a slot given to a new one starts from zero."""
+        vips = {mapped(ipaddress.ip_address(vip)) for vip in policy.vips}
+        ports = {PORT_KEY.pack(port) for port in policy.ports}
+        fresh = {"vip": set(), "port": set()}
+        for kind, slots, wanted in (("vip", self.vip_slots, vips), ("port", self.port_slots, ports)):
+            for key in set(slots) - wanted:
+                del slots[key]
+            free = iter(sorted(set(range(1, VIP_PORT_SLOTS + 1)) - set(slots.values())))
+            for key in sorted(wanted - set(slots)):
+                slots[key] = next(free, 0)
+                fresh[kind].add(slots[key])
+        zero = bytes(VIP_PORT_COUNTS.size)
+        for vip_slot in self.vip_slots.values():
+            for port_slot in self.port_slots.values():
+                if vip_slot and port_slot and (vip_slot in fresh["vip"] or port_slot in fresh["port"]):
+                    self.vip_port_counters.update(MAP_KEY.pack(_vip_port_index(vip_slot, port_slot)), zero)
+        uncounted = sum(not slot for slot in (*self.vip_slots.values(), *self.port_slots.values()))
+        if uncounted:
+            log("vip_port_counters_partial", uncounted=uncounted, most_vips=VIP_PORT_SLOTS,
+                most_ports=VIP_PORT_SLOTS)
+        replace_entries(self.protected_vips, {key: bytes([slot]) for key, slot in self.vip_slots.items()})
+        replace_entries(self.protected_ports, {key: bytes([slot]) for key, slot in self.port_slots.items()})
+
+    def vip_port_counts(self) -> dict[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], tuple[int, ...]]:
+        """Both programs' counts per counted (VIP, port), summed over the CPUs, in VIP_PORT_OUTCOMES' order."""
+        totals = {}
+        for vip_key, vip_slot in self.vip_slots.items():
+            vip = ipaddress.ip_address(vip_key)
+            for port_key, port_slot in self.port_slots.items():
+                if vip_slot and port_slot:
+                    per_cpu = self.vip_port_counters.lookup(MAP_KEY.pack(_vip_port_index(vip_slot, port_slot)))
+                    totals[vip.ipv4_mapped or vip, PORT_KEY.unpack(port_key)[0]] = tuple(
+                        map(sum, zip(*(VIP_PORT_COUNTS.unpack(value) for value in per_cpu))))
+        return totals
 
     def write_maglev(self, policy: FrontPolicy) -> None:
         """The handler's own tables, slot by slot where they changed (after a reload, or when a slot's
@@ -258,6 +305,11 @@ class FastPath:
                 pass  # the interface went away, and the program with it
         self.xdp_attached.clear()
         self.object.close()
+
+
+def _vip_port_index(vip_slot: int, port_slot: int) -> int:
+    """The pair's element in vip_port_counters (seg.vip_port - 1 in bpf/front.bpf.c's handle_frame)."""
+    return (vip_slot - 1) * VIP_PORT_SLOTS + port_slot - 1
 
 
 def _interface_index(name: str) -> int:

@@ -106,6 +106,10 @@ FAILURE_LOG_SECONDS = 10.0  # a packet that fails once fails as often as someone
 # Under attack (SYNs answered faster than this, or the queue dropping) the front logs what it did every
 # SUMMARY_SECONDS: the log then tells the story without a dashboard. Ordinary traffic logs nothing.
 SUMMARY_SECONDS, ATTACK_SYNS_PER_SECOND = 10.0, 1000
+# The outcomes counted per VIP and port too (synproxy_front_vip_packets_total), under the programs' names
+# (fastpath.VIP_PORT_OUTCOMES): an ACK forwarded whatever its cookie said is "forwarded".
+VIP_PORT_OUTCOME = {"syn_answered": "syn_answered", "validated": "validated", "forwarded": "forwarded",
+                    "forwarded_bad_mac": "forwarded", "forwarded_expired_epoch": "forwarded"}
 # What a reload cannot change in a running front: the queue it holds, its metrics socket, its programs.
 RESTART_KEYS = ("front.queue_num", "front.metrics_address", "front.data_plane", "front.interfaces",
                 "front.xdp_mode", "front.workers", "front.bgp")
@@ -176,6 +180,15 @@ def bind_queue(queue_num: int, callback) -> NetfilterQueue:
     return queue
 
 
+def destination(packet: bytes) -> tuple[bytes, int]:
+    """A parsed TCP packet's destination address (packed) and port: where packet.parse_tcp found them
+    (IPv4: the TCP header after the IHL; IPv6: no extension headers)."""
+    if packet[0] >> 4 == 4:
+        tcp = (packet[0] & 0x0F) * 4
+        return packet[16:20], int.from_bytes(packet[tcp + 2:tcp + 4], "big")
+    return packet[24:40], int.from_bytes(packet[42:44], "big")
+
+
 def send_failure(error: OSError) -> str:
     """The outcome label of a failed send, by errno (e.g. send_failed_enetunreach)."""
     return f"send_failed_{errno.errorcode.get(error.errno, 'unknown').lower()}"
@@ -236,6 +249,9 @@ class PacketCounts:
         self.fastopen: defaultdict[str, int] = defaultdict(int)  # TFO SYNs by Verdict.fastopen
         # By backend address, not position: a reload may add, remove or reorder backends.
         self.forwarded: defaultdict[str, int] = defaultdict(int)
+        # (VIP's packed address, port, outcome) for the outcomes operators ask per service: bounded, since only
+        # packets to a configured VIP and port get these outcomes.
+        self.vip_ports: defaultdict[tuple[bytes, int, str], int] = defaultdict(int)
         self.timing = [0] * (len(PROCESSING_BUCKETS) + 1)  # sampled processing times per bucket, +Inf last
         self.timing_sum = 0.0
 
@@ -250,6 +266,8 @@ class PacketCounts:
             self.forwarded[key] += value
         for key, value in list(getattr(other, "fastopen", {}).items()):  # a worker started before the upgrade has none
             self.fastopen[key] += value
+        for key, value in list(other.vip_ports.items()):
+            self.vip_ports[key] += value
         self.timing = [mine + theirs for mine, theirs in zip(self.timing, other.timing)]
         self.timing_sum += other.timing_sum
 
@@ -403,6 +421,7 @@ class FrontMetrics:
         for backend, value in total.forwarded.items():
             forwarded.add_metric([backend], value)
         yield forwarded
+        yield self._vip_ports(total)
         cumulative = [sum(total.timing[:index + 1]) for index in range(len(total.timing))]
         yield HistogramMetricFamily("synproxy_front_packet_processing_seconds",
                                     "Time to decide and give the verdict for one packet (1 in 16 sampled)",
@@ -442,6 +461,22 @@ class FrontMetrics:
                 for (outcome, family), value in self.kernel_path.counts(path).items():
                     kernel.add_metric([path, outcome, f"ipv{family}"], value)
             yield kernel
+
+
+    def _vip_ports(self, total: PacketCounts) -> CounterMetricFamily:
+        """Per VIP and port, the queue's counts and the programs' together."""
+        counts: defaultdict[tuple[str, int, str], int] = defaultdict(int)
+        for (address, port, outcome), value in total.vip_ports.items():
+            counts[str(ipaddress.ip_address(address)), port, outcome] += value
+        if self.kernel_path is not None:
+            for (vip, port), values in self.kernel_path.vip_port_counts().items():
+                for outcome, value in zip(fastpath.VIP_PORT_OUTCOMES, values):
+                    counts[str(vip), port, outcome] += value
+        family = CounterMetricFamily("synproxy_front_vip_packets", "SYNs answered, handshake ACKs validated and "
+                                     "packets forwarded, per VIP and port", labels=["vip", "port", "outcome"])
+        for (vip, port, outcome), value in sorted(counts.items()):
+            family.add_metric([vip, str(port), outcome], value)
+        return family
 
 
 class _BoundedReader:
@@ -557,7 +592,7 @@ class Front:
         timed = not self.packets_seen & TIMING_SAMPLE_MASK
         if timed:
             started = time.perf_counter()
-        family, backend, fastopen = 0, -1, ""
+        family, backend, fastopen, payload = 0, -1, "", b""
         try:
             payload = packet.get_payload()
             family = payload[0] >> 4 if payload else 0
@@ -591,6 +626,8 @@ class Front:
             counts.forwarded[self.backend_labels[backend]] += 1
         if fastopen:
             counts.fastopen[fastopen] += 1
+        if outcome in VIP_PORT_OUTCOME:
+            counts.vip_ports[(*destination(payload), VIP_PORT_OUTCOME[outcome])] += 1
         if timed:
             counts.observe(time.perf_counter() - started)
 

@@ -9,6 +9,7 @@ which the kernel spreads by the L4 hash as it did the static route before.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import shutil
 import socket
@@ -27,7 +28,7 @@ def bird_config(router_id: str, fronts: dict[str, str]) -> str:
     """BIRD 2's configuration for the router: one passive session per front (name -> address)."""
     sessions = "".join(f"protocol bgp {name} from fronts {{ neighbor {address} as {FRONT_AS}; }}\n"
                        for name, address in fronts.items())
-    return f"""# Written by `synproxy lab up` (synproxy/lab/routing.py).
+    return f"""# Written by synproxy/lab/routing.py for the lab router (namespace or docker-compose lab).
 log stderr all;
 router id {router_id};
 protocol device {{ scan time 10; }}
@@ -74,3 +75,26 @@ def next_hops(namespace: str, vip: str) -> set[str]:
                 if gateway:
                     found.add(gateway)
     return found
+
+
+def main() -> None:
+    """`python3 -m synproxy.lab.routing --router-id ID NAME=ADDRESS...` prints the router's BIRD configuration:
+    the docker-compose lab's router (deploy/docker/start.sh) runs the same BIRD as the namespace lab."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--router-id", required=True, type=ipaddress.IPv4Address)
+    parser.add_argument("fronts", nargs="+", metavar="NAME=ADDRESS")
+    args = parser.parse_args()
+    fronts = {}
+    for item in args.fronts:
+        name, _, address = item.partition("=")
+        try:
+            fronts[name] = str(ipaddress.ip_address(address))
+        except ValueError:
+            parser.error(f"{item!r} is not NAME=ADDRESS")
+        if not name.isidentifier():
+            parser.error(f"{name!r} is not a BIRD protocol name (letters, digits, _)")
+    print(bird_config(str(args.router_id), fronts), end="")
+
+
+if __name__ == "__main__":
+    main()
