@@ -111,15 +111,19 @@ struct {
 	__type(value, struct time_wait_event);
 } time_wait_scratch SEC(".maps");
 
-/* A tuple whose TIME_WAIT socket is being recycled in the kernel (recycle_time_wait): its state word
- * RECYCLE_STATE packs when the recycle began (µs), whether it fell back to the loader, and the IP length
- * of the segment that began it (the owner: its re-queued copy makes the connection). One 64-bit word, so
- * a claim is one compare-and-swap. LRU: entries are young for RECYCLE_WINDOW_US only, never deleted. */
+/* A new connection whose tuple's TIME_WAIT socket is being recycled in the kernel (recycle_time_wait),
+ * named by its tuple and its segments' sequence number (the client's ISN + 1, which every validated
+ * segment of it carries: the ACK and the data right behind it; a client reconnecting from the same port
+ * within the window has another). Its state word RECYCLE_STATE packs when the recycle began (µs), whether
+ * it fell back to the loader, and the IP length of the segment that began it (the owner: its re-queued
+ * copy makes the connection). One 64-bit word, so a claim is one compare-and-swap. LRU: entries are young
+ * for RECYCLE_WINDOW_US only, never deleted. */
 struct recycle_key {
 	__u8 saddr[16];
 	__u8 daddr[16];
 	__be16 sport;
 	__be16 dport;
+	__u32 seq;
 };
 
 struct {
@@ -349,9 +353,10 @@ static __always_inline void recycle_key_of(struct recycle_key *key, const struct
 	__builtin_memcpy(key->daddr, seg->daddr, 16);
 	key->sport = seg->sport;
 	key->dport = seg->dport;
+	key->seq = seg->seq;
 }
 
-/* The state of the tuple's recycle if one is under way (begun less than RECYCLE_WINDOW_US ago), else none. */
+/* The state of the connection's recycle if one is under way (begun less than RECYCLE_WINDOW_US ago), else none. */
 static __always_inline __u64 *recycle_under_way(const struct segment *seg, __u64 now_us)
 {
 	struct recycle_key key;
@@ -364,7 +369,7 @@ static __always_inline __u64 *recycle_under_way(const struct segment *seg, __u64
 	return state;
 }
 
-/* Begin the tuple's recycle, owned by this segment: 0 when another segment of the tuple just began it. */
+/* Begin the connection's recycle, owned by this segment: 0 when another of its segments just began it. */
 static __always_inline int recycle_claimed(const struct segment *seg, __u64 now_us)
 {
 	struct recycle_key key;
@@ -383,12 +388,12 @@ static __always_inline int recycle_claimed(const struct segment *seg, __u64 now_
 /* A validated segment met a TIME_WAIT socket. The kernel recycles one for a SYN RFC 6191 accepts, but the
  * kfunc's connection cannot be inserted next to it (inet_ehash_insert finds the duplicate). What RFC 6191
  * refuses is passed to the TIME_WAIT socket, as the kernel would pass the SYN. What it accepts: the first
- * segment of the tuple to get here (the owner) sends the socket its assassination RST and is queued again
+ * segment of the new connection to get here (the owner) sends the socket its assassination RST and is queued again
  * behind it on this CPU, so the RST is processed first and the owner then meets the listener and makes the
- * connection. Another segment of the tuple meanwhile (the data right behind the ACK, on another CPU) is
+ * connection. Another of its segments meanwhile (the data right behind the ACK, on another CPU) is
  * queued again until that connection exists (recycle_waits), so it never makes a second one. The owner
  * meeting the socket again means the RST did not kill it (net.ipv4.tcp_rfc1337=1): the recycle falls back
- * to the loader (report_time_wait), the tuple's other segments too. docs/backend.md, "4-tuple reuse". */
+ * to the loader (report_time_wait), the connection's other segments too. docs/backend.md, "4-tuple reuse". */
 static __always_inline int recycle_time_wait(struct __sk_buff *skb, const struct segment *seg, struct bpf_sock *skc,
 					     const struct arrival *arrival, const struct backend_config *cfg)
 {
@@ -425,7 +430,7 @@ static __always_inline int recycle_time_wait(struct __sk_buff *skb, const struct
 	return queue_again(skb, seg, arrival, cfg);
 }
 
-/* Must this validated segment, which met the listener, wait? Yes while its tuple's recycle is under way in
+/* Must this validated segment, which met the listener, wait? Yes while its connection's recycle is under way in
  * the kernel and it is not the owner: the owner's connection is about to be made (it is queued behind the
  * RST that just ended the TIME_WAIT socket), and a second connection made from this segment on another
  * CPU would race it, the loser dropped by inet_ehash_insert (a request right behind the ACK then waits
@@ -447,7 +452,7 @@ static __always_inline int recycle_waits(struct __sk_buff *skb, const struct seg
 	return 0;
 }
 
-/* The owner could not make the connection (a full accept queue, a refusing kfunc): let the tuple's other
+/* The owner could not make the connection (a full accept queue, a refusing kfunc): let the connection's other
  * segments stop waiting for it. */
 static __always_inline void recycle_abandoned(__u64 *owned)
 {
