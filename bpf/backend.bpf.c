@@ -111,6 +111,28 @@ struct {
 	__type(value, struct time_wait_event);
 } time_wait_scratch SEC(".maps");
 
+/* A new connection whose tuple's TIME_WAIT socket is being recycled in the kernel (recycle_time_wait),
+ * named by its tuple and its segments' sequence number (the client's ISN + 1, which every validated
+ * segment of it carries: the ACK and the data right behind it; a client reconnecting from the same port
+ * within the window has another). Its state word RECYCLE_STATE packs when the recycle began (µs), whether
+ * it fell back to the loader, and the IP length of the segment that began it (the owner: its re-queued
+ * copy makes the connection). One 64-bit word, so a claim is one compare-and-swap. LRU: entries are young
+ * for RECYCLE_WINDOW_US only, never deleted. */
+struct recycle_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u32 seq;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct recycle_key);
+	__type(value, __u64);
+} time_wait_recycling SEC(".maps");
+
 static __always_inline void count_in(void *map, __u32 index)
 {
 	__u64 *value = bpf_map_lookup_elem(map, &index);
@@ -220,24 +242,18 @@ struct arrival {
 	__be16 source_port; /* the front's flow-hash port, kept along the chain */
 };
 
-/* A validated ACK met a TIME_WAIT socket. The kernel recycles one for a SYN RFC 6191 accepts, but the kfunc's
- * connection cannot be inserted next to it, and tc has no way to remove it: the loader does (sock_diag
- * SOCK_DESTROY), told through the ring buffer, and then re-injects the segment, encapsulated again, on
- * the loopback device, where this program meets it once more and makes the connection (docs/backend.md).
- * The event carries the inner packet for that (and what the outer headers held), unless it is larger
- * than TIME_WAIT_PACKET_MAX: the client's retransmission then makes the connection. This segment is
- * dropped meanwhile: passed, the TIME_WAIT socket would answer it with its old ACK. What RFC 6191
- * refuses is passed to the TIME_WAIT socket, as the kernel would pass the SYN. */
-static __always_inline int recycle_time_wait(struct __sk_buff *skb, const struct segment *seg, struct bpf_sock *skc,
-					     const struct arrival *arrival, const struct backend_config *cfg)
+/* Tell the loader, through the ring buffer, that this validated segment met a TIME_WAIT socket RFC 6191
+ * accepts, and drop it: the loader destroys the socket (sock_diag SOCK_DESTROY) and re-injects the segment,
+ * encapsulated again, on the loopback device, where this program meets it once more and makes the
+ * connection. The event carries the inner packet for that (and what the outer headers held), unless it is
+ * larger than TIME_WAIT_PACKET_MAX: the client's retransmission then makes the connection. The fallback
+ * of recycle_time_wait (docs/backend.md). */
+static __always_inline int report_time_wait(struct __sk_buff *skb, const struct segment *seg,
+					    const struct arrival *arrival, const struct backend_config *cfg)
 {
 	__u32 zero = 0, length = seg->ip_length;
 	struct time_wait_event *event = bpf_map_lookup_elem(&time_wait_scratch, &zero);
 
-	if (!rfc6191_accepts(skb, seg, skc)) {
-		COUNT(COUNTER_TIME_WAIT_REFUSED);
-		return TC_ACT_OK;
-	}
 	if (!event) {
 		COUNT(COUNTER_TIME_WAIT_UNREPORTED);
 		return TC_ACT_SHOT;
@@ -259,12 +275,189 @@ static __always_inline int recycle_time_wait(struct __sk_buff *skb, const struct
 	    bpf_skb_load_bytes(skb, sizeof(struct ethhdr), event->packet, length))
 		length = 0;
 	event->length = length;
-	if (bpf_ringbuf_output(&time_wait, event, __builtin_offsetof(struct time_wait_event, packet) + length, 0)) {
+	if (bpf_ringbuf_output(&time_wait, event, __builtin_offsetof(struct time_wait_event, packet) + length, 0))
+		COUNT(COUNTER_TIME_WAIT_UNREPORTED);
+	return TC_ACT_SHOT;
+}
+
+/* Put the encapsulation back as it arrived (the front's addresses, ports and header, its MAC included) and
+ * queue the segment again at this interface's ingress: it passes every check once more, behind what this
+ * CPU queued before it (netif_rx: the CPU's backlog, in order). */
+static __always_inline int queue_again(struct __sk_buff *skb, const struct segment *seg, const struct arrival *arrival,
+				       const struct backend_config *cfg)
+{
+	struct {
+		struct iphdr ip;
+		struct udphdr udp;
+		struct encap_header header;
+	} outer = {};
+	__be16 ip_type = bpf_htons(ETH_P_IP);
+
+	outer.ip.version = 4;
+	outer.ip.ihl = 5;
+	outer.ip.tot_len = bpf_htons(ENCAP_OVERHEAD + seg->ip_length);
+	outer.ip.frag_off = bpf_htons(IP_DF);
+	outer.ip.ttl = ENCAP_TTL;
+	outer.ip.protocol = IPPROTO_UDP;
+	outer.ip.saddr = arrival->front;
+	outer.ip.daddr = arrival->self;
+	outer.ip.check = ipv4_header_fold(&outer.ip);
+	outer.udp.source = arrival->source_port;
+	outer.udp.dest = bpf_htons(cfg->encap_port);
+	outer.udp.len = bpf_htons(ENCAP_OVERHEAD - sizeof(struct iphdr) + seg->ip_length);
+	outer.header = arrival->header;
+	/* A plain grow: the segment was received, it needs no offload (and an encapsulating grow refuses a
+	 * packet whose skb->encapsulation the front's grow left set). */
+	if (bpf_skb_adjust_room(skb, ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC, 0) ||
+	    bpf_skb_store_bytes(skb, __builtin_offsetof(struct ethhdr, h_proto), &ip_type, 2, 0) ||
+	    bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &outer, sizeof(outer), 0)) {
 		COUNT(COUNTER_TIME_WAIT_UNREPORTED);
 		return TC_ACT_SHOT;
 	}
+	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+}
+
+/* Send, to this interface's ingress, a copy of the segment made the RST that kills the TIME_WAIT socket:
+ * its sequence number the socket's tw_rcv_nxt, its flags RST alone (tcp_timewait_state_process: an
+ * in-window RST is "TIME-WAIT assassination", fatal while net.ipv4.tcp_rfc1337 is 0; the RST may carry
+ * the segment's payload and options, which the kernel ignores there, and its timestamp, no older than
+ * the socket's, passes PAWS). The segment itself is restored. 0, or the clone's error. */
+static __always_inline long send_assassination(struct __sk_buff *skb, const struct segment *seg, __u32 tw_rcv_nxt)
+{
+	__u32 seq_at = seg->tcp_offset + 4, flags_at = seg->tcp_offset + 12, csum_at = seg->tcp_offset + 16;
+	__be32 seq = bpf_htonl(seg->seq), rst_seq = bpf_htonl(tw_rcv_nxt);
+	__be16 word, rst_word; /* data offset and flags */
+	long sent;
+
+	if (bpf_skb_load_bytes(skb, flags_at, &word, 2))
+		return -1;
+	rst_word = (word & bpf_htons(0xff00)) | bpf_htons(TCP_FLAG_RST);
+	if (bpf_skb_store_bytes(skb, seq_at, &rst_seq, 4, 0) || bpf_l4_csum_replace(skb, csum_at, seq, rst_seq, 4) ||
+	    bpf_skb_store_bytes(skb, flags_at, &rst_word, 2, 0) || bpf_l4_csum_replace(skb, csum_at, word, rst_word, 2))
+		return -1;
+	sent = bpf_clone_redirect(skb, skb->ifindex, BPF_F_INGRESS);
+	if (bpf_skb_store_bytes(skb, seq_at, &seq, 4, 0) || bpf_l4_csum_replace(skb, csum_at, rst_seq, seq, 4) ||
+	    bpf_skb_store_bytes(skb, flags_at, &word, 2, 0) || bpf_l4_csum_replace(skb, csum_at, rst_word, word, 2))
+		return -1;
+	return sent;
+}
+
+#define RECYCLE_WINDOW_US 2000 /* how long a recycle may take before the tuple is left to itself again */
+#define RECYCLE_FALLBACK (1ULL << 16)
+#define RECYCLE_STATE(since_us, length) ((since_us) << 17 | (length))
+#define RECYCLE_OWNER_LENGTH(state) ((state) & 0xffff)
+
+static __always_inline void recycle_key_of(struct recycle_key *key, const struct segment *seg)
+{
+	__builtin_memcpy(key->saddr, seg->saddr, 16);
+	__builtin_memcpy(key->daddr, seg->daddr, 16);
+	key->sport = seg->sport;
+	key->dport = seg->dport;
+	key->seq = seg->seq;
+}
+
+/* The state of the connection's recycle if one is under way (begun less than RECYCLE_WINDOW_US ago), else none. */
+static __always_inline __u64 *recycle_under_way(const struct segment *seg, __u64 now_us)
+{
+	struct recycle_key key;
+	__u64 *state;
+
+	recycle_key_of(&key, seg);
+	state = bpf_map_lookup_elem(&time_wait_recycling, &key);
+	if (!state || now_us - (*state >> 17) >= RECYCLE_WINDOW_US)
+		return 0;
+	return state;
+}
+
+/* Begin the connection's recycle, owned by this segment: 0 when another of its segments just began it. */
+static __always_inline int recycle_claimed(const struct segment *seg, __u64 now_us)
+{
+	struct recycle_key key;
+	__u64 claim = RECYCLE_STATE(now_us, seg->ip_length), *state;
+
+	recycle_key_of(&key, seg);
+	state = bpf_map_lookup_elem(&time_wait_recycling, &key);
+	if (!state)
+		return bpf_map_update_elem(&time_wait_recycling, &key, &claim, BPF_NOEXIST) == 0;
+	__u64 old = *state;
+	if (now_us - (old >> 17) < RECYCLE_WINDOW_US)
+		return 0;
+	return __sync_val_compare_and_swap(state, old, claim) == old;
+}
+
+/* A validated segment met a TIME_WAIT socket. The kernel recycles one for a SYN RFC 6191 accepts, but the
+ * kfunc's connection cannot be inserted next to it (inet_ehash_insert finds the duplicate). What RFC 6191
+ * refuses is passed to the TIME_WAIT socket, as the kernel would pass the SYN. What it accepts: the first
+ * segment of the new connection to get here (the owner) sends the socket its assassination RST and is queued again
+ * behind it on this CPU, so the RST is processed first and the owner then meets the listener and makes the
+ * connection. Another of its segments meanwhile (the data right behind the ACK, on another CPU) is
+ * queued again until that connection exists (recycle_waits), so it never makes a second one. The owner
+ * meeting the socket again means the RST did not kill it (net.ipv4.tcp_rfc1337=1): the recycle falls back
+ * to the loader (report_time_wait), the connection's other segments too. docs/backend.md, "4-tuple reuse". */
+static __always_inline int recycle_time_wait(struct __sk_buff *skb, const struct segment *seg, struct bpf_sock *skc,
+					     const struct arrival *arrival, const struct backend_config *cfg)
+{
+	struct tcp_timewait_sock___x *tw;
+	__u64 now_us = bpf_ktime_get_ns() / 1000, *state;
+
+	if (!rfc6191_accepts(skb, seg, skc)) {
+		COUNT(COUNTER_TIME_WAIT_REFUSED);
+		return TC_ACT_OK;
+	}
+	if (skb->ingress_ifindex == LOOPBACK_IFINDEX) { /* the loader re-injected it: not again */
+		COUNT(COUNTER_TIME_WAIT_RECYCLED);
+		return report_time_wait(skb, seg, arrival, cfg);
+	}
+	state = recycle_under_way(seg, now_us);
+	if (state) {
+		if (!(*state & RECYCLE_FALLBACK) && RECYCLE_OWNER_LENGTH(*state) != seg->ip_length)
+			return queue_again(skb, seg, arrival, cfg); /* the owner's RST is on its way */
+		int verdict = report_time_wait(skb, seg, arrival, cfg);
+
+		__sync_fetch_and_or(state, RECYCLE_FALLBACK); /* after the owner's report: the loader keeps their order */
+		return verdict;
+	}
+	if (!recycle_claimed(seg, now_us))
+		return queue_again(skb, seg, arrival, cfg);
 	COUNT(COUNTER_TIME_WAIT_RECYCLED);
-	return TC_ACT_SHOT;
+	tw = (void *)bpf_skc_to_tcp_timewait_sock(skc);
+	if (!tw || send_assassination(skb, seg, tw->tw_sk.__tw_common.skc_tw_rcv_nxt)) {
+		state = recycle_under_way(seg, now_us);
+		if (state)
+			__sync_fetch_and_or(state, RECYCLE_FALLBACK);
+		return report_time_wait(skb, seg, arrival, cfg);
+	}
+	return queue_again(skb, seg, arrival, cfg);
+}
+
+/* Must this validated segment, which met the listener, wait? Yes while its connection's recycle is under way in
+ * the kernel and it is not the owner: the owner's connection is about to be made (it is queued behind the
+ * RST that just ended the TIME_WAIT socket), and a second connection made from this segment on another
+ * CPU would race it, the loser dropped by inet_ehash_insert (a request right behind the ACK then waits
+ * for the client's retransmission, 200 ms). Segments the loader re-injects never wait: they come one at a
+ * time from its thread. The owner's state is returned through `owned`, so a failure can end the wait. */
+static __always_inline int recycle_waits(struct __sk_buff *skb, const struct segment *seg, __u64 **owned)
+{
+	__u64 *state;
+
+	*owned = 0;
+	if (skb->ingress_ifindex == LOOPBACK_IFINDEX)
+		return 0;
+	state = recycle_under_way(seg, bpf_ktime_get_ns() / 1000);
+	if (!state || (*state & RECYCLE_FALLBACK))
+		return 0;
+	if (RECYCLE_OWNER_LENGTH(*state) != seg->ip_length)
+		return 1;
+	*owned = state;
+	return 0;
+}
+
+/* The owner could not make the connection (a full accept queue, a refusing kfunc): let the connection's other
+ * segments stop waiting for it. */
+static __always_inline void recycle_abandoned(__u64 *owned)
+{
+	if (owned)
+		*owned = 0;
 }
 
 /* The socket the kernel would deliver this segment to (established, request, time-wait or listener), or
@@ -325,8 +518,15 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 		return TC_ACT_OK;
 	}
 
+	__u64 *recycle_owned;
+	if (recycle_waits(skb, seg, &recycle_owned)) {
+		bpf_sk_release(skc);
+		return queue_again(skb, seg, arrival, cfg);
+	}
+
 	if (accept_queue_full((void *)listener, cfg)) {
 		COUNT(COUNTER_LISTEN_OVERFLOW);
+		recycle_abandoned(recycle_owned);
 		bpf_sk_release(skc);
 		return TC_ACT_OK;
 	}
@@ -338,6 +538,7 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 	if (err) {
 		__u32 errno_slot = -err;
 
+		recycle_abandoned(recycle_owned);
 		COUNT(COUNTER_KFUNC_FAILED);
 		count_in(&kfunc_errors, errno_slot < KFUNC_ERRNO_SLOTS ? errno_slot : KFUNC_ERRNO_SLOTS - 1);
 		return TC_ACT_OK;

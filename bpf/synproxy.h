@@ -253,7 +253,8 @@ enum counter {
 	COUNTER_CHAIN_FAILED,      /* the same, but re-encapsulating or routing it failed: dropped */
 	COUNTER_ICMP_PASSED,       /* flagged ICMP: an error about a protected flow, passed to the stack */
 	COUNTER_TIME_WAIT_RECYCLED,   /* valid cookie meeting a TIME_WAIT socket RFC 6191 would recycle for its
-				       * SYN: dropped, reported to the loader (which destroys it and re-injects the segment) */
+				       * SYN: once per new connection, the program's RST ends the socket (or, where the
+				       * kernel ignores it, the loader destroys it and re-injects the segments) */
 	COUNTER_TIME_WAIT_REFUSED,    /* the same, RFC 6191 would refuse the SYN: passed to the TIME_WAIT socket */
 	COUNTER_TIME_WAIT_UNREPORTED, /* the same as recycled, but the ring buffer was full: dropped, unreported */
 	COUNTER_FASTOPEN_PASSED,      /* flagged FASTOPEN: a SYN whose TFO cookie a front found valid, passed to the stack */
@@ -262,8 +263,8 @@ enum counter {
 #define KFUNC_ERRNO_SLOTS 64
 
 /* What the backend program tells its loader through the `time_wait` ring buffer: a validated handshake
- * ACK (or the data right behind it) met a TIME_WAIT socket that RFC 6191 lets a new SYN recycle, and was
- * dropped. The loader destroys the socket (sock_diag) and re-injects the packet, encapsulated again from
+ * ACK (or the data right behind it) met a TIME_WAIT socket that RFC 6191 lets a new SYN recycle, and the
+ * program's RST could not end it (net.ipv4.tcp_rfc1337=1; recycle_time_wait), and was dropped. The loader destroys the socket (sock_diag) and re-injects the packet, encapsulated again from
  * the fields below, on the loopback device, where this program passes it once more (docs/backend.md).
  * Addresses in the 16-byte form, ports network order. Sent without the unused tail of packet[]. */
 #define TIME_WAIT_PACKET_MAX 1600 /* a 1500-byte farm MTU's inner packets; larger ones are left to the client */

@@ -719,38 +719,70 @@ TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_SEND_QUEUE = 19, 20, 21, 2
 TW_PORT = 41000
 
 
+def closed_by_the_server(listener: socket.socket, port: int) -> tuple[int, int]:
+    """A connection from CLIENT4:port that the server closes first, so the server's side stays in
+    TIME_WAIT: the client's last sequence number + 1 (its FIN's: tw_rcv_nxt) and last TSval."""
+    client = socket.create_connection((VIPS[0], 80), source_address=(CLIENT4, port))
+    server, _ = listener.accept()
+    client.sendall(b"request")
+    server.recv(100)
+    server.close()  # the server closes first
+    client.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    client.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+    write_seq = client.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
+    client.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
+    client.recv(100)  # the server's FIN
+    client.close()
+    return (write_seq + 1) & 0xFFFFFFFF, time.monotonic_ns() // 10**6 & 0xFFFFFFFF
+
+
+def server_states(name: str) -> dict[int, str]:
+    """The server side's sockets to CLIENT4 by client port: their states as ss names them."""
+    states = {}
+    for line in netns.run(name, ["ss", "-Htan", f"dst {CLIENT4}"]).stdout.splitlines():
+        state, *_, local, peer = line.split()
+        if local == f"{VIPS[0]}:80":
+            states[int(peer.rsplit(":", 1)[1])] = state
+    return states
+
+
 @contextlib.contextmanager
-def server_side_time_wait():
-    """In a namespace of the test's own: a connection from CLIENT4:TW_PORT to the VIP:80 that the server
-    closed first, so the server's side is in TIME_WAIT. Yields the old connection's tw_rcv_nxt (the
-    client's last sequence number + 1: its FIN's) and the client's last TSval (timestamps without random
-    offsets, tcp_timestamps=2: the client's TSval is CLOCK_MONOTONIC in ms)."""
-    name = netns.unique_name("sptw")
-    with netns.namespaces(name), netns.inside(name):
-        netns.run(name, ["ip", "link", "set", "lo", "up"])
-        netns.add_addresses(name, "lo", f"{VIPS[0]}/32", f"{CLIENT4}/32")
-        netns.write_sysctls(name, {"net.ipv4.tcp_timestamps": "2"})
-        with socket.create_server((VIPS[0], 80)) as listener:
-            client = socket.create_connection((VIPS[0], 80), source_address=(CLIENT4, TW_PORT))
-            server, _ = listener.accept()
-            client.sendall(b"request")
-            server.recv(100)
-            server.close()  # the server closes first
-            client.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
-            client.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
-            write_seq = client.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
-            client.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
-            client.recv(100)  # the server's FIN
-            client.close()
-            last_tsval = time.monotonic_ns() // 10**6 & 0xFFFFFFFF
-            time.sleep(0.05)
-            states = netns.run(name, ["ss", "-Htan", "state", "time-wait"]).stdout
-            assert f"{VIPS[0]}:80" in states and f"{CLIENT4}:{TW_PORT}" in states
-            yield (write_seq + 1) & 0xFFFFFFFF, last_tsval
+def server_side_time_wait(rfc1337: int = 0):
+    """In namespaces of the test's own, a client's and a server's on a link (the server's the farm
+    interface, where runs come in): a connection from CLIENT4:TW_PORT to the VIP:80 that the server closed
+    first, so the server's side is in TIME_WAIT; beside it, what recycling that one must leave alone: the
+    same from TW_PORT + 1, and a connection from TW_PORT + 2 still established. Yields the server's
+    namespace, its run context and interface address (as `farm`), the old connection's tw_rcv_nxt and the
+    client's last TSval (timestamps without random offsets, tcp_timestamps=2: the client's TSval is
+    CLOCK_MONOTONIC in ms)."""
+    server, client = netns.unique_name("sptw"), netns.unique_name("sptc")
+    with netns.namespaces(server, client):
+        netns.link(server, FARM_LINK, client, "sptc")
+        netns.add_addresses(server, FARM_LINK, "198.18.1.1/24")
+        netns.add_addresses(server, "lo", f"{VIPS[0]}/32")
+        netns.add_addresses(client, "sptc", f"{CLIENT4}/24")
+        netns.add_route(client, f"{VIPS[0]}/32", "198.18.1.1")
+        for name in (server, client):
+            netns.write_sysctls(name, {"net.ipv4.tcp_timestamps": "2", "net.ipv4.tcp_rfc1337": str(rfc1337)})
+        link = json.loads(netns.run(server, ["ip", "-j", "link", "show", FARM_LINK]).stdout)[0]
+        farm = server, SK_BUFF_IFINDEX.pack(link["ifindex"]), bytes.fromhex(link["address"].replace(":", ""))
+        with netns.inside(server):
+            listener = socket.create_server((VIPS[0], 80))
+        with listener, netns.inside(client):
+            rcv_nxt, last_tsval = closed_by_the_server(listener, TW_PORT)
+            closed_by_the_server(listener, TW_PORT + 1)
+            with socket.create_connection((VIPS[0], 80), source_address=(CLIENT4, TW_PORT + 2)), \
+                    listener.accept()[0]:
+                time.sleep(0.05)
+                assert server_states(server) == {TW_PORT: "TIME-WAIT", TW_PORT + 1: "TIME-WAIT",
+                                                 TW_PORT + 2: "ESTAB"}
+                yield farm, rcv_nxt, last_tsval
 
 
-def validated_ack(monkeypatch, plane: DataPlane, isn: int, tsval: int | None) -> bytes:
-    """The client's handshake ACK for a new connection from the TIME_WAIT tuple, its cookie valid now."""
+def validated_ack(monkeypatch, plane: DataPlane, farm, isn: int, tsval: int | None, payload: bytes = b"") -> bytes:
+    """The client's handshake ACK for a new connection from the TIME_WAIT tuple (or, with a payload, the
+    request right behind it), its cookie valid now; in a frame to the farm interface's address (the RST
+    the program sends at its ingress must be for this host)."""
     schedule = SaltSchedule((SECRET,))
     now = time.time()
     set_clock(monkeypatch, plane, now)
@@ -760,41 +792,89 @@ def validated_ack(monkeypatch, plane: DataPlane, isn: int, tsval: int | None) ->
                          ipaddress.ip_address(VIPS[0]).packed, TW_PORT, 80, isn,
                          SynOptions(mss=1460, wscale=7, sack=True, ecn=False))
     options = [("NOP", None), ("NOP", None), ("Timestamp", (tsval, 1))] if tsval is not None else []
-    return encapsulated(raw(IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=TW_PORT, dport=80, flags="A",
-                                                              seq=(isn + 1) % 2**32, ack=(cookie + 1) % 2**32,
-                                                              options=options)))
+    segment = TCP(sport=TW_PORT, dport=80, flags="PA" if payload else "A", seq=(isn + 1) % 2**32,
+                  ack=(cookie + 1) % 2**32, options=options) / Raw(payload)
+    return farm[2] + encapsulated(raw(IP(src=CLIENT4, dst=VIPS[0]) / segment))[6:]
 
 
-@pytest.mark.parametrize("isn_offset, ts_offset, recycled", [
-    (1000, None, True),       # a higher ISN, no timestamps
-    (-1000, None, False),     # a lower ISN, no timestamps
-    (-1000, 10_000, True),    # a lower ISN, a newer timestamp
-    (1000, -10_000, False),   # a higher ISN, an older timestamp (PAWS)
-    (-1000, -10_000, False),  # both older
-], ids=["higher ISN", "lower ISN", "lower ISN newer TSval", "higher ISN older TSval", "both older"])
-def test_a_validated_ack_recycles_a_time_wait_socket_only_where_rfc_6191_accepts_the_syn(
-        monkeypatch, plane, isn_offset, ts_offset, recycled):
+def as_received(out: bytes, packet: bytes) -> bool:
+    """Is ``out`` ``packet`` encapsulated again as it came: the outer addresses, and all after the outer
+    IPv4 header (UDP, the synproxy header with its MAC, the inner packet)?"""
+    outer_addresses, outer_end = slice(ETH_HEADER + 12, ETH_HEADER + 20), ETH_HEADER + 20
+    return (out[:12], out[outer_addresses], out[outer_end:]) == (packet[:12], packet[outer_addresses],
+                                                                  packet[outer_end:])
+
+
+def dead_soon(name: str, port: int) -> bool:
+    """Is the server's socket to CLIENT4:port gone (the RST is processed in a softirq: give it a moment)?"""
+    deadline = time.monotonic() + 1
+    while port in server_states(name) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return port not in server_states(name)
+
+
+RECYCLE_WINDOW = 0.002  # RECYCLE_WINDOW_US in bpf/backend.bpf.c: a sequence must run within it
+
+
+def within_the_recycle_window(monkeypatch, plane: DataPlane, order: tuple[str, ...], rfc1337: int = 0,
+                              attempts: int = 5):
+    """On a fresh TIME_WAIT socket, the ACK and the request behind it (same sequence number) run in the
+    ``order`` a race can bring them ("ack" first; "request": the request, as on another CPU; "queued ack":
+    the copy the ACK's run queued again). Repeated until one attempt runs within the recycle window (a
+    descheduled test would see it expire). Returns the ACK and the request, each run's verdict and packet,
+    and the counters that moved over them all."""
+    for _ in range(attempts):
+        with server_side_time_wait(rfc1337) as (farm, rcv_nxt, _):
+            isn = (rcv_nxt + 1000) % 2**32
+            packets = {"ack": validated_ack(monkeypatch, plane, farm, isn, None),
+                       "request": validated_ack(monkeypatch, plane, farm, isn, None, b"GET / HTTP/1.0\r\n\r\n")}
+            before = read_counters(plane.counters, plane.kfunc_errors)
+            runs = []
+            with netns.inside(farm[0]):
+                started = time.monotonic()
+                for name in order:
+                    runs.append(prog_test_run(plane.prog_fd, packets[name], context=farm[1]))
+                    packets.setdefault("queued ack", runs[0][1])
+                elapsed = time.monotonic() - started
+            after = read_counters(plane.counters, plane.kfunc_errors)
+            if elapsed < RECYCLE_WINDOW:
+                changed = {key: after[key] - before[key] for key in COUNTERS if after[key] != before[key]}
+                return packets["ack"], packets["request"], runs, changed
+    pytest.fail(f"no attempt of {attempts} ran within {RECYCLE_WINDOW} s")
+
+
+def test_the_request_behind_the_ack_waits_for_the_acks_connection_and_never_makes_its_own(monkeypatch, plane):
+    """The race the recycle must not have: the request right behind the ACK (on another CPU) meets the
+    listener after the RST and before the re-queued ACK made the connection. It is queued again, as it came,
+    as long as the ACK, the recycle's owner, may still make that connection: a second connection made from
+    the request would race the ACK's, and the loser is dropped (the request: 200 ms to its retransmission).
+    Here the owner's kfunc fails (BPF_PROG_TEST_RUN runs outside tc's ingress), which ends the wait: the
+    request then tries itself."""
+    ack, request, runs, changed = within_the_recycle_window(
+        monkeypatch, plane, ("ack", "request", "request", "queued ack", "request"))
+    assert [verdict for verdict, _ in runs] == [TC_ACT_REDIRECT, TC_ACT_REDIRECT, TC_ACT_REDIRECT, TC_ACT_OK, TC_ACT_OK]
+    assert as_received(runs[0][1], ack) and as_received(runs[1][1], request) and as_received(runs[2][1], request)
+    assert changed == {"decapsulated": 5, "time_wait_recycled": 1, "kfunc_failed": 2}, \
+        "only the owner tried, until it failed"
+
+
+def test_where_the_rst_cannot_kill_rfc_1337_the_recycle_falls_back_to_the_loader(monkeypatch, plane):
+    """With net.ipv4.tcp_rfc1337=1 the kernel ignores the RST: the re-queued ACK meets the TIME_WAIT socket
+    again and is reported to the loader (which destroys the socket and re-injects); the request, which
+    waited while the RST could still work, is reported after it, in that order."""
     reported = []
     ring = RingBuffer(plane.time_wait, reported.append)
     try:
-        with server_side_time_wait() as (rcv_nxt, last_tsval):
-            tsval = None if ts_offset is None else (last_tsval + ts_offset) % 2**32
-            isn = (rcv_nxt + isn_offset) % 2**32
-            packet = validated_ack(monkeypatch, plane, isn, tsval)
-            verdict, _, changed = run(plane, packet)
-            ring.poll(0)
+        ack, request, runs, changed = within_the_recycle_window(
+            monkeypatch, plane, ("ack", "request", "queued ack", "request"), rfc1337=1)
+        ring.poll(0)
     finally:
         ring.close()
-    if recycled:  # dropped, and the loader told which socket, with what re-injecting the packet needs
-        assert (verdict, changed) == (TC_ACT_SHOT, {"decapsulated": 1, "time_wait_recycled": 1})
-        event = TimeWaitEvent.unpack(reported[0])
-        assert len(reported) == 1 and event[:8] == (
-            4, ipaddress.ip_address(CLIENT4).packed, ipaddress.ip_address(VIPS[0]).packed,
-            TW_PORT.to_bytes(2, "big"), (80).to_bytes(2, "big"), (isn + 1) % 2**32,
-            parse_tcp(packet[ETH_HEADER + encap.OVERHEAD:]).ack, False)
-        assert event.packet == packet[ETH_HEADER + encap.OVERHEAD:]
-        frame, outer_addresses, outer_end = reinjection_frame(event), slice(ETH_HEADER + 12, ETH_HEADER + 20), ETH_HEADER + 20
-        assert (frame[outer_addresses], frame[outer_end:]) == (packet[outer_addresses], packet[outer_end:]), \
-            "encapsulated again as it came"
-    else:  # left to the TIME_WAIT socket, as the kernel leaves it a SYN it refuses
-        assert (verdict, changed, reported) == (TC_ACT_OK, {"decapsulated": 1, "time_wait_refused": 1}, [])
+    assert [verdict for verdict, _ in runs] == [TC_ACT_REDIRECT, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_SHOT]
+    assert changed == {"decapsulated": 4, "time_wait_recycled": 1}
+    events = [TimeWaitEvent.unpack(record) for record in reported]
+    assert [event.packet for event in events] == [ack[ETH_HEADER + encap.OVERHEAD:],
+                                                  request[ETH_HEADER + encap.OVERHEAD:]]
+    assert not any(event.reinjected for event in events)
+    assert as_received(bytes(12) + reinjection_frame(events[0])[12:], bytes(12) + ack[12:]), \
+        "the loader encapsulates it again as it came"

@@ -1,6 +1,8 @@
-"""4-tuple reuse behind the fronts (docs/backend.md): the backend program reports, through its `time_wait`
-ring buffer, each validated handshake segment that met a TIME_WAIT socket RFC 6191 would recycle for a
-SYN, and drops it; this thread destroys that socket and re-injects the segment.
+"""4-tuple reuse behind the fronts (docs/backend.md), the fallback: the backend program recycles a TIME_WAIT
+socket itself, with an in-window RST ("TIME-WAIT assassination"), but the kernel ignores that RST where
+net.ipv4.tcp_rfc1337=1. Then the program reports, through its `time_wait` ring buffer, each validated
+segment of the new connection that met the TIME_WAIT socket, and drops it; this thread destroys that socket
+and re-injects the segments.
 
 The kernel recycles such a socket itself when the SYN arrives (tcp_timewait_state_process), but behind
 the fronts the backend sees only the ACK: the kfunc's connection cannot be inserted next to the TIME_WAIT
@@ -11,7 +13,8 @@ it, and what its encapsulation held) is sent again, encapsulated as it arrived, 
 through a packet socket: it comes back in at the loopback device's ingress, where the backend program is
 attached too, passes the same checks and makes the connection (or reaches the one the client's next
 segment made meanwhile). The client sees no loss: its ACK and its data right behind it (an HTTP request)
-are both delivered, about a millisecond late, instead of the data at its retransmission (200 ms).
+are both delivered, about a millisecond late, instead of the data at its retransmission (200 ms). On IPv4
+a strict reverse-path filter on the loopback device drops what is re-injected (docs/backend.md).
 """
 
 from __future__ import annotations
