@@ -1,8 +1,11 @@
-"""What answering a TCP Fast Open cookie request costs the front's XDP program (`python3 -m
-benchmarks.front_tfo_cost`, root): ns per SYN inside the program, with the kernel's run-time statistics,
-for a SYN in Linux's layout, the same SYN asking for a TFO cookie (its SYN-ACK then carries one: the
-option walk and one SipHash-2-4 of the addresses more), IPv4 and IPv6. The method of
-benchmarks/front_xdp_cost.py, whose namespace and per-run measure it shares."""
+"""What TCP Fast Open costs the front's XDP program (`python3 -m benchmarks.front_tfo_cost`, root): ns
+per SYN inside the program, with the kernel's run-time statistics, IPv4 and IPv6, for a SYN in Linux's
+layout; the same SYN asking for a TFO cookie (its SYN-ACK then carries one: the option walk and one
+SipHash-2-4 of the addresses more); a TFO SYN, a valid cookie and an HTTP request (the cookie checked,
+a token of its source's budget, encapsulated to its backend; the budget made unlimited for the
+measure, its lookup and update still paid); and the same SYN with an invalid cookie (checked against
+both keys, then the cookie SYN-ACK with a fresh one: what a flood of forged TFO SYNs costs). The method
+of benchmarks/front_xdp_cost.py, whose namespace and per-run measure it shares."""
 
 from __future__ import annotations
 
@@ -16,26 +19,42 @@ import time
 from benchmarks.front_xdp_cost import _per_run
 from synproxy import netns
 from synproxy.bpf.libbpf import enable_run_time_stats, prog_test_run
-from synproxy.bpf.loading import build_object
-from synproxy.front.fastpath import FastPath
+from synproxy.bpf.loading import MAP_KEY, build_object
+from synproxy.front.fastpath import _FASTOPEN_KEY, FastPath
 from synproxy.front.handler import FrontPolicy
 from synproxy.packet import SYN, FastOpen, build_tcp_options, build_tcp_packet
 from synproxy.salt import SaltSchedule
+from synproxy.tfo import fastopen_cookie, fastopen_keys
 
 ADDRESSES = {4: ("198.18.1.2", "198.19.0.10"), 6: ("2001:db8:1::2", "2001:db8:ffff::10")}
 ETHERNET = {4: bytes(12) + b"\x08\x00", 6: bytes(12) + b"\x86\xdd"}
 PORT = 80
+REQUEST = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"
+# What each frame must move in the program's counters besides what it is named for.
+COUNTED = {"SYN": {"syn_answered"}, "SYN asking for a TFO cookie": {"syn_answered", "fastopen_cookie_issued"},
+           "TFO SYN, valid cookie": {"fastopen_accepted"},
+           "TFO SYN, invalid cookie": {"syn_answered", "fastopen_cookie_issued", "fastopen_invalid_cookie"}}
 
 
-def frames() -> dict[str, bytes]:
+def frames(policy: FrontPolicy) -> dict[str, bytes]:
+    primary, _ = fastopen_keys(policy.tfo_secret, time.time(), policy.tfo_key_period)
     out = {}
     for family, (client, vip) in ADDRESSES.items():
         client, vip = ipaddress.ip_address(client).packed, ipaddress.ip_address(vip).packed
-        for name, fastopen in (("SYN", None), ("SYN asking for a TFO cookie", FastOpen(b"", False))):
+        valid = FastOpen(fastopen_cookie(primary, client, vip), False)
+        for name, fastopen, data in (("SYN", None, b""), ("SYN asking for a TFO cookie", FastOpen(b"", False), b""),
+                                     ("TFO SYN, valid cookie", valid, REQUEST),
+                                     ("TFO SYN, invalid cookie", FastOpen(bytes(8), False), REQUEST)):
             options = build_tcp_options(1460, 7, True, (1000, 0), fastopen)
             out[f"IPv{family} {name}"] = ETHERNET[family] + build_tcp_packet(client, vip, 40000, PORT, 1000, 0, SYN,
-                                                                             64240, options)
+                                                                             64240, options, data)
     return out
+
+
+def unlimited_budget(loaded: FastPath) -> None:
+    """A token costs 1 ns of a 1 s burst: the runs never spend it."""
+    fields = _FASTOPEN_KEY.unpack(loaded.fastopen_key.lookup(MAP_KEY.pack(0)))
+    loaded.fastopen_key.update(MAP_KEY.pack(0), _FASTOPEN_KEY.pack(*fields[:4], 1, 10**9))
 
 
 def measure(runs: int, repetitions: int) -> dict[str, list[float]]:
@@ -62,12 +81,13 @@ def measure(runs: int, repetitions: int) -> dict[str, list[float]]:
             loaded.configure(policy, schedule)
             for _ in range(repetitions):
                 loaded.refresh(policy, schedule, time.time())
-                for kind, frame in frames().items():
+                unlimited_budget(loaded)
+                for kind, frame in frames(policy).items():
                     counted = loaded.counts("xdp")
                     with netns.inside(name):
                         prog_test_run(loaded.xdp_prog_fd, frame)
                     moved = {key[0] for key, value in loaded.counts("xdp").items() if value != counted[key]}
-                    if "syn_answered" not in moved or ("TFO" in kind) != ("fastopen_cookie_issued" in moved):
+                    if moved != COUNTED[kind.split(" ", 1)[1]]:
                         raise SystemExit(f"{kind}: the program counted {moved}")
                     results.setdefault(kind, []).append(_per_run(name, loaded.xdp_prog_fd, frame, runs))
         finally:

@@ -161,10 +161,11 @@ static __always_inline int count_xdp(const struct segment *seg, __u32 outcome, i
  *
  * The programs answer a SYN's TFO cookie request with the cookie the backends' kernels make (SipHash-2-4
  * of the client's and the VIP's addresses under the farm's primary key: ~20 ns for IPv4, ~40 for IPv6
- * here, no AES since Linux 5.10). A SYN that carries a cookie (it carries data too, so it is left to
- * the queue before its options are read) or a TFO option in any other form is the handler's: it checks
- * the cookie against both keys, holds the per-source budget (FastOpenLimit) and forwards it flagged
- * FASTOPEN, or answers it. */
+ * here, no AES since Linux 5.10). A SYN that carries a cookie gets the handler's decision: valid for the
+ * primary or the backup key, with data, small enough to encapsulate and within its source's budget
+ * (fastopen_budget, FastOpenLimit's bucket), it is encapsulated whole, flagged FASTOPEN, to the flow's
+ * backend; else it gets the cookie SYN-ACK (its data ignored, as the kernel's own SYN cookies do) and
+ * the fallback is counted by reason. */
 #define TCPOPT_FASTOPEN 34
 #define TCPOPT_EXPERIMENTAL 254
 #define TCPOPT_FASTOPEN_MAGIC 0xf989
@@ -173,21 +174,26 @@ static __always_inline int count_xdp(const struct segment *seg, __u32 outcome, i
 #define FASTOPEN_COOKIE_BYTES 8
 #define FASTOPEN_OPTION_BYTES 12 /* either form, padded to a multiple of 4 as Linux writes it */
 
-/* What a SYN's TFO options ask for (struct syn_options.fastopen); the last one read wins but QUEUE. */
+/* What a SYN's TFO options carry (struct syn_options.fastopen), as packet.parse_tcp_options reads them:
+ * the last one read wins (an odd cookie length is ignored, a length outside 4..16 cancels it). */
 enum fastopen_ask {
 	FASTOPEN_NONE,
 	FASTOPEN_REQUEST,              /* kind 34, no cookie */
 	FASTOPEN_REQUEST_EXPERIMENTAL, /* kind 254 + 0xF989, no cookie */
-	FASTOPEN_QUEUE,                /* a cookie, or a length the handler reads its own way */
+	FASTOPEN_COOKIE,               /* kind 34 with a cookie (syn_options.fastopen_cookie if 8 bytes long) */
+	FASTOPEN_COOKIE_EXPERIMENTAL,  /* kind 254 + 0xF989 with one */
 };
 
-/* The farm's TFO key the programs make cookies with (tfo.py: fastopen_keys' primary), written by the
- * loader when tfo.enabled (absent: no cookie offered, as the handler without tfo_secret); one element,
- * key 0, replaced whole. */
+/* The farm's TFO keys (tfo.py: fastopen_keys) and the per-source budget (handler.FASTOPEN_PER_SOURCE_*),
+ * written by the loader when tfo.enabled (absent: no cookie offered nor accepted, as the handler without
+ * tfo_secret); one element, key 0, replaced whole. */
 struct fastopen_key {
 	__u64 period_ns;  /* tfo.key_period_seconds */
 	__u64 key_period; /* the period number `primary` belongs to: another one now leaves the SYN to the queue */
-	__u8 primary[16];
+	__u8 primary[16]; /* makes cookies; a cookie is accepted for either key */
+	__u8 backup[16];  /* the previous period's */
+	__u64 budget_cost_ns;   /* one TFO SYN of a source: 1 s / FASTOPEN_PER_SOURCE_RATE */
+	__u64 budget_credit_ns; /* the most a source holds: FASTOPEN_PER_SOURCE_BURST such costs */
 };
 
 struct {
@@ -197,33 +203,97 @@ struct {
 	__type(value, struct fastopen_key);
 } fastopen_key SEC(".maps");
 
-/* A TFO option the walk met at `i` (kind, size already bounds-checked): what the SYN asks for. */
-static __always_inline __u8 fastopen_ask_of(const __u8 *tcp, __u32 i, __u8 kind, __u8 size, __u8 asked)
+/* Per client address (16-byte form), FastOpenLimit's token bucket as the time it runs (or ran) empty,
+ * GCRA's form of it: a TFO SYN at `now` takes a token when max(empty, now - credit) + cost <= now, and
+ * moves `empty` on by one cost. An LRU as FastOpenLimit is: a forgotten address starts again full.
+ * Shared by the CPUs: the cost is added atomically, so the long-run rate holds exactly; the refill (a
+ * plain write, for a bucket found full) and the check are not atomic with it, so two CPUs taking the
+ * same address's last token at the same instant may both pass: a burst may exceed by one per CPU. */
+#define FASTOPEN_SOURCES 16384 /* handler.FASTOPEN_SOURCES */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FASTOPEN_SOURCES);
+	__type(key, __u8[16]);
+	__type(value, __u64);
+} fastopen_budget SEC(".maps");
+
+/* A TFO option the walk met at `i` (kind, size already bounds-checked): what the SYN carries now
+ * (packet._fastopen), its cookie's length in `cookie_length`, its bytes in `cookie` when 8 long (the
+ * only length the backends' kernels make). */
+static __always_inline __u8 fastopen_ask_of(const __u8 *tcp, __u32 i, __u8 kind, __u8 size, __u8 asked,
+					    __u8 *cookie_length, __u64 *cookie)
 {
-	if (asked == FASTOPEN_QUEUE)
-		return asked;
-	if (kind == TCPOPT_FASTOPEN)
-		return size == TCPOLEN_FASTOPEN_REQUEST ? FASTOPEN_REQUEST : FASTOPEN_QUEUE;
-	if (size < TCPOLEN_EXPERIMENTAL_REQUEST || (tcp[(i + 2) & 63] << 8 | tcp[(i + 3) & 63]) != TCPOPT_FASTOPEN_MAGIC)
+	__u32 start = kind == TCPOPT_FASTOPEN ? 2 : 4, length;
+
+	if (kind != TCPOPT_FASTOPEN &&
+	    (size < TCPOLEN_EXPERIMENTAL_REQUEST || (tcp[(i + 2) & 63] << 8 | tcp[(i + 3) & 63]) != TCPOPT_FASTOPEN_MAGIC))
 		return asked; /* another experiment: ignored */
-	return size == TCPOLEN_EXPERIMENTAL_REQUEST ? FASTOPEN_REQUEST_EXPERIMENTAL : FASTOPEN_QUEUE;
+	length = size - start;
+	if (length & 1)
+		return asked;
+	if (!length)
+		return kind == TCPOPT_FASTOPEN ? FASTOPEN_REQUEST : FASTOPEN_REQUEST_EXPERIMENTAL;
+	if (length < 4 || length > 16)
+		return FASTOPEN_NONE;
+	*cookie_length = length;
+	if (length == FASTOPEN_COOKIE_BYTES) {
+#pragma unroll
+		for (__u32 k = 0; k < FASTOPEN_COOKIE_BYTES; k++)
+			((__u8 *)cookie)[k] = tcp[(i + start + k) & 63];
+	}
+	return kind == TCPOPT_FASTOPEN ? FASTOPEN_COOKIE : FASTOPEN_COOKIE_EXPERIMENTAL;
 }
 
 /* The cookie the backends' kernels make for `seg`'s client and VIP with `key`, as a little-endian CPU
  * stores it (the kernel's cpu_to_le64). Its own BPF function, hashing the segment's own addresses (the
  * IPv6 message is saddr and daddr as they lie in struct segment): inlined, or with a message copy, it
  * pushed the SYN path's stack frames past 512 bytes. */
-static __noinline __u64 fastopen_cookie(const struct segment *seg, const struct fastopen_key *key)
+static __noinline __u64 fastopen_cookie(const struct segment *seg, const __u8 key[16])
 {
 	if (seg->family == 4) { /* the 4-byte addresses, as the kernel's IPv4 cookie */
 		__u64 message;
 
 		__builtin_memcpy(&message, &seg->saddr[12], 4);
 		__builtin_memcpy((__u8 *)&message + 4, &seg->daddr[12], 4);
-		return siphash_words(&message, 1, 2, 4, key->primary);
+		return siphash_words(&message, 1, 2, 4, key);
 	}
-	return siphash_words((const __u64 *)seg->saddr, 4, 2, 4, key->primary);
+	return siphash_words((const __u64 *)seg->saddr, 4, 2, 4, key);
 }
+
+/* Takes a token of `seg`'s source's budget at monotonic time `now` (fastopen_budget): 1 if there was one. */
+static __always_inline int fastopen_budget_take(const struct segment *seg, const struct fastopen_key *key, __u64 now)
+{
+	__u64 cost = key->budget_cost_ns, credit = key->budget_credit_ns;
+	__u64 *empty = bpf_map_lookup_elem(&fastopen_budget, seg->saddr);
+
+	if (!cost || credit < cost)
+		return 0;
+	if (!empty) { /* a full bucket, less this SYN's token */
+		__u64 fresh = now - credit + cost;
+
+		if (!bpf_map_update_elem(&fastopen_budget, seg->saddr, &fresh, BPF_NOEXIST))
+			return 1;
+		if (!(empty = bpf_map_lookup_elem(&fastopen_budget, seg->saddr))) /* another CPU's, just made */
+			return 0;
+	}
+	__u64 seen = *(volatile __u64 *)empty;
+	if (seen + credit < now) { /* full: the credit past the burst is lost */
+		seen = now - credit;
+		*empty = seen;
+	}
+	if (seen + cost > now)
+		return 0;
+	__sync_fetch_and_add(empty, cost);
+	return 1;
+}
+
+/* Declared here, defined with the forwarding below: the SYN path checks a TFO SYN's data with it. */
+static __always_inline int segment_checksum_holds(void *ctx, int xdp, const struct segment *seg);
+
+/* What answer_syn and answer_syn_xdp return, in place of a verdict, for a SYN fastopen_decision accepted:
+ * handle_frame forwards it (forward_fastopen_*; called from answer_syn, the stack frames would exceed 512
+ * bytes). No TC_ACT_ or XDP_ value. */
+#define FASTOPEN_FORWARD 0x7fff
 
 /* The farm's key for a SYN that asks for a cookie at wall time `now_ns`: NULL when TFO is off, and
  * `stale` set when the key is another period's (the loader is late: the queue answers). */
@@ -287,6 +357,8 @@ struct syn_options {
 	__u8 has_timestamp;
 	__u32 tsval;
 	__u8 fastopen; /* enum fastopen_ask */
+	__u8 fastopen_cookie_length;
+	__u64 fastopen_cookie; /* when 8 bytes long: as they lie in the option */
 };
 
 /* The SYN's TCP header and the walk over its options (bpf_loop verifies one step once, where an
@@ -349,7 +421,9 @@ static long walk_option(__u32 step, void *context)
 		break;
 	case TCPOPT_FASTOPEN:
 	case TCPOPT_EXPERIMENTAL:
-		walk->options.fastopen = fastopen_ask_of(walk->tcp, i, kind, size, walk->options.fastopen);
+		walk->options.fastopen = fastopen_ask_of(walk->tcp, i, kind, size, walk->options.fastopen,
+							 &walk->options.fastopen_cookie_length,
+							 &walk->options.fastopen_cookie);
 		break;
 	}
 	walk->parsed = -1;
@@ -493,11 +567,38 @@ struct syn_ack {
 	__u8 tcp[64];
 	__u32 tcp_length;                /* 24..52 */
 	__u8 fastopen;                   /* it carries a TFO cookie */
+	__u8 fastopen_fallback;          /* enum front_counter: why the SYN's TFO cookie was not accepted; 0: none */
 };
 
 static __always_inline __u32 ip_header_length(__u8 family)
 {
 	return family == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+}
+
+/* What a SYN carrying a TFO cookie and `payload` bytes of data gets with `key` (NULL: TFO is off), as
+ * handler._fastopen_decision decides: FRONT_FASTOPEN_ACCEPTED (forward it), a fallback's counter (answer
+ * it), or FRONT_QUEUED (no forwarding configuration yet). */
+static __always_inline __u32 fastopen_decision(const struct segment *seg, const struct syn_options *options,
+					       const struct fastopen_key *key, __u32 payload)
+{
+	__u32 zero = 0;
+	const struct front_forwarding *fwd;
+
+	if (!key)
+		return FRONT_FASTOPEN_DISABLED;
+	if (options->fastopen_cookie_length != FASTOPEN_COOKIE_BYTES ||
+	    (options->fastopen_cookie != fastopen_cookie(seg, key->primary) &&
+	     options->fastopen_cookie != fastopen_cookie(seg, key->backup)))
+		return FRONT_FASTOPEN_INVALID_COOKIE;
+	if (!payload)
+		return FRONT_FASTOPEN_NO_DATA;
+	if (!(fwd = bpf_map_lookup_elem(&forwarding, &zero)))
+		return FRONT_QUEUED;
+	if (seg->ip_length + ENCAP_OVERHEAD > fwd->farm_mtu)
+		return FRONT_FASTOPEN_TOO_BIG;
+	if (!fastopen_budget_take(seg, key, bpf_ktime_get_ns()))
+		return FRONT_FASTOPEN_RATE_LIMITED;
+	return FRONT_FASTOPEN_ACCEPTED;
 }
 
 /* Everything answering a SYN takes but the rewrite: the checks, the option walk, the cookie and the
@@ -511,8 +612,8 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 	__u32 tcp_length = seg->tcp_length & 0x3c; /* doff * 4: at most 60 */
 	struct option_walk walk = {.at = sizeof(struct tcphdr), .parsed = -1};
 
-	/* Payload, IPv4 options, a length the kernel would refuse: the queue decides. */
-	if (seg->ip_length != ip_header + tcp_length || sizeof(struct ethhdr) + seg->ip_length > frame_length ||
+	/* IPv4 options, a length the kernel would refuse: the queue decides. */
+	if (seg->ip_length < ip_header + tcp_length || sizeof(struct ethhdr) + seg->ip_length > frame_length ||
 	    (seg->family == 4 && ip_header != sizeof(struct iphdr)))
 		return FRONT_QUEUED;
 	if (tcp_length < sizeof(struct tcphdr))
@@ -530,7 +631,8 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 			return FRONT_UNVERIFIED;
 	}
 	__u32 sum = pseudo_header_sum(seg->family, seg->saddr, seg->daddr, tcp_length);
-	if (fold(bpf_csum_diff(0, 0, (void *)walk.tcp, tcp_length, sum)))
+	__u32 payload = seg->ip_length - ip_header - tcp_length; /* a TFO SYN's data, or data ignored */
+	if (payload ? !segment_checksum_holds(ctx, xdp, seg) : fold(bpf_csum_diff(0, 0, (void *)walk.tcp, tcp_length, sum)))
 		return FRONT_UNVERIFIED;
 
 	if (!read_common_options(&walk)) {
@@ -539,14 +641,8 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 			return FRONT_QUEUED;
 	}
 	const struct syn_options options = walk.options;
-	if (options.fastopen == FASTOPEN_QUEUE)
-		return FRONT_QUEUED;
 
 	__u64 now_ns = bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
-	__u64 epoch = now_ns / cfg->period_ns;
-	const struct salt_slot *slot = minting_slot(epoch);
-	if (!slot)
-		return FRONT_NO_SALT;
 	const struct fastopen_key *fastopen = 0;
 	if (options.fastopen) {
 		int stale;
@@ -554,7 +650,18 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 		fastopen = fastopen_key_now(now_ns, &stale);
 		if (stale)
 			return FRONT_QUEUED;
+		if (options.fastopen >= FASTOPEN_COOKIE) {
+			__u32 decided = fastopen_decision(seg, &options, fastopen, payload);
+
+			if (decided == FRONT_FASTOPEN_ACCEPTED || decided == FRONT_QUEUED)
+				return decided;
+			answer->fastopen_fallback = decided;
+		}
 	}
+	__u64 epoch = now_ns / cfg->period_ns;
+	const struct salt_slot *slot = minting_slot(epoch);
+	if (!slot)
+		return FRONT_NO_SALT;
 
 	__u8 sack = cfg->sack && options.sack_permitted;
 	__u8 ecn = cfg->ecn && (seg->flags & (TCP_FLAG_ECE | TCP_FLAG_CWR)) == (TCP_FLAG_ECE | TCP_FLAG_CWR);
@@ -601,8 +708,9 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 		at += 4;
 	}
 	if (fastopen) { /* last, as build_tcp_options puts it */
-		write_fastopen_option(reply, at, options.fastopen == FASTOPEN_REQUEST_EXPERIMENTAL,
-				      fastopen_cookie(seg, fastopen));
+		write_fastopen_option(reply, at, options.fastopen == FASTOPEN_REQUEST_EXPERIMENTAL ||
+						 options.fastopen == FASTOPEN_COOKIE_EXPERIMENTAL,
+				      fastopen_cookie(seg, fastopen->primary));
 		at += FASTOPEN_OPTION_BYTES;
 		answer->fastopen = 1;
 	}
@@ -645,11 +753,14 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 	return FRONT_SYN_ANSWERED;
 }
 
-/* A SYN-ACK sent with a TFO cookie is counted once more, as such. */
+/* A SYN-ACK sent with a TFO cookie is counted once more, as such, and one to a SYN whose cookie was not
+ * accepted once more by why. */
 static __always_inline void count_fastopen(__u32 path, const struct segment *seg, const struct syn_ack *answer)
 {
 	if (answer->fastopen)
 		count_on(path, seg, FRONT_FASTOPEN_COOKIE_ISSUED, 0);
+	if (answer->fastopen_fallback)
+		count_on(path, seg, answer->fastopen_fallback, 0);
 }
 
 static __noinline int answer_syn(struct __sk_buff *skb, const struct segment *seg,
@@ -657,6 +768,8 @@ static __noinline int answer_syn(struct __sk_buff *skb, const struct segment *se
 {
 	struct syn_ack answer = {};
 	__u32 outcome = prepare_syn_ack(skb, 0, seg, cfg, skb->len, &answer);
+	if (outcome == FRONT_FASTOPEN_ACCEPTED)
+		return FASTOPEN_FORWARD;
 	if (outcome != FRONT_SYN_ANSWERED)
 		return count(seg, outcome, TC_ACT_OK);
 
@@ -741,6 +854,8 @@ static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *s
 	__u32 frame_length = ctx->data_end - ctx->data;
 	struct syn_ack answer = {};
 	__u32 outcome = prepare_syn_ack(ctx, 1, seg, cfg, frame_length, &answer);
+	if (outcome == FRONT_FASTOPEN_ACCEPTED)
+		return FASTOPEN_FORWARD;
 	if (outcome != FRONT_SYN_ANSWERED)
 		return count_xdp(seg, outcome, XDP_PASS);
 
@@ -1089,6 +1204,42 @@ static __noinline int forward_tc(struct __sk_buff *skb, const struct segment *se
 	return encapsulate_tc(skb, seg, &plan, outcome);
 }
 
+/* --- TCP Fast Open: a SYN fastopen_decision accepted --- */
+
+/* Encapsulated whole, data included, flagged FASTOPEN to the flow's backend (handler._forward_fastopen);
+ * no forwarding configuration, Maglev entry or route: the queue's. */
+static __always_inline __u32 plan_fastopen(void *ctx, int xdp, const struct segment *seg,
+					   struct forwarding_plan *plan)
+{
+	__u32 zero = 0;
+	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
+
+	if (!fwd)
+		return FRONT_QUEUED;
+	return plan_encapsulation(ctx, xdp, fwd, seg, ENCAP_FLAG_FASTOPEN, bpf_ktime_get_tai_ns(),
+				  FRONT_FASTOPEN_ACCEPTED, plan);
+}
+
+static __noinline int forward_fastopen_xdp(struct xdp_md *ctx, const struct segment *seg)
+{
+	struct forwarding_plan plan = {};
+	__u32 outcome = plan_fastopen(ctx, 1, seg, &plan);
+
+	if (outcome != FRONT_FASTOPEN_ACCEPTED)
+		return count_xdp(seg, outcome, XDP_PASS);
+	return encapsulate_xdp(ctx, seg, &plan, outcome);
+}
+
+static __noinline int forward_fastopen_tc(struct __sk_buff *skb, const struct segment *seg)
+{
+	struct forwarding_plan plan = {};
+	__u32 outcome = plan_fastopen(skb, 0, seg, &plan);
+
+	if (outcome != FRONT_FASTOPEN_ACCEPTED)
+		return count(seg, outcome, TC_ACT_OK);
+	return encapsulate_tc(skb, seg, &plan, outcome);
+}
+
 /* --- ICMP errors about a protected flow --- */
 
 #define NOT_OURS FRONT_COUNTER_MAX /* plan_icmp_error: not an ICMP error to a VIP, passed on uncounted */
@@ -1186,7 +1337,11 @@ static __always_inline int handle_frame(void *ctx, int xdp, const struct front_c
 	if (seg.flags & TCP_FLAG_SYN) {
 		if (seg.flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
 			return count_on(path, &seg, FRONT_QUEUED, pass); /* the handler drops it: invalid_flags */
-		return xdp ? answer_syn_xdp(ctx, &seg, cfg) : answer_syn(ctx, &seg, cfg);
+		int verdict = xdp ? answer_syn_xdp(ctx, &seg, cfg) : answer_syn(ctx, &seg, cfg);
+
+		if (verdict == FASTOPEN_FORWARD)
+			return xdp ? forward_fastopen_xdp(ctx, &seg) : forward_fastopen_tc(ctx, &seg);
+		return verdict;
 	}
 	return xdp ? forward_xdp(ctx, &seg, cfg) : forward_tc(ctx, &seg, cfg);
 }

@@ -169,7 +169,7 @@ struct {
 enum front_counter {
 	FRONT_NOT_PROTECTED, /* TCP, but not to a protected VIP and port: left to the kernel */
 	FRONT_QUEUED,        /* protected, but not what the program handles (tc: anything but a SYN; both: a
-			      * SYN with payload, IP options or malformed options, a SYN with ACK/RST/FIN;
+			      * SYN with IP options or malformed options, a SYN with ACK/RST/FIN;
 			      * XDP: IPv4 options, lengths the handler calls malformed, no forwarding
 			      * configuration or Maglev entry yet): left to the queue */
 	FRONT_UNVERIFIED,    /* a SYN or a validating ACK whose checksum does not hold here (bad, or a
@@ -196,6 +196,15 @@ enum front_counter {
 	FRONT_ICMP_NOT_PROTECTED, /* XDP: an ICMP error to a VIP about another port, or sent elsewhere than
 				   * the quoted segment's sender: dropped */
 	FRONT_FASTOPEN_COOKIE_ISSUED, /* a SYN answered (counted syn_answered too) with a TCP Fast Open cookie */
+	FRONT_FASTOPEN_ACCEPTED,      /* a SYN with a valid TCP Fast Open cookie and data, encapsulated flagged
+				       * FASTOPEN to the flow's backend */
+	/* A SYN with a TFO cookie answered (syn_answered too) with the stateless cookie SYN-ACK, by why
+	 * (handler.FASTOPEN_FALLBACKS, in that order): */
+	FRONT_FASTOPEN_DISABLED,
+	FRONT_FASTOPEN_INVALID_COOKIE,
+	FRONT_FASTOPEN_NO_DATA,
+	FRONT_FASTOPEN_RATE_LIMITED,
+	FRONT_FASTOPEN_TOO_BIG,
 	FRONT_COUNTER_MAX,
 };
 

@@ -223,7 +223,6 @@ def test_the_common_option_layouts_and_their_near_misses_are_read_as_the_handler
     ("an ACK", syn("198.18.1.2", VIP4, flags="A"), "queued"),
     ("a SYN-ACK", syn("198.18.1.2", VIP4, flags="SA"), "queued"),
     ("a SYN with RST", syn("198.18.1.2", VIP4, flags="SR"), "queued"),
-    ("a SYN with data", syn("198.18.1.2", VIP4, payload=b"hello"), "queued"),
     ("a SYN with IP options", raw(Ether(dst=HOST_MAC) / IP(src="198.18.1.2", dst=VIP4, options=b"\x01\x01\x01\x00")
                                   / TCP(dport=PORT, flags="S")), "queued"),
     ("a SYN with a bad TCP checksum", raw(Ether(dst=HOST_MAC) / IP(src="198.18.1.2", dst=VIP4)

@@ -308,11 +308,13 @@ def test_workers_counts_add_up_across_reports_and_a_restart():
 
 
 class KernelCookies:
-    """Stands in for the loaded programs' counters: the TFO cookies each issued."""
+    """Stands in for the loaded programs' counters: the TFO cookies each issued, the TFO SYNs each
+    accepted, and their fallbacks."""
 
     def counts(self, path: str) -> dict:
         return {("syn_answered", 4): 9, ("fastopen_cookie_issued", 4): 2 if path == "tc" else 5,
-                ("fastopen_cookie_issued", 6): 1}
+                ("fastopen_cookie_issued", 6): 1, ("fastopen_accepted", 4): 10 if path == "tc" else 20,
+                ("fastopen_accepted", 6): 7, ("fastopen_rate_limited", 6): 3, ("fastopen_too_big", 4): 0}
 
     def vip_port_counts(self) -> dict:
         return {}
@@ -320,7 +322,8 @@ class KernelCookies:
 
 def test_tcp_fast_open_is_exported_from_the_workers_and_the_programs():
     """Cookies issued by the handler (requests and fallbacks, not `disabled`) and by both programs;
-    accepted; fallbacks by reason, every reason present from the start."""
+    accepted and fallbacks by reason (every reason present from the start), the handler's and both
+    programs'."""
     metrics = service.FrontMetrics(queue_num=4, workers=2)
     first, second = service.PacketCounts(), service.PacketCounts()
     first.fastopen.update({"requested": 3, "accepted": 4, "invalid_cookie": 1, "disabled": 6})
@@ -331,7 +334,7 @@ def test_tcp_fast_open_is_exported_from_the_workers_and_the_programs():
     found = {(s.name, tuple(sorted(s.labels.items()))): s.value
              for family in metrics.registry.collect() for s in family.samples}
     assert found[("synproxy_front_fastopen_cookies_issued_total", ())] == 3 + 1 + 2 + (2 + 1) + (5 + 1)
-    assert found[("synproxy_front_fastopen_accepted_total", ())] == 5
+    assert found[("synproxy_front_fastopen_accepted_total", ())] == 5 + (10 + 7) + (20 + 7)
     fallbacks = {dict(labels)["reason"]: value for (name, labels), value in found.items()
                  if name == "synproxy_front_fastopen_fallbacks_total"}
-    assert fallbacks == {"disabled": 6, "invalid_cookie": 1, "no_data": 0, "rate_limited": 2, "too_big": 0}
+    assert fallbacks == {"disabled": 6, "invalid_cookie": 1, "no_data": 0, "rate_limited": 2 + 3 + 3, "too_big": 0}

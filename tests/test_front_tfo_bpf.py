@@ -1,32 +1,45 @@
 """The front programs' TCP Fast Open part under BPF_PROG_TEST_RUN, against the handler (as
 tests/test_front_xdp.py, whose namespace and helpers it uses): a SYN asking for a TFO cookie gets the
 handler's SYN-ACK byte for byte, cookie included, from the XDP and the tc program, for every TFO vector
-and in both option forms; every SYN that carries a cookie, or a TFO option in another form, is left to
-the queue, where the handler checks the cookie, holds the per-source budget and forwards it."""
+and in both option forms; a SYN that carries a cookie gets the handler's decision: forwarded FASTOPEN
+byte for byte (valid for the primary or the backup key, with data, within its source's budget), or the
+handler's SYN-ACK, its fallback counted by reason."""
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
 import json
+import struct
+import time
 
 import pytest
 
-from synproxy.front.handler import Action, handle
+from synproxy.bpf.loading import mapped, sized_map
+from synproxy.encap import FLAG_FASTOPEN as ENCAP_FLAG_FASTOPEN
+from synproxy.front.handler import (
+    FASTOPEN_COOKIE_ISSUED,
+    FASTOPEN_PER_SOURCE_BURST,
+    FASTOPEN_PER_SOURCE_RATE,
+    Action,
+    FastOpenLimit,
+    handle,
+)
 from synproxy.packet import build_fastopen_option, parse_tcp, parse_tcp_options
 from synproxy.salt import SaltSchedule
 from synproxy.tfo import derive_tfo_key, fastopen_cookie
 from tests import test_front_xdp
 from tests.lab_fixtures import needs_root
 from tests.test_front_fastpath import PERIOD, PORT, set_clock, syn, without_clock
-from tests.test_front_xdp import PASS, REDIRECT, make_policy, run
+from tests.test_front_xdp import PASS, REDIRECT, assert_encapsulated, make_policy, run
 from tests.test_tfo import TFO_VECTORS_FILE
 
 pytestmark = needs_root
 TFO_VECTORS = json.loads(TFO_VECTORS_FILE.read_text())
 DAY = TFO_VECTORS["key_period_seconds"]
 LINUX_OPTIONS = (("MSS", 1460), ("SAckOK", b""), ("Timestamp", (777, 0)), ("NOP", None), ("WScale", 7))
-hook, namespace = test_front_xdp.hook, test_front_xdp.namespace  # its fixtures: the same two programs, one namespace
+# its fixtures: the same two programs, one namespace
+hook, namespace, link_mac = test_front_xdp.hook, test_front_xdp.namespace, test_front_xdp.link_mac
 REQUEST = {False: (34, b""), True: (254, b"\xf9\x89")}  # scapy's (kind, data) of a cookie request
 
 
@@ -90,32 +103,105 @@ def test_requests_in_other_layouts_are_answered_as_the_handler_does(hook, monkey
     assert without_clock(out[14:]) == without_clock(handle(frame[14:], now, schedule, policy).packet)
 
 
-def valid_cookie(family: int, now: float) -> bytes:
-    client, vip = ("198.18.1.2", "198.19.0.10") if family == 4 else ("2001:db8:1::2", "2001:db8:ffff::10")
-    key = derive_tfo_key(bytes.fromhex(TFO_VECTORS["secret"]), int(now // DAY))
+CLIENTS = {4: ("198.18.1.2", "198.19.0.10"), 6: ("2001:db8:1::2", "2001:db8:ffff::10")}
+DATA = b"GET / HTTP/1.0\r\n\r\n"
+
+
+def cookie_of(family: int, key_period: int) -> bytes:
+    client, vip = CLIENTS[family]
+    key = derive_tfo_key(bytes.fromhex(TFO_VECTORS["secret"]), key_period)
     return fastopen_cookie(key, ipaddress.ip_address(client).packed, ipaddress.ip_address(vip).packed)
 
 
-@pytest.mark.parametrize("case", ["valid with data", "valid without data", "invalid", "experimental",
-                                  "odd length", "too long"])
+def budget_map(fast_path):
+    return sized_map(fast_path.object, "fastopen_budget", 8)
+
+
+def budget_key(family: int) -> bytes:
+    return mapped(ipaddress.ip_address(CLIENTS[family][0]))
+
+
+# (TFO option, data) and what the handler says of it: its Verdict.fastopen.
+COOKIE_CASES = {
+    "valid": (lambda f, p: (34, cookie_of(f, p)), DATA, "accepted"),
+    "backup key": (lambda f, p: (34, cookie_of(f, p - 1)), DATA, "accepted"),
+    "experimental": (lambda f, p: (254, b"\xf9\x89" + cookie_of(f, p)), DATA, "accepted"),
+    "expired": (lambda f, p: (34, cookie_of(f, p - 2)), DATA, "invalid_cookie"),
+    "invalid": (lambda f, p: (34, bytes(8)), DATA, "invalid_cookie"),
+    "invalid experimental": (lambda f, p: (254, b"\xf9\x89" + bytes(8)), DATA, "invalid_cookie"),
+    "4 bytes": (lambda f, p: (34, cookie_of(f, p)[:4]), DATA, "invalid_cookie"),
+    "16 bytes": (lambda f, p: (34, cookie_of(f, p) * 2), DATA, "invalid_cookie"),
+    "without data": (lambda f, p: (34, cookie_of(f, p)), b"", "no_data"),
+    "too big": (lambda f, p: (34, cookie_of(f, p)), bytes(1452), "too_big"),
+    "rate limited": (lambda f, p: (34, cookie_of(f, p)), DATA, "rate_limited"),
+    "odd length": (lambda f, p: (34, bytes(5)), DATA, ""),    # ignored, as Linux does
+    "18 bytes": (lambda f, p: (34, bytes(18)), DATA, ""),     # cancels the option, as Linux does
+    "no TFO option": (lambda f, p: (1, b""), DATA, ""),       # a NOP: data in a plain SYN, ignored
+}
+
+
+@pytest.mark.parametrize("case", list(COOKIE_CASES))
 @pytest.mark.parametrize("family", [4, 6])
-def test_a_syn_carrying_a_cookie_or_another_tfo_form_is_left_to_the_queue(hook, monkeypatch, namespace, fast_path,
-                                                                         policy, schedule, case, family):
-    """The handler decides: forwarded FASTOPEN, or answered with a fresh cookie (or, odd or too long,
-    read as Linux reads it). The program does not check cookies."""
+def test_a_syn_carrying_a_cookie_gets_the_handlers_decision(hook, monkeypatch, namespace, link_mac, fast_path,
+                                                           policy, schedule, case, family):
+    """Forwarded FASTOPEN (data and all) as the handler encapsulates it, or answered with its SYN-ACK
+    (a fresh cookie in the form the client used), counted by why; each side's budget fresh, or both
+    exhausted."""
+    key_period = 19_800
+    now = within(key_period)
+    set_clock(monkeypatch, fast_path, policy, schedule, now)
+    make_option, data, result = COOKIE_CASES[case]
+    frame = syn(*CLIENTS[family], options=[*LINUX_OPTIONS[:3], make_option(family, key_period)], payload=data)
+    limit, budget = FastOpenLimit(), budget_map(fast_path)
+    budget.delete(budget_key(family))
+    if result == "rate_limited":
+        for _ in range(FASTOPEN_PER_SOURCE_BURST):
+            assert limit.take(ipaddress.ip_address(CLIENTS[family][0]).packed, now)
+        budget.update(budget_key(family), struct.pack("=Q", time.monotonic_ns() + 10**10))  # empty for 10 s more
+    expected = handle(frame[14:], now, schedule, policy, limit)
+    assert expected.fastopen == result
+    verdict, out, changed = run(namespace, fast_path, frame, hook=hook)
+    if result == "accepted":
+        assert changed == {("fastopen_accepted", family): 1}
+        assert_encapsulated(verdict, out, expected, link_mac, hook)
+        assert out[14 + 28 + 1] == ENCAP_FLAG_FASTOPEN and out.endswith(DATA)
+        return
+    assert expected.action is Action.REPLY and verdict == REDIRECT[hook]
+    assert without_clock(out[14:]) == without_clock(expected.packet)
+    assert changed == {("syn_answered", family): 1, **({(f"fastopen_{result}", family): 1} if result else {}),
+                       **({("fastopen_cookie_issued", family): 1} if result in FASTOPEN_COOKIE_ISSUED else {})}
+
+
+def test_a_sources_budget_is_the_handlers_burst_then_its_rate(hook, monkeypatch, namespace, fast_path, policy,
+                                                             schedule):
     now = within(19_800)
     set_clock(monkeypatch, fast_path, policy, schedule, now)
-    cookie = valid_cookie(family, now)
-    option = {"invalid": (34, bytes(8)), "experimental": (254, b"\xf9\x89" + cookie), "odd length": (34, bytes(5)),
-              "too long": (34, bytes(18))}.get(case, (34, cookie))
-    source, vip = ("198.18.1.2", "198.19.0.10") if family == 4 else ("2001:db8:1::2", "2001:db8:ffff::10")
-    frame = syn(source, vip, options=[*LINUX_OPTIONS[:3], option],
-                payload=b"GET / HTTP/1.0\r\n\r\n" if case == "valid with data" else b"")
-    assert run(namespace, fast_path, frame, hook=hook) == (PASS[hook], frame, {("queued", family): 1})
-    expected = handle(frame[14:], now, schedule, policy).fastopen
-    assert expected == {"valid with data": "rate_limited",  # without the shell's budget; with it: accepted
-                        "valid without data": "no_data", "experimental": "no_data", "odd length": "",
-                        "too long": ""}.get(case, "invalid_cookie")
+    frame = syn(*CLIENTS[4], options=[*LINUX_OPTIONS[:3], (34, cookie_of(4, 19_800))], payload=DATA)
+    budget_map(fast_path).delete(budget_key(4))
+    started = time.monotonic()
+    accepted = sum(run(namespace, fast_path, frame, hook=hook)[2].get(("fastopen_accepted", 4), 0)
+                   for _ in range(FASTOPEN_PER_SOURCE_BURST + 5))
+    refilled = int((time.monotonic() - started) * FASTOPEN_PER_SOURCE_RATE)
+    assert FASTOPEN_PER_SOURCE_BURST <= accepted <= FASTOPEN_PER_SOURCE_BURST + refilled
+    # Another source has its own budget.
+    budget_map(fast_path).delete(budget_key(6))
+    other = syn(*CLIENTS[6], options=[*LINUX_OPTIONS[:3], (34, cookie_of(6, 19_800))], payload=DATA)
+    assert run(namespace, fast_path, other, hook=hook)[2] == {("fastopen_accepted", 6): 1}
+
+
+def test_a_cookie_without_tfo_is_answered_without_one(hook, monkeypatch, namespace, fast_path, policy, schedule):
+    now = within(19_800)
+    disabled = dataclasses.replace(policy, tfo_secret=None)
+    frame = syn(*CLIENTS[6], options=[*LINUX_OPTIONS[:3], (34, cookie_of(6, 19_800))], payload=DATA)
+    try:
+        set_clock(monkeypatch, fast_path, disabled, schedule, now)
+        expected = handle(frame[14:], now, schedule, disabled, FastOpenLimit())
+        assert expected.fastopen == "disabled"
+        verdict, out, changed = run(namespace, fast_path, frame, hook=hook)
+        assert (verdict, changed) == (REDIRECT[hook], {("syn_answered", 6): 1, ("fastopen_disabled", 6): 1})
+        assert without_clock(out[14:]) == without_clock(expected.packet)
+    finally:
+        set_clock(monkeypatch, fast_path, policy, schedule, now)
 
 
 def test_without_tfo_a_request_is_answered_without_a_cookie_and_a_late_key_leaves_it_to_the_queue(

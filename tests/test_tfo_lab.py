@@ -36,7 +36,7 @@ _steered_to: list[str] = []
 
 @pytest.fixture(scope="module", params=["auto", "nfqueue"])
 def lab(request):
-    """The default data plane (XDP answers cookie requests, the queue's handler the SYNs that carry a
+    """The default data plane (the XDP program answers cookie requests and decides the SYNs that carry a
     cookie), and the NFQUEUE reference (the handler does everything)."""
     _steered_to.clear()
     with running_lab("tfo", salt_period_seconds=3.0, clock_skew_seconds=0.5, tfo_key_period_seconds=KEY_PERIOD,
@@ -85,18 +85,29 @@ def backends_tfo(lab) -> Counter:
 
 
 def fronts_tfo(lab) -> dict[str, Counter]:
-    """Per front: cookies issued, accepted, and fallbacks by reason."""
+    """Per front: cookies issued, accepted, and fallbacks by reason; and of those the BPF programs
+    decided, "accepted by programs" and "<reason> by programs"."""
     counts = {}
     for host in lab.by_role("front"):
         counts[host.name] = mine = Counter()
         for (name, labels), value in scrape(lab, host.name, host.address, FRONT_METRICS_PORT).items():
+            labels = dict(labels)
             if name == "synproxy_front_fastopen_cookies_issued_total":
                 mine["issued"] += value
             elif name == "synproxy_front_fastopen_accepted_total":
                 mine["accepted"] += value
             elif name == "synproxy_front_fastopen_fallbacks_total":
-                mine[dict(labels)["reason"]] += value
+                mine[labels["reason"]] += value
+            elif (name == "synproxy_front_kernel_packets_total" and labels["outcome"].startswith("fastopen_")
+                  and labels["outcome"] != "fastopen_cookie_issued"):
+                mine[f"{labels['outcome'].removeprefix('fastopen_')} by programs"] += value
     return counts
+
+
+def by_programs(lab, decided: dict) -> dict:
+    """The "by programs" counts of TFO SYNs ``decided`` (fronts_tfo's names): on the XDP data plane the
+    programs decide them all, the queue none; with the NFQUEUE one, the handler all."""
+    return {f"{name} by programs": value for name, value in decided.items()} if lab.data_plane == "auto" else {}
 
 
 def moved(before, after) -> dict:
@@ -121,7 +132,8 @@ def test_the_cookie_one_front_hands_out_opens_a_fast_connection_through_another(
     front_before, backend_before = fronts_tfo(lab), backends_tfo(lab)
     assert echo(lab, "client", family, b"data in the SYN", pinned_port(lab, "front1")) == b"data in the SYN"
     fast = moved(front_before, fronts_tfo(lab))
-    assert fast["front1"] == {"accepted": 1} and not fast["front0"] and not fast["front2"], fast
+    assert fast["front1"] == {"accepted": 1, **by_programs(lab, {"accepted": 1})}, fast
+    assert not fast["front0"] and not fast["front2"], fast
     backend = moved(backend_before, backends_tfo(lab))
     assert backend.get("Passive") == 1 and not backend.get("PassiveFail"), backend
 
@@ -151,8 +163,9 @@ def test_after_a_rotation_the_previous_keys_cookie_still_opens_and_two_periods_o
     wait_for_key_period(learned_in + 1)
     front_before, backend_before = fronts_tfo(lab), backends_tfo(lab)
     assert echo(lab, "client", 4, b"backup key") == b"backup key"
-    assert sum(front["accepted"] for front in fronts_tfo(lab).values()) - sum(
-        front["accepted"] for front in front_before.values()) == 1
+    fronts = moved(front_before, fronts_tfo(lab))
+    assert sum((Counter(front) for front in fronts.values()), Counter()) == {
+        "accepted": 1, **by_programs(lab, {"accepted": 1})}, fronts
     backend = moved(backend_before, backends_tfo(lab))
     assert backend.get("Passive") == 1 and backend.get("PassiveAltKey") == 1, backend
 
@@ -160,7 +173,8 @@ def test_after_a_rotation_the_previous_keys_cookie_still_opens_and_two_periods_o
     front_before, backend_before = fronts_tfo(lab), backends_tfo(lab)
     assert echo(lab, "attacker", 4, b"expired") == b"expired"
     fronts = moved(front_before, fronts_tfo(lab))
-    assert sum((Counter(front) for front in fronts.values()), Counter()) == {"invalid_cookie": 1, "issued": 1}, fronts
+    assert sum((Counter(front) for front in fronts.values()), Counter()) == {
+        "invalid_cookie": 1, "issued": 1, **by_programs(lab, {"invalid_cookie": 1})}, fronts
     assert moved(backend_before, backends_tfo(lab)).get("Passive", 0) == 0
 
 
@@ -184,6 +198,8 @@ def test_one_source_beyond_its_budget_falls_back_and_starves_no_one(lab):
     budget = FASTOPEN_PER_SOURCE_BURST + FASTOPEN_PER_SOURCE_RATE * elapsed
     assert FASTOPEN_PER_SOURCE_BURST <= front0["accepted"] <= budget + 1, (front0, elapsed)
     assert front0["rate_limited"] == FLOOD - front0["accepted"] and front0["issued"] == front0["rate_limited"], front0
+    assert front0 == {**front0, **by_programs(lab, {"accepted": front0["accepted"],
+                                                    "rate_limited": front0["rate_limited"]})}, front0
     backend = moved(backend_before, backends_tfo(lab))
     assert backend.get("Passive") == front0["accepted"] and not backend.get("ListenOverflow"), backend
 

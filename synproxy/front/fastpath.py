@@ -38,6 +38,7 @@ from synproxy.bpf.libbpf import (
 from synproxy.bpf.loading import (
     COUNTER,
     MAP_KEY,
+    NS_PER_SECOND,
     PORT_KEY,
     SALT_SLOT,
     SaltMap,
@@ -51,12 +52,18 @@ from synproxy.bpf.loading import (
     replace_entries,
     sized_map,
 )
-from synproxy.front.handler import ICMP_ERRORS_PER_SECOND, FrontPolicy
+from synproxy.front.handler import (
+    FASTOPEN_FALLBACKS,
+    FASTOPEN_PER_SOURCE_BURST,
+    FASTOPEN_PER_SOURCE_RATE,
+    ICMP_ERRORS_PER_SECOND,
+    FrontPolicy,
+)
 from synproxy.logs import log
 from synproxy.maglev import DEFAULT_TABLE_SIZE, NO_FORMER_OWNERS
 from synproxy.netlink import interface_kind
 from synproxy.salt import SaltSchedule, epoch_at
-from synproxy.tfo import derive_tfo_key
+from synproxy.tfo import fastopen_keys
 
 PROGRAM = "synproxy_front"
 XDP_PROGRAM = "synproxy_front_xdp"
@@ -64,14 +71,16 @@ TC_HANDLE = TC_PRIORITY = 0x5346  # "SF": the backend program uses "SP", so one 
 # enum front_counter in bpf/synproxy.h, in order; each counted per IP version.
 OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", "unrouted", "unsent",
             "validated", "forwarded", "forwarded_bad_mac", "forwarded_expired_epoch", "too_big", "unparsed",
-            "icmp_forwarded", "icmp_rate_limited", "icmp_not_protected", "fastopen_cookie_issued")
+            "icmp_forwarded", "icmp_rate_limited", "icmp_not_protected", "fastopen_cookie_issued",
+            "fastopen_accepted", *(f"fastopen_{reason}" for reason in FASTOPEN_FALLBACKS))
 FAMILIES = (4, 6)
 PATHS = ("tc", "xdp")  # enum front_path: which program counted
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}  # tried in this order
 _CONFIG = struct.Struct("=Qq2HBBBx")  # struct front_config
 _FORWARDING = struct.Struct("=4s2sHQ16s16s")  # struct front_forwarding
 _ICMP_LIMIT = struct.Struct("=QQ")  # struct icmp_limit: cost_ns, credit_max_ns
-_FASTOPEN_KEY = struct.Struct("=QQ16s")  # struct fastopen_key: period_ns, key_period, primary
+# struct fastopen_key: period_ns, key_period, primary, backup, budget_cost_ns, budget_credit_ns
+_FASTOPEN_KEY = struct.Struct("=QQ16s16sQQ")
 _OWNERS = struct.Struct("4s8s")  # struct maglev_owners: the current owner, then previous and earlier (IPv4)
 VIP_PORT_COUNTS = struct.Struct("=3Q")  # struct vip_port_counts, in this order:
 VIP_PORT_OUTCOMES = ("syn_answered", "validated", "forwarded")
@@ -223,16 +232,19 @@ class FastPath:
             raise FastPathError(f"updating the fast path's maps failed: {error.strerror}") from None
 
     def refresh_fastopen_key(self, policy: FrontPolicy, now: float) -> None:
-        """The TFO key the programs answer cookie requests with: this key period's primary (the
-        programs leave requests to the queue while it is another period's), none without tfo.enabled."""
+        """The TFO keys the programs answer cookie requests with and accept cookies for: this key
+        period's primary and backup (the programs leave TFO SYNs to the queue while they are another
+        period's), and the per-source budget (FastOpenLimit's); none without tfo.enabled."""
         if policy.tfo_secret is None:
             if self._fastopen_written:
                 self.fastopen_key.delete(MAP_KEY.pack(0))
                 self._fastopen_written = b""
             return
         key_period = epoch_at(now, policy.tfo_key_period)
-        value = _FASTOPEN_KEY.pack(round(policy.tfo_key_period * 1e9), key_period,
-                                   derive_tfo_key(policy.tfo_secret, key_period))
+        primary, backup = fastopen_keys(policy.tfo_secret, now, policy.tfo_key_period)
+        cost_ns = NS_PER_SECOND // FASTOPEN_PER_SOURCE_RATE
+        value = _FASTOPEN_KEY.pack(round(policy.tfo_key_period * 1e9), key_period, primary, backup, cost_ns,
+                                   cost_ns * FASTOPEN_PER_SOURCE_BURST)
         if value != self._fastopen_written:
             self.fastopen_key.update(MAP_KEY.pack(0), value)
             self._fastopen_written = value

@@ -385,21 +385,25 @@ class FrontMetrics:
         return total
 
     def fastopen_metrics(self, total: PacketCounts):
-        """TCP Fast Open (docs/metrics.md): the handler's counts, and the cookies the BPF programs issued."""
+        """TCP Fast Open (docs/metrics.md): the handler's counts and the BPF programs'."""
         issued = sum(value for result, value in total.fastopen.items() if result in FASTOPEN_COOKIE_ISSUED)
+        results = defaultdict(int, total.fastopen)  # the programs' under the handler's names
         if self.kernel_path is not None:
             for path in ("tc", "xdp") if self.xdp_modes else ("tc",):
-                issued += sum(value for (outcome, _), value in self.kernel_path.counts(path).items()
-                              if outcome == "fastopen_cookie_issued")
+                for (outcome, _), value in self.kernel_path.counts(path).items():
+                    if outcome == "fastopen_cookie_issued":
+                        issued += value
+                    elif outcome.startswith("fastopen_"):
+                        results[outcome.removeprefix("fastopen_")] += value
         yield CounterMetricFamily("synproxy_front_fastopen_cookies_issued",
                                   "SYN-ACKs that carried a TCP Fast Open cookie", value=issued)
         yield CounterMetricFamily("synproxy_front_fastopen_accepted",
                                   "SYNs with a valid TCP Fast Open cookie forwarded to their backend",
-                                  value=total.fastopen.get("accepted", 0))
+                                  value=results["accepted"])
         fallbacks = CounterMetricFamily("synproxy_front_fastopen_fallbacks", "SYNs with a TCP Fast Open cookie "
                                         "answered with the stateless cookie SYN-ACK, by reason", labels=["reason"])
         for reason in FASTOPEN_FALLBACKS:
-            fallbacks.add_metric([reason], total.fastopen.get(reason, 0))
+            fallbacks.add_metric([reason], results[reason])
         yield fallbacks
 
     def collect(self):
