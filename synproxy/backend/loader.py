@@ -390,9 +390,9 @@ def attached(interface: str, fronts: Iterable[ipaddress.IPv4Address | ipaddress.
         try:
             tc_attach(ifindex, plane.prog_fd, TC_HANDLE, TC_PRIORITY)
             try:
-                log("backend_attached", interface=interface, object=object_path.name, encap_port=encap_port,
-                    fronts=[str(front) for front in fronts])
                 with xdp_stage(plane, interface, ifindex) as plane.xdp:
+                    log("backend_attached", interface=interface, object=object_path.name, encap_port=encap_port,
+                        fronts=[str(front) for front in fronts], xdp=plane.xdp is not None)
                     yield plane
             finally:
                 tc_detach(ifindex, TC_HANDLE, TC_PRIORITY)
