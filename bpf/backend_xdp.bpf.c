@@ -91,7 +91,8 @@ static __always_inline int owned(struct xdp_md *ctx, const struct segment *seg)
 }
 
 /* The tc program's checks for an unflagged segment from a front (synproxy_backend, encap_mac_valid,
- * forwarded_by_a_front), and a connection that owns it. */
+ * forwarded_by_a_front), and a connection that owns it. The socket lookup comes before the MAC: a forged
+ * ACK (a random tuple, which meets the listener) is left to the tc program without a MAC computed twice. */
 static __always_inline int decapsulable(struct xdp_md *ctx, const struct encap_header *header, __be32 outer_saddr,
 					__be32 outer_daddr, const struct segment *seg)
 {
@@ -103,7 +104,7 @@ static __always_inline int decapsulable(struct xdp_md *ctx, const struct encap_h
 	int valid = 0;
 
 	if (!keys || (seg->flags & TCP_FLAG_SYN) || !bpf_map_lookup_elem(&protected_vips, seg->daddr) ||
-	    !bpf_map_lookup_elem(&protected_ports, &port))
+	    !bpf_map_lookup_elem(&protected_ports, &port) || !owned(ctx, seg))
 		return 0;
 	__builtin_memcpy(&mac, header->mac, 8);
 	mac = bpf_be64_to_cpu(mac);
@@ -113,7 +114,7 @@ static __always_inline int decapsulable(struct xdp_md *ctx, const struct encap_h
 		if (i < keys->nkeys && encap_mac(&message, keys->keys[i]) == mac)
 			valid = 1;
 	}
-	return valid && owned(ctx, seg);
+	return valid;
 }
 
 SEC("xdp")
