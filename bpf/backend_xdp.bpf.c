@@ -41,8 +41,9 @@ struct {
 enum backend_xdp_counter {
 	BACKEND_XDP_DECAPSULATED, /* unflagged, of a connection here: the encapsulation removed */
 	BACKEND_XDP_FLAGGED,      /* encapsulated and flagged: left to the tc program */
-	BACKEND_XDP_NOT_OWNED,    /* encapsulated, unflagged, but no connection here owns it or a check the
-				   * tc program makes fails: left to the tc program */
+	BACKEND_XDP_LEFT,         /* encapsulated, unflagged, but without payload (nothing for GRO to
+				   * coalesce), of no connection here, or failing a check the tc program
+				   * makes: left to the tc program */
 	BACKEND_XDP_COUNTER_MAX,
 };
 
@@ -90,9 +91,11 @@ static __always_inline int owned(struct xdp_md *ctx, const struct segment *seg)
 	return !listening;
 }
 
-/* The tc program's checks for an unflagged segment from a front (synproxy_backend, encap_mac_valid,
- * forwarded_by_a_front), and a connection that owns it. The socket lookup comes before the MAC: a forged
- * ACK (a random tuple, which meets the listener) is left to the tc program without a MAC computed twice. */
+/* A segment with payload, the tc program's checks for an unflagged segment from a front (synproxy_backend,
+ * encap_mac_valid, forwarded_by_a_front), and a connection that owns it. Cheapest first: a bare segment
+ * (GRO does not coalesce those) is left to the tc program at once, so an ACK flood costs this stage no
+ * socket lookup (a random tuple meets the listener: a reuseport group's selection) and no MAC; the
+ * lookup comes before the MAC, so a forged data segment is not MACed twice either. */
 static __always_inline int decapsulable(struct xdp_md *ctx, const struct encap_header *header, __be32 outer_saddr,
 					__be32 outer_daddr, const struct segment *seg)
 {
@@ -103,7 +106,8 @@ static __always_inline int decapsulable(struct xdp_md *ctx, const struct encap_h
 	__u64 mac;
 	int valid = 0;
 
-	if (!keys || (seg->flags & TCP_FLAG_SYN) || !bpf_map_lookup_elem(&protected_vips, seg->daddr) ||
+	if (seg->ip_length + sizeof(struct ethhdr) <= seg->tcp_offset + seg->tcp_length ||
+	    !keys || (seg->flags & TCP_FLAG_SYN) || !bpf_map_lookup_elem(&protected_vips, seg->daddr) ||
 	    !bpf_map_lookup_elem(&protected_ports, &port) || !owned(ctx, seg))
 		return 0;
 	__builtin_memcpy(&mac, header->mac, 8);
@@ -143,7 +147,7 @@ int synproxy_backend_xdp(struct xdp_md *ctx)
 	ipv4_mapped(front, &ip->saddr);
 	if (header->magic != ENCAP_MAGIC || header->version != ENCAP_VERSION || header->reserved ||
 	    !bpf_map_lookup_elem(&trusted_fronts, front))
-		return count(BACKEND_XDP_NOT_OWNED);
+		return count(BACKEND_XDP_LEFT);
 
 	/* Write the decapsulated frame's Ethernet header where it will start, over the last 14 bytes of the
 	 * encap header (kept here, and put back if the segment stays encapsulated), to parse the inner packet
@@ -152,14 +156,14 @@ int synproxy_backend_xdp(struct xdp_md *ctx)
 	__be32 outer_saddr = ip->saddr, outer_daddr = ip->daddr;
 	__u8 inner_version = (void *)(header + 1) + 1 <= data_end ? *(__u8 *)(header + 1) >> 4 : 0;
 	if (inner_version != 4 && inner_version != 6)
-		return count(BACKEND_XDP_NOT_OWNED);
+		return count(BACKEND_XDP_LEFT);
 	__builtin_memcpy(inner_eth->h_dest, eth->h_dest, ETH_ALEN);
 	__builtin_memcpy(inner_eth->h_source, eth->h_source, ETH_ALEN);
 	inner_eth->h_proto = bpf_htons(inner_version == 6 ? ETH_P_IPV6 : ETH_P_IP);
 	if (parse_frame(inner_eth, data_end, &seg) != PARSE_SEGMENT ||
 	    !decapsulable(ctx, &kept, outer_saddr, outer_daddr, &seg)) {
 		__builtin_memcpy(header, &kept, sizeof(kept));
-		return count(BACKEND_XDP_NOT_OWNED);
+		return count(BACKEND_XDP_LEFT);
 	}
 	/* Cannot fail (the inner frame lies inside the packet), but a failure leaves the packet as it was:
 	 * the pointers are read again after the helper. */
@@ -167,7 +171,7 @@ int synproxy_backend_xdp(struct xdp_md *ctx)
 		header = (void *)(long)ctx->data + sizeof(struct ethhdr) + ENCAP_OVERHEAD - sizeof(*header);
 		if ((void *)(header + 1) <= (void *)(long)ctx->data_end)
 			__builtin_memcpy(header, &kept, sizeof(kept));
-		return count(BACKEND_XDP_NOT_OWNED);
+		return count(BACKEND_XDP_LEFT);
 	}
 	return count(BACKEND_XDP_DECAPSULATED);
 }

@@ -68,10 +68,11 @@ def test_an_upload_through_a_front_arrives_byte_for_byte_stripped_before_gro(lab
                                            str(ECHO_PORT)], timeout=60).stdout)
     assert result == {"sent": UPLOAD_BYTES, "received": UPLOAD_BYTES, "same": True}
     moved = {name: stage_counts(lab)[name] - value for name, value in before.items()}
-    # Every data segment (at most 1460 bytes each) stripped by the stage, none by the tc program; GRO made
-    # the tc program see far fewer packets than the stage did.
+    # Every data segment (at most 1460 bytes each) stripped by the stage; the tc program decapsulated only
+    # the flagged handshake ACK and the client's bare ACKs (for the echoed bytes), and GRO made it see far
+    # fewer packets than the stage stripped.
     assert moved["xdp_decapsulated"] >= UPLOAD_BYTES // 1460
-    assert moved["decapsulated"] <= 10  # the handshake's VALIDATED ACK, flagged
+    assert moved["decapsulated"] < moved["xdp_decapsulated"] and moved["xdp_left"] >= moved["decapsulated"] - 1
     assert moved["passed"] < moved["xdp_decapsulated"] // 4
     for host in lab.by_role("backend"):
         assert "generic-receive-offload: on" in lab.run(host.name, ["ethtool", "-k", "eth0"]).stdout
