@@ -72,7 +72,7 @@ def test_an_upload_through_a_front_arrives_byte_for_byte_stripped_before_gro(lab
     # the flagged handshake ACK and the client's bare ACKs (for the echoed bytes), and GRO made it see far
     # fewer packets than the stage stripped.
     assert moved["xdp_decapsulated"] >= UPLOAD_BYTES // 1460
-    assert moved["decapsulated"] < moved["xdp_decapsulated"] and moved["xdp_left"] >= moved["decapsulated"] - 1
+    assert moved["decapsulated"] < moved["xdp_decapsulated"] // 10
     assert moved["passed"] < moved["xdp_decapsulated"] // 4
     for host in lab.by_role("backend"):
         assert "generic-receive-offload: on" in lab.run(host.name, ["ethtool", "-k", "eth0"]).stdout
