@@ -5,6 +5,7 @@ everything else reaches the tc program untouched."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 
 import pytest
@@ -13,8 +14,16 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import raw
 
 from synproxy import encap, netns
-from synproxy.backend.loader import XDP_COUNTERS, XdpStage, read_xdp_counters
-from synproxy.bpf.libbpf import prog_test_run
+from synproxy.backend.loader import XDP_COUNTERS, XdpStage, read_xdp_counters, xdp_stage
+from synproxy.bpf.libbpf import (
+    XDP_FLAGS_DRV_MODE,
+    BpfObject,
+    prog_test_run,
+    program_id,
+    xdp_attach,
+    xdp_attached_program,
+)
+from synproxy.bpf.loading import build_object, interface_index
 from tests.lab_fixtures import needs_root
 from tests.test_backend_bpf import (  # noqa: F401 (plane: the tc program's fixture, whose maps the stage reads)
     CLIENT4,
@@ -114,3 +123,48 @@ def test_everything_else_reaches_the_tc_program_untouched(stage, connection):
         for expected, packets in (({"flagged": 1}, flagged), ({"left": 1}, left), ({}, [ETHER + owned])):
             for index, packet in enumerate(packets):
                 assert xdp_run(stage, packet) == (XDP_PASS, packet, expected), (expected, index)
+
+
+def attached_in(name: str, interface: str) -> tuple[int, int] | None:
+    with netns.inside(name):
+        return xdp_attached_program(interface_index(interface))
+
+
+def test_the_stage_attaches_natively_turns_gro_on_and_replaces_a_dead_backends(plane, capsys):  # noqa: F811
+    """On a veth: attached in native mode with GRO turned on, detached on exit; a stage a killed backend
+    left (here: one attached and not detached) is removed first."""
+    name = netns.unique_name("spbg")
+    with netns.namespaces(name):
+        netns.link(name, "bga", name, "bgb")
+        with netns.inside(name):
+            left = XdpStage(plane)
+            xdp_attach(interface_index("bga"), left.prog_fd, XDP_FLAGS_DRV_MODE)
+            left_id = program_id(left.prog_fd)
+            left.close()  # the program stays, held by the interface, as a dead backend's would
+            with xdp_stage(plane, "bga", interface_index("bga")) as stage:
+                assert stage is not None
+                assert attached_in(name, "bga") == (program_id(stage.prog_fd), XDP_FLAGS_DRV_MODE) != (left_id,
+                                                                                                   XDP_FLAGS_DRV_MODE)
+                assert "generic-receive-offload: on" in netns.run(name, ["ethtool", "-k", "bga"]).stdout
+        assert attached_in(name, "bga") is None
+    events = [json.loads(line)["event"] for line in capsys.readouterr().err.splitlines()]
+    assert events == ["xdp_leftover_detached", "backend_xdp_attached", "interface_gro_enabled"]
+
+
+def test_without_native_xdp_or_with_another_program_the_tc_program_alone_decides(plane, capsys):  # noqa: F811
+    """The loopback device has no native XDP; a veth whose XDP slot another program holds keeps it: no
+    stage, logged, and nothing changed."""
+    name = netns.unique_name("spbn")
+    with netns.namespaces(name):
+        netns.link(name, "bna", name, "bnb")
+        with netns.inside(name), contextlib.closing(BpfObject(build_object("xdp_pass"))) as other:
+            other_fd = other.program_fd("xdp_pass")
+            xdp_attach(interface_index("bna"), other_fd, XDP_FLAGS_DRV_MODE)
+            for interface in ("lo", "bna"):
+                with xdp_stage(plane, interface, interface_index(interface)) as stage:
+                    assert stage is None
+            assert attached_in(name, "bna") == (program_id(other_fd), XDP_FLAGS_DRV_MODE)
+            assert attached_in(name, "lo") is None
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(event["event"], event["interface"]) for event in events] == [("backend_xdp_unavailable", "lo"),
+                                                                          ("backend_xdp_unavailable", "bna")]
