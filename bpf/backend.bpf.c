@@ -181,12 +181,15 @@ static __always_inline int ack_timestamps(struct __sk_buff *skb, const struct se
 /* Would the kernel drop the connection for a full accept queue (sk_acceptq_is_full)? It would create it
  * and drop it, silently for the client, who believes it is connected; passed instead, the ACK meets the
  * listener, whose own cookie check fails, and the listener answers it with a RST (docs/backend.md). Each
- * other CPU may hold one connection between this check and the queue (the same softirq, no lock): that
- * margin, up to half the backlog, keeps them from filling it behind this check. */
+ * CPU may hold connections between this check and the queue (no lock): NAPI's list receive (a NIC, or a
+ * veth with the XDP stage attached) hands up to RECEIVE_BATCH packets through this program before any
+ * reaches TCP, so each CPU may hold that many, this one that many less one. That margin, up to half the
+ * backlog, keeps them from filling it behind this check. */
+#define RECEIVE_BATCH 8 /* net.core.gro_normal_batch's default */
 static __always_inline int accept_queue_full(const struct sock___x *listener, const struct backend_config *cfg)
 {
 	__u32 backlog = listener->sk_ack_backlog, max_backlog = listener->sk_max_ack_backlog;
-	__u32 margin = cfg->cpus > 1 ? cfg->cpus - 1 : 0;
+	__u32 margin = cfg->cpus ? cfg->cpus * RECEIVE_BATCH - 1 : 0;
 
 	if (margin > max_backlog / 2)
 		margin = max_backlog / 2;

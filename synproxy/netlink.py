@@ -6,6 +6,7 @@ import ipaddress
 import socket
 
 from pyroute2 import IPRoute
+from pyroute2.ethtool import Ethtool
 from pyroute2.netlink.rtnl import rt_type
 
 MAIN_TABLE = 254  # RT_TABLE_MAIN
@@ -66,6 +67,21 @@ def interface_kind(name: str) -> str | None:
             return None
         info = ipr.get_links(found[0])[0].get_attr("IFLA_LINKINFO")
         return info.get_attr("IFLA_INFO_KIND") if info else None
+
+
+def enable_gro(name: str) -> bool:
+    """Turn the interface's GRO on (in this namespace); True when it was off. A veth has it off by default."""
+    tool = Ethtool()
+    try:
+        features = tool.get_features(name)
+        gro = features.features["rx-gro"]
+        if gro.enable:
+            return False
+        gro.enable = True
+        tool.set_features(name, features)
+        return True
+    finally:
+        tool.close()
 
 
 def global_ipv6_beside(address: ipaddress.IPv4Address) -> ipaddress.IPv6Address | None:

@@ -27,19 +27,27 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily
+from pyroute2.netlink.exceptions import NetlinkError
 
 from synproxy import firewall, health, instance
 from synproxy.backend.timewait import TimeWaitRecycler
 from synproxy.bpf.libbpf import (
+    XDP_FLAGS_DRV_MODE,
+    XDP_FLAGS_UPDATE_IF_NOEXIST,
     BpfError,
     BpfObject,
     Map,
     kernel_has_function,
     program_id,
     program_maps,
+    program_name,
     tc_attach,
     tc_attached_program,
     tc_detach,
+    xdp_attach,
+    xdp_attached_program,
+    xdp_detach,
+    xdp_detach_id,
 )
 from synproxy.bpf.loading import (
     COUNTER,
@@ -60,6 +68,7 @@ from synproxy.bpf.loading import (
 from synproxy.config import UNKNOWN_FLOW_RESETS_PER_SECOND, ConfigError, load_config, log_warnings
 from synproxy.encap import encap_key
 from synproxy.logs import fatal, log
+from synproxy.netlink import enable_gro
 from synproxy.salt import EPOCH_SLOTS, MAX_SECRETS, SaltSchedule, SecretRotation, epoch_at
 from synproxy.systemd import Notifier
 from synproxy.tfo import TFO_SERVER_ENABLE, fastopen_keys, sysctl_key_value
@@ -74,6 +83,11 @@ COUNTERS = ("passed", "decapsulated", "untrusted", "malformed", "cookie_bad", "n
             "created", "kfunc_failed", "syn_received", "encap_bad_mac", "encap_refused", "listen_overflow",
             "no_flow_reset", "no_flow_dropped", "chained", "chain_failed", "icmp_passed", "time_wait_recycled",
             "time_wait_refused", "time_wait_unreported", "fastopen_passed")
+# The XDP stage (bpf/backend_xdp.bpf.c): enum backend_xdp_counter, in order, and the tc program's maps it
+# reads, handed to it by fd.
+XDP_PROGRAM = "synproxy_backend_xdp"
+XDP_COUNTERS = ("decapsulated", "flagged", "left")
+XDP_SHARED_MAPS = ("config", "trusted_fronts", "encap_keys", "protected_vips", "protected_ports", "salts")
 _CONFIG = struct.Struct("=QQqHBxIQQ")     # struct backend_config
 ENCAP_KEYS = struct.Struct("<I4x16s16s")  # struct encap_keys
 
@@ -166,6 +180,7 @@ class DataPlane:
         self._reset_budget = (0, 0)  # reset_cost_ns, reset_credit_ns
         self._clock = (0, 0)         # period, skew (ns)
         self._config_written = b""
+        self.xdp: XdpStage | None = None  # attached() sets it where native XDP works
         try:
             self.prog_fd = self.object.program_fd(PROGRAM)
             self.config = self._map("config", _CONFIG.size)
@@ -241,22 +256,110 @@ def read_counters(counters: Map, kfunc_errors: Map) -> dict:
     return totals
 
 
+def read_xdp_counters(counters: Map) -> dict:
+    """The XDP stage's per-CPU counters summed, by name."""
+    return {name: counter_total(counters, index) for index, name in enumerate(XDP_COUNTERS)}
+
+
 def read_stats(interface: str) -> dict:
-    """The counters of the program attached to ``interface`` (in this network namespace)."""
-    prog_id = tc_attached_program(interface_index(interface), TC_HANDLE, TC_PRIORITY)
+    """The counters of the program attached to ``interface`` (in this network namespace), and the XDP
+    stage's under "xdp" when it is attached."""
+    ifindex = interface_index(interface)
+    prog_id = tc_attached_program(ifindex, TC_HANDLE, TC_PRIORITY)
     if not prog_id:
         raise BackendError(f"no synproxy backend program is attached to {interface}")
     maps = program_maps(prog_id)
     try:
-        return read_counters(maps["counters"], maps["kfunc_errors"])
+        totals = read_counters(maps["counters"], maps["kfunc_errors"])
     finally:
         for found in maps.values():
             os.close(found.fd)
+    xdp_id = leftover_xdp(ifindex)
+    if xdp_id:
+        maps = program_maps(xdp_id)
+        try:
+            totals["xdp"] = read_xdp_counters(maps["xdp_counters"])
+        finally:
+            for found in maps.values():
+                os.close(found.fd)
+    return totals
+
+
+def leftover_xdp(ifindex: int) -> int | None:
+    """The id of the XDP stage attached to the interface, or None; only one backend runs per namespace
+    (synproxy/instance.py), so a program of our name there is ours or a dead backend's."""
+    attached = xdp_attached_program(ifindex)
+    if attached is None or attached[1] != XDP_FLAGS_DRV_MODE or program_name(attached[0]) != XDP_PROGRAM[:15]:
+        return None
+    return attached[0]
 
 
 def detach(interface: str) -> bool:
-    """Remove the program from ``interface`` (also after a crash); False when none was attached."""
-    return tc_detach(interface_index(interface), TC_HANDLE, TC_PRIORITY)
+    """Remove the programs from ``interface`` (also after a crash); False when none was attached."""
+    ifindex = interface_index(interface)
+    xdp_id = leftover_xdp(ifindex)
+    if xdp_id:
+        xdp_detach_id(ifindex, XDP_FLAGS_DRV_MODE, xdp_id)
+    return tc_detach(ifindex, TC_HANDLE, TC_PRIORITY) or bool(xdp_id)
+
+
+class XdpStage:
+    """bpf/backend_xdp.bpf.c loaded over the tc program's maps (nothing of its own to fill but counters)."""
+
+    def __init__(self, plane: DataPlane):
+        self.object = BpfObject(build_object("backend_xdp"),
+                                {name: plane.object.map(name) for name in XDP_SHARED_MAPS})
+        try:
+            self.prog_fd = self.object.program_fd(XDP_PROGRAM)
+            self.counters = sized_map(self.object, "xdp_counters", COUNTER.size)
+        except BaseException:
+            self.object.close()
+            raise
+
+    def close(self) -> None:
+        self.object.close()
+
+
+@contextlib.contextmanager
+def xdp_stage(plane: DataPlane, interface: str, ifindex: int) -> Iterator[XdpStage | None]:
+    """The XDP stage attached in native mode to ``interface`` (a dead backend's first removed), detached on
+    exit; None where the driver has no native XDP or another XDP program holds the interface: the tc
+    program alone then does all (docs/backend.md). Generic XDP would run after GRO, too late to help."""
+    try:
+        left = leftover_xdp(ifindex)
+        if left:
+            xdp_detach_id(ifindex, XDP_FLAGS_DRV_MODE, left)
+            log("xdp_leftover_detached", interface=interface, program_id=left)
+    except BpfError as error:
+        raise BackendError(f"removing the XDP program a previous backend left on {interface} failed: "
+                           f"{error.strerror}") from None
+    try:
+        stage = XdpStage(plane)
+    except (BpfError, SetupError) as error:
+        log("backend_xdp_unavailable", interface=interface, error=str(error), note="the tc program alone decides")
+        yield None
+        return
+    try:
+        try:
+            xdp_attach(ifindex, stage.prog_fd, XDP_FLAGS_DRV_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST)
+        except BpfError as error:
+            log("backend_xdp_unavailable", interface=interface, error=error.strerror,
+                note="the tc program alone decides")
+            yield None
+            return
+        log("backend_xdp_attached", interface=interface, mode="native")
+        try:
+            if enable_gro(interface):  # what the stage is for: a veth's is off by default
+                log("interface_gro_enabled", interface=interface)
+        except (OSError, NetlinkError, KeyError) as error:
+            log("interface_gro_unchanged", interface=interface, error=str(error),
+                note="the XDP stage decapsulates, but nothing coalesces what it passes")
+        try:
+            yield stage
+        finally:
+            xdp_detach(ifindex, XDP_FLAGS_DRV_MODE, stage.prog_fd)
+    finally:
+        stage.close()
 
 
 @contextlib.contextmanager
@@ -287,9 +390,10 @@ def attached(interface: str, fronts: Iterable[ipaddress.IPv4Address | ipaddress.
         try:
             tc_attach(ifindex, plane.prog_fd, TC_HANDLE, TC_PRIORITY)
             try:
-                log("backend_attached", interface=interface, object=object_path.name, encap_port=encap_port,
-                    fronts=[str(front) for front in fronts])
-                yield plane
+                with xdp_stage(plane, interface, ifindex) as plane.xdp:
+                    log("backend_attached", interface=interface, object=object_path.name, encap_port=encap_port,
+                        fronts=[str(front) for front in fronts], xdp=plane.xdp is not None)
+                    yield plane
             finally:
                 tc_detach(ifindex, TC_HANDLE, TC_PRIORITY)
                 log("backend_detached", interface=interface)
@@ -317,6 +421,12 @@ class _CountersCollector:
         for name, value in totals["kfunc_errors"].items():
             failures.add_metric([name], value)
         yield failures
+        if self.plane.xdp is not None:
+            stage = CounterMetricFamily("synproxy_backend_xdp_packets", "Encapsulated packets the XDP stage saw, "
+                                        "by outcome", labels=["outcome"])
+            for name, value in read_xdp_counters(self.plane.xdp.counters).items():
+                stage.add_metric([name], value)
+            yield stage
 
 
 # What a reload cannot change in a running backend: the interface its program is attached to, its metrics socket.

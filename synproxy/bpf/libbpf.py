@@ -62,6 +62,7 @@ _declare("bpf_map__type", ctypes.c_int, _voidp)
 _declare("bpf_map__key_size", _u32, _voidp)
 _declare("bpf_map__value_size", _u32, _voidp)
 _declare("bpf_map__max_entries", _u32, _voidp)
+_declare("bpf_map__reuse_fd", ctypes.c_int, _voidp, ctypes.c_int)
 _declare("bpf_map_update_elem", ctypes.c_int, ctypes.c_int, _voidp, _voidp, ctypes.c_uint64)
 _declare("bpf_map_lookup_elem", ctypes.c_int, ctypes.c_int, _voidp, _voidp)
 _declare("bpf_map_delete_elem", ctypes.c_int, ctypes.c_int, _voidp)
@@ -206,11 +207,19 @@ class RingBuffer:
 class BpfObject:
     """A loaded BPF object file; closing it releases what no attachment still holds."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, shared: dict[str, Map] | None = None):
+        """``shared``: maps of another loaded object this one uses instead of its own maps of those names
+        (bpf_map__reuse_fd; libbpf refuses a map whose type, sizes or flags differ)."""
         self._obj = _lib.bpf_object__open_file(str(path).encode(), None)
         if not self._obj:
             code = ctypes.get_errno() or errno.EINVAL
             raise BpfError(code, f"cannot open BPF object {path}: {os.strerror(code)}")
+        for name, existing in (shared or {}).items():
+            found = _lib.bpf_object__find_map_by_name(self._obj, name.encode())
+            result = _lib.bpf_map__reuse_fd(found, existing.fd) if found else -errno.ENOENT
+            if result:
+                self.close()
+                _check(result if result < 0 else -errno.EINVAL, f"sharing map {name!r} with {path.name}")
         result = _lib.bpf_object__load(self._obj)
         if result:
             _lib.bpf_object__close(self._obj)

@@ -1,0 +1,170 @@
+"""The backend's XDP stage (bpf/backend_xdp.bpf.c) under BPF_PROG_TEST_RUN, loaded over the tc program's maps
+as the loader loads it: what it strips is, byte for byte, what the tc program would have delivered, and
+everything else reaches the tc program untouched."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+from scapy.packet import raw
+
+from synproxy import encap, netns
+from synproxy.backend.loader import XDP_COUNTERS, XdpStage, read_xdp_counters, xdp_stage
+from synproxy.bpf.libbpf import (
+    XDP_FLAGS_DRV_MODE,
+    BpfObject,
+    prog_test_run,
+    program_id,
+    xdp_attach,
+    xdp_attached_program,
+)
+from synproxy.bpf.loading import build_object, interface_index
+from tests.lab_fixtures import needs_root
+from tests.test_backend_bpf import (  # noqa: F401 (plane: the tc program's fixture, whose maps the stage reads)
+    CLIENT4,
+    CLIENT6,
+    ETHER,
+    TC_ACT_OK,
+    VIPS,
+    encapsulated,
+    plane,
+    run,
+)
+
+pytestmark = needs_root
+XDP_PASS = 2
+FASTOPEN = 0x08  # the next free flag (h-tfo2): any flag, known or not, leaves the packet to the tc program
+
+
+@pytest.fixture(scope="module")
+def stage(plane):  # noqa: F811
+    stage = XdpStage(plane)
+    yield stage
+    stage.close()
+
+
+@pytest.fixture(scope="module")
+def connection():
+    """A namespace of the test's own (the programs look sockets up in the caller's) holding a connection
+    to the VIP from each client address, IPv4 and IPv6; yields its name and the clients' ports."""
+    name = netns.unique_name("spbx")
+    with netns.namespaces(name), netns.inside(name), contextlib.ExitStack() as sockets:
+        netns.run(name, ["ip", "link", "set", "lo", "up"])
+        for address in (f"{VIPS[0]}/32", f"{CLIENT4}/32", f"{VIPS[1]}/128", f"{CLIENT6}/128"):
+            netns.run(name, ["ip", "address", "add", address, "dev", "lo", "nodad"])
+        ports = {}
+        for vip, client in ((VIPS[0], CLIENT4), (VIPS[1], CLIENT6)):
+            listener = sockets.enter_context(socket.create_server((vip, 80), family=socket.AF_INET6 if ":" in vip
+                                                                  else socket.AF_INET))
+            connected = sockets.enter_context(socket.create_connection((vip, 80), source_address=(client, 0)))
+            sockets.enter_context(listener.accept()[0])
+            ports[client] = connected.getsockname()[1]
+        yield name, ports
+
+
+def xdp_run(stage: XdpStage, packet: bytes) -> tuple[int, bytes, dict]:
+    before = read_xdp_counters(stage.counters)
+    verdict, out = prog_test_run(stage.prog_fd, packet)
+    after = read_xdp_counters(stage.counters)
+    return verdict, out, {name: after[name] - before[name] for name in XDP_COUNTERS if after[name] != before[name]}
+
+
+def segment(client: str, sport: int, flags: str = "A", payload: bytes = b"", dport: int = 80) -> bytes:
+    layer = IP(src=client, dst=VIPS[0]) if ":" not in client else IPv6(src=client, dst=VIPS[1])
+    return raw(layer / TCP(sport=sport, dport=dport, flags=flags, seq=7, ack=9) / payload)
+
+
+@pytest.mark.parametrize("client", [CLIENT4, CLIENT6], ids=["ipv4", "ipv6"])
+def test_a_connections_unflagged_segments_are_stripped_as_the_tc_program_strips_them(stage, plane, connection,  # noqa: F811
+                                                                                      client):
+    """The frame out is the tc program's own output for the same packet, and the tc program then passes it
+    as plain traffic, untouched: the stack receives the same bytes either way."""
+    name, ports = connection
+    with netns.inside(name):
+        for flags, payload in (("PA", bytes(range(256)) * 5), ("A", b"x"), ("FPA", b"bye"), ("RA", b"x")):
+            packet = encapsulated(segment(client, ports[client], flags, payload), flags=0)
+            tc_verdict, tc_out, tc_changed = run(plane, packet)
+            assert (tc_verdict, tc_changed) == (TC_ACT_OK, {"decapsulated": 1}), flags
+            verdict, out, changed = xdp_run(stage, packet)
+            assert (verdict, out, changed) == (XDP_PASS, tc_out, {"decapsulated": 1}), flags
+            assert run(plane, out) == (TC_ACT_OK, out, {"passed": 1}), flags
+
+
+def test_everything_else_reaches_the_tc_program_untouched(stage, connection):
+    """Flagged packets (whatever the flag, FASTOPEN too), bare segments (nothing for GRO to coalesce: an ACK
+    flood costs no lookup), segments no connection here owns (only a listener on that port, or no socket),
+    and what fails a check of the tc program's: passed unchanged, for it to decide."""
+    name, ports = connection
+    sport = ports[CLIENT4]
+    owned = segment(CLIENT4, sport, "PA", b"data")
+    flagged = [encapsulated(owned, flags=flag) for flag in (encap.FLAG_VALIDATED, encap.FLAG_ICMP,
+                                                            encap.FLAG_CHAINED, FASTOPEN)]
+    left = [
+        *(encapsulated(segment(CLIENT4, sport, flags), flags=0) for flags in ("A", "FA", "R")),  # bare
+        encapsulated(segment(CLIENT4, sport + 1, "PA", b"data"), flags=0),            # only the listener
+        encapsulated(segment(CLIENT4, sport, "PA", b"data", dport=81), flags=0),      # no socket
+        encapsulated(segment(CLIENT4, sport, "S", b"data"), flags=0),                 # a SYN: never forwarded
+        encapsulated(segment(CLIENT4, sport, "PA", b"data", dport=22), flags=0),      # not a protected port
+        encapsulated(owned, flags=0, key=bytes(16)),                                   # a MAC of another key
+        encapsulated(owned, flags=0, mac_for=("198.18.10.9", "198.18.20.2")),         # a MAC for other addresses
+        encapsulated(owned, flags=0, source="198.18.99.9"),                           # an untrusted front
+        encapsulated(owned, flags=0, magic=0x5D),
+        encapsulated(owned, flags=0, version=2),
+        encapsulated(owned, flags=0)[:-len(owned)] + b"\x50" + owned[1:],            # inner version 5
+        encapsulated(owned, flags=0)[:-len(owned) + 10],                              # inner packet cut short
+    ]
+    with netns.inside(name):
+        assert xdp_run(stage, encapsulated(owned, flags=0))[0::2] == (XDP_PASS, {"decapsulated": 1})
+        for expected, packets in (({"flagged": 1}, flagged), ({"left": 1}, left), ({}, [ETHER + owned])):
+            for index, packet in enumerate(packets):
+                assert xdp_run(stage, packet) == (XDP_PASS, packet, expected), (expected, index)
+
+
+def attached_in(name: str, interface: str) -> tuple[int, int] | None:
+    with netns.inside(name):
+        return xdp_attached_program(interface_index(interface))
+
+
+def test_the_stage_attaches_natively_turns_gro_on_and_replaces_a_dead_backends(plane, capsys):  # noqa: F811
+    """On a veth: attached in native mode with GRO turned on, detached on exit; a stage a killed backend
+    left (here: one attached and not detached) is removed first."""
+    name = netns.unique_name("spbg")
+    with netns.namespaces(name):
+        netns.link(name, "bga", name, "bgb")
+        with netns.inside(name):
+            left = XdpStage(plane)
+            xdp_attach(interface_index("bga"), left.prog_fd, XDP_FLAGS_DRV_MODE)
+            left_id = program_id(left.prog_fd)
+            left.close()  # the program stays, held by the interface, as a dead backend's would
+            with xdp_stage(plane, "bga", interface_index("bga")) as stage:
+                assert stage is not None
+                assert attached_in(name, "bga") == (program_id(stage.prog_fd), XDP_FLAGS_DRV_MODE) != (left_id,
+                                                                                                   XDP_FLAGS_DRV_MODE)
+                assert "generic-receive-offload: on" in netns.run(name, ["ethtool", "-k", "bga"]).stdout
+        assert attached_in(name, "bga") is None
+    events = [json.loads(line)["event"] for line in capsys.readouterr().err.splitlines()]
+    assert events == ["xdp_leftover_detached", "backend_xdp_attached", "interface_gro_enabled"]
+
+
+def test_without_native_xdp_or_with_another_program_the_tc_program_alone_decides(plane, capsys):  # noqa: F811
+    """The loopback device has no native XDP; a veth whose XDP slot another program holds keeps it: no
+    stage, logged, and nothing changed."""
+    name = netns.unique_name("spbn")
+    with netns.namespaces(name):
+        netns.link(name, "bna", name, "bnb")
+        with netns.inside(name), contextlib.closing(BpfObject(build_object("xdp_pass"))) as other:
+            other_fd = other.program_fd("xdp_pass")
+            xdp_attach(interface_index("bna"), other_fd, XDP_FLAGS_DRV_MODE)
+            for interface in ("lo", "bna"):
+                with xdp_stage(plane, interface, interface_index(interface)) as stage:
+                    assert stage is None
+            assert attached_in(name, "bna") == (program_id(other_fd), XDP_FLAGS_DRV_MODE)
+            assert attached_in(name, "lo") is None
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(event["event"], event["interface"]) for event in events] == [("backend_xdp_unavailable", "lo"),
+                                                                          ("backend_xdp_unavailable", "bna")]
