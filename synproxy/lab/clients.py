@@ -7,9 +7,11 @@ failures, the backends that answered, and connect-time percentiles.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import socket
 import time
+from collections.abc import Iterator
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -19,12 +21,32 @@ def percentile(values: list[float], fraction: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def any_address(target: str) -> str:
+    return "::" if ":" in target else "0.0.0.0"
+
+
+def free_port(ports: Iterator[int] | None, target: str) -> int | None:
+    """The next of `ports` no socket holds, or None to let the kernel choose. The kernel hands out its
+    ephemeral ports from the same range, so an earlier connection's TIME_WAIT may hold a steered port."""
+    if ports is None:
+        return None
+    for port in ports:
+        with socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((any_address(target), port))
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    raise
+                continue
+        return port
+    raise OSError("no free source port left")
+
+
 def connect(target: str, port: int, timeout: float, source_port: int | None) -> socket.socket:
     """A TCP connection, from a chosen source port when the router steers by port."""
-    any_address = "::" if ":" in target else "0.0.0.0"
     try:
         return socket.create_connection((target, port), timeout=timeout,
-                                        source_address=(any_address, source_port) if source_port else None)
+                                        source_address=(any_address(target), source_port) if source_port else None)
     except OSError as error:  # say which phase failed: a lost handshake is not a lost answer
         raise OSError(f"connect to port {port}: {error}") from error
 
@@ -65,17 +87,17 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=3.0)
     parser.add_argument("--source-port-from", type=int, default=0,
-                        help="bind connection i to this port + i (0: let the kernel choose)")
+                        help="bind each connection to the next free port from this one (0: let the kernel choose)")
     args = parser.parse_args()
     ports = iter(range(args.source_port_from, 65536)) if args.source_port_from else None
     connect_times, backends, errors = [], {}, []
     for i in range(args.count):
         try:
-            connected, answer = http_get(args.target, 80, args.timeout, ports and next(ports))
+            connected, answer = http_get(args.target, 80, args.timeout, free_port(ports, args.target))
             connect_times.append(connected)
             backends[answer["backend"]] = backends.get(answer["backend"], 0) + 1
             connect_times.append(echo(args.target, 7, args.timeout, f"echo {i} ".encode() * 100,
-                                      ports and next(ports)))
+                                      free_port(ports, args.target)))
         except (OSError, ValueError) as error:
             errors.append(str(error))
     print(json.dumps({
