@@ -138,6 +138,27 @@ static __always_inline __u32 pseudo_header_sum(__u8 family, const __u8 saddr[16]
 	return (sum & 0xffffffff) + (sum >> 32);
 }
 
+/* 32-bit words read from memory written as TCP header fields: clang's -O2 assumes strict aliasing, and
+ * without this it moved the fields' 16-bit stores past the word loads (no helper call orders them). */
+typedef __u32 __attribute__((__may_alias__)) header_word;
+
+/* A TCP header's sum (whole 32-bit words, at most 60 bytes, in a buffer of the program's) on top of
+ * `sum`, as bpf_csum_diff adds it up: inline, where the two helper calls cost ~50 ns a SYN. */
+static __always_inline __u32 header_sum(const __u8 *header, __u32 length, __u32 sum)
+{
+	const header_word *words = (const void *)header;
+	__u64 total = sum;
+
+#pragma unroll
+	for (__u32 i = 0; i < MAX_TCP_HEADER / 4; i++) {
+		if (i * 4 >= length)
+			break;
+		total += words[i];
+	}
+	total = (total & 0xffffffff) + (total >> 32);
+	return (total & 0xffffffff) + (total >> 32);
+}
+
 /* What the SYN's options say, as parse_tcp_options reads them (a repeated option: the last wins). */
 struct syn_options {
 	__u16 mss;
@@ -409,7 +430,7 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 			return FRONT_UNVERIFIED;
 	}
 	__u32 sum = pseudo_header_sum(seg->family, seg->saddr, seg->daddr, tcp_length);
-	if (fold(bpf_csum_diff(0, 0, (void *)walk.tcp, tcp_length, sum)))
+	if (fold(header_sum(walk.tcp, tcp_length, sum)))
 		return FRONT_UNVERIFIED;
 
 	if (!read_common_options(&walk)) {
@@ -480,7 +501,7 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 	th->ece = ecn;
 	th->window = bpf_htons(SYN_ACK_WINDOW);
 	sum = pseudo_header_sum(seg->family, seg->daddr, seg->saddr, reply_length);
-	th->check = fold(bpf_csum_diff(0, 0, (void *)reply, reply_length, sum));
+	th->check = fold(header_sum(reply, reply_length, sum));
 	answer->tcp_length = reply_length;
 
 	if (seg->family == 4) {
@@ -524,7 +545,8 @@ static __noinline int answer_syn(struct __sk_buff *skb, const struct segment *se
 		return count(seg, FRONT_UNROUTED, TC_ACT_OK); /* the kernel's own routing decides */
 
 	/* Rewrite the packet: IP header, TCP header, nothing after. */
-	if (bpf_skb_change_tail(skb, sizeof(struct ethhdr) + ip_length + reply_length, 0) ||
+	if ((skb->len != sizeof(struct ethhdr) + ip_length + reply_length &&
+	     bpf_skb_change_tail(skb, sizeof(struct ethhdr) + ip_length + reply_length, 0)) ||
 	    bpf_skb_store_bytes(skb, sizeof(struct ethhdr), answer.ip, ip_length, BPF_F_RECOMPUTE_CSUM) ||
 	    bpf_skb_store_bytes(skb, sizeof(struct ethhdr) + ip_length, answer.tcp, reply_length,
 				BPF_F_RECOMPUTE_CSUM))
@@ -564,8 +586,8 @@ static __always_inline int write_syn_ack(struct xdp_md *ctx, const struct bpf_fi
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = (void *)(long)ctx->data;
 	void *ip = eth + 1;
-	const __u32 *from = (const void *)answer->tcp;
-	__u32 *to;
+	const header_word *from = (const void *)answer->tcp;
+	header_word *to;
 
 	if (ip + sizeof(struct ipv6hdr) > data_end) /* the shortest SYN-ACK, IPv4's, is longer than 40 */
 		return 0;
@@ -605,7 +627,9 @@ static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *s
 	if (next_hop_back(ctx, 1, cfg, ctx->ingress_ifindex, seg, ip_length + reply_length, &fib) !=
 	    BPF_FIB_LKUP_RET_SUCCESS)
 		return count_xdp(seg, FRONT_UNROUTED, XDP_PASS);
-	if (bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + ip_length + reply_length) - (int)frame_length))
+	/* Linux's SYN (MSS, SACK, timestamps, window scale) is as long as its SYN-ACK: no helper call. */
+	int growth = (int)(sizeof(struct ethhdr) + ip_length + reply_length) - (int)frame_length;
+	if (growth && bpf_xdp_adjust_tail(ctx, growth))
 		return count_xdp(seg, FRONT_UNSENT, XDP_PASS); /* unchanged */
 	if (!write_syn_ack(ctx, &fib, &answer, seg->family))
 		return count_xdp(seg, FRONT_UNSENT, XDP_DROP); /* half rewritten */
