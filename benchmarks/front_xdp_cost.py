@@ -10,6 +10,7 @@ namespace of its own, with a route to the backends through a gateway whose neigh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -63,17 +64,20 @@ def packets(policy: FrontPolicy, schedule: SaltSchedule, now: float) -> dict[str
     }
 
 
-def measure(object_path, runs: int, repetitions: int, program: str = "xdp") -> dict[str, list[float]]:
-    """ns per run inside the object's XDP or tc program, by kind of packet, one figure per repetition (and
-    the floor's, for XDP)."""
-    secret = os.urandom(32)
-    schedule = SaltSchedule((secret,), period=60, skew=2)
+def policy_and_schedule() -> tuple[FrontPolicy, SaltSchedule]:
+    """A front protecting VIP:PORT with seven backends, fresh keys and secret."""
     policy = FrontPolicy(vips=frozenset({ipaddress.ip_address(VIP).packed}), ports=frozenset({PORT}),
                          farm_address=ipaddress.ip_address("10.99.0.1").packed,
                          backends=tuple(ipaddress.ip_address(f"10.98.0.{i}").packed for i in range(1, 8)),
                          encap_port=6080, encap_key=os.urandom(16), flow_key=os.urandom(16))
+    return policy, SaltSchedule((os.urandom(32),), period=60, skew=2)
+
+
+@contextlib.contextmanager
+def cost_namespace():
+    """A namespace whose routes lead to the backends through a gateway with a permanent neighbour, and
+    run-time statistics on while it lasts."""
     name = netns.unique_name("xc")
-    results: dict[str, list[float]] = {}
     with netns.namespaces(name):
         netns.link(name, "xca", name, "xcb")
         netns.add_addresses(name, "xca", "10.99.0.1/24")
@@ -81,22 +85,33 @@ def measure(object_path, runs: int, repetitions: int, program: str = "xdp") -> d
                          "permanent"])
         netns.add_route(name, "0.0.0.0/0", "10.99.0.2")
         netns.write_sysctls(name, {"net.ipv4.ip_forward": "1"})
+        stats = enable_run_time_stats()
+        try:
+            yield name
+        finally:
+            os.close(stats)
+
+
+def measure(object_path, runs: int, repetitions: int, program: str = "xdp") -> dict[str, list[float]]:
+    """ns per run inside the object's XDP or tc program, by kind of packet, one figure per repetition (and
+    the floor's, for XDP)."""
+    policy, schedule = policy_and_schedule()
+    results: dict[str, list[float]] = {}
+    with cost_namespace() as name:
         loaded, to_sender = FastPath(object_path), FastPath(object_path)
         floor = BpfObject(build_object("xdp_pass"))
-        stats = enable_run_time_stats()
         try:
             loaded.configure(policy, schedule)
             to_sender.configure(dataclasses.replace(policy, syn_reply="ingress"), schedule)
             for _ in range(repetitions):
                 if program == "xdp":
-                    results.setdefault(FLOOR, []).append(_per_run(name, floor.program_fd("xdp_pass"), ETHERNET, runs))
+                    results.setdefault(FLOOR, []).append(per_run(name, floor.program_fd("xdp_pass"), ETHERNET, runs))
                 kinds = packets(policy, schedule, time.time())
                 for kind, packet in kinds.items():
                     results.setdefault(kind, []).append(_measured(name, loaded, program, kind, packet, runs))
                 results.setdefault(SYN_TO_SENDER, []).append(
                     _measured(name, to_sender, program, SYN_TO_SENDER, kinds["syn_answered"], runs))
         finally:
-            os.close(stats)
             floor.close()
             loaded.close()
             to_sender.close()
@@ -104,7 +119,7 @@ def measure(object_path, runs: int, repetitions: int, program: str = "xdp") -> d
 
 
 def _measured(namespace: str, loaded: FastPath, program: str, kind: str, packet: bytes, runs: int) -> float:
-    """_per_run of one kind of packet, once the program has counted it as that kind."""
+    """per_run of one kind of packet, once the program has counted it as that kind."""
     prog_fd = loaded.xdp_prog_fd if program == "xdp" else loaded.prog_fd
     counted = loaded.counts(program)
     with netns.inside(namespace):
@@ -112,10 +127,10 @@ def _measured(namespace: str, loaded: FastPath, program: str, kind: str, packet:
     moved = {key[0] for key, value in loaded.counts(program).items() if value != counted[key]}
     if moved != {kind.split()[0]}:
         raise SystemExit(f"{kind}: the program counted {moved}")
-    return _per_run(namespace, prog_fd, ETHERNET + packet, runs)
+    return per_run(namespace, prog_fd, ETHERNET + packet, runs)
 
 
-def _per_run(namespace: str, prog_fd: int, frame: bytes, runs: int) -> float:
+def per_run(namespace: str, prog_fd: int, frame: bytes, runs: int) -> float:
     prog = program_id(prog_fd)
     before = _run_stats(prog)
     with netns.inside(namespace):
