@@ -366,7 +366,7 @@ static __always_inline int route_back(void *ctx, __u32 ifindex, const struct seg
 
 /* The next hop back to the client when the operator says it is the neighbour the SYN came from
  * (front.syn_reply: ingress, docs/front.md): the frame's Ethernet addresses swapped, out of the interface
- * it came in by, without the route lookup (~250 ns of a SYN's ~730, benchmarks/front_xdp_cost.py). */
+ * it came in by, without the route lookup (~210 ns of a SYN's ~660, benchmarks/front_xdp_stages.py). */
 static __always_inline int reply_to_sender(void *ctx, int xdp, __u32 ifindex, struct bpf_fib_lookup *fib)
 {
 	const struct ethhdr *eth = packet_data(ctx, xdp);
