@@ -129,7 +129,7 @@ struct front_config {
 	__u8 server_wscale;
 	__u8 sack;             /* offer SACK when the client does */
 	__u8 ecn;              /* accept ECN when the client asks for it */
-	__u8 pad;
+	__u8 syn_reply_ingress; /* front.syn_reply: ingress: a SYN-ACK goes back to the SYN's sender */
 };
 
 /* Both programs' salts, key = epoch mod 4, written by their loaders (the backend: every accepted epoch
