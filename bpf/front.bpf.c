@@ -26,6 +26,12 @@
 #define ENCAP_SOURCE_PORT_MASK 0x3fff
 #define IP_DF 0x4000
 
+/* A global function's pointer argument the caller never passes NULL (libbpf 1.1's bpf_helpers.h predates
+ * it; the kernel reads the tag since 6.8). */
+#ifndef __arg_nonnull
+#define __arg_nonnull __attribute__((btf_decl_tag("arg:nonnull")))
+#endif
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -705,18 +711,18 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 		if (walk.parsed != 1)
 			return FRONT_QUEUED;
 	}
-	const struct syn_options options = walk.options;
+	const struct syn_options *options = &walk.options; /* not copied: the stack has no 24 bytes to spare */
 
 	__u64 now_ns = bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
 	const struct fastopen_key *fastopen = 0;
-	if (options.fastopen) {
+	if (options->fastopen) {
 		int stale;
 
 		fastopen = fastopen_key_now(now_ns, &stale);
 		if (stale)
 			return FRONT_QUEUED;
-		if (options.fastopen >= FASTOPEN_COOKIE) {
-			__u32 decided = fastopen_decision(seg, &options, fastopen, payload);
+		if (options->fastopen >= FASTOPEN_COOKIE) {
+			__u32 decided = fastopen_decision(seg, options, fastopen, payload);
 
 			if (decided == FRONT_FASTOPEN_ACCEPTED || decided == FRONT_QUEUED)
 				return decided;
@@ -728,9 +734,9 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 	if (!slot)
 		return FRONT_NO_SALT;
 
-	__u8 sack = cfg->sack && options.sack_permitted;
+	__u8 sack = cfg->sack && options->sack_permitted;
 	__u8 ecn = cfg->ecn && (seg->flags & (TCP_FLAG_ECE | TCP_FLAG_CWR)) == (TCP_FLAG_ECE | TCP_FLAG_CWR);
-	__u32 data = cookie_data(seg->family, &options, sack, ecn, epoch);
+	__u32 data = cookie_data(seg->family, options, sack, ecn, epoch);
 	union cookie_message message;
 	cookie_message_of(&message, seg, seg->seq, epoch, data);
 	__u32 cookie = (__u32)(siphash24_48(message.words, slot->keys[0]) & COOKIE_MAC_MASK) << COOKIE_DATA_BITS |
@@ -747,9 +753,9 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 	reply[at + 2] = mss >> 8;
 	reply[at + 3] = mss & 0xff;
 	at += TCPOLEN_MSS;
-	if (options.has_timestamp) {
+	if (options->has_timestamp) {
 		__u32 tsval = bpf_htonl((__u32)(now_ns / 1000000));
-		__u32 tsecr = bpf_htonl(options.tsval);
+		__u32 tsecr = bpf_htonl(options->tsval);
 
 		reply[at] = sack ? TCPOPT_SACK_PERM : TCPOPT_NOP;
 		reply[at + 1] = sack ? TCPOLEN_SACK_PERM : TCPOPT_NOP;
@@ -765,7 +771,7 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 		reply[at + 3] = TCPOLEN_SACK_PERM;
 		at += 4;
 	}
-	if (options.has_wscale) {
+	if (options->has_wscale) {
 		reply[at & 63] = TCPOPT_NOP;
 		reply[(at + 1) & 63] = TCPOPT_WINDOW;
 		reply[(at + 2) & 63] = TCPOLEN_WINDOW;
@@ -773,8 +779,8 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 		at += 4;
 	}
 	if (fastopen) { /* last, as build_tcp_options puts it */
-		write_fastopen_option(reply, at, options.fastopen == FASTOPEN_REQUEST_EXPERIMENTAL ||
-						 options.fastopen == FASTOPEN_COOKIE_EXPERIMENTAL,
+		write_fastopen_option(reply, at, options->fastopen == FASTOPEN_REQUEST_EXPERIMENTAL ||
+						 options->fastopen == FASTOPEN_COOKIE_EXPERIMENTAL,
 				      fastopen_cookie(seg, fastopen->primary));
 		at += FASTOPEN_OPTION_BYTES;
 		answer->fastopen = 1;
@@ -1001,9 +1007,8 @@ static __always_inline __s64 packet_sum(void *ctx, int xdp, __u32 offset, __u32 
 	return sum;
 }
 
-/* Does the segment's TCP checksum hold, as handler's tcp_checksum_valid reads it? At tc the segment is
- * first made linear (one handshake ACK per connection pays for it). */
-static __always_inline int segment_checksum_holds(void *ctx, int xdp, const struct segment *seg)
+/* segment_checksum_holds' work, whichever hook runs. */
+static __always_inline int tcp_checksum_holds(void *ctx, int xdp, const struct segment *seg)
 {
 	__u32 length = seg->ip_length - (seg->tcp_offset - sizeof(struct ethhdr));
 
@@ -1013,6 +1018,27 @@ static __always_inline int segment_checksum_holds(void *ctx, int xdp, const stru
 			       pseudo_header_sum(seg->family, seg->saddr, seg->daddr, length));
 
 	return sum >= 0 && !fold(sum);
+}
+
+/* Global functions: the verifier checks each once, knowing only its arguments' types. Inlined into the
+ * SYN path (a TFO SYN's data), packet_sum's branches and packet ranges multiplied the states the rest of
+ * the path was checked in, past the verifier's 1M instructions once the TCP checksums were summed inline
+ * (docs/front.md, "Verifier budget"). */
+__noinline int segment_checksum_holds_xdp(struct xdp_md *ctx, const struct segment *seg __arg_nonnull)
+{
+	return tcp_checksum_holds(ctx, 1, seg);
+}
+
+__noinline int segment_checksum_holds_tc(struct __sk_buff *skb, const struct segment *seg __arg_nonnull)
+{
+	return tcp_checksum_holds(skb, 0, seg);
+}
+
+/* Does the segment's TCP checksum hold, as handler's tcp_checksum_valid reads it? At tc the segment is
+ * first made linear (one handshake ACK per connection pays for it). */
+static __always_inline int segment_checksum_holds(void *ctx, int xdp, const struct segment *seg)
+{
+	return xdp ? segment_checksum_holds_xdp(ctx, seg) : segment_checksum_holds_tc(ctx, seg);
 }
 
 /* The next hop to `backend`: this CPU's cached lookup while younger than ROUTE_CACHE_NS by `now_ns` (the
