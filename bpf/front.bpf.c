@@ -353,10 +353,6 @@ static __always_inline __u32 pseudo_header_sum(__u8 family, const __u8 saddr[16]
 	return (sum & 0xffffffff) + (sum >> 32);
 }
 
-/* 32-bit words read from memory written as TCP header fields: clang's -O2 assumes strict aliasing, and
- * without this it moved the fields' 16-bit stores past the word loads (no helper call orders them). */
-typedef __u32 __attribute__((__may_alias__)) header_word;
-
 /* A TCP header's sum (whole 32-bit words, at most 60 bytes, in a buffer of the program's) on top of
  * `sum`, as bpf_csum_diff adds it up: inline, where the two helper calls cost ~50 ns a SYN. */
 static __always_inline __u32 header_sum(const __u8 *header, __u32 length, __u32 sum)
