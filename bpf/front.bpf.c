@@ -26,12 +26,6 @@
 #define ENCAP_SOURCE_PORT_MASK 0x3fff
 #define IP_DF 0x4000
 
-/* A global function's pointer argument the caller never passes NULL (libbpf 1.1's bpf_helpers.h predates
- * it; the kernel reads the tag since 6.8). */
-#ifndef __arg_nonnull
-#define __arg_nonnull __attribute__((btf_decl_tag("arg:nonnull")))
-#endif
-
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -1016,18 +1010,19 @@ static __always_inline int tcp_checksum_holds(void *ctx, int xdp, const struct s
 	return sum >= 0 && !fold(sum);
 }
 
-/* Global functions: the verifier checks each once, knowing only its arguments' types. Inlined into the
- * SYN path (a TFO SYN's data), packet_sum's branches and packet ranges multiplied the states the rest of
- * the path was checked in, past the verifier's 1M instructions once the TCP checksums were summed inline
- * (docs/front.md, "Verifier budget"). */
-__noinline int segment_checksum_holds_xdp(struct xdp_md *ctx, const struct segment *seg __arg_nonnull)
+/* Global functions: the verifier checks each once, knowing only its arguments' types (so `seg` may be
+ * NULL to it: the kernel's arg:nonnull tag needs Linux 6.8). Inlined into the SYN path (a TFO SYN's
+ * data), packet_sum's branches and packet ranges multiplied the states the rest of the path was checked
+ * in, past the verifier's 1M instructions once the TCP checksums were summed inline (docs/front.md,
+ * "The verifier's budget"). */
+__noinline int segment_checksum_holds_xdp(struct xdp_md *ctx, const struct segment *seg)
 {
-	return tcp_checksum_holds(ctx, 1, seg);
+	return seg && tcp_checksum_holds(ctx, 1, seg);
 }
 
-__noinline int segment_checksum_holds_tc(struct __sk_buff *skb, const struct segment *seg __arg_nonnull)
+__noinline int segment_checksum_holds_tc(struct __sk_buff *skb, const struct segment *seg)
 {
-	return tcp_checksum_holds(skb, 0, seg);
+	return seg && tcp_checksum_holds(skb, 0, seg);
 }
 
 /* Does the segment's TCP checksum hold, as handler's tcp_checksum_valid reads it? At tc the segment is
