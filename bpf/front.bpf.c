@@ -701,7 +701,7 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 		if (walk.parsed != 1)
 			return FRONT_QUEUED;
 	}
-	const struct syn_options *options = &walk.options; /* not copied: the stack has no 24 bytes to spare */
+	const struct syn_options *options = &walk.options; /* not copied: the stack has no bytes to spare */
 
 	__u64 now_ns = bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
 	const struct fastopen_key *fastopen = 0;
