@@ -16,7 +16,7 @@ import os
 import statistics
 import time
 
-from benchmarks.front_xdp_cost import _per_run
+from benchmarks.front_xdp_cost import per_run
 from synproxy import netns
 from synproxy.bpf.libbpf import enable_run_time_stats, prog_test_run
 from synproxy.bpf.loading import MAP_KEY, build_object
@@ -89,7 +89,7 @@ def measure(runs: int, repetitions: int) -> dict[str, list[float]]:
                     moved = {key[0] for key, value in loaded.counts("xdp").items() if value != counted[key]}
                     if moved != COUNTED[kind.split(" ", 1)[1]]:
                         raise SystemExit(f"{kind}: the program counted {moved}")
-                    results.setdefault(kind, []).append(_per_run(name, loaded.xdp_prog_fd, frame, runs))
+                    results.setdefault(kind, []).append(per_run(name, loaded.xdp_prog_fd, frame, runs))
         finally:
             os.close(stats)
             loaded.close()

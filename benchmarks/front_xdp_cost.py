@@ -10,6 +10,8 @@ namespace of its own, with a route to the backends through a gateway whose neigh
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -30,6 +32,8 @@ ETHERNET = bytes(12) + b"\x08\x00"
 RUN_SECONDS = 5
 # What the method itself costs: bpf/xdp_pass.bpf.c, which only returns XDP_PASS, measured the same way.
 FLOOR = "floor (a program that only passes)"
+# The SYN again, with front.syn_reply: ingress (no route lookup back to the client).
+SYN_TO_SENDER = "syn_answered (syn_reply: ingress)"
 
 
 def packets(policy: FrontPolicy, schedule: SaltSchedule, now: float) -> dict[str, bytes]:
@@ -60,17 +64,20 @@ def packets(policy: FrontPolicy, schedule: SaltSchedule, now: float) -> dict[str
     }
 
 
-def measure(object_path, runs: int, repetitions: int, program: str = "xdp") -> dict[str, list[float]]:
-    """ns per run inside the object's XDP or tc program, by kind of packet, one figure per repetition (and
-    the floor's, for XDP)."""
-    secret = os.urandom(32)
-    schedule = SaltSchedule((secret,), period=60, skew=2)
+def policy_and_schedule() -> tuple[FrontPolicy, SaltSchedule]:
+    """A front protecting VIP:PORT with seven backends, fresh keys and secret."""
     policy = FrontPolicy(vips=frozenset({ipaddress.ip_address(VIP).packed}), ports=frozenset({PORT}),
                          farm_address=ipaddress.ip_address("10.99.0.1").packed,
                          backends=tuple(ipaddress.ip_address(f"10.98.0.{i}").packed for i in range(1, 8)),
                          encap_port=6080, encap_key=os.urandom(16), flow_key=os.urandom(16))
+    return policy, SaltSchedule((os.urandom(32),), period=60, skew=2)
+
+
+@contextlib.contextmanager
+def cost_namespace():
+    """A namespace whose routes lead to the backends through a gateway with a permanent neighbour, and
+    run-time statistics on while it lasts."""
     name = netns.unique_name("xc")
-    results: dict[str, list[float]] = {}
     with netns.namespaces(name):
         netns.link(name, "xca", name, "xcb")
         netns.add_addresses(name, "xca", "10.99.0.1/24")
@@ -78,31 +85,52 @@ def measure(object_path, runs: int, repetitions: int, program: str = "xdp") -> d
                          "permanent"])
         netns.add_route(name, "0.0.0.0/0", "10.99.0.2")
         netns.write_sysctls(name, {"net.ipv4.ip_forward": "1"})
-        loaded = FastPath(object_path)
-        floor = BpfObject(build_object("xdp_pass"))
         stats = enable_run_time_stats()
         try:
-            loaded.configure(policy, schedule)
-            prog_fd = loaded.xdp_prog_fd if program == "xdp" else loaded.prog_fd
-            for _ in range(repetitions):
-                if program == "xdp":
-                    results.setdefault(FLOOR, []).append(_per_run(name, floor.program_fd("xdp_pass"), ETHERNET, runs))
-                for kind, packet in packets(policy, schedule, time.time()).items():
-                    counted = loaded.counts(program)
-                    with netns.inside(name):
-                        prog_test_run(prog_fd, ETHERNET + packet)
-                    moved = {key[0] for key, value in loaded.counts(program).items() if value != counted[key]}
-                    if moved != {kind.split()[0]}:
-                        raise SystemExit(f"{kind}: the program counted {moved}")
-                    results.setdefault(kind, []).append(_per_run(name, prog_fd, ETHERNET + packet, runs))
+            yield name
         finally:
             os.close(stats)
+
+
+def measure(object_path, runs: int, repetitions: int, program: str = "xdp") -> dict[str, list[float]]:
+    """ns per run inside the object's XDP or tc program, by kind of packet, one figure per repetition (and
+    the floor's, for XDP)."""
+    policy, schedule = policy_and_schedule()
+    results: dict[str, list[float]] = {}
+    with cost_namespace() as name:
+        loaded, to_sender = FastPath(object_path), FastPath(object_path)
+        floor = BpfObject(build_object("xdp_pass"))
+        try:
+            loaded.configure(policy, schedule)
+            to_sender.configure(dataclasses.replace(policy, syn_reply="ingress"), schedule)
+            for _ in range(repetitions):
+                if program == "xdp":
+                    results.setdefault(FLOOR, []).append(per_run(name, floor.program_fd("xdp_pass"), ETHERNET, runs))
+                kinds = packets(policy, schedule, time.time())
+                for kind, packet in kinds.items():
+                    results.setdefault(kind, []).append(_measured(name, loaded, program, kind, packet, runs))
+                results.setdefault(SYN_TO_SENDER, []).append(
+                    _measured(name, to_sender, program, SYN_TO_SENDER, kinds["syn_answered"], runs))
+        finally:
             floor.close()
             loaded.close()
+            to_sender.close()
     return results
 
 
-def _per_run(namespace: str, prog_fd: int, frame: bytes, runs: int) -> float:
+def _measured(namespace: str, loaded: FastPath, program: str, kind: str, packet: bytes, runs: int) -> float:
+    """per_run of one kind of packet, once the program has counted it as that kind."""
+    prog_fd = loaded.xdp_prog_fd if program == "xdp" else loaded.prog_fd
+    counted = loaded.counts(program)
+    with netns.inside(namespace):
+        prog_test_run(prog_fd, ETHERNET + packet)
+    moved = {key[0] for key, value in loaded.counts(program).items() if value != counted[key]}
+    if moved != {kind.split()[0]}:
+        raise SystemExit(f"{kind}: the program counted {moved}")
+    return per_run(namespace, prog_fd, ETHERNET + packet, runs)
+
+
+def per_run(namespace: str, prog_fd: int, frame: bytes, runs: int) -> float:
     prog = program_id(prog_fd)
     before = _run_stats(prog)
     with netns.inside(namespace):

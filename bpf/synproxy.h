@@ -129,7 +129,7 @@ struct front_config {
 	__u8 server_wscale;
 	__u8 sack;             /* offer SACK when the client does */
 	__u8 ecn;              /* accept ECN when the client asks for it */
-	__u8 pad;
+	__u8 syn_reply_ingress; /* front.syn_reply: ingress: a SYN-ACK goes back to the SYN's sender */
 };
 
 /* Both programs' salts, key = epoch mod 4, written by their loaders (the backend: every accepted epoch
@@ -374,12 +374,17 @@ static __always_inline __u16 fold(__u64 sum)
 	return ~sum & 0xffff;
 }
 
+/* 32-bit words read from memory written as header fields (struct iphdr's, a TCP header's): clang's -O2
+ * assumes strict aliasing, and without this it moved the fields' 16-bit stores past the word loads (no
+ * helper call orders them). */
+typedef __u32 __attribute__((__may_alias__)) header_word;
+
 /* An IPv4 header's (20 bytes, no options) one's-complement sum, folded: 0 when its checksum holds, the
  * checksum to write when the field is 0. Five loads where bpf_csum_diff is a helper call: ~20 ns less
  * per forwarded packet (benchmarks/front_xdp_cost.py). */
 static __always_inline __u16 ipv4_header_fold(const struct iphdr *ip)
 {
-	const __u32 *words = (const void *)ip;
+	const header_word *words = (const void *)ip;
 
 	return fold((__u64)words[0] + words[1] + words[2] + words[3] + words[4]);
 }

@@ -37,6 +37,9 @@ UNKNOWN_FLOW_RESETS_PER_SECOND = 1000
 MAX_UNKNOWN_FLOW_RESETS_PER_SECOND = 1_000_000
 # front.data_plane: where the front handles packets (docs/front.md); front.xdp_mode: how XDP attaches.
 DATA_PLANES = ("auto", "xdp", "tc", "nfqueue")
+# front.syn_reply: how the kernel data plane sends a SYN-ACK: by the route lookup, or back to the
+# neighbour and interface the SYN came from (docs/front.md, "The SYN-ACK's way back").
+SYN_REPLIES = ("route", "ingress")
 # How long a front chains a moved flow's packets to the backend that owned it before a change (Beamer's
 # previous table, docs/backend.md): longer than the connections that must survive a change. An hour
 # covers ordinary ones; the cost of a long window is a second hop for a moved flow's packets that its
@@ -74,6 +77,7 @@ class FrontConfig:
     data_plane: str                 # auto, xdp, tc or nfqueue (docs/front.md)
     interfaces: tuple[str, ...]     # where the kernel data plane attaches; () = the default routes' interfaces
     xdp_mode: str                   # auto, native or generic
+    syn_reply: str                  # route (the route lookup) or ingress (back to the SYN's sender)
     previous_table_seconds: float   # how long a moved flow is chained to its previous backend
     workers: int = 1                # queue-reading processes, on queues queue_num .. queue_num + workers - 1
     bgp: BgpConfig | None = None
@@ -298,6 +302,7 @@ FRONT_SCHEMA = {
     "data_plane": _Field(_choice(*DATA_PLANES), "auto"),
     "interfaces": _Field(_text, (), many=True),
     "xdp_mode": _Field(_choice(*XDP_MODES), "auto"),
+    "syn_reply": _Field(_choice(*SYN_REPLIES), "route"),
     "workers": _Field(_workers, 1),
     "bgp": _Field({
         "local_as": _Field(_integer(1, 4294967294)),

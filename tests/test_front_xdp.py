@@ -452,6 +452,32 @@ def test_a_syn_with_no_route_back_goes_to_the_queue(monkeypatch, namespace, fast
     assert run(namespace, fast_path, frame) == (XDP_PASS, frame, {("unrouted", 4): 1})
 
 
+def test_syn_reply_ingress_answers_the_sender_without_a_route_lookup(hook, monkeypatch, namespace, cookie_vectors,
+                                                                    schedule):
+    """front.syn_reply: ingress: the SYN-ACK goes back out of the interface the SYN came in by, to the
+    neighbour that sent it (the Ethernet addresses swapped), even for a source no route leads back to;
+    its IP packet is still the handler's."""
+    replying = dataclasses.replace(make_policy(cookie_vectors["vectors"]), syn_reply="ingress")
+    sender = bytes.fromhex("02c0ffee0001")
+    vector6 = next(v for v in usable(cookie_vectors["vectors"]) if v["family"] == 6)
+    loaded = FastPath(build_object("front"))
+    try:
+        loaded.configure(replying, schedule)
+        for now, frame in ((1000 * PERIOD + 30, syn("203.0.113.7", VIP4)),
+                           (vector6["epoch"] * PERIOD + PERIOD / 2, vector_syn(vector6, True))):
+            set_clock(monkeypatch, loaded, replying, schedule, now)
+            frame = frame[:6] + sender + frame[12:]
+            family = 4 if frame[12:14] == b"\x08\x00" else 6
+            verdict, out, changed = run(namespace, loaded, frame, hook=hook)
+            assert (verdict, changed) == ({"xdp": XDP_TX, "tc": TC_ACT_REDIRECT}[hook], {("syn_answered", family): 1})
+            assert out[:12] == sender + frame[:6]
+            expected = handle(frame[14:], now, schedule, replying)
+            assert expected.action is Action.REPLY
+            assert without_clock(out[14:]) == without_clock(expected.packet)
+    finally:
+        loaded.close()
+
+
 def test_attached_natively_or_generically_never_over_another_program_and_detached_on_close(
         namespace, policy, schedule):
     loaded, other = FastPath(build_object("front")), BpfObject(build_object("xdp_pass"))

@@ -107,6 +107,7 @@ class FrontPolicy:
     sack: bool = True
     ecn: bool = True
     farm_mtu: int = 1500
+    syn_reply: str = "route"  # front.syn_reply: where the kernel data plane sends a SYN-ACK (docs/front.md)
     weights: tuple[int, ...] = ()          # per backend; () = all 1
     draining: tuple[tuple[bytes, int], ...] = ()  # (address, weight): chained to, never new connections
     down: frozenset[bytes] = frozenset()    # never chained to: their connections reset
