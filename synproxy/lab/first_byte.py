@@ -23,6 +23,7 @@ DOCUMENT = "/1k"  # nginx's static 1 KiB body (synproxy/lab/nginx.py)
 @dataclass(frozen=True)
 class Request:
     trace: list[tuple[str, int, int]]  # (direction, TCP flags, payload bytes) per segment, in order
+    connect_seconds: float             # connect() alone: a handshake's round trip, or nothing with TFO
     first_byte_seconds: float          # from connect() to the first byte of the answer
 
 
@@ -44,6 +45,7 @@ def traced_request(lab: Lab, fastopen: bool, port: int) -> Request:
         sock.bind(("0.0.0.0", port))
         started = time.perf_counter()
         sock.connect((VIP, HTTP_PORT))
+        connect_seconds = time.perf_counter() - started
         sock.sendall(f"GET {DOCUMENT} HTTP/1.0\r\n\r\n".encode())
         first = sock.recv(65536)
         first_byte_seconds = time.perf_counter() - started
@@ -59,7 +61,7 @@ def traced_request(lab: Lab, fastopen: bool, port: int) -> Request:
                 if port not in (segment.sport, segment.dport):
                     continue
                 trace.append(("out" if segment.saddr == client else "in", segment.flags, segment.payload_length))
-    return Request(trace, first_byte_seconds)
+    return Request(trace, connect_seconds, first_byte_seconds)
 
 
 def round_trips_to_first_byte(trace: list[tuple[str, int, int]]) -> int:
