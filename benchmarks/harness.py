@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pyroute2 import NetNS
 
-from benchmarks import connection_rate
+from benchmarks import connection_rate, fastopen
 from benchmarks import contenders as contenders_module
 from benchmarks.contenders import BACKEND, FRONT, PORT, QUEUE, Contender
 from benchmarks.generator import FLOODS, PACER_TABLE, GeneratorError, pacer, trafgen_argv, trafgen_config
@@ -48,6 +48,7 @@ from benchmarks.options import FLOOD_RATES, FULL_RATES, QUICK_FLOOD_RATES, QUICK
 from synproxy.front.service import queue_stats
 from synproxy.lab.topology import SPOOFED_SOURCES, VIP, Lab, LabError, default_hosts
 from synproxy.netns import unique_name
+from synproxy.tfo import DEFAULT_KEY_PERIOD_SECONDS
 
 COUNTERS_TABLE = "synproxy_bench"
 PROBE_INTERVAL = 0.02            # one real HTTP request every 20 ms, in the idle and the flood steps
@@ -374,11 +375,14 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
     # The lab as users run it (front.data_plane auto): clients send complete checksums, as from a wire,
     # and the router's side of front0 runs an XDP program (synproxy.lab.topology), for every contender.
     # Static routes: the contenders take the one front's place in turn, and its baseline is no front at all.
-    lab = Lab(name=unique_name("bench"), hosts=default_hosts(fronts=1, backends=1), routing="static")
+    # TFO (tfo.enabled: the fronts' keys, the backend's) only for the scenario that measures it.
+    lab = Lab(name=unique_name("bench"), hosts=default_hosts(fronts=1, backends=1), routing="static",
+              tfo_key_period_seconds=DEFAULT_KEY_PERIOD_SECONDS if "tfo" in scenarios else None)
     steps: list[dict] = []
     uploads: list[dict] = []
     running: dict[str, list[dict]] = {}
     connections: list[dict] = []
+    fastopen_requests: list[dict] = []
     started = time.time()
     stats_fd = enable_bpf_stats()
     contenders = [contender_class() for contender_class in chosen]
@@ -419,6 +423,10 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
             if "connections" in scenarios:  # its own two routes (benchmarks/connection_rate.py)
                 connections += connection_rate.measure(bench, repetition, idle_seconds, quick)
                 print(f"bench:   connections: {json.dumps(connections[-1])}", file=sys.stderr, flush=True)
+            if "tfo" in scenarios:  # the default front alone (benchmarks/fastopen.py)
+                fastopen_requests += fastopen.measure(bench, repetition, quick)
+                print(f"bench:   tfo: {json.dumps(fastopen.summarise(fastopen_requests)['rows'])}", file=sys.stderr,
+                      flush=True)
     finally:
         os.close(stats_fd)
         if bench is not None:
@@ -433,7 +441,7 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
         "rates": {scenario: list(rates[scenario]) for scenario in scenarios if scenario in rates},
         "upload_bytes": upload_bytes,
         "contenders": {c.name: c.description for c in chosen}, "running": running, "steps": steps,
-        "uploads": uploads, "connections": connections,
+        "uploads": uploads, "connections": connections, "fastopen": fastopen_requests,
     }
 
 
@@ -505,5 +513,6 @@ def main(args: argparse.Namespace) -> int:
         return 1
     write_report(results, args.output)
     connection_rate.append_report(results, args.output)
+    fastopen.append_report(results, args.output)
     print(f"synproxy bench: results in {args.output}/results.md ({results['machine']['minutes']} minutes)")
     return 0

@@ -15,7 +15,7 @@ FULL_RATES = (40_000, FLAT_OUT)
 FLOOD_RATES = (FLAT_OUT,)  # the ACK and mixed floods: the targets are at the generator's maximum
 QUICK_RATES = (40_000, FLAT_OUT)
 QUICK_FLOOD_RATES = (FLAT_OUT,)
-SCENARIOS = ("syn", "ack", "mixed", "upload", "connections")  # connections: benchmarks/connection_rate.py
+SCENARIOS = ("syn", "ack", "mixed", "upload", "connections", "tfo")  # benchmarks/connection_rate.py, fastopen.py
 
 
 def rate_list(text: str) -> tuple[int, ...]:

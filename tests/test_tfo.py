@@ -27,6 +27,7 @@ from synproxy.front.handler import (
     FrontPolicy,
     handle,
 )
+from synproxy.lab.first_byte import ETH_P_ALL, TCP_FASTOPEN_CONNECT
 from synproxy.maglev import flow_hash
 from synproxy.packet import (
     ACK,
@@ -47,8 +48,6 @@ from tests.vectors import generate
 
 TFO_VECTORS_FILE = Path(generate.__file__).with_name("tfo.json")
 
-TCP_FASTOPEN_CONNECT = 30  # linux/tcp.h; Python's socket module lacks it
-ETH_P_ALL = 0x0003
 SERVER_PORT = 8080
 ADDRESSES = generate.TUPLES  # family: (client, server), as in the vectors, so the kernel can check them
 PREFIX = {4: 15, 6: 32}      # one on-link network holds both

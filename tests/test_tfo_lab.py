@@ -1,13 +1,14 @@
 """TCP Fast Open through the lab with real Linux clients (docs/front.md, "TCP Fast Open"): a first
 connection learns the farm's cookie from a front, the next one's data reaches the backend's application
 in the SYN, through another front too; after a key rotation the previous key's cookie still opens, two
-periods on it falls back; and one source's flood of TFO SYNs beyond its budget falls back, counted,
-without overflowing a backend's TFO queue or costing another client its TFO."""
+periods on it falls back; one source's flood of TFO SYNs beyond its budget falls back, counted,
+without overflowing a backend's TFO queue or costing another client its TFO; and TFO SYNs within every
+budget but beyond a backend's TFO queue are refused by its kernel and complete by the normal handshake,
+costing another client nothing."""
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import itertools
 import math
 import socket
@@ -18,10 +19,10 @@ import pytest
 
 from synproxy import netns
 from synproxy.front.handler import FASTOPEN_PER_SOURCE_BURST, FASTOPEN_PER_SOURCE_RATE
+from synproxy.lab.first_byte import TCP_FASTOPEN_CONNECT, round_trips_to_first_byte, traced_request
 from synproxy.lab.topology import ECHO_PORT, FRONT_METRICS_PORT, VIP, VIP6, scrape
-from synproxy.packet import parse_tcp
 from tests.lab_fixtures import needs_root, running_lab
-from tests.test_tfo import ETH_P_ALL, TCP_FASTOPEN_CONNECT, netstat
+from tests.test_tfo import netstat
 
 pytestmark = [pytest.mark.netns, needs_root]
 KEY_PERIOD = 60.0  # the shortest tfo.key_period_seconds: a rotation within the test's patience
@@ -55,23 +56,36 @@ def pinned_port(lab, front: str) -> int:
     return port
 
 
-def echo(lab, host: str, family: int, data: bytes, port: int = 0) -> bytes:
-    """One connection from ``host`` by TCP_FASTOPEN_CONNECT to the VIP's echo server: with a cached
-    cookie the data rides in the SYN, else the SYN asks for one; what came back."""
+def sent(lab, host: str, family: int, data: bytes, port: int = 0, address: str = "",
+         fastopen: bool = True) -> socket.socket:
+    """A connection from ``host`` (from ``address`` and ``port`` if given) to the VIP's echo server, by
+    TCP_FASTOPEN_CONNECT (with a cached cookie the data rides in the SYN, else the SYN asks for one) or
+    a plain connect, ``data`` sent."""
     with netns.inside(lab.ns(host)):
         sock = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_STREAM)
-    with sock:
-        sock.settimeout(TIMEOUT)
+    sock.settimeout(TIMEOUT)
+    if fastopen:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if port:
-            sock.bind(("0.0.0.0" if family == 4 else "::", port))
-        sock.connect((VIPS[family], ECHO_PORT))
-        sock.sendall(data)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if port or address:
+        sock.bind((address or ("0.0.0.0" if family == 4 else "::"), port))
+    sock.connect((VIPS[family], ECHO_PORT))
+    sock.sendall(data)
+    return sock
+
+
+def echoed(sock: socket.socket, length: int) -> bytes:
+    """What came back on ``sock``, up to ``length`` bytes; the socket closed."""
+    with sock:
         received = b""
-        while len(received) < len(data) and (chunk := sock.recv(65536)):
+        while len(received) < length and (chunk := sock.recv(65536)):
             received += chunk
         return received
+
+
+def echo(lab, host: str, family: int, data: bytes, port: int = 0, address: str = "", fastopen: bool = True) -> bytes:
+    """One connection to the VIP's echo server (sent's): what came back."""
+    return echoed(sent(lab, host, family, data, port, address, fastopen), len(data))
 
 
 def backends_tfo(lab) -> Counter:
@@ -212,54 +226,96 @@ def test_one_source_beyond_its_budget_falls_back_and_starves_no_one(lab):
           f"{front0['rate_limited']} fell back")
 
 
-HTTP_PORT = 80
+BACKEND_QUEUE = 1   # the backends' echo listeners' TFO queue (TCP_FASTOPEN qlen) in the next test
+# Client addresses, each opening PER_SOURCE TFO connections at once. The client's kernel caches TFO
+# cookies in its TCP metrics, hashed by destination alone, 6 entries a chain (TCP_METRICS_RECLAIM_DEPTH):
+# with 8 sources to one VIP, 28 of 64 SYNs asked for a cookie again.
+SOURCES = 4
+PER_SOURCE = 16     # within every front's budget for one address (FASTOPEN_PER_SOURCE_BURST)
 
 
-def http_trace(lab, fastopen: bool, port: int) -> list[tuple[str, int, int]]:
-    """One HTTP/1.0 GET to nginx on the VIP from the client's ``port`` (TCP_FASTOPEN_CONNECT or a plain
-    connect), traced on the client's interface: (direction, TCP flags, payload bytes) per segment of
-    the connection in the order they crossed it, "out" from the client, "in" to it."""
-    client = ipaddress.ip_address(next(h.address for h in lab.hosts if h.name == "client")).packed
-    with netns.inside(lab.ns("client")):
-        capture = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    with capture, sock:
-        capture.bind(("eth0", 0))
-        capture.settimeout(0.2)
-        sock.settimeout(TIMEOUT)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if fastopen:
-            sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
-        sock.bind(("0.0.0.0", port))
-        sock.connect((VIP, HTTP_PORT))
-        sock.sendall(b"GET /1k HTTP/1.0\r\n\r\n")
-        while sock.recv(65536):
-            pass
-        trace = []
-        with contextlib.suppress(TimeoutError):
-            while True:
-                data = capture.recv(65535)
-                if data[0] >> 4 != 4 or data[9] != socket.IPPROTO_TCP:
-                    continue
-                segment = parse_tcp(data)
-                if port not in (segment.sport, segment.dport):
-                    continue
-                trace.append(("out" if segment.saddr == client else "in", segment.flags, segment.payload_length))
-    return trace
+@contextlib.contextmanager
+def echo_fastopen_queue(lab, length: int):
+    """The backends' Python servers restarted with TFO queues ``length`` long, their own after."""
+    backends = [host.name for host in lab.by_role("backend")]
+    try:
+        for name in backends:
+            lab.stop_process(f"{name}-servers")
+            lab.start_servers(name, fastopen_queue=length)
+        yield
+    finally:
+        for name in backends:
+            lab.stop_process(f"{name}-servers")
+            lab.start_servers(name)
 
 
-def round_trips_to_first_byte(trace: list[tuple[str, int, int]]) -> int:
-    """Round trips until the response's first byte: the request leaves after as many waits for the
-    server as there are runs of its segments before the request's first byte, and its answer takes one
-    more. (Order, not time: the server's response and the client's ACK of the SYN-ACK may cross.)"""
-    waits, last = 0, None
-    for direction, _, payload in trace:
-        if direction == "out" and payload:
-            return waits + 1
-        if direction == "in" and last != "in":
-            waits += 1
-        last = direction
-    raise AssertionError(f"no request in {trace}")
+@contextlib.contextmanager
+def client_addresses(lab, count: int):
+    """``count`` more addresses on the client host, in its link's network (the router reaches them)."""
+    client = next(host for host in lab.hosts if host.name == "client")
+    addresses = [f"198.18.{client.link}.{100 + index}" for index in range(count)]
+    try:
+        for address in addresses:
+            lab.run("client", ["ip", "address", "add", f"{address}/24", "dev", "eth0"])
+        yield addresses
+    finally:
+        for address in addresses:
+            lab.run("client", ["ip", "address", "del", f"{address}/24", "dev", "eth0"], check=False)
+
+
+@contextlib.contextmanager
+def bare_acks_held(lab, host: str):
+    """``host``'s bare ACKs to the echo port dropped (iptables OUTPUT) until the block ends. In the lab a
+    whole round trip runs in the sender's softirq, before its next SYN leaves, so a TFO connection never
+    waits for its client's ACK; held back, they wait as over a real path: the TFO queue fills."""
+    rule = ["OUTPUT", "-p", "tcp", "-d", VIP, "--dport", str(ECHO_PORT), "--tcp-flags", "ALL", "ACK",
+            "-m", "length", "--length", "40:60", "-j", "DROP"]
+    lab.run(host, ["iptables", "-I", *rule])
+    try:
+        yield
+    finally:
+        lab.run(host, ["iptables", "-D", *rule], check=False)
+
+
+def backend_netstat(lab) -> dict[str, Counter]:
+    return {host.name: Counter(netstat(lab.ns(host.name))) for host in lab.by_role("backend")}
+
+
+def test_tfo_syns_beyond_a_backends_queue_complete_by_the_normal_handshake(lab):
+    """SOURCES addresses open PER_SOURCE TFO connections each at once (no budget is the limit: every
+    front forwards them all) to backends whose TFO queue holds BACKEND_QUEUE: each backend's kernel
+    creates that many TFO connections and refuses TFO for the rest (TCPFastOpenListenOverflow), whose
+    SYN it answers with a normal SYN-ACK; the client's ACK and its data again reach the request socket
+    through the fronts unflagged (not a cookie ACK) and every connection delivers its data. No accept
+    queue overflows, no kernel SYN cookie is sent, and another client's plain connection meanwhile
+    succeeds."""
+    forget_cookies(lab, "client")
+    with echo_fastopen_queue(lab, BACKEND_QUEUE), client_addresses(lab, SOURCES) as sources:
+        for address in sources:
+            assert echo(lab, "client", 4, b"learn", address=address) == b"learn"
+        front_before, netstat_before = fronts_tfo(lab), backend_netstat(lab)
+        with bare_acks_held(lab, "client"):
+            flood = []
+            for index in range(PER_SOURCE):
+                for address in sources:
+                    data = f"tfo {address} {index} ".encode().ljust(64, b".")  # longer than a held bare ACK
+                    flood.append((data, sent(lab, "client", 4, data, address=address)))
+            assert echo(lab, "attacker", 4, b"plain, not starved", fastopen=False) == b"plain, not starved"
+            assert [echoed(sock, len(data)) for data, sock in flood] == [data for data, _ in flood]
+        fronts = moved(front_before, fronts_tfo(lab))
+        backends = moved(netstat_before, backend_netstat(lab))
+    forwarded = SOURCES * PER_SOURCE
+    assert sum((Counter(front) for front in fronts.values()), Counter()) == {
+        "accepted": forwarded, **by_programs(lab, {"accepted": forwarded})}, fronts
+    tfo = {name: {key.removeprefix("TcpExtTCPFastOpen"): value for key, value in counters.items()
+                  if key.startswith("TcpExtTCPFastOpen")} for name, counters in backends.items()}
+    assert sum(sum(counters.values()) for counters in tfo.values()) == forwarded, tfo
+    for name, counters in backends.items():
+        assert tfo[name] == {"Passive": BACKEND_QUEUE, "ListenOverflow": sum(tfo[name].values()) - BACKEND_QUEUE}, tfo
+        for refused in ("TcpExtListenOverflows", "TcpExtListenDrops", "TcpExtSyncookiesSent"):
+            assert not counters.get(refused), (name, counters)
+    print(f"beyond the backends' TFO queues ({BACKEND_QUEUE} each): {forwarded} TFO SYNs forwarded, "
+          f"the backends' TcpExtTCPFastOpen* moved {tfo}")
 
 
 def test_a_request_in_the_syn_gets_its_first_byte_one_round_trip_sooner(lab):
@@ -269,7 +325,7 @@ def test_a_request_in_the_syn_gets_its_first_byte_one_round_trip_sooner(lab):
     forget_cookies(lab, "client")
     trips = {}
     for name, fastopen in (("plain", False), ("learning", True), ("tfo", True)):
-        trace = http_trace(lab, fastopen, pinned_port(lab, "front2"))
+        trace = traced_request(lab, fastopen, pinned_port(lab, "front2")).trace
         trips[name] = round_trips_to_first_byte(trace)
         direction, flags, payload = trace[0]
         assert direction == "out" and flags & 0x02, trace  # the SYN

@@ -47,15 +47,18 @@ class _Echo(socketserver.BaseRequestHandler):
 BACKLOG = socket.SOMAXCONN
 # TCP Fast Open connections pending their client's ACK a listener holds (its TCP_FASTOPEN qlen); past it
 # the kernel handles TFO SYNs as any SYN (docs/front.md, "TCP Fast Open"). The listener asks for TFO;
-# the backend loader's keys and net.ipv4.tcp_fastopen decide whether it gets any.
+# the backend loader's keys and net.ipv4.tcp_fastopen decide whether it gets any. A test overflows a
+# smaller one (--fastopen-queue).
 FASTOPEN_QUEUE = 128
 
 
 class _FastOpen:
     """A listener that accepts TCP Fast Open (set before listen(), as nginx's `fastopen=`)."""
 
+    fastopen_queue = FASTOPEN_QUEUE
+
     def server_bind(self):
-        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, FASTOPEN_QUEUE)
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, self.fastopen_queue)
         super().server_bind()
 
 
@@ -87,7 +90,11 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--http-port", type=int, default=8080)
     parser.add_argument("--echo-port", type=int, default=7)
+    parser.add_argument("--fastopen-queue", type=int, default=FASTOPEN_QUEUE, help="the listeners' TCP_FASTOPEN qlen")
     args = parser.parse_args()
+    if args.fastopen_queue < 1:
+        parser.error("--fastopen-queue must be at least 1")
+    _FastOpen.fastopen_queue = args.fastopen_queue
     servers = []
     for any_address, wrap in (("0.0.0.0", lambda cls: cls), ("::", _v6_only)):
         try:

@@ -149,10 +149,7 @@ class Lab:
             for host in self.by_role("backend"):
                 self.start_backend(host.name)
                 self.start_nginx(host.name)
-                self._start(f"{host.name}-servers", [sys.executable, "-m", "synproxy.lab.servers", "--name",
-                                                     host.name, "--http-port", str(TCP_INFO_PORT),
-                                                     "--echo-port", str(ECHO_PORT)],
-                            '"event": "servers_ready"', namespace=self.ns(host.name))
+                self.start_servers(host.name)
             for host in self.by_role("front"):
                 self.start_front(host.name)
             if self.prometheus:
@@ -297,6 +294,14 @@ class Lab:
         """Start (or restart) a backend's data plane: it attaches its program and fills its maps."""
         self._start(name, [sys.executable, "-m", "synproxy.cli", "backend", "--config", str(self.config_path)],
                     '"event": "backend_attached"')
+
+    def start_servers(self, name: str, fastopen_queue: int | None = None) -> None:
+        """A backend's Python servers (synproxy/lab/servers.py: echo, TCP_INFO), their listeners' TFO
+        queue ``fastopen_queue`` long (None: their default)."""
+        self._start(f"{name}-servers", [sys.executable, "-m", "synproxy.lab.servers", "--name", name,
+                                        "--http-port", str(TCP_INFO_PORT), "--echo-port", str(ECHO_PORT),
+                                        *(["--fastopen-queue", str(fastopen_queue)] if fastopen_queue else [])],
+                    '"event": "servers_ready"', namespace=self.ns(name))
 
     def start_nginx(self, name: str) -> None:
         """A backend's nginx on the VIPs' HTTP port: its prefix under the lab's state directory, its
