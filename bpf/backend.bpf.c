@@ -283,37 +283,57 @@ static __always_inline int report_time_wait(struct __sk_buff *skb, const struct 
 	return TC_ACT_SHOT;
 }
 
-/* Put the encapsulation back as it arrived (the front's addresses, ports and header, its MAC included) and
- * queue the segment again at this interface's ingress: it passes every check once more, behind what this
- * CPU queued before it (netif_rx: the CPU's backlog, in order). */
-static __always_inline int queue_again(struct __sk_buff *skb, const struct segment *seg, const struct arrival *arrival,
-				       const struct backend_config *cfg)
+/* The outer IPv4 + UDP + header in front of an inner packet of `ip_length` bytes, as a front writes them
+ * (encap.encapsulate): from `saddr` to `daddr`, the front's flow-hash `source_port`, `header` as given. */
+struct outer_headers {
+	struct iphdr ip;
+	struct udphdr udp;
+	struct encap_header header;
+};
+_Static_assert(sizeof(struct outer_headers) == ENCAP_OVERHEAD, "outer IPv4 + UDP + header");
+
+/* Put `outer` (outer_headers) in front of the inner packet; with `grow_flags` the grow also marks the
+ * packet encapsulated for offloads, or plainly when a grow before left it marked (-EALREADY: veth and
+ * forwarding keep skb->encapsulation). 0, or -1 when the packet could not be grown or written. */
+static __always_inline int encapsulate(struct __sk_buff *skb, __be32 saddr, __be32 daddr, __be16 source_port,
+				       const struct encap_header *header, __u16 ip_length,
+				       const struct backend_config *cfg, __u64 grow_flags)
 {
-	struct {
-		struct iphdr ip;
-		struct udphdr udp;
-		struct encap_header header;
-	} outer = {};
+	struct outer_headers outer = {};
 	__be16 ip_type = bpf_htons(ETH_P_IP);
 
 	outer.ip.version = 4;
 	outer.ip.ihl = 5;
-	outer.ip.tot_len = bpf_htons(ENCAP_OVERHEAD + seg->ip_length);
+	outer.ip.tot_len = bpf_htons(ENCAP_OVERHEAD + ip_length);
 	outer.ip.frag_off = bpf_htons(IP_DF);
 	outer.ip.ttl = ENCAP_TTL;
 	outer.ip.protocol = IPPROTO_UDP;
-	outer.ip.saddr = arrival->front;
-	outer.ip.daddr = arrival->self;
+	outer.ip.saddr = saddr;
+	outer.ip.daddr = daddr;
 	outer.ip.check = ipv4_header_fold(&outer.ip);
-	outer.udp.source = arrival->source_port;
+	outer.udp.source = source_port;
 	outer.udp.dest = bpf_htons(cfg->encap_port);
-	outer.udp.len = bpf_htons(ENCAP_OVERHEAD - sizeof(struct iphdr) + seg->ip_length);
-	outer.header = arrival->header;
-	/* A plain grow: the segment was received, it needs no offload (and an encapsulating grow refuses a
-	 * packet whose skb->encapsulation the front's grow left set). */
-	if (bpf_skb_adjust_room(skb, ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC, 0) ||
-	    bpf_skb_store_bytes(skb, __builtin_offsetof(struct ethhdr, h_proto), &ip_type, 2, 0) ||
-	    bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &outer, sizeof(outer), 0)) {
+	outer.udp.len = bpf_htons(ENCAP_OVERHEAD - sizeof(struct iphdr) + ip_length);
+	outer.header = *header;
+
+	long grown = bpf_skb_adjust_room(skb, ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC, grow_flags);
+	if (grown == -EALREADY && grow_flags)
+		grown = bpf_skb_adjust_room(skb, ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC, 0);
+	if (grown || bpf_skb_store_bytes(skb, __builtin_offsetof(struct ethhdr, h_proto), &ip_type, 2, 0) ||
+	    bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &outer, sizeof(outer), 0))
+		return -1;
+	return 0;
+}
+
+/* Put the encapsulation back as it arrived (the front's addresses, ports and header, its MAC included) and
+ * queue the segment again at this interface's ingress: it passes every check once more, behind what this
+ * CPU queued before it (netif_rx: the CPU's backlog, in order). A plain grow: the segment was received, it
+ * needs no offload. */
+static __always_inline int queue_again(struct __sk_buff *skb, const struct segment *seg, const struct arrival *arrival,
+				       const struct backend_config *cfg)
+{
+	if (encapsulate(skb, arrival->front, arrival->self, arrival->source_port, &arrival->header, seg->ip_length,
+			cfg, 0)) {
 		COUNT(COUNTER_TIME_WAIT_UNREPORTED);
 		return TC_ACT_SHOT;
 	}
@@ -589,12 +609,7 @@ static __always_inline int chain_to(struct __sk_buff *skb, const struct segment 
 	const struct encap_keys *keys = bpf_map_lookup_elem(&encap_keys, &zero);
 	__u8 flags = arrival->header.flags | ENCAP_FLAG_CHAINED;
 	union encap_message message;
-	struct {
-		struct iphdr ip;
-		struct udphdr udp;
-		struct encap_header header;
-	} outer = {};
-	__be16 ip_type = bpf_htons(ETH_P_IP);
+	struct encap_header header = arrival->header;
 
 	/* From the egress's view, out of the interface it came in by: a backend need not forward. */
 	struct bpf_fib_lookup fib = {
@@ -614,33 +629,10 @@ static __always_inline int chain_to(struct __sk_buff *skb, const struct segment 
 		return CHAIN_UNROUTED;
 	encap_message_of(&message, arrival->self, next, seg, flags, &arrival->header.former);
 	__u64 mac = bpf_cpu_to_be64(encap_mac(&message, keys->keys[0]));
-	outer.ip.version = 4;
-	outer.ip.ihl = 5;
-	outer.ip.tot_len = bpf_htons(ENCAP_OVERHEAD + seg->ip_length);
-	outer.ip.frag_off = bpf_htons(IP_DF);
-	outer.ip.ttl = ENCAP_TTL;
-	outer.ip.protocol = IPPROTO_UDP;
-	outer.ip.saddr = arrival->self;
-	outer.ip.daddr = next;
-	outer.ip.check = ipv4_header_fold(&outer.ip);
-	outer.udp.source = arrival->source_port;
-	outer.udp.dest = bpf_htons(cfg->encap_port);
-	outer.udp.len = bpf_htons(ENCAP_OVERHEAD - sizeof(struct iphdr) + seg->ip_length);
-	outer.header = arrival->header;
-	outer.header.flags = flags;
-	__builtin_memcpy(outer.header.mac, &mac, sizeof(mac));
-	_Static_assert(sizeof(outer) == ENCAP_OVERHEAD, "outer IPv4 + UDP + header");
-
-	/* A packet chained once arrives with skb->encapsulation still set by the first hop's grow (veth and
-	 * forwarding keep it), and the encapsulating grow refuses it (-EALREADY): grow it plainly then (the
-	 * Ethernet type written below says what it is; a received segment needs no offload). */
-	long grown = bpf_skb_adjust_room(skb, ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC,
-					 BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP);
-	if (grown == -EALREADY)
-		grown = bpf_skb_adjust_room(skb, ENCAP_OVERHEAD, BPF_ADJ_ROOM_MAC, 0);
-	if (grown ||
-	    bpf_skb_store_bytes(skb, __builtin_offsetof(struct ethhdr, h_proto), &ip_type, 2, 0) ||
-	    bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &outer, sizeof(outer), 0))
+	header.flags = flags;
+	__builtin_memcpy(header.mac, &mac, sizeof(mac));
+	if (encapsulate(skb, arrival->self, next, arrival->source_port, &header, seg->ip_length, cfg,
+			BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
 		return CHAIN_BROKEN;
 	if (route == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		struct bpf_redir_neigh next_hop = {.nh_family = AF_INET, .ipv4_nh = fib.ipv4_dst};
