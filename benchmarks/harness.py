@@ -40,6 +40,7 @@ from benchmarks.measure import (
     process_cpu_seconds,
     process_tree,
     program_stats,
+    receive_steered,
     steer_napi,
     steer_receive,
     veth_drops,
@@ -234,14 +235,24 @@ class Bench:
 
     def upload(self, contender: Contender, repetition: int) -> dict:
         """One bulk upload to the VIP from the client (on the generator's CPU), no flood, no probe; the BPF
-        programs' own time per packet (every packet of it forwarded, for a front in the kernel)."""
+        programs' own time per packet (every packet of it forwarded, for a front in the kernel).
+
+        The client's receive work is steered to the generator's CPU too: the server's ACKs reach the
+        client in the CPU context of the server that sent them (a veth delivers on the sending CPU), and
+        the client's TCP sends its next segments from that ACK's processing (software segmentation and
+        checksums, the router's forwarding). Left there, the client's sending ran on the contender's
+        CPU, the more so the busier that CPU was (through a front: 0.3 % of CPU 0's samples in
+        tcp_write_xmit, 6 % of CPU 1's; past the fronts: 20 % on CPU 0, 2 % on CPU 1; perf record -a,
+        benchmarks/README.md), and a client on another machine costs the proxy nothing."""
         programs = self.programs()
         bpf_before, veth_before = program_stats(set(programs)), self.veth_drops()
-        before = busy_per_cpu()
-        done = self.lab.run("client", ["taskset", "-c", str(GENERATOR_CPU), sys.executable, "-m", "benchmarks.upload",
-                                       "--target", VIP, "--port", str(PORT), "--bytes", str(self.upload_bytes),
-                                       "--seconds", str(max(10.0, self.seconds))], timeout=120)
-        busy = busy_per_cpu()
+        with receive_steered(self.lab.ns("client"), "eth0", GENERATOR_CPU):
+            before = busy_per_cpu()
+            done = self.lab.run("client", ["taskset", "-c", str(GENERATOR_CPU), sys.executable, "-m",
+                                           "benchmarks.upload", "--target", VIP, "--port", str(PORT),
+                                           "--bytes", str(self.upload_bytes),
+                                           "--seconds", str(max(10.0, self.seconds))], timeout=120)
+            busy = busy_per_cpu()
         bpf = bpf_moved(programs, bpf_before, program_stats(set(programs)))
         result = json.loads(done.stdout)
         contender_cpu = busy[CONTENDER_CPU] - before[CONTENDER_CPU]

@@ -12,6 +12,8 @@ import json
 import os
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -74,11 +76,23 @@ def process_tree(pid: int | None) -> list[int]:
     return [pid, *children]
 
 
-def steer_receive(namespace: str, interface: str, cpu: int) -> None:
-    """RPS: the interface's received packets are processed on ``cpu`` (a veth has one receive queue)."""
+def steer_receive(namespace: str, interface: str, cpu: int | None) -> None:
+    """RPS: the interface's received packets are processed on ``cpu`` (a veth has one receive queue);
+    None: no RPS, the kernel's default (on the CPU that delivered them)."""
+    mask = 0 if cpu is None else 1 << cpu
     subprocess.run(["ip", "netns", "exec", namespace, "sh", "-c",
-                    f"echo {1 << cpu:x} > /sys/class/net/{interface}/queues/rx-0/rps_cpus"],
+                    f"echo {mask:x} > /sys/class/net/{interface}/queues/rx-0/rps_cpus"],
                    check=True, capture_output=True, timeout=10)
+
+
+@contextmanager
+def receive_steered(namespace: str, interface: str, cpu: int) -> Iterator[None]:
+    """RPS onto ``cpu`` for the block only, then the kernel's default again."""
+    steer_receive(namespace, interface, cpu)
+    try:
+        yield
+    finally:
+        steer_receive(namespace, interface, None)
 
 
 def steer_napi(namespace: str, interface: str, cpu: int) -> list[int]:
