@@ -159,6 +159,37 @@ def enable_bpf_stats() -> int:
     return fd
 
 
+def bpf_stats_sysctl_on() -> bool:
+    """kernel.bpf_stats_enabled: the sysctl's own setting (a BPF_ENABLE_STATS descriptor does not show there)."""
+    return Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip() == "1"
+
+
+class BpfStats:
+    """The bench's hold on bpf_stats (enable_bpf_stats) for the run, let go around a timed upload: with it
+    on, every program run reads the clock twice (sched_clock, a paravirtual clock read on this VM), which
+    only the contenders with programs pay. Through the default front (three programs per packet: the
+    front's, the lab router's, the backend's stage), 400 MB uploads ran 9-10 % slower with it on
+    (benchmarks/README.md, "The upload's client on CPU 0")."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = enable_bpf_stats()
+
+    @contextmanager
+    def paused(self) -> Iterator[bool]:
+        """Stats off for the block, unless another holder keeps them on: yields whether the sysctl does
+        (another process's descriptor cannot be seen)."""
+        self.close()
+        try:
+            yield bpf_stats_sysctl_on()
+        finally:
+            self.fd = enable_bpf_stats()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def attached_programs(namespace: str) -> dict[int, str]:
     """The BPF programs attached to a namespace's interfaces (XDP and tc): id -> "device kind name"."""
     done = subprocess.run(["ip", "netns", "exec", namespace, "bpftool", "-j", "net", "show"],
