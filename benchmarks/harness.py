@@ -29,17 +29,18 @@ from benchmarks.generator import FLOODS, PACER_TABLE, GeneratorError, pacer, tra
 from benchmarks.measure import (
     CONTENDER_CPU,
     GENERATOR_CPU,
+    BpfStats,
     OtherLoad,
     attached_programs,
     backlog_drops,
     busy_per_cpu,
     cpu_since,
-    enable_bpf_stats,
     namespace_inodes,
     pin_process,
     process_cpu_seconds,
     process_tree,
     program_stats,
+    receive_steered,
     steer_napi,
     steer_receive,
     veth_drops,
@@ -90,8 +91,10 @@ def stop_group(process: subprocess.Popen) -> None:
 class Bench:
     """The lab, its counters, and one measured window at a time."""
 
-    def __init__(self, lab: Lab, seconds: float, idle_seconds: float, upload_bytes: int, work_dir: Path):
+    def __init__(self, lab: Lab, seconds: float, idle_seconds: float, upload_bytes: int, work_dir: Path,
+                 stats: BpfStats):
         self.lab = lab
+        self.stats = stats
         self.seconds = seconds
         self.idle_seconds = idle_seconds
         self.upload_bytes = upload_bytes
@@ -233,23 +236,43 @@ class Bench:
         return figures(contender, flood, rate, repetition, idle, loaded)
 
     def upload(self, contender: Contender, repetition: int) -> dict:
-        """One bulk upload to the VIP from the client (on the generator's CPU), no flood, no probe; the BPF
-        programs' own time per packet (every packet of it forwarded, for a front in the kernel)."""
+        """One bulk upload to the VIP from the client (on the generator's CPU), no flood, no probe, timed with
+        bpf_stats off (BpfStats); then, when BPF programs are attached, the same upload again with it on for
+        the programs' own time per packet (every packet of it forwarded, for a front in the kernel).
+
+        The client's receive work is steered to the generator's CPU too: the server's ACKs reach the
+        client in the CPU context of the server that sent them (a veth delivers on the sending CPU), and
+        the client's TCP sends its next segments from that ACK's processing (software segmentation and
+        checksums, the router's forwarding). Left there, the client's sending ran on the contender's
+        CPU, the more so the busier that CPU was (through a front: 0.3 % of CPU 0's samples in
+        tcp_write_xmit, 6 % of CPU 1's; past the fronts: 20 % on CPU 0, 2 % on CPU 1; perf record -a,
+        benchmarks/README.md), and a client on another machine costs the proxy nothing."""
         programs = self.programs()
-        bpf_before, veth_before = program_stats(set(programs)), self.veth_drops()
-        before = busy_per_cpu()
+        bpf: dict = {}
+        with receive_steered(self.lab.ns("client"), "eth0", GENERATOR_CPU):
+            with self.stats.paused() as stats_still_on:
+                veth_before = self.veth_drops()
+                before = busy_per_cpu()
+                result = self._upload()
+                busy = busy_per_cpu()
+                veth = counters_moved(veth_before, self.veth_drops())
+            if programs:
+                bpf_before = program_stats(set(programs))
+                self._upload()
+                bpf = bpf_moved(programs, bpf_before, program_stats(set(programs)))
+        contender_cpu = busy[CONTENDER_CPU] - before[CONTENDER_CPU]
+        return {"scenario": "upload", "contender": contender.name, "repetition": repetition, **result,
+                "contender_cpu_seconds": round(contender_cpu, 3), "bpf": per_run(bpf), "veth_drops": veth,
+                **({"bpf_stats_on_while_timed": True} if stats_still_on else {}),
+                "contender_cpu_us_per_mb": (round(1e6 * contender_cpu / (result["bytes"] / 1e6), 1)
+                                            if result["bytes"] else None)}
+
+    def _upload(self) -> dict:
+        """benchmarks.upload from the client, pinned to the generator's CPU: what it printed."""
         done = self.lab.run("client", ["taskset", "-c", str(GENERATOR_CPU), sys.executable, "-m", "benchmarks.upload",
                                        "--target", VIP, "--port", str(PORT), "--bytes", str(self.upload_bytes),
                                        "--seconds", str(max(10.0, self.seconds))], timeout=120)
-        busy = busy_per_cpu()
-        bpf = bpf_moved(programs, bpf_before, program_stats(set(programs)))
-        result = json.loads(done.stdout)
-        contender_cpu = busy[CONTENDER_CPU] - before[CONTENDER_CPU]
-        return {"scenario": "upload", "contender": contender.name, "repetition": repetition, **result,
-                "contender_cpu_seconds": round(contender_cpu, 3), "bpf": per_run(bpf),
-                "veth_drops": counters_moved(veth_before, self.veth_drops()),
-                "contender_cpu_us_per_mb": (round(1e6 * contender_cpu / (result["bytes"] / 1e6), 1)
-                                            if result["bytes"] else None)}
+        return json.loads(done.stdout)
 
     def _probe_ports(self, seconds: float) -> int:
         """The first of the next window's probe source ports (one per request it can make)."""
@@ -384,14 +407,14 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
     connections: list[dict] = []
     fastopen_requests: list[dict] = []
     started = time.time()
-    stats_fd = enable_bpf_stats()
+    stats = BpfStats()
     contenders = [contender_class() for contender_class in chosen]
     bench = None
     try:
         lab.up()
         lab.stop_process(FRONT)  # the baseline: no front process (each contender starts its own)
         os.sched_setaffinity(0, {GENERATOR_CPU})  # the bench's own reading and writing stays off the contender's CPU
-        bench = Bench(lab, seconds, idle_seconds, upload_bytes, lab.state_dir)
+        bench = Bench(lab, seconds, idle_seconds, upload_bytes, lab.state_dir, stats)
         for repetition in range(repetitions):
             for contender in rotated(contenders, repetition):
                 wanted = [scenario for scenario in scenarios if scenario in contender.scenarios]
@@ -428,7 +451,7 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
                 print(f"bench:   tfo: {json.dumps(fastopen.summarise(fastopen_requests)['rows'])}", file=sys.stderr,
                       flush=True)
     finally:
-        os.close(stats_fd)
+        stats.close()
         if bench is not None:
             bench.other_load.stop()
         lab.down()

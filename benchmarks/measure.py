@@ -12,6 +12,8 @@ import json
 import os
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -74,11 +76,23 @@ def process_tree(pid: int | None) -> list[int]:
     return [pid, *children]
 
 
-def steer_receive(namespace: str, interface: str, cpu: int) -> None:
-    """RPS: the interface's received packets are processed on ``cpu`` (a veth has one receive queue)."""
+def steer_receive(namespace: str, interface: str, cpu: int | None) -> None:
+    """RPS: the interface's received packets are processed on ``cpu`` (a veth has one receive queue);
+    None: no RPS, the kernel's default (on the CPU that delivered them)."""
+    mask = 0 if cpu is None else 1 << cpu
     subprocess.run(["ip", "netns", "exec", namespace, "sh", "-c",
-                    f"echo {1 << cpu:x} > /sys/class/net/{interface}/queues/rx-0/rps_cpus"],
+                    f"echo {mask:x} > /sys/class/net/{interface}/queues/rx-0/rps_cpus"],
                    check=True, capture_output=True, timeout=10)
+
+
+@contextmanager
+def receive_steered(namespace: str, interface: str, cpu: int) -> Iterator[None]:
+    """RPS onto ``cpu`` for the block only, then the kernel's default again."""
+    steer_receive(namespace, interface, cpu)
+    try:
+        yield
+    finally:
+        steer_receive(namespace, interface, None)
 
 
 def steer_napi(namespace: str, interface: str, cpu: int) -> list[int]:
@@ -143,6 +157,37 @@ def enable_bpf_stats() -> int:
     if fd < 0:
         raise OSError(ctypes.get_errno(), f"BPF_ENABLE_STATS: {os.strerror(ctypes.get_errno())}")
     return fd
+
+
+def bpf_stats_sysctl_on() -> bool:
+    """kernel.bpf_stats_enabled: the sysctl's own setting (a BPF_ENABLE_STATS descriptor does not show there)."""
+    return Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip() == "1"
+
+
+class BpfStats:
+    """The bench's hold on bpf_stats (enable_bpf_stats) for the run, let go around a timed upload: with it
+    on, every program run reads the clock twice (sched_clock, a paravirtual clock read on this VM), which
+    only the contenders with programs pay. Through the default front (three programs per packet: the
+    front's, the lab router's, the backend's stage), 400 MB uploads ran 9-10 % slower with it on
+    (benchmarks/README.md, "The upload's client on CPU 0")."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = enable_bpf_stats()
+
+    @contextmanager
+    def paused(self) -> Iterator[bool]:
+        """Stats off for the block, unless another holder keeps them on: yields whether the sysctl does
+        (another process's descriptor cannot be seen)."""
+        self.close()
+        try:
+            yield bpf_stats_sysctl_on()
+        finally:
+            self.fd = enable_bpf_stats()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def attached_programs(namespace: str) -> dict[int, str]:
