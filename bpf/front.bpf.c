@@ -47,6 +47,73 @@ struct {
 	__type(value, struct maglev_owners);
 } maglev SEC(".maps");
 
+/* Each CPU's copy of the `forwarding` element and of the `salts` slots, as of config's generation: the
+ * two hash lookups (20-50 ns each, benchmarks/front_xdp_stages.py) a packet made become one inlined
+ * per-CPU array lookup and a compare. The loader writes the maps first, then a new generation in
+ * `config`; a CPU whose copy is of another generation copies them again before using them, so no copy
+ * is used after the packet that first sees the new generation. A generation is random, not counted: a
+ * reader racing the loader's in-place write of `config` could read a mix of two, which then never comes
+ * back. */
+struct local_copy {
+	__u64 generation;    /* config's when copied; 0: never */
+	__u32 has_forwarding;
+	__u32 pad;
+	struct front_forwarding forwarding;
+	struct salt_slot salts[COOKIE_EPOCH_SLOTS]; /* a slot absent from the map: zeroed (not valid) */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct local_copy);
+} local_copies SEC(".maps");
+
+/* The copy's refill: its own BPF function, called from the entry's frame (the SYN path's stack is
+ * full) and kept out of the hot path's code. */
+static __noinline int copy_maps(struct local_copy *copy, __u64 generation)
+{
+	__u32 zero = 0;
+	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
+
+	if (!copy)
+		return 0;
+	copy->has_forwarding = fwd != 0;
+	if (fwd)
+		copy->forwarding = *fwd;
+#pragma unroll
+	for (__u32 i = 0; i < COOKIE_EPOCH_SLOTS; i++) {
+		__u32 index = i;
+		const struct salt_slot *slot = bpf_map_lookup_elem(&salts, &index);
+
+		if (slot)
+			copy->salts[i] = *slot;
+		else
+			__builtin_memset(&copy->salts[i], 0, sizeof(copy->salts[i]));
+	}
+	copy->generation = generation;
+	return 1;
+}
+
+/* This CPU's copy, current with `cfg`'s generation (0: the loader names none: copied for every
+ * packet). NULL cannot happen (a per-CPU array's element 0). */
+static __always_inline const struct local_copy *local_copy(const struct front_config *cfg)
+{
+	__u32 zero = 0;
+	struct local_copy *copy = bpf_map_lookup_elem(&local_copies, &zero);
+	__u64 generation = *(volatile const __u64 *)&cfg->generation;
+
+	if (!copy || (generation && copy->generation == generation))
+		return copy;
+	return copy_maps(copy, generation) ? copy : 0;
+}
+
+/* The copy's forwarding element, or NULL when the loader has written none. */
+static __always_inline const struct front_forwarding *copied_forwarding(const struct local_copy *copy)
+{
+	return copy->has_forwarding ? &copy->forwarding : 0;
+}
+
 /* The next hop to a backend, as bpf_fib_lookup gave it, per CPU: the lookup costs ~200 ns of a forwarded
  * packet's ~750 (benchmarks/front_xdp_cost.py), and the farm's routes change far more rarely than every
  * ROUTE_CACHE_NS. A direct-mapped array (an array lookup is inlined; a hash map's costs about as much
@@ -499,14 +566,21 @@ static __always_inline __u32 cookie_data(__u8 family, const struct syn_options *
 }
 
 /* The salt new cookies use now, or 0 when the loader has not (yet) written this epoch's slot. */
-static __always_inline const struct salt_slot *minting_slot(__u64 epoch)
+static __always_inline const struct salt_slot *minting_slot(const struct local_copy *copy, __u64 epoch)
 {
-	__u32 index = epoch % COOKIE_EPOCH_SLOTS;
-	const struct salt_slot *slot = bpf_map_lookup_elem(&salts, &index);
+	const struct salt_slot *slot = &copy->salts[epoch % COOKIE_EPOCH_SLOTS];
 
-	if (!slot || !slot->valid || slot->epoch != epoch || !slot->nkeys)
+	if (!slot->valid || slot->epoch != epoch || !slot->nkeys)
 		return 0;
 	return slot;
+}
+
+/* cookie_slot (bpf/synproxy.h) over this CPU's copy of the salts. */
+static __always_inline const struct salt_slot *copied_cookie_slot(const struct local_copy *copy, __u32 cookie)
+{
+	const struct salt_slot *slot = &copy->salts[(cookie >> COOKIE_EPOCH_SHIFT) & (COOKIE_EPOCH_SLOTS - 1)];
+
+	return slot->valid ? slot : 0;
 }
 
 static __always_inline int v4_mapped(const __u8 address[16])
@@ -640,9 +714,9 @@ static __always_inline __u32 ip_header_length(__u8 family)
  * handler._fastopen_decision decides: FRONT_FASTOPEN_ACCEPTED (forward it), a fallback's counter (answer
  * it), or FRONT_QUEUED (no forwarding configuration yet). */
 static __always_inline __u32 fastopen_decision(const struct segment *seg, const struct syn_options *options,
-					       const struct fastopen_key *key, __u32 payload)
+					       const struct fastopen_key *key, __u32 payload,
+					       const struct local_copy *copy)
 {
-	__u32 zero = 0;
 	const struct front_forwarding *fwd;
 
 	if (!key)
@@ -653,7 +727,7 @@ static __always_inline __u32 fastopen_decision(const struct segment *seg, const 
 		return FRONT_FASTOPEN_INVALID_COOKIE;
 	if (!payload)
 		return FRONT_FASTOPEN_NO_DATA;
-	if (!(fwd = bpf_map_lookup_elem(&forwarding, &zero)))
+	if (!(fwd = copied_forwarding(copy)))
 		return FRONT_QUEUED;
 	if (seg->ip_length + ENCAP_OVERHEAD > fwd->farm_mtu)
 		return FRONT_FASTOPEN_TOO_BIG;
@@ -666,8 +740,8 @@ static __always_inline __u32 fastopen_decision(const struct segment *seg, const 
  * SYN-ACK's headers, as handler._answer_syn builds them. Returns FRONT_SYN_ANSWERED when `answer` is
  * ready, else the outcome of a SYN left to the queue. */
 static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct segment *seg,
-					     const struct front_config *cfg, __u32 frame_length,
-					     struct syn_ack *answer)
+					     const struct front_config *cfg, const struct local_copy *copy,
+					     __u32 frame_length, struct syn_ack *answer)
 {
 	__u32 ip_header = seg->tcp_offset - sizeof(struct ethhdr);
 	__u32 tcp_length = seg->tcp_length & 0x3c; /* doff * 4: at most 60 */
@@ -712,7 +786,7 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 		if (stale)
 			return FRONT_QUEUED;
 		if (options->fastopen >= FASTOPEN_COOKIE) {
-			__u32 decided = fastopen_decision(seg, options, fastopen, payload);
+			__u32 decided = fastopen_decision(seg, options, fastopen, payload, copy);
 
 			if (decided == FRONT_FASTOPEN_ACCEPTED || decided == FRONT_QUEUED)
 				return decided;
@@ -720,7 +794,7 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 		}
 	}
 	__u64 epoch = now_ns / cfg->period_ns;
-	const struct salt_slot *slot = minting_slot(epoch);
+	const struct salt_slot *slot = minting_slot(copy, epoch);
 	if (!slot)
 		return FRONT_NO_SALT;
 
@@ -825,10 +899,10 @@ static __always_inline void count_fastopen(__u32 path, const struct segment *seg
 }
 
 static __noinline int answer_syn(struct __sk_buff *skb, const struct segment *seg,
-				      const struct front_config *cfg)
+				      const struct front_config *cfg, const struct local_copy *copy)
 {
 	struct syn_ack answer = {};
-	__u32 outcome = prepare_syn_ack(skb, 0, seg, cfg, skb->len, &answer);
+	__u32 outcome = prepare_syn_ack(skb, 0, seg, cfg, copy, skb->len, &answer);
 	if (outcome == FRONT_FASTOPEN_ACCEPTED)
 		return FASTOPEN_FORWARD;
 	if (outcome != FRONT_SYN_ANSWERED)
@@ -911,11 +985,12 @@ static __always_inline int write_syn_ack(struct xdp_md *ctx, const struct bpf_fi
 }
 
 /* Its own BPF function (as forward() is): inlined together, their stack frames would not fit in 512 bytes. */
-static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg)
+static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg,
+					  const struct local_copy *copy)
 {
 	__u32 frame_length = ctx->data_end - ctx->data;
 	struct syn_ack answer = {};
-	__u32 outcome = prepare_syn_ack(ctx, 1, seg, cfg, frame_length, &answer);
+	__u32 outcome = prepare_syn_ack(ctx, 1, seg, cfg, copy, frame_length, &answer);
 	if (outcome == FRONT_FASTOPEN_ACCEPTED)
 		return FASTOPEN_FORWARD;
 	if (outcome != FRONT_SYN_ANSWERED)
@@ -1130,10 +1205,10 @@ static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct
 /* Every segment but a SYN to a protected VIP and port, as handler.handle decides it, on either hook:
  * the outcome, and for a forwarded() one the plan the hook's surgery carries out. */
 static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct segment *seg,
-					     const struct front_config *cfg, struct forwarding_plan *plan)
+					     const struct front_config *cfg, const struct local_copy *copy,
+					     struct forwarding_plan *plan)
 {
-	__u32 zero = 0;
-	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
+	const struct front_forwarding *fwd = copied_forwarding(copy);
 	__u32 frame_length = xdp ? packet_end(ctx, xdp) - packet_data(ctx, xdp) : ((struct __sk_buff *)ctx)->len;
 	__u32 ip_header = seg->tcp_offset - sizeof(struct ethhdr);
 	__u32 ip_length = seg->ip_length;
@@ -1161,13 +1236,13 @@ static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct se
 		__u32 cookie = seg->ack - 1;
 		__u64 now_ns = tai_ns + cfg->clock_offset_ns;
 		__u64 epoch = now_ns / cfg->period_ns;
-		const struct salt_slot *slot = cookie_slot(cookie);
-		/* A cookie of the current epoch names the minting slot itself: one map lookup (~25 ns) less. */
+		const struct salt_slot *slot = copied_cookie_slot(copy, cookie);
+		/* A cookie of the current epoch names the minting slot itself. */
 		int current = ((cookie >> COOKIE_EPOCH_SHIFT) & (COOKIE_EPOCH_SLOTS - 1)) == epoch % COOKIE_EPOCH_SLOTS;
 
 		/* Without the current epoch's salt the map is stale (the front process stalled): it cannot
 		 * tell an expired cookie from a salt not written, the handler can. */
-		if (current ? !slot || slot->epoch != epoch || !slot->nkeys : !minting_slot(epoch))
+		if (current ? !slot || slot->epoch != epoch || !slot->nkeys : !minting_slot(copy, epoch))
 			return FRONT_NO_SALT;
 		if (!slot || !epoch_accepted(slot->epoch, now_ns, cfg->period_ns, fwd->skew_ns)) {
 			outcome = FRONT_FORWARDED_EXPIRED_EPOCH;
@@ -1244,10 +1319,11 @@ static __always_inline int encapsulate_xdp(struct xdp_md *ctx, const struct segm
 	return count_xdp(seg, outcome, send(ctx, plan->next_hop.ifindex));
 }
 
-static __noinline int forward_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg)
+static __noinline int forward_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg,
+				       const struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
-	__u32 outcome = plan_forwarding(ctx, 1, seg, cfg, &plan);
+	__u32 outcome = plan_forwarding(ctx, 1, seg, cfg, copy, &plan);
 
 	if (!forwarded(outcome))
 		return count_xdp(seg, outcome, XDP_PASS);
@@ -1278,13 +1354,14 @@ static __always_inline int encapsulate_tc(struct __sk_buff *skb, const struct se
 	return count(seg, outcome, bpf_redirect(plan->next_hop.ifindex, 0));
 }
 
-static __noinline int forward_tc(struct __sk_buff *skb, const struct segment *seg, const struct front_config *cfg)
+static __noinline int forward_tc(struct __sk_buff *skb, const struct segment *seg, const struct front_config *cfg,
+				      const struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
 
 	if (skb->gso_segs > 1)
 		return count(seg, FRONT_QUEUED, TC_ACT_OK);
-	__u32 outcome = plan_forwarding(skb, 0, seg, cfg, &plan);
+	__u32 outcome = plan_forwarding(skb, 0, seg, cfg, copy, &plan);
 	if (!forwarded(outcome))
 		return count(seg, outcome, TC_ACT_OK);
 	return encapsulate_tc(skb, seg, &plan, outcome);
@@ -1295,10 +1372,9 @@ static __noinline int forward_tc(struct __sk_buff *skb, const struct segment *se
 /* Encapsulated whole, data included, flagged FASTOPEN to the flow's backend (handler._forward_fastopen);
  * no forwarding configuration, Maglev entry or route: the queue's. */
 static __always_inline __u32 plan_fastopen(void *ctx, int xdp, const struct segment *seg,
-					   struct forwarding_plan *plan)
+					   const struct local_copy *copy, struct forwarding_plan *plan)
 {
-	__u32 zero = 0;
-	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
+	const struct front_forwarding *fwd = copied_forwarding(copy);
 
 	if (!fwd)
 		return FRONT_QUEUED;
@@ -1306,20 +1382,22 @@ static __always_inline __u32 plan_fastopen(void *ctx, int xdp, const struct segm
 				  FRONT_FASTOPEN_ACCEPTED, plan);
 }
 
-static __noinline int forward_fastopen_xdp(struct xdp_md *ctx, const struct segment *seg)
+static __noinline int forward_fastopen_xdp(struct xdp_md *ctx, const struct segment *seg,
+						const struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
-	__u32 outcome = plan_fastopen(ctx, 1, seg, &plan);
+	__u32 outcome = plan_fastopen(ctx, 1, seg, copy, &plan);
 
 	if (outcome != FRONT_FASTOPEN_ACCEPTED)
 		return count_xdp(seg, outcome, XDP_PASS);
 	return encapsulate_xdp(ctx, seg, &plan, outcome);
 }
 
-static __noinline int forward_fastopen_tc(struct __sk_buff *skb, const struct segment *seg)
+static __noinline int forward_fastopen_tc(struct __sk_buff *skb, const struct segment *seg,
+					       const struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
-	__u32 outcome = plan_fastopen(skb, 0, seg, &plan);
+	__u32 outcome = plan_fastopen(skb, 0, seg, copy, &plan);
 
 	if (outcome != FRONT_FASTOPEN_ACCEPTED)
 		return count(seg, outcome, TC_ACT_OK);
@@ -1420,16 +1498,19 @@ static __always_inline int handle_frame(void *ctx, int xdp, const struct front_c
 		return count_on(path, &seg, FRONT_NOT_PROTECTED, pass);
 	if (*vip_slot && *vip_slot <= VIP_PORT_SLOTS && *port_slot && *port_slot <= VIP_PORT_SLOTS)
 		seg.vip_port = (*vip_slot - 1) * VIP_PORT_SLOTS + *port_slot;
+	const struct local_copy *copy = local_copy(cfg);
+	if (!copy)
+		return pass;
 	if (seg.flags & TCP_FLAG_SYN) {
 		if (seg.flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
 			return count_on(path, &seg, FRONT_QUEUED, pass); /* the handler drops it: invalid_flags */
-		int verdict = xdp ? answer_syn_xdp(ctx, &seg, cfg) : answer_syn(ctx, &seg, cfg);
+		int verdict = xdp ? answer_syn_xdp(ctx, &seg, cfg, copy) : answer_syn(ctx, &seg, cfg, copy);
 
 		if (verdict == FASTOPEN_FORWARD)
-			return xdp ? forward_fastopen_xdp(ctx, &seg) : forward_fastopen_tc(ctx, &seg);
+			return xdp ? forward_fastopen_xdp(ctx, &seg, copy) : forward_fastopen_tc(ctx, &seg, copy);
 		return verdict;
 	}
-	return xdp ? forward_xdp(ctx, &seg, cfg) : forward_tc(ctx, &seg, cfg);
+	return xdp ? forward_xdp(ctx, &seg, cfg, copy) : forward_tc(ctx, &seg, cfg, copy);
 }
 
 SEC("tc")

@@ -324,6 +324,37 @@ def test_a_moved_flow_names_its_former_owners_as_the_handler_does_until_the_wind
         loaded.close()
 
 
+def test_no_cpus_copy_of_the_forwarding_element_or_salts_outlives_a_change_by_the_loader(
+        hook, one_cpu, monkeypatch, namespace, link_mac, cookie_vectors, schedule):
+    """Each CPU copies `forwarding` and `salts` and uses its copy while `config`'s generation stays (bpf/
+    front.bpf.c, local_copy): on the same CPU, the first packet after a reload (other backends and keys)
+    and after a secret rotation is already the new handler's, and so is a SYN's cookie."""
+    vector = next(v for v in usable(cookie_vectors["vectors"]) if v["family"] == 4)
+    now = vector["epoch"] * PERIOD + PERIOD / 2
+    frame, syn_frame = vector_ack(vector), vector_syn(vector, True)
+    first = make_policy(cookie_vectors["vectors"])
+    reloaded = dataclasses.replace(make_policy(cookie_vectors["vectors"], backends=BACKENDS[:2]),
+                                   encap_key=bytes(range(16, 32)), flow_key=b"another-flow-key")
+    rotated = SaltSchedule((b"another secret, 32 bytes long...",), period=PERIOD, skew=2)
+    loaded = FastPath(build_object("front"))
+    try:
+        for current, salts, outcome in ((first, schedule, "validated"), (reloaded, schedule, "validated"),
+                                        (reloaded, rotated, "forwarded_bad_mac")):
+            loaded.configure(current, salts)
+            set_clock(monkeypatch, loaded, current, salts, now)
+            expected = handle(frame[14:], now, salts, current)
+            assert expected.outcome == outcome
+            for _ in range(2):  # the run that copies the maps, and one from the copy
+                verdict, out, _ = run(namespace, loaded, frame, hook=hook)
+                assert_encapsulated(verdict, out, expected, link_mac, hook)
+            if hook == "xdp":
+                _, out, changed = run(namespace, loaded, syn_frame)
+                assert changed == {("syn_answered", 4): 1}
+                assert without_clock(out[14:]) == without_clock(handle(syn_frame[14:], now, salts, current).packet)
+    finally:
+        loaded.close()
+
+
 @pytest.mark.parametrize("timestamp", [False, True])
 def test_every_vectors_syn_gets_the_handlers_syn_ack(monkeypatch, namespace, fast_path, policy, schedule,
                                                      cookie_vectors, timestamp):

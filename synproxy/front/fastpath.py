@@ -76,7 +76,7 @@ OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", 
 FAMILIES = (4, 6)
 PATHS = ("tc", "xdp")  # enum front_path: which program counted
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}  # tried in this order
-_CONFIG = struct.Struct("=Qq2HBBBB")  # struct front_config
+_CONFIG = struct.Struct("=Qq2HBBBBQ")  # struct front_config
 _FORWARDING = struct.Struct("=4s2sHQ16s16s")  # struct front_forwarding
 _ICMP_LIMIT = struct.Struct("=QQ")  # struct icmp_limit: cost_ns, credit_max_ns
 # struct fastopen_key: period_ns, key_period, primary, backup, budget_cost_ns, budget_credit_ns
@@ -126,6 +126,7 @@ class FastPath:
         self.xdp_attached: dict[int, str] = {}  # ifindex -> mode
         self._config_written = b""
         self._forwarding_written = b""
+        self._generation = 0  # front_config.generation: the programs' per-CPU copies of forwarding and salts
         self._fastopen_written = b""
         self._maglev_written: list[tuple[bytes, bytes] | None] = [None] * DEFAULT_TABLE_SIZE
 
@@ -213,23 +214,28 @@ class FastPath:
         """At every housekeeping: the salts of the two epochs before the current one, the current one and
         the next (every epoch an ACK's cookie may be accepted in, and a SYN arriving just past an epoch
         boundary finds its salt; the program checks the epoch against its clock), and the configuration
-        when it changed."""
+        when it changed. When the salts or the forwarding element changed, the configuration is written
+        after them with a new generation: the programs' per-CPU copies of both are then copied again."""
         epoch = schedule.current_epoch(now)
-        value = _CONFIG.pack(round(schedule.period * 1e9), clock_offset_ns(), policy.announced_mss(4),
-                             policy.announced_mss(6), policy.server_wscale, policy.sack, policy.ecn,
-                             policy.syn_reply == "ingress")
         forwarding = _FORWARDING.pack(policy.farm_address, policy.encap_port.to_bytes(2, "big"), policy.farm_mtu,
                                       round(schedule.skew * 1e9), policy.encap_key, policy.flow_key)
         try:
-            self.salts.refresh(schedule, range(max(0, epoch - 2), epoch + 2))
-            if value != self._config_written:
-                self.config.update(MAP_KEY.pack(0), value)
-                self._config_written = value
+            changed = self.salts.refresh(schedule, range(max(0, epoch - 2), epoch + 2))
             if forwarding != self._forwarding_written:
                 self.forwarding.update(MAP_KEY.pack(0), forwarding)
                 self._forwarding_written = forwarding
+                changed = True
+            if changed or not self._generation:
+                self._generation = int.from_bytes(os.urandom(8), "little") or 1
+            value = _CONFIG.pack(round(schedule.period * 1e9), clock_offset_ns(), policy.announced_mss(4),
+                                 policy.announced_mss(6), policy.server_wscale, policy.sack, policy.ecn,
+                                 policy.syn_reply == "ingress", self._generation)
+            if value != self._config_written:
+                self.config.update(MAP_KEY.pack(0), value)
+                self._config_written = value
             self.refresh_fastopen_key(policy, now)
         except BpfError as error:
+            self._generation = 0  # what was written before the failure: copied again after the next refresh
             raise FastPathError(f"updating the fast path's maps failed: {error.strerror}") from None
 
     def refresh_fastopen_key(self, policy: FrontPolicy, now: float) -> None:
