@@ -169,10 +169,22 @@ struct {
 
 /* Per protected VIP and port, both programs together: what an operator asks per service (docs/metrics.md,
  * synproxy_front_vip_packets_total). The front's loader numbers its VIPs and ports 1..VIP_PORT_SLOTS in
- * the values of protected_vips and protected_ports (0: not counted), which handle_frame looks up anyway,
+ * the values of protected_vips and protected_port_slots (past them: not counted), which handle_frame looks up anyway,
  * and handle_frame notes the pair's element in the segment: counting then costs an array element, where
  * a hash keyed by VIP and port cost 50-90 ns a packet (docs/metrics.md). */
 #define VIP_PORT_SLOTS 64
+#define PORT_UNCOUNTED 0xff /* protected_port_slots: a protected port past VIP_PORT_SLOTS */
+
+/* The protected ports (key: the port, host order), each with its slot: 0 not protected, 1..VIP_PORT_SLOTS,
+ * or PORT_UNCOUNTED. An array the front's loader writes, where the shared `protected_ports` hash (the
+ * backends') cost a helper call, 20-50 ns a packet: the verifier inlines an array lookup. 64 K elements
+ * of 8 bytes (an array's element size): 512 KB. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u8);
+} protected_port_slots SEC(".maps");
 
 struct vip_port_counts {
 	__u64 syn_answered;
@@ -1420,8 +1432,9 @@ static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment 
 	if (!parse_icmp_error(packet_data(ctx, xdp), packet_end(ctx, xdp), error, &flow) ||
 	    addresses_refused(error) || !bpf_map_lookup_elem(&protected_vips, error->daddr))
 		return NOT_OURS;
-	__u16 port = bpf_ntohs(flow.dport);
-	if (__builtin_memcmp(error->daddr, flow.daddr, 16) || !bpf_map_lookup_elem(&protected_ports, &port))
+	__u32 port = bpf_ntohs(flow.dport);
+	const __u8 *port_slot = bpf_map_lookup_elem(&protected_port_slots, &port);
+	if (__builtin_memcmp(error->daddr, flow.daddr, 16) || !port_slot || !*port_slot)
 		return FRONT_ICMP_NOT_PROTECTED;
 	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
 	if (!fwd)
@@ -1492,11 +1505,11 @@ static __always_inline int handle_frame(void *ctx, int xdp, const struct front_c
 		return parsed == PARSE_SEGMENT ? count_on(path, &seg, FRONT_NOT_PROTECTED, pass) : pass;
 	if (parsed == PARSE_UNHANDLED)
 		return count_on(path, &seg, FRONT_UNPARSED, pass);
-	__u16 port = bpf_ntohs(seg.dport);
-	__u8 *port_slot = bpf_map_lookup_elem(&protected_ports, &port);
-	if (!port_slot)
+	__u32 port = bpf_ntohs(seg.dport);
+	const __u8 *port_slot = bpf_map_lookup_elem(&protected_port_slots, &port);
+	if (!port_slot || !*port_slot)
 		return count_on(path, &seg, FRONT_NOT_PROTECTED, pass);
-	if (*vip_slot && *vip_slot <= VIP_PORT_SLOTS && *port_slot && *port_slot <= VIP_PORT_SLOTS)
+	if (*vip_slot && *vip_slot <= VIP_PORT_SLOTS && *port_slot <= VIP_PORT_SLOTS)
 		seg.vip_port = (*vip_slot - 1) * VIP_PORT_SLOTS + *port_slot;
 	const struct local_copy *copy = local_copy(cfg);
 	if (!copy)

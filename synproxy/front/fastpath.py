@@ -85,6 +85,7 @@ _OWNERS = struct.Struct("4s8s")  # struct maglev_owners: the current owner, then
 VIP_PORT_COUNTS = struct.Struct("=3Q")  # struct vip_port_counts, in this order:
 VIP_PORT_OUTCOMES = ("syn_answered", "validated", "forwarded")
 VIP_PORT_SLOTS = 64  # VIP_PORT_SLOTS in bpf/front.bpf.c: VIPs, and ports, counted per pair
+PORT_UNCOUNTED = 0xFF  # PORT_UNCOUNTED in bpf/front.bpf.c: a protected port without a slot
 
 
 class FastPathError(RuntimeError):
@@ -100,7 +101,7 @@ class FastPath:
             self.prog_fd = self.object.program_fd(PROGRAM)
             self.config = sized_map(self.object, "config", _CONFIG.size)
             self.protected_vips = sized_map(self.object, "protected_vips", 1)
-            self.protected_ports = sized_map(self.object, "protected_ports", 1)
+            self.protected_port_slots = sized_map(self.object, "protected_port_slots", 1)
             self.salts = SaltMap(sized_map(self.object, "salts", SALT_SLOT.size))
             self.counters = sized_map(self.object, "counters", COUNTER.size)
             self.xdp_prog_fd = self.object.program_fd(XDP_PROGRAM)
@@ -121,7 +122,7 @@ class FastPath:
             raise FastPathError(f"the program's vip_port_counters map holds {self.vip_port_counters.max_entries} "
                                 f"entries, not {VIP_PORT_SLOTS ** 2}: bpf/front.bpf.c and fastpath.py disagree")
         self.vip_slots: dict[bytes, int] = {}   # protected_vips key -> its slot (0: not counted per VIP)
-        self.port_slots: dict[bytes, int] = {}  # protected_ports key -> its slot
+        self.port_slots: dict[bytes, int] = {}  # PORT_KEY of a protected port -> its slot
         self.attached: list[int] = []
         self.xdp_attached: dict[int, str] = {}  # ifindex -> mode
         self._config_written = b""
@@ -132,10 +133,9 @@ class FastPath:
 
     def configure(self, policy: FrontPolicy, schedule: SaltSchedule) -> None:
         """What the program protects and announces, then the salts and the clock (refresh())."""
-        for what, wanted, flag_map in (("VIPs", policy.vips, self.protected_vips),
-                                       ("ports", policy.ports, self.protected_ports)):
-            if len(wanted) > flag_map.max_entries:
-                raise FastPathError(f"{len(wanted)} {what}: the fast path holds at most {flag_map.max_entries}")
+        if len(policy.vips) > self.protected_vips.max_entries:
+            raise FastPathError(f"{len(policy.vips)} VIPs: the fast path holds at most "
+                                f"{self.protected_vips.max_entries}")
         try:
             self.write_protected(policy)
             self.write_maglev(policy)
@@ -149,9 +149,12 @@ class FastPath:
     def write_protected(self, policy: FrontPolicy) -> None:
         """The VIPs and ports the programs protect, each with its slot for the per-VIP counters (1 ..
         VIP_PORT_SLOTS; 0 past them: not counted, logged). A VIP or port kept across a reload keeps its
-        slot and its counts; a slot given to a new one starts from zero."""
+        slot and its counts; a slot given to a new one starts from zero. The ports go to the front's
+        protected_port_slots array (PORT_UNCOUNTED for a port without a slot, 0 for one no longer
+        protected), new ones before old ones are removed."""
         vips = {mapped(ipaddress.ip_address(vip)) for vip in policy.vips}
         ports = {PORT_KEY.pack(port) for port in policy.ports}
+        removed_ports = set(self.port_slots) - ports
         fresh = {"vip": set(), "port": set()}
         for kind, slots, wanted in (("vip", self.vip_slots, vips), ("port", self.port_slots, ports)):
             for key in set(slots) - wanted:
@@ -170,7 +173,10 @@ class FastPath:
             log("vip_port_counters_partial", uncounted=uncounted, most_vips=VIP_PORT_SLOTS,
                 most_ports=VIP_PORT_SLOTS)
         replace_entries(self.protected_vips, {key: bytes([slot]) for key, slot in self.vip_slots.items()})
-        replace_entries(self.protected_ports, {key: bytes([slot]) for key, slot in self.port_slots.items()})
+        for key, slot in self.port_slots.items():
+            self.protected_port_slots.update(MAP_KEY.pack(*PORT_KEY.unpack(key)), bytes([slot or PORT_UNCOUNTED]))
+        for key in removed_ports:
+            self.protected_port_slots.update(MAP_KEY.pack(*PORT_KEY.unpack(key)), b"\0")
 
     def vip_port_counts(self) -> dict[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], tuple[int, ...]]:
         """Both programs' counts per counted (VIP, port), summed over the CPUs, in VIP_PORT_OUTCOMES' order."""
