@@ -54,12 +54,24 @@ struct {
  * is used after the packet that first sees the new generation. A generation is random, not counted: a
  * reader racing the loader's in-place write of `config` could read a mix of two, which then never comes
  * back. */
+/* The epoch arithmetic for the wall-clock times in [from_ns, until_ns): a packet pays no 64-bit division
+ * (a forwarded ACK paid three, ~10-15 ns each here) while the clock stays in the window. */
+struct epoch_window {
+	__u64 from_ns;
+	__u64 until_ns;        /* 0: not computed */
+	__u64 period_ns;       /* computed for this period and the copy's skew */
+	__u64 epoch;           /* now_ns / period_ns */
+	__u64 oldest_accepted; /* epoch_accepted's window (bpf/synproxy.h) */
+	__u64 newest_accepted;
+};
+
 struct local_copy {
 	__u64 generation;    /* config's when copied; 0: never */
 	__u32 has_forwarding;
 	__u32 pad;
 	struct front_forwarding forwarding;
 	struct salt_slot salts[COOKIE_EPOCH_SLOTS]; /* a slot absent from the map: zeroed (not valid) */
+	struct epoch_window window;                 /* emptied with every copy (the skew may change) */
 };
 
 struct {
@@ -91,13 +103,14 @@ static __noinline int copy_maps(struct local_copy *copy, __u64 generation)
 		else
 			__builtin_memset(&copy->salts[i], 0, sizeof(copy->salts[i]));
 	}
+	copy->window = (struct epoch_window){};
 	copy->generation = generation;
 	return 1;
 }
 
 /* This CPU's copy, current with `cfg`'s generation (0: the loader names none: copied for every
  * packet). NULL cannot happen (a per-CPU array's element 0). */
-static __always_inline const struct local_copy *local_copy(const struct front_config *cfg)
+static __always_inline struct local_copy *local_copy(const struct front_config *cfg)
 {
 	__u32 zero = 0;
 	struct local_copy *copy = bpf_map_lookup_elem(&local_copies, &zero);
@@ -108,8 +121,46 @@ static __always_inline const struct local_copy *local_copy(const struct front_co
 	return copy_maps(copy, generation) ? copy : 0;
 }
 
+/* The window around `now_ns` (wall clock): the epoch and the accepted ones as epoch_accepted has them
+ * with the copy's skew (0 without a forwarding element), and the times they hold for. Its own BPF
+ * function, with no stack of its own: the SYN path's frames are at the verifier's 512 bytes. */
+static __noinline int compute_epoch_window(struct local_copy *copy, __u64 now_ns, __u64 period_ns)
+{
+	if (!copy || !period_ns)
+		return 0;
+	__u64 skew = copy->has_forwarding ? copy->forwarding.skew_ns : 0, reach = period_ns + skew;
+	__u64 epoch = now_ns / period_ns;
+	__u64 oldest = now_ns > reach ? (now_ns - reach) / period_ns : 0;
+	__u64 newest = (now_ns + skew) / period_ns;
+	__u64 from = epoch * period_ns, until = from + period_ns;
+
+	/* oldest is (now - reach) / period for now in [oldest * period + reach, + period) (0 from 0 on) */
+	if (oldest && oldest * period_ns + reach > from)
+		from = oldest * period_ns + reach;
+	if ((oldest + 1) * period_ns + reach < until)
+		until = (oldest + 1) * period_ns + reach;
+	/* newest is (now + skew) / period for now in [newest * period - skew, + period) */
+	if (newest * period_ns > skew && newest * period_ns - skew > from)
+		from = newest * period_ns - skew;
+	if ((newest + 1) * period_ns - skew < until)
+		until = (newest + 1) * period_ns - skew;
+	copy->window = (struct epoch_window){.from_ns = from, .until_ns = until, .period_ns = period_ns,
+					     .epoch = epoch, .oldest_accepted = oldest, .newest_accepted = newest};
+	return 1;
+}
+
+static __always_inline const struct epoch_window *epoch_window(struct local_copy *copy, __u64 now_ns,
+							       __u64 period_ns)
+{
+	const struct epoch_window *window = &copy->window;
+
+	if (now_ns - window->from_ns >= window->until_ns - window->from_ns || window->period_ns != period_ns)
+		compute_epoch_window(copy, now_ns, period_ns);
+	return window;
+}
+
 /* The copy's forwarding element, or NULL when the loader has written none. */
-static __always_inline const struct front_forwarding *copied_forwarding(const struct local_copy *copy)
+static __always_inline const struct front_forwarding *copied_forwarding(struct local_copy *copy)
 {
 	return copy->has_forwarding ? &copy->forwarding : 0;
 }
@@ -129,11 +180,21 @@ struct route {
 	__u8 smac[ETH_ALEN];
 };
 
+/* A cached route, and the encapsulation MAC's SipHash state after the message's first word (the outer
+ * addresses: the farm's and this backend's), then after its second too when that is zero (an IPv4
+ * client's, the first 8 bytes of its 16-byte form): 2 or 4 of the MAC's 20 rounds, done once per route
+ * lookup. Under the forwarding element of `generation` (its encap key and farm address). */
+struct route_entry {
+	struct route route;
+	__u64 generation;                /* the local copy's when computed */
+	struct siphash_state encap_mac[2]; /* [1]: for an IPv4 client */
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, ROUTE_CACHE_SLOTS);
 	__type(key, __u32);
-	__type(value, struct route);
+	__type(value, struct route_entry);
 } routes SEC(".maps");
 
 /* The ICMP errors the programs forward: each CPU's bucket (token_take) and, written by the loader, what a
@@ -578,7 +639,7 @@ static __always_inline __u32 cookie_data(__u8 family, const struct syn_options *
 }
 
 /* The salt new cookies use now, or 0 when the loader has not (yet) written this epoch's slot. */
-static __always_inline const struct salt_slot *minting_slot(const struct local_copy *copy, __u64 epoch)
+static __always_inline const struct salt_slot *minting_slot(struct local_copy *copy, __u64 epoch)
 {
 	const struct salt_slot *slot = &copy->salts[epoch % COOKIE_EPOCH_SLOTS];
 
@@ -588,7 +649,7 @@ static __always_inline const struct salt_slot *minting_slot(const struct local_c
 }
 
 /* cookie_slot (bpf/synproxy.h) over this CPU's copy of the salts. */
-static __always_inline const struct salt_slot *copied_cookie_slot(const struct local_copy *copy, __u32 cookie)
+static __always_inline const struct salt_slot *copied_cookie_slot(struct local_copy *copy, __u32 cookie)
 {
 	const struct salt_slot *slot = &copy->salts[(cookie >> COOKIE_EPOCH_SHIFT) & (COOKIE_EPOCH_SLOTS - 1)];
 
@@ -727,7 +788,7 @@ static __always_inline __u32 ip_header_length(__u8 family)
  * it), or FRONT_QUEUED (no forwarding configuration yet). */
 static __always_inline __u32 fastopen_decision(const struct segment *seg, const struct syn_options *options,
 					       const struct fastopen_key *key, __u32 payload,
-					       const struct local_copy *copy)
+					       struct local_copy *copy)
 {
 	const struct front_forwarding *fwd;
 
@@ -752,7 +813,7 @@ static __always_inline __u32 fastopen_decision(const struct segment *seg, const 
  * SYN-ACK's headers, as handler._answer_syn builds them. Returns FRONT_SYN_ANSWERED when `answer` is
  * ready, else the outcome of a SYN left to the queue. */
 static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct segment *seg,
-					     const struct front_config *cfg, const struct local_copy *copy,
+					     const struct front_config *cfg, struct local_copy *copy,
 					     __u32 frame_length, struct syn_ack *answer)
 {
 	__u32 ip_header = seg->tcp_offset - sizeof(struct ethhdr);
@@ -805,7 +866,7 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 			answer->fastopen_fallback = decided;
 		}
 	}
-	__u64 epoch = now_ns / cfg->period_ns;
+	__u64 epoch = epoch_window(copy, now_ns, cfg->period_ns)->epoch;
 	const struct salt_slot *slot = minting_slot(copy, epoch);
 	if (!slot)
 		return FRONT_NO_SALT;
@@ -911,7 +972,7 @@ static __always_inline void count_fastopen(__u32 path, const struct segment *seg
 }
 
 static __noinline int answer_syn(struct __sk_buff *skb, const struct segment *seg,
-				      const struct front_config *cfg, const struct local_copy *copy)
+				      const struct front_config *cfg, struct local_copy *copy)
 {
 	struct syn_ack answer = {};
 	__u32 outcome = prepare_syn_ack(skb, 0, seg, cfg, copy, skb->len, &answer);
@@ -998,7 +1059,7 @@ static __always_inline int write_syn_ack(struct xdp_md *ctx, const struct bpf_fi
 
 /* Its own BPF function (as forward() is): inlined together, their stack frames would not fit in 512 bytes. */
 static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg,
-					  const struct local_copy *copy)
+					  struct local_copy *copy)
 {
 	__u32 frame_length = ctx->data_end - ctx->data;
 	struct syn_ack answer = {};
@@ -1124,19 +1185,22 @@ static __always_inline int segment_checksum_holds(void *ctx, int xdp, const stru
  * bpf_fib_lookup. It is looked up for a packet of farm_mtu bytes, so a route whose MTU is smaller leaves
  * every packet to the queue. 0 when there is no route or the neighbour is unresolved (XDP has no
  * bpf_redirect_neigh: the kernel resolves it for the queue's packet; tc does as XDP does). */
-static __always_inline int route_to_backend(void *ctx, int xdp, const struct front_forwarding *fwd, __be32 backend,
-					    __be16 source_port, __u64 now_ns, struct route *next_hop)
+static __always_inline const struct route_entry *route_to_backend(void *ctx, int xdp, const struct local_copy *copy,
+								   __be32 backend, __be16 source_port, __u64 now_ns,
+								   struct route *next_hop)
 {
+	const struct front_forwarding *fwd = &copy->forwarding;
 	__u32 ingress = xdp ? ((struct xdp_md *)ctx)->ingress_ifindex : ((struct __sk_buff *)ctx)->ifindex;
 	__u32 slot = ((bpf_ntohl(backend) ^ ingress) * 2654435761u) >> 24; /* Knuth's multiplicative hash */
-	struct route *cached = bpf_map_lookup_elem(&routes, &slot);
+	struct route_entry *entry = bpf_map_lookup_elem(&routes, &slot);
 
-	if (!cached)
+	if (!entry)
 		return 0;
+	struct route *cached = &entry->route;
 	if (cached->backend == backend && cached->ingress_ifindex == ingress &&
-	    now_ns - cached->checked_ns < ROUTE_CACHE_NS) {
+	    now_ns - cached->checked_ns < ROUTE_CACHE_NS && entry->generation == copy->generation && copy->generation) {
 		*next_hop = *cached;
-		return 1;
+		return entry;
 	}
 	struct bpf_fib_lookup fib = {
 		.family = AF_INET,
@@ -1156,8 +1220,14 @@ static __always_inline int route_to_backend(void *ctx, int xdp, const struct fro
 				 .ifindex = fib.ifindex};
 	__builtin_memcpy(cached->dmac, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(cached->smac, fib.smac, ETH_ALEN);
+	__u64 words[2] = {}; /* the outer addresses, then an IPv4 client address's zero half */
+	__builtin_memcpy(&words[0], &fwd->farm_address, 4);
+	__builtin_memcpy((__u8 *)&words[0] + 4, &backend, 4);
+	siphash_start(&entry->encap_mac[0], words, 1, 2, fwd->encap_key);
+	siphash_start(&entry->encap_mac[1], words, 2, 2, fwd->encap_key);
+	entry->generation = copy->generation;
 	*next_hop = *cached;
-	return 1;
+	return entry;
 }
 
 /* What forwarding a segment takes, decided: where to, and the encapsulation's fields. Callers zero it:
@@ -1185,10 +1255,11 @@ static __always_inline int forwarded(__u32 outcome)
 /* Where `seg`'s flow goes (its Maglev backend and the route there) and the encapsulation's fields, with
  * `flags` and the slot's former owners (an ICMP error's too: its flow's slot), for a packet decided as
  * `outcome`: that outcome, or the one that leaves it to the queue. */
-static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct front_forwarding *fwd,
+static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct local_copy *copy,
 						const struct segment *seg, __u8 flags, __u64 tai_ns, __u32 outcome,
 						struct forwarding_plan *plan)
 {
+	const struct front_forwarding *fwd = &copy->forwarding;
 	__u64 flow = flow_hash(seg, fwd->flow_key);
 	__u32 index = flow % MAGLEV_TABLE_SIZE;
 	const struct maglev_owners *entry = bpf_map_lookup_elem(&maglev, &index);
@@ -1202,12 +1273,16 @@ static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct
 	plan->backend = backend;
 	plan->former = former;
 	plan->source_port = bpf_htons(ENCAP_SOURCE_PORT_BASE | (flow & ENCAP_SOURCE_PORT_MASK));
-	if (!route_to_backend(ctx, xdp, fwd, plan->backend, plan->source_port, tai_ns, &plan->next_hop))
+	const struct route_entry *route = route_to_backend(ctx, xdp, copy, plan->backend, plan->source_port, tai_ns,
+							   &plan->next_hop);
+	if (!route)
 		return FRONT_UNROUTED;
 
 	union encap_message message;
 	encap_message_of(&message, fwd->farm_address, plan->backend, seg, flags, &plan->former);
-	plan->mac = bpf_cpu_to_be64(encap_mac(&message, fwd->encap_key));
+	/* encap_mac's value, from the state the route cache keeps after the message's first word(s) */
+	plan->mac = bpf_cpu_to_be64(seg->family == 4 ? siphash_finish(&route->encap_mac[1], &message.words[2], 5, 7, 2, 4)
+						     : siphash_finish(&route->encap_mac[0], &message.words[1], 6, 7, 2, 4));
 	plan->farm_address = fwd->farm_address;
 	plan->encap_port = fwd->encap_port;
 	plan->flags = flags;
@@ -1217,7 +1292,7 @@ static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct
 /* Every segment but a SYN to a protected VIP and port, as handler.handle decides it, on either hook:
  * the outcome, and for a forwarded() one the plan the hook's surgery carries out. */
 static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct segment *seg,
-					     const struct front_config *cfg, const struct local_copy *copy,
+					     const struct front_config *cfg, struct local_copy *copy,
 					     struct forwarding_plan *plan)
 {
 	const struct front_forwarding *fwd = copied_forwarding(copy);
@@ -1246,8 +1321,8 @@ static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct se
 	__u64 tai_ns = bpf_ktime_get_tai_ns(); /* the one clock reading: a helper call costs ~20 ns */
 	if ((seg->flags & TCP_FLAG_ACK) && !(seg->flags & (TCP_FLAG_RST | TCP_FLAG_FIN))) {
 		__u32 cookie = seg->ack - 1;
-		__u64 now_ns = tai_ns + cfg->clock_offset_ns;
-		__u64 epoch = now_ns / cfg->period_ns;
+		const struct epoch_window *window = epoch_window(copy, tai_ns + cfg->clock_offset_ns, cfg->period_ns);
+		__u64 epoch = window->epoch;
 		const struct salt_slot *slot = copied_cookie_slot(copy, cookie);
 		/* A cookie of the current epoch names the minting slot itself. */
 		int current = ((cookie >> COOKIE_EPOCH_SHIFT) & (COOKIE_EPOCH_SLOTS - 1)) == epoch % COOKIE_EPOCH_SLOTS;
@@ -1256,7 +1331,7 @@ static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct se
 		 * tell an expired cookie from a salt not written, the handler can. */
 		if (current ? !slot || slot->epoch != epoch || !slot->nkeys : !minting_slot(copy, epoch))
 			return FRONT_NO_SALT;
-		if (!slot || !epoch_accepted(slot->epoch, now_ns, cfg->period_ns, fwd->skew_ns)) {
+		if (!slot || slot->epoch < window->oldest_accepted || slot->epoch > window->newest_accepted) {
 			outcome = FRONT_FORWARDED_EXPIRED_EPOCH;
 		} else if (!cookie_mac_valid(slot, seg, cookie)) {
 			outcome = FRONT_FORWARDED_BAD_MAC;
@@ -1270,7 +1345,7 @@ static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct se
 		}
 	}
 
-	return plan_encapsulation(ctx, xdp, fwd, seg, flags, tai_ns, outcome, plan);
+	return plan_encapsulation(ctx, xdp, copy, seg, flags, tai_ns, outcome, plan);
 }
 
 /* The Ethernet, outer IPv4, UDP and encapsulation headers as encap.encapsulate builds them, for an
@@ -1332,7 +1407,7 @@ static __always_inline int encapsulate_xdp(struct xdp_md *ctx, const struct segm
 }
 
 static __noinline int forward_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg,
-				       const struct local_copy *copy)
+				       struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
 	__u32 outcome = plan_forwarding(ctx, 1, seg, cfg, copy, &plan);
@@ -1367,7 +1442,7 @@ static __always_inline int encapsulate_tc(struct __sk_buff *skb, const struct se
 }
 
 static __noinline int forward_tc(struct __sk_buff *skb, const struct segment *seg, const struct front_config *cfg,
-				      const struct local_copy *copy)
+				      struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
 
@@ -1384,18 +1459,18 @@ static __noinline int forward_tc(struct __sk_buff *skb, const struct segment *se
 /* Encapsulated whole, data included, flagged FASTOPEN to the flow's backend (handler._forward_fastopen);
  * no forwarding configuration, Maglev entry or route: the queue's. */
 static __always_inline __u32 plan_fastopen(void *ctx, int xdp, const struct segment *seg,
-					   const struct local_copy *copy, struct forwarding_plan *plan)
+					   struct local_copy *copy, struct forwarding_plan *plan)
 {
 	const struct front_forwarding *fwd = copied_forwarding(copy);
 
 	if (!fwd)
 		return FRONT_QUEUED;
-	return plan_encapsulation(ctx, xdp, fwd, seg, ENCAP_FLAG_FASTOPEN, bpf_ktime_get_tai_ns(),
+	return plan_encapsulation(ctx, xdp, copy, seg, ENCAP_FLAG_FASTOPEN, bpf_ktime_get_tai_ns(),
 				  FRONT_FASTOPEN_ACCEPTED, plan);
 }
 
 static __noinline int forward_fastopen_xdp(struct xdp_md *ctx, const struct segment *seg,
-						const struct local_copy *copy)
+						struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
 	__u32 outcome = plan_fastopen(ctx, 1, seg, copy, &plan);
@@ -1406,7 +1481,7 @@ static __noinline int forward_fastopen_xdp(struct xdp_md *ctx, const struct segm
 }
 
 static __noinline int forward_fastopen_tc(struct __sk_buff *skb, const struct segment *seg,
-					       const struct local_copy *copy)
+					       struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
 	__u32 outcome = plan_fastopen(skb, 0, seg, copy, &plan);
@@ -1424,7 +1499,8 @@ static __noinline int forward_fastopen_tc(struct __sk_buff *skb, const struct se
  * encapsulated flagged ICMP to the backend of the quoted flow (plan_encapsulation: the flow's own hash
  * and MAC tuple), within this CPU's share of the ICMP budget. `error` is the caller's (zeroed) segment,
  * filled with the error's own addresses and length: one more here would not fit the stack. */
-static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment *error, struct forwarding_plan *plan)
+static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment *error, struct local_copy *copy,
+					     struct forwarding_plan *plan)
 {
 	struct segment flow = {};
 	__u32 zero = 0;
@@ -1436,7 +1512,7 @@ static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment 
 	const __u8 *port_slot = bpf_map_lookup_elem(&protected_port_slots, &port);
 	if (__builtin_memcmp(error->daddr, flow.daddr, 16) || !port_slot || !*port_slot)
 		return FRONT_ICMP_NOT_PROTECTED;
-	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
+	const struct front_forwarding *fwd = copied_forwarding(copy);
 	if (!fwd)
 		return FRONT_QUEUED;
 	if (error->ip_length + ENCAP_OVERHEAD > fwd->farm_mtu)
@@ -1447,7 +1523,7 @@ static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment 
 		if ((void *)(ip + 1) > packet_end(ctx, xdp) || ipv4_header_fold(ip))
 			return FRONT_UNVERIFIED;
 	}
-	__u32 outcome = plan_encapsulation(ctx, xdp, fwd, &flow, ENCAP_FLAG_ICMP, bpf_ktime_get_tai_ns(),
+	__u32 outcome = plan_encapsulation(ctx, xdp, copy, &flow, ENCAP_FLAG_ICMP, bpf_ktime_get_tai_ns(),
 					   FRONT_ICMP_FORWARDED, plan);
 	const struct icmp_limit *limit = bpf_map_lookup_elem(&icmp_limit, &zero);
 	if (outcome == FRONT_ICMP_FORWARDED &&
@@ -1462,10 +1538,10 @@ static __always_inline int icmp_dropped(__u32 outcome)
 	return outcome == FRONT_ICMP_NOT_PROTECTED || outcome == FRONT_ICMP_RATE_LIMITED;
 }
 
-static __noinline int forward_icmp_error_xdp(struct xdp_md *ctx, struct segment *error)
+static __noinline int forward_icmp_error_xdp(struct xdp_md *ctx, struct segment *error, struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
-	__u32 outcome = plan_icmp_error(ctx, 1, error, &plan);
+	__u32 outcome = plan_icmp_error(ctx, 1, error, copy, &plan);
 
 	if (outcome == NOT_OURS)
 		return XDP_PASS;
@@ -1474,10 +1550,10 @@ static __noinline int forward_icmp_error_xdp(struct xdp_md *ctx, struct segment 
 	return encapsulate_xdp(ctx, error, &plan, outcome);
 }
 
-static __noinline int forward_icmp_error_tc(struct __sk_buff *skb, struct segment *error)
+static __noinline int forward_icmp_error_tc(struct __sk_buff *skb, struct segment *error, struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
-	__u32 outcome = plan_icmp_error(skb, 0, error, &plan);
+	__u32 outcome = plan_icmp_error(skb, 0, error, copy, &plan);
 
 	if (outcome == NOT_OURS)
 		return TC_ACT_OK;
@@ -1496,8 +1572,13 @@ static __always_inline int handle_frame(void *ctx, int xdp, const struct front_c
 	struct segment seg = {};
 
 	enum parsed parsed = parse_frame(packet_data(ctx, xdp), packet_end(ctx, xdp), &seg);
-	if (parsed == PARSE_OTHER) /* not TCP: an ICMP error about a protected flow, or not ours */
-		return xdp ? forward_icmp_error_xdp(ctx, &seg) : forward_icmp_error_tc(ctx, &seg);
+	if (parsed == PARSE_OTHER) { /* not TCP: an ICMP error about a protected flow, or not ours */
+		struct local_copy *copy = local_copy(cfg);
+
+		if (!copy)
+			return pass;
+		return xdp ? forward_icmp_error_xdp(ctx, &seg, copy) : forward_icmp_error_tc(ctx, &seg, copy);
+	}
 	if (addresses_refused(&seg))
 		return pass;
 	__u8 *vip_slot = bpf_map_lookup_elem(&protected_vips, seg.daddr);
@@ -1511,7 +1592,7 @@ static __always_inline int handle_frame(void *ctx, int xdp, const struct front_c
 		return count_on(path, &seg, FRONT_NOT_PROTECTED, pass);
 	if (*vip_slot && *vip_slot <= VIP_PORT_SLOTS && *port_slot <= VIP_PORT_SLOTS)
 		seg.vip_port = (*vip_slot - 1) * VIP_PORT_SLOTS + *port_slot;
-	const struct local_copy *copy = local_copy(cfg);
+	struct local_copy *copy = local_copy(cfg);
 	if (!copy)
 		return pass;
 	if (seg.flags & TCP_FLAG_SYN) {

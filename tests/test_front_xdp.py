@@ -49,7 +49,7 @@ from synproxy.front.fastpath import FastPath, FastPathError
 from synproxy.front.handler import Action, FrontPolicy, handle
 from synproxy.maglev import PreviousOwners
 from synproxy.netlink import default_route_interfaces
-from synproxy.packet import ACK, build_tcp_packet
+from synproxy.packet import ACK, SYN, build_tcp_options, build_tcp_packet, parse_tcp
 from synproxy.salt import SaltSchedule
 from tests.lab_fixtures import needs_root
 from tests.test_front_fastpath import (
@@ -353,6 +353,35 @@ def test_no_cpus_copy_of_the_forwarding_element_or_salts_outlives_a_change_by_th
                 assert without_clock(out[14:]) == without_clock(handle(syn_frame[14:], now, salts, current).packet)
     finally:
         loaded.close()
+
+
+def test_acks_around_an_epoch_boundary_are_judged_at_the_handlers_moments(
+        hook, one_cpu, monkeypatch, namespace, fast_path, policy, schedule):
+    """Each CPU keeps the epoch and the accepted ones for a window of time (bpf/front.bpf.c, epoch_window):
+    just before and after each moment the handler's judgement changes (the boundary, and the skew's
+    both ends), the clock moving forward then back, ACKs carrying cookies of the epochs around are
+    judged as the handler judges them."""
+    client, vip = ipaddress.ip_address("198.18.7.7").packed, ipaddress.ip_address(VIP4).packed
+    boundary_epoch = 29000000
+    acks = []
+    for epoch in range(boundary_epoch - 2, boundary_epoch + 2):
+        syn_packet = build_tcp_packet(client, vip, 40000, PORT, 1000, 0, SYN, 64240,
+                                      build_tcp_options(1460, 7, True, None))
+        cookie = parse_tcp(handle(syn_packet, epoch * PERIOD + PERIOD / 2, schedule, policy).packet).seq
+        acks.append(build_tcp_packet(client, vip, 40000, PORT, 1001, (cookie + 1) % 2**32, ACK, 502))
+    skew, boundary = schedule.skew, boundary_epoch * PERIOD
+    moments = [boundary + offset for offset in (-PERIOD / 2, -skew - 0.2, -skew + 0.2, -0.2, 0.2, skew - 0.2,
+                                                skew + 0.2, PERIOD - skew - 0.2, PERIOD - skew + 0.2)]
+    judged = set()
+    for now in moments + moments[::-1]:
+        set_clock(monkeypatch, fast_path, policy, schedule, now)
+        for ack in acks:
+            expected = handle(ack, now, schedule, policy)
+            _, out, changed = run(namespace, fast_path, frame_of(ack), hook=hook)
+            assert changed == {(expected.outcome, 4): 1}, (now - boundary, parse_tcp(ack).ack)
+            assert out[14:] == expected.packet
+            judged.add(expected.outcome)
+    assert judged == {"validated", "forwarded_expired_epoch"}
 
 
 @pytest.mark.parametrize("timestamp", [False, True])
