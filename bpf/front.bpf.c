@@ -47,13 +47,6 @@ struct {
 	__type(value, struct maglev_owners);
 } maglev SEC(".maps");
 
-/* Each CPU's copy of the `forwarding` element and of the `salts` slots, as of config's generation: the
- * two hash lookups (20-50 ns each, benchmarks/front_xdp_stages.py) a packet made become one inlined
- * per-CPU array lookup and a compare. The loader writes the maps first, then a new generation in
- * `config`; a CPU whose copy is of another generation copies them again before using them, so no copy
- * is used after the packet that first sees the new generation. A generation is random, not counted: a
- * reader racing the loader's in-place write of `config` could read a mix of two, which then never comes
- * back. */
 /* The epoch arithmetic for the wall-clock times in [from_ns, until_ns): a packet pays no 64-bit division
  * (a forwarded ACK paid three, ~10-15 ns each here) while the clock stays in the window. */
 struct epoch_window {
@@ -65,14 +58,81 @@ struct epoch_window {
 	__u64 newest_accepted;
 };
 
+/* The protected VIPs as an open-addressing table: an array of the copy's, looked up inline (a 16-byte
+ * hash map's lookup cost ~35 ns a packet, benchmarks/front_xdp_stages.py). A VIP sits within
+ * VIP_PROBES elements of vip_index(); one that found no room there (hundreds of VIPs) sets
+ * vips_overflow, and a VIP the table does not hold is then looked up in `protected_vips` too. */
+#define VIP_TABLE_BITS 9
+#define VIP_TABLE_SLOTS (1 << VIP_TABLE_BITS)
+#define VIP_PROBES 4
+struct vip_entry {
+	__u64 address[2]; /* the 16-byte form, as it lies in memory */
+	__u8 slot;        /* protected_vips' value: the VIP's number for the per-VIP counters (0: none) */
+	__u8 used;
+	__u8 pad[6];
+};
+
+/* Each CPU's copy of the `forwarding` element, the `salts` slots and the `protected_vips`, as of
+ * config's generation: the hash lookups (20-50 ns each, benchmarks/front_xdp_stages.py) a packet made
+ * become one inlined per-CPU array lookup and a compare. The loader writes the maps first, then a new
+ * generation in `config`; a CPU whose copy is of another generation copies them again before using
+ * them, so no copy is used after the packet that first sees the new generation. A generation is
+ * random, not counted: a reader racing the loader's in-place write of `config` could read a mix of two,
+ * which then never comes back. */
 struct local_copy {
 	__u64 generation;    /* config's when copied; 0: never */
 	__u32 has_forwarding;
-	__u32 pad;
+	__u32 vips_overflow;
 	struct front_forwarding forwarding;
 	struct salt_slot salts[COOKIE_EPOCH_SLOTS]; /* a slot absent from the map: zeroed (not valid) */
 	struct epoch_window window;                 /* emptied with every copy (the skew may change) */
+	struct vip_entry vips[VIP_TABLE_SLOTS];     /* protected_vips */
 };
+
+/* Where a VIP's probes start in the copy's table: Knuth's multiplicative hash of its words. */
+static __always_inline __u32 vip_index(const __u8 address[16])
+{
+	const header_word *words = (const void *)address;
+
+	return ((words[0] ^ words[1] ^ words[2] ^ words[3]) * 2654435761u) >> (32 - VIP_TABLE_BITS);
+}
+
+/* The callbacks' context (bpf_loop and bpf_for_each_map_elem take one on the stack). */
+struct vip_refill {
+	struct local_copy *copy;
+};
+
+static long clear_vip_entry(__u32 index, void *context)
+{
+	struct local_copy *copy = ((struct vip_refill *)context)->copy;
+
+	if (copy)
+		copy->vips[index & (VIP_TABLE_SLOTS - 1)].used = 0;
+	return 0;
+}
+
+/* bpf_for_each_map_elem's callback over protected_vips: the VIP into the copy's table. */
+static long insert_vip(void *map, const __u8 *address, const __u8 *slot, void *context)
+{
+	struct local_copy *copy = ((struct vip_refill *)context)->copy;
+	__u32 index = vip_index(address);
+
+	if (!copy)
+		return 1;
+#pragma unroll
+	for (__u32 probe = 0; probe < VIP_PROBES; probe++) {
+		struct vip_entry *entry = &copy->vips[(index + probe) & (VIP_TABLE_SLOTS - 1)];
+
+		if (!entry->used) {
+			__builtin_memcpy(entry->address, address, 16);
+			entry->slot = *slot;
+			entry->used = 1;
+			return 0;
+		}
+	}
+	copy->vips_overflow = 1;
+	return 0;
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -104,6 +164,10 @@ static __noinline int copy_maps(struct local_copy *copy, __u64 generation)
 			__builtin_memset(&copy->salts[i], 0, sizeof(copy->salts[i]));
 	}
 	copy->window = (struct epoch_window){};
+	struct vip_refill refill = {copy};
+	copy->vips_overflow = 0;
+	bpf_loop(VIP_TABLE_SLOTS, clear_vip_entry, &refill, 0);
+	bpf_for_each_map_elem(&protected_vips, insert_vip, &refill, 0);
 	copy->generation = generation;
 	return 1;
 }
@@ -157,6 +221,25 @@ static __always_inline const struct epoch_window *epoch_window(struct local_copy
 	if (now_ns - window->from_ns >= window->until_ns - window->from_ns || window->period_ns != period_ns)
 		compute_epoch_window(copy, now_ns, period_ns);
 	return window;
+}
+
+/* protected_vips' value for `address` (its number for the per-VIP counters), or NULL: not protected. */
+static __always_inline const __u8 *protected_vip(const struct local_copy *copy, const __u8 address[16])
+{
+	__u32 index = vip_index(address);
+	__u64 words[2];
+
+	__builtin_memcpy(words, address, 16);
+#pragma unroll
+	for (__u32 probe = 0; probe < VIP_PROBES; probe++) {
+		const struct vip_entry *entry = &copy->vips[(index + probe) & (VIP_TABLE_SLOTS - 1)];
+
+		if (!entry->used)
+			break;
+		if (entry->address[0] == words[0] && entry->address[1] == words[1])
+			return &entry->slot;
+	}
+	return copy->vips_overflow ? bpf_map_lookup_elem(&protected_vips, address) : 0;
 }
 
 /* The copy's forwarding element, or NULL when the loader has written none. */
@@ -1506,7 +1589,7 @@ static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment 
 	__u32 zero = 0;
 
 	if (!parse_icmp_error(packet_data(ctx, xdp), packet_end(ctx, xdp), error, &flow) ||
-	    addresses_refused(error) || !bpf_map_lookup_elem(&protected_vips, error->daddr))
+	    addresses_refused(error) || !protected_vip(copy, error->daddr))
 		return NOT_OURS;
 	__u32 port = bpf_ntohs(flow.dport);
 	const __u8 *port_slot = bpf_map_lookup_elem(&protected_port_slots, &port);
@@ -1572,16 +1655,14 @@ static __always_inline int handle_frame(void *ctx, int xdp, const struct front_c
 	struct segment seg = {};
 
 	enum parsed parsed = parse_frame(packet_data(ctx, xdp), packet_end(ctx, xdp), &seg);
-	if (parsed == PARSE_OTHER) { /* not TCP: an ICMP error about a protected flow, or not ours */
-		struct local_copy *copy = local_copy(cfg);
-
-		if (!copy)
-			return pass;
+	struct local_copy *copy = local_copy(cfg);
+	if (!copy)
+		return pass;
+	if (parsed == PARSE_OTHER) /* not TCP: an ICMP error about a protected flow, or not ours */
 		return xdp ? forward_icmp_error_xdp(ctx, &seg, copy) : forward_icmp_error_tc(ctx, &seg, copy);
-	}
 	if (addresses_refused(&seg))
 		return pass;
-	__u8 *vip_slot = bpf_map_lookup_elem(&protected_vips, seg.daddr);
+	const __u8 *vip_slot = protected_vip(copy, seg.daddr);
 	if (!vip_slot)
 		return parsed == PARSE_SEGMENT ? count_on(path, &seg, FRONT_NOT_PROTECTED, pass) : pass;
 	if (parsed == PARSE_UNHANDLED)
@@ -1592,9 +1673,6 @@ static __always_inline int handle_frame(void *ctx, int xdp, const struct front_c
 		return count_on(path, &seg, FRONT_NOT_PROTECTED, pass);
 	if (*vip_slot && *vip_slot <= VIP_PORT_SLOTS && *port_slot <= VIP_PORT_SLOTS)
 		seg.vip_port = (*vip_slot - 1) * VIP_PORT_SLOTS + *port_slot;
-	struct local_copy *copy = local_copy(cfg);
-	if (!copy)
-		return pass;
 	if (seg.flags & TCP_FLAG_SYN) {
 		if (seg.flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
 			return count_on(path, &seg, FRONT_QUEUED, pass); /* the handler drops it: invalid_flags */

@@ -49,7 +49,7 @@ from synproxy.front.fastpath import FastPath, FastPathError
 from synproxy.front.handler import Action, FrontPolicy, handle
 from synproxy.maglev import PreviousOwners
 from synproxy.netlink import default_route_interfaces
-from synproxy.packet import ACK, SYN, build_tcp_options, build_tcp_packet, parse_tcp
+from synproxy.packet import ACK, FIN, SYN, build_tcp_options, build_tcp_packet, parse_tcp
 from synproxy.salt import SaltSchedule
 from tests.lab_fixtures import needs_root
 from tests.test_front_fastpath import (
@@ -351,6 +351,39 @@ def test_no_cpus_copy_of_the_forwarding_element_or_salts_outlives_a_change_by_th
                 _, out, changed = run(namespace, loaded, syn_frame)
                 assert changed == {("syn_answered", 4): 1}
                 assert without_clock(out[14:]) == without_clock(handle(syn_frame[14:], now, salts, current).packet)
+    finally:
+        loaded.close()
+
+
+def test_every_protected_vip_is_found_past_the_copys_table_and_none_after_a_reload_removes_it(
+        hook, one_cpu, monkeypatch, namespace, link_mac, cookie_vectors, schedule):
+    """Each CPU copies the protected VIPs into a table of 512 (bpf/front.bpf.c, protected_vip): 1000 VIPs
+    overflow it and are all found (the rest in `protected_vips`), other addresses are not, and after a
+    reload that keeps three of them the first packet to another one is not protected any more."""
+    rng = random.Random(11)
+    many = make_policy(cookie_vectors["vectors"])
+    many = dataclasses.replace(many, vips=many.vips | {bytes([10, 1, n >> 8, n & 0xFF]) for n in range(1000 - len(many.vips))})
+    kept = sorted(many.vips)[:3]
+    few = dataclasses.replace(many, vips=frozenset(kept) | {ipaddress.ip_address(VIP4).packed})
+    now = 1000 * PERIOD + 30
+    monkeypatch.setattr(fastpath.time, "time", lambda: now)  # a reload within the epoch: the salts stay
+    loaded = FastPath(build_object("front"))
+    try:
+        for current in (many, few):
+            set_clock(monkeypatch, loaded, current, schedule, now)
+            loaded.configure(current, schedule)
+            v4 = [vip for vip in many.vips if len(vip) == 4]
+            addresses = rng.sample(v4, 150) + kept[:1] + [bytes([10, 2, 0, n]) for n in range(1, 30)]
+            for address in addresses:
+                packet = build_tcp_packet(bytes([198, 18, 0, rng.randrange(1, 255)]), address, 40000, PORT, 7,
+                                          5000, FIN | ACK, 1000)
+                expected = handle(packet, now, schedule, current)
+                verdict, out, changed = run(namespace, loaded, frame_of(packet), hook=hook)
+                if address in current.vips:
+                    assert changed == {("forwarded", 4): 1}, address
+                    assert_encapsulated(verdict, out, expected, link_mac, hook)
+                else:
+                    assert (verdict, changed) == (PASS[hook], {("not_protected", 4): 1}), address
     finally:
         loaded.close()
 

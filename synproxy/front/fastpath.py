@@ -144,6 +144,7 @@ class FastPath:
                 *per_cpu_token_bucket(ICMP_ERRORS_PER_SECOND, os.cpu_count() or 1)))
         except BpfError as error:
             raise FastPathError(f"filling the fast path's maps failed: {error.strerror}") from None
+        self._generation = 0  # the programs copy the VIPs with the salts and forwarding: a new generation
         self.refresh(policy, schedule, time.time())
 
     def write_protected(self, policy: FrontPolicy) -> None:
