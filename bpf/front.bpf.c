@@ -47,6 +47,207 @@ struct {
 	__type(value, struct maglev_owners);
 } maglev SEC(".maps");
 
+/* The epoch arithmetic for the wall-clock times in [from_ns, until_ns): a packet pays no 64-bit division
+ * (a forwarded ACK paid three, ~10-15 ns each here) while the clock stays in the window. */
+struct epoch_window {
+	__u64 from_ns;
+	__u64 until_ns;        /* 0: not computed */
+	__u64 period_ns;       /* computed for this period and the copy's skew */
+	__u64 epoch;           /* now_ns / period_ns */
+	__u64 oldest_accepted; /* epoch_accepted's window (bpf/synproxy.h) */
+	__u64 newest_accepted;
+};
+
+/* The protected VIPs as an open-addressing table: an array of the copy's, looked up inline (a 16-byte
+ * hash map's lookup cost ~35 ns a packet, benchmarks/front_xdp_stages.py). A VIP sits within
+ * VIP_PROBES elements of vip_index(); one that found no room there (hundreds of VIPs) sets
+ * vips_overflow, and a VIP the table does not hold is then looked up in `protected_vips` too. */
+#define VIP_TABLE_BITS 9
+#define VIP_TABLE_SLOTS (1 << VIP_TABLE_BITS)
+#define VIP_PROBES 4
+struct vip_entry {
+	__u64 address[2]; /* the 16-byte form, as it lies in memory */
+	__u8 slot;        /* protected_vips' value: the VIP's number for the per-VIP counters (0: none) */
+	__u8 used;
+	__u8 pad[6];
+};
+
+/* Each CPU's copy of the `forwarding` element, the `salts` slots and the `protected_vips`, as of
+ * config's generation: the hash lookups (20-50 ns each, benchmarks/front_xdp_stages.py) a packet made
+ * become one inlined per-CPU array lookup and a compare. The loader writes the maps first, then a new
+ * generation in `config`; a CPU whose copy is of another generation copies them again before using
+ * them, so no copy is used after the packet that first sees the new generation. A generation is
+ * random, not counted: a reader racing the loader's in-place write of `config` could read a mix of two,
+ * which then never comes back. */
+struct local_copy {
+	__u64 generation;    /* config's when copied; 0: never */
+	__u32 has_forwarding;
+	__u32 vips_overflow;
+	struct front_forwarding forwarding;
+	struct salt_slot salts[COOKIE_EPOCH_SLOTS]; /* a slot absent from the map: zeroed (not valid) */
+	struct epoch_window window;                 /* emptied with every copy (the skew may change) */
+	struct vip_entry vips[VIP_TABLE_SLOTS];     /* protected_vips */
+};
+
+/* Where a VIP's probes start in the copy's table: Knuth's multiplicative hash of its words. */
+static __always_inline __u32 vip_index(const __u8 address[16])
+{
+	const header_word *words = (const void *)address;
+
+	return ((words[0] ^ words[1] ^ words[2] ^ words[3]) * 2654435761u) >> (32 - VIP_TABLE_BITS);
+}
+
+/* The callbacks' context (bpf_loop and bpf_for_each_map_elem take one on the stack). */
+struct vip_refill {
+	struct local_copy *copy;
+};
+
+static long clear_vip_entry(__u32 index, void *context)
+{
+	struct local_copy *copy = ((struct vip_refill *)context)->copy;
+
+	if (copy)
+		copy->vips[index & (VIP_TABLE_SLOTS - 1)].used = 0;
+	return 0;
+}
+
+/* bpf_for_each_map_elem's callback over protected_vips: the VIP into the copy's table. */
+static long insert_vip(void *map, const __u8 *address, const __u8 *slot, void *context)
+{
+	struct local_copy *copy = ((struct vip_refill *)context)->copy;
+	__u32 index = vip_index(address);
+
+	if (!copy)
+		return 1;
+#pragma unroll
+	for (__u32 probe = 0; probe < VIP_PROBES; probe++) {
+		struct vip_entry *entry = &copy->vips[(index + probe) & (VIP_TABLE_SLOTS - 1)];
+
+		if (!entry->used) {
+			__builtin_memcpy(entry->address, address, 16);
+			entry->slot = *slot;
+			entry->used = 1;
+			return 0;
+		}
+	}
+	copy->vips_overflow = 1;
+	return 0;
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct local_copy);
+} local_copies SEC(".maps");
+
+/* The copy's refill: its own BPF function, called from the entry's frame (the SYN path's stack is
+ * full) and kept out of the hot path's code. */
+static __noinline int copy_maps(struct local_copy *copy, __u64 generation)
+{
+	__u32 zero = 0;
+	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
+
+	if (!copy)
+		return 0;
+	copy->has_forwarding = fwd != 0;
+	if (fwd)
+		copy->forwarding = *fwd;
+#pragma unroll
+	for (__u32 i = 0; i < COOKIE_EPOCH_SLOTS; i++) {
+		__u32 index = i;
+		const struct salt_slot *slot = bpf_map_lookup_elem(&salts, &index);
+
+		if (slot)
+			copy->salts[i] = *slot;
+		else
+			__builtin_memset(&copy->salts[i], 0, sizeof(copy->salts[i]));
+	}
+	copy->window = (struct epoch_window){};
+	struct vip_refill refill = {copy};
+	copy->vips_overflow = 0;
+	bpf_loop(VIP_TABLE_SLOTS, clear_vip_entry, &refill, 0);
+	bpf_for_each_map_elem(&protected_vips, insert_vip, &refill, 0);
+	copy->generation = generation;
+	return 1;
+}
+
+/* This CPU's copy, current with `cfg`'s generation (0: the loader names none: copied for every
+ * packet). NULL cannot happen (a per-CPU array's element 0). */
+static __always_inline struct local_copy *local_copy(const struct front_config *cfg)
+{
+	__u32 zero = 0;
+	struct local_copy *copy = bpf_map_lookup_elem(&local_copies, &zero);
+	__u64 generation = *(volatile const __u64 *)&cfg->generation;
+
+	if (!copy || (generation && copy->generation == generation))
+		return copy;
+	return copy_maps(copy, generation) ? copy : 0;
+}
+
+/* The window around `now_ns` (wall clock): the epoch and the accepted ones as epoch_accepted has them
+ * with the copy's skew (0 without a forwarding element), and the times they hold for. Its own BPF
+ * function, with no stack of its own: the SYN path's frames are at the verifier's 512 bytes. */
+static __noinline int compute_epoch_window(struct local_copy *copy, __u64 now_ns, __u64 period_ns)
+{
+	if (!copy || !period_ns)
+		return 0;
+	__u64 skew = copy->has_forwarding ? copy->forwarding.skew_ns : 0, reach = period_ns + skew;
+	__u64 epoch = now_ns / period_ns;
+	__u64 oldest = now_ns > reach ? (now_ns - reach) / period_ns : 0;
+	__u64 newest = (now_ns + skew) / period_ns;
+	__u64 from = epoch * period_ns, until = from + period_ns;
+
+	/* oldest is (now - reach) / period for now in [oldest * period + reach, + period) (0 from 0 on) */
+	if (oldest && oldest * period_ns + reach > from)
+		from = oldest * period_ns + reach;
+	if ((oldest + 1) * period_ns + reach < until)
+		until = (oldest + 1) * period_ns + reach;
+	/* newest is (now + skew) / period for now in [newest * period - skew, + period) */
+	if (newest * period_ns > skew && newest * period_ns - skew > from)
+		from = newest * period_ns - skew;
+	if ((newest + 1) * period_ns - skew < until)
+		until = (newest + 1) * period_ns - skew;
+	copy->window = (struct epoch_window){.from_ns = from, .until_ns = until, .period_ns = period_ns,
+					     .epoch = epoch, .oldest_accepted = oldest, .newest_accepted = newest};
+	return 1;
+}
+
+static __always_inline const struct epoch_window *epoch_window(struct local_copy *copy, __u64 now_ns,
+							       __u64 period_ns)
+{
+	const struct epoch_window *window = &copy->window;
+
+	if (now_ns - window->from_ns >= window->until_ns - window->from_ns || window->period_ns != period_ns)
+		compute_epoch_window(copy, now_ns, period_ns);
+	return window;
+}
+
+/* protected_vips' value for `address` (its number for the per-VIP counters), or NULL: not protected. */
+static __always_inline const __u8 *protected_vip(const struct local_copy *copy, const __u8 address[16])
+{
+	__u32 index = vip_index(address);
+	__u64 words[2];
+
+	__builtin_memcpy(words, address, 16);
+#pragma unroll
+	for (__u32 probe = 0; probe < VIP_PROBES; probe++) {
+		const struct vip_entry *entry = &copy->vips[(index + probe) & (VIP_TABLE_SLOTS - 1)];
+
+		if (!entry->used)
+			break;
+		if (entry->address[0] == words[0] && entry->address[1] == words[1])
+			return &entry->slot;
+	}
+	return copy->vips_overflow ? bpf_map_lookup_elem(&protected_vips, address) : 0;
+}
+
+/* The copy's forwarding element, or NULL when the loader has written none. */
+static __always_inline const struct front_forwarding *copied_forwarding(struct local_copy *copy)
+{
+	return copy->has_forwarding ? &copy->forwarding : 0;
+}
+
 /* The next hop to a backend, as bpf_fib_lookup gave it, per CPU: the lookup costs ~200 ns of a forwarded
  * packet's ~750 (benchmarks/front_xdp_cost.py), and the farm's routes change far more rarely than every
  * ROUTE_CACHE_NS. A direct-mapped array (an array lookup is inlined; a hash map's costs about as much
@@ -62,11 +263,21 @@ struct route {
 	__u8 smac[ETH_ALEN];
 };
 
+/* A cached route, and the encapsulation MAC's SipHash state after the message's first word (the outer
+ * addresses: the farm's and this backend's), then after its second too when that is zero (an IPv4
+ * client's, the first 8 bytes of its 16-byte form): 2 or 4 of the MAC's 20 rounds, done once per route
+ * lookup. Under the forwarding element of `generation` (its encap key and farm address). */
+struct route_entry {
+	struct route route;
+	__u64 generation;                /* the local copy's when computed */
+	struct siphash_state encap_mac[2]; /* [1]: for an IPv4 client */
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, ROUTE_CACHE_SLOTS);
 	__type(key, __u32);
-	__type(value, struct route);
+	__type(value, struct route_entry);
 } routes SEC(".maps");
 
 /* The ICMP errors the programs forward: each CPU's bucket (token_take) and, written by the loader, what a
@@ -102,10 +313,22 @@ struct {
 
 /* Per protected VIP and port, both programs together: what an operator asks per service (docs/metrics.md,
  * synproxy_front_vip_packets_total). The front's loader numbers its VIPs and ports 1..VIP_PORT_SLOTS in
- * the values of protected_vips and protected_ports (0: not counted), which handle_frame looks up anyway,
+ * the values of protected_vips and protected_port_slots (past them: not counted), which handle_frame looks up anyway,
  * and handle_frame notes the pair's element in the segment: counting then costs an array element, where
  * a hash keyed by VIP and port cost 50-90 ns a packet (docs/metrics.md). */
 #define VIP_PORT_SLOTS 64
+#define PORT_UNCOUNTED 0xff /* protected_port_slots: a protected port past VIP_PORT_SLOTS */
+
+/* The protected ports (key: the port, host order), each with its slot: 0 not protected, 1..VIP_PORT_SLOTS,
+ * or PORT_UNCOUNTED. An array the front's loader writes, where the shared `protected_ports` hash (the
+ * backends') cost a helper call, 20-50 ns a packet: the verifier inlines an array lookup. 64 K elements
+ * of 8 bytes (an array's element size): 512 KB. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u8);
+} protected_port_slots SEC(".maps");
 
 struct vip_port_counts {
 	__u64 syn_answered;
@@ -499,14 +722,21 @@ static __always_inline __u32 cookie_data(__u8 family, const struct syn_options *
 }
 
 /* The salt new cookies use now, or 0 when the loader has not (yet) written this epoch's slot. */
-static __always_inline const struct salt_slot *minting_slot(__u64 epoch)
+static __always_inline const struct salt_slot *minting_slot(struct local_copy *copy, __u64 epoch)
 {
-	__u32 index = epoch % COOKIE_EPOCH_SLOTS;
-	const struct salt_slot *slot = bpf_map_lookup_elem(&salts, &index);
+	const struct salt_slot *slot = &copy->salts[epoch % COOKIE_EPOCH_SLOTS];
 
-	if (!slot || !slot->valid || slot->epoch != epoch || !slot->nkeys)
+	if (!slot->valid || slot->epoch != epoch || !slot->nkeys)
 		return 0;
 	return slot;
+}
+
+/* cookie_slot (bpf/synproxy.h) over this CPU's copy of the salts. */
+static __always_inline const struct salt_slot *copied_cookie_slot(struct local_copy *copy, __u32 cookie)
+{
+	const struct salt_slot *slot = &copy->salts[(cookie >> COOKIE_EPOCH_SHIFT) & (COOKIE_EPOCH_SLOTS - 1)];
+
+	return slot->valid ? slot : 0;
 }
 
 static __always_inline int v4_mapped(const __u8 address[16])
@@ -640,9 +870,9 @@ static __always_inline __u32 ip_header_length(__u8 family)
  * handler._fastopen_decision decides: FRONT_FASTOPEN_ACCEPTED (forward it), a fallback's counter (answer
  * it), or FRONT_QUEUED (no forwarding configuration yet). */
 static __always_inline __u32 fastopen_decision(const struct segment *seg, const struct syn_options *options,
-					       const struct fastopen_key *key, __u32 payload)
+					       const struct fastopen_key *key, __u32 payload,
+					       struct local_copy *copy)
 {
-	__u32 zero = 0;
 	const struct front_forwarding *fwd;
 
 	if (!key)
@@ -653,7 +883,7 @@ static __always_inline __u32 fastopen_decision(const struct segment *seg, const 
 		return FRONT_FASTOPEN_INVALID_COOKIE;
 	if (!payload)
 		return FRONT_FASTOPEN_NO_DATA;
-	if (!(fwd = bpf_map_lookup_elem(&forwarding, &zero)))
+	if (!(fwd = copied_forwarding(copy)))
 		return FRONT_QUEUED;
 	if (seg->ip_length + ENCAP_OVERHEAD > fwd->farm_mtu)
 		return FRONT_FASTOPEN_TOO_BIG;
@@ -666,8 +896,8 @@ static __always_inline __u32 fastopen_decision(const struct segment *seg, const 
  * SYN-ACK's headers, as handler._answer_syn builds them. Returns FRONT_SYN_ANSWERED when `answer` is
  * ready, else the outcome of a SYN left to the queue. */
 static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct segment *seg,
-					     const struct front_config *cfg, __u32 frame_length,
-					     struct syn_ack *answer)
+					     const struct front_config *cfg, struct local_copy *copy,
+					     __u32 frame_length, struct syn_ack *answer)
 {
 	__u32 ip_header = seg->tcp_offset - sizeof(struct ethhdr);
 	__u32 tcp_length = seg->tcp_length & 0x3c; /* doff * 4: at most 60 */
@@ -712,15 +942,15 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 		if (stale)
 			return FRONT_QUEUED;
 		if (options->fastopen >= FASTOPEN_COOKIE) {
-			__u32 decided = fastopen_decision(seg, options, fastopen, payload);
+			__u32 decided = fastopen_decision(seg, options, fastopen, payload, copy);
 
 			if (decided == FRONT_FASTOPEN_ACCEPTED || decided == FRONT_QUEUED)
 				return decided;
 			answer->fastopen_fallback = decided;
 		}
 	}
-	__u64 epoch = now_ns / cfg->period_ns;
-	const struct salt_slot *slot = minting_slot(epoch);
+	__u64 epoch = epoch_window(copy, now_ns, cfg->period_ns)->epoch;
+	const struct salt_slot *slot = minting_slot(copy, epoch);
 	if (!slot)
 		return FRONT_NO_SALT;
 
@@ -825,10 +1055,10 @@ static __always_inline void count_fastopen(__u32 path, const struct segment *seg
 }
 
 static __noinline int answer_syn(struct __sk_buff *skb, const struct segment *seg,
-				      const struct front_config *cfg)
+				      const struct front_config *cfg, struct local_copy *copy)
 {
 	struct syn_ack answer = {};
-	__u32 outcome = prepare_syn_ack(skb, 0, seg, cfg, skb->len, &answer);
+	__u32 outcome = prepare_syn_ack(skb, 0, seg, cfg, copy, skb->len, &answer);
 	if (outcome == FRONT_FASTOPEN_ACCEPTED)
 		return FASTOPEN_FORWARD;
 	if (outcome != FRONT_SYN_ANSWERED)
@@ -911,11 +1141,12 @@ static __always_inline int write_syn_ack(struct xdp_md *ctx, const struct bpf_fi
 }
 
 /* Its own BPF function (as forward() is): inlined together, their stack frames would not fit in 512 bytes. */
-static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg)
+static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg,
+					  struct local_copy *copy)
 {
 	__u32 frame_length = ctx->data_end - ctx->data;
 	struct syn_ack answer = {};
-	__u32 outcome = prepare_syn_ack(ctx, 1, seg, cfg, frame_length, &answer);
+	__u32 outcome = prepare_syn_ack(ctx, 1, seg, cfg, copy, frame_length, &answer);
 	if (outcome == FRONT_FASTOPEN_ACCEPTED)
 		return FASTOPEN_FORWARD;
 	if (outcome != FRONT_SYN_ANSWERED)
@@ -1037,19 +1268,22 @@ static __always_inline int segment_checksum_holds(void *ctx, int xdp, const stru
  * bpf_fib_lookup. It is looked up for a packet of farm_mtu bytes, so a route whose MTU is smaller leaves
  * every packet to the queue. 0 when there is no route or the neighbour is unresolved (XDP has no
  * bpf_redirect_neigh: the kernel resolves it for the queue's packet; tc does as XDP does). */
-static __always_inline int route_to_backend(void *ctx, int xdp, const struct front_forwarding *fwd, __be32 backend,
-					    __be16 source_port, __u64 now_ns, struct route *next_hop)
+static __always_inline const struct route_entry *route_to_backend(void *ctx, int xdp, const struct local_copy *copy,
+								   __be32 backend, __be16 source_port, __u64 now_ns,
+								   struct route *next_hop)
 {
+	const struct front_forwarding *fwd = &copy->forwarding;
 	__u32 ingress = xdp ? ((struct xdp_md *)ctx)->ingress_ifindex : ((struct __sk_buff *)ctx)->ifindex;
 	__u32 slot = ((bpf_ntohl(backend) ^ ingress) * 2654435761u) >> 24; /* Knuth's multiplicative hash */
-	struct route *cached = bpf_map_lookup_elem(&routes, &slot);
+	struct route_entry *entry = bpf_map_lookup_elem(&routes, &slot);
 
-	if (!cached)
+	if (!entry)
 		return 0;
+	struct route *cached = &entry->route;
 	if (cached->backend == backend && cached->ingress_ifindex == ingress &&
-	    now_ns - cached->checked_ns < ROUTE_CACHE_NS) {
+	    now_ns - cached->checked_ns < ROUTE_CACHE_NS && entry->generation == copy->generation && copy->generation) {
 		*next_hop = *cached;
-		return 1;
+		return entry;
 	}
 	struct bpf_fib_lookup fib = {
 		.family = AF_INET,
@@ -1069,8 +1303,14 @@ static __always_inline int route_to_backend(void *ctx, int xdp, const struct fro
 				 .ifindex = fib.ifindex};
 	__builtin_memcpy(cached->dmac, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(cached->smac, fib.smac, ETH_ALEN);
+	__u64 words[2] = {}; /* the outer addresses, then an IPv4 client address's zero half */
+	__builtin_memcpy(&words[0], &fwd->farm_address, 4);
+	__builtin_memcpy((__u8 *)&words[0] + 4, &backend, 4);
+	siphash_start(&entry->encap_mac[0], words, 1, 2, fwd->encap_key);
+	siphash_start(&entry->encap_mac[1], words, 2, 2, fwd->encap_key);
+	entry->generation = copy->generation;
 	*next_hop = *cached;
-	return 1;
+	return entry;
 }
 
 /* What forwarding a segment takes, decided: where to, and the encapsulation's fields. Callers zero it:
@@ -1098,10 +1338,11 @@ static __always_inline int forwarded(__u32 outcome)
 /* Where `seg`'s flow goes (its Maglev backend and the route there) and the encapsulation's fields, with
  * `flags` and the slot's former owners (an ICMP error's too: its flow's slot), for a packet decided as
  * `outcome`: that outcome, or the one that leaves it to the queue. */
-static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct front_forwarding *fwd,
+static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct local_copy *copy,
 						const struct segment *seg, __u8 flags, __u64 tai_ns, __u32 outcome,
 						struct forwarding_plan *plan)
 {
+	const struct front_forwarding *fwd = &copy->forwarding;
 	__u64 flow = flow_hash(seg, fwd->flow_key);
 	__u32 index = flow % MAGLEV_TABLE_SIZE;
 	const struct maglev_owners *entry = bpf_map_lookup_elem(&maglev, &index);
@@ -1115,12 +1356,16 @@ static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct
 	plan->backend = backend;
 	plan->former = former;
 	plan->source_port = bpf_htons(ENCAP_SOURCE_PORT_BASE | (flow & ENCAP_SOURCE_PORT_MASK));
-	if (!route_to_backend(ctx, xdp, fwd, plan->backend, plan->source_port, tai_ns, &plan->next_hop))
+	const struct route_entry *route = route_to_backend(ctx, xdp, copy, plan->backend, plan->source_port, tai_ns,
+							   &plan->next_hop);
+	if (!route)
 		return FRONT_UNROUTED;
 
 	union encap_message message;
 	encap_message_of(&message, fwd->farm_address, plan->backend, seg, flags, &plan->former);
-	plan->mac = bpf_cpu_to_be64(encap_mac(&message, fwd->encap_key));
+	/* encap_mac's value, from the state the route cache keeps after the message's first word(s) */
+	plan->mac = bpf_cpu_to_be64(seg->family == 4 ? siphash_finish(&route->encap_mac[1], &message.words[2], 5, 7, 2, 4)
+						     : siphash_finish(&route->encap_mac[0], &message.words[1], 6, 7, 2, 4));
 	plan->farm_address = fwd->farm_address;
 	plan->encap_port = fwd->encap_port;
 	plan->flags = flags;
@@ -1130,10 +1375,10 @@ static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct
 /* Every segment but a SYN to a protected VIP and port, as handler.handle decides it, on either hook:
  * the outcome, and for a forwarded() one the plan the hook's surgery carries out. */
 static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct segment *seg,
-					     const struct front_config *cfg, struct forwarding_plan *plan)
+					     const struct front_config *cfg, struct local_copy *copy,
+					     struct forwarding_plan *plan)
 {
-	__u32 zero = 0;
-	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
+	const struct front_forwarding *fwd = copied_forwarding(copy);
 	__u32 frame_length = xdp ? packet_end(ctx, xdp) - packet_data(ctx, xdp) : ((struct __sk_buff *)ctx)->len;
 	__u32 ip_header = seg->tcp_offset - sizeof(struct ethhdr);
 	__u32 ip_length = seg->ip_length;
@@ -1159,17 +1404,17 @@ static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct se
 	__u64 tai_ns = bpf_ktime_get_tai_ns(); /* the one clock reading: a helper call costs ~20 ns */
 	if ((seg->flags & TCP_FLAG_ACK) && !(seg->flags & (TCP_FLAG_RST | TCP_FLAG_FIN))) {
 		__u32 cookie = seg->ack - 1;
-		__u64 now_ns = tai_ns + cfg->clock_offset_ns;
-		__u64 epoch = now_ns / cfg->period_ns;
-		const struct salt_slot *slot = cookie_slot(cookie);
-		/* A cookie of the current epoch names the minting slot itself: one map lookup (~25 ns) less. */
+		const struct epoch_window *window = epoch_window(copy, tai_ns + cfg->clock_offset_ns, cfg->period_ns);
+		__u64 epoch = window->epoch;
+		const struct salt_slot *slot = copied_cookie_slot(copy, cookie);
+		/* A cookie of the current epoch names the minting slot itself. */
 		int current = ((cookie >> COOKIE_EPOCH_SHIFT) & (COOKIE_EPOCH_SLOTS - 1)) == epoch % COOKIE_EPOCH_SLOTS;
 
 		/* Without the current epoch's salt the map is stale (the front process stalled): it cannot
 		 * tell an expired cookie from a salt not written, the handler can. */
-		if (current ? !slot || slot->epoch != epoch || !slot->nkeys : !minting_slot(epoch))
+		if (current ? !slot || slot->epoch != epoch || !slot->nkeys : !minting_slot(copy, epoch))
 			return FRONT_NO_SALT;
-		if (!slot || !epoch_accepted(slot->epoch, now_ns, cfg->period_ns, fwd->skew_ns)) {
+		if (!slot || slot->epoch < window->oldest_accepted || slot->epoch > window->newest_accepted) {
 			outcome = FRONT_FORWARDED_EXPIRED_EPOCH;
 		} else if (!cookie_mac_valid(slot, seg, cookie)) {
 			outcome = FRONT_FORWARDED_BAD_MAC;
@@ -1183,7 +1428,7 @@ static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct se
 		}
 	}
 
-	return plan_encapsulation(ctx, xdp, fwd, seg, flags, tai_ns, outcome, plan);
+	return plan_encapsulation(ctx, xdp, copy, seg, flags, tai_ns, outcome, plan);
 }
 
 /* The Ethernet, outer IPv4, UDP and encapsulation headers as encap.encapsulate builds them, for an
@@ -1244,10 +1489,11 @@ static __always_inline int encapsulate_xdp(struct xdp_md *ctx, const struct segm
 	return count_xdp(seg, outcome, send(ctx, plan->next_hop.ifindex));
 }
 
-static __noinline int forward_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg)
+static __noinline int forward_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg,
+				       struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
-	__u32 outcome = plan_forwarding(ctx, 1, seg, cfg, &plan);
+	__u32 outcome = plan_forwarding(ctx, 1, seg, cfg, copy, &plan);
 
 	if (!forwarded(outcome))
 		return count_xdp(seg, outcome, XDP_PASS);
@@ -1278,13 +1524,14 @@ static __always_inline int encapsulate_tc(struct __sk_buff *skb, const struct se
 	return count(seg, outcome, bpf_redirect(plan->next_hop.ifindex, 0));
 }
 
-static __noinline int forward_tc(struct __sk_buff *skb, const struct segment *seg, const struct front_config *cfg)
+static __noinline int forward_tc(struct __sk_buff *skb, const struct segment *seg, const struct front_config *cfg,
+				      struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
 
 	if (skb->gso_segs > 1)
 		return count(seg, FRONT_QUEUED, TC_ACT_OK);
-	__u32 outcome = plan_forwarding(skb, 0, seg, cfg, &plan);
+	__u32 outcome = plan_forwarding(skb, 0, seg, cfg, copy, &plan);
 	if (!forwarded(outcome))
 		return count(seg, outcome, TC_ACT_OK);
 	return encapsulate_tc(skb, seg, &plan, outcome);
@@ -1295,31 +1542,32 @@ static __noinline int forward_tc(struct __sk_buff *skb, const struct segment *se
 /* Encapsulated whole, data included, flagged FASTOPEN to the flow's backend (handler._forward_fastopen);
  * no forwarding configuration, Maglev entry or route: the queue's. */
 static __always_inline __u32 plan_fastopen(void *ctx, int xdp, const struct segment *seg,
-					   struct forwarding_plan *plan)
+					   struct local_copy *copy, struct forwarding_plan *plan)
 {
-	__u32 zero = 0;
-	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
+	const struct front_forwarding *fwd = copied_forwarding(copy);
 
 	if (!fwd)
 		return FRONT_QUEUED;
-	return plan_encapsulation(ctx, xdp, fwd, seg, ENCAP_FLAG_FASTOPEN, bpf_ktime_get_tai_ns(),
+	return plan_encapsulation(ctx, xdp, copy, seg, ENCAP_FLAG_FASTOPEN, bpf_ktime_get_tai_ns(),
 				  FRONT_FASTOPEN_ACCEPTED, plan);
 }
 
-static __noinline int forward_fastopen_xdp(struct xdp_md *ctx, const struct segment *seg)
+static __noinline int forward_fastopen_xdp(struct xdp_md *ctx, const struct segment *seg,
+						struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
-	__u32 outcome = plan_fastopen(ctx, 1, seg, &plan);
+	__u32 outcome = plan_fastopen(ctx, 1, seg, copy, &plan);
 
 	if (outcome != FRONT_FASTOPEN_ACCEPTED)
 		return count_xdp(seg, outcome, XDP_PASS);
 	return encapsulate_xdp(ctx, seg, &plan, outcome);
 }
 
-static __noinline int forward_fastopen_tc(struct __sk_buff *skb, const struct segment *seg)
+static __noinline int forward_fastopen_tc(struct __sk_buff *skb, const struct segment *seg,
+					       struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
-	__u32 outcome = plan_fastopen(skb, 0, seg, &plan);
+	__u32 outcome = plan_fastopen(skb, 0, seg, copy, &plan);
 
 	if (outcome != FRONT_FASTOPEN_ACCEPTED)
 		return count(seg, outcome, TC_ACT_OK);
@@ -1334,18 +1582,20 @@ static __noinline int forward_fastopen_tc(struct __sk_buff *skb, const struct se
  * encapsulated flagged ICMP to the backend of the quoted flow (plan_encapsulation: the flow's own hash
  * and MAC tuple), within this CPU's share of the ICMP budget. `error` is the caller's (zeroed) segment,
  * filled with the error's own addresses and length: one more here would not fit the stack. */
-static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment *error, struct forwarding_plan *plan)
+static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment *error, struct local_copy *copy,
+					     struct forwarding_plan *plan)
 {
 	struct segment flow = {};
 	__u32 zero = 0;
 
 	if (!parse_icmp_error(packet_data(ctx, xdp), packet_end(ctx, xdp), error, &flow) ||
-	    addresses_refused(error) || !bpf_map_lookup_elem(&protected_vips, error->daddr))
+	    addresses_refused(error) || !protected_vip(copy, error->daddr))
 		return NOT_OURS;
-	__u16 port = bpf_ntohs(flow.dport);
-	if (__builtin_memcmp(error->daddr, flow.daddr, 16) || !bpf_map_lookup_elem(&protected_ports, &port))
+	__u32 port = bpf_ntohs(flow.dport);
+	const __u8 *port_slot = bpf_map_lookup_elem(&protected_port_slots, &port);
+	if (__builtin_memcmp(error->daddr, flow.daddr, 16) || !port_slot || !*port_slot)
 		return FRONT_ICMP_NOT_PROTECTED;
-	const struct front_forwarding *fwd = bpf_map_lookup_elem(&forwarding, &zero);
+	const struct front_forwarding *fwd = copied_forwarding(copy);
 	if (!fwd)
 		return FRONT_QUEUED;
 	if (error->ip_length + ENCAP_OVERHEAD > fwd->farm_mtu)
@@ -1356,7 +1606,7 @@ static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment 
 		if ((void *)(ip + 1) > packet_end(ctx, xdp) || ipv4_header_fold(ip))
 			return FRONT_UNVERIFIED;
 	}
-	__u32 outcome = plan_encapsulation(ctx, xdp, fwd, &flow, ENCAP_FLAG_ICMP, bpf_ktime_get_tai_ns(),
+	__u32 outcome = plan_encapsulation(ctx, xdp, copy, &flow, ENCAP_FLAG_ICMP, bpf_ktime_get_tai_ns(),
 					   FRONT_ICMP_FORWARDED, plan);
 	const struct icmp_limit *limit = bpf_map_lookup_elem(&icmp_limit, &zero);
 	if (outcome == FRONT_ICMP_FORWARDED &&
@@ -1371,10 +1621,10 @@ static __always_inline int icmp_dropped(__u32 outcome)
 	return outcome == FRONT_ICMP_NOT_PROTECTED || outcome == FRONT_ICMP_RATE_LIMITED;
 }
 
-static __noinline int forward_icmp_error_xdp(struct xdp_md *ctx, struct segment *error)
+static __noinline int forward_icmp_error_xdp(struct xdp_md *ctx, struct segment *error, struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
-	__u32 outcome = plan_icmp_error(ctx, 1, error, &plan);
+	__u32 outcome = plan_icmp_error(ctx, 1, error, copy, &plan);
 
 	if (outcome == NOT_OURS)
 		return XDP_PASS;
@@ -1383,10 +1633,10 @@ static __noinline int forward_icmp_error_xdp(struct xdp_md *ctx, struct segment 
 	return encapsulate_xdp(ctx, error, &plan, outcome);
 }
 
-static __noinline int forward_icmp_error_tc(struct __sk_buff *skb, struct segment *error)
+static __noinline int forward_icmp_error_tc(struct __sk_buff *skb, struct segment *error, struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
-	__u32 outcome = plan_icmp_error(skb, 0, error, &plan);
+	__u32 outcome = plan_icmp_error(skb, 0, error, copy, &plan);
 
 	if (outcome == NOT_OURS)
 		return TC_ACT_OK;
@@ -1405,31 +1655,34 @@ static __always_inline int handle_frame(void *ctx, int xdp, const struct front_c
 	struct segment seg = {};
 
 	enum parsed parsed = parse_frame(packet_data(ctx, xdp), packet_end(ctx, xdp), &seg);
+	struct local_copy *copy = local_copy(cfg);
+	if (!copy)
+		return pass;
 	if (parsed == PARSE_OTHER) /* not TCP: an ICMP error about a protected flow, or not ours */
-		return xdp ? forward_icmp_error_xdp(ctx, &seg) : forward_icmp_error_tc(ctx, &seg);
+		return xdp ? forward_icmp_error_xdp(ctx, &seg, copy) : forward_icmp_error_tc(ctx, &seg, copy);
 	if (addresses_refused(&seg))
 		return pass;
-	__u8 *vip_slot = bpf_map_lookup_elem(&protected_vips, seg.daddr);
+	const __u8 *vip_slot = protected_vip(copy, seg.daddr);
 	if (!vip_slot)
 		return parsed == PARSE_SEGMENT ? count_on(path, &seg, FRONT_NOT_PROTECTED, pass) : pass;
 	if (parsed == PARSE_UNHANDLED)
 		return count_on(path, &seg, FRONT_UNPARSED, pass);
-	__u16 port = bpf_ntohs(seg.dport);
-	__u8 *port_slot = bpf_map_lookup_elem(&protected_ports, &port);
-	if (!port_slot)
+	__u32 port = bpf_ntohs(seg.dport);
+	const __u8 *port_slot = bpf_map_lookup_elem(&protected_port_slots, &port);
+	if (!port_slot || !*port_slot)
 		return count_on(path, &seg, FRONT_NOT_PROTECTED, pass);
-	if (*vip_slot && *vip_slot <= VIP_PORT_SLOTS && *port_slot && *port_slot <= VIP_PORT_SLOTS)
+	if (*vip_slot && *vip_slot <= VIP_PORT_SLOTS && *port_slot <= VIP_PORT_SLOTS)
 		seg.vip_port = (*vip_slot - 1) * VIP_PORT_SLOTS + *port_slot;
 	if (seg.flags & TCP_FLAG_SYN) {
 		if (seg.flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
 			return count_on(path, &seg, FRONT_QUEUED, pass); /* the handler drops it: invalid_flags */
-		int verdict = xdp ? answer_syn_xdp(ctx, &seg, cfg) : answer_syn(ctx, &seg, cfg);
+		int verdict = xdp ? answer_syn_xdp(ctx, &seg, cfg, copy) : answer_syn(ctx, &seg, cfg, copy);
 
 		if (verdict == FASTOPEN_FORWARD)
-			return xdp ? forward_fastopen_xdp(ctx, &seg) : forward_fastopen_tc(ctx, &seg);
+			return xdp ? forward_fastopen_xdp(ctx, &seg, copy) : forward_fastopen_tc(ctx, &seg, copy);
 		return verdict;
 	}
-	return xdp ? forward_xdp(ctx, &seg, cfg) : forward_tc(ctx, &seg, cfg);
+	return xdp ? forward_xdp(ctx, &seg, cfg, copy) : forward_tc(ctx, &seg, cfg, copy);
 }
 
 SEC("tc")

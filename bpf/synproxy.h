@@ -130,6 +130,8 @@ struct front_config {
 	__u8 sack;             /* offer SACK when the client does */
 	__u8 ecn;              /* accept ECN when the client asks for it */
 	__u8 syn_reply_ingress; /* front.syn_reply: ingress: a SYN-ACK goes back to the SYN's sender */
+	__u64 generation;      /* the front's `forwarding` and `salts` as last written: a fresh random value
+				* (never 0) each time either changes, written after them (front.bpf.c: local_copy) */
 };
 
 /* Both programs' salts, key = epoch mod 4, written by their loaders (the backend: every accepted epoch
@@ -323,11 +325,15 @@ _Static_assert(sizeof(struct bpf_tcp_req_attrs) == 20, "the kfunc checks attrs__
 		v2 += v1; v1 = SIP_ROTL(v1, 17); v1 ^= v2; v2 = SIP_ROTL(v2, 32); \
 	} while (0)
 
-/* SipHash-c-d of `words` 64-bit words, the 64-bit output as the kernel's siphash() returns it (and the
- * Python siphash24 package's siphash24/siphash13 intdigest()). Every argument but m and key is a
- * constant at each call, so the rounds unroll. */
-static __always_inline __u64 siphash_words(const __u64 *m, int words, int c_rounds, int d_rounds,
-					   const __u8 key[16])
+/* SipHash's state after some whole words: a message whose first words are fixed for a while (the
+ * encapsulation's outer addresses) is hashed from the state after them (front.bpf.c's route cache). */
+struct siphash_state {
+	__u64 v0, v1, v2, v3;
+};
+
+/* The state after `words` words of `m` under `key`, c rounds each. */
+static __always_inline void siphash_start(struct siphash_state *state, const __u64 *m, int words, int c_rounds,
+					  const __u8 key[16])
 {
 	__u64 k0, k1;
 
@@ -345,8 +351,26 @@ static __always_inline __u64 siphash_words(const __u64 *m, int words, int c_roun
 			SIP_ROUND;
 		v0 ^= m[i];
 	}
+	*state = (struct siphash_state){v0, v1, v2, v3};
+}
+
+/* SipHash-c-d of a message of `total` whole words, from the state after its first total - `words` words
+ * (siphash_start), `m` its last `words` words. */
+static __always_inline __u64 siphash_finish(const struct siphash_state *state, const __u64 *m, int words,
+					    int total, int c_rounds, int d_rounds)
+{
+	__u64 v0 = state->v0, v1 = state->v1, v2 = state->v2, v3 = state->v3;
+
+#pragma unroll
+	for (int i = 0; i < words; i++) {
+		v3 ^= m[i];
+#pragma unroll
+		for (int r = 0; r < c_rounds; r++)
+			SIP_ROUND;
+		v0 ^= m[i];
+	}
 	/* The final block is empty but for the length byte: the message is whole words. */
-	__u64 b = (__u64)(words * 8) << 56;
+	__u64 b = (__u64)(total * 8) << 56;
 	v3 ^= b;
 #pragma unroll
 	for (int r = 0; r < c_rounds; r++)
@@ -357,6 +381,18 @@ static __always_inline __u64 siphash_words(const __u64 *m, int words, int c_roun
 	for (int r = 0; r < d_rounds; r++)
 		SIP_ROUND;
 	return v0 ^ v1 ^ v2 ^ v3;
+}
+
+/* SipHash-c-d of `words` 64-bit words, the 64-bit output as the kernel's siphash() returns it (and the
+ * Python siphash24 package's siphash24/siphash13 intdigest()). Every argument but m and key is a
+ * constant at each call, so the rounds unroll. */
+static __always_inline __u64 siphash_words(const __u64 *m, int words, int c_rounds, int d_rounds,
+					   const __u8 key[16])
+{
+	struct siphash_state state;
+
+	siphash_start(&state, m, 0, c_rounds, key);
+	return siphash_finish(&state, m, words, words, c_rounds, d_rounds);
 }
 
 /* SipHash-2-4 of the 48-byte cookie message. */

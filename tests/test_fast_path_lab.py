@@ -13,7 +13,9 @@ import time
 
 import pytest
 
-from synproxy.bpf.libbpf import tc_attached_program, xdp_attached_program
+from synproxy.bpf.libbpf import program_maps, tc_attached_program, xdp_attached_program
+from synproxy.bpf.loading import MAP_KEY
+from synproxy.front import fastpath
 from synproxy.front.fastpath import TC_HANDLE, TC_PRIORITY
 from synproxy.lab.topology import PORTS, VIP, VIP6, Lab
 from synproxy.netns import inside
@@ -92,6 +94,38 @@ def test_a_stopped_front_takes_its_programs_away_and_a_restarted_one_brings_them
     tc, xdp = attached_programs(lab, "front0")
     assert tc and bool(xdp) == (lab.data_plane == "xdp")
     assert clients(lab, 10)["failed"] == 0
+
+
+def syn_reply_of(lab: Lab, host: str) -> str:
+    """What the front's programs do with a SYN-ACK, read from their `config` map."""
+    tc, xdp = attached_programs(lab, host)
+    value = program_maps(xdp or tc)["config"].lookup(MAP_KEY.pack(0))
+    return "ingress" if fastpath._CONFIG.unpack(value)[7] else "route"
+
+
+def test_syn_reply_ingress_completes_the_handshakes_of_both_families(lab):
+    """front.syn_reply: ingress, taken at a SIGHUP: the SYN-ACKs leave by the link the SYNs came in by, to
+    the lab's router (the fronts' one neighbour, which routes to every client): handshakes complete, the
+    SYNs answered in the kernel, as with the route lookup."""
+    config = lab.config_path
+    original = config.read_text()
+    plane = f"  data_plane: {lab.data_plane}\n"
+    for text, wanted in ((original.replace(plane, plane + "  syn_reply: ingress\n"), "ingress"), (original, "route")):
+        config.write_text(text)
+        for host in lab.by_role("front"):
+            os.kill(lab.pid(host.name), signal.SIGHUP)
+        time.sleep(1.5)  # the reload happens at the next housekeeping (every 0.5 s)
+        assert {syn_reply_of(lab, host.name) for host in lab.by_role("front")} == {wanted}
+        if wanted == "route":
+            break
+        before = outcomes(lab)
+        for vip in (VIP, VIP6):
+            result = clients(lab, 20, "--target", vip)
+            assert result["failed"] == 0, result["errors"]
+        moved = outcomes(lab) - before
+        for family in FAMILIES:
+            assert moved["queue", "syn_answered", family] == 0
+            assert moved["tc", "syn_answered", family] + moved["xdp", "syn_answered", family] >= 20
 
 
 def test_sighup_moves_the_rules_and_the_programs_to_the_new_ports(lab):

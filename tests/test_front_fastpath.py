@@ -8,6 +8,7 @@ route lookups find a default route (and an unreachable prefix).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 import time
@@ -279,12 +280,21 @@ def test_what_the_kernel_refuses_is_left_to_it(monkeypatch, route_namespace, fas
     assert run(route_namespace, fast_path, frame) == (TC_ACT_OK, frame, {}), case
 
 
-def test_more_ports_than_the_map_holds_is_a_clear_error(fast_path, policy, schedule):
-    crowded = FrontPolicy(vips=policy.vips, ports=frozenset(range(1, 1100)), farm_address=bytes(4),
-                          backends=(bytes(4),), encap_port=6080, encap_key=bytes(16), flow_key=policy.flow_key)
-    with pytest.raises(FastPathError, match="1099 ports: the fast path holds at most 1024"):
+def test_more_vips_than_the_map_holds_is_a_clear_error_and_any_number_of_ports_fits(
+        monkeypatch, route_namespace, fast_path, policy, schedule):
+    crowded = FrontPolicy(vips=frozenset(bytes([10, 0, n >> 8, n & 0xFF]) for n in range(1099)), ports=policy.ports,
+                          farm_address=bytes(4), backends=(bytes(4),), encap_port=6080, encap_key=bytes(16),
+                          flow_key=policy.flow_key)
+    with pytest.raises(FastPathError, match="1099 VIPs: the fast path holds at most 1024"):
         fast_path.configure(crowded, schedule)
-    fast_path.configure(policy, schedule)
+    # Every port has its element in protected_port_slots: a port past the per-VIP counters' slots is
+    # answered, and no longer once a reload removes it.
+    frame = syn("198.18.1.2", VIP4, dport=1099)
+    for ports, outcome in ((frozenset(range(1, 1100)), "syn_answered"), (policy.ports, "not_protected")):
+        reloaded = dataclasses.replace(policy, ports=ports)
+        fast_path.configure(reloaded, schedule)
+        set_clock(monkeypatch, fast_path, reloaded, schedule, 1000 * PERIOD + 1)
+        assert run(route_namespace, fast_path, frame)[2] == {(outcome, 4): 1}
 
 
 def test_counter_names_follow_the_programs_enum():

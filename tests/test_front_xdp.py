@@ -49,7 +49,7 @@ from synproxy.front.fastpath import FastPath, FastPathError
 from synproxy.front.handler import Action, FrontPolicy, handle
 from synproxy.maglev import PreviousOwners
 from synproxy.netlink import default_route_interfaces
-from synproxy.packet import ACK, build_tcp_packet
+from synproxy.packet import ACK, FIN, SYN, build_tcp_options, build_tcp_packet, parse_tcp
 from synproxy.salt import SaltSchedule
 from tests.lab_fixtures import needs_root
 from tests.test_front_fastpath import (
@@ -322,6 +322,99 @@ def test_a_moved_flow_names_its_former_owners_as_the_handler_does_until_the_wind
             assert errors_named <= named and (errors_named != {none}) == (step > 0), step
     finally:
         loaded.close()
+
+
+def test_no_cpus_copy_of_the_forwarding_element_or_salts_outlives_a_change_by_the_loader(
+        hook, one_cpu, monkeypatch, namespace, link_mac, cookie_vectors, schedule):
+    """Each CPU copies `forwarding` and `salts` and uses its copy while `config`'s generation stays (bpf/
+    front.bpf.c, local_copy): on the same CPU, the first packet after a reload (other backends and keys)
+    and after a secret rotation is already the new handler's, and so is a SYN's cookie."""
+    vector = next(v for v in usable(cookie_vectors["vectors"]) if v["family"] == 4)
+    now = vector["epoch"] * PERIOD + PERIOD / 2
+    frame, syn_frame = vector_ack(vector), vector_syn(vector, True)
+    first = make_policy(cookie_vectors["vectors"])
+    reloaded = dataclasses.replace(make_policy(cookie_vectors["vectors"], backends=BACKENDS[:2]),
+                                   encap_key=bytes(range(16, 32)), flow_key=b"another-flow-key")
+    rotated = SaltSchedule((b"another secret, 32 bytes long...",), period=PERIOD, skew=2)
+    loaded = FastPath(build_object("front"))
+    try:
+        for current, salts, outcome in ((first, schedule, "validated"), (reloaded, schedule, "validated"),
+                                        (reloaded, rotated, "forwarded_bad_mac")):
+            loaded.configure(current, salts)
+            set_clock(monkeypatch, loaded, current, salts, now)
+            expected = handle(frame[14:], now, salts, current)
+            assert expected.outcome == outcome
+            for _ in range(2):  # the run that copies the maps, and one from the copy
+                verdict, out, _ = run(namespace, loaded, frame, hook=hook)
+                assert_encapsulated(verdict, out, expected, link_mac, hook)
+            if hook == "xdp":
+                _, out, changed = run(namespace, loaded, syn_frame)
+                assert changed == {("syn_answered", 4): 1}
+                assert without_clock(out[14:]) == without_clock(handle(syn_frame[14:], now, salts, current).packet)
+    finally:
+        loaded.close()
+
+
+def test_every_protected_vip_is_found_past_the_copys_table_and_none_after_a_reload_removes_it(
+        hook, one_cpu, monkeypatch, namespace, link_mac, cookie_vectors, schedule):
+    """Each CPU copies the protected VIPs into a table of 512 (bpf/front.bpf.c, protected_vip): 1000 VIPs
+    overflow it and are all found (the rest in `protected_vips`), other addresses are not, and after a
+    reload that keeps three of them the first packet to another one is not protected any more."""
+    rng = random.Random(11)
+    many = make_policy(cookie_vectors["vectors"])
+    many = dataclasses.replace(many, vips=many.vips | {bytes([10, 1, n >> 8, n & 0xFF]) for n in range(1000 - len(many.vips))})
+    kept = sorted(many.vips)[:3]
+    few = dataclasses.replace(many, vips=frozenset(kept) | {ipaddress.ip_address(VIP4).packed})
+    now = 1000 * PERIOD + 30
+    monkeypatch.setattr(fastpath.time, "time", lambda: now)  # a reload within the epoch: the salts stay
+    loaded = FastPath(build_object("front"))
+    try:
+        for current in (many, few):
+            set_clock(monkeypatch, loaded, current, schedule, now)
+            loaded.configure(current, schedule)
+            v4 = [vip for vip in many.vips if len(vip) == 4]
+            addresses = rng.sample(v4, 150) + kept[:1] + [bytes([10, 2, 0, n]) for n in range(1, 30)]
+            for address in addresses:
+                packet = build_tcp_packet(bytes([198, 18, 0, rng.randrange(1, 255)]), address, 40000, PORT, 7,
+                                          5000, FIN | ACK, 1000)
+                expected = handle(packet, now, schedule, current)
+                verdict, out, changed = run(namespace, loaded, frame_of(packet), hook=hook)
+                if address in current.vips:
+                    assert changed == {("forwarded", 4): 1}, address
+                    assert_encapsulated(verdict, out, expected, link_mac, hook)
+                else:
+                    assert (verdict, changed) == (PASS[hook], {("not_protected", 4): 1}), address
+    finally:
+        loaded.close()
+
+
+def test_acks_around_an_epoch_boundary_are_judged_at_the_handlers_moments(
+        hook, one_cpu, monkeypatch, namespace, fast_path, policy, schedule):
+    """Each CPU keeps the epoch and the accepted ones for a window of time (bpf/front.bpf.c, epoch_window):
+    just before and after each moment the handler's judgement changes (the boundary, and the skew's
+    both ends), the clock moving forward then back, ACKs carrying cookies of the epochs around are
+    judged as the handler judges them."""
+    client, vip = ipaddress.ip_address("198.18.7.7").packed, ipaddress.ip_address(VIP4).packed
+    boundary_epoch = 29000000
+    acks = []
+    for epoch in range(boundary_epoch - 2, boundary_epoch + 2):
+        syn_packet = build_tcp_packet(client, vip, 40000, PORT, 1000, 0, SYN, 64240,
+                                      build_tcp_options(1460, 7, True, None))
+        cookie = parse_tcp(handle(syn_packet, epoch * PERIOD + PERIOD / 2, schedule, policy).packet).seq
+        acks.append(build_tcp_packet(client, vip, 40000, PORT, 1001, (cookie + 1) % 2**32, ACK, 502))
+    skew, boundary = schedule.skew, boundary_epoch * PERIOD
+    moments = [boundary + offset for offset in (-PERIOD / 2, -skew - 0.2, -skew + 0.2, -0.2, 0.2, skew - 0.2,
+                                                skew + 0.2, PERIOD - skew - 0.2, PERIOD - skew + 0.2)]
+    judged = set()
+    for now in moments + moments[::-1]:
+        set_clock(monkeypatch, fast_path, policy, schedule, now)
+        for ack in acks:
+            expected = handle(ack, now, schedule, policy)
+            _, out, changed = run(namespace, fast_path, frame_of(ack), hook=hook)
+            assert changed == {(expected.outcome, 4): 1}, (now - boundary, parse_tcp(ack).ack)
+            assert out[14:] == expected.packet
+            judged.add(expected.outcome)
+    assert judged == {"validated", "forwarded_expired_epoch"}
 
 
 @pytest.mark.parametrize("timestamp", [False, True])

@@ -57,6 +57,10 @@ _declare("bpf_object__close", None, _voidp)
 _declare("bpf_object__find_program_by_name", _voidp, _voidp, ctypes.c_char_p)
 _declare("bpf_object__find_map_by_name", _voidp, _voidp, ctypes.c_char_p)
 _declare("bpf_program__fd", ctypes.c_int, _voidp)
+_declare("bpf_object__next_program", _voidp, _voidp, _voidp)
+_declare("bpf_program__name", ctypes.c_char_p, _voidp)
+_declare("bpf_program__set_log_level", ctypes.c_int, _voidp, _u32)
+_declare("bpf_program__set_log_buf", ctypes.c_int, _voidp, _voidp, ctypes.c_size_t)
 _declare("bpf_map__fd", ctypes.c_int, _voidp)
 _declare("bpf_map__type", ctypes.c_int, _voidp)
 _declare("bpf_map__key_size", _u32, _voidp)
@@ -244,6 +248,32 @@ class BpfObject:
         if self._obj:
             _lib.bpf_object__close(self._obj)
             self._obj = None
+
+
+_BPF_LOG_STATS = 4  # the verifier's summary only (and its error, when it refuses)
+
+
+def verifier_logs(path: Path, log_size: int = 1 << 20) -> tuple[int, dict[str, str]]:
+    """Load an object's programs with the verifier's statistics logged (instructions processed, each BPF
+    function's stack depth) and close it again: libbpf's load result (0, or -errno when the verifier
+    refused one) and each program's log, which ends with the verifier's reason when it refused."""
+    obj = _lib.bpf_object__open_file(str(path).encode(), None)
+    if not obj:
+        code = ctypes.get_errno() or errno.EINVAL
+        raise BpfError(code, f"cannot open BPF object {path}: {os.strerror(code)}")
+    buffers = {}
+    try:
+        program = _lib.bpf_object__next_program(obj, None)
+        while program:
+            name = _lib.bpf_program__name(program).decode()
+            buffers[name] = ctypes.create_string_buffer(log_size)
+            _lib.bpf_program__set_log_buf(program, buffers[name], log_size)
+            _lib.bpf_program__set_log_level(program, _BPF_LOG_STATS)
+            program = _lib.bpf_object__next_program(obj, program)
+        result = _lib.bpf_object__load(obj)
+    finally:
+        _lib.bpf_object__close(obj)
+    return result, {name: buffer.value.decode(errors="replace") for name, buffer in buffers.items()}
 
 
 def kernel_has_function(name: str) -> bool:

@@ -121,8 +121,10 @@ class SaltMap:
         self.map = salt_map
         self._written: dict[int, bytes | None] = {}
 
-    def refresh(self, schedule: SaltSchedule, epochs: Iterable[int]) -> None:
+    def refresh(self, schedule: SaltSchedule, epochs: Iterable[int]) -> bool:
+        """True when a slot changed."""
         wanted = salt_slots(schedule, epochs)
+        changed = False
         for slot in range(EPOCH_SLOTS):
             value = wanted.get(slot)
             if slot in self._written and self._written[slot] == value:
@@ -132,6 +134,8 @@ class SaltMap:
             else:
                 self.map.update(MAP_KEY.pack(slot), value)
             self._written[slot] = value
+            changed = True
+        return changed
 
 
 def replace_keys(flag_map: Map, wanted: set[bytes]) -> None:

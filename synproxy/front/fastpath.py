@@ -76,7 +76,7 @@ OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", 
 FAMILIES = (4, 6)
 PATHS = ("tc", "xdp")  # enum front_path: which program counted
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}  # tried in this order
-_CONFIG = struct.Struct("=Qq2HBBBB")  # struct front_config
+_CONFIG = struct.Struct("=Qq2HBBBBQ")  # struct front_config
 _FORWARDING = struct.Struct("=4s2sHQ16s16s")  # struct front_forwarding
 _ICMP_LIMIT = struct.Struct("=QQ")  # struct icmp_limit: cost_ns, credit_max_ns
 # struct fastopen_key: period_ns, key_period, primary, backup, budget_cost_ns, budget_credit_ns
@@ -85,6 +85,7 @@ _OWNERS = struct.Struct("4s8s")  # struct maglev_owners: the current owner, then
 VIP_PORT_COUNTS = struct.Struct("=3Q")  # struct vip_port_counts, in this order:
 VIP_PORT_OUTCOMES = ("syn_answered", "validated", "forwarded")
 VIP_PORT_SLOTS = 64  # VIP_PORT_SLOTS in bpf/front.bpf.c: VIPs, and ports, counted per pair
+PORT_UNCOUNTED = 0xFF  # PORT_UNCOUNTED in bpf/front.bpf.c: a protected port without a slot
 
 
 class FastPathError(RuntimeError):
@@ -100,7 +101,7 @@ class FastPath:
             self.prog_fd = self.object.program_fd(PROGRAM)
             self.config = sized_map(self.object, "config", _CONFIG.size)
             self.protected_vips = sized_map(self.object, "protected_vips", 1)
-            self.protected_ports = sized_map(self.object, "protected_ports", 1)
+            self.protected_port_slots = sized_map(self.object, "protected_port_slots", 1)
             self.salts = SaltMap(sized_map(self.object, "salts", SALT_SLOT.size))
             self.counters = sized_map(self.object, "counters", COUNTER.size)
             self.xdp_prog_fd = self.object.program_fd(XDP_PROGRAM)
@@ -121,20 +122,20 @@ class FastPath:
             raise FastPathError(f"the program's vip_port_counters map holds {self.vip_port_counters.max_entries} "
                                 f"entries, not {VIP_PORT_SLOTS ** 2}: bpf/front.bpf.c and fastpath.py disagree")
         self.vip_slots: dict[bytes, int] = {}   # protected_vips key -> its slot (0: not counted per VIP)
-        self.port_slots: dict[bytes, int] = {}  # protected_ports key -> its slot
+        self.port_slots: dict[bytes, int] = {}  # PORT_KEY of a protected port -> its slot
         self.attached: list[int] = []
         self.xdp_attached: dict[int, str] = {}  # ifindex -> mode
         self._config_written = b""
         self._forwarding_written = b""
+        self._generation = 0  # front_config.generation: the programs' per-CPU copies of forwarding and salts
         self._fastopen_written = b""
         self._maglev_written: list[tuple[bytes, bytes] | None] = [None] * DEFAULT_TABLE_SIZE
 
     def configure(self, policy: FrontPolicy, schedule: SaltSchedule) -> None:
         """What the program protects and announces, then the salts and the clock (refresh())."""
-        for what, wanted, flag_map in (("VIPs", policy.vips, self.protected_vips),
-                                       ("ports", policy.ports, self.protected_ports)):
-            if len(wanted) > flag_map.max_entries:
-                raise FastPathError(f"{len(wanted)} {what}: the fast path holds at most {flag_map.max_entries}")
+        if len(policy.vips) > self.protected_vips.max_entries:
+            raise FastPathError(f"{len(policy.vips)} VIPs: the fast path holds at most "
+                                f"{self.protected_vips.max_entries}")
         try:
             self.write_protected(policy)
             self.write_maglev(policy)
@@ -143,14 +144,18 @@ class FastPath:
                 *per_cpu_token_bucket(ICMP_ERRORS_PER_SECOND, os.cpu_count() or 1)))
         except BpfError as error:
             raise FastPathError(f"filling the fast path's maps failed: {error.strerror}") from None
+        self._generation = 0  # the programs copy the VIPs with the salts and forwarding: a new generation
         self.refresh(policy, schedule, time.time())
 
     def write_protected(self, policy: FrontPolicy) -> None:
         """The VIPs and ports the programs protect, each with its slot for the per-VIP counters (1 ..
         VIP_PORT_SLOTS; 0 past them: not counted, logged). A VIP or port kept across a reload keeps its
-        slot and its counts; a slot given to a new one starts from zero."""
+        slot and its counts; a slot given to a new one starts from zero. The ports go to the front's
+        protected_port_slots array (PORT_UNCOUNTED for a port without a slot, 0 for one no longer
+        protected), new ones before old ones are removed."""
         vips = {mapped(ipaddress.ip_address(vip)) for vip in policy.vips}
         ports = {PORT_KEY.pack(port) for port in policy.ports}
+        removed_ports = set(self.port_slots) - ports
         fresh = {"vip": set(), "port": set()}
         for kind, slots, wanted in (("vip", self.vip_slots, vips), ("port", self.port_slots, ports)):
             for key in set(slots) - wanted:
@@ -169,7 +174,10 @@ class FastPath:
             log("vip_port_counters_partial", uncounted=uncounted, most_vips=VIP_PORT_SLOTS,
                 most_ports=VIP_PORT_SLOTS)
         replace_entries(self.protected_vips, {key: bytes([slot]) for key, slot in self.vip_slots.items()})
-        replace_entries(self.protected_ports, {key: bytes([slot]) for key, slot in self.port_slots.items()})
+        for key, slot in self.port_slots.items():
+            self.protected_port_slots.update(MAP_KEY.pack(*PORT_KEY.unpack(key)), bytes([slot or PORT_UNCOUNTED]))
+        for key in removed_ports:
+            self.protected_port_slots.update(MAP_KEY.pack(*PORT_KEY.unpack(key)), b"\0")
 
     def vip_port_counts(self) -> dict[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], tuple[int, ...]]:
         """Both programs' counts per counted (VIP, port), summed over the CPUs, in VIP_PORT_OUTCOMES' order."""
@@ -213,23 +221,28 @@ class FastPath:
         """At every housekeeping: the salts of the two epochs before the current one, the current one and
         the next (every epoch an ACK's cookie may be accepted in, and a SYN arriving just past an epoch
         boundary finds its salt; the program checks the epoch against its clock), and the configuration
-        when it changed."""
+        when it changed. When the salts or the forwarding element changed, the configuration is written
+        after them with a new generation: the programs' per-CPU copies of both are then copied again."""
         epoch = schedule.current_epoch(now)
-        value = _CONFIG.pack(round(schedule.period * 1e9), clock_offset_ns(), policy.announced_mss(4),
-                             policy.announced_mss(6), policy.server_wscale, policy.sack, policy.ecn,
-                             policy.syn_reply == "ingress")
         forwarding = _FORWARDING.pack(policy.farm_address, policy.encap_port.to_bytes(2, "big"), policy.farm_mtu,
                                       round(schedule.skew * 1e9), policy.encap_key, policy.flow_key)
         try:
-            self.salts.refresh(schedule, range(max(0, epoch - 2), epoch + 2))
-            if value != self._config_written:
-                self.config.update(MAP_KEY.pack(0), value)
-                self._config_written = value
+            changed = self.salts.refresh(schedule, range(max(0, epoch - 2), epoch + 2))
             if forwarding != self._forwarding_written:
                 self.forwarding.update(MAP_KEY.pack(0), forwarding)
                 self._forwarding_written = forwarding
+                changed = True
+            if changed or not self._generation:
+                self._generation = int.from_bytes(os.urandom(8), "little") or 1
+            value = _CONFIG.pack(round(schedule.period * 1e9), clock_offset_ns(), policy.announced_mss(4),
+                                 policy.announced_mss(6), policy.server_wscale, policy.sack, policy.ecn,
+                                 policy.syn_reply == "ingress", self._generation)
+            if value != self._config_written:
+                self.config.update(MAP_KEY.pack(0), value)
+                self._config_written = value
             self.refresh_fastopen_key(policy, now)
         except BpfError as error:
+            self._generation = 0  # what was written before the failure: copied again after the next refresh
             raise FastPathError(f"updating the fast path's maps failed: {error.strerror}") from None
 
     def refresh_fastopen_key(self, policy: FrontPolicy, now: float) -> None:
