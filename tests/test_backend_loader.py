@@ -106,3 +106,18 @@ def test_an_object_built_elsewhere_needs_no_compiler(monkeypatch, tmp_path):
     built = build_object("backend")
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert build_object("backend") == built
+
+
+@pytest.mark.parametrize("program", ["backend", "backend_xdp"])
+def test_editing_a_header_the_program_includes_rebuilds_it(monkeypatch, tmp_path, program):
+    """The XDP stage runs over the tc program's maps: an object built from a stale bpf/backend_maps.h
+    would be refused (or worse, read another layout) when the loader hands it the other's maps."""
+    sources, build = tmp_path / "bpf", tmp_path / "build"
+    shutil.copytree(bpf_dir(), sources, ignore=shutil.ignore_patterns("build"))
+    monkeypatch.setenv("SYNPROXY_BPF_DIR", str(sources))
+    monkeypatch.setenv("SYNPROXY_BUILD_DIR", str(build))
+    before = build_object(program)
+    with (sources / "backend_maps.h").open("a") as header:
+        header.write("/* edited */\n")
+    after = build_object(program)
+    assert after != before and after.exists()
