@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /* The maps the backend's tc program (bpf/backend.bpf.c) and its XDP stage (bpf/backend_xdp.bpf.c) share,
  * defined once: the loader hands the XDP object the tc object's maps (bpf_map__reuse_fd), and libbpf
- * refuses a map whose layout differs. The loader's build cache hashes every bpf/*.h, so an edit here
+ * refuses a map whose layout differs. The loader's build cache hashes every header in bpf/, so an edit here
  * rebuilds both objects. */
 #ifndef BACKEND_MAPS_H
 #define BACKEND_MAPS_H

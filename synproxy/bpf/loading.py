@@ -36,11 +36,16 @@ def bpf_dir() -> Path:
     return Path(os.environ.get("SYNPROXY_BPF_DIR", REPO_BPF_DIR))
 
 
-def _clang() -> str:
+def find_clang() -> str:
     for name in ("clang-19", "clang"):
         if path := shutil.which(name):
             return path
     raise SetupError("clang not found: install clang-19 (it builds the BPF program)")
+
+
+def clang_flags() -> list[str]:
+    return ["-O2", "-g", "-Wall", "-target", "bpf", "-D__TARGET_ARCH_x86",
+            f"-I/usr/include/{os.uname().machine}-linux-gnu"]
 
 
 def build_object(program: str) -> Path:
@@ -52,8 +57,7 @@ def build_object(program: str) -> Path:
     take the compiler, and a header shared by two programs (bpf/backend_maps.h) must rebuild both.
     """
     source_dir = bpf_dir()
-    flags = ["-O2", "-g", "-Wall", "-target", "bpf", "-D__TARGET_ARCH_x86",
-             f"-I/usr/include/{os.uname().machine}-linux-gnu"]
+    flags = clang_flags()
     digest = hashlib.sha256(" ".join(flags).encode())
     source = f"{program}.bpf.c"
     for path in (source_dir / source, *sorted(source_dir.glob("*.h"))):
@@ -65,7 +69,7 @@ def build_object(program: str) -> Path:
     target = build_dir / f"{program}-{digest.hexdigest()[:16]}.bpf.o"
     if target.exists():
         return target
-    clang = _clang()
+    clang = find_clang()
     build_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=build_dir, suffix=".o", delete=False) as partial:
         pass
