@@ -17,6 +17,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "synproxy.h"
+#include "backend_maps.h"
 
 #define AF_INET 2
 #define EALREADY 114
@@ -55,28 +56,6 @@ struct tcp_timewait_sock___x {
 
 extern int bpf_sk_assign_tcp_reqsk(struct __sk_buff *skb, struct sock *sk,
 				   struct bpf_tcp_req_attrs *attrs, int attrs__sz) __ksym;
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct backend_config);
-} config SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u8[16]); /* IPv4 as ::ffff:a.b.c.d */
-	__type(value, __u8);
-} trusted_fronts SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH); /* see struct encap_keys: updates must be atomic for readers */
-	__uint(map_flags, BPF_F_NO_PREALLOC); /* as `salts`: no element reused under a reader */
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct encap_keys);
-} encap_keys SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -12,30 +12,7 @@
 #include <linux/udp.h>
 
 #include "synproxy.h"
-
-/* The tc program's maps (bpf/backend.bpf.c), the same definitions: the loader hands this object the tc
- * object's maps (bpf_map__reuse_fd), and libbpf refuses one whose layout differs. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct backend_config);
-} config SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u8[16]); /* IPv4 as ::ffff:a.b.c.d */
-	__type(value, __u8);
-} trusted_fronts SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct encap_keys);
-} encap_keys SEC(".maps");
+#include "backend_maps.h" /* the tc program's maps: the loader hands this object their fds */
 
 /* This stage's own outcomes, per CPU; synproxy/backend/loader.py names them in this order. */
 enum backend_xdp_counter {

@@ -9,12 +9,22 @@ import os
 import re
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from synproxy.backend.loader import COUNTERS, held_epochs, main
-from synproxy.bpf.loading import SetupError, bpf_dir, build_object, mapped, per_cpu_token_bucket, salt_slots
+from synproxy.bpf.loading import (
+    SetupError,
+    bpf_dir,
+    build_object,
+    clang_flags,
+    find_clang,
+    mapped,
+    per_cpu_token_bucket,
+    salt_slots,
+)
 from synproxy.salt import SaltSchedule, derive_salt
 
 SALT_SLOT = struct.Struct("<IIQ16s16s")
@@ -106,3 +116,27 @@ def test_an_object_built_elsewhere_needs_no_compiler(monkeypatch, tmp_path):
     built = build_object("backend")
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert build_object("backend") == built
+
+
+@pytest.mark.parametrize("program", ["backend", "backend_xdp"])
+def test_editing_a_header_the_program_includes_rebuilds_it(monkeypatch, tmp_path, program):
+    """The XDP stage runs over the tc program's maps: an object built from a stale bpf/backend_maps.h
+    would be refused (or worse, read another layout) when the loader hands it the other's maps."""
+    sources, build = tmp_path / "bpf", tmp_path / "build"
+    shutil.copytree(bpf_dir(), sources, ignore=shutil.ignore_patterns("build"))
+    monkeypatch.setenv("SYNPROXY_BPF_DIR", str(sources))
+    monkeypatch.setenv("SYNPROXY_BUILD_DIR", str(build))
+    before = build_object(program)
+    with (sources / "backend_maps.h").open("a") as header:
+        header.write("/* edited */\n")
+    after = build_object(program)
+    assert after != before and after.exists()
+
+
+@pytest.mark.parametrize("source", sorted(path.name for path in bpf_dir().glob("*.bpf.c")))
+def test_the_programs_build_without_a_warning(source):
+    """The build's warnings are read by nobody once there are some: `#pragma unroll` on a loop clang
+    cannot fully unroll warned on every build of the front program, and changed nothing in it."""
+    done = subprocess.run([find_clang(), *clang_flags(), f"-I{bpf_dir()}", "-c", str(bpf_dir() / source),
+                           "-o", os.devnull], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "warning:" not in done.stderr, done.stderr

@@ -21,7 +21,6 @@ from synproxy.bpf.libbpf import BpfObject, Map
 from synproxy.salt import EPOCH_SLOTS, MAX_SECRETS, SaltSchedule
 
 REPO_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
-SHARED_HEADER = "synproxy.h"
 SALT_SLOT = struct.Struct("<IIQ16s16s")   # struct salt_slot
 PORT_KEY = struct.Struct("=H")  # protected_ports key: host order
 MAP_KEY = struct.Struct("<I")   # array map index
@@ -37,11 +36,16 @@ def bpf_dir() -> Path:
     return Path(os.environ.get("SYNPROXY_BPF_DIR", REPO_BPF_DIR))
 
 
-def _clang() -> str:
+def find_clang() -> str:
     for name in ("clang-19", "clang"):
         if path := shutil.which(name):
             return path
     raise SetupError("clang not found: install clang-19 (it builds the BPF program)")
+
+
+def clang_flags() -> list[str]:
+    return ["-O2", "-g", "-Wall", "-target", "bpf", "-D__TARGET_ARCH_x86",
+            f"-I/usr/include/{os.uname().machine}-linux-gnu"]
 
 
 def build_object(program: str) -> Path:
@@ -49,22 +53,23 @@ def build_object(program: str) -> Path:
 
     Objects live in <bpf dir>/build (or $SYNPROXY_BUILD_DIR) under a hash of the sources and flags, so a
     host without a compiler (the lab's image) runs an object built elsewhere; clang is needed only to build.
+    The sources are the program and every header of the bpf dir: knowing which of them it includes would
+    take the compiler, and a header shared by two programs (bpf/backend_maps.h) must rebuild both.
     """
     source_dir = bpf_dir()
-    flags = ["-O2", "-g", "-Wall", "-target", "bpf", "-D__TARGET_ARCH_x86",
-             f"-I/usr/include/{os.uname().machine}-linux-gnu"]
+    flags = clang_flags()
     digest = hashlib.sha256(" ".join(flags).encode())
     source = f"{program}.bpf.c"
-    for name in (source, SHARED_HEADER):
+    for path in (source_dir / source, *sorted(source_dir.glob("*.h"))):
         try:
-            digest.update((source_dir / name).read_bytes())
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
         except OSError as error:
-            raise SetupError(f"BPF source {source_dir / name}: {error.strerror}") from None
+            raise SetupError(f"BPF source {path}: {error.strerror}") from None
     build_dir = Path(os.environ.get("SYNPROXY_BUILD_DIR", source_dir / "build"))
     target = build_dir / f"{program}-{digest.hexdigest()[:16]}.bpf.o"
     if target.exists():
         return target
-    clang = _clang()
+    clang = find_clang()
     build_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=build_dir, suffix=".o", delete=False) as partial:
         pass
