@@ -80,8 +80,9 @@ def variant_sources(directory: Path) -> dict[str, Path]:
     dirs[WHOLE] = directory / "whole"
     dirs[WHOLE].mkdir()
     (dirs[WHOLE] / "front.bpf.c").write_text(source)
-    for path in dirs.values():
-        shutil.copy(bpf_dir() / "synproxy.h", path)
+    for path in dirs.values():  # every header: the build cache hashes them all (synproxy/bpf/loading.py)
+        for header in bpf_dir().glob("*.h"):
+            shutil.copy(header, path)
     return dirs
 
 
