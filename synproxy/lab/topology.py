@@ -186,7 +186,7 @@ class Lab:
                 set_tx_checksum_offload(namespace, "eth0", False)
             if host.role == "front":
                 # The fronts run native XDP, as on a NIC: a veth delivers the frames it sends back only
-                # when its peer runs an XDP program too.
+                # when its peer runs an XDP program too (GRO on the peer is not enough: docs/front.md).
                 attach_xdp_pass(router, host.name)
             if host.role == "backend":
                 add_addresses(namespace, "lo", f"{VIP}/32", f"{VIP6}/128")
