@@ -45,21 +45,8 @@ static __always_inline int count(__u32 index)
 static __always_inline int owned(struct xdp_md *ctx, const struct segment *seg)
 {
 	struct bpf_sock_tuple tuple = {};
-	__u32 tuple_size;
+	__u32 tuple_size = socket_tuple_of(&tuple, seg);
 
-	if (seg->family == 4) {
-		__builtin_memcpy(&tuple.ipv4.saddr, &seg->saddr[12], 4);
-		__builtin_memcpy(&tuple.ipv4.daddr, &seg->daddr[12], 4);
-		tuple.ipv4.sport = seg->sport;
-		tuple.ipv4.dport = seg->dport;
-		tuple_size = sizeof(tuple.ipv4);
-	} else {
-		__builtin_memcpy(tuple.ipv6.saddr, seg->saddr, 16);
-		__builtin_memcpy(tuple.ipv6.daddr, seg->daddr, 16);
-		tuple.ipv6.sport = seg->sport;
-		tuple.ipv6.dport = seg->dport;
-		tuple_size = sizeof(tuple.ipv6);
-	}
 	struct bpf_sock *skc = bpf_skc_lookup_tcp(ctx, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
 	if (!skc)
 		return 0;

@@ -441,6 +441,23 @@ struct segment {
 	__u16 vip_port;   /* front: 1 + its VIP and port's element in vip_port_counters, 0 = not counted */
 };
 
+/* The 4-tuple of `seg` as a socket lookup takes it (bpf_skc_lookup_tcp): its size in `tuple`. */
+static __always_inline __u32 socket_tuple_of(struct bpf_sock_tuple *tuple, const struct segment *seg)
+{
+	if (seg->family == 4) {
+		__builtin_memcpy(&tuple->ipv4.saddr, &seg->saddr[12], 4);
+		__builtin_memcpy(&tuple->ipv4.daddr, &seg->daddr[12], 4);
+		tuple->ipv4.sport = seg->sport;
+		tuple->ipv4.dport = seg->dport;
+		return sizeof(tuple->ipv4);
+	}
+	__builtin_memcpy(tuple->ipv6.saddr, seg->saddr, 16);
+	__builtin_memcpy(tuple->ipv6.daddr, seg->daddr, 16);
+	tuple->ipv6.sport = seg->sport;
+	tuple->ipv6.dport = seg->dport;
+	return sizeof(tuple->ipv6);
+}
+
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04
