@@ -325,6 +325,17 @@ _Static_assert(sizeof(struct bpf_tcp_req_attrs) == 20, "the kfunc checks attrs__
 		v2 += v1; v1 = SIP_ROTL(v1, 17); v1 ^= v2; v2 = SIP_ROTL(v2, 32); \
 	} while (0)
 
+/* Absorb `words` whole words of `m` into the state v0..v3, c_rounds rounds each. */
+#define SIP_ABSORB(m, words, c_rounds)                                         \
+	do {                                                                   \
+		_Pragma("unroll") for (int i = 0; i < (words); i++) {           \
+			v3 ^= (m)[i];                                          \
+			_Pragma("unroll") for (int r = 0; r < (c_rounds); r++) \
+				SIP_ROUND;                                     \
+			v0 ^= (m)[i];                                          \
+		}                                                              \
+	} while (0)
+
 /* SipHash's state after some whole words: a message whose first words are fixed for a while (the
  * encapsulation's outer addresses) is hashed from the state after them (front.bpf.c's route cache). */
 struct siphash_state {
@@ -343,14 +354,7 @@ static __always_inline void siphash_start(struct siphash_state *state, const __u
 	__u64 v1 = 0x646f72616e646f6dULL ^ k1;
 	__u64 v2 = 0x6c7967656e657261ULL ^ k0;
 	__u64 v3 = 0x7465646279746573ULL ^ k1;
-#pragma unroll
-	for (int i = 0; i < words; i++) {
-		v3 ^= m[i];
-#pragma unroll
-		for (int r = 0; r < c_rounds; r++)
-			SIP_ROUND;
-		v0 ^= m[i];
-	}
+	SIP_ABSORB(m, words, c_rounds);
 	*state = (struct siphash_state){v0, v1, v2, v3};
 }
 
@@ -361,14 +365,7 @@ static __always_inline __u64 siphash_finish(const struct siphash_state *state, c
 {
 	__u64 v0 = state->v0, v1 = state->v1, v2 = state->v2, v3 = state->v3;
 
-#pragma unroll
-	for (int i = 0; i < words; i++) {
-		v3 ^= m[i];
-#pragma unroll
-		for (int r = 0; r < c_rounds; r++)
-			SIP_ROUND;
-		v0 ^= m[i];
-	}
+	SIP_ABSORB(m, words, c_rounds);
 	/* The final block is empty but for the length byte: the message is whole words. */
 	__u64 b = (__u64)(total * 8) << 56;
 	v3 ^= b;
