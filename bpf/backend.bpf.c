@@ -72,13 +72,6 @@ struct {
 } kfunc_errors SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); /* per CPU: no atomics, no contention under a flood */
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct token_bucket);
-} reset_budget SEC(".maps");
-
-struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1024 * 1024); /* 640 events of the largest packet, ~5000 of a small request */
 } time_wait SEC(".maps");
@@ -544,23 +537,6 @@ static __always_inline int reset_allowed(const struct backend_config *cfg)
 	return token_take(bpf_map_lookup_elem(&reset_budget, &zero), cfg->reset_cost_ns, cfg->reset_credit_ns);
 }
 
-/* Where a backend with no connection for this unflagged segment passes it on (encap.next_owner): from
- * a front's packet, to the first former owner named that is not itself; from a chained one, when it is
- * the previous owner, to the earlier. 0: this is the last hop. */
-static __always_inline __be32 next_owner(const struct arrival *arrival)
-{
-	const struct former_owners *former = &arrival->header.former;
-	__be32 self = arrival->self;
-
-	if (!(arrival->header.flags & ENCAP_FLAG_CHAINED)) {
-		if (former->previous && former->previous != self)
-			return former->previous;
-	} else if (former->previous != self) {
-		return 0;
-	}
-	return former->earlier != self ? former->earlier : 0;
-}
-
 /* Pass the decapsulated segment on to `next`, as encap.chain builds it: the same inner packet, UDP ports
  * and former owners, from this backend to that one, flagged CHAINED, MACed anew with the primary encap
  * key; back out of the farm interface it came in by, the kernel resolving the neighbour when it is not
@@ -630,7 +606,7 @@ static __always_inline int owned_here(struct __sk_buff *skb, const struct segmen
 static __always_inline int pass_on(struct __sk_buff *skb, const struct segment *seg, const struct arrival *arrival,
 				   const struct backend_config *cfg)
 {
-	__be32 next = next_owner(arrival);
+	__be32 next = next_owner(&arrival->header, arrival->self);
 
 	if (!next)
 		return CHAIN_UNROUTED;
@@ -691,29 +667,6 @@ static __always_inline void count_plain_syn(struct __sk_buff *skb)
 	if (parse_segment(skb, &seg) && (seg.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN &&
 	    bpf_map_lookup_elem(&protected_vips, seg.daddr))
 		COUNT(COUNTER_SYN_RECEIVED);
-}
-
-/* Did a front that holds one of our encap keys write this header for these outer addresses and this
- * inner segment? */
-static __always_inline int encap_mac_valid(const struct encap_header *header, __be32 outer_saddr,
-					   __be32 outer_daddr, const struct segment *seg)
-{
-	__u32 zero = 0;
-	struct encap_keys *keys = bpf_map_lookup_elem(&encap_keys, &zero);
-	union encap_message message;
-	__u64 mac;
-
-	if (!keys)
-		return 0;
-	__builtin_memcpy(&mac, header->mac, 8);
-	mac = bpf_be64_to_cpu(mac);
-	encap_message_of(&message, outer_saddr, outer_daddr, seg, header->flags, &header->former);
-#pragma unroll
-	for (__u32 i = 0; i < MAX_SECRETS; i++) {
-		if (i < keys->nkeys && encap_mac(&message, keys->keys[i]) == mac)
-			return 1;
-	}
-	return 0;
 }
 
 /* What a front forwards: TCP to a protected VIP and port, never a SYN (a front answers those itself). */

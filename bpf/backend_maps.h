@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /* The maps the backend's tc program (bpf/backend.bpf.c) and its XDP stage (bpf/backend_xdp.bpf.c) share,
- * defined once: the loader hands the XDP object the tc object's maps (bpf_map__reuse_fd), and libbpf
- * refuses a map whose layout differs. The loader's build cache hashes every header in bpf/, so an edit here
+ * defined once, and the decisions both make from them and the header (the stage acts only where the tc
+ * program would decide the same): the loader hands the XDP object the tc object's maps
+ * (bpf_map__reuse_fd), and libbpf refuses a map whose layout differs. The loader's build cache hashes every header in bpf/, so an edit here
  * rebuilds both objects. */
 #ifndef BACKEND_MAPS_H
 #define BACKEND_MAPS_H
@@ -29,5 +30,51 @@ struct {
 	__type(key, __u32);
 	__type(value, struct encap_keys);
 } encap_keys SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); /* per CPU: no atomics, no contention under a flood */
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct token_bucket);
+} reset_budget SEC(".maps");
+
+/* Did a front that holds one of our encap keys write this header for these outer addresses and this
+ * inner segment? */
+static __always_inline int encap_mac_valid(const struct encap_header *header, __be32 outer_saddr,
+					   __be32 outer_daddr, const struct segment *seg)
+{
+	__u32 zero = 0;
+	struct encap_keys *keys = bpf_map_lookup_elem(&encap_keys, &zero);
+	union encap_message message;
+	__u64 mac;
+
+	if (!keys)
+		return 0;
+	__builtin_memcpy(&mac, header->mac, 8);
+	mac = bpf_be64_to_cpu(mac);
+	encap_message_of(&message, outer_saddr, outer_daddr, seg, header->flags, &header->former);
+#pragma unroll
+	for (__u32 i = 0; i < MAX_SECRETS; i++) {
+		if (i < keys->nkeys && encap_mac(&message, keys->keys[i]) == mac)
+			return 1;
+	}
+	return 0;
+}
+
+/* Where a backend (`self`, the outer destination) with no connection for this unflagged segment passes
+ * it on (encap.next_owner): from a front's packet, to the first former owner named that is not itself;
+ * from a chained one, when it is the previous owner, to the earlier. 0: this is the last hop. */
+static __always_inline __be32 next_owner(const struct encap_header *header, __be32 self)
+{
+	const struct former_owners *former = &header->former;
+
+	if (!(header->flags & ENCAP_FLAG_CHAINED)) {
+		if (former->previous && former->previous != self)
+			return former->previous;
+	} else if (former->previous != self) {
+		return 0;
+	}
+	return former->earlier != self ? former->earlier : 0;
+}
 
 #endif

@@ -3,12 +3,14 @@
  * encapsulation from the unflagged segments of connections this backend holds, so that GRO coalesces
  * the inner TCP stream. GRO cannot coalesce the encapsulated packets (UDP to a port no tunnel device
  * owns): without this stage the backend's TCP receives an upload one 1.4 KB segment at a time, where
- * the bypass hands it 64 KB (docs/backend.md). Everything else is passed on untouched to the tc program
- * (bpf/backend.bpf.c), which keeps every decision: flagged packets (VALIDATED, ICMP, CHAINED and later
- * flags), packets of no connection here (the Beamer chain and the reset budget), and whatever does not
- * pass the same checks the tc program makes (a trusted front, the header, the MAC, what a front
- * forwards). What this stage strips is what the tc program would have decapsulated and passed: the
- * same inner packet, in the same Ethernet header. */
+ * the bypass hands it 64 KB (docs/backend.md). And drop the unflagged segments of no connection here that
+ * the tc program would drop (at the chain's last hop, a RST or beyond the reset budget): the forged ACKs
+ * of a flood a front cannot tell from established traffic, before GRO and the tc hook. Everything else
+ * is passed on untouched to the tc program (bpf/backend.bpf.c), which keeps every other decision:
+ * flagged packets (VALIDATED, ICMP, CHAINED and later flags), packets of no connection here it passes on
+ * along the Beamer chain or for a reset, and whatever does not pass the same checks the tc program makes
+ * (a trusted front, the header, the MAC, what a front forwards). What this stage strips is what the tc
+ * program would have decapsulated and passed: the same inner packet, in the same Ethernet header. */
 #include <linux/udp.h>
 
 #include "synproxy.h"
@@ -19,8 +21,10 @@ enum backend_xdp_counter {
 	BACKEND_XDP_DECAPSULATED, /* unflagged, of a connection here: the encapsulation removed */
 	BACKEND_XDP_FLAGGED,      /* encapsulated and flagged: left to the tc program */
 	BACKEND_XDP_LEFT,         /* encapsulated, unflagged, but without payload (nothing for GRO to
-				   * coalesce), of no connection here, or failing a check the tc program
-				   * makes: left to the tc program */
+				   * coalesce), of no connection here but passed on or within the reset
+				   * budget, or failing a check the tc program makes: left to the tc program */
+	BACKEND_XDP_NO_FLOW_DROPPED, /* unflagged, of no connection here, at the last hop, a RST or beyond the
+				      * reset budget: dropped, as the tc program would (its no_flow_dropped) */
 	BACKEND_XDP_COUNTER_MAX,
 };
 
@@ -55,34 +59,50 @@ static __always_inline int owned(struct xdp_md *ctx, const struct segment *seg)
 	return !listening;
 }
 
-/* A segment with payload, the tc program's checks for an unflagged segment from a front (synproxy_backend,
- * encap_mac_valid, forwarded_by_a_front), and a connection that owns it. Cheapest first: a bare segment
- * (GRO does not coalesce those) is left to the tc program at once, so an ACK flood costs this stage no
- * socket lookup (a random tuple meets the listener: a reuseport group's selection) and no MAC; the
- * lookup comes before the MAC, so a forged data segment is not MACed twice either. */
-static __always_inline int decapsulable(struct xdp_md *ctx, const struct encap_header *header, __be32 outer_saddr,
-					__be32 outer_daddr, const struct segment *seg)
+/* Would the tc program drop a segment no connection here owns (pass_if_owned)? When the header names no
+ * further owner (next_owner: this is the last hop) and it is a RST (never answered) or the reset budget
+ * has no token. Peeks at the budget only: a packet the tc program passes for its RST takes the token
+ * there, once. This CPU's bucket, which the tc program takes from when the packet stays on the CPU (no
+ * RPS); a token time adds between the two programs is lost to this packet only. */
+static __always_inline int dropped_unowned(const struct encap_header *header, __be32 self, const struct segment *seg,
+					   const struct backend_config *cfg)
 {
 	__u32 zero = 0;
-	const struct encap_keys *keys = bpf_map_lookup_elem(&encap_keys, &zero);
-	__u16 port = bpf_ntohs(seg->dport);
-	union encap_message message;
-	__u64 mac;
-	int valid = 0;
 
-	if (seg->ip_length + sizeof(struct ethhdr) <= seg->tcp_offset + seg->tcp_length ||
-	    !keys || (seg->flags & TCP_FLAG_SYN) || !bpf_map_lookup_elem(&protected_vips, seg->daddr) ||
-	    !bpf_map_lookup_elem(&protected_ports, &port) || !owned(ctx, seg))
-		return 0;
-	__builtin_memcpy(&mac, header->mac, 8);
-	mac = bpf_be64_to_cpu(mac);
-	encap_message_of(&message, outer_saddr, outer_daddr, seg, header->flags, &header->former);
-#pragma unroll
-	for (__u32 i = 0; i < MAX_SECRETS; i++) {
-		if (i < keys->nkeys && encap_mac(&message, keys->keys[i]) == mac)
-			valid = 1;
-	}
-	return valid;
+	return !next_owner(header, self) &&
+	       ((seg->flags & TCP_FLAG_RST) || !token_available(bpf_map_lookup_elem(&reset_budget, &zero),
+								  cfg->reset_cost_ns, cfg->reset_credit_ns));
+}
+
+/* What this stage does with an unflagged segment from a trusted front. */
+enum fate {
+	FATE_LEFT,        /* to the tc program, untouched */
+	FATE_DECAPSULATE, /* with payload, of a connection here: what the tc program would pass */
+	FATE_DROP,        /* of no connection here, at the last hop, beyond the reset budget or a RST: what
+			   * the tc program would drop (no_flow_dropped) */
+};
+
+/* The tc program's checks for an unflagged segment from a front (synproxy_backend, encap_mac_valid,
+ * forwarded_by_a_front), then who owns it. Cheapest first: a bare segment (GRO coalesces nothing without
+ * payload) meets the socket lookup only when the tc program would drop it if no connection owned it (an
+ * ACK flood beyond the reset budget), so within the budget a forged ACK costs this stage no lookup; the
+ * lookup comes before the MAC, so a forged data segment is not MACed twice, nor a connection's bare
+ * segment MACed here. The MAC is checked before a drop: a bad one is left to the tc program, which
+ * counts it encap_bad_mac, as it would without this stage. */
+static __always_inline enum fate fate_of(struct xdp_md *ctx, const struct encap_header *header, __be32 outer_saddr,
+					 __be32 outer_daddr, const struct segment *seg, const struct backend_config *cfg)
+{
+	__u16 port = bpf_ntohs(seg->dport);
+	int bare = seg->ip_length + sizeof(struct ethhdr) <= seg->tcp_offset + seg->tcp_length;
+
+	if ((bare && !dropped_unowned(header, outer_daddr, seg, cfg)) || (seg->flags & TCP_FLAG_SYN) ||
+	    !bpf_map_lookup_elem(&protected_vips, seg->daddr) || !bpf_map_lookup_elem(&protected_ports, &port))
+		return FATE_LEFT;
+	int connection = owned(ctx, seg);
+	if ((connection ? bare : !dropped_unowned(header, outer_daddr, seg, cfg)) ||
+	    !encap_mac_valid(header, outer_saddr, outer_daddr, seg))
+		return FATE_LEFT;
+	return connection ? FATE_DECAPSULATE : FATE_DROP;
 }
 
 SEC("xdp")
@@ -124,8 +144,13 @@ int synproxy_backend_xdp(struct xdp_md *ctx)
 	__builtin_memcpy(inner_eth->h_dest, eth->h_dest, ETH_ALEN);
 	__builtin_memcpy(inner_eth->h_source, eth->h_source, ETH_ALEN);
 	inner_eth->h_proto = bpf_htons(inner_version == 6 ? ETH_P_IPV6 : ETH_P_IP);
-	if (parse_frame(inner_eth, data_end, &seg) != PARSE_SEGMENT ||
-	    !decapsulable(ctx, &kept, outer_saddr, outer_daddr, &seg)) {
+	enum fate fate = parse_frame(inner_eth, data_end, &seg) == PARSE_SEGMENT
+				 ? fate_of(ctx, &kept, outer_saddr, outer_daddr, &seg, cfg) : FATE_LEFT;
+	if (fate == FATE_DROP) {
+		count(BACKEND_XDP_NO_FLOW_DROPPED);
+		return XDP_DROP;
+	}
+	if (fate == FATE_LEFT) {
 		__builtin_memcpy(header, &kept, sizeof(kept));
 		return count(BACKEND_XDP_LEFT);
 	}

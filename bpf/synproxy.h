@@ -84,6 +84,14 @@ struct token_bucket {      /* per CPU: the backend's resets for packets of no co
 	__u64 updated_ns;  /* bpf_ktime_get_ns() of the last take; 0 at start, so the bucket starts full */
 };
 
+/* The credit a bucket holds at `now`. */
+static __always_inline __u64 token_credit(const struct token_bucket *bucket, __u64 now, __u64 credit_max_ns)
+{
+	__u64 credit = bucket->credit_ns + (now - bucket->updated_ns);
+
+	return credit > credit_max_ns ? credit_max_ns : credit;
+}
+
 /* May this CPU spend one more token? A token bucket kept in ns of credit: time adds credit up to
  * credit_max_ns, a token costs cost_ns (CPUs / rate per second, in ns: each CPU has its share of the
  * rate, so the node's total stays within the rate plus the burst whichever CPUs the packets land on;
@@ -94,9 +102,7 @@ static __always_inline int token_take(struct token_bucket *bucket, __u64 cost_ns
 
 	if (!bucket || !cost_ns)
 		return 0;
-	credit = bucket->credit_ns + (now - bucket->updated_ns);
-	if (credit > credit_max_ns)
-		credit = credit_max_ns;
+	credit = token_credit(bucket, now, credit_max_ns);
 	bucket->updated_ns = now;
 	if (credit < cost_ns) {
 		bucket->credit_ns = credit;
@@ -104,6 +110,13 @@ static __always_inline int token_take(struct token_bucket *bucket, __u64 cost_ns
 	}
 	bucket->credit_ns = credit - cost_ns;
 	return 1;
+}
+
+/* Would token_take spend a token now? Reads the bucket only: for a program ahead of the one that takes it
+ * (the backend's XDP stage, ahead of its tc program), so a packet that program passes pays once. */
+static __always_inline int token_available(const struct token_bucket *bucket, __u64 cost_ns, __u64 credit_max_ns)
+{
+	return bucket && cost_ns && token_credit(bucket, bpf_ktime_get_ns(), credit_max_ns) >= cost_ns;
 }
 
 struct salt_slot {          /* one per epoch mod 4 */

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 
 import pytest
@@ -25,19 +26,25 @@ from synproxy.bpf.libbpf import (
 )
 from synproxy.bpf.loading import build_object, interface_index
 from tests.lab_fixtures import needs_root
-from tests.test_backend_bpf import (  # noqa: F401 (plane: the tc program's fixture, whose maps the stage reads)
+from tests.test_backend_bpf import (  # noqa: F401 (plane, farm, budget: the tc program's fixtures)
+    BACKEND,
     CLIENT4,
     CLIENT6,
     ETHER,
     TC_ACT_OK,
+    TC_ACT_REDIRECT,
+    TC_ACT_SHOT,
     VIPS,
+    budget,
     encapsulated,
+    farm,
     plane,
     run,
+    run_in,
 )
 
 pytestmark = needs_root
-XDP_PASS = 2
+XDP_DROP, XDP_PASS = 1, 2
 FASTOPEN = 0x08  # the next free flag (h-tfo2): any flag, known or not, leaves the packet to the tc program
 
 
@@ -168,3 +175,109 @@ def test_without_native_xdp_or_with_another_program_the_tc_program_alone_decides
     events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert [(event["event"], event["interface"]) for event in events] == [("backend_xdp_unavailable", "lo"),
                                                                           ("backend_xdp_unavailable", "bna")]
+
+
+# --- Forged ACKs: what the tc program would drop, dropped here ---
+
+def refilled(plane) -> None:  # noqa: F811
+    """Every CPU's reset budget full again (an earlier test may have spent it; time refills it slowly)."""
+    plane.object.map("reset_budget").update(bytes(4), bytes(16))
+
+
+def both(stage: XdpStage, plane, packet: bytes, farm=None) -> tuple:  # noqa: F811
+    """The stage's verdict and counters for the packet, then the tc program's for the same packet (in that
+    order, as they meet it; in the farm namespace when given): what the tc program would do without the
+    stage."""
+    verdict, out, changed = xdp_run(stage, packet)
+    assert verdict == XDP_DROP or out == packet  # left untouched, or dropped
+    tc_verdict, _, tc_changed = run_in(farm, plane, packet) if farm else run(plane, packet)
+    return verdict, changed, tc_verdict, tc_changed
+
+
+DROPPED = (XDP_DROP, {"no_flow_dropped": 1}, TC_ACT_SHOT, {"decapsulated": 1, "no_flow_dropped": 1})
+RESET = (XDP_PASS, {"left": 1}, TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
+
+
+@pytest.mark.parametrize("client", [CLIENT4, CLIENT6], ids=["ipv4", "ipv6"])
+def test_a_forged_segment_beyond_the_reset_budget_ends_in_the_stage_as_in_the_tc_program(plane, stage, budget,  # noqa: F811
+                                                                                        connection, client):
+    """No connection owns it (the listener alone, or no socket: port 443), the header names no former
+    owner, the budget has no token: dropped and counted; bare or not, ACK or FIN."""
+    name, ports = connection
+    budget(0)
+    with netns.inside(name):
+        for flags, payload, dport in (("A", b"", 80), ("FA", b"", 80), ("PA", b"data", 80), ("A", b"", 443)):
+            packet = encapsulated(segment(client, ports[client] + 1, flags, payload, dport), flags=0)
+            assert both(stage, plane, packet) == DROPPED, (flags, dport)
+
+
+@pytest.mark.parametrize("client", [CLIENT4, CLIENT6], ids=["ipv4", "ipv6"])
+def test_within_the_budget_a_forged_ack_goes_on_for_its_reset_and_the_stage_takes_no_token(plane, stage, budget,  # noqa: F811
+                                                                                          connection, client):
+    """One token on this CPU: the stage only peeks, so however often it sees it, the tc program takes
+    that token for the kernel's RST; then the stage drops, as the tc program does."""
+    name, ports = connection
+    budget(os.cpu_count() or 1)  # one reset per second per CPU, a burst of one
+    refilled(plane)
+    forged = encapsulated(segment(client, ports[client] + 1), flags=0)
+    with netns.inside(name):
+        assert [xdp_run(stage, forged)[0::2] for _ in range(3)] == [(XDP_PASS, {"left": 1})] * 3
+        assert run(plane, forged)[0::2] == (TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
+        assert both(stage, plane, forged) == DROPPED
+
+
+@pytest.mark.parametrize("client", [CLIENT4, CLIENT6], ids=["ipv4", "ipv6"])
+def test_a_clients_rst_of_no_connection_ends_in_the_stage_even_within_the_budget(plane, stage, budget,  # noqa: F811
+                                                                                 connection, client):
+    name, ports = connection
+    budget(1000)
+    refilled(plane)
+    with netns.inside(name):
+        for flags in ("R", "RA"):
+            assert both(stage, plane, encapsulated(segment(client, ports[client] + 1, flags), flags=0)) == DROPPED, flags
+        assert both(stage, plane, encapsulated(segment(client, ports[client] + 1), flags=0)) == RESET
+
+
+@pytest.mark.parametrize("client", [CLIENT4, CLIENT6], ids=["ipv4", "ipv6"])
+def test_a_connections_segments_are_unchanged_with_no_budget(plane, stage, budget, connection, client):  # noqa: F811
+    """Bare ones left to the tc program (looked up here, found owned), data stripped, none dropped."""
+    name, ports = connection
+    budget(0)
+    with netns.inside(name):
+        for flags in ("A", "FA", "R", "RA"):
+            packet = encapsulated(segment(client, ports[client], flags), flags=0)
+            assert both(stage, plane, packet) == (XDP_PASS, {"left": 1}, TC_ACT_OK, {"decapsulated": 1}), flags
+        packet = encapsulated(segment(client, ports[client], "PA", b"data"), flags=0)
+        assert xdp_run(stage, packet)[0::2] == (XDP_PASS, {"decapsulated": 1})
+
+
+def test_what_fails_a_tc_check_is_left_for_the_tc_program_to_count(plane, stage, budget, connection):  # noqa: F811
+    """A forged ACK beyond the budget whose MAC is wrong, from an untrusted front, or a SYN: the tc
+    program's own counters say why it drops them, as without the stage."""
+    name, ports = connection
+    budget(0)
+    forged = segment(CLIENT4, ports[CLIENT4] + 1)
+    with netns.inside(name):
+        for packet, outcome in ((encapsulated(forged, flags=0, key=bytes(16)), "encap_bad_mac"),
+                                (encapsulated(forged, flags=0, source="198.18.99.9"), "untrusted"),
+                                (encapsulated(segment(CLIENT4, 4000, "S"), flags=0), "encap_refused")):
+            verdict, changed, tc_verdict, tc_changed = both(stage, plane, packet)
+            assert (verdict, changed, tc_verdict, outcome in tc_changed) == (XDP_PASS, {"left": 1}, TC_ACT_SHOT,
+                                                                             True), outcome
+
+
+@pytest.mark.parametrize("former", [("198.18.21.2", "0.0.0.0"), ("0.0.0.0", "198.18.22.2"), (BACKEND, "198.18.21.2")])
+def test_a_segment_naming_a_former_owner_goes_on_along_the_chain(plane, stage, budget, farm, former):  # noqa: F811
+    """No connection here, no budget, but the header names a former owner that is not this backend:
+    left, and the tc program passes it on."""
+    budget(0)
+    for client in (CLIENT4, CLIENT6):
+        packet = encapsulated(segment(client, 4000), flags=0, former=former)
+        assert both(stage, plane, packet, farm) == (XDP_PASS, {"left": 1}, TC_ACT_REDIRECT,
+                                             {"decapsulated": 1, "chained": 1}), client
+
+
+@pytest.mark.parametrize("former", [("0.0.0.0", "0.0.0.0"), (BACKEND, "0.0.0.0"), (BACKEND, BACKEND)])
+def test_naming_no_former_owner_but_itself_is_the_last_hop(plane, stage, budget, farm, former):  # noqa: F811
+    budget(0)
+    assert both(stage, plane, encapsulated(segment(CLIENT4, 4000), flags=0, former=former), farm) == DROPPED
