@@ -99,7 +99,8 @@ static __always_inline enum fate fate_of(struct xdp_md *ctx, const struct encap_
 	    !bpf_map_lookup_elem(&protected_vips, seg->daddr) || !bpf_map_lookup_elem(&protected_ports, &port))
 		return FATE_LEFT;
 	int connection = owned(ctx, seg);
-	if ((connection ? bare : !(bare || dropped_unowned(header, outer_daddr, seg, cfg))) || /* bare: known */
+	/* A bare segment got this far only if dropped_unowned held: not asked twice. */
+	if ((connection ? bare : !(bare || dropped_unowned(header, outer_daddr, seg, cfg))) ||
 	    !encap_mac_valid(header, outer_saddr, outer_daddr, seg))
 		return FATE_LEFT;
 	return connection ? FATE_DECAPSULATE : FATE_DROP;
