@@ -19,7 +19,6 @@ reaches its CPU or the front's shared receive ring.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import shutil
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 from benchmarks.contenders import BACKEND, FRONT, PORT, Front, KernelSyncookies, nft
 from benchmarks.generator import PACER_TABLE, GeneratorError, pacer, trafgen_argv
 from benchmarks.measure import CONTENDER_CPU, GENERATOR_CPU, pin_process, process_tree
-from benchmarks.report import spread
+from benchmarks.report import append_scenario, spread
 from synproxy.lab.topology import VIP, Lab
 
 LOAD_GENERATOR = "ab"
@@ -213,9 +212,6 @@ def markdown(summary: dict) -> str:
 
 def append_report(results: dict, output: Path) -> None:
     """The scenario's section at the end of results.md, its summary in connections.json."""
-    if not results.get("connections"):
-        return
-    summary = summarise(results["connections"])
-    (output / "connections.json").write_text(json.dumps(summary, indent=1) + "\n")
-    with open(output / "results.md", "a") as report:
-        report.write("\n" + markdown(summary))
+    if results.get("connections"):
+        summary = summarise(results["connections"])
+        append_scenario(output, "connections", summary, markdown(summary))

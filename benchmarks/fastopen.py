@@ -11,13 +11,12 @@ costs here.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from benchmarks.connection_rate import DefaultFront, _cell
 from benchmarks.contenders import BACKEND
 from benchmarks.measure import CONTENDER_CPU, pin_process, process_tree
-from benchmarks.report import spread
+from benchmarks.report import append_scenario, spread
 from synproxy.lab.first_byte import data_in_syn, round_trips_to_first_byte, traced_request
 
 KINDS = {"first": True, "tfo": True, "plain": False}  # the order within a round; TCP_FASTOPEN_CONNECT or not
@@ -93,9 +92,6 @@ def markdown(summary: dict) -> str:
 
 def append_report(results: dict, output: Path) -> None:
     """The scenario's section at the end of results.md, its summary in fastopen.json."""
-    if not results.get("fastopen"):
-        return
-    summary = summarise(results["fastopen"])
-    (output / "fastopen.json").write_text(json.dumps(summary, indent=1) + "\n")
-    with open(output / "results.md", "a") as report:
-        report.write("\n" + markdown(summary))
+    if results.get("fastopen"):
+        summary = summarise(results["fastopen"])
+        append_scenario(output, "fastopen", summary, markdown(summary))

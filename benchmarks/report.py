@@ -21,6 +21,14 @@ ANCHORS = ("kernel-syncookies", "iptables-synproxy")
 FLOOD_TITLES = {"syn": "SYN flood", "ack": "ACK flood (random cookies)", "mixed": "mixed SYN+ACK flood"}
 
 
+def append_scenario(output: Path, name: str, summary: dict, markdown: str) -> None:
+    """A scenario run beside the floods (connections, fastopen): its section at the end of results.md,
+    its summary in NAME.json."""
+    (output / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    with open(output / "results.md", "a") as report:
+        report.write("\n" + markdown)
+
+
 def spread(values) -> dict | None:
     """Median, min and max of the values present (one per repetition)."""
     present = [v for v in values if v is not None]
