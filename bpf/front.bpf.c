@@ -47,17 +47,6 @@ struct {
 	__type(value, struct maglev_owners);
 } maglev SEC(".maps");
 
-/* The epoch arithmetic for the wall-clock times in [from_ns, until_ns): a packet pays no 64-bit division
- * (a forwarded ACK paid three, ~10-15 ns each here) while the clock stays in the window. */
-struct epoch_window {
-	__u64 from_ns;
-	__u64 until_ns;        /* 0: not computed */
-	__u64 period_ns;       /* computed for this period and the copy's skew */
-	__u64 epoch;           /* now_ns / period_ns */
-	__u64 oldest_accepted; /* epoch_accepted's window (bpf/synproxy.h) */
-	__u64 newest_accepted;
-};
-
 /* The protected VIPs as an open-addressing table: an array of the copy's, looked up inline (a 16-byte
  * hash map's lookup cost ~35 ns a packet, benchmarks/front_xdp_stages.py). A VIP sits within
  * VIP_PROBES elements of vip_index(); one that found no room there (hundreds of VIPs) sets
@@ -85,7 +74,6 @@ struct local_copy {
 	__u32 vips_overflow;
 	struct front_forwarding forwarding;
 	struct salt_slot salts[COOKIE_EPOCH_SLOTS]; /* a slot absent from the map: zeroed (not valid) */
-	struct epoch_window window;                 /* emptied with every copy (the skew may change) */
 	struct vip_entry vips[VIP_TABLE_SLOTS];     /* protected_vips */
 };
 
@@ -163,7 +151,6 @@ static __noinline int copy_maps(struct local_copy *copy, __u64 generation)
 		else
 			__builtin_memset(&copy->salts[i], 0, sizeof(copy->salts[i]));
 	}
-	copy->window = (struct epoch_window){};
 	struct vip_refill refill = {copy};
 	copy->vips_overflow = 0;
 	bpf_loop(VIP_TABLE_SLOTS, clear_vip_entry, &refill, 0);
@@ -183,44 +170,6 @@ static __always_inline struct local_copy *local_copy(const struct front_config *
 	if (!copy || (generation && copy->generation == generation))
 		return copy;
 	return copy_maps(copy, generation) ? copy : 0;
-}
-
-/* The window around `now_ns` (wall clock): the epoch and the accepted ones as epoch_accepted has them
- * with the copy's skew (0 without a forwarding element), and the times they hold for. Its own BPF
- * function, with no stack of its own: the SYN path's frames are at the verifier's 512 bytes. */
-static __noinline int compute_epoch_window(struct local_copy *copy, __u64 now_ns, __u64 period_ns)
-{
-	if (!copy || !period_ns)
-		return 0;
-	__u64 skew = copy->has_forwarding ? copy->forwarding.skew_ns : 0, reach = period_ns + skew;
-	__u64 epoch = now_ns / period_ns;
-	__u64 oldest = now_ns > reach ? (now_ns - reach) / period_ns : 0;
-	__u64 newest = (now_ns + skew) / period_ns;
-	__u64 from = epoch * period_ns, until = from + period_ns;
-
-	/* oldest is (now - reach) / period for now in [oldest * period + reach, + period) (0 from 0 on) */
-	if (oldest && oldest * period_ns + reach > from)
-		from = oldest * period_ns + reach;
-	if ((oldest + 1) * period_ns + reach < until)
-		until = (oldest + 1) * period_ns + reach;
-	/* newest is (now + skew) / period for now in [newest * period - skew, + period) */
-	if (newest * period_ns > skew && newest * period_ns - skew > from)
-		from = newest * period_ns - skew;
-	if ((newest + 1) * period_ns - skew < until)
-		until = (newest + 1) * period_ns - skew;
-	copy->window = (struct epoch_window){.from_ns = from, .until_ns = until, .period_ns = period_ns,
-					     .epoch = epoch, .oldest_accepted = oldest, .newest_accepted = newest};
-	return 1;
-}
-
-static __always_inline const struct epoch_window *epoch_window(struct local_copy *copy, __u64 now_ns,
-							       __u64 period_ns)
-{
-	const struct epoch_window *window = &copy->window;
-
-	if (now_ns - window->from_ns >= window->until_ns - window->from_ns || window->period_ns != period_ns)
-		compute_epoch_window(copy, now_ns, period_ns);
-	return window;
 }
 
 /* protected_vips' value for `address` (its number for the per-VIP counters), or NULL: not protected. */
@@ -243,7 +192,7 @@ static __always_inline const __u8 *protected_vip(const struct local_copy *copy, 
 }
 
 /* The copy's forwarding element, or NULL when the loader has written none. */
-static __always_inline const struct front_forwarding *copied_forwarding(struct local_copy *copy)
+static __always_inline const struct front_forwarding *copied_forwarding(const struct local_copy *copy)
 {
 	return copy->has_forwarding ? &copy->forwarding : 0;
 }
@@ -723,7 +672,7 @@ static __always_inline __u32 cookie_data(__u8 family, const struct syn_options *
 }
 
 /* The salt new cookies use now, or 0 when the loader has not (yet) written this epoch's slot. */
-static __always_inline const struct salt_slot *minting_slot(struct local_copy *copy, __u64 epoch)
+static __always_inline const struct salt_slot *minting_slot(const struct local_copy *copy, __u64 epoch)
 {
 	const struct salt_slot *slot = &copy->salts[epoch % COOKIE_EPOCH_SLOTS];
 
@@ -733,7 +682,7 @@ static __always_inline const struct salt_slot *minting_slot(struct local_copy *c
 }
 
 /* cookie_slot (bpf/synproxy.h) over this CPU's copy of the salts. */
-static __always_inline const struct salt_slot *copied_cookie_slot(struct local_copy *copy, __u32 cookie)
+static __always_inline const struct salt_slot *copied_cookie_slot(const struct local_copy *copy, __u32 cookie)
 {
 	const struct salt_slot *slot = &copy->salts[(cookie >> COOKIE_EPOCH_SHIFT) & (COOKIE_EPOCH_SLOTS - 1)];
 
@@ -872,7 +821,7 @@ static __always_inline __u32 ip_header_length(__u8 family)
  * it), or FRONT_QUEUED (no forwarding configuration yet). */
 static __always_inline __u32 fastopen_decision(const struct segment *seg, const struct syn_options *options,
 					       const struct fastopen_key *key, __u32 payload,
-					       struct local_copy *copy)
+					       const struct local_copy *copy)
 {
 	const struct front_forwarding *fwd;
 
@@ -897,7 +846,7 @@ static __always_inline __u32 fastopen_decision(const struct segment *seg, const 
  * SYN-ACK's headers, as handler._answer_syn builds them. Returns FRONT_SYN_ANSWERED when `answer` is
  * ready, else the outcome of a SYN left to the queue. */
 static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct segment *seg,
-					     const struct front_config *cfg, struct local_copy *copy,
+					     const struct front_config *cfg, const struct local_copy *copy,
 					     __u32 frame_length, struct syn_ack *answer)
 {
 	__u32 ip_header = seg->tcp_offset - sizeof(struct ethhdr);
@@ -950,7 +899,7 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 			answer->fastopen_fallback = decided;
 		}
 	}
-	__u64 epoch = epoch_window(copy, now_ns, cfg->period_ns)->epoch;
+	__u64 epoch = now_ns / cfg->period_ns;
 	const struct salt_slot *slot = minting_slot(copy, epoch);
 	if (!slot)
 		return FRONT_NO_SALT;
@@ -1056,7 +1005,7 @@ static __always_inline void count_fastopen(__u32 path, const struct segment *seg
 }
 
 static __noinline int answer_syn(struct __sk_buff *skb, const struct segment *seg,
-				      const struct front_config *cfg, struct local_copy *copy)
+				      const struct front_config *cfg, const struct local_copy *copy)
 {
 	struct syn_ack answer = {};
 	__u32 outcome = prepare_syn_ack(skb, 0, seg, cfg, copy, skb->len, &answer);
@@ -1143,7 +1092,7 @@ static __always_inline int write_syn_ack(struct xdp_md *ctx, const struct bpf_fi
 
 /* Its own BPF function (as forward() is): inlined together, their stack frames would not fit in 512 bytes. */
 static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg,
-					  struct local_copy *copy)
+					  const struct local_copy *copy)
 {
 	__u32 frame_length = ctx->data_end - ctx->data;
 	struct syn_ack answer = {};
@@ -1376,7 +1325,7 @@ static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct
 /* Every segment but a SYN to a protected VIP and port, as handler.handle decides it, on either hook:
  * the outcome, and for a forwarded() one the plan the hook's surgery carries out. */
 static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct segment *seg,
-					     const struct front_config *cfg, struct local_copy *copy,
+					     const struct front_config *cfg, const struct local_copy *copy,
 					     struct forwarding_plan *plan)
 {
 	const struct front_forwarding *fwd = copied_forwarding(copy);
@@ -1405,8 +1354,8 @@ static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct se
 	__u64 tai_ns = bpf_ktime_get_tai_ns(); /* the one clock reading: a helper call costs ~20 ns */
 	if ((seg->flags & TCP_FLAG_ACK) && !(seg->flags & (TCP_FLAG_RST | TCP_FLAG_FIN))) {
 		__u32 cookie = seg->ack - 1;
-		const struct epoch_window *window = epoch_window(copy, tai_ns + cfg->clock_offset_ns, cfg->period_ns);
-		__u64 epoch = window->epoch;
+		__u64 now_ns = tai_ns + cfg->clock_offset_ns;
+		__u64 epoch = now_ns / cfg->period_ns;
 		const struct salt_slot *slot = copied_cookie_slot(copy, cookie);
 		/* A cookie of the current epoch names the minting slot itself. */
 		int current = ((cookie >> COOKIE_EPOCH_SHIFT) & (COOKIE_EPOCH_SLOTS - 1)) == epoch % COOKIE_EPOCH_SLOTS;
@@ -1415,7 +1364,7 @@ static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct se
 		 * tell an expired cookie from a salt not written, the handler can. */
 		if (current ? !slot || slot->epoch != epoch || !slot->nkeys : !minting_slot(copy, epoch))
 			return FRONT_NO_SALT;
-		if (!slot || slot->epoch < window->oldest_accepted || slot->epoch > window->newest_accepted) {
+		if (!slot || !epoch_accepted(slot->epoch, now_ns, cfg->period_ns, fwd->skew_ns)) {
 			outcome = FRONT_FORWARDED_EXPIRED_EPOCH;
 		} else if (!cookie_mac_valid(slot, seg, cookie)) {
 			outcome = FRONT_FORWARDED_BAD_MAC;
@@ -1491,7 +1440,7 @@ static __always_inline int encapsulate_xdp(struct xdp_md *ctx, const struct segm
 }
 
 static __noinline int forward_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg,
-				       struct local_copy *copy)
+				       const struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
 	__u32 outcome = plan_forwarding(ctx, 1, seg, cfg, copy, &plan);
@@ -1526,7 +1475,7 @@ static __always_inline int encapsulate_tc(struct __sk_buff *skb, const struct se
 }
 
 static __noinline int forward_tc(struct __sk_buff *skb, const struct segment *seg, const struct front_config *cfg,
-				      struct local_copy *copy)
+				      const struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
 
@@ -1543,7 +1492,7 @@ static __noinline int forward_tc(struct __sk_buff *skb, const struct segment *se
 /* Encapsulated whole, data included, flagged FASTOPEN to the flow's backend (handler._forward_fastopen);
  * no forwarding configuration, Maglev entry or route: the queue's. */
 static __always_inline __u32 plan_fastopen(void *ctx, int xdp, const struct segment *seg,
-					   struct local_copy *copy, struct forwarding_plan *plan)
+					   const struct local_copy *copy, struct forwarding_plan *plan)
 {
 	const struct front_forwarding *fwd = copied_forwarding(copy);
 
@@ -1554,7 +1503,7 @@ static __always_inline __u32 plan_fastopen(void *ctx, int xdp, const struct segm
 }
 
 static __noinline int forward_fastopen_xdp(struct xdp_md *ctx, const struct segment *seg,
-						struct local_copy *copy)
+						const struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
 	__u32 outcome = plan_fastopen(ctx, 1, seg, copy, &plan);
@@ -1565,7 +1514,7 @@ static __noinline int forward_fastopen_xdp(struct xdp_md *ctx, const struct segm
 }
 
 static __noinline int forward_fastopen_tc(struct __sk_buff *skb, const struct segment *seg,
-					       struct local_copy *copy)
+					       const struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
 	__u32 outcome = plan_fastopen(skb, 0, seg, copy, &plan);
@@ -1583,7 +1532,7 @@ static __noinline int forward_fastopen_tc(struct __sk_buff *skb, const struct se
  * encapsulated flagged ICMP to the backend of the quoted flow (plan_encapsulation: the flow's own hash
  * and MAC tuple), within this CPU's share of the ICMP budget. `error` is the caller's (zeroed) segment,
  * filled with the error's own addresses and length: one more here would not fit the stack. */
-static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment *error, struct local_copy *copy,
+static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment *error, const struct local_copy *copy,
 					     struct forwarding_plan *plan)
 {
 	struct segment flow = {};
@@ -1622,7 +1571,7 @@ static __always_inline int icmp_dropped(__u32 outcome)
 	return outcome == FRONT_ICMP_NOT_PROTECTED || outcome == FRONT_ICMP_RATE_LIMITED;
 }
 
-static __noinline int forward_icmp_error_xdp(struct xdp_md *ctx, struct segment *error, struct local_copy *copy)
+static __noinline int forward_icmp_error_xdp(struct xdp_md *ctx, struct segment *error, const struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
 	__u32 outcome = plan_icmp_error(ctx, 1, error, copy, &plan);
@@ -1634,7 +1583,8 @@ static __noinline int forward_icmp_error_xdp(struct xdp_md *ctx, struct segment 
 	return encapsulate_xdp(ctx, error, &plan, outcome);
 }
 
-static __noinline int forward_icmp_error_tc(struct __sk_buff *skb, struct segment *error, struct local_copy *copy)
+static __noinline int forward_icmp_error_tc(struct __sk_buff *skb, struct segment *error,
+					 const struct local_copy *copy)
 {
 	struct forwarding_plan plan = {};
 	__u32 outcome = plan_icmp_error(skb, 0, error, copy, &plan);
