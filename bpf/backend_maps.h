@@ -23,6 +23,14 @@ struct {
 	__type(value, __u8);
 } trusted_fronts SEC(".maps");
 
+/* The protected ports, host order (the front keeps its own array, protected_port_slots). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, __u8);
+} protected_ports SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH); /* see struct encap_keys: updates must be atomic for readers */
 	__uint(map_flags, BPF_F_NO_PREALLOC); /* as `salts`: no element reused under a reader */

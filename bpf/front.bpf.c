@@ -269,9 +269,9 @@ struct {
 #define PORT_UNCOUNTED 0xff /* protected_port_slots: a protected port past VIP_PORT_SLOTS */
 
 /* The protected ports (key: the port, host order), each with its slot: 0 not protected, 1..VIP_PORT_SLOTS,
- * or PORT_UNCOUNTED. An array the front's loader writes, where the shared `protected_ports` hash (the
- * backends') cost a helper call, 20-50 ns a packet: the verifier inlines an array lookup. 64 K elements
- * of 8 bytes (an array's element size): 512 KB. */
+ * or PORT_UNCOUNTED. An array the front's loader writes, where the backends' `protected_ports` hash
+ * (bpf/backend_maps.h) cost a helper call, 20-50 ns a packet: the verifier inlines an array lookup.
+ * 64 K elements of 8 bytes (an array's element size): 512 KB. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 65536);

@@ -169,14 +169,6 @@ struct {
 	__type(value, __u8);
 } protected_vips SEC(".maps");
 
-/* Both programs' protected ports, host order. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u16);
-	__type(value, __u8);
-} protected_ports SEC(".maps");
-
 /* Outcomes of the front programs, counted per program and IP version in their per-CPU `counters` (index =
  * (path * FRONT_COUNTER_MAX + outcome) * 2 + (IPv6 ? 1 : 0)); synproxy/front/fastpath.py names them in
  * this order. "Left to the queue" means passed

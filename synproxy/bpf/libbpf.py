@@ -61,6 +61,8 @@ _declare("bpf_object__next_program", _voidp, _voidp, _voidp)
 _declare("bpf_program__name", ctypes.c_char_p, _voidp)
 _declare("bpf_program__set_log_level", ctypes.c_int, _voidp, _u32)
 _declare("bpf_program__set_log_buf", ctypes.c_int, _voidp, _voidp, ctypes.c_size_t)
+_declare("bpf_object__next_map", _voidp, _voidp, _voidp)
+_declare("bpf_map__name", ctypes.c_char_p, _voidp)
 _declare("bpf_map__fd", ctypes.c_int, _voidp)
 _declare("bpf_map__type", ctypes.c_int, _voidp)
 _declare("bpf_map__key_size", _u32, _voidp)
@@ -243,6 +245,22 @@ class BpfObject:
         return Map(_lib.bpf_map__fd(found), _lib.bpf_map__key_size(found), _lib.bpf_map__value_size(found),
                    per_cpu=_lib.bpf_map__type(found) in PER_CPU_MAP_TYPES,
                    max_entries=_lib.bpf_map__max_entries(found))
+
+    def program_fds(self) -> dict[str, int]:
+        """Every program of the object, by name."""
+        fds, program = {}, _lib.bpf_object__next_program(self._obj, None)
+        while program:
+            fds[_lib.bpf_program__name(program).decode()] = _lib.bpf_program__fd(program)
+            program = _lib.bpf_object__next_program(self._obj, program)
+        return fds
+
+    def map_names(self) -> list[str]:
+        """Every map the object created, its .rodata and .bss ones included, by libbpf's name."""
+        names, found = [], _lib.bpf_object__next_map(self._obj, None)
+        while found:
+            names.append(_lib.bpf_map__name(found).decode())
+            found = _lib.bpf_object__next_map(self._obj, found)
+        return names
 
     def close(self) -> None:
         if self._obj:
