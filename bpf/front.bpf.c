@@ -159,15 +159,18 @@ static __noinline int copy_maps(struct local_copy *copy, __u64 generation)
 	return 1;
 }
 
-/* This CPU's copy, current with `cfg`'s generation (0: the loader names none: copied for every
- * packet). NULL cannot happen (a per-CPU array's element 0). */
+/* This CPU's copy, current with `cfg`'s generation; NULL for generation 0, which the loader never writes
+ * (a reader racing the configuration's first write may see it): the packet is the queue's, uncounted,
+ * as before any configuration, where copying the maps for every such packet would go unseen. */
 static __always_inline struct local_copy *local_copy(const struct front_config *cfg)
 {
 	__u32 zero = 0;
 	struct local_copy *copy = bpf_map_lookup_elem(&local_copies, &zero);
 	__u64 generation = *(volatile const __u64 *)&cfg->generation;
 
-	if (!copy || (generation && copy->generation == generation))
+	if (!copy || !generation)
+		return 0;
+	if (copy->generation == generation)
 		return copy;
 	return copy_maps(copy, generation) ? copy : 0;
 }
@@ -341,7 +344,6 @@ static __always_inline int count_xdp(const struct segment *seg, __u32 outcome, i
 #define TCPOPT_FASTOPEN 34
 #define TCPOPT_EXPERIMENTAL 254
 #define TCPOPT_FASTOPEN_MAGIC 0xf989
-#define TCPOLEN_FASTOPEN_REQUEST 2
 #define TCPOLEN_EXPERIMENTAL_REQUEST 4
 #define FASTOPEN_COOKIE_BYTES 8
 #define FASTOPEN_OPTION_BYTES 12 /* either form, padded to a multiple of 4 as Linux writes it */

@@ -355,6 +355,29 @@ def test_no_cpus_copy_of_the_forwarding_element_or_salts_outlives_a_change_by_th
         loaded.close()
 
 
+def test_a_configuration_of_generation_0_leaves_every_packet_to_the_queue_uncounted(
+        hook, one_cpu, monkeypatch, namespace, link_mac, cookie_vectors, policy, schedule):
+    """Generation 0 names no copy: the loader never writes it (only a reader racing the configuration's
+    first write could see it), and a program that copied the maps for every such packet (a loop over
+    512 VIP slots) would do so unseen. The packet is passed on uncounted, as before any configuration;
+    with the loader's generation back, the same ACK is forwarded."""
+    vector = next(v for v in usable(cookie_vectors["vectors"]) if v["family"] == 4)
+    now = vector["epoch"] * PERIOD + PERIOD / 2
+    loaded = FastPath(build_object("front"))
+    try:
+        loaded.configure(policy, schedule)
+        set_clock(monkeypatch, loaded, policy, schedule, now)
+        written = loaded.config.lookup(MAP_KEY.pack(0))
+        loaded.config.update(MAP_KEY.pack(0), fastpath._CONFIG.pack(*fastpath._CONFIG.unpack(written)[:-1], 0))
+        for frame in (vector_ack(vector), vector_syn(vector, True)):
+            assert run(namespace, loaded, frame, hook=hook) == (PASS[hook], frame, {})
+        loaded.config.update(MAP_KEY.pack(0), written)
+        verdict, out, _ = run(namespace, loaded, vector_ack(vector), hook=hook)
+        assert_encapsulated(verdict, out, handle(vector_ack(vector)[14:], now, schedule, policy), link_mac, hook)
+    finally:
+        loaded.close()
+
+
 def test_every_protected_vip_is_found_past_the_copys_table_and_none_after_a_reload_removes_it(
         hook, one_cpu, monkeypatch, namespace, link_mac, cookie_vectors, schedule):
     """Each CPU copies the protected VIPs into a table of 512 (bpf/front.bpf.c, protected_vip): 1000 VIPs
