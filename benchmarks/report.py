@@ -18,7 +18,6 @@ OURS = ("synproxy-front", "synproxy-front-tc", "synproxy-front-nfqueue")
 THEIRS = ("kernel-syncookies", "iptables-synproxy", "nfqueue-floor")
 HEADLINE = "synproxy-front"  # the default front (data_plane auto): the targets are its figures
 ANCHORS = ("kernel-syncookies", "iptables-synproxy")
-FLOOD_TITLES = {"syn": "SYN flood", "ack": "ACK flood (random cookies)", "mixed": "mixed SYN+ACK flood"}
 
 
 def append_scenario(output: Path, name: str, summary: dict, markdown: str) -> None:

@@ -1,4 +1,4 @@
-"""Parse and build IPv4/IPv6 + TCP packets: pure functions over bytes.
+"""Parse and build IPv4/IPv6 + TCP packets, and the ICMP errors about them: pure functions over bytes.
 
 Malformed input raises :class:`MalformedPacket` (with a short reason usable as a metric label) and
 nothing else, so a caller handling untrusted packets catches exactly one exception type.
@@ -132,8 +132,10 @@ def tcp_checksum_completed(packet: bytes) -> bytes | None:
     return unchecked[:start + 16] + checksum.to_bytes(2, "big") + unchecked[start + 18:]
 
 
-def parse_tcp(packet: bytes) -> TcpSegment:
-    """Parse an IPv4 or IPv6 packet carrying TCP (no IPv6 extension headers, no fragments)."""
+def _ip_header(packet: bytes) -> tuple[int, int, int, int, int, bytes, bytes]:
+    """An unfragmented IPv4 or IPv6 packet's version, header length, total length, protocol, TTL (hop
+    limit), source and destination, its lengths checked against the bytes there are (IPv6 extension
+    headers are not walked: the protocol is the next header's)."""
     if not packet:
         raise MalformedPacket("truncated_ip")
     version = packet[0] >> 4
@@ -146,18 +148,21 @@ def parse_tcp(packet: bytes) -> TcpSegment:
             raise MalformedPacket("bad_ip_length")
         if frag & 0x3FFF:
             raise MalformedPacket("fragment")
-        family = 4
     elif version == 6:
         if len(packet) < 40:
             raise MalformedPacket("truncated_ip")
         _vtcfl, payload, proto, ttl, saddr, daddr = _IPV6.unpack_from(packet)
-        header = 40
-        total = header + payload
+        header, total = 40, 40 + payload
         if total > len(packet):
             raise MalformedPacket("bad_ip_length")
-        family = 6
     else:
         raise MalformedPacket("bad_ip_version")
+    return version, header, total, proto, ttl, saddr, daddr
+
+
+def parse_tcp(packet: bytes) -> TcpSegment:
+    """Parse an IPv4 or IPv6 packet carrying TCP (no IPv6 extension headers, no fragments)."""
+    family, header, total, proto, ttl, saddr, daddr = _ip_header(packet)
     if proto != PROTO_TCP:
         raise MalformedPacket("not_tcp")
     if total - header < 20:
@@ -339,27 +344,8 @@ def parse_icmp_error(packet: bytes) -> IcmpError:
     """Parse an ICMP or ICMPv6 error (ICMP_ERROR_TYPES) that quotes a TCP segment's IP header and ports, of
     the packet's own family. Raises MalformedPacket: ``not_icmp_error`` for other ICMP (echo, redirects...)
     and other protocols, else what is wrong with it."""
-    if not packet:
-        raise MalformedPacket("truncated_ip")
-    version = packet[0] >> 4
-    if version == 4:
-        if len(packet) < 20:
-            raise MalformedPacket("truncated_ip")
-        vihl, _tos, total, _ident, frag, _ttl, proto, _csum, _saddr, destination = _IPV4.unpack_from(packet)
-        header, wanted = (vihl & 0xF) * 4, PROTO_ICMP
-        if header < 20 or total < header or total > len(packet):
-            raise MalformedPacket("bad_ip_length")
-        if frag & 0x3FFF:
-            raise MalformedPacket("fragment")
-    elif version == 6:
-        if len(packet) < 40:
-            raise MalformedPacket("truncated_ip")
-        _vtcfl, payload, proto, _hops, _saddr, destination = _IPV6.unpack_from(packet)
-        header, total, wanted = 40, 40 + payload, PROTO_ICMPV6
-        if total > len(packet):
-            raise MalformedPacket("bad_ip_length")
-    else:
-        raise MalformedPacket("bad_ip_version")
+    version, header, total, proto, _ttl, _saddr, destination = _ip_header(packet)
+    wanted = PROTO_ICMP if version == 4 else PROTO_ICMPV6
     if proto != wanted or total - header < _ICMP_HEADER.size or packet[header] not in ICMP_ERROR_TYPES[version]:
         raise MalformedPacket("not_icmp_error")
     quoted = header + _ICMP_HEADER.size
