@@ -1,4 +1,5 @@
-"""`synproxy backend`: build, load, attach and feed bpf/backend.bpf.c on a backend's interface.
+"""`synproxy backend`: build, load, attach and feed bpf/backend.bpf.c (and its XDP stage,
+bpf/backend_xdp.bpf.c) on a backend's interface.
 
 The program needs, in its maps: the encap port and server window scale, the trusted front addresses,
 the protected VIPs and ports, the encapsulation's MAC keys, the salts of the accepted epochs and

@@ -1,4 +1,5 @@
-"""`synproxy front`: the NFQUEUE shell around the sans-IO handler.
+"""`synproxy front`: the NFQUEUE shell around the sans-IO handler, and the loader of the kernel data plane
+(front.data_plane: the BPF programs of synproxy/front/fastpath.py handle what they can before the queue).
 
 It installs its packet-filter rules, binds the queue, gives every packet one verdict (the SYN-ACK or
 the encapsulated packet replaces the payload; everything else is dropped), serves its metrics, and
