@@ -47,7 +47,7 @@ STAGES = (
     ("SYN: next hop back", "\t/* Rewrite the packet: IP header, TCP header, nothing after. */\n", "route", TC_EXIT),
     ("forward: configuration, length and IPv4 header checks", "\t__u32 outcome = FRONT_FORWARDED;\n", "fwd",
      FORWARD_EXIT),
-    ("forward: clock, salt slot", "\t\tif (!slot || slot->epoch < window->oldest_accepted", "slot", FORWARD_EXIT),
+    ("forward: clock, salt slot", "\t\tif (!slot || !epoch_accepted(slot->epoch, now_ns,", "slot", FORWARD_EXIT),
     ("forward: cookie check", "\treturn plan_encapsulation(ctx, xdp, copy, seg, flags, tai_ns, outcome, plan);",
      "outcome", FORWARD_EXIT),
     ("forward: flow hash (SipHash-1-3, 40 bytes)", "\t__u32 index = flow % MAGLEV_TABLE_SIZE;\n", "flow",
