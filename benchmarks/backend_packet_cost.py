@@ -2,10 +2,10 @@
 (`python3 -m benchmarks.backend_packet_cost`, root; run it from each checkout to compare).
 
 The XDP stage (bpf/backend_xdp.bpf.c) and the tc program (bpf/backend.bpf.c), loaded as the loader loads
-them with a reset budget of 0, run with BPF_PROG_TEST_RUN, one run per call, in a namespace of its own
-holding a listener on the VIP and port and a connection to it, on encapsulated unflagged segments with
-an authentic MAC: a forged ACK (only the listener: beyond the budget), and the connection's bare ACK and
-1 KiB data segment (what a keep-alive client sends). For each: the stage's own time, the tc program's on
+them, run with BPF_PROG_TEST_RUN, one run per call, in a namespace of its own holding a listener on the
+VIP and port and a connection to it, on encapsulated unflagged segments with an authentic MAC: a forged
+ACK (only the listener) with a reset budget of 0, and the connection's bare ACK and 1 KiB data segment
+(what an HTTP client sends) with the default budget and with none (an ACK flood has spent it). For each: the stage's own time, the tc program's on
 what the stage passes (plain TCP once stripped, or the packet untouched) and the tc program's alone on
 the encapsulated packet (a backend without the stage); run_time_ns / run_cnt with BPF_ENABLE_STATS on,
 as benchmarks/front_xdp_cost.py measures the front.
@@ -25,6 +25,7 @@ from synproxy import encap, netns
 from synproxy.backend.loader import DataPlane, XdpStage
 from synproxy.bpf.libbpf import enable_run_time_stats, prog_test_run
 from synproxy.bpf.loading import build_object
+from synproxy.config import UNKNOWN_FLOW_RESETS_PER_SECOND
 from synproxy.packet import ACK, PSH, build_tcp_packet, parse_tcp
 from synproxy.salt import SaltSchedule
 
@@ -55,7 +56,6 @@ def main() -> None:
     verdicts = {}
     stats = enable_run_time_stats()
     try:
-        plane.configure(ENCAP_PORT, 7, 0)
         plane.trust([ipaddress.ip_address(FRONT)])
         plane.protect([ipaddress.ip_address(VIP)], [PORT])
         plane.refresh_encap_keys(SaltSchedule((SECRET,)))
@@ -67,16 +67,22 @@ def main() -> None:
                 client = held.enter_context(socket.create_connection((VIP, PORT), source_address=(CLIENT, 0)))
                 held.enter_context(listener.accept()[0])
                 sport = client.getsockname()[1]
-                kinds = {"forged ACK, beyond the budget": encapsulated(sport + 1, ACK),
-                         "a connection's bare ACK": encapsulated(sport, ACK),
-                         "a connection's 1 KiB segment": encapsulated(sport, ACK | PSH, bytes(1024))}
+                connection = {"bare ACK": encapsulated(sport, ACK),
+                              "1 KiB segment": encapsulated(sport, ACK | PSH, bytes(1024))}
+                kinds = {"forged ACK, no budget": (0, encapsulated(sport + 1, ACK)),
+                         **{f"a connection's {what}": (UNKNOWN_FLOW_RESETS_PER_SECOND, frame)
+                            for what, frame in connection.items()},
+                         **{f"a connection's {what}, no budget": (0, frame) for what, frame in connection.items()}}
                 passed = {}
-                for kind, frame in kinds.items():
+                for kind, (budget, frame) in kinds.items():
+                    plane.configure(ENCAP_PORT, 7, budget)
                     verdict, out = prog_test_run(stage.prog_fd, frame)
-                    verdicts[kind] = XDP_VERDICTS.get(verdict, "other") + ("" if out == frame else ", stripped")
+                    verdicts[kind] = XDP_VERDICTS.get(verdict, "other") + (", stripped" if verdict == 2 and
+                                                                            out != frame else "")
                     passed[kind] = out if verdict == 2 else None
             for _ in range(args.repetitions):
-                for kind, frame in kinds.items():
+                for kind, (budget, frame) in kinds.items():
+                    plane.configure(ENCAP_PORT, 7, budget)
                     results.setdefault((kind, "stage"), []).append(per_run(name, stage.prog_fd, frame, args.runs))
                     if passed[kind] is not None:
                         results.setdefault((kind, "tc after it"), []).append(
