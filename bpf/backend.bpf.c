@@ -529,14 +529,6 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 	return TC_ACT_OK;
 }
 
-/* May this CPU pass one more packet of no connection to the kernel, which answers it with a RST? */
-static __always_inline int reset_allowed(const struct backend_config *cfg)
-{
-	__u32 zero = 0;
-
-	return token_take(bpf_map_lookup_elem(&reset_budget, &zero), cfg->reset_cost_ns, cfg->reset_credit_ns);
-}
-
 /* Pass the decapsulated segment on to `next`, as encap.chain builds it: the same inner packet, UDP ports
  * and former owners, from this backend to that one, flagged CHAINED, MACed anew with the primary encap
  * key; back out of the farm interface it came in by, the kernel resolving the neighbour when it is not

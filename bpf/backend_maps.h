@@ -85,4 +85,15 @@ static __always_inline __be32 next_owner(const struct encap_header *header, __be
 	return former->earlier != self ? former->earlier : 0;
 }
 
+/* May this CPU pass one more packet of no connection to the kernel, which answers it with a RST? Each
+ * packet meets this once, in the first program that decides it: the XDP stage for the unflagged segments
+ * it passes decapsulated (the tc program then sees plain TCP), the tc program for the rest. So RPS, which
+ * runs the tc program on another CPU than the stage's, cannot make them disagree. */
+static __always_inline int reset_allowed(const struct backend_config *cfg)
+{
+	__u32 zero = 0;
+
+	return token_take(bpf_map_lookup_elem(&reset_budget, &zero), cfg->reset_cost_ns, cfg->reset_credit_ns);
+}
+
 #endif

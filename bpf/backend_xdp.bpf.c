@@ -1,16 +1,18 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Backend data plane, XDP stage (native XDP on the backend's interface, before GRO): remove the fronts'
  * encapsulation from the unflagged segments of connections this backend holds, so that GRO coalesces
- * the inner TCP stream. GRO cannot coalesce the encapsulated packets (UDP to a port no tunnel device
- * owns): without this stage the backend's TCP receives an upload one 1.4 KB segment at a time, where
- * the bypass hands it 64 KB (docs/backend.md). And drop the unflagged segments of no connection here that
- * the tc program would drop (at the chain's last hop, a RST or beyond the reset budget): the forged ACKs
- * of a flood a front cannot tell from established traffic, before GRO and the tc hook. Everything else
- * is passed on untouched to the tc program (bpf/backend.bpf.c), which keeps every other decision:
- * flagged packets (VALIDATED, ICMP, CHAINED and later flags), packets of no connection here it passes on
- * along the Beamer chain or for a reset, and whatever does not pass the same checks the tc program makes
- * (a trusted front, the header, the MAC, what a front forwards). What this stage strips is what the tc
- * program would have decapsulated and passed: the same inner packet, in the same Ethernet header. */
+ * the inner TCP stream and the tc program meets plain TCP, which it passes. GRO cannot coalesce the
+ * encapsulated packets (UDP to a port no tunnel device owns): without this stage the backend's TCP
+ * receives an upload one 1.4 KB segment at a time, where the bypass hands it 64 KB (docs/backend.md).
+ * And decide, as the tc program would, the unflagged segments of no connection here at the chain's last
+ * hop: within the reset budget (this CPU's bucket) decapsulated for the kernel's RST, a RST or beyond the
+ * budget dropped: the forged ACKs of a flood a front cannot tell from established traffic, before GRO
+ * and the tc hook. Everything else is passed on untouched to the tc program (bpf/backend.bpf.c), which
+ * keeps every other decision: flagged packets (VALIDATED, ICMP, CHAINED and later flags), packets of no
+ * connection here it passes on along the Beamer chain, and whatever does not pass the same checks the tc
+ * program makes (a trusted front, the header, the MAC, what a front forwards). What this stage strips is
+ * what the tc program would have decapsulated and passed: the same inner packet, in the same Ethernet
+ * header. */
 #include <linux/udp.h>
 
 #include "synproxy.h"
@@ -20,11 +22,13 @@
 enum backend_xdp_counter {
 	BACKEND_XDP_DECAPSULATED, /* unflagged, of a connection here: the encapsulation removed */
 	BACKEND_XDP_FLAGGED,      /* encapsulated and flagged: left to the tc program */
-	BACKEND_XDP_LEFT,         /* encapsulated, unflagged, but without payload (nothing for GRO to
-				   * coalesce), of no connection here but passed on or within the reset
-				   * budget, or failing a check the tc program makes: left to the tc program */
+	BACKEND_XDP_LEFT,         /* encapsulated, unflagged, of no connection here but naming a further owner
+				   * (passed on by the tc program), or failing a check the tc program makes:
+				   * left to the tc program */
 	BACKEND_XDP_NO_FLOW_DROPPED, /* unflagged, of no connection here, at the last hop, a RST or beyond the
 				      * reset budget: dropped, as the tc program would (its no_flow_dropped) */
+	BACKEND_XDP_NO_FLOW_RESET,   /* the same within the reset budget, not a RST: decapsulated for the
+				      * kernel's RST, as the tc program would pass it (its no_flow_reset) */
 	BACKEND_XDP_COUNTER_MAX,
 };
 
@@ -59,51 +63,37 @@ static __always_inline int owned(struct xdp_md *ctx, const struct segment *seg)
 	return !listening;
 }
 
-/* Would the tc program drop a segment no connection here owns (pass_if_owned)? When the header names no
- * further owner (next_owner: this is the last hop) and it is a RST (never answered) or the reset budget
- * has no token. Peeks at the budget only: a packet the tc program passes for its RST takes the token
- * there, once. This CPU's bucket, which the tc program takes from when the packet stays on the CPU (no
- * RPS); a token time adds between the two programs is lost to this packet only. */
-static __always_inline int dropped_unowned(const struct encap_header *header, __be32 self, const struct segment *seg,
-					   const struct backend_config *cfg)
-{
-	__u32 zero = 0;
-
-	return !next_owner(header, self) &&
-	       ((seg->flags & TCP_FLAG_RST) || !token_available(bpf_map_lookup_elem(&reset_budget, &zero),
-								  cfg->reset_cost_ns, cfg->reset_credit_ns));
-}
-
 /* What this stage does with an unflagged segment from a trusted front. */
 enum fate {
 	FATE_LEFT,        /* to the tc program, untouched */
-	FATE_DECAPSULATE, /* with payload, of a connection here: what the tc program would pass */
+	FATE_DECAPSULATE, /* of a connection here: what the tc program would pass */
+	FATE_RESET,       /* of no connection here, at the last hop, not a RST, a token taken from this CPU's
+			   * reset budget: decapsulated for the kernel's RST, as the tc program would pass it */
 	FATE_DROP,        /* of no connection here, at the last hop, beyond the reset budget or a RST: what
 			   * the tc program would drop (no_flow_dropped) */
 };
 
 /* The tc program's checks for an unflagged segment from a front (synproxy_backend, encap_mac_valid,
- * forwarded_by_a_front), then who owns it. Cheapest first: a bare segment (GRO coalesces nothing without
- * payload) meets the socket lookup only when the tc program would drop it if no connection owned it (an
- * ACK flood beyond the reset budget), so within the budget a forged ACK costs this stage no lookup; the
- * lookup comes before the MAC, so a forged data segment is not MACed twice, nor a connection's bare
- * segment MACed here. The MAC is checked before a drop: a bad one is left to the tc program, which
- * counts it encap_bad_mac, as it would without this stage. */
+ * forwarded_by_a_front), then who owns it (the tc program's pass_if_owned). The socket lookup comes
+ * before the MAC, so a segment the tc program passes on along the chain is not MACed twice. A bad MAC is
+ * left to the tc program, which counts it encap_bad_mac, as it would without this stage. Every segment
+ * the stage passes reaches the tc program as plain TCP, which it passes: the reset budget is spent here
+ * alone for these segments, from the bucket of the CPU this stage runs on, whichever CPU RPS then hands
+ * the packet to (one decision, so the two programs cannot disagree). */
 static __always_inline enum fate fate_of(struct xdp_md *ctx, const struct encap_header *header, __be32 outer_saddr,
 					 __be32 outer_daddr, const struct segment *seg, const struct backend_config *cfg)
 {
 	__u16 port = bpf_ntohs(seg->dport);
-	int bare = seg->ip_length + sizeof(struct ethhdr) <= seg->tcp_offset + seg->tcp_length;
 
-	if ((bare && !dropped_unowned(header, outer_daddr, seg, cfg)) || (seg->flags & TCP_FLAG_SYN) ||
-	    !bpf_map_lookup_elem(&protected_vips, seg->daddr) || !bpf_map_lookup_elem(&protected_ports, &port))
+	if ((seg->flags & TCP_FLAG_SYN) || !bpf_map_lookup_elem(&protected_vips, seg->daddr) ||
+	    !bpf_map_lookup_elem(&protected_ports, &port))
 		return FATE_LEFT;
 	int connection = owned(ctx, seg);
-	/* A bare segment got this far only if dropped_unowned held: not asked twice. */
-	if ((connection ? bare : !(bare || dropped_unowned(header, outer_daddr, seg, cfg))) ||
-	    !encap_mac_valid(header, outer_saddr, outer_daddr, seg))
+	if ((!connection && next_owner(header, outer_daddr)) || !encap_mac_valid(header, outer_saddr, outer_daddr, seg))
 		return FATE_LEFT;
-	return connection ? FATE_DECAPSULATE : FATE_DROP;
+	if (connection)
+		return FATE_DECAPSULATE;
+	return !(seg->flags & TCP_FLAG_RST) && reset_allowed(cfg) ? FATE_RESET : FATE_DROP;
 }
 
 SEC("xdp")
@@ -163,7 +153,7 @@ int synproxy_backend_xdp(struct xdp_md *ctx)
 			__builtin_memcpy(header, &kept, sizeof(kept));
 		return count(BACKEND_XDP_LEFT);
 	}
-	return count(BACKEND_XDP_DECAPSULATED);
+	return count(fate == FATE_RESET ? BACKEND_XDP_NO_FLOW_RESET : BACKEND_XDP_DECAPSULATED);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -112,13 +112,6 @@ static __always_inline int token_take(struct token_bucket *bucket, __u64 cost_ns
 	return 1;
 }
 
-/* Would token_take spend a token now? Reads the bucket only: for a program ahead of the one that takes it
- * (the backend's XDP stage, ahead of its tc program), so a packet that program passes pays once. */
-static __always_inline int token_available(const struct token_bucket *bucket, __u64 cost_ns, __u64 credit_max_ns)
-{
-	return bucket && cost_ns && token_credit(bucket, bpf_ktime_get_ns(), credit_max_ns) >= cost_ns;
-}
-
 struct salt_slot {          /* one per epoch mod 4 */
 	__u32 valid;
 	__u32 nkeys;        /* primary secret first, then a retired one while rotating */

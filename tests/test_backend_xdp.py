@@ -90,10 +90,13 @@ def segment(client: str, sport: int, flags: str = "A", payload: bytes = b"", dpo
 def test_a_connections_unflagged_segments_are_stripped_as_the_tc_program_strips_them(stage, plane, connection,  # noqa: F811
                                                                                       client):
     """The frame out is the tc program's own output for the same packet, and the tc program then passes it
-    as plain traffic, untouched: the stack receives the same bytes either way."""
+    as plain traffic, untouched: the stack receives the same bytes either way. Bare segments too (an ACK, a
+    FIN, a RST of the connection): the tc program's work for them (decapsulation, MAC, lookup) is done here
+    once."""
     name, ports = connection
     with netns.inside(name):
-        for flags, payload in (("PA", bytes(range(256)) * 5), ("A", b"x"), ("FPA", b"bye"), ("RA", b"x")):
+        for flags, payload in (("PA", bytes(range(256)) * 5), ("A", b"x"), ("FPA", b"bye"), ("RA", b"x"),
+                               ("A", b""), ("FA", b""), ("R", b"")):
             packet = encapsulated(segment(client, ports[client], flags, payload), flags=0)
             tc_verdict, tc_out, tc_changed = run(plane, packet)
             assert (tc_verdict, tc_changed) == (TC_ACT_OK, {"decapsulated": 1}), flags
@@ -103,18 +106,14 @@ def test_a_connections_unflagged_segments_are_stripped_as_the_tc_program_strips_
 
 
 def test_everything_else_reaches_the_tc_program_untouched(stage, connection):
-    """Flagged packets (whatever the flag, FASTOPEN too), bare segments (nothing for GRO to coalesce: an ACK
-    flood costs no lookup), segments no connection here owns (only a listener on that port, or no socket),
-    and what fails a check of the tc program's: passed unchanged, for it to decide."""
+    """Flagged packets (whatever the flag, FASTOPEN too), a SYN, and what fails a check of the tc
+    program's: passed unchanged, for it to decide."""
     name, ports = connection
     sport = ports[CLIENT4]
     owned = segment(CLIENT4, sport, "PA", b"data")
     flagged = [encapsulated(owned, flags=flag) for flag in (encap.FLAG_VALIDATED, encap.FLAG_ICMP,
                                                             encap.FLAG_CHAINED, FASTOPEN)]
     left = [
-        *(encapsulated(segment(CLIENT4, sport, flags), flags=0) for flags in ("A", "FA", "R")),  # bare
-        encapsulated(segment(CLIENT4, sport + 1, "PA", b"data"), flags=0),            # only the listener
-        encapsulated(segment(CLIENT4, sport, "PA", b"data", dport=81), flags=0),      # no socket
         encapsulated(segment(CLIENT4, sport, "S", b"data"), flags=0),                 # a SYN: never forwarded
         encapsulated(segment(CLIENT4, sport, "PA", b"data", dport=22), flags=0),      # not a protected port
         encapsulated(owned, flags=0, key=bytes(16)),                                   # a MAC of another key
@@ -187,15 +186,15 @@ def refilled(plane) -> None:  # noqa: F811
 def both(stage: XdpStage, plane, packet: bytes, farm=None) -> tuple:  # noqa: F811
     """The stage's verdict and counters for the packet, then the tc program's for the same packet (in that
     order, as they meet it; in the farm namespace when given): what the tc program would do without the
-    stage."""
+    stage. What the stage passes changed is the tc program's output, byte for byte."""
     verdict, out, changed = xdp_run(stage, packet)
-    assert verdict == XDP_DROP or out == packet  # left untouched, or dropped
-    tc_verdict, _, tc_changed = run_in(farm, plane, packet) if farm else run(plane, packet)
+    tc_verdict, tc_out, tc_changed = run_in(farm, plane, packet) if farm else run(plane, packet)
+    assert verdict == XDP_DROP or out in (packet, tc_out)
     return verdict, changed, tc_verdict, tc_changed
 
 
 DROPPED = (XDP_DROP, {"no_flow_dropped": 1}, TC_ACT_SHOT, {"decapsulated": 1, "no_flow_dropped": 1})
-RESET = (XDP_PASS, {"left": 1}, TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
+RESET = (XDP_PASS, {"no_flow_reset": 1}, TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
 
 
 @pytest.mark.parametrize("client", [CLIENT4, CLIENT6], ids=["ipv4", "ipv6"])
@@ -212,18 +211,57 @@ def test_a_forged_segment_beyond_the_reset_budget_ends_in_the_stage_as_in_the_tc
 
 
 @pytest.mark.parametrize("client", [CLIENT4, CLIENT6], ids=["ipv4", "ipv6"])
-def test_within_the_budget_a_forged_ack_goes_on_for_its_reset_and_the_stage_takes_no_token(plane, stage, budget,  # noqa: F811
-                                                                                          connection, client):
-    """One token on this CPU: the stage only peeks, so however often it sees it, the tc program takes
-    that token for the kernel's RST; then the stage drops, as the tc program does."""
+def test_within_the_budget_a_forged_ack_is_decapsulated_for_its_reset_and_the_token_spent_once(plane, stage, budget,  # noqa: F811
+                                                                                                connection, client):
+    """One token on this CPU: the stage takes it and passes the segment decapsulated, as the tc program would
+    pass it for the kernel's RST; the tc program then meets plain TCP and passes it without a token. The
+    next one is dropped by both."""
     name, ports = connection
     budget(os.cpu_count() or 1)  # one reset per second per CPU, a burst of one
     refilled(plane)
     forged = encapsulated(segment(client, ports[client] + 1), flags=0)
     with netns.inside(name):
-        assert [xdp_run(stage, forged)[0::2] for _ in range(3)] == [(XDP_PASS, {"left": 1})] * 3
-        assert run(plane, forged)[0::2] == (TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
+        verdict, out, changed = xdp_run(stage, forged)
+        assert (verdict, changed) == (XDP_PASS, {"no_flow_reset": 1})
+        assert run(plane, out) == (TC_ACT_OK, out, {"passed": 1})
         assert both(stage, plane, forged) == DROPPED
+
+
+@contextlib.contextmanager
+def on_cpu(cpu: int):
+    """This thread on one CPU for the block: BPF_PROG_TEST_RUN runs the program on the caller's CPU."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("client", [CLIENT4, CLIENT6], ids=["ipv4", "ipv6"])
+def test_under_rps_the_stage_and_the_tc_program_agree_on_the_reset_budget(plane, stage, budget,  # noqa: F811
+                                                                          connection, client):
+    """RPS runs the tc program on another CPU than the stage's NAPI poll. One token per CPU; the tc
+    program's CPU has spent its own. Each forged ACK meets the stage on one CPU, then, if passed, the tc
+    program on the other: one reset (the stage's CPU's token), then drops, and never a packet the stage
+    passed dropped by the tc program. Before, the stage peeked at its own CPU's bucket, which only the tc
+    program spends, so it passed every forged ACK to a tc program with no token left."""
+    name, ports = connection
+    stage_cpu, tc_cpu = 0, 1  # the budget fixture pins the test to one CPU: on_cpu moves it
+    budget(os.cpu_count() or 1)  # one reset per second per CPU, a burst of one
+    refilled(plane)
+    forged = encapsulated(segment(client, ports[client] + 1), flags=0)
+    with netns.inside(name):
+        with on_cpu(tc_cpu):
+            assert run(plane, forged)[0::2] == (TC_ACT_OK, {"decapsulated": 1, "no_flow_reset": 1})
+        outcomes = []
+        for _ in range(3):
+            with on_cpu(stage_cpu):
+                verdict, out, changed = xdp_run(stage, forged)
+            with on_cpu(tc_cpu):
+                outcomes.append((changed, run(plane, out)[0::2] if verdict == XDP_PASS else None))
+    assert outcomes == [({"no_flow_reset": 1}, (TC_ACT_OK, {"passed": 1}))] + [({"no_flow_dropped": 1}, None)] * 2
 
 
 @pytest.mark.parametrize("client", [CLIENT4, CLIENT6], ids=["ipv4", "ipv6"])
@@ -240,13 +278,13 @@ def test_a_clients_rst_of_no_connection_ends_in_the_stage_even_within_the_budget
 
 @pytest.mark.parametrize("client", [CLIENT4, CLIENT6], ids=["ipv4", "ipv6"])
 def test_a_connections_segments_are_unchanged_with_no_budget(plane, stage, budget, connection, client):  # noqa: F811
-    """Bare ones left to the tc program (looked up here, found owned), data stripped, none dropped."""
+    """Bare or not, stripped, none dropped."""
     name, ports = connection
     budget(0)
     with netns.inside(name):
         for flags in ("A", "FA", "R", "RA"):
             packet = encapsulated(segment(client, ports[client], flags), flags=0)
-            assert both(stage, plane, packet) == (XDP_PASS, {"left": 1}, TC_ACT_OK, {"decapsulated": 1}), flags
+            assert both(stage, plane, packet) == (XDP_PASS, {"decapsulated": 1}, TC_ACT_OK, {"decapsulated": 1}), flags
         packet = encapsulated(segment(client, ports[client], "PA", b"data"), flags=0)
         assert xdp_run(stage, packet)[0::2] == (XDP_PASS, {"decapsulated": 1})
 

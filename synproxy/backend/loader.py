@@ -87,7 +87,7 @@ COUNTERS = ("passed", "decapsulated", "untrusted", "malformed", "cookie_bad", "n
 # The XDP stage (bpf/backend_xdp.bpf.c): enum backend_xdp_counter, in order, and the tc program's maps it
 # reads, handed to it by fd.
 XDP_PROGRAM = "synproxy_backend_xdp"
-XDP_COUNTERS = ("decapsulated", "flagged", "left", "no_flow_dropped")
+XDP_COUNTERS = ("decapsulated", "flagged", "left", "no_flow_dropped", "no_flow_reset")
 XDP_SHARED_MAPS = ("config", "trusted_fronts", "encap_keys", "protected_vips", "protected_ports", "salts",
                    "reset_budget")
 _CONFIG = struct.Struct("=QQqHBxIQQ")     # struct backend_config
