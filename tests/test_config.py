@@ -222,6 +222,56 @@ def test_bounds_refuse_what_cannot_work(workdir, change, expected, capsys):
     assert expected in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("change, expected", [
+    (("ports: [80, 443]", "ports: [80, 443]\nsalt_period_seconds: .inf"),
+     ":3: salt_period_seconds: expected a finite number of seconds, got inf"),
+    (("ports: [80, 443]", "ports: [80, 443]\nclock_skew_seconds: .nan"),
+     ":3: clock_skew_seconds: expected a finite number of seconds, got nan"),
+    (("  queue_num: 3", "  previous_table_seconds: .inf"), ":7: front.previous_table_seconds: expected a finite"),
+    (("  queue_num: 3", "  bgp: {local_as: 1, peer_as: 2, stop_wait_seconds: .inf}"),
+     ":7: front.bgp.stop_wait_seconds: expected a finite"),
+    (("front:", "tfo: {key_period_seconds: .inf}\nfront:"), ":6: tfo.key_period_seconds: expected a finite"),
+    (("ports: [80, 443]", "ports: [80, 443]\nencap_port: !port 6080"),
+     ":3: encap_port: could not determine a constructor for the tag '!port'"),
+])
+def test_values_yaml_allows_but_no_node_can_use_are_one_line_errors(workdir, change, expected, capsys):
+    """Before: .inf seconds passed check-config (a salt period of .inf never changes epoch, a stop wait of
+    .inf never stops), .nan failed without file or line, and an unknown tag's error spanned four lines."""
+    path = write(workdir, GOOD.replace(*change))
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("key, extra", [("secret_file", ""), ("flow_secret_file", "flow_secret_file: other.hex\n"),
+                                        ("accepted_secret_files", "accepted_secret_files: [other.hex]\n")])
+def test_a_secret_files_error_names_the_key_and_line_that_point_at_it(workdir, key, extra):
+    """Before: only the secret's path was named, not which key of which configuration line pointed at it."""
+    (workdir / "other.hex").write_text("cd" * 32)
+    (workdir / "other.hex").chmod(0o644)
+    path = write(workdir, GOOD + extra)
+    line = next(number for number, text in enumerate((GOOD + extra).splitlines(), 1) if text.startswith(f"{key}:"))
+    secret = workdir / ("secret.hex" if key == "secret_file" else "other.hex")
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == (f"{path}:{line}: {key}: {secret}: secret file is accessible to group or others "
+                                 "(mode 644); chmod 600 it")
+
+
+def test_a_secret_file_that_is_no_file_is_named_for_what_it_is(workdir):
+    """Before: a directory of mode 755 was refused as "accessible to group or others", and a FIFO blocked
+    the start until something wrote to it."""
+    path = write(workdir, GOOD.replace("secret_file: secret.hex", "secret_file: secrets"))
+    (workdir / "secrets").mkdir(mode=0o755)
+    with pytest.raises(ConfigError, match=r":3: secret_file: .*secrets: cannot read secret file: Is a directory$"):
+        load_config(path)
+    os.rmdir(workdir / "secrets")
+    os.mkfifo(workdir / "secrets", 0o600)
+    with pytest.raises(ConfigError, match="secrets: cannot read secret file: not a regular file$"):
+        load_config(path)
+
+
 def test_tfo_is_off_by_default_and_its_key_period_a_day(workdir):
     assert load_config(write(workdir, GOOD)).tfo == TfoConfig(enabled=False, key_period_seconds=86400.0)
     config = load_config(write(workdir, GOOD + "tfo:\n  enabled: true\n  key_period_seconds: 3600\n"))

@@ -580,7 +580,7 @@ def main(args: argparse.Namespace) -> int:
             return 0
         with lock:
             return serve(config, interface)
-    except (BackendError, BpfError, instance.AlreadyRunning) as error:
+    except (SetupError, BpfError, instance.AlreadyRunning) as error:  # SetupError: a BackendError too
         message = error.strerror if isinstance(error, BpfError) else str(error)
         fatal(f"synproxy backend: {message}")
         return 1
