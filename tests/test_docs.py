@@ -1,8 +1,11 @@
-"""The operator-facing lists stay true: every metric the dashboard plots is documented, and back."""
+"""The operator-facing lists stay true: every metric the dashboard plots is documented, and back; every
+configuration key is in docs/configuration.md's table, and back."""
 
 import json
 import re
 from pathlib import Path
+
+from synproxy.config import SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -14,3 +17,23 @@ def test_dashboard_and_metrics_doc_name_the_same_metrics():
                for target in panel["targets"] for name in re.findall(r"synproxy_[a-z_]+", target["expr"])}
     assert plotted <= documented
     assert documented <= plotted
+
+
+def _keys(schema: dict, prefix: str = "") -> set[str]:
+    """Every key a configuration file may hold, dotted: a section's own keys and, for a list of mappings
+    (`backends`), its items' keys."""
+    keys = set()
+    for name, field_ in schema.items():
+        nested = field_.check if isinstance(field_.check, dict) else field_.entry
+        if nested is None:
+            keys.add(prefix + name)
+        else:
+            keys |= _keys(nested, f"{prefix}{name}.") | ({prefix + name} if field_.entry else set())
+    return keys
+
+
+def test_every_configuration_key_is_documented_and_every_documented_key_exists():
+    """Before: `farm_mtu` was read but not in the table an operator looks keys up in."""
+    table = set(re.findall(r"^\| `([a-z_.]+)` \|", (REPO / "docs" / "configuration.md").read_text(), re.MULTILINE))
+    items = {"backends.address", "backends.weight", "backends.drain", "backends.down"}  # described in `backends`
+    assert table == _keys(SCHEMA) - items
