@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -149,3 +150,27 @@ def test_the_etc_synproxy_layout_is_what_the_units_and_the_configuration_expect(
     (tmp_path / "secret.hex").chmod(0o644)
     with pytest.raises(ConfigError, match="secret.hex"):
         load_config(tmp_path / "synproxy.yaml").salt_schedule()
+
+
+def test_an_installed_package_builds_its_bpf_programs_outside_the_checkout(tmp_path):
+    """`pip install` of the project (a wheel, as pip builds one) into a fresh venv installs the `synproxy`
+    command and the BPF sources a node builds its programs from. Before: the wheel had no BPF source, so
+    an installed backend failed at start and an installed front fell back to the queue."""
+    source = tmp_path / "source"  # a copy: building in the checkout would leave build/ and egg-info there
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
+                                                                      ".pytest_cache", "tests"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--wheel-dir", str(tmp_path / "wheels"), str(source)], check=True, timeout=120)
+    shutil.rmtree(source)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=60)
+    subprocess.run([venv / "bin" / "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    *map(str, (tmp_path / "wheels").glob("synproxy-*.whl"))], check=True, timeout=120)
+    assert (venv / "bin" / "synproxy").exists()
+    check = "import synproxy.bpf.loading as loading; print(loading.__file__); print(loading.build_object('backend'))"
+    built = subprocess.run([venv / "bin" / "python", "-c", check],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
+                           env={**os.environ, "SYNPROXY_BUILD_DIR": str(tmp_path / "objects")})
+    assert built.returncode == 0, built.stderr
+    module, target = built.stdout.split()
+    assert module.startswith(str(venv)) and target.startswith(str(tmp_path / "objects"))
