@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from synproxy.config import SCHEMA
+from synproxy.front.handler import FrontPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,3 +38,13 @@ def test_every_configuration_key_is_documented_and_every_documented_key_exists()
     table = set(re.findall(r"^\| `([a-z_.]+)` \|", (REPO / "docs" / "configuration.md").read_text(), re.MULTILINE))
     items = {"backends.address", "backends.weight", "backends.drain", "backends.down"}  # described in `backends`
     assert table == _keys(SCHEMA) - items
+
+
+def test_the_examples_mss_comment_says_what_the_fronts_announce():
+    """Before: deploy/example.yaml said the fronts announce backend_mss minus 32; they announce 48 less."""
+    text = (REPO / "deploy" / "example.yaml").read_text()
+    mss, ipv4, ipv6 = map(int, re.search(r"^backend_mss: (\d+) .* minus (\d+) \(encapsulation; (\d+) to IPv6\)",
+                                         text, re.MULTILINE).groups())
+    policy = FrontPolicy(vips=frozenset(), ports=frozenset(), farm_address=bytes(4), backends=(bytes(4),),
+                         encap_port=6080, encap_key=bytes(16), flow_key=bytes(16), backend_mss=mss)
+    assert (policy.announced_mss(4), policy.announced_mss(6)) == (mss - ipv4, mss - ipv6)
