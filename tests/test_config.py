@@ -180,6 +180,11 @@ def test_example_as_shipped_says_how_to_make_its_secret_and_passes_once_made(tmp
     (["check-config"], "the following arguments are required: file"),
     (["check-config", "--role", "router", "x.yaml"], "invalid choice: 'router'"),
     (["check-config", "absent.yaml"], "absent.yaml: cannot read config: No such file or directory"),
+    # Before: accepted, and --drain gave up at once (-1) or never (nan); --json without --stats was ignored.
+    (["front", "--config", "x.yaml", "--drain", "--timeout", "-1"], "expected a positive number of seconds, got '-1'"),
+    (["front", "--config", "x.yaml", "--drain", "--timeout", "nan"], "expected a positive number of seconds, got 'nan'"),
+    (["front", "--config", "x.yaml", "--json"], "front: --json goes with --stats"),
+    (["backend", "--config", "x.yaml", "--json"], "backend: --json goes with --stats"),
 ])
 def test_cli_errors_are_one_line_without_traceback(tmp_path, args, expected):
     done = cli(*args, cwd=tmp_path)
