@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import socket
 import sys
 
 from synproxy.config import DATA_PLANES, ConfigError, load_config, role_warnings
@@ -19,7 +20,8 @@ def _check_config(args: argparse.Namespace) -> int:
     if args.role:
         from synproxy.netlink import blackholed, local_addresses
         warnings += role_warnings(config, args.role, local_addresses(),
-                                  blackholed(config.vips) if args.role == "front" else set())
+                                  blackholed(config.vips) if args.role == "front" else set(),
+                                  {name for _, name in socket.if_nameindex()})
     for warning in warnings:
         print(f"synproxy: warning: {warning}", file=sys.stderr)
     print(f"{args.file}: ok ({len(config.vips)} VIPs, {len(config.ports)} ports, "

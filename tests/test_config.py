@@ -407,18 +407,32 @@ def test_role_front_warns_about_a_foreign_farm_address_and_a_vip_without_blackho
     path = write(workdir, GOOD.replace("fronts: [198.18.10.2]", "fronts: [198.18.12.2]"))
     done = cli("check-config", "--role", "front", str(path), namespace=node)
     assert "front.farm_address: not set, and none of `fronts` is local to this node" in done.stderr
+    # Before: an interface the node lacks passed; with data_plane auto the front then ran on the queue alone.
+    path = write(workdir, GOOD.replace("  queue_num: 3", "  farm_address: 198.18.10.2\n  interfaces: [lo, eth7]")
+                 .replace("vips: [198.19.0.10, 2001:db8:ffff::10]", "vips: [198.19.0.10]"))
+    done = cli("check-config", "--role", "front", str(path), namespace=node)
+    assert done.returncode == 0
+    assert done.stderr == (f"synproxy: warning: {path}:8: front.interfaces: no interface eth7 on this node: the BPF "
+                           "programs cannot attach there (front.data_plane auto: the front falls back to the queue)\n")
 
 
 @needs_root
 def test_role_backend_warns_about_vips_not_configured_here(workdir, node):
-    path = write(workdir, GOOD)
+    path = write(workdir, GOOD.replace("interface: eth0", "interface: lo"))
     done = cli("check-config", "--role", "backend", str(path), namespace=node)
     assert done.returncode == 0
     assert done.stderr == (f"synproxy: warning: {path}:1: vips: 198.19.0.10, 2001:db8:ffff::10 not configured on "
                            "this node: a backend answers from the VIPs (ip address add VIP dev lo)\n")
     add_addresses(node, "lo", "198.19.0.10/32", "2001:db8:ffff::10/128")
     done = cli("check-config", "--role", "backend", str(path), namespace=node)
+    assert done.returncode == 0
     assert (done.returncode, done.stderr) == (0, "")
+    # Before: an interface the node lacks passed, and the backend then failed to start.
+    path = write(workdir, GOOD)
+    done = cli("check-config", "--role", "backend", str(path), namespace=node)
+    assert done.returncode == 0
+    assert done.stderr == (f"synproxy: warning: {path}:9: backend.interface: no interface eth0 on this node: the "
+                           "backend will not start unless --interface names another\n")
 
 
 def test_bgp_is_off_by_default_and_read_with_its_defaults(workdir):
