@@ -608,6 +608,9 @@ def role_warnings(config: Config, role: str, local: set[IPAddress], blackholed: 
         if missing:
             warnings.append(f"{config.where('vips')}: {', '.join(missing)} not configured on this node: "
                             "a backend answers from the VIPs (ip address add VIP dev lo)")
+        if not config.fronts:
+            warnings.append(f"{config.where('fronts')}: empty: this backend trusts no front, so it drops every "
+                            "encapsulated packet (untrusted) and no handshake completes")
         if config.backend.interface and config.backend.interface not in interfaces:
             warnings.append(f"{config.where('backend.interface')}: no interface {config.backend.interface} on this "
                             "node: the backend will not start unless --interface names another")

@@ -433,6 +433,12 @@ def test_role_backend_warns_about_vips_not_configured_here(workdir, node):
     assert done.returncode == 0
     assert done.stderr == (f"synproxy: warning: {path}:9: backend.interface: no interface eth0 on this node: the "
                            "backend will not start unless --interface names another\n")
+    # Before: `fronts` left at its default ([]) passed, and the backend dropped every front's packet.
+    path = write(workdir, GOOD.replace("interface: eth0", "interface: lo").replace("fronts: [198.18.10.2]\n", ""))
+    done = cli("check-config", "--role", "backend", str(path), namespace=node)
+    assert done.returncode == 0
+    assert done.stderr == (f"synproxy: warning: {path}: fronts: empty: this backend trusts no front, so it drops "
+                           "every encapsulated packet (untrusted) and no handshake completes\n")
 
 
 def test_bgp_is_off_by_default_and_read_with_its_defaults(workdir):
