@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.command}: --json goes with --stats")
     # A node's errors are log lines (JSON, like the rest of its log); the tools' are plain lines.
     node = args.command in ("front", "backend")
+    if node:
+        from synproxy.bpf.libbpf import log_messages
+        log_messages()
     try:
         return args.handler(args)
     except ConfigError as error:

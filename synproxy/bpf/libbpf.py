@@ -93,10 +93,6 @@ _declare("ring_buffer__new", _voidp, ctypes.c_int, _RING_SAMPLE, _voidp, _voidp)
 _declare("ring_buffer__poll", ctypes.c_int, _voidp, ctypes.c_int)
 _declare("ring_buffer__free", None, _voidp)
 
-# libbpf prints its warnings (a netlink request's extended ack, a load's log) to stderr itself: raw lines in
-# a node's JSON log, and, for a query the loop repeats, at every beat (a backend whose clsact qdisc was
-# removed printed "Kernel error message: Parent Qdisc doesn't exists" four times a second). Each distinct
-# message becomes one `libbpf_warning` (or `libbpf_info`) event instead, repeated at most once a minute.
 _PRINT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 _libc = ctypes.CDLL(None)
 _libc.vsnprintf.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p)
@@ -123,7 +119,15 @@ def _on_print(level: int, fmt: bytes, args: int | None) -> int:
     return 0
 
 
-_lib.libbpf_set_print(_on_print)
+def log_messages() -> None:
+    """Make libbpf's messages log events, for a node (the CLI's front and backend).
+
+    libbpf prints its warnings (a netlink request's extended ack, a load's log) to stderr itself: raw lines
+    in a node's JSON log, and, for a query the loop repeats, at every beat (a backend whose clsact qdisc was
+    removed printed "Kernel error message: Parent Qdisc doesn't exists" four times a second). Each distinct
+    message becomes one `libbpf_warning` (or `libbpf_info`) event instead, repeated at most once a minute.
+    """
+    _lib.libbpf_set_print(_on_print)
 
 
 def _check(result: int, what: str) -> int:
