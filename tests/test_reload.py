@@ -4,6 +4,7 @@ structured error and counts it; the next good reload applies; the secret is neve
 from __future__ import annotations
 
 import json
+import re
 import select
 import signal
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from synproxy.lab.topology import REPO_ROOT
 from synproxy.netns import inside
 from tests.test_health import METRICS, config, namespace, running, wait_for  # noqa: F401 - namespace is a fixture
 
@@ -24,6 +26,12 @@ def scrape(netns: str) -> dict[str, float]:
         text = urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=5).read().decode()
     return {sample.name: sample.value for family in text_string_to_metric_families(text)
             for sample in family.samples if not sample.labels}
+
+
+def all_samples(netns: str) -> set[str]:
+    with inside(netns):
+        text = urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=5).read().decode()
+    return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def reload(process, log: list[dict]) -> dict:
@@ -50,6 +58,10 @@ def test_a_refused_reload_keeps_the_node_serving_logs_and_counts_it(namespace, t
     with running(namespace, role, "--config", str(path)) as process:
         wait_for(namespace, "/readyz", 200, seconds=30)
         assert scrape(namespace)[failures] == 0
+        documented = set(re.findall(r"`([a-z_]+)`", (REPO_ROOT / "docs" / "metrics.md").read_text()))
+        served = {re.sub(r"_(bucket|count|sum)$", "", name) for name in all_samples(namespace)
+                  if name.startswith("synproxy_")}  # process_*: prometheus_client's, named by its docs
+        assert served - documented == set()  # a Counter's _created series included: docs/metrics.md has none
         path.write_text(good + "salt_period_seconds: .inf\n")
         refused = reload(process, log)
         assert (refused["event"], refused["level"]) == ("config_reload_failed", "error")
