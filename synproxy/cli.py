@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "wait until its traffic has moved to the other fronts")
     control.add_argument("--undrain", action="store_true", help="end a drain (SIGUSR2): announce again")
     front.add_argument("--json", action="store_true", help="with --stats: one JSON object")
-    front.add_argument("--timeout", type=_positive_seconds, default=30.0, help="with --drain: give up after this many seconds")
+    front.add_argument("--timeout", type=_positive_seconds, default=30.0,
+                       help="with --drain: give up after this many seconds")
     front.set_defaults(handler=_front)
 
     lab = commands.add_parser("lab", help="the namespace lab: client, attacker, ECMP router, fronts, backends")
