@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import socket
 import sys
 
 from synproxy.config import DATA_PLANES, ConfigError, load_config, role_warnings
@@ -19,7 +20,8 @@ def _check_config(args: argparse.Namespace) -> int:
     if args.role:
         from synproxy.netlink import blackholed, local_addresses
         warnings += role_warnings(config, args.role, local_addresses(),
-                                  blackholed(config.vips) if args.role == "front" else set())
+                                  blackholed(config.vips) if args.role == "front" else set(),
+                                  {name for _, name in socket.if_nameindex()})
     for warning in warnings:
         print(f"synproxy: warning: {warning}", file=sys.stderr)
     print(f"{args.file}: ok ({len(config.vips)} VIPs, {len(config.ports)} ports, "
@@ -73,6 +75,16 @@ def _lab(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):  # nan fails too
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return seconds
+
+
 def _lab_name(text: str) -> str:
     if not re.fullmatch(r"[a-z][a-z0-9]{0,11}", text):
         raise argparse.ArgumentTypeError("1-12 lower-case letters and digits, starting with a letter")
@@ -104,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "wait until its traffic has moved to the other fronts")
     control.add_argument("--undrain", action="store_true", help="end a drain (SIGUSR2): announce again")
     front.add_argument("--json", action="store_true", help="with --stats: one JSON object")
-    front.add_argument("--timeout", type=float, default=30.0, help="with --drain: give up after this many seconds")
+    front.add_argument("--timeout", type=_positive_seconds, default=30.0,
+                       help="with --drain: give up after this many seconds")
     front.set_defaults(handler=_front)
 
     lab = commands.add_parser("lab", help="the namespace lab: client, attacker, ECMP router, fronts, backends")
@@ -141,9 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "json", False) and not args.stats:
+        parser.error(f"{args.command}: --json goes with --stats")
     # A node's errors are log lines (JSON, like the rest of its log); the tools' are plain lines.
     node = args.command in ("front", "backend")
+    if node:
+        from synproxy.bpf.libbpf import log_messages
+        log_messages()
     try:
         return args.handler(args)
     except ConfigError as error:

@@ -13,7 +13,7 @@ import sys
 LEVELS = {
     **dict.fromkeys(("config_warning", "sysctl_warning", "data_plane_unavailable", "restart_required",
                      "secrets_unchecked", "bgp_session_down", "front_draining", "xdp_leftover_detached",
-                     "under_attack", "vip_port_counters_partial"),
+                     "under_attack", "vip_port_counters_partial", "libbpf_warning"),
                     "warning"),
     **dict.fromkeys(("packet_failed", "config_reload_failed", "kernel_path_refresh_failed"), "error"),
     "fatal": "fatal",

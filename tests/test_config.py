@@ -180,6 +180,11 @@ def test_example_as_shipped_says_how_to_make_its_secret_and_passes_once_made(tmp
     (["check-config"], "the following arguments are required: file"),
     (["check-config", "--role", "router", "x.yaml"], "invalid choice: 'router'"),
     (["check-config", "absent.yaml"], "absent.yaml: cannot read config: No such file or directory"),
+    # Before: accepted, and --drain gave up at once (-1) or never (nan); --json without --stats was ignored.
+    (["front", "--config", "x.yaml", "--drain", "--timeout", "-1"], "expected a positive number of seconds, got '-1'"),
+    (["front", "--config", "x.yaml", "--drain", "--timeout", "nan"], "expected a positive number of seconds, got 'nan'"),
+    (["front", "--config", "x.yaml", "--json"], "front: --json goes with --stats"),
+    (["backend", "--config", "x.yaml", "--json"], "backend: --json goes with --stats"),
 ])
 def test_cli_errors_are_one_line_without_traceback(tmp_path, args, expected):
     done = cli(*args, cwd=tmp_path)
@@ -220,6 +225,56 @@ def test_bounds_refuse_what_cannot_work(workdir, change, expected, capsys):
     assert main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err
     assert expected in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("ports: [80, 443]", "ports: [80, 443]\nsalt_period_seconds: .inf"),
+     ":3: salt_period_seconds: expected a finite number of seconds, got inf"),
+    (("ports: [80, 443]", "ports: [80, 443]\nclock_skew_seconds: .nan"),
+     ":3: clock_skew_seconds: expected a finite number of seconds, got nan"),
+    (("  queue_num: 3", "  previous_table_seconds: .inf"), ":7: front.previous_table_seconds: expected a finite"),
+    (("  queue_num: 3", "  bgp: {local_as: 1, peer_as: 2, stop_wait_seconds: .inf}"),
+     ":7: front.bgp.stop_wait_seconds: expected a finite"),
+    (("front:", "tfo: {key_period_seconds: .inf}\nfront:"), ":6: tfo.key_period_seconds: expected a finite"),
+    (("ports: [80, 443]", "ports: [80, 443]\nencap_port: !port 6080"),
+     ":3: encap_port: could not determine a constructor for the tag '!port'"),
+])
+def test_values_yaml_allows_but_no_node_can_use_are_one_line_errors(workdir, change, expected, capsys):
+    """Before: .inf seconds passed check-config (a salt period of .inf never changes epoch, a stop wait of
+    .inf never stops), .nan failed without file or line, and an unknown tag's error spanned four lines."""
+    path = write(workdir, GOOD.replace(*change))
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("key, extra", [("secret_file", ""), ("flow_secret_file", "flow_secret_file: other.hex\n"),
+                                        ("accepted_secret_files", "accepted_secret_files: [other.hex]\n")])
+def test_a_secret_files_error_names_the_key_and_line_that_point_at_it(workdir, key, extra):
+    """Before: only the secret's path was named, not which key of which configuration line pointed at it."""
+    (workdir / "other.hex").write_text("cd" * 32)
+    (workdir / "other.hex").chmod(0o644)
+    path = write(workdir, GOOD + extra)
+    line = next(number for number, text in enumerate((GOOD + extra).splitlines(), 1) if text.startswith(f"{key}:"))
+    secret = workdir / ("secret.hex" if key == "secret_file" else "other.hex")
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == (f"{path}:{line}: {key}: {secret}: secret file is accessible to group or others "
+                                 "(mode 644); chmod 600 it")
+
+
+def test_a_secret_file_that_is_no_file_is_named_for_what_it_is(workdir):
+    """Before: a directory of mode 755 was refused as "accessible to group or others", and a FIFO blocked
+    the start until something wrote to it."""
+    path = write(workdir, GOOD.replace("secret_file: secret.hex", "secret_file: secrets"))
+    (workdir / "secrets").mkdir(mode=0o755)
+    with pytest.raises(ConfigError, match=r":3: secret_file: .*secrets: cannot read secret file: Is a directory$"):
+        load_config(path)
+    os.rmdir(workdir / "secrets")
+    os.mkfifo(workdir / "secrets", 0o600)
+    with pytest.raises(ConfigError, match="secrets: cannot read secret file: not a regular file$"):
+        load_config(path)
 
 
 def test_tfo_is_off_by_default_and_its_key_period_a_day(workdir):
@@ -352,18 +407,38 @@ def test_role_front_warns_about_a_foreign_farm_address_and_a_vip_without_blackho
     path = write(workdir, GOOD.replace("fronts: [198.18.10.2]", "fronts: [198.18.12.2]"))
     done = cli("check-config", "--role", "front", str(path), namespace=node)
     assert "front.farm_address: not set, and none of `fronts` is local to this node" in done.stderr
+    # Before: an interface the node lacks passed; with data_plane auto the front then ran on the queue alone.
+    path = write(workdir, GOOD.replace("  queue_num: 3", "  farm_address: 198.18.10.2\n  interfaces: [lo, eth7]")
+                 .replace("vips: [198.19.0.10, 2001:db8:ffff::10]", "vips: [198.19.0.10]"))
+    done = cli("check-config", "--role", "front", str(path), namespace=node)
+    assert done.returncode == 0
+    assert done.stderr == (f"synproxy: warning: {path}:8: front.interfaces: no interface eth7 on this node: the BPF "
+                           "programs cannot attach there (front.data_plane auto: the front falls back to the queue)\n")
 
 
 @needs_root
 def test_role_backend_warns_about_vips_not_configured_here(workdir, node):
-    path = write(workdir, GOOD)
+    path = write(workdir, GOOD.replace("interface: eth0", "interface: lo"))
     done = cli("check-config", "--role", "backend", str(path), namespace=node)
     assert done.returncode == 0
     assert done.stderr == (f"synproxy: warning: {path}:1: vips: 198.19.0.10, 2001:db8:ffff::10 not configured on "
                            "this node: a backend answers from the VIPs (ip address add VIP dev lo)\n")
     add_addresses(node, "lo", "198.19.0.10/32", "2001:db8:ffff::10/128")
     done = cli("check-config", "--role", "backend", str(path), namespace=node)
+    assert done.returncode == 0
     assert (done.returncode, done.stderr) == (0, "")
+    # Before: an interface the node lacks passed, and the backend then failed to start.
+    path = write(workdir, GOOD)
+    done = cli("check-config", "--role", "backend", str(path), namespace=node)
+    assert done.returncode == 0
+    assert done.stderr == (f"synproxy: warning: {path}:9: backend.interface: no interface eth0 on this node: the "
+                           "backend will not start unless --interface names another\n")
+    # Before: `fronts` left at its default ([]) passed, and the backend dropped every front's packet.
+    path = write(workdir, GOOD.replace("interface: eth0", "interface: lo").replace("fronts: [198.18.10.2]\n", ""))
+    done = cli("check-config", "--role", "backend", str(path), namespace=node)
+    assert done.returncode == 0
+    assert done.stderr == (f"synproxy: warning: {path}: fronts: empty: this backend trusts no front, so it drops "
+                           "every encapsulated packet (untrusted) and no handshake completes\n")
 
 
 def test_bgp_is_off_by_default_and_read_with_its_defaults(workdir):

@@ -11,7 +11,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -38,23 +40,44 @@ def test_the_units_verify(tmp_path):
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr  # bad keys are warnings only
 
 
-def bounding_set(role: str) -> list[str]:
-    text = (REPO_ROOT / "deploy" / "systemd" / f"synproxy-{role}.service").read_text()
-    return re.search(r"^CapabilityBoundingSet=(.*)$", text, re.MULTILINE).group(1).split()
-
-
 def with_only(capabilities: list[str]) -> tuple[str, ...]:
     keep = ",".join(["-all", *(f"+{cap.removeprefix('CAP_').lower()}" for cap in capabilities)])
     return "setpriv", f"--bounding-set={keep}", f"--inh-caps={keep}"
 
 
+def unit_setting(role: str, key: str) -> list[str]:
+    text = (REPO_ROOT / "deploy" / "systemd" / f"synproxy-{role}.service").read_text()
+    return re.search(rf"^{key}=(.*)$", text, re.MULTILINE).group(1).split()
+
+
+def bounding_set(role: str) -> list[str]:
+    return unit_setting(role, "CapabilityBoundingSet")
+
+
+# /proc/PID/net tables, by the address family of the sockets they list.
+SOCKET_TABLES = {"tcp": "AF_INET", "udp": "AF_INET", "raw": "AF_INET", "tcp6": "AF_INET6", "udp6": "AF_INET6",
+                 "raw6": "AF_INET6", "unix": "AF_UNIX", "packet": "AF_PACKET", "netlink": "AF_NETLINK"}
+
+
+def socket_families(pid: int) -> set[str]:
+    """The address families of the sockets ``pid`` holds: its fds' socket inodes, looked up in the tables."""
+    inodes = {target[len("socket:["):-1] for fd in Path(f"/proc/{pid}/fd").iterdir()
+              if (target := os.readlink(fd)).startswith("socket:[")}
+    return {family for table, family in SOCKET_TABLES.items()
+            for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:] if inodes & set(row.split())}
+
+
 @pytest.mark.parametrize("role, data_plane", [("front", "xdp"), ("backend", "nfqueue")])
 def test_each_role_runs_with_only_its_units_capabilities(namespace, tmp_path, role, data_plane):  # noqa: F811
+    """And with only its unit's socket families (RestrictAddressFamilies, a seccomp filter this machine
+    cannot apply without systemd: checked on the sockets the ready node holds). Before: the backend's
+    TIME_WAIT recycler opened an AF_PACKET socket its unit did not allow."""
     with running(namespace, role, "--config", config(tmp_path, data_plane),
                  prefix=with_only(bounding_set(role))) as process:
         body = wait_for(namespace, "/readyz", 200, seconds=30)
         assert process.poll() is None
         assert all(verdict == "ok" for verdict in body["checks"].values())
+        assert socket_families(process.pid) <= set(unit_setting(role, "RestrictAddressFamilies"))
 
 
 @pytest.mark.parametrize("role, data_plane, dropped", [("front", "xdp", "CAP_SYS_ADMIN"),
@@ -127,3 +150,27 @@ def test_the_etc_synproxy_layout_is_what_the_units_and_the_configuration_expect(
     (tmp_path / "secret.hex").chmod(0o644)
     with pytest.raises(ConfigError, match="secret.hex"):
         load_config(tmp_path / "synproxy.yaml").salt_schedule()
+
+
+def test_an_installed_package_builds_its_bpf_programs_outside_the_checkout(tmp_path):
+    """`pip install` of the project (a wheel, as pip builds one) into a fresh venv installs the `synproxy`
+    command and the BPF sources a node builds its programs from. Before: the wheel had no BPF source, so
+    an installed backend failed at start and an installed front fell back to the queue."""
+    source = tmp_path / "source"  # a copy: building in the checkout would leave build/ and egg-info there
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
+                                                                      ".pytest_cache", "tests"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--wheel-dir", str(tmp_path / "wheels"), str(source)], check=True, timeout=120)
+    shutil.rmtree(source)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=60)
+    subprocess.run([venv / "bin" / "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    *map(str, (tmp_path / "wheels").glob("synproxy-*.whl"))], check=True, timeout=120)
+    assert (venv / "bin" / "synproxy").exists()
+    check = "import synproxy.bpf.loading as loading; print(loading.__file__); print(loading.build_object('backend'))"
+    built = subprocess.run([venv / "bin" / "python", "-c", check],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
+                           env={**os.environ, "SYNPROXY_BUILD_DIR": str(tmp_path / "objects")})
+    assert built.returncode == 0, built.stderr
+    module, target = built.stdout.split()
+    assert module.startswith(str(venv)) and target.startswith(str(tmp_path / "objects"))

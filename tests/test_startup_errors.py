@@ -142,3 +142,11 @@ def test_a_worker_that_cannot_bind_its_queue_fails_the_start(namespace, tmp_path
     assert all(line.startswith("{") for line in logs)
     assert "SYNPROXY" not in raw_rules(namespace)
     assert pids_inside(namespace) == []
+
+
+@pytest.mark.parametrize("argv", [[], ["--stats"], ["--detach"]])
+def test_a_backend_interface_that_does_not_exist_is_one_line(namespace, tmp_path, argv):
+    """Before: a Python traceback ending in SetupError, for a typo in backend.interface or --interface."""
+    config = write_config(tmp_path, "backend:\n  interface: nosuch0\n")
+    assert_one_line(synproxy(namespace, "backend", "--config", str(config), *argv), "no network interface 'nosuch0'")
+    assert "SYNPROXY" not in raw_rules(namespace)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -485,12 +485,15 @@ def serve(config, interface: str) -> int:
         except PermissionError as error:
             raise BackendError(str(error)) from None
         cleanup.callback(recycler.start().close)
-        restart_required = None
+        restart_required = reload_failures = None
         if registry is not None:
             registry.register(_CountersCollector(plane))
             restart_required = Gauge("synproxy_backend_restart_required",
                                      "1 when the configuration holds changes only a restart applies",
                                      registry=registry)
+            reload_failures = Counter("synproxy_backend_config_reload_failures",
+                                      "Reloads refused (the configuration or a secret file was wrong): the backend "
+                                      "kept what it had", registry=registry)
         while not stop:
             wake.wait(SALT_CHECK_SECONDS)
             wake.clear()
@@ -517,6 +520,8 @@ def serve(config, interface: str) -> int:
                     else:
                         log("config_reloaded", source=str(config.source))
                 except (ConfigError, firewall.FirewallError) as error:
+                    if reload_failures is not None:
+                        reload_failures.inc()
                     log("config_reload_failed", error=str(error))
             now = time.time()
             previous, schedule = schedule, rotation.effective(configured, schedule, now)
@@ -581,7 +586,7 @@ def main(args: argparse.Namespace) -> int:
             return 0
         with lock:
             return serve(config, interface)
-    except (BackendError, BpfError, instance.AlreadyRunning) as error:
+    except (SetupError, BpfError, instance.AlreadyRunning) as error:  # SetupError: a BackendError too
         message = error.strerror if isinstance(error, BpfError) else str(error)
         fatal(f"synproxy backend: {message}")
         return 1

@@ -10,7 +10,10 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import time
 from pathlib import Path
+
+from synproxy.logs import log
 
 BPF_TC_INGRESS = 1
 BPF_TC_F_REPLACE = 1
@@ -91,6 +94,42 @@ _RING_SAMPLE = ctypes.CFUNCTYPE(ctypes.c_int, _voidp, _voidp, ctypes.c_size_t)
 _declare("ring_buffer__new", _voidp, ctypes.c_int, _RING_SAMPLE, _voidp, _voidp)
 _declare("ring_buffer__poll", ctypes.c_int, _voidp, ctypes.c_int)
 _declare("ring_buffer__free", None, _voidp)
+
+_PRINT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_libc = ctypes.CDLL(None)
+_libc.vsnprintf.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p)
+_libc.vsnprintf.restype = ctypes.c_int
+_declare("libbpf_set_print", _voidp, _PRINT)
+_LIBBPF_EVENTS = ("libbpf_warning", "libbpf_info")  # enum libbpf_print_level: WARN, INFO (DEBUG is not shown)
+_MESSAGE_REPEAT_SECONDS = 60.0
+_logged: dict[str, float] = {}  # message -> when it was last logged (monotonic)
+
+
+@_PRINT
+def _on_print(level: int, fmt: bytes, args: int | None) -> int:
+    if level >= len(_LIBBPF_EVENTS):
+        return 0
+    text = ctypes.create_string_buffer(1 << 16)
+    _libc.vsnprintf(text, len(text), fmt, args)
+    message = text.value.decode(errors="replace").strip()
+    now = time.monotonic()
+    if now - _logged.get(message, -_MESSAGE_REPEAT_SECONDS) >= _MESSAGE_REPEAT_SECONDS:
+        if len(_logged) > 1000:  # distinct messages (load logs) must not grow it for ever
+            _logged.clear()
+        _logged[message] = now
+        log(_LIBBPF_EVENTS[level], message=message)
+    return 0
+
+
+def log_messages() -> None:
+    """Make libbpf's messages log events, for a node (the CLI's front and backend).
+
+    libbpf prints its warnings (a netlink request's extended ack, a load's log) to stderr itself: raw lines
+    in a node's JSON log, and, for a query the loop repeats, at every beat (a backend whose clsact qdisc was
+    removed printed "Kernel error message: Parent Qdisc doesn't exists" four times a second). Each distinct
+    message becomes one `libbpf_warning` (or `libbpf_info`) event instead, repeated at most once a minute.
+    """
+    _lib.libbpf_set_print(_on_print)
 
 
 def _check(result: int, what: str) -> int:

@@ -12,6 +12,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ from synproxy.bpf.libbpf import BpfObject, Map
 from synproxy.salt import EPOCH_SLOTS, MAX_SECRETS, SaltSchedule
 
 REPO_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+INSTALLED_BPF_DIR = Path(sysconfig.get_path("data")) / "share" / "synproxy" / "bpf"
 SALT_SLOT = struct.Struct("<IIQ16s16s")   # struct salt_slot
 PORT_KEY = struct.Struct("=H")  # protected_ports key: host order
 MAP_KEY = struct.Struct("<I")   # array map index
@@ -33,7 +35,11 @@ class SetupError(RuntimeError):
 
 
 def bpf_dir() -> Path:
-    return Path(os.environ.get("SYNPROXY_BPF_DIR", REPO_BPF_DIR))
+    """$SYNPROXY_BPF_DIR, else the checkout's bpf/, else the copy `pip install` puts in its data directory
+    (pyproject.toml's data-files: /usr/local/share/synproxy/bpf, or the venv's share/synproxy/bpf)."""
+    if "SYNPROXY_BPF_DIR" in os.environ:
+        return Path(os.environ["SYNPROXY_BPF_DIR"])
+    return REPO_BPF_DIR if REPO_BPF_DIR.is_dir() else INSTALLED_BPF_DIR
 
 
 def find_clang() -> str:
