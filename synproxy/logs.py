@@ -21,9 +21,12 @@ LEVELS = {
 
 
 def log(event: str, **fields) -> None:
+    """One write per record, newline included: a front's workers share its stderr, and print()'s separate
+    newline let two workers' lines interleave into one."""
     record = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
               "level": LEVELS.get(event, "info"), "event": event, **fields}
-    print(json.dumps(record, default=str), file=sys.stderr, flush=True)
+    sys.stderr.write(json.dumps(record, default=str) + "\n")
+    sys.stderr.flush()
 
 
 def fatal(message: str) -> None:

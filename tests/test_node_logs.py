@@ -7,6 +7,7 @@ import json
 import subprocess
 import time
 
+from synproxy.logs import log
 from tests.test_health import config, namespace, running, wait_for  # noqa: F401 - namespace is a fixture
 
 
@@ -21,3 +22,20 @@ def test_libbpf_messages_are_log_events_not_repeated_at_every_beat(namespace, tm
     log = [json.loads(line) for line in process.stderr.read().splitlines()]  # every line is JSON
     said = [entry for entry in log if entry["event"] == "libbpf_warning" and "Parent Qdisc" in entry["message"]]
     assert len(said) == 1 and said[0]["level"] == "warning", said
+
+
+def test_a_record_is_one_write_so_workers_sharing_stderr_cannot_interleave(monkeypatch):
+    """Before: print() wrote the record and its newline separately, and two front workers' lines came out as
+    '{...}{...}' then an empty line (seen in test_startup_errors' two-worker start)."""
+    writes = []
+
+    class Stream:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stderr", Stream())
+    log("worker_started", queue=7)
+    assert len(writes) == 1 and writes[0].endswith("\n") and json.loads(writes[0])["queue"] == 7
