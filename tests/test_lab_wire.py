@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import random
 import socket
 import time
 from pathlib import Path
@@ -18,8 +20,10 @@ from synproxy import encap
 from synproxy.cookie import MSS_TABLE, mss_index
 from synproxy.lab.topology import TCP_INFO_PORT, VIP, VIP6, Lab, default_hosts
 from synproxy.netns import inside
+from synproxy.packet import SYN, build_tcp_packet
 from synproxy.tcpinfo import negotiated
-from tests.lab_fixtures import backend_stats, data_plane, needs_root, running_lab
+from tests import hostile
+from tests.lab_fixtures import backend_stats, clients, data_plane, needs_root, outcomes, running_lab
 
 pytestmark = [pytest.mark.netns, needs_root]
 TARGETS = {4: (VIP, "198.18.20.2"), 6: (VIP6, "2001:db8:20::2")}  # (through the fronts, straight to backend0)
@@ -314,3 +318,60 @@ def test_sack_recovery_under_two_percent_loss_both_ways(lab, family):
     assert client["sack"] and server["sack"]
     after = recoveries(lab)
     assert all(after[host] > before[host] for host in after), (before, after)
+
+
+def fragments(packet: bytes) -> list[bytes]:
+    """An IPv4 SYN split in two fragments (as a router without DF would), checksums left to the kernel."""
+    header, body = bytearray(packet[:20]), packet[20:]
+    first, second = bytearray(header), bytearray(header)
+    first[6:8] = (0x2000).to_bytes(2, "big")  # MF, offset 0
+    second[6:8] = (16 // 8).to_bytes(2, "big")  # offset 16 bytes
+    return [bytes(first) + body[:16], bytes(second) + body[16:]]
+
+
+def with_destination_options(packet: bytes) -> bytes:
+    """An IPv6 packet with an 8-byte Destination Options header (PadN) before its TCP segment."""
+    header = bytearray(packet[:40])
+    header[4:6] = (int.from_bytes(header[4:6], "big") + 8).to_bytes(2, "big")
+    header[6] = 60
+    return bytes(header) + bytes([6, 0, 1, 4, 0, 0, 0, 0]) + packet[40:]
+
+
+def hostile_wave(lab: Lab) -> tuple[int, int]:
+    """Every hostile.py kind, a full-MTU SYN with data, fragments and IPv6 extension headers, from the
+    attacker at the VIPs; (sent, refused by the attacker's own kernel)."""
+    rng = random.Random(3)
+    wave = [packet for _, packet in hostile.packets(17 * 20)]
+    for family, (source, vip) in ((4, (hostile.CLIENT4, hostile.VIP4)), (6, (hostile.CLIENT6, hostile.VIP6))):
+        size = 1500 - (40 if family == 4 else 60)
+        syn = build_tcp_packet(source, vip, rng.randrange(1024, 65536), TCP_INFO_PORT, rng.getrandbits(32), 0, SYN,
+                               64240, payload=bytes(size))
+        wave.append(syn)
+        wave += fragments(syn[:80]) if family == 4 else [with_destination_options(syn[:100])]
+    with inside(lab.ns("attacker")):
+        senders = {4: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW),
+                   6: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)}
+    refused = 0
+    with senders[4], senders[6]:
+        for packet in wave:
+            family = 6 if packet and packet[0] >> 4 == 6 else 4
+            try:
+                senders[family].sendto(packet, (VIP if family == 4 else VIP6, 0))
+            except OSError:
+                refused += 1
+    return len(wave), refused
+
+
+def test_hostile_packets_at_the_running_front_are_counted_and_stop_nobody(lab):
+    counted_before = sum(outcomes(lab).values())
+    for _ in range(3):
+        sent, refused = hostile_wave(lab)
+        for family in (4, 6):
+            transfer(lab, TARGETS[family][0], size=1 << 12)  # legitimate clients between the waves
+    time.sleep(0.5)
+    counted = sum(outcomes(lab).values()) - counted_before
+    print(json.dumps({"sent": 3 * sent, "refused": 3 * refused, "counted": counted}))
+    assert all(os.waitpid(lab.pid(host.name), os.WNOHANG) == (0, 0) for host in lab.by_role("front"))
+    assert counted >= 3 * (sent - refused) // 2
+    for family in (4, 6):
+        assert clients(lab, 10, "--target", TARGETS[family][0])["failed"] == 0
