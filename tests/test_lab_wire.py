@@ -24,6 +24,7 @@ from synproxy.packet import SYN, build_tcp_packet
 from synproxy.tcpinfo import negotiated
 from tests import hostile
 from tests.lab_fixtures import backend_stats, clients, data_plane, needs_root, outcomes, running_lab
+from tests.test_lab_robustness import reload_fronts
 
 pytestmark = [pytest.mark.netns, needs_root]
 TARGETS = {4: (VIP, "198.18.20.2"), 6: (VIP6, "2001:db8:20::2")}  # (through the fronts, straight to backend0)
@@ -178,6 +179,26 @@ def test_an_option_the_backend_has_off_resets_the_client_at_once_and_is_counted(
     assert time.monotonic() - started < 1
     assert not client[{"tcp_sack": "sack", "tcp_timestamps": "timestamps", "tcp_window_scaling": "wscale"}[option]]
     assert backend_stats(lab, "backend0")["kfunc_errors"]["EINVAL"] > before
+
+
+def test_a_farm_configured_without_sack_and_ecn_serves_backends_that_have_them_off(lab):
+    """With `sack: false` and `ecn: false` the fronts offer neither, so a backend whose tcp_sack and tcp_ecn
+    are 0 serves clients that ask for both, and both ends agree, as directly. With the defaults the
+    kernel resets these clients (SACK) or runs them without ECN while the client's end uses it."""
+    original = lab.config_path.read_text()
+    backend_off, backend_on = ({"net.ipv4.tcp_sack": value, "net.ipv4.tcp_ecn": value} for value in ("0", "1"))
+    with sysctls(lab, "client", {"net.ipv4.tcp_ecn": "1"}, CLIENT_DEFAULTS), \
+            sysctls(lab, "backend0", backend_off, backend_on):
+        lab.config_path.write_text(original + "sack: false\necn: false\n")
+        try:
+            reload_fronts(lab)
+            for family in (4, 6):
+                seen = direct_and_proxied(lab, family, size=1 << 18)
+                assert_as_direct(seen, family)
+                assert not seen["proxied", "client"]["sack"] and not seen["proxied", "client"]["ecn"]
+        finally:
+            lab.config_path.write_text(original)
+            reload_fronts(lab)
 
 
 @contextlib.contextmanager
