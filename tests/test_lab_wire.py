@@ -20,7 +20,7 @@ from synproxy import encap
 from synproxy.cookie import MSS_TABLE, mss_index
 from synproxy.lab.topology import TCP_INFO_PORT, VIP, VIP6, Lab, default_hosts
 from synproxy.netns import inside
-from synproxy.packet import SYN, build_tcp_packet
+from synproxy.packet import ACK, SYN, build_tcp_packet
 from synproxy.tcpinfo import negotiated
 from tests import hostile
 from tests.lab_fixtures import backend_stats, clients, data_plane, needs_root, outcomes, running_lab
@@ -396,3 +396,37 @@ def test_hostile_packets_at_the_running_front_are_counted_and_stop_nobody(lab):
     assert counted >= 3 * (sent - refused) // 2
     for family in (4, 6):
         assert clients(lab, 10, "--target", TARGETS[family][0])["failed"] == 0
+
+
+def test_a_front_on_a_jumbo_link_falls_back_to_tc_and_answers_jumbo_frames(lab):
+    """Last in this module: front0 ends on a 9000-MTU link. A veth (like many NIC drivers) refuses
+    native XDP above a page-sized MTU, so `auto` takes the tc program, and says why. Jumbo frames (9000
+    bytes, DF) at the VIP are counted and stop no node: the program leaves a SYN whose checksum it does
+    not sum that far (8 KB of data) and data too big to encapsulate to the queue, whose copy of a packet
+    is cut at ~4 KB (netfilterqueue's copy range), and the handler drops the cut copy as malformed
+    (docs/front.md, "Real clients"). No client sends either: segments follow the MSS the front announced.
+    """
+    lab.stop_process("front0")
+    lab.run("router", ["ip", "link", "set", "front0", "xdpdrv", "off"])
+    for host, device in (("router", "front0"), ("front0", "eth0"), ("router", "client"), ("client", "eth0")):
+        lab.run(host, ["ip", "link", "set", device, "mtu", "9000"])
+    lab.start_front("front0")
+    assert lab.data_plane_of(lab.by_role("front")[0])["mode"] == "tc"
+    log = (lab.state_dir / "logs" / "front0.log").read_text()
+    assert '"reason": "auto: tc loaded and attached; xdp: attaching XDP to eth0 failed' in log
+    before = outcomes(lab)
+    with inside(lab.ns("client")):
+        sender = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    with sender:
+        for sport in range(42000, 42000 + 40):  # the router's L4 hash sends some to each front
+            for flags, ack in ((SYN, 0), (ACK, 1)):
+                sender.sendto(build_tcp_packet(hostile.CLIENT4, hostile.VIP4, sport, TCP_INFO_PORT, 1, ack, flags,
+                                               64240, payload=bytes(9000 - 40)), (VIP, 0))
+    time.sleep(0.5)
+    moved = outcomes(lab) - before
+    queued = moved["tc", "unverified", "ipv4"] + moved["tc", "too_big", "ipv4"]
+    assert moved["tc", "unverified", "ipv4"] > 0 and moved["tc", "too_big", "ipv4"] > 0, moved
+    assert moved["queue", "malformed_bad_ip_length", "ipv4"] == queued, moved
+    assert all(os.waitpid(lab.pid(host.name), os.WNOHANG) == (0, 0) for host in lab.by_role("front"))
+    for family in (4, 6):
+        assert_as_direct(direct_and_proxied(lab, family, size=1 << 18), family)
