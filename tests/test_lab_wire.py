@@ -24,7 +24,7 @@ from synproxy.packet import ACK, SYN, build_tcp_packet
 from synproxy.tcpinfo import negotiated
 from tests import hostile
 from tests.lab_fixtures import backend_stats, clients, data_plane, needs_root, outcomes, running_lab
-from tests.test_lab_robustness import reload_fronts
+from tests.test_lab_robustness import icmp_too_big_received, reload_fronts
 
 pytestmark = [pytest.mark.netns, needs_root]
 TARGETS = {4: (VIP, "198.18.20.2"), 6: (VIP6, "2001:db8:20::2")}  # (through the fronts, straight to backend0)
@@ -401,10 +401,10 @@ def test_hostile_packets_at_the_running_front_are_counted_and_stop_nobody(lab):
 def test_a_front_on_a_jumbo_link_falls_back_to_tc_and_answers_jumbo_frames(lab):
     """Last in this module: front0 ends on a 9000-MTU link. A veth (like many NIC drivers) refuses
     native XDP above a page-sized MTU, so `auto` takes the tc program, and says why. Jumbo frames (9000
-    bytes, DF) at the VIP are counted and stop no node: the program leaves a SYN whose checksum it does
-    not sum that far (8 KB of data) and data too big to encapsulate to the queue, whose copy of a packet
-    is cut at ~4 KB (netfilterqueue's copy range), and the handler drops the cut copy as malformed
-    (docs/front.md, "Real clients"). No client sends either: segments follow the MSS the front announced.
+    bytes, DF) at the VIP: data too big to encapsulate gets ICMP "fragmentation needed" although the
+    queue's copy of it is cut at ~4 KB (netfilterqueue's copy range); a SYN with 8 KB of data, whose
+    checksum the program does not sum that far, is dropped by the queue as malformed (no client sends
+    one: a TFO SYN's data fits the MSS the front announced). No node stops.
     """
     lab.stop_process("front0")
     lab.run("router", ["ip", "link", "set", "front0", "xdpdrv", "off"])
@@ -417,16 +417,19 @@ def test_a_front_on_a_jumbo_link_falls_back_to_tc_and_answers_jumbo_frames(lab):
     before = outcomes(lab)
     with inside(lab.ns("client")):
         sender = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    with sender:
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    with sender, receiver:
         for sport in range(42000, 42000 + 40):  # the router's L4 hash sends some to each front
             for flags, ack in ((SYN, 0), (ACK, 1)):
                 sender.sendto(build_tcp_packet(hostile.CLIENT4, hostile.VIP4, sport, TCP_INFO_PORT, 1, ack, flags,
                                                64240, payload=bytes(9000 - 40)), (VIP, 0))
-    time.sleep(0.5)
+        mtus = icmp_too_big_received(4, {4: receiver}, 1.0)
     moved = outcomes(lab) - before
-    queued = moved["tc", "unverified", "ipv4"] + moved["tc", "too_big", "ipv4"]
     assert moved["tc", "unverified", "ipv4"] > 0 and moved["tc", "too_big", "ipv4"] > 0, moved
-    assert moved["queue", "malformed_bad_ip_length", "ipv4"] == queued, moved
+    assert moved["queue", "malformed_bad_ip_length", "ipv4"] == moved["tc", "unverified", "ipv4"], moved
+    assert moved["queue", "too_big", "ipv4"] == moved["tc", "too_big", "ipv4"], moved
+    assert mtus.count(1500 - encap.OVERHEAD) == moved["tc", "too_big", "ipv4"], mtus
     assert all(os.waitpid(lab.pid(host.name), os.WNOHANG) == (0, 0) for host in lab.by_role("front"))
     for family in (4, 6):
         assert_as_direct(direct_and_proxied(lab, family, size=1 << 18), family)
