@@ -19,7 +19,7 @@ import pytest
 from synproxy import encap
 from synproxy.cookie import MSS_TABLE, mss_index
 from synproxy.lab.topology import TCP_INFO_PORT, VIP, VIP6, Lab, default_hosts
-from synproxy.netns import inside
+from synproxy.netns import inside, read_sysctl
 from synproxy.packet import ACK, SYN, build_tcp_packet
 from synproxy.tcpinfo import negotiated
 from tests import hostile
@@ -28,8 +28,6 @@ from tests.test_lab_robustness import icmp_too_big_received, reload_fronts
 
 pytestmark = [pytest.mark.netns, needs_root]
 TARGETS = {4: (VIP, "198.18.20.2"), 6: (VIP6, "2001:db8:20::2")}  # (through the fronts, straight to backend0)
-CLIENT_DEFAULTS = {"net.ipv4.tcp_timestamps": "1", "net.ipv4.tcp_window_scaling": "1", "net.ipv4.tcp_sack": "1",
-                   "net.ipv4.tcp_ecn": "2", "net.ipv4.tcp_rmem": "4096\t131072\t6291456"}
 TRANSFER = 1 << 20  # each way: many windows at the client's initial window
 
 
@@ -41,12 +39,14 @@ def lab():
 
 
 @contextlib.contextmanager
-def sysctls(lab: Lab, host: str, settings: dict[str, str], defaults: dict[str, str]):
+def sysctls(lab: Lab, host: str, settings: dict[str, str]):
+    """The host's sysctls set for the body, then back to what they were."""
+    before = {key: read_sysctl(lab.ns(host), key) for key in settings}
     lab.sysctl(host, settings)
     try:
         yield
     finally:
-        lab.sysctl(host, {key: defaults[key] for key in settings})
+        lab.sysctl(host, before)
 
 
 def transfer(lab: Lab, target: str, size: int = TRANSFER, rcvbuf: int | None = None) -> tuple[dict, dict]:
@@ -118,7 +118,7 @@ def assert_as_direct(seen: dict, family: int, client_mss: int | None = None,
     {"net.ipv4.tcp_rmem": "4096\t131072\t1073741824"},  # the largest scale, 14
 ], ids=["defaults", "ecn", "no-ecn-no-sack", "no-ts-no-wscale", "wscale14"])
 def test_a_client_negotiates_through_the_front_what_it_would_directly(lab, family, settings):
-    with sysctls(lab, "client", settings, CLIENT_DEFAULTS):
+    with sysctls(lab, "client", settings):
         seen = direct_and_proxied(lab, family)
     assert_as_direct(seen, family)
     if "tcp_rmem" in settings:
@@ -170,7 +170,7 @@ def test_an_option_the_backend_has_off_resets_the_client_at_once_and_is_counted(
     the backend's sysctls: the client that asked for it gets a RST to its handshake ACK, not a hang
     (docs/backend.md, "Options the backend has off"). Direct, the same client connects without it."""
     before = backend_stats(lab, "backend0")["kfunc_errors"].get("EINVAL", 0)
-    with sysctls(lab, "backend0", {f"net.ipv4.{option}": "0"}, {f"net.ipv4.{option}": "1"}):
+    with sysctls(lab, "backend0", {f"net.ipv4.{option}": "0"}):
         vip, backend = TARGETS[family]
         client, _ = transfer(lab, backend, size=1 << 16)
         started = time.monotonic()
@@ -186,9 +186,8 @@ def test_a_farm_configured_without_sack_and_ecn_serves_backends_that_have_them_o
     are 0 serves clients that ask for both, and both ends agree, as directly. With the defaults the
     kernel resets these clients (SACK) or runs them without ECN while the client's end uses it."""
     original = lab.config_path.read_text()
-    backend_off, backend_on = ({"net.ipv4.tcp_sack": value, "net.ipv4.tcp_ecn": value} for value in ("0", "1"))
-    with sysctls(lab, "client", {"net.ipv4.tcp_ecn": "1"}, CLIENT_DEFAULTS), \
-            sysctls(lab, "backend0", backend_off, backend_on):
+    with sysctls(lab, "client", {"net.ipv4.tcp_ecn": "1"}), \
+            sysctls(lab, "backend0", {"net.ipv4.tcp_sack": "0", "net.ipv4.tcp_ecn": "0"}):
         lab.config_path.write_text(original + "sack: false\necn: false\n")
         try:
             reload_fronts(lab)
@@ -265,7 +264,7 @@ def test_a_syn_retransmitted_after_a_lost_syn_ack_negotiates_as_directly(lab, fa
             yield
             drops.append(dropped())
 
-    with sysctls(lab, "client", {"net.ipv4.tcp_ecn": "1"}, CLIENT_DEFAULTS):
+    with sysctls(lab, "client", {"net.ipv4.tcp_ecn": "1"}):
         seen = direct_and_proxied(lab, family, syn_ack_lost, size=1 << 16)
     assert drops == [1, 1]
     assert_as_direct(seen, family, options=("timestamps", "sack", "wscale"))
