@@ -124,6 +124,10 @@ class Config:
     front: FrontConfig
     backend: BackendConfig
     farm_mtu: int = 1500  # the fronts-to-backends network's MTU: what an encapsulated packet may reach
+    # Whether the fronts answer a client's SACK-permitted / ECN request: only when every backend's stack
+    # accepts it (net.ipv4.tcp_sack, tcp_ecn), or the two ends disagree (docs/front.md, "Real clients").
+    sack: bool = True
+    ecn: bool = True
     backend_entries: tuple[BackendEntry, ...] = ()  # `backends` with their weight, drain and down settings
     tfo: TfoConfig = TfoConfig(enabled=False, key_period_seconds=DEFAULT_KEY_PERIOD_SECONDS)
     warnings: tuple[str, ...] = ()
@@ -357,6 +361,8 @@ SCHEMA = {
     "clock_skew_seconds": _Field(_seconds(0, strict=False), 2.0),
     "server_wscale": _Field(_integer(0, 14), 7),
     "backend_mss": _Field(_integer(536, 9000), 1460),
+    "sack": _Field(_boolean, True),
+    "ecn": _Field(_boolean, True),
     "encap_port": _Field(PORT, 6080),
     "farm_mtu": _Field(_integer(576, 65535), 1500),
     "fronts": _Field(_address, (), many=True),
@@ -496,6 +502,7 @@ def parse_config(text: str, source: Path) -> Config:
         salt_period_seconds=values["salt_period_seconds"],
         clock_skew_seconds=values["clock_skew_seconds"], server_wscale=values["server_wscale"],
         backend_mss=values["backend_mss"], encap_port=values["encap_port"], farm_mtu=values["farm_mtu"],
+        sack=values["sack"], ecn=values["ecn"],
         fronts=values["fronts"], backends=tuple(entry["address"] for entry in values["backends"]),
         backend_entries=tuple(BackendEntry(**entry) for entry in values["backends"]),
         front=FrontConfig(**{**values["front"], "bgp": BgpConfig(**values["front"]["bgp"])}),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from synproxy.backend.loader import COUNTERS, held_epochs, main
+from synproxy.backend.loader import COUNTERS, ensure_sysctls, held_epochs, main
 from synproxy.bpf.loading import (
     SetupError,
     bpf_dir,
@@ -25,6 +25,7 @@ from synproxy.bpf.loading import (
     per_cpu_token_bucket,
     salt_slots,
 )
+from synproxy.netns import inside, namespaces, unique_name, write_sysctls
 from synproxy.salt import SaltSchedule, derive_salt
 
 SALT_SLOT = struct.Struct("<IIQ16s16s")
@@ -140,3 +141,18 @@ def test_the_programs_build_without_a_warning(source):
     done = subprocess.run([find_clang(), *clang_flags(), f"-I{bpf_dir()}", "-c", str(bpf_dir() / source),
                            "-o", os.devnull], capture_output=True, text=True, check=False)
     assert done.returncode == 0 and "warning:" not in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a network namespace)")
+def test_a_backend_without_sack_or_ecn_warns_which_configuration_key_matches_it(capsys):
+    """The fronts promise SACK and ECN unless configured not to (`sack`, `ecn`): a backend whose sysctls
+    refuse them says which key to set (docs/backend.md, "Options the backend has off")."""
+    with namespaces(unique_name("spws")) as (name,):
+        write_sysctls(name, {"net.ipv4.tcp_sack": "0", "net.ipv4.tcp_ecn": "0"})
+        with inside(name):
+            ensure_sysctls()
+    warnings = {line["key"]: line["note"] for line in map(json.loads, capsys.readouterr().err.splitlines())
+                if line["event"] == "sysctl_warning"}
+    assert set(warnings) == {"net.ipv4.tcp_sack", "net.ipv4.tcp_ecn"}
+    assert warnings["net.ipv4.tcp_sack"].endswith("(set sack: false)")
+    assert warnings["net.ipv4.tcp_ecn"].endswith("(set ecn: false)")

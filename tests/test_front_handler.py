@@ -254,6 +254,23 @@ def test_a_packet_too_big_to_encapsulate_gets_a_routers_icmp_from_the_vip(farm_m
         assert verdict.packet == routers_answer(family, fits, quoted)
 
 
+def test_a_jumbo_packet_whose_queued_copy_was_cut_gets_the_routers_icmp_too():
+    """NFQUEUE copies at most ~4 KB of a 9000-byte frame (a front on a jumbo link): the answer is the
+    whole packet's, quoting the same bytes; a cut SYN (its checksum unverifiable) and a cut packet that
+    would have fitted stay malformed."""
+    for family in (4, 6):
+        packet = data_packet(family, 9000)
+        cut = packet[:4016]
+        verdict = handle(cut, NOW, SCHEDULE, POLICY)
+        assert verdict[:3] == handle(packet, NOW, SCHEDULE, POLICY)[:3], family
+        assert verdict.outcome == "too_big"
+        syn_flag = 33 if family == 4 else 53  # the TCP flags byte
+        cut_syn = cut[:syn_flag] + bytes([0x02]) + cut[syn_flag + 1:]
+        assert handle(cut_syn, NOW, SCHEDULE, POLICY).outcome == "malformed_bad_ip_length"
+        small = data_packet(family, POLICY.encapsulation_mtu)
+        assert handle(small[:-1], NOW, SCHEDULE, POLICY).outcome == "malformed_bad_ip_length"
+
+
 def test_an_ipv4_packet_too_big_without_df_is_dropped_not_fragmented():
     packet = data_packet(4, POLICY.encapsulation_mtu + 1, dont_fragment=False)
     assert handle(packet, NOW, SCHEDULE, POLICY)[:4] == (Action.DROP, None, "too_big_not_df", -1)

@@ -49,7 +49,16 @@ from synproxy.front.fastpath import FastPath, FastPathError
 from synproxy.front.handler import Action, FrontPolicy, handle
 from synproxy.maglev import PreviousOwners
 from synproxy.netlink import default_route_interfaces
-from synproxy.packet import ACK, FIN, SYN, build_tcp_options, build_tcp_packet, parse_tcp
+from synproxy.packet import (
+    ACK,
+    ECE,
+    FIN,
+    SYN,
+    build_tcp_options,
+    build_tcp_packet,
+    parse_tcp,
+    parse_tcp_options,
+)
 from synproxy.salt import SaltSchedule
 from tests.lab_fixtures import needs_root
 from tests.test_front_fastpath import (
@@ -451,6 +460,21 @@ def test_every_vectors_syn_gets_the_handlers_syn_ack(monkeypatch, namespace, fas
         expected = handle(frame[14:], now, schedule, policy)
         assert expected.action is Action.REPLY
         assert without_clock(out[14:]) == without_clock(expected.packet), vector["name"]
+
+
+def test_without_sack_and_ecn_configured_the_syn_ack_is_the_handlers_and_offers_neither(
+        monkeypatch, namespace, fast_path, policy, schedule, cookie_vectors):
+    quiet = dataclasses.replace(policy, sack=False, ecn=False)
+    for vector in usable(cookie_vectors["vectors"]):
+        now = vector["epoch"] * PERIOD + PERIOD / 2
+        set_clock(monkeypatch, fast_path, quiet, schedule, now)
+        frame = vector_syn(vector, True)
+        verdict, out, _ = run(namespace, fast_path, frame)
+        expected = handle(frame[14:], now, schedule, quiet)
+        assert verdict == XDP_REDIRECT and without_clock(out[14:]) == without_clock(expected.packet), vector["name"]
+        segment = parse_tcp(expected.packet)
+        assert not segment.flags & ECE and not parse_tcp_options(segment.raw_options)[2], vector["name"]
+    set_clock(monkeypatch, fast_path, policy, schedule, now)
 
 
 def test_out_of_the_interface_it_came_in_is_xdp_tx(monkeypatch, namespace, fast_path, policy, schedule,

@@ -128,7 +128,11 @@ def ensure_sysctls() -> None:
     for name in ("tcp_sack", "tcp_timestamps", "tcp_window_scaling"):
         if Path("/proc/sys/net/ipv4", name).read_text().strip() == "0":
             log("sysctl_warning", key=f"net.ipv4.{name}", value=0,
-                note="the kernel refuses connections whose cookie or ACK asks for this option")
+                note="the kernel refuses connections whose cookie or ACK asks for this option"
+                     + (" (set sack: false)" if name == "tcp_sack" else ""))
+    if Path("/proc/sys/net/ipv4/tcp_ecn").read_text().strip() == "0":
+        log("sysctl_warning", key="net.ipv4.tcp_ecn", value=0,
+            note="clients the fronts answer with ECN get none from this backend (set ecn: false)")
 
 
 def install_fastopen_keys(secret: bytes, period: float, now: float) -> bool:

@@ -171,6 +171,8 @@ def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolic
         # Checked only here: the TCP path pays nothing for the ICMP one.
         if error.reason == "not_tcp" and packet[9 if packet[0] >> 4 == 4 else 6] in (PROTO_ICMP, PROTO_ICMPV6):
             return _icmp_error(packet, policy)
+        if error.reason == "bad_ip_length" and (verdict := _cut_too_big(packet, policy)):
+            return verdict
         return Verdict(Action.DROP, None, f"malformed_{error.reason}")
     if segment.daddr not in policy.vips or segment.dport not in policy.ports:
         return Verdict(Action.DROP, None, "not_protected")
@@ -201,6 +203,28 @@ def handle(packet: bytes, now: float, schedule: SaltSchedule, policy: FrontPolic
     wrapped = encap.encapsulate(packet, segment, policy.farm_address, policy.backends[backend], policy.encap_port,
                                 flow, validated, policy.encap_key, policy.former_owners(flow))
     return Verdict(Action.FORWARD, wrapped, outcome, backend)
+
+
+def _cut_too_big(packet: bytes, policy: FrontPolicy) -> Verdict | None:
+    """The router's answer to a packet too big to encapsulate whose queued copy was cut: NFQUEUE copies at
+    most ~4 KB (netfilterqueue's copy range), and the kernel drops a packet shorter than its IP length
+    before PREROUTING, so a shorter copy is a cut one, of a frame from a jumbo link. Judged as the whole
+    packet would be; None when it would not be answered "too big"."""
+    declared = int.from_bytes(packet[2:4], "big") if packet[0] >> 4 == 4 else 40 + int.from_bytes(packet[4:6], "big")
+    if len(packet) >= declared or declared <= policy.encapsulation_mtu:
+        return None
+    as_copied = bytearray(packet)  # the copy's own length, to read its headers
+    if packet[0] >> 4 == 4:
+        as_copied[2:4] = len(packet).to_bytes(2, "big")
+    else:
+        as_copied[4:6] = (len(packet) - 40).to_bytes(2, "big")
+    try:
+        segment = parse_tcp(bytes(as_copied))
+    except MalformedPacket:
+        return None
+    if segment.daddr not in policy.vips or segment.dport not in policy.ports or segment.flags & SYN:
+        return None
+    return _too_big(packet, policy)
 
 
 def _too_big(packet: bytes, policy: FrontPolicy) -> Verdict:

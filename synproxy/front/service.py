@@ -147,6 +147,7 @@ def build_policy(config: Config, schedule: SaltSchedule, previous: PreviousOwner
                          backends=tuple(entry.address.packed for entry in active), encap_port=config.encap_port,
                          encap_key=encap_key(schedule.secrets[0]), flow_key=config.flow_key(),
                          backend_mss=config.backend_mss, server_wscale=config.server_wscale,
+                         sack=config.sack, ecn=config.ecn,
                          farm_mtu=config.farm_mtu, syn_reply=config.front.syn_reply, weights=tuple(entry.weight for entry in active),
                          draining=tuple((entry.address.packed, entry.weight) for entry in entries if entry.drain),
                          down=frozenset(entry.address.packed for entry in entries if entry.down), previous=previous,

@@ -32,6 +32,20 @@ class _Http(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_POST(self) -> None:
+        """An upload of Content-Length bytes, answered with the GET's JSON line and then X-Download bytes:
+        data both ways, more than a window each, and what TCP negotiated read on the same connection."""
+        left = int(self.headers.get("Content-Length", 0))
+        while left > 0 and (chunk := self.rfile.read(min(left, 65536))):
+            left -= len(chunk)
+        answer = json.dumps({"backend": self.server.backend_name, "received": int(self.headers["Content-Length"]) - left,
+                             "tcp_info": negotiated(self.connection)}).encode() + b"\n"
+        body = answer + bytes(int(self.headers.get("X-Download", 0)))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def log_message(self, *args) -> None:
         pass
 
