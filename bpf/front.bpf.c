@@ -1567,6 +1567,47 @@ static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment 
 	return outcome;
 }
 
+/* Not TCP and not an ICMP error (UDP, an echo request, ...), to a protected VIP: the rules queue neither
+ * (the ICMP errors they queue the handler counts), and the VIP's blackhole route drops it, which no kernel
+ * counter shows (Ip:InReceives only), so the programs count it `not_protected` as they do TCP to another
+ * port. IPv4 ICMP behind IP options is left uncounted: its type lies at an offset this does not walk. */
+static __always_inline int other_to_vip(void *ctx, int xdp, struct segment *seg, const struct local_copy *copy)
+{
+	void *data_end = packet_end(ctx, xdp);
+	struct ethhdr *eth = packet_data(ctx, xdp);
+	__u8 *icmp = 0;
+
+	if ((void *)(eth + 1) > data_end)
+		return 0;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < 5)
+			return 0;
+		if (ip->protocol == IPPROTO_ICMP) {
+			if (ip->ihl != 5)
+				return 0;
+			icmp = (void *)(ip + 1);
+		}
+		ipv4_mapped(seg->daddr, &ip->daddr);
+		seg->family = 4;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
+			return 0;
+		if (ip6->nexthdr == PROTO_ICMPV6)
+			icmp = (void *)(ip6 + 1);
+		__builtin_memcpy(seg->daddr, &ip6->daddr, 16);
+		seg->family = 6;
+	} else {
+		return 0;
+	}
+	if (icmp && ((void *)(icmp + 1) > data_end || icmp_error_type(seg->family, icmp[0])))
+		return 0;
+	return protected_vip(copy, seg->daddr) != 0;
+}
+
 /* What the handler drops, the programs drop; the rest they cannot forward is left to the queue. */
 static __always_inline int icmp_dropped(__u32 outcome)
 {
@@ -1579,7 +1620,7 @@ static __noinline int forward_icmp_error_xdp(struct xdp_md *ctx, struct segment 
 	__u32 outcome = plan_icmp_error(ctx, 1, error, copy, &plan);
 
 	if (outcome == NOT_OURS)
-		return XDP_PASS;
+		return other_to_vip(ctx, 1, error, copy) ? count_xdp(error, FRONT_NOT_PROTECTED, XDP_PASS) : XDP_PASS;
 	if (outcome != FRONT_ICMP_FORWARDED)
 		return count_xdp(error, outcome, icmp_dropped(outcome) ? XDP_DROP : XDP_PASS);
 	return encapsulate_xdp(ctx, error, &plan, outcome);
@@ -1592,7 +1633,7 @@ static __noinline int forward_icmp_error_tc(struct __sk_buff *skb, struct segmen
 	__u32 outcome = plan_icmp_error(skb, 0, error, copy, &plan);
 
 	if (outcome == NOT_OURS)
-		return TC_ACT_OK;
+		return other_to_vip(skb, 0, error, copy) ? count(error, FRONT_NOT_PROTECTED, TC_ACT_OK) : TC_ACT_OK;
 	if (outcome != FRONT_ICMP_FORWARDED)
 		return count(error, outcome, icmp_dropped(outcome) ? TC_ACT_SHOT : TC_ACT_OK);
 	return encapsulate_tc(skb, error, &plan, outcome);
