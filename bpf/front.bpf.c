@@ -655,8 +655,8 @@ static __noinline int read_common_options(struct option_walk *walk)
 }
 
 /* The cookie's data bits (docs/cookie.md): epoch mod 4, window scale code, SACK, ECN, MSS index. */
-static __always_inline __u32 cookie_data(__u8 family, const struct syn_options *options, __u8 sack, __u8 ecn,
-					 __u64 epoch)
+static __always_inline __u32 cookie_data(__u8 family, const struct syn_options *options, __u8 wscale_ok, __u8 sack,
+					 __u8 ecn, __u64 epoch)
 {
 	const __u16 *table = family == 4 ? mss_table_v4 : mss_table_v6;
 	__u32 mss_index = 0;
@@ -666,7 +666,7 @@ static __always_inline __u32 cookie_data(__u8 family, const struct syn_options *
 		while (mss_index && options->mss < table[mss_index])
 			mss_index--;
 	}
-	__u32 wscale = !options->has_wscale ? COOKIE_WSCALE_NONE
+	__u32 wscale = !wscale_ok ? COOKIE_WSCALE_NONE
 		       : options->wscale > COOKIE_WSCALE_MAX ? COOKIE_WSCALE_MAX : options->wscale;
 
 	return (epoch % COOKIE_EPOCH_SLOTS) << COOKIE_EPOCH_SHIFT | wscale << COOKIE_WSCALE_SHIFT |
@@ -908,7 +908,9 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 
 	__u8 sack = cfg->sack && options->sack_permitted;
 	__u8 ecn = cfg->ecn && (seg->flags & (TCP_FLAG_ECE | TCP_FLAG_CWR)) == (TCP_FLAG_ECE | TCP_FLAG_CWR);
-	__u32 data = cookie_data(seg->family, options, sack, ecn, epoch);
+	/* An option a backend's kernel would refuse (config `timestamps`, `window_scaling`): as if not offered. */
+	__u8 wscale_ok = cfg->window_scaling && options->has_wscale;
+	__u32 data = cookie_data(seg->family, options, wscale_ok, sack, ecn, epoch);
 	union cookie_message message;
 	cookie_message_of(&message, seg, seg->seq, epoch, data);
 	__u32 cookie = (__u32)(siphash24_48(message.words, slot->keys[0]) & COOKIE_MAC_MASK) << COOKIE_DATA_BITS |
@@ -925,7 +927,7 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 	reply[at + 2] = mss >> 8;
 	reply[at + 3] = mss & 0xff;
 	at += TCPOLEN_MSS;
-	if (options->has_timestamp) {
+	if (cfg->timestamps && options->has_timestamp) {
 		__u32 tsval = bpf_htonl((__u32)(now_ns / 1000000));
 		__u32 tsecr = bpf_htonl(options->tsval);
 
@@ -943,7 +945,7 @@ static __always_inline __u32 prepare_syn_ack(void *ctx, int xdp, const struct se
 		reply[at + 3] = TCPOLEN_SACK_PERM;
 		at += 4;
 	}
-	if (options->has_wscale) {
+	if (wscale_ok) {
 		reply[at & 63] = TCPOPT_NOP;
 		reply[(at + 1) & 63] = TCPOPT_WINDOW;
 		reply[(at + 2) & 63] = TCPOLEN_WINDOW;

@@ -136,6 +136,8 @@ struct front_config {
 	__u8 sack;             /* offer SACK when the client does */
 	__u8 ecn;              /* accept ECN when the client asks for it */
 	__u8 syn_reply_ingress; /* front.syn_reply: ingress: a SYN-ACK goes back to the SYN's sender */
+	__u8 timestamps;       /* answer the client's timestamps */
+	__u8 window_scaling;   /* answer the client's window scale (else the cookie records none) */
 	__u64 generation;      /* the front's `forwarding` and `salts` as last written: a fresh random value
 				* (never 0) each time either changes, written after them (front.bpf.c: local_copy) */
 };

@@ -124,10 +124,13 @@ class Config:
     front: FrontConfig
     backend: BackendConfig
     farm_mtu: int = 1500  # the fronts-to-backends network's MTU: what an encapsulated packet may reach
-    # Whether the fronts answer a client's SACK-permitted / ECN request: only when every backend's stack
-    # accepts it (net.ipv4.tcp_sack, tcp_ecn), or the two ends disagree (docs/front.md, "Real clients").
+    # Whether the fronts answer a client's SACK-permitted / ECN / timestamps / window scale: only when every
+    # backend's stack accepts it (net.ipv4.tcp_sack, tcp_ecn, tcp_timestamps, tcp_window_scaling), or the
+    # two ends disagree (docs/front.md, "Real clients").
     sack: bool = True
     ecn: bool = True
+    timestamps: bool = True
+    window_scaling: bool = True
     backend_entries: tuple[BackendEntry, ...] = ()  # `backends` with their weight, drain and down settings
     tfo: TfoConfig = TfoConfig(enabled=False, key_period_seconds=DEFAULT_KEY_PERIOD_SECONDS)
     warnings: tuple[str, ...] = ()
@@ -363,6 +366,8 @@ SCHEMA = {
     "backend_mss": _Field(_integer(536, 9000), 1460),
     "sack": _Field(_boolean, True),
     "ecn": _Field(_boolean, True),
+    "timestamps": _Field(_boolean, True),
+    "window_scaling": _Field(_boolean, True),
     "encap_port": _Field(PORT, 6080),
     "farm_mtu": _Field(_integer(576, 65535), 1500),
     "fronts": _Field(_address, (), many=True),
@@ -502,7 +507,8 @@ def parse_config(text: str, source: Path) -> Config:
         salt_period_seconds=values["salt_period_seconds"],
         clock_skew_seconds=values["clock_skew_seconds"], server_wscale=values["server_wscale"],
         backend_mss=values["backend_mss"], encap_port=values["encap_port"], farm_mtu=values["farm_mtu"],
-        sack=values["sack"], ecn=values["ecn"],
+        sack=values["sack"], ecn=values["ecn"], timestamps=values["timestamps"],
+        window_scaling=values["window_scaling"],
         fronts=values["fronts"], backends=tuple(entry["address"] for entry in values["backends"]),
         backend_entries=tuple(BackendEntry(**entry) for entry in values["backends"]),
         front=FrontConfig(**{**values["front"], "bgp": BgpConfig(**values["front"]["bgp"])}),

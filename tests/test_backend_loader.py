@@ -144,15 +144,17 @@ def test_the_programs_build_without_a_warning(source):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a network namespace)")
-def test_a_backend_without_sack_or_ecn_warns_which_configuration_key_matches_it(capsys):
-    """The fronts promise SACK and ECN unless configured not to (`sack`, `ecn`): a backend whose sysctls
-    refuse them says which key to set (docs/backend.md, "Options the backend has off")."""
+def test_a_backend_without_an_option_warns_which_configuration_key_matches_it(capsys):
+    """The fronts promise SACK, ECN, timestamps and window scaling unless configured not to (`sack`, `ecn`,
+    `timestamps`, `window_scaling`): a backend whose sysctls refuse them says which key to set
+    (docs/backend.md, "Options the backend has off")."""
+    keys = ("sack", "ecn", "timestamps", "window_scaling")
     with namespaces(unique_name("spws")) as (name,):
-        write_sysctls(name, {"net.ipv4.tcp_sack": "0", "net.ipv4.tcp_ecn": "0"})
+        write_sysctls(name, {f"net.ipv4.tcp_{key}": "0" for key in keys})
         with inside(name):
             ensure_sysctls()
     warnings = {line["key"]: line["note"] for line in map(json.loads, capsys.readouterr().err.splitlines())
                 if line["event"] == "sysctl_warning"}
-    assert set(warnings) == {"net.ipv4.tcp_sack", "net.ipv4.tcp_ecn"}
-    assert warnings["net.ipv4.tcp_sack"].endswith("(set sack: false)")
-    assert warnings["net.ipv4.tcp_ecn"].endswith("(set ecn: false)")
+    assert sorted(warnings) == sorted(f"net.ipv4.tcp_{key}" for key in keys)
+    for key in keys:
+        assert warnings[f"net.ipv4.tcp_{key}"].endswith(f"(set {key}: false)"), key

@@ -80,6 +80,22 @@ def test_syn_gets_a_syn_ack_that_answers_what_the_client_offered(family, wscale,
     assert (verdict.action, verdict.outcome) == (Action.FORWARD, "validated")
 
 
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("knob, option", [("timestamps", "Timestamp"), ("window_scaling", "WScale")])
+def test_an_option_configured_off_is_answered_as_if_the_client_had_not_offered_it(family, knob, option):
+    """A backend whose tcp_timestamps or tcp_window_scaling is 0 resets a client the SYN-ACK promised them
+    to (docs/backend.md, "Options the backend has off"): with the key off, the SYN-ACK and its cookie are
+    those of a client that did not offer the option, so the backend creates the connection without it."""
+    offered = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (4242, 0)), ("NOP", None), ("WScale", 7)]
+    configured_off = dataclasses.replace(POLICY, **{knob: False})
+    verdict = handle(syn(family, offered), NOW, SCHEDULE, configured_off)
+    without = handle(syn(family, [entry for entry in offered if entry[0] != option]), NOW, SCHEDULE, POLICY)
+    assert verdict.action is Action.REPLY and verdict.packet == without.packet
+    reply = (IP if family == 4 else IPv6)(verdict.packet)
+    assert option not in dict(reply[TCP].options)
+    assert handle(client_ack(reply), NOW, SCHEDULE, configured_off).outcome == "validated"
+
+
 def test_unknown_client_options_are_not_echoed():
     reply = answer(syn(4, [("MSS", 1400), (30, b"\x00\x01\x02\x03"), (34, b"")]))
     assert [name for name, _ in reply[TCP].options] == ["MSS"]

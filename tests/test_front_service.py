@@ -204,17 +204,18 @@ def test_farm_mtu_is_read_bounded_and_reaches_the_policy(tmp_path):
                 load_config(config)
 
 
-def test_sack_and_ecn_answered_unless_the_configuration_says_the_backends_refuse_them(tmp_path):
-    """A backend whose tcp_sack or tcp_ecn is 0 cannot honour what a front's SYN-ACK promised: the
-    configuration tells the fronts not to (docs/front.md, "Real clients")."""
+def test_options_answered_unless_the_configuration_says_the_backends_refuse_them(tmp_path):
+    """A backend whose tcp_sack, tcp_ecn, tcp_timestamps or tcp_window_scaling is 0 cannot honour what a
+    front's SYN-ACK promised: the configuration tells the fronts not to (docs/front.md, "Real clients")."""
+    keys = ("sack", "ecn", "timestamps", "window_scaling")
     config = write_config(tmp_path)
     loaded = load_config(config)
-    assert (service.build_policy(loaded, loaded.salt_schedule()).sack,
-            service.build_policy(loaded, loaded.salt_schedule()).ecn) == (True, True)
-    config.write_text(config.read_text() + "sack: false\necn: false\n")
+    policy = service.build_policy(loaded, loaded.salt_schedule())
+    assert [getattr(policy, key) for key in keys] == [True] * len(keys)
+    config.write_text(config.read_text() + "".join(f"{key}: false\n" for key in keys))
     loaded = load_config(config)
     policy = service.build_policy(loaded, loaded.salt_schedule())
-    assert (policy.sack, policy.ecn) == (False, False)
+    assert [getattr(policy, key) for key in keys] == [False] * len(keys)
     config.write_text(config.read_text() + "ecn: off\n")
     with pytest.raises(ConfigError, match=r"synproxy.yaml:\d+: ecn: "):
         load_config(config)

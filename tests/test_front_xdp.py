@@ -477,6 +477,28 @@ def test_without_sack_and_ecn_configured_the_syn_ack_is_the_handlers_and_offers_
     set_clock(monkeypatch, fast_path, policy, schedule, now)
 
 
+@pytest.mark.parametrize("knob, option", [("timestamps", 3), ("window_scaling", 1)])  # parse_tcp_options' index
+def test_an_option_configured_off_leaves_the_syn_ack_the_handlers_and_without_it(
+        hook, monkeypatch, namespace, fast_path, policy, schedule, cookie_vectors, knob, option):
+    """`timestamps: false` / `window_scaling: false` (a backend with tcp_timestamps / tcp_window_scaling
+    0): both programs answer a client offering the option, IPv4 and IPv6, as the handler does: without
+    it, and with a cookie that records no window scale."""
+    configured_off = dataclasses.replace(policy, **{knob: False})
+    vectors = [vector for vector in usable(cookie_vectors["vectors"])
+               if knob == "timestamps" or vector["syn"]["wscale"] is not None]
+    assert {vector["family"] for vector in vectors} == {4, 6}
+    for vector in vectors:
+        now = vector["epoch"] * PERIOD + PERIOD / 2
+        set_clock(monkeypatch, fast_path, configured_off, schedule, now)
+        frame = vector_syn(vector, True)
+        verdict, out, _ = run(namespace, fast_path, frame, hook=hook)
+        expected = handle(frame[14:], now, schedule, configured_off)
+        assert verdict == REDIRECT[hook], vector["name"]
+        assert without_clock(out[14:]) == without_clock(expected.packet), vector["name"]
+        assert parse_tcp_options(parse_tcp(out[14:]).raw_options)[option] is None, vector["name"]
+    set_clock(monkeypatch, fast_path, policy, schedule, now)
+
+
 def test_out_of_the_interface_it_came_in_is_xdp_tx(monkeypatch, namespace, fast_path, policy, schedule,
                                                    cookie_vectors):
     vector = usable(cookie_vectors["vectors"])[0]

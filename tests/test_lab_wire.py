@@ -181,20 +181,23 @@ def test_an_option_the_backend_has_off_resets_the_client_at_once_and_is_counted(
     assert backend_stats(lab, "backend0")["kfunc_errors"]["EINVAL"] > before
 
 
-def test_a_farm_configured_without_sack_and_ecn_serves_backends_that_have_them_off(lab):
-    """With `sack: false` and `ecn: false` the fronts offer neither, so a backend whose tcp_sack and tcp_ecn
-    are 0 serves clients that ask for both, and both ends agree, as directly. With the defaults the
-    kernel resets these clients (SACK) or runs them without ECN while the client's end uses it."""
+@pytest.mark.parametrize("keys", [("sack", "ecn"), ("timestamps", "window_scaling")], ids="-".join)
+def test_a_farm_configured_without_options_serves_backends_that_have_them_off(lab, keys):
+    """With `sack: false` and `ecn: false` (or `timestamps: false` and `window_scaling: false`) the fronts
+    offer neither, so a backend whose matching sysctls are 0 serves clients that ask for both, and both
+    ends agree, as directly. With the defaults the kernel resets these clients (SACK, timestamps, window
+    scaling) or runs them without ECN while the client's end uses it."""
     original = lab.config_path.read_text()
     with sysctls(lab, "client", {"net.ipv4.tcp_ecn": "1"}), \
-            sysctls(lab, "backend0", {"net.ipv4.tcp_sack": "0", "net.ipv4.tcp_ecn": "0"}):
-        lab.config_path.write_text(original + "sack: false\necn: false\n")
+            sysctls(lab, "backend0", {f"net.ipv4.tcp_{key}": "0" for key in keys}):
+        lab.config_path.write_text(original + "".join(f"{key}: false\n" for key in keys))
         try:
             reload_fronts(lab)
             for family in (4, 6):
                 seen = direct_and_proxied(lab, family, size=1 << 18)
                 assert_as_direct(seen, family)
-                assert not seen["proxied", "client"]["sack"] and not seen["proxied", "client"]["ecn"]
+                for key in keys:  # tcpinfo.negotiated's names
+                    assert not seen["proxied", "client"]["wscale" if key == "window_scaling" else key], key
         finally:
             lab.config_path.write_text(original)
             reload_fronts(lab)

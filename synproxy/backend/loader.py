@@ -125,11 +125,11 @@ def ensure_sysctls() -> None:
             raise BackendError(f"net.ipv4.tcp_syncookies is 0 and cannot be set here ({error.strerror}): "
                                "set it to 1 (a container needs it in its sysctls)") from None
         log("sysctl_set", key="net.ipv4.tcp_syncookies", value=1)
-    for name in ("tcp_sack", "tcp_timestamps", "tcp_window_scaling"):
+    for name in ("tcp_sack", "tcp_timestamps", "tcp_window_scaling"):  # the configuration key: without tcp_
         if Path("/proc/sys/net/ipv4", name).read_text().strip() == "0":
             log("sysctl_warning", key=f"net.ipv4.{name}", value=0,
-                note="the kernel refuses connections whose cookie or ACK asks for this option"
-                     + (" (set sack: false)" if name == "tcp_sack" else ""))
+                note="the kernel refuses connections whose cookie or ACK asks for this option "
+                     f"(set {name.removeprefix('tcp_')}: false)")
     if Path("/proc/sys/net/ipv4/tcp_ecn").read_text().strip() == "0":
         log("sysctl_warning", key="net.ipv4.tcp_ecn", value=0,
             note="clients the fronts answer with ECN get none from this backend (set ecn: false)")

@@ -76,7 +76,7 @@ OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", 
 FAMILIES = (4, 6)
 PATHS = ("tc", "xdp")  # enum front_path: which program counted
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}  # tried in this order
-_CONFIG = struct.Struct("=Qq2HBBBBQ")  # struct front_config
+_CONFIG = struct.Struct("=Qq2HBBBBBB6xQ")  # struct front_config
 _FORWARDING = struct.Struct("=4s2sHQ16s16s")  # struct front_forwarding
 _ICMP_LIMIT = struct.Struct("=QQ")  # struct icmp_limit: cost_ns, credit_max_ns
 # struct fastopen_key: period_ns, key_period, primary, backup, budget_cost_ns, budget_credit_ns
@@ -236,7 +236,8 @@ class FastPath:
                 self._generation = int.from_bytes(os.urandom(8), "little") or 1
             value = _CONFIG.pack(round(schedule.period * 1e9), clock_offset_ns(), policy.announced_mss(4),
                                  policy.announced_mss(6), policy.server_wscale, policy.sack, policy.ecn,
-                                 policy.syn_reply == "ingress", self._generation)
+                                 policy.syn_reply == "ingress", policy.timestamps, policy.window_scaling,
+                                 self._generation)
             if value != self._config_written:
                 self.config.update(MAP_KEY.pack(0), value)
                 self._config_written = value

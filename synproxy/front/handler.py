@@ -106,6 +106,8 @@ class FrontPolicy:
     server_wscale: int = 7
     sack: bool = True
     ecn: bool = True
+    timestamps: bool = True      # answer a client's timestamps (config `timestamps`)
+    window_scaling: bool = True  # answer a client's window scale, and record it in the cookie
     farm_mtu: int = 1500
     syn_reply: str = "route"  # front.syn_reply: where the kernel data plane sends a SYN-ACK (docs/front.md)
     weights: tuple[int, ...] = ()          # per backend; () = all 1
@@ -313,6 +315,10 @@ def _answer_syn(packet: bytes, segment, now: float, schedule: SaltSchedule, poli
             return _forward_fastopen(packet, segment, policy)
     ecn = policy.ecn and segment.flags & (ECE | CWR) == (ECE | CWR)
     sack = policy.sack and sack_permitted
+    if not policy.window_scaling:
+        wscale = None
+    if not policy.timestamps:
+        timestamp = None
     epoch, salt = schedule.minting_salt(now)
     cookie = make_cookie(salt, epoch, segment.saddr, segment.daddr, segment.sport, segment.dport,
                          segment.seq, (mss, wscale, sack, ecn))
