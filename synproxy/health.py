@@ -17,13 +17,8 @@ import time
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import (
-    CollectorRegistry,
-    Gauge,
-    ProcessCollector,
-    disable_created_metrics,
-    make_wsgi_app,
-)
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily
 
 from synproxy.version import version
 
@@ -75,6 +70,23 @@ class Health:
         return (200 if good else 503), {"alive": alive, "ready": ready, "checks": checks}
 
 
+class ReloadFailures:
+    """``synproxy_<role>_config_reload_failures_total``, collected like the nodes' other counters: a
+    prometheus_client Counter adds a ``_created`` series no other metric has (docs/metrics.md lists every
+    name), which Debian 12's client (0.16, the compose image's) cannot switch off."""
+
+    def __init__(self, role: str, registry: CollectorRegistry):
+        self.name, self.count = f"synproxy_{role}_config_reload_failures", 0
+        self.help = f"Reloads refused (the configuration or a secret file was wrong): the {role} kept what it had"
+        registry.register(self)
+
+    def inc(self) -> None:
+        self.count += 1
+
+    def collect(self):
+        yield CounterMetricFamily(self.name, self.help, value=self.count)
+
+
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
@@ -87,8 +99,6 @@ class _SilentHandler(WSGIRequestHandler):
 def serve(address: str, registry: CollectorRegistry, health: Health, role: str) -> WSGIServer:
     """/metrics, /healthz and /readyz on ``IP:PORT`` in a daemon thread; the registry also gets the
     process metrics and ``synproxy_build_info``. Raises OSError when the address cannot be bound."""
-    # A Counter's `_created` series: no other metric here has one, and docs/metrics.md lists every name.
-    disable_created_metrics()
     ProcessCollector(registry=registry)
     Gauge("synproxy_build_info", "Always 1; the labels say what runs", ["version", "role"],
           registry=registry).labels(version(), role).set(1)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -495,9 +495,7 @@ def serve(config, interface: str) -> int:
             restart_required = Gauge("synproxy_backend_restart_required",
                                      "1 when the configuration holds changes only a restart applies",
                                      registry=registry)
-            reload_failures = Counter("synproxy_backend_config_reload_failures",
-                                      "Reloads refused (the configuration or a secret file was wrong): the backend "
-                                      "kept what it had", registry=registry)
+            reload_failures = health.ReloadFailures("backend", registry)
         while not stop:
             wake.wait(SALT_CHECK_SECONDS)
             wake.clear()

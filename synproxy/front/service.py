@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from netfilterqueue import NetfilterQueue
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
@@ -339,9 +339,7 @@ class FrontMetrics:
         self.restart_required = Gauge("synproxy_front_restart_required",
                                       "1 when the configuration holds changes only a restart applies",
                                       registry=self.registry)
-        self.reload_failures = Counter("synproxy_front_config_reload_failures",
-                                       "Reloads refused (the configuration or a secret file was wrong): the front "
-                                       "kept what it had", registry=self.registry)
+        self.reload_failures = health.ReloadFailures("front", self.registry)
         self.kernel_path: fastpath.FastPath | None = None
         self.data_plane = "nfqueue"
         self.xdp_modes: dict[str, str] = {}  # interface -> XDP attach mode
