@@ -25,6 +25,7 @@ from synproxy.bpf.loading import (
     per_cpu_token_bucket,
     salt_slots,
 )
+from synproxy.config import write_secret
 from synproxy.netns import inside, namespaces, unique_name, write_sysctls
 from synproxy.salt import SaltSchedule, derive_salt
 
@@ -83,9 +84,7 @@ def test_a_single_secret_fills_one_key():
 
 
 def _config(directory: Path, interface: str | None) -> Path:
-    secret = directory / "secret.hex"
-    secret.touch(mode=0o600)
-    secret.write_text("ab" * 32)
+    write_secret(directory / "secret.hex", b"\xab" * 32)
     config = directory / "synproxy.yaml"
     config.write_text("vips: [198.19.0.10]\nports: [80]\nsecret_file: secret.hex\nfronts: [198.18.10.2]\nbackends: [198.18.20.2]\n"
                       + (f"backend:\n  interface: {interface}\n" if interface else ""))

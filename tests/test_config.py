@@ -2,6 +2,7 @@
 
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import pytest
 from pyroute2 import NetNS
 
 from synproxy.cli import main
-from synproxy.config import BgpConfig, ConfigError, TfoConfig, load_config
+from synproxy.config import BgpConfig, ConfigError, TfoConfig, load_config, read_secret, write_secret
 from synproxy.maglev import FLOW_KEY_INFO, derive_flow_key
 from synproxy.netns import add_addresses, namespaces, unique_name
 from synproxy.salt import derive_key
@@ -35,9 +36,7 @@ backend:
 
 @pytest.fixture
 def workdir(tmp_path):
-    secret = tmp_path / "secret.hex"
-    secret.write_text("ab" * 32 + "\n")
-    secret.chmod(0o600)
+    write_secret(tmp_path / "secret.hex", b"\xab" * 32)
     return tmp_path
 
 
@@ -127,6 +126,21 @@ def test_secret_file_problems(workdir, capsys):
     secret.mkdir(mode=0o700)
     with pytest.raises(ConfigError, match="cannot read secret file: Is a directory"):
         load_config(path)
+
+
+def test_a_written_secret_is_owner_only_whatever_the_umask_or_the_files_mode_was(tmp_path):
+    """The tests and the lab write their secrets with write_secret: a touch-then-write leaves the mode to the
+    umask when it creates the file, and to what it was when the file exists."""
+    fresh, existing = tmp_path / "fresh.hex", tmp_path / "existing.hex"
+    existing.write_text("old")
+    existing.chmod(0o644)
+    umask = os.umask(0o022)
+    try:
+        for path in (fresh, existing):
+            write_secret(path, b"\xcd" * 32)
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600 and read_secret(path) == b"\xcd" * 32
+    finally:
+        os.umask(umask)
 
 
 def test_secret_never_appears_in_errors(workdir, capsys):

@@ -16,6 +16,7 @@ import urllib.request
 
 import pytest
 
+from synproxy.config import write_secret
 from synproxy.health import LIVE_SECONDS, READY_SECONDS, Health
 from synproxy.lab.topology import REPO_ROOT
 from synproxy.netns import add_addresses, inside, link, namespaces, unique_name
@@ -90,9 +91,7 @@ def namespace(tmp_path):
         link(name, "sp0", peer, "sp1")
         add_addresses(name, "sp0", f"{FRONT}/24")
         add_addresses(peer, "sp1", "198.18.10.1/24")
-        secret = tmp_path / "secret.hex"
-        secret.touch(mode=0o600)
-        secret.write_text("ab" * 32)
+        write_secret(tmp_path / "secret.hex", b"\xab" * 32)
         yield name
 
 
