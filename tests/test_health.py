@@ -22,6 +22,7 @@ from synproxy.lab.topology import REPO_ROOT
 from synproxy.netns import add_addresses, inside, link, namespaces, unique_name
 
 METRICS = "127.0.0.1:9100"
+SECRET = b"\xab" * 32  # the namespace fixture's secret.hex
 FRONT = "198.18.10.2"
 
 
@@ -91,7 +92,7 @@ def namespace(tmp_path):
         link(name, "sp0", peer, "sp1")
         add_addresses(name, "sp0", f"{FRONT}/24")
         add_addresses(peer, "sp1", "198.18.10.1/24")
-        write_secret(tmp_path / "secret.hex", b"\xab" * 32)
+        write_secret(tmp_path / "secret.hex", SECRET)
         yield name
 
 
