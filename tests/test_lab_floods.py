@@ -259,6 +259,7 @@ def test_flood(lab, kind):
     flood.start()
     during = clients(lab, 10)
     flood.join(timeout=30)
+    assert not flood.is_alive(), "the flood did not end within 30 s"
     after = clients(lab, 10)
     front, backend = outcomes(lab) - front_before, backend_totals(lab) - backend_before
     family = "ipv6" if kind == "ipv6_extension_header" else "ipv4"
@@ -295,6 +296,7 @@ def test_a_full_rate_burst_to_the_queue_leaves_clients_connecting(lab, kind):
     flood.start()
     during = clients(lab, 10)
     flood.join(timeout=30)
+    assert not flood.is_alive(), "the flood did not end within 30 s"
     after = clients(lab, 10)
     front, dropped = outcomes(lab) - front_before, queue_drops(lab) - drops_before
     handled = front["queue", QUEUED_AS[kind], "ipv4"]
