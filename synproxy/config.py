@@ -172,6 +172,15 @@ class Config:
         return found.pop()
 
 
+def write_secret(path: Path, secret: bytes) -> None:
+    """Write ``secret`` as :func:`read_secret` reads it: hex, owner-only from the file's creation on (a
+    touch-then-write leaves the mode to the umask, and an existing file's mode as it was)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        os.fchmod(descriptor, 0o600)
+        file.write(secret.hex() + "\n")
+
+
 def read_secret(path: Path) -> bytes:
     """The master secret: hex text of at least 16 bytes, in a file no one but its owner can read."""
     try:

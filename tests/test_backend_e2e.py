@@ -30,7 +30,7 @@ from scapy.packet import raw
 
 from synproxy import encap, netns
 from synproxy.backend.loader import read_stats
-from synproxy.config import load_config
+from synproxy.config import load_config, write_secret
 from synproxy.cookie import MSS_TABLE, SynOptions, make_cookie
 from synproxy.packet import ACK, build_tcp_packet, parse_tcp
 from synproxy.salt import SaltSchedule
@@ -103,8 +103,7 @@ def _wait_for_event(bed: Bed, event: str, timeout: float = 30) -> None:
 
 def _write_config(directory: Path, backend_if: str) -> Path:
     secret = directory / "secret.hex"
-    secret.touch(mode=0o600)
-    secret.write_text(os.urandom(32).hex() + "\n")
+    write_secret(secret, os.urandom(32))
     config = directory / "synproxy.yaml"
     config.write_text(f"vips: [{VIP[4]}, {VIP[6]}]\nports: [{PORT}, {CLOSED_PORT}, {OVERFLOW_PORT}]\n"
                       f"secret_file: {secret}\nfronts: [{FRONT}]\nbackends: [{BACKEND}]\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from synproxy.backend.loader import COUNTERS, ensure_sysctls, held_epochs, main
+from synproxy.backend.loader import COUNTERS, OPTION_KEYS, ensure_sysctls, held_epochs, main
 from synproxy.bpf.loading import (
     SetupError,
     bpf_dir,
@@ -25,6 +25,7 @@ from synproxy.bpf.loading import (
     per_cpu_token_bucket,
     salt_slots,
 )
+from synproxy.config import write_secret
 from synproxy.netns import inside, namespaces, unique_name, write_sysctls
 from synproxy.salt import SaltSchedule, derive_salt
 
@@ -83,9 +84,7 @@ def test_a_single_secret_fills_one_key():
 
 
 def _config(directory: Path, interface: str | None) -> Path:
-    secret = directory / "secret.hex"
-    secret.touch(mode=0o600)
-    secret.write_text("ab" * 32)
+    write_secret(directory / "secret.hex", b"\xab" * 32)
     config = directory / "synproxy.yaml"
     config.write_text("vips: [198.19.0.10]\nports: [80]\nsecret_file: secret.hex\nfronts: [198.18.10.2]\nbackends: [198.18.20.2]\n"
                       + (f"backend:\n  interface: {interface}\n" if interface else ""))
@@ -148,7 +147,7 @@ def test_a_backend_without_an_option_warns_which_configuration_key_matches_it(ca
     """The fronts promise SACK, ECN, timestamps and window scaling unless configured not to (`sack`, `ecn`,
     `timestamps`, `window_scaling`): a backend whose sysctls refuse them says which key to set
     (docs/backend.md, "Options the backend has off")."""
-    keys = ("sack", "ecn", "timestamps", "window_scaling")
+    keys = OPTION_KEYS
     with namespaces(unique_name("spws")) as (name,):
         write_sysctls(name, {f"net.ipv4.tcp_{key}": "0" for key in keys})
         with inside(name):
@@ -158,3 +157,16 @@ def test_a_backend_without_an_option_warns_which_configuration_key_matches_it(ca
     assert sorted(warnings) == sorted(f"net.ipv4.tcp_{key}" for key in keys)
     for key in keys:
         assert warnings[f"net.ipv4.tcp_{key}"].endswith(f"(set {key}: false)"), key
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a network namespace)")
+def test_an_option_the_configuration_already_turned_off_is_not_warned_about(capsys):
+    """Before: a backend whose configuration had `sack: false` and `timestamps: false`, as the warning asks,
+    still warned at every start to set them false."""
+    with namespaces(unique_name("spwo")) as (name,):
+        write_sysctls(name, {f"net.ipv4.tcp_{key}": "0" for key in OPTION_KEYS})
+        with inside(name):
+            ensure_sysctls(answered=("ecn", "window_scaling"))
+    warned = [line["key"] for line in map(json.loads, capsys.readouterr().err.splitlines())
+              if line["event"] == "sysctl_warning"]
+    assert sorted(warned) == ["net.ipv4.tcp_ecn", "net.ipv4.tcp_window_scaling"]

@@ -15,7 +15,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.packet import raw
 
 from synproxy import encap
-from synproxy.config import ConfigError, parse_config
+from synproxy.config import ConfigError, parse_config, write_secret
 from synproxy.front.handler import Action, FrontPolicy, handle
 from synproxy.front.service import Front, build_policy
 from synproxy.maglev import NO_FORMER_OWNERS, NO_OWNER, PreviousOwners, build_table, flow_hash
@@ -165,8 +165,7 @@ def test_the_front_sends_a_moved_flow_to_its_new_owner_naming_the_previous_one_a
 
 
 def write(tmp_path: Path, backends: str, front: str = "") -> str:
-    (tmp_path / "secret.hex").touch(mode=0o600)
-    (tmp_path / "secret.hex").write_text("ab" * 32)
+    write_secret(tmp_path / "secret.hex", b"\xab" * 32)
     return (f"vips: [198.19.0.10]\nports: [80]\nsecret_file: secret.hex\nbackends:\n{backends}\n"
             f"front:\n  farm_address: 198.18.10.2\n{front}")
 

@@ -21,7 +21,7 @@ from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 from scapy.packet import raw
 
 from synproxy import encap
-from synproxy.config import ConfigError, load_config
+from synproxy.config import ConfigError, load_config, write_secret
 from synproxy.front import service
 from synproxy.front.handler import TokenBucket
 from synproxy.front.service import Front
@@ -69,10 +69,8 @@ class FailingSocket:
 
 
 def write_config(directory: Path, backends=BACKENDS, front_extra: str = "") -> Path:
-    secret = directory / "secret.hex"
-    if not secret.exists():
-        secret.touch(mode=0o600)
-        secret.write_text("ab" * 32)
+    if not (directory / "secret.hex").exists():
+        write_secret(directory / "secret.hex", b"\xab" * 32)
     config = directory / "synproxy.yaml"
     config.write_text(f"vips: [{VIP4}, {VIP6}]\nports: [80]\nsecret_file: secret.hex\n"
                       f"backends: [{', '.join(backends)}]\nfront:\n  farm_address: 198.18.10.2\n{front_extra}")

@@ -16,11 +16,13 @@ import urllib.request
 
 import pytest
 
+from synproxy.config import write_secret
 from synproxy.health import LIVE_SECONDS, READY_SECONDS, Health
 from synproxy.lab.topology import REPO_ROOT
 from synproxy.netns import add_addresses, inside, link, namespaces, unique_name
 
 METRICS = "127.0.0.1:9100"
+SECRET = b"\xab" * 32  # the namespace fixture's secret.hex
 FRONT = "198.18.10.2"
 
 
@@ -90,9 +92,7 @@ def namespace(tmp_path):
         link(name, "sp0", peer, "sp1")
         add_addresses(name, "sp0", f"{FRONT}/24")
         add_addresses(peer, "sp1", "198.18.10.1/24")
-        secret = tmp_path / "secret.hex"
-        secret.touch(mode=0o600)
-        secret.write_text("ab" * 32)
+        write_secret(tmp_path / "secret.hex", SECRET)
         yield name
 
 

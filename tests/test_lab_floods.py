@@ -215,6 +215,18 @@ def backend_totals(lab: Lab) -> Counter:
     return totals
 
 
+def flood_with_clients(lab: Lab, kind: str, count: int, seconds: float, paced: bool = True) -> tuple:
+    """send_flood of ``kind`` in a thread, 10 clients connecting during it and 10 after it:
+    (sent, during, after)."""
+    sent: list = []
+    flood = threading.Thread(target=send_flood, args=(lab, FLOODS[kind], count, seconds, sent, paced))
+    flood.start()
+    during = clients(lab, 10)
+    flood.join(timeout=30)
+    assert not flood.is_alive(), "the flood did not end within 30 s"
+    return sent, during, clients(lab, 10)
+
+
 @pytest.fixture(scope="module")
 def lab():
     with running_lab("spfl") as lab:
@@ -254,12 +266,7 @@ QUEUED_AS = {"syn_ack": "invalid_flags", "fragment4": "malformed_fragment", "ipv
 def test_flood(lab, kind):
     front_before, backend_before = outcomes(lab), backend_totals(lab)
     router_before = header_errors(lab, "router")
-    sent: list = []
-    flood = threading.Thread(target=send_flood, args=(lab, FLOODS[kind], FLOOD_PACKETS, FLOOD_SECONDS, sent))
-    flood.start()
-    during = clients(lab, 10)
-    flood.join(timeout=30)
-    after = clients(lab, 10)
+    sent, during, after = flood_with_clients(lab, kind, FLOOD_PACKETS, FLOOD_SECONDS)
     front, backend = outcomes(lab) - front_before, backend_totals(lab) - backend_before
     family = "ipv6" if kind == "ipv6_extension_header" else "ipv4"
     print(f"\n{kind}: sent {sent}, failed during {during['failed']}, after {after['failed']}\n"
@@ -290,12 +297,7 @@ def test_a_full_rate_burst_to_the_queue_leaves_clients_connecting(lab, kind):
     handler takes what it can, the kernel drops the rest when the queue is full (counted), and legitimate
     clients, whose handshakes the programs answer, do not wait on the queue."""
     front_before, drops_before = outcomes(lab), queue_drops(lab)
-    sent: list = []
-    flood = threading.Thread(target=send_flood, args=(lab, FLOODS[kind], BURST_PACKETS, 10, sent, False))
-    flood.start()
-    during = clients(lab, 10)
-    flood.join(timeout=30)
-    after = clients(lab, 10)
+    sent, during, after = flood_with_clients(lab, kind, BURST_PACKETS, 10, paced=False)
     front, dropped = outcomes(lab) - front_before, queue_drops(lab) - drops_before
     handled = front["queue", QUEUED_AS[kind], "ipv4"]
     print(f"\n{kind} unpaced: sent {sent}, queue handled {handled}, queue full dropped {dropped}, "

@@ -20,6 +20,7 @@ import pytest
 from netfilterqueue import NetfilterQueue
 
 from synproxy import instance
+from synproxy.config import write_secret
 from synproxy.lab.topology import REPO_ROOT
 from synproxy.netns import inside, namespaces, pids_inside, unique_name
 
@@ -30,9 +31,7 @@ NOT_ROOT = ["setpriv", "--bounding-set=-net_raw,-net_admin,-sys_admin"]
 
 
 def write_config(directory: Path, extra: str = "") -> Path:
-    secret = directory / "secret.hex"
-    secret.touch(mode=0o600)
-    secret.write_text("ab" * 32)
+    write_secret(directory / "secret.hex", b"\xab" * 32)
     config = directory / "synproxy.yaml"
     config.write_text(f"vips: [198.19.0.10]\nports: [80]\nsecret_file: secret.hex\nfronts: [{FRONT}]\n"
                       f"backends: [198.18.20.2]\n{extra}")

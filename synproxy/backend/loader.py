@@ -115,8 +115,15 @@ def check_kernel() -> None:
         raise BackendError(f"this kernel lacks the kfunc {KFUNC} (Linux 6.9 or later is needed)")
 
 
-def ensure_sysctls() -> None:
-    """The kernel ignores an assigned request socket unless tcp_syncookies is 1 or 2 (2 is kept)."""
+# The configuration keys that tell the fronts which client options to answer; each backend sysctl is
+# net.ipv4.tcp_<key>.
+OPTION_KEYS = ("sack", "ecn", "timestamps", "window_scaling")
+
+
+def ensure_sysctls(answered: Iterable[str] = OPTION_KEYS) -> None:
+    """The kernel ignores an assigned request socket unless tcp_syncookies is 1 or 2 (2 is kept). And a
+    warning for each option the fronts answer (``answered``: the OPTION_KEYS configured true) that this
+    backend's stack has off: none for one the configuration already turned off, as the warning asks."""
     path = Path("/proc/sys/net/ipv4/tcp_syncookies")
     if path.read_text().strip() == "0":
         try:
@@ -125,14 +132,12 @@ def ensure_sysctls() -> None:
             raise BackendError(f"net.ipv4.tcp_syncookies is 0 and cannot be set here ({error.strerror}): "
                                "set it to 1 (a container needs it in its sysctls)") from None
         log("sysctl_set", key="net.ipv4.tcp_syncookies", value=1)
-    for name in ("tcp_sack", "tcp_timestamps", "tcp_window_scaling"):  # the configuration key: without tcp_
-        if Path("/proc/sys/net/ipv4", name).read_text().strip() == "0":
-            log("sysctl_warning", key=f"net.ipv4.{name}", value=0,
-                note="the kernel refuses connections whose cookie or ACK asks for this option "
-                     f"(set {name.removeprefix('tcp_')}: false)")
-    if Path("/proc/sys/net/ipv4/tcp_ecn").read_text().strip() == "0":
-        log("sysctl_warning", key="net.ipv4.tcp_ecn", value=0,
-            note="clients the fronts answer with ECN get none from this backend (set ecn: false)")
+    for key in answered:
+        if Path("/proc/sys/net/ipv4", f"tcp_{key}").read_text().strip() == "0":
+            log("sysctl_warning", key=f"net.ipv4.tcp_{key}", value=0,
+                note=("clients the fronts answer with ECN get none from this backend" if key == "ecn" else
+                      "the kernel refuses connections whose cookie or ACK asks for this option")
+                + f" (set {key}: false)")
 
 
 def install_fastopen_keys(secret: bytes, period: float, now: float) -> bool:
@@ -372,7 +377,8 @@ def xdp_stage(plane: DataPlane, interface: str, ifindex: int) -> Iterator[XdpSta
 def attached(interface: str, fronts: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address],
              vips: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address], ports: Iterable[int], encap_port: int,
              server_wscale: int, schedule: SaltSchedule,
-             unknown_flow_resets_per_second: int = UNKNOWN_FLOW_RESETS_PER_SECOND) -> Iterator[DataPlane]:
+             unknown_flow_resets_per_second: int = UNKNOWN_FLOW_RESETS_PER_SECOND,
+             answered: Iterable[str] = OPTION_KEYS) -> Iterator[DataPlane]:
     """The program built, loaded, filled and attached to ``interface``'s tc ingress; detached on exit."""
     fronts = tuple(fronts)
     check_kernel()
@@ -383,7 +389,7 @@ def attached(interface: str, fronts: Iterable[ipaddress.IPv4Address | ipaddress.
     except BpfError as error:
         raise BackendError(f"loading the BPF program failed: {error.strerror}") from None
     try:
-        ensure_sysctls()
+        ensure_sysctls(answered)
         plane.configure(encap_port, server_wscale, unknown_flow_resets_per_second)
         plane.trust(fronts)
         plane.protect(vips, ports)
@@ -483,7 +489,8 @@ def serve(config, interface: str) -> int:
         cleanup.callback(lambda: untracked.remove(config.vips, config.ports))
         plane = cleanup.enter_context(attached(interface, config.fronts, config.vips, config.ports,
                                                config.encap_port, config.server_wscale, schedule,
-                                               config.backend.unknown_flow_resets_per_second))
+                                               config.backend.unknown_flow_resets_per_second,
+                                               [key for key in OPTION_KEYS if getattr(config, key)]))
         try:
             recycler = TimeWaitRecycler(plane.time_wait)
         except PermissionError as error:

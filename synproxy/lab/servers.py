@@ -22,10 +22,14 @@ class _Http(BaseHTTPRequestHandler):
     server_version = "synproxy-lab"
     protocol_version = "HTTP/1.0"
 
-    def do_GET(self) -> None:
-        body = json.dumps({"backend": self.server.backend_name,
-                           "client": f"{self.client_address[0]}:{self.client_address[1]}",
+    def _report(self, **extra) -> bytes:
+        """The JSON line: which backend, the client as the backend sees it, what TCP negotiated."""
+        return json.dumps({"backend": self.server.backend_name,
+                           "client": f"{self.client_address[0]}:{self.client_address[1]}", **extra,
                            "tcp_info": negotiated(self.connection)}).encode() + b"\n"
+
+    def do_GET(self) -> None:
+        body = self._report()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -33,14 +37,13 @@ class _Http(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_POST(self) -> None:
-        """An upload of Content-Length bytes, answered with the GET's JSON line and then X-Download bytes:
-        data both ways, more than a window each, and what TCP negotiated read on the same connection."""
-        left = int(self.headers.get("Content-Length", 0))
+        """An upload of Content-Length bytes, answered with the GET's JSON line (and "received") and then
+        X-Download bytes: data both ways, more than a window each, and what TCP negotiated read on the same
+        connection."""
+        length = left = int(self.headers.get("Content-Length", 0))
         while left > 0 and (chunk := self.rfile.read(min(left, 65536))):
             left -= len(chunk)
-        answer = json.dumps({"backend": self.server.backend_name, "received": int(self.headers["Content-Length"]) - left,
-                             "tcp_info": negotiated(self.connection)}).encode() + b"\n"
-        body = answer + bytes(int(self.headers.get("X-Download", 0)))
+        body = self._report(received=length - left) + bytes(int(self.headers.get("X-Download", 0)))
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

@@ -32,6 +32,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from synproxy.bpf.libbpf import XDP_FLAGS_DRV_MODE, BpfObject, xdp_attach
 from synproxy.bpf.loading import build_object
+from synproxy.config import write_secret
 from synproxy.instance import CAP_SYS_ADMIN, has_capability
 from synproxy.lab import nginx, routing
 from synproxy.netns import add_addresses, inside, link, pids_inside, set_tx_checksum_offload, write_sysctls
@@ -216,9 +217,7 @@ class Lab:
         # The flow secret is its own file: tests rotate secret.hex in place, and the flows must stay on
         # their backends when they do (docs/cookie.md, rotation).
         for name in ("secret.hex", "flow-secret.hex"):
-            secret = self.state_dir / name
-            secret.touch(mode=0o600)
-            secret.write_text(os.urandom(32).hex() + "\n")
+            write_secret(self.state_dir / name, os.urandom(32))
         fronts = ", ".join(h.address for h in self.by_role("front"))
         backends = ", ".join(h.address for h in self.by_role("backend"))
         workers = f"  workers: {self.workers}\n" if self.workers else ""
