@@ -64,8 +64,9 @@ def ab_argv(concurrency: int, seconds: float, keepalive: bool, percentiles: Path
 
 
 def parse_ab(report: str, percentiles: str) -> dict:
-    """ab's report and its `-e` CSV: requests completed, failures (connect, receive, length, exceptions)
-    and non-2xx answers, requests/s, and the p50/p99 of the whole request, connect included."""
+    """ab's report and its `-e` CSV: requests completed, failures, each kind's count (connect, receive,
+    length, exceptions) and non-2xx answers, requests/s, and the p50/p99 of the whole request, connect
+    included."""
     def number(label: str) -> float:
         found = re.search(rf"^{label}:\s+([\d.]+)", report, re.MULTILINE)
         return float(found.group(1)) if found else 0.0
@@ -80,7 +81,11 @@ def parse_ab(report: str, percentiles: str) -> dict:
             return None
         return float(served[str(share)])
 
-    return {"requests": requests, "failed": int(number("Failed requests")),
+    # ab's breakdown of its failures, kept so a failed step says which kind it met.
+    kinds = re.search(r"\(Connect: (\d+), Receive: (\d+), Length: (\d+), Exceptions: (\d+)\)", report)
+    failed_by_kind = dict(zip(("connect", "receive", "length", "exceptions"),
+                              map(int, kinds.groups()) if kinds else (0, 0, 0, 0)))
+    return {"requests": requests, "failed": int(number("Failed requests")), "failed_by_kind": failed_by_kind,
             "non_2xx": int(number("Non-2xx responses")), "seconds": number("Time taken for tests"),
             "requests_per_second": number("Requests per second"), "p50_ms": percentile(50), "p99_ms": percentile(99)}
 

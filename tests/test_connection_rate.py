@@ -24,7 +24,8 @@ AB_PERCENTILES = "Percentage served,Time in ms\n" + "".join(f"{i},{i / 10:.3f}\n
 
 def test_ab_figures_are_its_counts_rate_and_microsecond_percentiles():
     assert parse_ab(AB_REPORT, AB_PERCENTILES) == {
-        "requests": 13434, "failed": 3, "non_2xx": 2, "seconds": 2.001, "requests_per_second": 6712.71,
+        "requests": 13434, "failed": 3,
+        "failed_by_kind": {"connect": 0, "receive": 0, "length": 3, "exceptions": 0}, "non_2xx": 2, "seconds": 2.001, "requests_per_second": 6712.71,
         "p50_ms": 5.0, "p99_ms": 9.9}
     # 43 requests: ab's 99th percentile reads past its sorted times (a 0 in its CSV): left out.
     few = parse_ab(AB_REPORT.replace("13434", "43"), AB_PERCENTILES.replace("99,9.900", "99,0.000"))
