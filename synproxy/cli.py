@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     try:
         from benchmarks.options import add_arguments as add_bench_arguments
-    except ImportError:  # an install without the benchmarks, such as the lab's container image
+    except ImportError:  # outside a checkout: the wheel ships only `synproxy` (pyproject.toml)
         add_bench_arguments = None
     if add_bench_arguments is not None:
         bench = commands.add_parser("bench", help="the front against kernel SYN cookies and iptables SYNPROXY")

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -152,20 +153,37 @@ def test_the_etc_synproxy_layout_is_what_the_units_and_the_configuration_expect(
         load_config(tmp_path / "synproxy.yaml").salt_schedule()
 
 
-def test_an_installed_package_builds_its_bpf_programs_outside_the_checkout(tmp_path):
-    """`pip install` of the project (a wheel, as pip builds one) into a fresh venv installs the `synproxy`
-    command and the BPF sources a node builds its programs from. Before: the wheel had no BPF source, so
-    an installed backend failed at start and an installed front fell back to the queue."""
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The project's wheel, built once by pip as `pip install .` builds it."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     source = tmp_path / "source"  # a copy: building in the checkout would leave build/ and egg-info there
     shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
                                                                       ".pytest_cache", "tests"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                     "--wheel-dir", str(tmp_path / "wheels"), str(source)], check=True, timeout=120)
     shutil.rmtree(source)
+    (built,) = (tmp_path / "wheels").glob("synproxy-*.whl")
+    return built
+
+
+def test_the_wheel_installs_only_the_synproxy_package(wheel):
+    """What `pip install .` puts in site-packages: `synproxy` and its metadata, nothing with a generic
+    top-level name. Before: the wheel also carried a top-level `benchmarks` package, which would shadow
+    or be shadowed by any other project's. `synproxy bench` runs from a checkout."""
+    with zipfile.ZipFile(wheel) as archive:
+        top_level = {name.split("/", 1)[0] for name in archive.namelist()}
+    assert {name for name in top_level if not name.endswith((".dist-info", ".data"))} == {"synproxy"}
+
+
+def test_an_installed_package_builds_its_bpf_programs_outside_the_checkout(tmp_path, wheel):
+    """`pip install` of the project (a wheel, as pip builds one) into a fresh venv installs the `synproxy`
+    command and the BPF sources a node builds its programs from. Before: the wheel had no BPF source, so
+    an installed backend failed at start and an installed front fell back to the queue."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=60)
-    subprocess.run([venv / "bin" / "pip", "install", "--quiet", "--no-deps", "--no-index",
-                    *map(str, (tmp_path / "wheels").glob("synproxy-*.whl"))], check=True, timeout=120)
+    subprocess.run([venv / "bin" / "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
+                   check=True, timeout=120)
     assert (venv / "bin" / "synproxy").exists()
     check = "import synproxy.bpf.loading as loading; print(loading.__file__); print(loading.build_object('backend'))"
     built = subprocess.run([venv / "bin" / "python", "-c", check],
