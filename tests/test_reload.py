@@ -4,6 +4,7 @@ structured error and counts it; the next good reload applies; the secret is neve
 from __future__ import annotations
 
 import json
+import os
 import re
 import select
 import signal
@@ -31,17 +32,23 @@ def scrape(netns: str) -> dict[str, float]:
     return {sample.name: sample.value for sample in samples(netns) if not sample.labels}
 
 
-def reload(process, log: list[dict]) -> dict:
-    """SIGHUP, then the node's log up to the reload's outcome (read from its stderr), which is returned."""
-    process.send_signal(signal.SIGHUP)
+def logged(process, log: list[dict], events: tuple[str, ...]) -> dict:
+    """The node's log (read from its stderr) up to the next of ``events``, which is returned."""
     deadline = time.monotonic() + 10
     while True:
-        assert select.select([process.stderr], [], [], max(0.0, deadline - time.monotonic()))[0], "no reload logged"
+        assert select.select([process.stderr], [], [], max(0.0, deadline - time.monotonic()))[0], \
+            f"none of {events} logged"
         line = process.stderr.readline()
         if line.startswith("{"):
             log.append(json.loads(line))
-            if log[-1]["event"] in ("config_reload_failed", "config_reloaded", "restart_required"):
+            if log[-1]["event"] in events:
                 return log[-1]
+
+
+def reload(process, log: list[dict]) -> dict:
+    """SIGHUP, then the node's log up to the reload's outcome, which is returned."""
+    process.send_signal(signal.SIGHUP)
+    return logged(process, log, ("config_reload_failed", "config_reloaded", "restart_required"))
 
 
 @pytest.mark.parametrize("role", ["front", "backend"])
@@ -73,3 +80,31 @@ def test_a_refused_reload_keeps_the_node_serving_logs_and_counts_it(namespace, t
         assert reload(process, log)["event"] == "config_reloaded"
         assert scrape(namespace)[failures] == 2 and process.poll() is None
     assert SECRET.hex() not in json.dumps(log) + process.stderr.read()
+
+
+def test_a_reload_a_worker_refuses_is_counted(namespace, tmp_path):  # noqa: F811
+    """With front.workers above 1 the front reloads, then forwards SIGHUP to its workers, and each reads the
+    files again: they can change in between (here while the workers are stopped). A worker then keeps its
+    older configuration. Before: only its log said so; the counter, which the front's process serves, did not."""
+    path = Path(config(tmp_path, "nfqueue"))
+    good = path.read_text().replace("front:\n", "front:\n  workers: 2\n")
+    path.write_text(good)
+    log: list[dict] = []
+    with running(namespace, "front", "--config", str(path)) as process:
+        workers = [logged(process, log, ("worker_started",))["pid"] for _ in range(2)]
+        wait_for(namespace, "/readyz", 200, seconds=30)
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            assert reload(process, log)["event"] == "config_reloaded"
+            path.write_text(good + "salt_period_seconds: .inf\n")
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        refused = [logged(process, log, ("config_reload_failed",)) for _ in workers]
+        assert {entry["queue"] for entry in refused} == {0, 1}
+        deadline = time.monotonic() + 5
+        while scrape(namespace)["synproxy_front_config_reload_failures_total"] != 2:
+            assert time.monotonic() < deadline, "the workers' refusals were not counted"
+            time.sleep(0.1)
+        assert process.poll() is None

@@ -958,8 +958,9 @@ class Front:
             self.reload_requested.clear()
             try:
                 self.load()
-            except ConfigError as error:
+            except ConfigError as error:  # the files changed since the parent's reload: the parent counts it
                 log("config_reload_failed", queue=self.worker_queue, error=str(error))
+                _send(self.channel, ("reload_failed", None))
             else:
                 log("worker_reloaded", queue=self.worker_queue, secrets_accepted=len(self.schedule.secrets))
         if not _send(self.channel, ("counts", (time.monotonic(), self.counts))):
@@ -1000,6 +1001,8 @@ class Front:
             kind, detail = pickle.loads(data)
             if kind == "counts":
                 self.metrics.report(worker.queue, *detail)
+            elif kind == "reload_failed":  # it logged why, and keeps its older configuration
+                self.metrics.reload_failures.inc()
             elif kind == "failed":  # it logged why, and exits
                 return False
 
