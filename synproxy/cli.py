@@ -158,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "json", False) and not args.stats:
         parser.error(f"{args.command}: --json goes with --stats")
-    # A node's errors are log lines (JSON, like the rest of its log); the tools' are plain lines.
-    node = args.command in ("front", "backend")
+    # A node's errors are log lines (JSON, like the rest of its log); the tools' are plain lines, and a
+    # query of a running node (--stats, --drain, --undrain) is a tool.
+    node = args.command in ("front", "backend") and not any(
+        getattr(args, query, False) for query in ("stats", "drain", "undrain"))
     if node:
         from synproxy.bpf.libbpf import log_messages
         log_messages()

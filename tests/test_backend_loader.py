@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import os
@@ -14,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from synproxy.backend.loader import COUNTERS, OPTION_KEYS, ensure_sysctls, held_epochs, main
+from synproxy import cli
+from synproxy.backend.loader import COUNTERS, OPTION_KEYS, ensure_sysctls, held_epochs
+from synproxy.bpf import libbpf
 from synproxy.bpf.loading import (
     SetupError,
     bpf_dir,
@@ -92,15 +93,20 @@ def _config(directory: Path, interface: str | None) -> Path:
 
 
 @pytest.mark.parametrize("interface, euid, message", [
-    (None, 0, "synproxy backend: no interface: set backend.interface in the config or pass --interface\n"),
-    ("lo", 1000, "synproxy backend: the backend must run as root (it loads BPF programs and attaches to tc)\n"),
+    (None, 0, "synproxy backend: no interface: set backend.interface in the config or pass --interface"),
+    ("lo", 1000, "synproxy backend: the backend must run as root (it loads BPF programs and attaches to tc)"),
 ])
 def test_operator_errors_are_one_line_and_exit_1(tmp_path, monkeypatch, capsys, interface, euid, message):
+    """The node's: one JSON line, as the rest of its log; --stats's: the plain line SystemExit prints."""
     monkeypatch.setattr(os, "geteuid", lambda: euid)
-    args = argparse.Namespace(config=_config(tmp_path, interface), interface=None, detach=False, stats=True)
-    assert main(args) == 1
-    line = json.loads(capsys.readouterr().err)  # one JSON line, as the node's log
-    assert (line["level"], line["event"], line["error"] + "\n") == ("fatal", "fatal", message)
+    monkeypatch.setattr(libbpf, "log_messages", lambda: None)  # libbpf's printing in this process stays its own
+    argv = ["backend", "--config", str(_config(tmp_path, interface))]
+    assert cli.main(argv) == 1
+    line = json.loads(capsys.readouterr().err)
+    assert (line["level"], line["event"], line["error"]) == ("fatal", "fatal", message)
+    with pytest.raises(SystemExit) as stats:
+        cli.main([*argv, "--stats"])
+    assert (stats.value.code, capsys.readouterr().err) == (message, "")
 
 
 def test_missing_clang_is_named_when_a_build_is_needed(monkeypatch, tmp_path):

@@ -149,3 +149,17 @@ def test_a_backend_interface_that_does_not_exist_is_one_line(namespace, tmp_path
     config = write_config(tmp_path, "backend:\n  interface: nosuch0\n")
     assert_one_line(synproxy(namespace, "backend", "--config", str(config), *argv), "no network interface 'nosuch0'")
     assert "SYNPROXY" not in raw_rules(namespace)
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["front", "--stats"], f"synproxy front: no front answers on {METRICS}"),
+    (["front", "--drain"], "synproxy front: no front runs in this network namespace"),
+    (["backend", "--stats"], "synproxy backend: no synproxy backend program is attached to lo")])
+def test_a_query_of_a_node_that_is_not_running_answers_in_plain_lines(namespace, tmp_path, argv, error):
+    """--stats and --drain are an operator's commands, not a node: their errors, and libbpf's messages, are
+    plain lines like check-config's. Before: a node's JSON log lines (libbpf_warning, then fatal)."""
+    config = write_config(tmp_path, f"front:\n  metrics_address: {METRICS}\nbackend:\n  interface: lo\n")
+    result = synproxy(namespace, argv[0], "--config", str(config), *argv[1:])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(error) and not any(line.startswith("{") for line in lines), result.stderr

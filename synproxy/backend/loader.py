@@ -68,7 +68,7 @@ from synproxy.bpf.loading import (
 )
 from synproxy.config import UNKNOWN_FLOW_RESETS_PER_SECOND, ConfigError, load_config, log_warnings
 from synproxy.encap import encap_key
-from synproxy.logs import fatal, log
+from synproxy.logs import log
 from synproxy.netlink import enable_gro
 from synproxy.salt import EPOCH_SLOTS, MAX_SECRETS, SaltSchedule, SecretRotation, epoch_at
 from synproxy.systemd import Notifier
@@ -573,7 +573,8 @@ def _warn_if_secrets_unchecked(schedule: SaltSchedule) -> None:
 def main(args: argparse.Namespace) -> int:
     """`synproxy backend --config FILE [--interface IF] [--detach | --stats [--json]]`."""
     config = load_config(args.config)
-    log_warnings(config)
+    if not args.stats:  # a tool's output, not a node's log (check-config says the warnings)
+        log_warnings(config)
     interface = args.interface or config.backend.interface
     try:
         if not interface:
@@ -597,5 +598,4 @@ def main(args: argparse.Namespace) -> int:
             return serve(config, interface)
     except (SetupError, BpfError, instance.AlreadyRunning) as error:  # SetupError: a BackendError too
         message = error.strerror if isinstance(error, BpfError) else str(error)
-        fatal(f"synproxy backend: {message}")
-        return 1
+        raise SystemExit(f"synproxy backend: {message}") from None  # the CLI: a log line, or a tool's plain line
