@@ -1572,7 +1572,8 @@ static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment 
 /* Not TCP and not an ICMP error (UDP, an echo request, ...), to a protected VIP: the rules queue neither
  * (the ICMP errors they queue the handler counts), and the VIP's blackhole route drops it, which no kernel
  * counter shows (Ip:InReceives only), so the programs count it `not_protected` as they do TCP to another
- * port. IPv4 ICMP behind IP options is left uncounted: its type lies at an offset this does not walk. */
+ * port; from a source the kernel refuses (addresses_refused) it is left uncounted, as TCP is. IPv4 ICMP
+ * behind IP options is left uncounted: its type lies at an offset this does not walk. */
 static __always_inline int other_to_vip(void *ctx, int xdp, struct segment *seg, const struct local_copy *copy)
 {
 	void *data_end = packet_end(ctx, xdp);
@@ -1591,6 +1592,7 @@ static __always_inline int other_to_vip(void *ctx, int xdp, struct segment *seg,
 				return 0;
 			icmp = (void *)(ip + 1);
 		}
+		ipv4_mapped(seg->saddr, &ip->saddr);
 		ipv4_mapped(seg->daddr, &ip->daddr);
 		seg->family = 4;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
@@ -1600,6 +1602,7 @@ static __always_inline int other_to_vip(void *ctx, int xdp, struct segment *seg,
 			return 0;
 		if (ip6->nexthdr == PROTO_ICMPV6)
 			icmp = (void *)(ip6 + 1);
+		__builtin_memcpy(seg->saddr, &ip6->saddr, 16);
 		__builtin_memcpy(seg->daddr, &ip6->daddr, 16);
 		seg->family = 6;
 	} else {
@@ -1607,7 +1610,7 @@ static __always_inline int other_to_vip(void *ctx, int xdp, struct segment *seg,
 	}
 	if (icmp && ((void *)(icmp + 1) > data_end || icmp_error_type(seg->family, icmp[0])))
 		return 0;
-	return protected_vip(copy, seg->daddr) != 0;
+	return !addresses_refused(seg) && protected_vip(copy, seg->daddr) != 0;
 }
 
 /* What the handler drops, the programs drop; the rest they cannot forward is left to the queue. */

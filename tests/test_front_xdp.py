@@ -24,6 +24,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
+    ICMPv6EchoRequest,
     ICMPv6PacketTooBig,
     ICMPv6TimeExceeded,
     IPv6,
@@ -814,6 +815,22 @@ def test_icmp_the_program_does_not_forward_passes_unchanged(hook, monkeypatch, n
     if handler_outcome:
         assert handle(frame[14:], 0, schedule, policy)[:3:2] == (Action.DROP, handler_outcome), case
     assert run(namespace, fast_path, frame, hook=hook) == (PASS[hook], frame, changed), case
+
+
+@pytest.mark.parametrize("source", ["127.0.0.1", "0.1.2.3", "224.0.0.9", "255.255.255.255", "::1", "ff02::1", "::",
+                                    "::ffff:198.18.1.2"])
+def test_udp_and_echoes_from_a_source_the_kernel_refuses_pass_uncounted_as_tcp_does(
+        hook, monkeypatch, namespace, fast_path, policy, schedule, source):
+    """The kernel drops these as martians (or answers none), so the programs leave them to it uncounted,
+    TCP to another port of the VIP as much as UDP or an echo request (the rules queue none of them).
+    Before: UDP and echo requests from such a source counted `not_protected` (other_to_vip had no
+    addresses_refused), TCP did not."""
+    set_clock(monkeypatch, fast_path, policy, schedule, 1000 * PERIOD + 30)
+    vip, layer, echo = (VIP4, IP, ICMP(type=8)) if "." in source and ":" not in source else (VIP6, IPv6, ICMPv6EchoRequest())
+    frames = [frame_of(raw(layer(src=source, dst=vip) / UDP(dport=PORT) / b"data")),
+              frame_of(raw(layer(src=source, dst=vip) / echo / b"ping")), segment(source, vip, dport=PORT + 1)]
+    for frame in frames:
+        assert run(namespace, fast_path, frame, hook=hook) == (PASS[hook], frame, {}), frame.hex()
 
 
 def test_icmp_errors_beyond_the_budget_are_dropped_and_counted(monkeypatch, namespace, fast_path, policy, schedule,
