@@ -14,10 +14,8 @@ as benchmarks/front_xdp_cost.py measures the front.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ipaddress
 import os
-import socket
 import statistics
 
 from benchmarks.front_xdp_cost import per_run
@@ -51,7 +49,6 @@ def main() -> None:
     args = parser.parse_args()
     plane = DataPlane(build_object("backend"))
     stage = XdpStage(plane)
-    name = netns.unique_name("spad")
     results: dict[tuple[str, str], list[float]] = {}
     verdicts = {}
     stats = enable_run_time_stats()
@@ -59,27 +56,21 @@ def main() -> None:
         plane.trust([ipaddress.ip_address(FRONT)])
         plane.protect([ipaddress.ip_address(VIP)], [PORT])
         plane.refresh_encap_keys(SaltSchedule((SECRET,)))
-        with netns.namespaces(name), contextlib.ExitStack() as held:
-            netns.run(name, ["ip", "link", "set", "lo", "up"])
-            netns.add_addresses(name, "lo", f"{VIP}/32", f"{CLIENT}/32")
-            with netns.inside(name):
-                listener = held.enter_context(socket.create_server((VIP, PORT)))
-                client = held.enter_context(socket.create_connection((VIP, PORT), source_address=(CLIENT, 0)))
-                held.enter_context(listener.accept()[0])
-                sport = client.getsockname()[1]
-                connection = {"bare ACK": encapsulated(sport, ACK),
-                              "1 KiB segment": encapsulated(sport, ACK | PSH, bytes(1024))}
-                kinds = {"forged ACK, no budget": (0, encapsulated(sport + 1, ACK)),
-                         **{f"a connection's {what}": (UNKNOWN_FLOW_RESETS_PER_SECOND, frame)
-                            for what, frame in connection.items()},
-                         **{f"a connection's {what}, no budget": (0, frame) for what, frame in connection.items()}}
-                passed = {}
-                for kind, (budget, frame) in kinds.items():
-                    plane.configure(ENCAP_PORT, 7, budget)
-                    verdict, out = prog_test_run(stage.prog_fd, frame)
-                    verdicts[kind] = XDP_VERDICTS.get(verdict, "other") + (", stripped" if verdict == 2 and
-                                                                            out != frame else "")
-                    passed[kind] = out if verdict == 2 else None
+        with netns.connections_on_loopback("spad", PORT, (VIP, CLIENT)) as (name, ports):
+            sport = ports[CLIENT]
+            connection = {"bare ACK": encapsulated(sport, ACK),
+                          "1 KiB segment": encapsulated(sport, ACK | PSH, bytes(1024))}
+            kinds = {"forged ACK, no budget": (0, encapsulated(sport + 1, ACK)),
+                     **{f"a connection's {what}": (UNKNOWN_FLOW_RESETS_PER_SECOND, frame)
+                        for what, frame in connection.items()},
+                     **{f"a connection's {what}, no budget": (0, frame) for what, frame in connection.items()}}
+            passed = {}
+            for kind, (budget, frame) in kinds.items():
+                plane.configure(ENCAP_PORT, 7, budget)
+                verdict, out = prog_test_run(stage.prog_fd, frame)
+                verdicts[kind] = XDP_VERDICTS.get(verdict, "other") + (", stripped" if verdict == 2 and
+                                                                        out != frame else "")
+                passed[kind] = out if verdict == 2 else None
             for _ in range(args.repetitions):
                 for kind, (budget, frame) in kinds.items():
                     plane.configure(ENCAP_PORT, 7, budget)

@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import os
 import secrets
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,26 @@ def add_addresses(namespace: str, ifname: str, *networks: str) -> None:
             extra = {"flags": 0x02} if interface.version == 6 else {}  # IFA_F_NODAD
             ns.addr("add", index=index, address=str(interface.ip), prefixlen=interface.network.prefixlen,
                     **extra)
+
+
+@contextlib.contextmanager
+def connections_on_loopback(prefix: str, port: int, *pairs: tuple[str, str]) -> Iterator[tuple[str, dict[str, int]]]:
+    """A namespace of its own, entered, holding a TCP connection from each (server, client) pair's client
+    address to its server address and ``port`` over the loopback: BPF_PROG_TEST_RUN looks sockets up in the
+    caller's namespace. Yields the namespace's name and each client's port."""
+    name = unique_name(prefix)
+    with namespaces(name), inside(name), contextlib.ExitStack() as sockets:
+        run(name, ["ip", "link", "set", "lo", "up"])
+        add_addresses(name, "lo", *(f"{address}/{ipaddress.ip_address(address).max_prefixlen}"
+                                    for pair in pairs for address in pair))
+        ports = {}
+        for server, client in pairs:
+            family = socket.AF_INET6 if ipaddress.ip_address(server).version == 6 else socket.AF_INET
+            listener = sockets.enter_context(socket.create_server((server, port), family=family))
+            connected = sockets.enter_context(socket.create_connection((server, port), source_address=(client, 0)))
+            sockets.enter_context(listener.accept()[0])
+            ports[client] = connected.getsockname()[1]
+        yield name, ports
 
 
 def set_tx_checksum_offload(namespace: str, ifname: str, enabled: bool) -> None:

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -31,11 +32,20 @@ def fast_path(policy, schedule):
     loaded.close()
 
 
+@contextlib.contextmanager
+def on_cpu(cpu: int):
+    """This thread on one CPU for the block: BPF_PROG_TEST_RUN runs the program on the caller's CPU."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
 @pytest.fixture
 def one_cpu():
     """The test on one CPU: a per-CPU token bucket (the backend's resets, the front's ICMP errors) holds that
     CPU's share."""
-    cpus = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(cpus)})
-    yield
-    os.sched_setaffinity(0, cpus)
+    with on_cpu(min(os.sched_getaffinity(0))):
+        yield

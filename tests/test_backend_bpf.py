@@ -560,25 +560,12 @@ def test_a_clients_rst_of_no_connection_is_dropped_without_spending_the_budget(p
         assert run(plane, forged_ack(flags=flags))[::2] == (TC_ACT_SHOT, {"decapsulated": 1, "no_flow_dropped": 1})
 
 
-@contextlib.contextmanager
-def connection_on_loopback():
-    """A connection from CLIENT4 to the VIP's port 80 on the loopback of a namespace of the test's own (the
-    program looks sockets up in the caller's), entered: the client's port."""
-    name = netns.unique_name("spbc")
-    with netns.namespaces(name), netns.inside(name), contextlib.ExitStack() as sockets:
-        netns.run(name, ["ip", "link", "set", "lo", "up"])
-        netns.add_addresses(name, "lo", f"{VIPS[0]}/32", f"{CLIENT4}/32")
-        listener = sockets.enter_context(socket.create_server((VIPS[0], 80)))
-        client = sockets.enter_context(socket.create_connection((VIPS[0], 80), source_address=(CLIENT4, 0)))
-        sockets.enter_context(listener.accept()[0])
-        yield client.getsockname()[1]
-
-
 def test_packets_of_a_connection_pass_and_a_listener_alone_does_not_own_them(plane, budget):
     """A connection's packets pass uncounted even with no budget; another port of the same client meets only
     the listener, which would reset it: dropped."""
     budget(0)
-    with connection_on_loopback() as sport:
+    with netns.connections_on_loopback("spbc", 80, (VIPS[0], CLIENT4)) as (_, ports):
+        sport = ports[CLIENT4]
         for flags in ("A", "PA", "FA", "R"):
             assert run(plane, forged_ack(sport, flags))[::2] == (TC_ACT_OK, {"decapsulated": 1}), flags
         assert run(plane, forged_ack(sport + 1))[::2] == (TC_ACT_SHOT, {"decapsulated": 1, "no_flow_dropped": 1})
@@ -692,7 +679,8 @@ def test_an_icmp_error_about_a_flow_a_connection_here_owns_reaches_the_stack_wha
     quoting a real connection's segment (server to client) is passed here, former owners named or not;
     one about another port of the same client, which only the listener meets, is passed on (no route to
     the former owner there: the last hop)."""
-    with connection_on_loopback() as sport:
+    with netns.connections_on_loopback("spbc", 80, (VIPS[0], CLIENT4)) as (_, ports):
+        sport = ports[CLIENT4]
         owned = icmp_error(vip=VIPS[0], client_port=sport)
         for sent in (front_sends(owned), front_sends_after_the_changes(owned)):
             assert run(plane, sent)[::2] == (TC_ACT_OK, {"decapsulated": 1, "icmp_passed": 1})

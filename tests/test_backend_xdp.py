@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -25,6 +24,7 @@ from synproxy.bpf.libbpf import (
     xdp_attached_program,
 )
 from synproxy.bpf.loading import build_object, interface_index
+from tests.conftest import on_cpu
 from tests.lab_fixtures import needs_root
 from tests.test_backend_bpf import (  # noqa: F401 (plane, farm, budget: the tc program's fixtures)
     BACKEND,
@@ -59,19 +59,8 @@ def stage(plane):  # noqa: F811
 def connection():
     """A namespace of the test's own (the programs look sockets up in the caller's) holding a connection
     to the VIP from each client address, IPv4 and IPv6; yields its name and the clients' ports."""
-    name = netns.unique_name("spbx")
-    with netns.namespaces(name), netns.inside(name), contextlib.ExitStack() as sockets:
-        netns.run(name, ["ip", "link", "set", "lo", "up"])
-        for address in (f"{VIPS[0]}/32", f"{CLIENT4}/32", f"{VIPS[1]}/128", f"{CLIENT6}/128"):
-            netns.run(name, ["ip", "address", "add", address, "dev", "lo", "nodad"])
-        ports = {}
-        for vip, client in ((VIPS[0], CLIENT4), (VIPS[1], CLIENT6)):
-            listener = sockets.enter_context(socket.create_server((vip, 80), family=socket.AF_INET6 if ":" in vip
-                                                                  else socket.AF_INET))
-            connected = sockets.enter_context(socket.create_connection((vip, 80), source_address=(client, 0)))
-            sockets.enter_context(listener.accept()[0])
-            ports[client] = connected.getsockname()[1]
-        yield name, ports
+    with netns.connections_on_loopback("spbx", 80, (VIPS[0], CLIENT4), (VIPS[1], CLIENT6)) as connected:
+        yield connected
 
 
 def xdp_run(stage: XdpStage, packet: bytes) -> tuple[int, bytes, dict]:
@@ -225,17 +214,6 @@ def test_within_the_budget_a_forged_ack_is_decapsulated_for_its_reset_and_the_to
         assert (verdict, changed) == (XDP_PASS, {"no_flow_reset": 1})
         assert run(plane, out) == (TC_ACT_OK, out, {"passed": 1})
         assert both(stage, plane, forged) == DROPPED
-
-
-@contextlib.contextmanager
-def on_cpu(cpu: int):
-    """This thread on one CPU for the block: BPF_PROG_TEST_RUN runs the program on the caller's CPU."""
-    cpus = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, cpus)
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
