@@ -147,8 +147,9 @@ FLOODS = {f.__name__: f for f in (rst, fin, established_data, syn_with_payload, 
 
 def send_flood(lab: Lab, make, count: int, seconds: float, sent: list, paced: bool = True) -> None:
     """``count`` packets of ``make``, paced evenly over ``seconds`` (unpaced: as fast as a raw socket
-    takes them), at most until ``seconds`` are over, from the attacker's namespace; the number sent is
-    appended to ``sent``."""
+    takes them), at most until ``seconds`` are over, from the attacker's namespace; the number the socket
+    took is appended to ``sent`` (a busy machine falls behind the pace and the deadline cuts the flood
+    short: the tests check where what was sent ends, not that all of it was)."""
     rng = random.Random(17)
     packets = [bytes(make(rng)) for _ in range(count)]
     family = socket.AF_INET6 if packets[0][0] >> 4 == 6 else socket.AF_INET
@@ -159,11 +160,12 @@ def send_flood(lab: Lab, make, count: int, seconds: float, sent: list, paced: bo
     with inside(lab.ns("attacker")):
         sock = (socket.socket(socket.AF_PACKET, socket.SOCK_RAW) if make.__name__ in LINK_LAYER
                 else socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW))
-    started, done = time.monotonic(), 0
+    started, taken = time.monotonic(), 0
     with sock:
         for done, packet in enumerate(packets, 1):
             try:
                 sock.sendto(packet, target)
+                taken += 1
             except OSError:  # the device queue is full: the packet is lost as a flood's would be
                 pass
             if done % 64 == 0:
@@ -172,7 +174,7 @@ def send_flood(lab: Lab, make, count: int, seconds: float, sent: list, paced: bo
                     break
                 if paced and (ahead := started + done * seconds / count - now) > 0:
                     time.sleep(ahead)
-    sent.append((done, time.monotonic() - started))
+    sent.append((taken, time.monotonic() - started))
 
 
 def attacker_mac(lab: Lab) -> bytes:
@@ -273,22 +275,23 @@ def test_flood(lab, kind):
           f"  front {sorted((k, v) for k, v in front.items() if v)}\n  backend {sorted(backend.items())}")
     assert all(processes_alive(lab).values()), processes_alive(lab)
     assert during["failed"] == 0 and after["failed"] == 0, (during["errors"], after["errors"])
-    assert sent[0][0] == FLOOD_PACKETS
+    count = sent[0][0]
+    assert count >= FLOOD_PACKETS // 2  # a flood; on a busy machine the pace falls behind and the deadline cuts it
     front_names, backend_names = WHERE_IT_ENDS[kind]
     if front_names:
-        assert sum(front[path, outcome, family] for path, outcome in front_names) >= FLOOD_PACKETS
+        assert sum(front[path, outcome, family] for path, outcome in front_names) >= count
     if backend_names:
-        assert sum(backend[name] for name in backend_names) >= FLOOD_PACKETS
+        assert sum(backend[name] for name in backend_names) >= count
     queued = sum(v for (path, _, fam), v in front.items() if path == "queue" and fam == family)
     if kind in QUEUED_AS:  # of bad checksums, the SYN half: the ACKs are forwarded, the backend's kernel checks
-        expected = front["xdp", "unverified", family] if kind == "bad_tcp_checksum" else FLOOD_PACKETS
+        expected = front["xdp", "unverified", family] if kind == "bad_tcp_checksum" else count
         assert queued == front["queue", QUEUED_AS[kind], family] == expected > 0
     else:
         assert queued == 0
     assert backend["syn_received"] == 0
     if kind in LINK_LAYER:
-        assert header_errors(lab, "router") - router_before >= FLOOD_PACKETS
-        assert front["xdp", "syn_answered", "ipv4"] < FLOOD_PACKETS / 10  # the clients' 20, not the flood's
+        assert header_errors(lab, "router") - router_before >= count
+        assert front["xdp", "syn_answered", "ipv4"] < count / 10  # the clients' 20, not the flood's
 
 
 @pytest.mark.parametrize("kind", ["fragment4", "syn_ack"])
