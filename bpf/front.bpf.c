@@ -232,19 +232,19 @@ struct {
 	__type(value, struct route_entry);
 } routes SEC(".maps");
 
-/* The ICMP errors the programs forward: each CPU's bucket (token_take) and, written by the loader, what a
- * token costs and the most credit a CPU holds (loading.per_cpu_token_bucket of
- * handler.ICMP_ERRORS_PER_SECOND). */
-struct icmp_limit {
+/* A budget's price, written by the loader: what a token costs and the most credit a CPU holds
+ * (loading.per_cpu_token_bucket); each CPU's bucket is in a per-CPU map (token_take). */
+struct token_limit {
 	__u64 cost_ns;
 	__u64 credit_max_ns;
 };
 
+/* The ICMP errors the programs forward (handler.ICMP_ERRORS_PER_SECOND). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct icmp_limit);
+	__type(value, struct token_limit);
 } icmp_limit SEC(".maps");
 
 struct {
@@ -253,6 +253,23 @@ struct {
 	__type(key, __u32);
 	__type(value, struct token_bucket);
 } icmp_budget SEC(".maps");
+
+/* What the tc program leaves to the queue (front.queue_packets_per_second; no limit while the cost is 0:
+ * a loader that never wrote one). The tc program is the last hook before the queue's rule and sees every
+ * packet the XDP program passes, which decides alike, so a queued packet takes one token, at tc. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct token_limit);
+} queue_limit SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct token_bucket);
+} queue_budget SEC(".maps");
 
 /* By program (enum front_path), outcome and IP version: both programs may see one packet (a SYN XDP passes
  * because its neighbour is unresolved is answered at tc), so each counts its own. */
@@ -310,13 +327,50 @@ static __always_inline void count_vip_port(const struct segment *seg, __u32 outc
 		counts->forwarded += 1;
 }
 
-static __always_inline int count_on(__u32 path, const struct segment *seg, __u32 outcome, int verdict)
+static __always_inline __u32 counter_index(__u32 path, __u8 family, __u32 outcome)
 {
-	__u32 index = (path * FRONT_COUNTER_MAX + outcome) * 2 + (seg->family == 6);
+	return (path * FRONT_COUNTER_MAX + outcome) * 2 + (family == 6);
+}
+
+static __always_inline void count_index(__u32 index)
+{
 	__u64 *value = bpf_map_lookup_elem(&counters, &index);
 
 	if (value)
 		*value += 1;
+}
+
+/* What the tc program leaves to the queue (``index``: its counter), within this CPU's share of the queue's
+ * budget (queue_limit); beyond it, dropped and counted queue_rate_limited. A call whose frame stays within
+ * 16 bytes (one argument, four values live across token_take's clock read): inlined, or with more to
+ * spill, it took the deepest chain of calls (the tc entry, answer_syn, this) past the verifier's 512. */
+static __noinline int queue_or_drop(__u32 index)
+{
+	__u32 zero = 0;
+	const struct token_limit *limit = bpf_map_lookup_elem(&queue_limit, &zero);
+	int within = !limit || !limit->cost_ns ||
+		     token_take(bpf_map_lookup_elem(&queue_budget, &zero), limit->cost_ns, limit->credit_max_ns);
+
+	if (!within) /* the same family, counted queue_rate_limited */
+		index = counter_index(FRONT_PATH_TC, (index & 1) ? 6 : 4, FRONT_QUEUE_RATE_LIMITED);
+	count_index(index);
+	return within ? TC_ACT_OK : TC_ACT_SHOT;
+}
+
+/* The outcomes whose packet a program passes on to the queue (enum front_counter). */
+static __always_inline int left_to_queue(__u32 outcome)
+{
+	return outcome == FRONT_QUEUED || outcome == FRONT_UNVERIFIED || outcome == FRONT_NO_SALT ||
+	       outcome == FRONT_UNROUTED || outcome == FRONT_UNSENT || outcome == FRONT_TOO_BIG ||
+	       outcome == FRONT_UNPARSED;
+}
+
+/* Counts the packet's outcome and returns its verdict (queue_or_drop's for what tc leaves to the queue). */
+static __always_inline int count_on(__u32 path, const struct segment *seg, __u32 outcome, int verdict)
+{
+	if (path == FRONT_PATH_TC && verdict == TC_ACT_OK && left_to_queue(outcome))
+		return queue_or_drop(counter_index(path, seg->family, outcome));
+	count_index(counter_index(path, seg->family, outcome));
 	if (outcome == FRONT_SYN_ANSWERED || (outcome >= FRONT_VALIDATED && outcome <= FRONT_FORWARDED_EXPIRED_EPOCH))
 		count_vip_port(seg, outcome);
 	return verdict;
@@ -1562,7 +1616,7 @@ static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment 
 	}
 	__u32 outcome = plan_encapsulation(ctx, xdp, copy, &flow, ENCAP_FLAG_ICMP, bpf_ktime_get_tai_ns(),
 					   FRONT_ICMP_FORWARDED, plan);
-	const struct icmp_limit *limit = bpf_map_lookup_elem(&icmp_limit, &zero);
+	const struct token_limit *limit = bpf_map_lookup_elem(&icmp_limit, &zero);
 	if (outcome == FRONT_ICMP_FORWARDED &&
 	    (!limit || !token_take(bpf_map_lookup_elem(&icmp_budget, &zero), limit->cost_ns, limit->credit_max_ns)))
 		return FRONT_ICMP_RATE_LIMITED;

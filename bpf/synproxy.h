@@ -207,6 +207,8 @@ enum front_counter {
 	FRONT_FASTOPEN_NO_DATA,
 	FRONT_FASTOPEN_RATE_LIMITED,
 	FRONT_FASTOPEN_TOO_BIG,
+	FRONT_QUEUE_RATE_LIMITED,     /* tc: what it would leave to the queue, beyond the queue's budget
+				       * (front.queue_packets_per_second): dropped */
 	FRONT_COUNTER_MAX,
 };
 

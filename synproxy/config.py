@@ -53,6 +53,11 @@ XDP_MODES = ("auto", "native", "generic")
 MIN_TFO_KEY_PERIOD_SECONDS = 60.0
 # front.workers: one NFQUEUE and one process per worker (docs/front.md); queues are numbered from queue_num.
 MAX_WORKERS = 1024
+# front.queue_packets_per_second's default, per worker: about a third of what one worker's handler
+# answered in the bench (synproxy-front-nfqueue, 28k SYNs/s, 2026-11-30 17:53 UTC), so a flood of what
+# the programs leave to the queue costs each worker at most about a third of a CPU (docs/front.md).
+QUEUE_PACKETS_PER_WORKER = 10_000
+MAX_QUEUE_PACKETS_PER_SECOND = 10**8
 MAX_QUEUE = 65535
 SECRET_COMMAND = "(umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' > {path})"
 
@@ -82,6 +87,7 @@ class FrontConfig:
     previous_table_seconds: float   # how long a moved flow is chained to its previous backend
     workers: int = 1                # queue-reading processes, on queues queue_num .. queue_num + workers - 1
     bgp: BgpConfig | None = None
+    queue_packets_per_second: int = QUEUE_PACKETS_PER_WORKER  # what the BPF programs leave to the queue, at most
 
 
 @dataclass(frozen=True)
@@ -289,6 +295,18 @@ def _workers(value: Any) -> int:
     return value
 
 
+def _queue_packets_per_second(value: Any) -> int | None:
+    """A rate of at least 1, or ``auto`` (None here: QUEUE_PACKETS_PER_WORKER per worker, once the workers
+    are known)."""
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer or auto, got {_shown(value)}")
+    if not 1 <= value <= MAX_QUEUE_PACKETS_PER_SECOND:
+        raise ValueError(f"must be between 1 and {MAX_QUEUE_PACKETS_PER_SECOND}, or auto, got {value}")
+    return value
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise TypeError(f"expected a non-empty string, got {_shown(value)}")
@@ -337,6 +355,7 @@ FRONT_SCHEMA = {
     "xdp_mode": _Field(_choice(*XDP_MODES), "auto"),
     "syn_reply": _Field(_choice(*SYN_REPLIES), "route"),
     "workers": _Field(_workers, 1),
+    "queue_packets_per_second": _Field(_queue_packets_per_second),  # None: auto
     "bgp": _Field({
         "local_as": _Field(_integer(1, 4294967294)),
         "peer_as": _Field(_integer(1, 4294967294)),
@@ -520,7 +539,9 @@ def parse_config(text: str, source: Path) -> Config:
         window_scaling=values["window_scaling"],
         fronts=values["fronts"], backends=tuple(entry["address"] for entry in values["backends"]),
         backend_entries=tuple(BackendEntry(**entry) for entry in values["backends"]),
-        front=FrontConfig(**{**values["front"], "bgp": BgpConfig(**values["front"]["bgp"])}),
+        front=FrontConfig(**{**values["front"], "bgp": BgpConfig(**values["front"]["bgp"]),
+                             "queue_packets_per_second": values["front"]["queue_packets_per_second"]
+                             or QUEUE_PACKETS_PER_WORKER * values["front"]["workers"]}),
         backend=BackendConfig(**values["backend"]), tfo=TfoConfig(**values["tfo"]),
         warnings=tuple(reader.warnings), lines=reader.lines)
 

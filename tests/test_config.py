@@ -13,7 +13,15 @@ import pytest
 from pyroute2 import NetNS
 
 from synproxy.cli import main
-from synproxy.config import BgpConfig, ConfigError, TfoConfig, load_config, read_secret, write_secret
+from synproxy.config import (
+    QUEUE_PACKETS_PER_WORKER,
+    BgpConfig,
+    ConfigError,
+    TfoConfig,
+    load_config,
+    read_secret,
+    write_secret,
+)
 from synproxy.maglev import FLOW_KEY_INFO, derive_flow_key
 from synproxy.netns import add_addresses, namespaces, unique_name
 from synproxy.salt import derive_key
@@ -64,7 +72,21 @@ def test_workers_default_to_one_and_auto_is_the_online_cpus(workdir, monkeypatch
     assert load_config(write(workdir, GOOD.replace("  queue_num: 3", "  workers: auto"))).front.workers == 6
 
 
+def test_the_queue_budget_defaults_to_a_share_per_worker(workdir):
+    """front.queue_packets_per_second: auto (the default) is QUEUE_PACKETS_PER_WORKER per worker."""
+    assert load_config(write(workdir, GOOD)).front.queue_packets_per_second == QUEUE_PACKETS_PER_WORKER
+    for setting, rate in (("workers: 3", 3 * QUEUE_PACKETS_PER_WORKER),
+                          ("workers: 3\n  queue_packets_per_second: auto", 3 * QUEUE_PACKETS_PER_WORKER),
+                          ("workers: 3\n  queue_packets_per_second: 500", 500)):
+        config = load_config(write(workdir, GOOD.replace("  queue_num: 3", f"  {setting}")))
+        assert config.front.queue_packets_per_second == rate, setting
+
+
 @pytest.mark.parametrize("change, expected", [
+    (("  queue_num: 3", "  queue_packets_per_second: 0"),
+     ":7: front.queue_packets_per_second: must be between 1 and 100000000, or auto, got 0"),
+    (("  queue_num: 3", "  queue_packets_per_second: lots"),
+     ":7: front.queue_packets_per_second: expected an integer or auto, got 'lots'"),
     (("ports: [80, 443]", "ports: [eighty]"), ":2: ports: expected an integer, got 'eighty'"),
     (("ports: [80, 443]", "ports: [80, 70000]"), ":2: ports: must be between 1 and 65535, got 70000"),
     (("ports: [80, 443]", "ports: 80"), ":2: ports: expected a list, got 80"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import os
 import random
 import socket
 import struct
@@ -44,7 +45,7 @@ from synproxy.bpf.libbpf import (
     xdp_attached_program,
     xdp_detach,
 )
-from synproxy.bpf.loading import MAP_KEY, build_object
+from synproxy.bpf.loading import MAP_KEY, build_object, per_cpu_token_bucket
 from synproxy.front import fastpath
 from synproxy.front.fastpath import FastPath, FastPathError
 from synproxy.front.handler import Action, FrontPolicy, handle
@@ -831,6 +832,45 @@ def test_udp_and_echoes_from_a_source_the_kernel_refuses_pass_uncounted_as_tcp_d
               frame_of(raw(layer(src=source, dst=vip) / echo / b"ping")), segment(source, vip, dport=PORT + 1)]
     for frame in frames:
         assert run(namespace, fast_path, frame, hook=hook) == (PASS[hook], frame, {}), frame.hex()
+
+
+def test_what_tc_leaves_to_the_queue_beyond_its_budget_is_dropped_and_counted(monkeypatch, namespace, fast_path, policy,
+                                                                              schedule, one_cpu):
+    """front.queue_packets_per_second, 3 a second on the one CPU the test runs on: of the SYN-ACKs (the
+    handler's invalid_flags) the tc program, the last hook before the queue, passes 3 unchanged and drops
+    the next 5, counted queue_rate_limited; 0.4 s later it passes one more, a fragment then (the handler's
+    malformed_fragment). The XDP program passes them all: the tc program decides alike after it, so each
+    takes one token, at tc."""
+    set_clock(monkeypatch, fast_path, policy, schedule, 1000 * PERIOD + 30)
+    syn_ack = segment("198.18.1.2", VIP4, flags="SA")
+    fragment = raw(Ether(dst=HOST_MAC) / IP(src="198.18.1.2", dst=VIP4, flags="MF") / TCP(dport=PORT, flags="A"))
+    assert [handle(frame[14:], 0, schedule, policy).outcome for frame in (syn_ack, fragment)] == [
+        "invalid_flags", "malformed_fragment"]
+    fast_path.queue_limit.update(MAP_KEY.pack(0), struct.pack("=QQ", 10**9 // 3, 10**9))
+    try:
+        at_xdp = run(namespace, fast_path, syn_ack, hook="xdp")
+        outcomes = [run(namespace, fast_path, syn_ack, hook="tc") for _ in range(8)]
+        time.sleep(0.4)
+        later = [run(namespace, fast_path, frame, hook="tc") for frame in (fragment, fragment)]
+    finally:
+        fast_path.configure(policy, schedule)
+    assert at_xdp == (XDP_PASS, syn_ack, {("queued", 4): 1})
+    assert outcomes[:3] == [(TC_ACT_OK, syn_ack, {("queued", 4): 1})] * 3
+    assert [outcome[::2] for outcome in outcomes[3:]] == [(TC_ACT_SHOT, {("queue_rate_limited", 4): 1})] * 5
+    assert later[0] == (TC_ACT_OK, fragment, {("unparsed", 4): 1})
+    assert later[1][::2] == (TC_ACT_SHOT, {("queue_rate_limited", 4): 1})
+
+
+def test_the_queue_budget_is_the_policys_shared_out_between_the_cpus(namespace, fast_path, policy, schedule):
+    """configure() writes front.queue_packets_per_second (FrontPolicy.queue_packets_per_second) as each
+    CPU's share, as the ICMP budget; 0, a policy without one, writes no limit."""
+    try:
+        fast_path.configure(dataclasses.replace(policy, queue_packets_per_second=20_000), schedule)
+        written = fast_path.queue_limit.lookup(MAP_KEY.pack(0))
+    finally:
+        fast_path.configure(policy, schedule)
+    assert struct.unpack("=QQ", written) == per_cpu_token_bucket(20_000, os.cpu_count() or 1)
+    assert fast_path.queue_limit.lookup(MAP_KEY.pack(0)) == bytes(16)
 
 
 def test_icmp_errors_beyond_the_budget_are_dropped_and_counted(monkeypatch, namespace, fast_path, policy, schedule,

@@ -72,13 +72,13 @@ TC_HANDLE = TC_PRIORITY = 0x5346  # "SF": the backend program uses "SP", so one 
 OUTCOMES = ("not_protected", "queued", "unverified", "no_salt", "syn_answered", "unrouted", "unsent",
             "validated", "forwarded", "forwarded_bad_mac", "forwarded_expired_epoch", "too_big", "unparsed",
             "icmp_forwarded", "icmp_rate_limited", "icmp_not_protected", "fastopen_cookie_issued",
-            "fastopen_accepted", *(f"fastopen_{reason}" for reason in FASTOPEN_FALLBACKS))
+            "fastopen_accepted", *(f"fastopen_{reason}" for reason in FASTOPEN_FALLBACKS), "queue_rate_limited")
 FAMILIES = (4, 6)
 PATHS = ("tc", "xdp")  # enum front_path: which program counted
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}  # tried in this order
 _CONFIG = struct.Struct("=Qq2HBBBBBB6xQ")  # struct front_config
 _FORWARDING = struct.Struct("=4s2sHQ16s16s")  # struct front_forwarding
-_ICMP_LIMIT = struct.Struct("=QQ")  # struct icmp_limit: cost_ns, credit_max_ns
+_TOKEN_LIMIT = struct.Struct("=QQ")  # struct token_limit: cost_ns, credit_max_ns
 # struct fastopen_key: period_ns, key_period, primary, backup, budget_cost_ns, budget_credit_ns
 _FASTOPEN_KEY = struct.Struct("=QQ16s16sQQ")
 _OWNERS = struct.Struct("4s8s")  # struct maglev_owners: the current owner, then previous and earlier (IPv4)
@@ -107,7 +107,8 @@ class FastPath:
             self.xdp_prog_fd = self.object.program_fd(XDP_PROGRAM)
             self.forwarding = sized_map(self.object, "forwarding", _FORWARDING.size)
             self.maglev = sized_map(self.object, "maglev", _OWNERS.size)
-            self.icmp_limit = sized_map(self.object, "icmp_limit", _ICMP_LIMIT.size)
+            self.icmp_limit = sized_map(self.object, "icmp_limit", _TOKEN_LIMIT.size)
+            self.queue_limit = sized_map(self.object, "queue_limit", _TOKEN_LIMIT.size)
             self.fastopen_key = sized_map(self.object, "fastopen_key", _FASTOPEN_KEY.size)
             self.vip_port_counters = sized_map(self.object, "vip_port_counters", VIP_PORT_COUNTS.size)
         except BaseException:
@@ -140,8 +141,11 @@ class FastPath:
             self.write_protected(policy)
             self.write_maglev(policy)
             # The shell's rate (handler.ICMP_ERRORS_PER_SECOND), shared out between the CPUs.
-            self.icmp_limit.update(MAP_KEY.pack(0), _ICMP_LIMIT.pack(
+            self.icmp_limit.update(MAP_KEY.pack(0), _TOKEN_LIMIT.pack(
                 *per_cpu_token_bucket(ICMP_ERRORS_PER_SECOND, os.cpu_count() or 1)))
+            # front.queue_packets_per_second, likewise (0, no budget: the map's zeros).
+            self.queue_limit.update(MAP_KEY.pack(0), _TOKEN_LIMIT.pack(
+                *per_cpu_token_bucket(policy.queue_packets_per_second, os.cpu_count() or 1)))
         except BpfError as error:
             raise FastPathError(f"filling the fast path's maps failed: {error.strerror}") from None
         self._generation = 0  # the programs copy the VIPs with the salts and forwarding: a new generation

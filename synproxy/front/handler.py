@@ -110,6 +110,9 @@ class FrontPolicy:
     window_scaling: bool = True  # answer a client's window scale, and record it in the cookie
     farm_mtu: int = 1500
     syn_reply: str = "route"  # front.syn_reply: where the kernel data plane sends a SYN-ACK (docs/front.md)
+    # front.queue_packets_per_second: the most the kernel data plane leaves to the queue, whose reader this
+    # handler is; 0: no budget.
+    queue_packets_per_second: int = 0
     weights: tuple[int, ...] = ()          # per backend; () = all 1
     draining: tuple[tuple[bytes, int], ...] = ()  # (address, weight): chained to, never new connections
     down: frozenset[bytes] = frozenset()    # never chained to: their connections reset
