@@ -32,9 +32,9 @@ def scrape(netns: str) -> dict[str, float]:
     return {sample.name: sample.value for sample in samples(netns) if not sample.labels}
 
 
-def logged(process, log: list[dict], events: tuple[str, ...]) -> dict:
+def logged(process, log: list[dict], events: tuple[str, ...], seconds: float = 10) -> dict:
     """The node's log (read from its stderr) up to the next of ``events``, which is returned."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + seconds
     while True:
         assert select.select([process.stderr], [], [], max(0.0, deadline - time.monotonic()))[0], \
             f"none of {events} logged"
@@ -101,9 +101,10 @@ def test_a_reload_a_worker_refuses_is_counted(namespace, tmp_path):  # noqa: F81
         finally:
             for pid in workers:
                 os.kill(pid, signal.SIGCONT)
-        refused = [logged(process, log, ("config_reload_failed",)) for _ in workers]
+        # Generous: with 10 s it failed once while a bench flooded this shared machine (cause not established).
+        refused = [logged(process, log, ("config_reload_failed",), seconds=30) for _ in workers]
         assert {entry["queue"] for entry in refused} == {0, 1}
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 15
         while scrape(namespace)["synproxy_front_config_reload_failures_total"] != 2:
             assert time.monotonic() < deadline, "the workers' refusals were not counted"
             time.sleep(0.1)
