@@ -99,7 +99,7 @@ struct {
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct route_back_proof);
-} route_back_proof SEC(".maps");
+} route_proof SEC(".maps");
 
 /* The probe's lookup, per CPU, family and ingress interface (the lookup is the forwarding of a packet that
  * came in there: the interface's forwarding setting counts), used for ROUTE_CACHE_NS by the coarse clock
@@ -200,7 +200,7 @@ static __noinline int copy_maps(struct local_copy *copy, __u64 generation)
 			__builtin_memset(&copy->salts[i], 0, sizeof(copy->salts[i]));
 	}
 	/* Word by word: clang inlines no memcpy this long. */
-	const __u64 *proof = bpf_map_lookup_elem(&route_back_proof, &zero);
+	const __u64 *proof = bpf_map_lookup_elem(&route_proof, &zero);
 	__u64 *proof_copy = (__u64 *)&copy->route_back;
 	for (__u32 i = 0; i < sizeof(copy->route_back) / 8; i++)
 		proof_copy[i] = proof ? proof[i] : 0;
@@ -833,7 +833,7 @@ static __always_inline int fib_lookup_back(void *ctx, __u32 ifindex, const struc
 	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 }
 
-/* Is `address` routed as the default route says, by the control plane's proof (struct route_back_proof)? Not
+/* Is `address` routed as the default route says, by the control plane's proof (`route_proof`)? Not
  * when the proof is off or the address lies in one of the routes it excepts. */
 static __always_inline int routed_by_default(const struct route_back_family *proof, const __u8 address[16])
 {

@@ -111,7 +111,7 @@ class FastPath:
             self.icmp_limit = sized_map(self.object, "icmp_limit", _ICMP_LIMIT.size)
             self.fastopen_key = sized_map(self.object, "fastopen_key", _FASTOPEN_KEY.size)
             self.vip_port_counters = sized_map(self.object, "vip_port_counters", VIP_PORT_COUNTS.size)
-            self.route_back_proof = sized_map(self.object, "route_back_proof", PROOFS_SIZE)
+            self.route_proof = sized_map(self.object, "route_proof", PROOFS_SIZE)
         except BaseException:
             self.object.close()
             raise
@@ -262,7 +262,7 @@ class FastPath:
             log("route_back_unproved", family="ipv4, ipv6", reason=f"no netlink socket: {error.strerror}")
 
     def refresh_route_back(self) -> bool:
-        """The proofs into route_back_proof when the routing may have changed; True when the element
+        """The proofs into route_proof when the routing may have changed; True when the element
         changed (the programs then need a new generation to copy it)."""
         if self.route_watch is None:
             return False
@@ -285,7 +285,7 @@ class FastPath:
         if value == self._route_back_written:
             return False
         try:
-            self.route_back_proof.update(MAP_KEY.pack(0), value)
+            self.route_proof.update(MAP_KEY.pack(0), value)
         except BpfError:
             self.route_watch.stale = True  # written again at the next refresh
             raise
