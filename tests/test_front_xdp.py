@@ -695,6 +695,31 @@ def test_a_route_added_for_a_default_routed_client_is_followed_once_the_control_
     assert next_hop_of(namespace, fast_path, moved4, hook, policy, schedule) == "default"
 
 
+def test_a_new_default_gateway_unresolved_is_left_as_without_the_shortcut(hook, monkeypatch, namespace, fast_path,
+                                                                          policy, schedule):
+    """The default route moved to a gateway without a neighbour entry: the kept next hop is dropped at the
+    refresh (a new proof), the probe's lookup finds no neighbour and is not kept, and the client's own
+    lookup decides as before: XDP passes the SYN to the queue (no bpf_redirect_neigh), tc answers it
+    through bpf_redirect_neigh."""
+    frame = syn("198.18.1.2", VIP4)
+    refreshed(monkeypatch, fast_path, policy, schedule)
+    assert next_hop_of(namespace, fast_path, frame, hook, policy, schedule) == "default"  # kept
+    netns.run(namespace, ["ip", "route", "replace", "default", "via", "10.99.0.3"])  # no neighbour entry
+    try:
+        refreshed(monkeypatch, fast_path, policy, schedule)
+        assert fast_path.proofs[4].next_hop.startswith("10.99.0.3 ")
+        verdict, out, changed = run(namespace, fast_path, frame, hook=hook)
+        if hook == "xdp":
+            assert (verdict, out, changed) == (XDP_PASS, frame, {("unrouted", 4): 1})
+        else:
+            assert (verdict, changed) == (TC_ACT_REDIRECT, {("syn_answered", 4): 1})
+            assert without_clock(out[14:]) == without_clock(handle(frame[14:], PROVED_AT, schedule, policy).packet)
+    finally:
+        netns.run(namespace, ["ip", "route", "replace", "default", "via", GATEWAY4])
+    refreshed(monkeypatch, fast_path, policy, schedule)
+    assert next_hop_of(namespace, fast_path, frame, hook, policy, schedule) == "default"
+
+
 @pytest.mark.parametrize("change, refused", [
     ((["ip", "rule", "add", "to", "198.18.0.0/16", "lookup", "100", "pref", "100"],
       ["ip", "route", "add", "default", "via", OTHER_GATEWAY4, "table", "100"]), "policy rules"),

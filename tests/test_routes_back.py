@@ -28,7 +28,7 @@ def route(network: str, table: int = MAIN_TABLE, unicast: bool = True, via_gatew
     return Route(table, ipaddress.ip_network(network), unicast, via_gateway, plain)
 
 
-DEFAULT4 = route("0.0.0.0/0", via_gateway=True)
+DEFAULT4 = Route(MAIN_TABLE, ipaddress.ip_network("0.0.0.0/0"), True, True, True, "10.99.0.2 dev 2")
 DEFAULT6 = route("::/0", via_gateway=True)
 # A front's usual tables: its subnet, its own addresses and loopback in the local table.
 ROUTES4 = [DEFAULT4, route("10.99.0.0/24"), route("10.99.0.1/32", LOCAL_TABLE, unicast=False),
@@ -40,7 +40,7 @@ ROUTES6 = [DEFAULT6, route("fd00:99::/64"), route("fe80::/64"), route("fd00:99::
 def test_a_single_gateway_is_proved_with_the_other_routes_as_exceptions_covered_ones_merged():
     proof = prove(4, rules(4), ROUTES4)
     assert proof == Proof((ipaddress.ip_network("10.99.0.0/24"), ipaddress.ip_network("127.0.0.0/8")),
-                          ipaddress.ip_address("1.0.0.1"), refused="")
+                          ipaddress.ip_address("1.0.0.1"), refused="", next_hop="10.99.0.2 dev 2")
     proof6 = prove(6, rules(6), ROUTES6)
     assert not proof6.refused and [str(n) for n in proof6.exceptions] == ["fd00:99::/64", "fe80::/64", "ff00::/8"]
     assert str(proof6.probe) == "2000::1"

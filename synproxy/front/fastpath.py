@@ -133,8 +133,7 @@ class FastPath:
         self._fastopen_written = b""
         self._maglev_written: list[tuple[bytes, bytes] | None] = [None] * DEFAULT_TABLE_SIZE
         self.route_watch: RouteWatch | None = None  # watch_routes_back(): none, no proof (a lookup per SYN)
-        self.proofs: dict[int, Proof] = {}
-        self._route_back_written = b""
+        self.proofs: dict[int, Proof] = {}  # as route_proof holds them
 
     def configure(self, policy: FrontPolicy, schedule: SaltSchedule) -> None:
         """What the program protects and announces, then the salts and the clock (refresh())."""
@@ -262,8 +261,8 @@ class FastPath:
             log("route_back_unproved", family="ipv4, ipv6", reason=f"no netlink socket: {error.strerror}")
 
     def refresh_route_back(self) -> bool:
-        """The proofs into route_proof when the routing may have changed; True when the element
-        changed (the programs then need a new generation to copy it)."""
+        """The proofs into route_proof when the routing may have changed; True when a proof changed (the
+        programs then need a new generation: to copy it, and to drop the next hops they kept)."""
         if self.route_watch is None:
             return False
         try:
@@ -280,16 +279,14 @@ class FastPath:
                 else:
                     log("route_back_proved", family=f"ipv{family}", probe=str(proof.probe),
                         exceptions=[str(network) for network in proof.exceptions])
-        value = proofs[4].packed() + proofs[6].packed()
-        self.proofs = proofs
-        if value == self._route_back_written:
+        if proofs == self.proofs:
             return False
         try:
-            self.route_proof.update(MAP_KEY.pack(0), value)
+            self.route_proof.update(MAP_KEY.pack(0), proofs[4].packed() + proofs[6].packed())
         except BpfError:
             self.route_watch.stale = True  # written again at the next refresh
             raise
-        self._route_back_written = value
+        self.proofs = proofs
         return True
 
     def refresh_fastopen_key(self, policy: FrontPolicy, now: float) -> None:

@@ -65,14 +65,18 @@ class Route:
     unicast: bool
     via_gateway: bool
     plain: bool  # one nexthop given inline, no TOS, no source prefix, nothing else _DEFAULT_ROUTE_ATTRIBUTES lacks
+    next_hop: str = ""  # its gateway and interface, as the dump gives them
 
 
 @dataclass(frozen=True)
 class Proof:
-    """Every client address outside `exceptions` is routed as `probe` is; `refused` says why not, if not."""
+    """Every client address outside `exceptions` is routed as `probe` is, to the default route's `next_hop`;
+    `refused` says why not, if not. A new next hop is a new proof, though the programs' map does not hold
+    it: their kept lookups are then dropped at once, not after ROUTE_CACHE_NS."""
     exceptions: tuple[Network, ...] = ()
     probe: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     refused: str = "not proved"
+    next_hop: str = ""
 
     def packed(self) -> bytes:
         """struct route_back_family."""
@@ -109,7 +113,7 @@ def prove(family: int, rules: list[Rule], routes: list[Route]) -> Proof:
                   if not any(address in network for network in exceptions)), None)
     if probe is None:
         return Proof(refused="no address left to the default route")
-    return Proof(exceptions, probe, refused="")
+    return Proof(exceptions, probe, refused="", next_hop=default.next_hop)
 
 
 def _probe_candidates(family: int):
@@ -134,7 +138,8 @@ def _route_of(family: int, message) -> Route:
                  network=ipaddress.ip_network(f"{destination}/{message['dst_len']}", strict=False),
                  unicast=message["type"] == rt_type["unicast"],
                  via_gateway=bool(names & {"RTA_GATEWAY", "RTA_VIA"}),
-                 plain=not message["tos"] and not message["src_len"] and names <= _DEFAULT_ROUTE_ATTRIBUTES)
+                 plain=not message["tos"] and not message["src_len"] and names <= _DEFAULT_ROUTE_ATTRIBUTES,
+                 next_hop=f"{message.get_attr('RTA_GATEWAY') or message.get_attr('RTA_VIA')} dev {message.get_attr('RTA_OIF')}")
 
 
 class RouteWatch:
