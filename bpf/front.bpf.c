@@ -61,13 +61,6 @@ struct vip_entry {
 	__u8 pad[6];
 };
 
-/* Each CPU's copy of the `forwarding` element, the `salts` slots and the `protected_vips`, as of
- * config's generation: the hash lookups (20-50 ns each, benchmarks/front_xdp_stages.py) a packet made
- * become one inlined per-CPU array lookup and a compare. The loader writes the maps first, then a new
- * generation in `config`; a CPU whose copy is of another generation copies them again before using
- * them, so no copy is used after the packet that first sees the new generation. A generation is
- * random, not counted: a reader racing the loader's in-place write of `config` could read a mix of two,
- * which then never comes back. */
 /* The route back to clients the control plane proved (synproxy/front/routes_back.py, docs/front.md, "The
  * SYN-ACK's way back"): with the kernel's default policy rules and one single-nexthop default route via a
  * gateway, every client address outside the routes other than the default one (the `exceptions`, each
@@ -114,6 +107,13 @@ struct next_hop_back {
 	__u8 smac[ETH_ALEN];
 };
 
+/* Each CPU's copy of the `forwarding` element, the `salts` slots, the `protected_vips` and the
+ * `route_proof`, as of config's generation (with the next hops back it looked up under it): the hash lookups (20-50 ns each, benchmarks/front_xdp_stages.py) a packet made
+ * become one inlined per-CPU array lookup and a compare. The loader writes the maps first, then a new
+ * generation in `config`; a CPU whose copy is of another generation copies them again before using
+ * them, so no copy is used after the packet that first sees the new generation. A generation is
+ * random, not counted: a reader racing the loader's in-place write of `config` could read a mix of two,
+ * which then never comes back. */
 struct local_copy {
 	__u64 generation;    /* config's when copied; 0: never */
 	__u32 has_forwarding;
@@ -856,7 +856,8 @@ static __always_inline int routed_by_default(const struct route_back_family *pro
 
 /* The longest SYN-ACK (IP header, the longest TCP header): the probe's lookup checks the route's MTU for
  * it, so its answer holds for every shorter one. */
-#define SYN_ACK_LONGEST(family) ((family) == 4 ? sizeof(struct iphdr) + MAX_TCP_HEADER : sizeof(struct ipv6hdr) + MAX_TCP_HEADER)
+#define SYN_ACK_LONGEST(family) \
+	(((family) == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr)) + MAX_TCP_HEADER)
 
 /* The route back to the client: the egress interface and MAC addresses left in `fib`, and bpf_fib_lookup's
  * result (or its cached SUCCESS). A client the control plane's proof covers (routed_by_default) gets this
