@@ -183,7 +183,7 @@ class RouteWatch:
             try:
                 rules = [_rule_of(message) for message in self.dumps.get_rules(family=address_family)]
                 routes = [_route_of(family, message) for message in self.dumps.get_routes(family=address_family)]
-            except (OSError, NetlinkError) as error:  # e.g. IPv6 disabled: that family's lookups as before
+            except (OSError, NetlinkError, ValueError) as error:  # e.g. IPv6 disabled: lookups as before
                 found[family] = Proof(refused=f"the routing dump failed: {error}")
                 self.stale = True
                 continue
