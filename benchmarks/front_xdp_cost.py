@@ -101,6 +101,8 @@ def measure(object_path, runs: int, repetitions: int, program: str = "xdp") -> d
         loaded, to_sender = FastPath(object_path), FastPath(object_path)
         floor = BpfObject(build_object("xdp_pass"))
         try:
+            with netns.inside(name):  # the route back proved from the routing the runs look routes up in
+                loaded.watch_routes_back()
             loaded.configure(policy, schedule)
             to_sender.configure(dataclasses.replace(policy, syn_reply="ingress"), schedule)
             for _ in range(repetitions):

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from benchmarks.front_xdp_cost import ETHERNET, cost_namespace, packets, per_run, policy_and_schedule
+from synproxy import netns
 from synproxy.bpf.loading import bpf_dir, build_object
 from synproxy.front.fastpath import FastPath
 
@@ -96,6 +97,8 @@ def measure(runs: int, repetitions: int, program: str, syn_reply: str) -> dict[t
             for stage, directory in variant_sources(Path(scratch)).items():
                 os.environ["SYNPROXY_BPF_DIR"] = str(directory)
                 loaded[stage] = FastPath(build_object("front"))
+                with netns.inside(name):  # the route back proved from the routing the runs look routes up in
+                    loaded[stage].watch_routes_back()
                 loaded[stage].configure(policy, schedule)
             for _ in range(repetitions):
                 frames = packets(policy, schedule, time.time())

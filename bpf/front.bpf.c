@@ -61,8 +61,54 @@ struct vip_entry {
 	__u8 pad[6];
 };
 
-/* Each CPU's copy of the `forwarding` element, the `salts` slots and the `protected_vips`, as of
- * config's generation: the hash lookups (20-50 ns each, benchmarks/front_xdp_stages.py) a packet made
+/* The route back to clients the control plane proved (synproxy/front/routes_back.py, docs/front.md, "The
+ * SYN-ACK's way back"): with the kernel's default policy rules and one single-nexthop default route via a
+ * gateway, every client address outside the routes other than the default one (the `exceptions`, each
+ * prefix as a network and a mask in the 16-byte form) is routed to that gateway, so one bpf_fib_lookup
+ * (for `probe`, an address outside them) answers for all of them. Family [0] IPv4, [1] IPv6; not
+ * `enabled` (or no element): every SYN's own lookup, as without the shortcut. */
+#define ROUTE_BACK_EXCEPTIONS 32
+struct route_back_prefix {
+	__u64 network[2];
+	__u64 mask[2];
+};
+
+struct route_back_family {
+	__u32 enabled;
+	__u32 exceptions_count;
+	__u8 probe[16];
+	struct route_back_prefix exceptions[ROUTE_BACK_EXCEPTIONS];
+};
+
+struct route_back_proof {
+	struct route_back_family family[2];
+};
+
+/* Written by the loader, replaced whole under RCU (not preallocated: a replaced element is not reused
+ * under a reader), then a new `config` generation: the CPUs copy it with the rest. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct route_back_proof);
+} route_proof SEC(".maps");
+
+/* The probe's lookup, per CPU, family and ingress interface (the lookup is the forwarding of a packet that
+ * came in there: the interface's forwarding setting counts), used for ROUTE_CACHE_NS by the coarse clock
+ * and under the copy's generation only. */
+#define NEXT_HOP_BACK_SLOTS 4
+struct next_hop_back {
+	__u64 checked_ns; /* bpf_ktime_get_coarse_ns() of the lookup */
+	__u64 generation; /* the copy's when looked up; 0: empty */
+	__u32 ingress_ifindex;
+	__u32 ifindex;
+	__u8 dmac[ETH_ALEN];
+	__u8 smac[ETH_ALEN];
+};
+
+/* Each CPU's copy of the `forwarding` element, the `salts` slots, the `protected_vips` and the
+ * `route_proof`, as of config's generation (with the next hops back it looked up under it): the hash lookups (20-50 ns each, benchmarks/front_xdp_stages.py) a packet made
  * become one inlined per-CPU array lookup and a compare. The loader writes the maps first, then a new
  * generation in `config`; a CPU whose copy is of another generation copies them again before using
  * them, so no copy is used after the packet that first sees the new generation. A generation is
@@ -75,6 +121,8 @@ struct local_copy {
 	struct front_forwarding forwarding;
 	struct salt_slot salts[COOKIE_EPOCH_SLOTS]; /* a slot absent from the map: zeroed (not valid) */
 	struct vip_entry vips[VIP_TABLE_SLOTS];     /* protected_vips */
+	struct route_back_proof route_back;         /* zeroed (disabled) without the map's element */
+	struct next_hop_back next_hops_back[2][NEXT_HOP_BACK_SLOTS]; /* written by the SYN path */
 };
 
 /* Where a VIP's probes start in the copy's table: Knuth's multiplicative hash of its words. */
@@ -151,6 +199,11 @@ static __noinline int copy_maps(struct local_copy *copy, __u64 generation)
 		else
 			__builtin_memset(&copy->salts[i], 0, sizeof(copy->salts[i]));
 	}
+	/* Word by word: clang inlines no memcpy this long. */
+	const __u64 *proof = bpf_map_lookup_elem(&route_proof, &zero);
+	__u64 *proof_copy = (__u64 *)&copy->route_back;
+	for (__u32 i = 0; i < sizeof(copy->route_back) / 8; i++)
+		proof_copy[i] = proof ? proof[i] : 0;
 	struct vip_refill refill = {copy};
 	copy->vips_overflow = 0;
 	bpf_loop(VIP_TABLE_SLOTS, clear_vip_entry, &refill, 0);
@@ -812,10 +865,10 @@ static __always_inline int copy_tcp_header(void *ctx, int xdp, __u32 offset, __u
 	return !load_bytes(ctx, xdp, offset, to, length);
 }
 
-/* The route back to the client, looked up as the kernel would forward the SYN-ACK it got from the queue.
- * Returns the bpf_fib_lookup result; the egress interface and MAC addresses are left in `fib`. */
-static __always_inline int route_back(void *ctx, __u32 ifindex, const struct segment *seg, __u32 length,
-				      struct bpf_fib_lookup *fib)
+/* The lookup of the route back to `client`, as the kernel would forward the SYN-ACK it got from the queue:
+ * `fib` filled for it (the SYN-ACK's addresses, ports and `length`), then bpf_fib_lookup's result. */
+static __always_inline int fib_lookup_back(void *ctx, __u32 ifindex, const struct segment *seg, const __u8 client[16],
+					   __u32 length, struct bpf_fib_lookup *fib)
 {
 	fib->l4_protocol = IPPROTO_TCP;
 	fib->sport = seg->dport;
@@ -825,13 +878,78 @@ static __always_inline int route_back(void *ctx, __u32 ifindex, const struct seg
 	if (seg->family == 4) {
 		fib->family = AF_INET;
 		__builtin_memcpy(&fib->ipv4_src, &seg->daddr[12], 4);
-		__builtin_memcpy(&fib->ipv4_dst, &seg->saddr[12], 4);
+		__builtin_memcpy(&fib->ipv4_dst, &client[12], 4);
 	} else {
 		fib->family = AF_INET6;
 		__builtin_memcpy(fib->ipv6_src, seg->daddr, 16);
-		__builtin_memcpy(fib->ipv6_dst, seg->saddr, 16);
+		__builtin_memcpy(fib->ipv6_dst, client, 16);
 	}
 	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+}
+
+/* Is `address` routed as the default route says, by the control plane's proof (`route_proof`)? Not
+ * when the proof is off or the address lies in one of the routes it excepts. */
+static __always_inline int routed_by_default(const struct route_back_family *proof, const __u8 address[16])
+{
+	__u64 words[2];
+
+	if (!proof->enabled)
+		return 0;
+	__builtin_memcpy(words, address, 16);
+#pragma unroll
+	for (__u32 i = 0; i < ROUTE_BACK_EXCEPTIONS; i++) {
+		const struct route_back_prefix *prefix = &proof->exceptions[i];
+
+		if (i >= proof->exceptions_count)
+			break;
+		if ((words[0] & prefix->mask[0]) == prefix->network[0] && (words[1] & prefix->mask[1]) == prefix->network[1])
+			return 0;
+	}
+	return 1;
+}
+
+/* The longest SYN-ACK (IP header, the longest TCP header): the probe's lookup checks the route's MTU for
+ * it, so its answer holds for every shorter one. */
+#define SYN_ACK_LONGEST(family) \
+	(((family) == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr)) + MAX_TCP_HEADER)
+
+/* The route back to the client: the egress interface and MAC addresses left in `fib`, and bpf_fib_lookup's
+ * result (or its cached SUCCESS). A client the control plane's proof covers (routed_by_default) gets this
+ * CPU's cached lookup of the proof's probe, younger than ROUTE_CACHE_NS and of the copy's generation,
+ * else a new one; every other client (and a probe lookup that did not succeed: no neighbour yet, an MTU
+ * too small, ...) its own lookup, as the kernel would forward the queue's SYN-ACK. */
+static __always_inline int route_back(void *ctx, struct local_copy *copy, __u32 ifindex, const struct segment *seg,
+				      __u32 length, struct bpf_fib_lookup *fib)
+{
+	__u32 v6 = seg->family != 4;
+	const struct route_back_family *proof = &copy->route_back.family[v6 & 1];
+
+	if (routed_by_default(proof, seg->saddr)) {
+		struct next_hop_back *cached = &copy->next_hops_back[v6 & 1][ifindex & (NEXT_HOP_BACK_SLOTS - 1)];
+		__u64 now_ns = bpf_ktime_get_coarse_ns();
+
+		if (cached->generation != copy->generation || cached->ingress_ifindex != ifindex ||
+		    now_ns - cached->checked_ns >= ROUTE_CACHE_NS) {
+			if (fib_lookup_back(ctx, ifindex, seg, proof->probe, SYN_ACK_LONGEST(seg->family), fib) !=
+			    BPF_FIB_LKUP_RET_SUCCESS) {
+				cached->generation = 0;
+				__builtin_memset(fib, 0, sizeof(*fib));
+				return fib_lookup_back(ctx, ifindex, seg, seg->saddr, length, fib);
+			}
+			cached->checked_ns = now_ns;
+			cached->generation = copy->generation;
+			cached->ingress_ifindex = ifindex;
+			cached->ifindex = fib->ifindex;
+			__builtin_memcpy(cached->dmac, fib->dmac, ETH_ALEN);
+			__builtin_memcpy(cached->smac, fib->smac, ETH_ALEN);
+			return BPF_FIB_LKUP_RET_SUCCESS;
+		}
+		fib->ifindex = cached->ifindex;
+		__builtin_memcpy(fib->dmac, cached->dmac, ETH_ALEN);
+		__builtin_memcpy(fib->smac, cached->smac, ETH_ALEN);
+		return BPF_FIB_LKUP_RET_SUCCESS;
+	}
+	return fib_lookup_back(ctx, ifindex, seg, seg->saddr, length, fib);
 }
 
 /* The next hop back to the client when the operator says it is the neighbour the SYN came from
@@ -850,12 +968,13 @@ static __always_inline int reply_to_sender(void *ctx, int xdp, __u32 ifindex, st
 }
 
 /* Where the SYN-ACK goes, as front.syn_reply says: route_back's answer, or reply_to_sender's. */
-static __always_inline int next_hop_back(void *ctx, int xdp, const struct front_config *cfg, __u32 ifindex,
-					 const struct segment *seg, __u32 length, struct bpf_fib_lookup *fib)
+static __always_inline int next_hop_back(void *ctx, int xdp, const struct front_config *cfg,
+					 struct local_copy *copy, __u32 ifindex, const struct segment *seg, __u32 length,
+					 struct bpf_fib_lookup *fib)
 {
 	if (cfg->syn_reply_ingress)
 		return reply_to_sender(ctx, xdp, ifindex, fib);
-	return route_back(ctx, ifindex, seg, length, fib);
+	return route_back(ctx, copy, ifindex, seg, length, fib);
 }
 
 /* A SYN-ACK's IP and TCP headers, ready to replace the SYN's. */
@@ -1063,7 +1182,7 @@ static __always_inline void count_fastopen(__u32 path, const struct segment *seg
 }
 
 static __noinline int answer_syn(struct __sk_buff *skb, const struct segment *seg,
-				      const struct front_config *cfg, const struct local_copy *copy)
+				      const struct front_config *cfg, struct local_copy *copy)
 {
 	struct syn_ack answer = {};
 	__u32 outcome = prepare_syn_ack(skb, 0, seg, cfg, copy, skb->len, &answer);
@@ -1075,7 +1194,7 @@ static __noinline int answer_syn(struct __sk_buff *skb, const struct segment *se
 	__u32 ip_length = ip_header_length(seg->family);
 	__u32 reply_length = answer.tcp_length & 0x3c;
 	struct bpf_fib_lookup fib = {};
-	int route = next_hop_back(skb, 0, cfg, skb->ifindex, seg, ip_length + reply_length, &fib);
+	int route = next_hop_back(skb, 0, cfg, copy, skb->ifindex, seg, ip_length + reply_length, &fib);
 	if (route != BPF_FIB_LKUP_RET_SUCCESS && route != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return count(seg, FRONT_UNROUTED, TC_ACT_OK); /* the kernel's own routing decides */
 
@@ -1150,7 +1269,7 @@ static __always_inline int write_syn_ack(struct xdp_md *ctx, const struct bpf_fi
 
 /* Its own BPF function (as forward() is): inlined together, their stack frames would not fit in 512 bytes. */
 static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *seg, const struct front_config *cfg,
-					  const struct local_copy *copy)
+					  struct local_copy *copy)
 {
 	__u32 frame_length = ctx->data_end - ctx->data;
 	struct syn_ack answer = {};
@@ -1164,7 +1283,7 @@ static __noinline int answer_syn_xdp(struct xdp_md *ctx, const struct segment *s
 	__u32 reply_length = answer.tcp_length & 0x3c;
 	struct bpf_fib_lookup fib = {};
 	/* An unresolved neighbour too: XDP has no bpf_redirect_neigh, the kernel resolves it for the queue. */
-	if (next_hop_back(ctx, 1, cfg, ctx->ingress_ifindex, seg, ip_length + reply_length, &fib) !=
+	if (next_hop_back(ctx, 1, cfg, copy, ctx->ingress_ifindex, seg, ip_length + reply_length, &fib) !=
 	    BPF_FIB_LKUP_RET_SUCCESS)
 		return count_xdp(seg, FRONT_UNROUTED, XDP_PASS);
 	/* Linux's SYN (MSS, SACK, timestamps, window scale) is as long as its SYN-ACK: no helper call. */

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 
 from synproxy.bpf.libbpf import program_maps, tc_attached_program, xdp_attached_program
 from synproxy.bpf.loading import MAP_KEY
-from synproxy.front import fastpath
+from synproxy.front import fastpath, routes_back
 from synproxy.front.fastpath import TC_HANDLE, TC_PRIORITY
 from synproxy.lab.topology import PORTS, VIP, VIP6, Lab
 from synproxy.netns import inside
@@ -56,6 +57,21 @@ def test_clients_of_both_families_connect_with_the_kernel_doing_its_part(lab):
         assert moved[first, "forwarded_bad_mac", family] + moved[first, "forwarded_expired_epoch", family] > 0
         assert sum(value for (path, outcome, fam), value in moved.items() if path == "queue" and fam == family
                    and (outcome == "validated" or outcome.startswith("forwarded"))) == 0
+
+
+def test_every_front_proves_the_route_back_to_clients_of_both_families(lab):
+    """A lab front's routing (a default route via the router, its subnet, the VIPs' blackholes) proves
+    the SYN-ACKs' way back (docs/front.md, "The SYN-ACK's way back"): the programs answer the clients'
+    and the flood's SYNs (the tests around this one) without a route lookup per SYN."""
+    for host in lab.by_role("front"):
+        tc, xdp = attached_programs(lab, host.name)
+        value = program_maps(xdp or tc)["route_proof"].lookup(MAP_KEY.pack(0))
+        half = len(value) // 2
+        for family, proof in zip(FAMILIES, (value[:half], value[half:])):
+            enabled, exceptions = struct.unpack_from("=II", proof)
+            assert enabled == 1 and 0 < exceptions <= routes_back.MAX_EXCEPTIONS, (host.name, family)
+    result = clients(lab, 10)
+    assert result["failed"] == 0, result["errors"]
 
 
 def test_a_flood_is_answered_in_the_kernel_and_no_syn_reaches_a_backend(lab):

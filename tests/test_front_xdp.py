@@ -12,6 +12,7 @@ neighbour entry is permanent (XDP cannot resolve one).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -110,6 +111,18 @@ def namespace():
             netns.run(name, ["ip", "route", "add", "unreachable", prefix])
         netns.write_sysctls(name, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"})
         yield name
+
+
+@pytest.fixture(scope="module")
+def fast_path(namespace, policy, schedule):
+    """conftest's, with the route back to clients proved from the namespace's routing (the runs look
+    routes up there), as a front proves it from its own: every SYN test runs the shortcut."""
+    loaded = FastPath(build_object("front"))
+    with netns.inside(namespace):
+        loaded.watch_routes_back()
+    loaded.configure(policy, schedule)
+    yield loaded
+    loaded.close()
 
 
 @pytest.fixture(scope="module")
@@ -612,6 +625,129 @@ def test_a_syn_with_no_route_back_goes_to_the_queue(monkeypatch, namespace, fast
     set_clock(monkeypatch, fast_path, policy, schedule, 1000 * PERIOD + 30)
     frame = syn("203.0.113.7", VIP4)
     assert run(namespace, fast_path, frame) == (XDP_PASS, frame, {("unrouted", 4): 1})
+
+
+OTHER_GATEWAY4, OTHER_GATEWAY6, OTHER_MAC = "10.99.0.4", "fd00:99::4", "02:00:00:00:99:04"
+
+
+@contextlib.contextmanager
+def routed(namespace: str, *routes: tuple[str, ...]):
+    """The namespace with ``routes`` (`ip route` arguments) added, and the other gateway's neighbours, for the
+    body; the module's routing again after."""
+    for gateway in (OTHER_GATEWAY4, OTHER_GATEWAY6):
+        netns.run(namespace, ["ip", "neigh", "replace", gateway, "lladdr", OTHER_MAC, "dev", LINK, "nud", "permanent"])
+    added = []
+    try:
+        for route in routes:
+            netns.run(namespace, ["ip", "route", "add", *route])
+            added.append(route)
+        yield
+    finally:
+        for route in reversed(added):
+            netns.run(namespace, ["ip", "route", "del", *route])
+
+
+PROVED_AT = 1000 * PERIOD + 30
+
+
+def next_hop_of(namespace: str, fast_path: FastPath, frame: bytes, hook: str, policy, schedule) -> str:
+    """The gateway the SYN-ACK to ``frame``'s SYN was sent to (by MAC), once checked to be the handler's."""
+    verdict, out, changed = run(namespace, fast_path, frame, hook=hook)
+    family = 4 if frame[12:14] == b"\x08\x00" else 6
+    assert (verdict, changed) == (REDIRECT[hook], {("syn_answered", family): 1})
+    assert without_clock(out[14:]) == without_clock(handle(frame[14:], PROVED_AT, schedule, policy).packet)
+    return {GATEWAY_MAC: "default", OTHER_MAC: "other"}[":".join(f"{byte:02x}" for byte in out[:6])]
+
+
+def refreshed(monkeypatch, fast_path, policy, schedule) -> None:
+    """A refresh, as the front's housekeeping makes one: the control plane reads the routing's changes."""
+    set_clock(monkeypatch, fast_path, policy, schedule, PROVED_AT)
+
+
+def test_every_client_gets_the_next_hop_its_route_gives_default_routed_or_not(hook, monkeypatch, namespace,
+                                                                                fast_path, policy, schedule):
+    """Default-routed clients take the proof's shortcut, clients of another route (a gateway of its own)
+    their own lookup: each SYN-ACK the handler's, to the gateway `ip route get` names."""
+    with routed(namespace, ("198.51.100.0/24", "via", OTHER_GATEWAY4), ("2001:db8:5::/48", "via", OTHER_GATEWAY6)):
+        refreshed(monkeypatch, fast_path, policy, schedule)
+        assert {family: proof.refused for family, proof in fast_path.proofs.items()} == {4: "", 6: ""}
+        assert ipaddress.ip_network("198.51.100.0/24") in fast_path.proofs[4].exceptions
+        for _ in range(2):  # the probe's lookup, then the cached one
+            for client, dst, gateway in (("198.18.1.2", VIP4, "default"), ("198.51.100.7", VIP4, "other"),
+                                         ("2001:db8:1::2", VIP6, "default"), ("2001:db8:5::9", VIP6, "other")):
+                assert next_hop_of(namespace, fast_path, syn(client, dst), hook, policy, schedule) == gateway, client
+    refreshed(monkeypatch, fast_path, policy, schedule)
+
+
+def test_a_route_added_for_a_default_routed_client_is_followed_once_the_control_plane_refreshed(
+        hook, monkeypatch, namespace, fast_path, policy, schedule):
+    """The programs answer from the proof (no lookup for the client) until the next refresh reads the
+    change (the front's housekeeping, every 0.5 s: the staleness docs/front.md states); then the new route."""
+    refreshed(monkeypatch, fast_path, policy, schedule)
+    moved4, moved6, stayed = syn("198.18.7.7", VIP4), syn("2001:db8:7::7", VIP6), syn("198.18.1.2", VIP4)
+    for frame in (moved4, moved6):
+        assert next_hop_of(namespace, fast_path, frame, hook, policy, schedule) == "default"
+    with routed(namespace, ("198.18.7.0/24", "via", OTHER_GATEWAY4), ("2001:db8:7::/48", "via", OTHER_GATEWAY6)):
+        for frame in (moved4, moved6):
+            assert next_hop_of(namespace, fast_path, frame, hook, policy, schedule) == "default"  # not yet read
+        refreshed(monkeypatch, fast_path, policy, schedule)
+        for frame, gateway in ((moved4, "other"), (moved6, "other"), (stayed, "default")):
+            assert next_hop_of(namespace, fast_path, frame, hook, policy, schedule) == gateway
+    refreshed(monkeypatch, fast_path, policy, schedule)
+    assert next_hop_of(namespace, fast_path, moved4, hook, policy, schedule) == "default"
+
+
+def test_a_new_default_gateway_unresolved_is_left_as_without_the_shortcut(hook, monkeypatch, namespace, fast_path,
+                                                                          policy, schedule):
+    """The default route moved to a gateway without a neighbour entry: the kept next hop is dropped at the
+    refresh (a new proof), the probe's lookup finds no neighbour and is not kept, and the client's own
+    lookup decides as before: XDP passes the SYN to the queue (no bpf_redirect_neigh), tc answers it
+    through bpf_redirect_neigh."""
+    frame = syn("198.18.1.2", VIP4)
+    refreshed(monkeypatch, fast_path, policy, schedule)
+    assert next_hop_of(namespace, fast_path, frame, hook, policy, schedule) == "default"  # kept
+    netns.run(namespace, ["ip", "route", "replace", "default", "via", "10.99.0.3"])  # no neighbour entry
+    try:
+        refreshed(monkeypatch, fast_path, policy, schedule)
+        assert fast_path.proofs[4].next_hop.startswith("10.99.0.3 ")
+        verdict, out, changed = run(namespace, fast_path, frame, hook=hook)
+        if hook == "xdp":
+            assert (verdict, out, changed) == (XDP_PASS, frame, {("unrouted", 4): 1})
+        else:
+            assert (verdict, changed) == (TC_ACT_REDIRECT, {("syn_answered", 4): 1})
+            assert without_clock(out[14:]) == without_clock(handle(frame[14:], PROVED_AT, schedule, policy).packet)
+    finally:
+        netns.run(namespace, ["ip", "route", "replace", "default", "via", GATEWAY4])
+    refreshed(monkeypatch, fast_path, policy, schedule)
+    assert next_hop_of(namespace, fast_path, frame, hook, policy, schedule) == "default"
+
+
+@pytest.mark.parametrize("change, refused", [
+    ((["ip", "rule", "add", "to", "198.18.0.0/16", "lookup", "100", "pref", "100"],
+      ["ip", "route", "add", "default", "via", OTHER_GATEWAY4, "table", "100"]), "policy rules"),
+    ((["ip", "route", "replace", "default", "nexthop", "via", GATEWAY4, "nexthop", "via", OTHER_GATEWAY4],),
+     "not a unicast route via one gateway"),
+], ids=["custom rule", "multipath default"])
+def test_no_shortcut_with_a_custom_rule_or_a_multipath_default(hook, monkeypatch, namespace, fast_path, policy,
+                                                                schedule, change, refused):
+    """Where the kernel's answer may depend on more than the destination's prefix, every SYN is looked up:
+    the rule's own gateway is taken at once."""
+    undo = {"rule": [["ip", "route", "flush", "table", "100"], ["ip", "rule", "del", "pref", "100"]],
+            "route": [["ip", "route", "replace", "default", "via", GATEWAY4]]}["rule" if "rule" in change[0] else "route"]
+    with routed(namespace):
+        try:
+            for command in change:
+                netns.run(namespace, command)
+            refreshed(monkeypatch, fast_path, policy, schedule)
+            assert refused in fast_path.proofs[4].refused and not fast_path.proofs[6].refused
+            gateways = {next_hop_of(namespace, fast_path, syn(f"198.18.1.{host}", VIP4), hook, policy, schedule)
+                        for host in range(2, 18)}  # the multipath hash: the addresses
+            assert gateways == ({"other"} if refused == "policy rules" else {"default", "other"})
+        finally:
+            for command in undo:
+                netns.run(namespace, command)
+    refreshed(monkeypatch, fast_path, policy, schedule)
+    assert not fast_path.proofs[4].refused
 
 
 def test_syn_reply_ingress_answers_the_sender_without_a_route_lookup(hook, monkeypatch, namespace, cookie_vectors,

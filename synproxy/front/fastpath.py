@@ -59,6 +59,7 @@ from synproxy.front.handler import (
     ICMP_ERRORS_PER_SECOND,
     FrontPolicy,
 )
+from synproxy.front.routes_back import PROOFS_SIZE, Proof, RouteWatch
 from synproxy.logs import log
 from synproxy.maglev import DEFAULT_TABLE_SIZE, NO_FORMER_OWNERS
 from synproxy.netlink import interface_kind
@@ -111,6 +112,7 @@ class FastPath:
             self.queue_limit = sized_map(self.object, "queue_limit", _TOKEN_LIMIT.size)
             self.fastopen_key = sized_map(self.object, "fastopen_key", _FASTOPEN_KEY.size)
             self.vip_port_counters = sized_map(self.object, "vip_port_counters", VIP_PORT_COUNTS.size)
+            self.route_proof = sized_map(self.object, "route_proof", PROOFS_SIZE)
         except BaseException:
             self.object.close()
             raise
@@ -131,6 +133,8 @@ class FastPath:
         self._generation = 0  # front_config.generation: the programs' per-CPU copies of forwarding and salts
         self._fastopen_written = b""
         self._maglev_written: list[tuple[bytes, bytes] | None] = [None] * DEFAULT_TABLE_SIZE
+        self.route_watch: RouteWatch | None = None  # watch_routes_back(): none, no proof (a lookup per SYN)
+        self.proofs: dict[int, Proof] = {}  # as route_proof holds them
 
     def configure(self, policy: FrontPolicy, schedule: SaltSchedule) -> None:
         """What the program protects and announces, then the salts and the clock (refresh())."""
@@ -232,6 +236,7 @@ class FastPath:
                                       round(schedule.skew * 1e9), policy.encap_key, policy.flow_key)
         try:
             changed = self.salts.refresh(schedule, range(max(0, epoch - 2), epoch + 2))
+            changed |= self.refresh_route_back()
             if forwarding != self._forwarding_written:
                 self.forwarding.update(MAP_KEY.pack(0), forwarding)
                 self._forwarding_written = forwarding
@@ -249,6 +254,44 @@ class FastPath:
         except BpfError as error:
             self._generation = 0  # what was written before the failure: copied again after the next refresh
             raise FastPathError(f"updating the fast path's maps failed: {error.strerror}") from None
+
+    def watch_routes_back(self) -> None:
+        """Prove the route back to clients from this network namespace's routing (call it in the namespace
+        the programs run in: their lookups are its) and keep the proof current at every refresh(); until
+        then, and whenever a family's proof fails, each SYN's route back is looked up (routes_back.py)."""
+        try:
+            self.route_watch = RouteWatch()
+        except OSError as error:
+            log("route_back_unproved", family="ipv4, ipv6", reason=f"no netlink socket: {error.strerror}")
+
+    def refresh_route_back(self) -> bool:
+        """The proofs into route_proof when the routing may have changed; True when a proof changed (the
+        programs then need a new generation: to copy it, and to drop the next hops they kept)."""
+        if self.route_watch is None:
+            return False
+        try:
+            if not self.route_watch.changed():
+                return False
+            proofs = self.route_watch.proofs()
+        except OSError as error:  # the event socket failed: no proof, and another try at the next refresh
+            proofs = {family: Proof(refused=f"netlink: {error.strerror}") for family in (4, 6)}
+            self.route_watch.stale = True
+        for family, proof in proofs.items():
+            if proof != self.proofs.get(family):
+                if proof.refused:
+                    log("route_back_unproved", family=f"ipv{family}", reason=proof.refused)
+                else:
+                    log("route_back_proved", family=f"ipv{family}", probe=str(proof.probe),
+                        exceptions=[str(network) for network in proof.exceptions])
+        if proofs == self.proofs:
+            return False
+        try:
+            self.route_proof.update(MAP_KEY.pack(0), proofs[4].packed() + proofs[6].packed())
+        except BpfError:
+            self.route_watch.stale = True  # written again at the next refresh
+            raise
+        self.proofs = proofs
+        return True
 
     def refresh_fastopen_key(self, policy: FrontPolicy, now: float) -> None:
         """The TFO keys the programs answer cookie requests with and accept cookies for: this key
@@ -323,6 +366,9 @@ class FastPath:
         return totals
 
     def close(self) -> None:
+        if self.route_watch is not None:
+            self.route_watch.close()
+            self.route_watch = None
         for ifindex in self.attached:
             try:
                 tc_detach(ifindex, TC_HANDLE, TC_PRIORITY)
@@ -406,6 +452,7 @@ def start(data_plane: str, interfaces: tuple[str, ...], xdp_mode: str, policy: F
     except BpfError as error:
         raise FastPathError(f"loading bpf/front.bpf.c failed: {error.strerror}") from None
     try:
+        fast_path.watch_routes_back()
         fast_path.configure(policy, schedule)
         fast_path.attach(interfaces)
         xdp_modes = fast_path.attach_xdp(interfaces, xdp_mode) if data_plane == "xdp" else {}
