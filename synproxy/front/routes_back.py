@@ -27,6 +27,9 @@ from pyroute2.netlink.rtnl import rt_type
 from synproxy.bpf.loading import mapped
 
 MAX_EXCEPTIONS = 32  # ROUTE_BACK_EXCEPTIONS in bpf/front.bpf.c: every client pays one compare per exception
+# Beyond this many routes in a family no proof is tried: a front that holds a full Internet table would
+# otherwise be read whole (in Python, ~1M routes) at every change its routing daemon makes.
+MAX_ROUTES_READ = 1024
 LOCAL_TABLE, MAIN_TABLE, DEFAULT_TABLE = 255, 254, 253
 # (priority, table) of the rules a namespace starts with; no others may exist.
 DEFAULT_RULES = {4: {(0, LOCAL_TABLE), (32766, MAIN_TABLE), (32767, DEFAULT_TABLE)},
@@ -142,6 +145,17 @@ def _route_of(family: int, message) -> Route:
                  next_hop=f"{message.get_attr('RTA_GATEWAY') or message.get_attr('RTA_VIA')} dev {message.get_attr('RTA_OIF')}")
 
 
+def route_count(family: int) -> int:
+    """How many routes this namespace's tables hold, from the kernel's counters rather than a dump: the sum
+    of every table's prefixes (/proc/net/fib_triestat), IPv6's route entries (/proc/net/rt6_stats, the
+    fourth hexadecimal field)."""
+    if family == 4:
+        with open("/proc/thread-self/net/fib_triestat") as stats:
+            return sum(int(line.split()[1]) for line in stats if line.strip().startswith("Prefixes:"))
+    with open("/proc/thread-self/net/rt6_stats") as stats:
+        return int(stats.read().split()[3], 16)
+
+
 class RouteWatch:
     """This network namespace's proofs (the one it was made in: the programs' lookups are that
     namespace's), dumped again after any change a netlink group it listens to announced."""
@@ -181,6 +195,10 @@ class RouteWatch:
         found = {}
         for family, address_family in ((4, socket.AF_INET), (6, socket.AF_INET6)):
             try:
+                count = route_count(family)
+                if count > MAX_ROUTES_READ:
+                    found[family] = Proof(refused=f"{count} routes, more than {MAX_ROUTES_READ} to read")
+                    continue
                 rules = [_rule_of(message) for message in self.dumps.get_rules(family=address_family)]
                 routes = [_route_of(family, message) for message in self.dumps.get_routes(family=address_family)]
             except (OSError, NetlinkError, ValueError) as error:  # e.g. IPv6 disabled: lookups as before
