@@ -398,7 +398,8 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
     # The lab as users run it (front.data_plane auto): clients send complete checksums, as from a wire,
     # and the router's side of front0 runs an XDP program (synproxy.lab.topology), for every contender.
     # Static routes: the contenders take the one front's place in turn, and its baseline is no front at all.
-    # TFO (tfo.enabled: the fronts' keys, the backend's) only for the scenario that measures it.
+    # TFO (tfo.enabled: the fronts' keys, the backend's) only for the scenario that measures it. front0 reaches
+    # backend0 over a farm link (what a front forwards does not come back through the router: benchmarks/README.md).
     lab = Lab(name=unique_name("bench"), hosts=default_hosts(fronts=1, backends=1), routing="static", farm_link=True,
               tfo_key_period_seconds=DEFAULT_KEY_PERIOD_SECONDS if "tfo" in scenarios else None)
     steps: list[dict] = []
