@@ -47,7 +47,7 @@ from benchmarks.measure import (
 )
 from benchmarks.options import FLOOD_RATES, FULL_RATES, QUICK_FLOOD_RATES, QUICK_RATES, SCENARIOS
 from synproxy.front.service import queue_stats
-from synproxy.lab.topology import SPOOFED_SOURCES, VIP, Lab, LabError, default_hosts
+from synproxy.lab.topology import FARM_INTERFACE, SPOOFED_SOURCES, VIP, Lab, LabError, default_hosts
 from synproxy.netns import unique_name
 from synproxy.tfo import DEFAULT_KEY_PERIOD_SECONDS
 
@@ -112,8 +112,8 @@ class Bench:
                                   "resets": f"ip daddr {SPOOFED_SOURCES} tcp flags & rst == rst"})
         self._counters(BACKEND, {"flood_syns": f"ip saddr {SPOOFED_SOURCES} tcp flags & (syn|ack) == syn",
                                  "flood_acks": f"ip saddr {SPOOFED_SOURCES} tcp flags & (syn|ack) == ack"})
-        for host in (FRONT, BACKEND):
-            steer_receive(lab.ns(host), "eth0", CONTENDER_CPU)
+        for host, interface in ((FRONT, "eth0"), (BACKEND, "eth0"), *([(BACKEND, FARM_INTERFACE)] if lab.farm_link else [])):
+            steer_receive(lab.ns(host), interface, CONTENDER_CPU)
         self.other_load = OtherLoad(namespace_inodes([lab.ns(host.name) for host in lab.hosts] + [lab.ns("router")]))
 
     def _counters(self, host: str, matches: dict[str, str]) -> None:
@@ -398,8 +398,9 @@ def run(scenarios: tuple[str, ...], rates: dict[str, tuple[int, ...]], seconds: 
     # The lab as users run it (front.data_plane auto): clients send complete checksums, as from a wire,
     # and the router's side of front0 runs an XDP program (synproxy.lab.topology), for every contender.
     # Static routes: the contenders take the one front's place in turn, and its baseline is no front at all.
-    # TFO (tfo.enabled: the fronts' keys, the backend's) only for the scenario that measures it.
-    lab = Lab(name=unique_name("bench"), hosts=default_hosts(fronts=1, backends=1), routing="static",
+    # TFO (tfo.enabled: the fronts' keys, the backend's) only for the scenario that measures it. front0 reaches
+    # backend0 over a farm link (what a front forwards does not come back through the router: benchmarks/README.md).
+    lab = Lab(name=unique_name("bench"), hosts=default_hosts(fronts=1, backends=1), routing="static", farm_link=True,
               tfo_key_period_seconds=DEFAULT_KEY_PERIOD_SECONDS if "tfo" in scenarios else None)
     steps: list[dict] = []
     uploads: list[dict] = []

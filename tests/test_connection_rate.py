@@ -3,8 +3,11 @@ the ratios it reports. The scenario itself runs in `synproxy bench --quick` (tes
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from types import SimpleNamespace
 
+from benchmarks import connection_rate
 from benchmarks.connection_rate import ab_argv, markdown, parse_ab, summarise
 
 # ab 2.3's report (Debian's apache2-utils), trimmed, from a run against the lab's nginx.
@@ -65,3 +68,25 @@ def test_ratios_are_taken_within_a_repetition():
     text = markdown(summary)
     assert "| new, concurrency 8 | 0.90 [0.80–1.00]× | 2.50 [2.00–3.00]× |" in text
     assert "| proxy, syn flood, concurrency 8 | 0.75 [0.50–1.00]× |" in text
+
+
+def test_the_routes_are_measured_with_bpf_stats_off(monkeypatch):
+    """The bench holds bpf_stats on for its programs' figures; each program run then reads the clock twice,
+    which only the proxy's route pays: the scenario lets the hold go while ab runs."""
+    stats_on = [True]
+
+    @contextlib.contextmanager
+    def paused():
+        stats_on[0] = False
+        try:
+            yield False
+        finally:
+            stats_on[0] = True
+
+    seen = []
+    monkeypatch.setattr(connection_rate.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(connection_rate, "measure_route",
+                        lambda bench, name, *args: seen.append((name, stats_on[0])) or [{"route": name}])
+    runs = connection_rate.measure(SimpleNamespace(stats=SimpleNamespace(paused=paused)), 0, 5.0, False)
+    assert [run["route"] for run in runs] == ["proxy", "bypass"]
+    assert seen == [("proxy", False), ("bypass", False)] and stats_on == [True]

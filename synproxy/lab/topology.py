@@ -4,7 +4,10 @@ Every host is a network namespace named ``<lab>-<host>``; hosts are joined by ve
 router namespace (no bridge, nothing in the root namespace, so the host's FORWARD policy does not
 matter). The router spreads traffic to the VIP over the fronts by ECMP with an L4 hash: it learns the
 route by BGP (BIRD 2, synproxy/lab/routing.py) from every front that announces it, or, with
-``routing="static"``, has it configured. Fronts and
+``routing="static"``, has it configured. With ``farm_link`` (one front), the front reaches each backend
+over a veth of its own instead of through the router, as a farm's fronts reach its backends over the
+farm's own network (the benchmark's lab: benchmarks/README.md, "Where a forwarded packet's time
+goes"). Fronts and
 backends run the product's own commands with one shared configuration. What was created is written
 to a state file first, so `down` removes everything even after a crash.
 """
@@ -45,6 +48,8 @@ HTTP_PORT, ECHO_PORT, TCP_INFO_PORT = 80, 7, 8080
 PORTS = (HTTP_PORT, ECHO_PORT, TCP_INFO_PORT)
 SPOOFED_SOURCES = "198.18.128.0/17"  # the attacker's spoofed range; the router blackholes replies
 REPO_ROOT = Path(__file__).resolve().parents[2]
+RT_SCOPE_LINK, NUD_PERMANENT = 253, 0x80
+FARM_INTERFACE = "farm"  # a backend's end of its farm link (Lab.farm_link); the front's end is named after it
 FRONT_METRICS_PORT, BACKEND_METRICS_PORT, PROMETHEUS_PORT = 9100, 9101, 9090
 
 
@@ -92,6 +97,7 @@ class Lab:
     routing: str = "bgp"      # bgp: the fronts announce the VIPs to the router's BIRD; static: ECMP routes
     workers: int | None = None  # the fronts' front.workers; None: the default
     tfo_key_period_seconds: float | None = None  # tfo.enabled with this key period; None: TFO off
+    farm_link: bool = False   # one front, linked to every backend directly (FARM_INTERFACE on the backends)
 
     @property
     def state_dir(self) -> Path:
@@ -136,6 +142,8 @@ class Lab:
     # --- up ----------------------------------------------------------------------------------
 
     def up(self) -> None:
+        if self.farm_link and len(self.by_role("front")) != 1:
+            raise LabError(f"a farm link joins one front to the backends, not {len(self.by_role('front'))} fronts")
         _require_root()
         if (self.state_dir / "state.json").exists():
             raise LabError(f"lab {self.name!r} exists: run `synproxy lab down --name {self.name}` first")
@@ -199,6 +207,8 @@ class Lab:
                 with NetNS(namespace) as ns:
                     for vip in (f"{VIP}/32", f"{VIP6}/128"):
                         ns.route("add", dst=vip, type="blackhole")
+        if self.farm_link:
+            self._build_farm_links()
         with NetNS(router) as ns:
             if self.routing == "static":
                 fronts = self.by_role("front")
@@ -207,6 +217,23 @@ class Lab:
             # Replies to spoofed sources, and anything else unknown, end here.
             ns.route("add", dst="0.0.0.0/0", type="blackhole")
             ns.route("add", dst="::/0", type="blackhole")
+
+    def _build_farm_links(self) -> None:
+        """The front's link to each backend: a veth pair, the front's end named after the backend, the
+        backend's FARM_INTERFACE, where its data plane attaches. The front's route to the backend's
+        address goes over it, so the front's programs send the encapsulated packets there (bpf_fib_lookup
+        names the link: an XDP redirect into the backend's receive ring, no router, no socket buffer);
+        the backend still answers clients through the router (direct server return). Its neighbour
+        entry is permanent: an unresolved one sends the packet to the queue (docs/front.md)."""
+        front = self.ns(self.by_role("front")[0].name)
+        for backend in self.by_role("backend"):
+            link(front, backend.name, self.ns(backend.name), FARM_INTERFACE)
+            with NetNS(self.ns(backend.name)) as ns:
+                mac = ns.get_links(ns.link_lookup(ifname=FARM_INTERFACE)[0])[0].get_attr("IFLA_ADDRESS")
+            with NetNS(front) as ns:
+                index = ns.link_lookup(ifname=backend.name)[0]
+                ns.route("add", dst=f"{backend.address}/32", oif=index, scope=RT_SCOPE_LINK)
+                ns.neigh("replace", dst=backend.address, lladdr=mac, ifindex=index, state=NUD_PERMANENT)
 
     def _default_routes(self, host: Host) -> None:
         with NetNS(self.ns(host.name)) as ns:
@@ -231,7 +258,8 @@ class Lab:
             f"  xdp_mode: native\n{workers}"
             + (f"  bgp:\n    local_as: {routing.FRONT_AS}\n    peer_as: {routing.ROUTER_AS}\n"
                "    stop_wait_seconds: 1\n" if self.routing == "bgp" else "")
-            + f"backend:\n  interface: eth0\n  metrics_address: 0.0.0.0:{BACKEND_METRICS_PORT}\n"
+            + f"backend:\n  interface: {FARM_INTERFACE if self.farm_link else 'eth0'}\n"
+            + f"  metrics_address: 0.0.0.0:{BACKEND_METRICS_PORT}\n"
             + (f"tfo:\n  enabled: true\n  key_period_seconds: {self.tfo_key_period_seconds}\n"
                if self.tfo_key_period_seconds else ""))
         self.config_path.write_text(text)
