@@ -64,17 +64,11 @@ def measure(runs: int, repetitions: int) -> dict[str, list[float]]:
                          encap_key=os.urandom(16), flow_key=os.urandom(16))
     policy = dataclasses.replace(policy, tfo_secret=os.urandom(32))
     schedule = SaltSchedule((os.urandom(32),), period=60, skew=2)
-    name = netns.unique_name("tc")
     results: dict[str, list[float]] = {}
-    with netns.namespaces(name):
-        netns.link(name, "tca", name, "tcb")
-        netns.add_addresses(name, "tca", "10.99.0.1/24", "fd00:99::1/64")
+    with netns.routed_namespace("tc") as name:
         for gateway in ("10.99.0.2", "fd00:99::2"):
             netns.run(name, ["ip", "neigh", "replace", gateway, "lladdr", "02:00:00:00:99:02", "dev", "tca", "nud",
                              "permanent"])
-        netns.add_route(name, "0.0.0.0/0", "10.99.0.2")
-        netns.add_route(name, "::/0", "fd00:99::2")
-        netns.write_sysctls(name, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"})
         loaded = FastPath(build_object("front"))
         stats = enable_run_time_stats()
         try:

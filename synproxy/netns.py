@@ -73,6 +73,21 @@ def add_addresses(namespace: str, ifname: str, *networks: str) -> None:
 
 
 @contextlib.contextmanager
+def routed_namespace(prefix: str) -> Iterator[str]:
+    """A namespace of its own where a front's route lookups succeed: a veth (``<prefix>a`` and ``<prefix>b``)
+    holding 10.99.0.1/24 and fd00:99::1/64, default routes via 10.99.0.2 and fd00:99::2, forwarding on.
+    Yields its name; removed on exit."""
+    name = unique_name(prefix)
+    with namespaces(name):
+        link(name, f"{prefix}a", name, f"{prefix}b")
+        add_addresses(name, f"{prefix}a", "10.99.0.1/24", "fd00:99::1/64")
+        add_route(name, "0.0.0.0/0", "10.99.0.2")
+        add_route(name, "::/0", "fd00:99::2")
+        write_sysctls(name, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"})
+        yield name
+
+
+@contextlib.contextmanager
 def connections_on_loopback(prefix: str, port: int, *pairs: tuple[str, str]) -> Iterator[tuple[str, dict[str, int]]]:
     """A namespace of its own, entered, holding a TCP connection from each (server, client) pair's client
     address to its server address and ``port`` over the loopback: BPF_PROG_TEST_RUN looks sockets up in the

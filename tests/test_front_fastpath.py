@@ -40,14 +40,8 @@ HOST_MAC = "00:00:00:00:00:00"  # the test run's device is the loopback: this ma
 @pytest.fixture(scope="module")
 def route_namespace():
     """A namespace with default routes (IPv4 and IPv6), an unreachable prefix, and forwarding on."""
-    name = netns.unique_name("fp")
-    with netns.namespaces(name):
-        netns.link(name, "fpa", name, "fpb")
-        netns.add_addresses(name, "fpa", "10.99.0.1/24", "fd00:99::1/64")
-        netns.add_route(name, "0.0.0.0/0", "10.99.0.2")
-        netns.add_route(name, "::/0", "fd00:99::2")
+    with netns.routed_namespace("fp") as name:
         netns.run(name, ["ip", "route", "add", "unreachable", UNREACHABLE4])
-        netns.write_sysctls(name, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"})
         yield name
 
 

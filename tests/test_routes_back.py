@@ -99,25 +99,19 @@ def test_the_packed_prefixes_are_the_programs_16_byte_forms():
 def test_a_namespace_with_more_routes_than_are_read_gets_no_proof_and_no_dump(monkeypatch):
     """A front holding a full table is not dumped into Python at every change its routing daemon makes:
     the kernel's counters say how many routes there are first."""
-    name = netns.unique_name("rb")
-    with netns.namespaces(name):
-        netns.link(name, "rba", name, "rbb")
-        netns.add_addresses(name, "rba", "10.99.0.1/24", "fd00:99::1/64")
-        netns.add_route(name, "0.0.0.0/0", "10.99.0.2")
-        netns.add_route(name, "::/0", "fd00:99::2")
-        with netns.inside(name):
-            watch = RouteWatch()
-            try:
-                assert not watch.proofs()[4].refused
-                commands = "".join(f"route add 10.{i // 256}.{i % 256}.0/24 via 10.99.0.3\n"
-                                   for i in range(MAX_ROUTES_READ + 1))
-                netns.run(name, ["ip", "-batch", "-"], input=commands)
-                assert route_count(4) > MAX_ROUTES_READ
-                dump = watch.dumps.get_routes
-                monkeypatch.setattr(watch.dumps, "get_routes", lambda family: pytest.fail("dumped")
-                                    if family == socket.AF_INET else dump(family=family))
-                proofs = watch.proofs()
-                assert f"more than {MAX_ROUTES_READ} to read" in proofs[4].refused
-                assert not proofs[6].refused
-            finally:
-                watch.close()
+    with netns.routed_namespace("rb") as name, netns.inside(name):
+        watch = RouteWatch()
+        try:
+            assert not watch.proofs()[4].refused
+            commands = "".join(f"route add 10.{i // 256}.{i % 256}.0/24 via 10.99.0.3\n"
+                               for i in range(MAX_ROUTES_READ + 1))
+            netns.run(name, ["ip", "-batch", "-"], input=commands)
+            assert route_count(4) > MAX_ROUTES_READ
+            dump = watch.dumps.get_routes
+            monkeypatch.setattr(watch.dumps, "get_routes", lambda family: pytest.fail("dumped")
+                                if family == socket.AF_INET else dump(family=family))
+            proofs = watch.proofs()
+            assert f"more than {MAX_ROUTES_READ} to read" in proofs[4].refused
+            assert not proofs[6].refused
+        finally:
+            watch.close()
