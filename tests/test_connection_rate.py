@@ -45,6 +45,19 @@ def test_ab_opens_a_new_connection_per_request_unless_asked_for_keepalive():
     assert new[new.index("-c") + 1] == "32" and new[new.index("-t") + 1] == "5"
     # -n after -t: ab's -t alone stops at 50000 requests.
     assert new.index("-n") > new.index("-t")
+    # -r goes on past a failed receive, which ab names only from verbosity 1 on.
+    assert "-r" in new and new[new.index("-v") + 1] == "1"
+
+
+def test_a_run_with_failed_requests_keeps_what_ab_said_of_them(tmp_path):
+    """A reset connection is no abort (ab exits 0) but its message must reach the results."""
+    said = "apr_socket_recv: Connection reset by peer (104)\n"
+    report = AB_REPORT.replace("Length: 3, Exceptions: 0", "Length: 1, Exceptions: 1").replace("Receive: 0", "Receive: 1")
+    done = SimpleNamespace(stdout=report, stderr=said, returncode=0)
+    lab = SimpleNamespace(run=lambda *args, **kwargs: done)
+    figures = connection_rate.run_ab(lab, 1, 5.0, False, tmp_path)
+    assert not figures["aborted"] and figures["failed_by_kind"]["receive"] == 1
+    assert figures["message"] == said.strip()
 
 
 def _run(route, repetition, rps, p99, mode="new", concurrency=8, flood=None, errors=0):
