@@ -279,7 +279,8 @@ class FastPath:
         for family, proof in proofs.items():
             if proof != self.proofs.get(family):
                 if proof.refused:
-                    log("route_back_unproved", family=f"ipv{family}", reason=proof.refused)
+                    log("route_back_unproved", family=f"ipv{family}", reason=proof.refused,
+                        **({"detail": proof.detail} if proof.detail else {}))
                 else:
                     log("route_back_proved", family=f"ipv{family}", probe=str(proof.probe),
                         exceptions=[str(network) for network in proof.exceptions])

@@ -18,7 +18,7 @@ import errno
 import ipaddress
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -75,11 +75,14 @@ class Route:
 class Proof:
     """Every client address outside `exceptions` is routed as `probe` is, to the default route's `next_hop`;
     `refused` says why not, if not. A new next hop is a new proof, though the programs' map does not hold
-    it: their kept lookups are then dropped at once, not after ROUTE_CACHE_NS."""
+    it: their kept lookups are then dropped at once, not after ROUTE_CACHE_NS. `detail` (the counts) is
+    logged but not compared: a routing daemon churning a large table would otherwise re-log the refusal
+    and make every CPU re-copy its maps at each refresh."""
     exceptions: tuple[Network, ...] = ()
     probe: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     refused: str = "not proved"
     next_hop: str = ""
+    detail: str = field(default="", compare=False)
 
     def packed(self) -> bytes:
         """struct route_back_family."""
@@ -104,14 +107,15 @@ def prove(family: int, rules: list[Rule], routes: list[Route]) -> Proof:
     consulted = [route for route in routes if route.table in {table for _, table in DEFAULT_RULES[family]}]
     defaults = [route for route in consulted if route.network.prefixlen == 0]
     if len(defaults) != 1 or defaults[0].table != MAIN_TABLE:
-        return Proof(refused=f"{len(defaults)} default routes, not one in the main table")
+        return Proof(refused="not one default route, in the main table", detail=f"{len(defaults)} default routes")
     default = defaults[0]
     if not (default.unicast and default.via_gateway and default.plain):
         return Proof(refused="the default route is not a unicast route via one gateway")
     exceptions = tuple(ipaddress.collapse_addresses(route.network for route in consulted
                                                     if route.network.prefixlen))
     if len(exceptions) > MAX_EXCEPTIONS:
-        return Proof(refused=f"{len(exceptions)} prefixes routed otherwise, more than {MAX_EXCEPTIONS}")
+        return Proof(refused=f"more than {MAX_EXCEPTIONS} prefixes routed otherwise",
+                     detail=f"{len(exceptions)} prefixes")
     probe = next((address for address in _probe_candidates(family)
                   if not any(address in network for network in exceptions)), None)
     if probe is None:
@@ -197,7 +201,7 @@ class RouteWatch:
             try:
                 count = route_count(family)
                 if count > MAX_ROUTES_READ:
-                    found[family] = Proof(refused=f"{count} routes, more than {MAX_ROUTES_READ} to read")
+                    found[family] = Proof(refused=f"more than {MAX_ROUTES_READ} routes to read", detail=f"{count} routes")
                     continue
                 rules = [_rule_of(message) for message in self.dumps.get_rules(family=address_family)]
                 routes = [_route_of(family, message) for message in self.dumps.get_routes(family=address_family)]
