@@ -18,6 +18,15 @@ SYN_OPTIONS = (0x02, 0x04, 0x05, 0xB4,  # MSS 1460
                0x01, 0x01)              # NOP NOP: the header is 32 bytes, data offset 8
 PACER_TABLE = "synproxy_bench_pacer"
 FLOODS = {"syn": ("syn",), "ack": ("ack",), "mixed": ("syn", "ack")}  # a flood's packet templates, in turn
+# trafgen's transmit ring (PACKET_MMAP, frames of 2 KiB). It fills the ring, then hands all of it to the
+# kernel in one sendto(); this kernel (preempt=none) sends every frame of it, the lab router's forwarding
+# included, without a preemption point, so the probe on the same CPU (SCHED_FIFO) waits for the whole
+# batch when its SYN-ACK arrives meanwhile. trafgen's default, 256 frames, held CPU 0 ~1.1 ms at a time
+# under the ACK flood: 10-30 % of probe requests connected in 1.0-1.3 ms against 0.16-0.2 ms for the
+# rest (p99 1.02-1.29 ms). 32 frames bound that wait to ~0.15 ms (p99 0.47-0.49 ms), one system call
+# per 32 frames instead of 256 (benchmarks/README.md, "The generator's batch").
+TX_RING_KIB = 64
+TX_FRAME_BYTES = 2048  # trafgen's frame without --jumbo-support
 
 
 class GeneratorError(RuntimeError):
@@ -49,14 +58,15 @@ def trafgen_config(destination_mac: str, target: str, port: int, flood: str = "s
 
 
 def trafgen_argv(config: Path, interface: str, cpu: int) -> list[str]:
-    """trafgen on one CPU, sending as fast as it can until stopped. It is never paced: its --gap sleeps
-    cost ~40 µs more than asked on this VM (50-77 % of the nominal rate at 10-20k/s, and no rate above
-    ~25k/s), and its --rate sends each second's packets in one burst. The router paces instead."""
+    """trafgen on one CPU, sending as fast as it can until stopped, TX_RING_KIB at a time. It is never
+    paced: its --gap sleeps cost ~40 µs more than asked on this VM (50-77 % of the nominal rate at
+    10-20k/s, and no rate above ~25k/s), and its --rate sends each second's packets in one burst. The
+    router paces instead."""
     binary = shutil.which("trafgen")
     if binary is None:
         raise GeneratorError("trafgen not found: install Debian's netsniff-ng package")
-    return ["taskset", "-c", str(cpu), binary, "--no-sock-mem", "--cpp", "--cpus", "1", "--in", str(config),
-            "--out", interface]
+    return ["taskset", "-c", str(cpu), binary, "--no-sock-mem", "--cpp", "--cpus", "1", "--ring-size",
+            f"{TX_RING_KIB}KiB", "--in", str(config), "--out", interface]
 
 
 def pacer(rate: int, interface: str) -> str:

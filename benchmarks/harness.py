@@ -59,7 +59,8 @@ PROBE_INTERVAL = 0.02            # one real HTTP request every 20 ms, in the idl
 PROBE_TIMEOUT, PROBE_TIMEOUT_NO_SERVER = 3.0, 1.5
 # The probe shares CPU 0 with trafgen, which spins there during every flood step: at the normal policy
 # its requests waited for trafgen's time slice (p99 connect 8-10 ms under every flood for every
-# contender that kept up, 1.9-8.9 ms idle, in one repetition). At SCHED_FIFO it runs when it can.
+# contender that kept up, 1.9-8.9 ms idle, in one repetition). At SCHED_FIFO it runs when it can: when
+# trafgen is back in user space, every 32 frames on this preempt=none kernel (generator.TX_RING_KIB).
 PROBE_PRIORITY = 10
 NOISY_IDLE = 0.3                 # an idle step that kept a CPU busier than this share had company: flagged
 OTHER_LOAD = 0.1                 # other sessions' processes using more than this share of a CPU: flagged
