@@ -8,7 +8,7 @@ APT_PACKAGES=(
   clang-19 libbpf-dev linux-libc-dev libc6-dev    # build the BPF programs
   iproute2 iptables nftables procps               # netns lab, NFQUEUE rules, sysctls
   libnetfilter-queue-dev gcc python3-dev          # build the netfilterqueue binding
-  curl hping3 netsniff-ng tcpdump                 # clients, flood generators, debugging
+  curl hping3 netsniff-ng tcpdump strace          # clients, flood generators, debugging; strace: a bench test
   apache2-utils                                   # ab: the bench's connection-rate load (benchmarks/README.md)
   nginx                                           # the lab's real HTTP server (synproxy/lab/nginx.py)
   prometheus                                      # scrapes the lab (`synproxy lab up --prometheus`); promtool
