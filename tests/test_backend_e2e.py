@@ -659,6 +659,54 @@ def test_loader_raised_syncookies_and_reports_to_other_processes(bed):
     assert stats["created"] >= len(CASES) and stats["kfunc_failed"] == 0 and stats["kfunc_errors"] == {}
 
 
+def request_sockets(bed: Bed, sport: int) -> list[str]:
+    """The backend's SYN-RECV request sockets for this client port."""
+    output = netns.run(bed.backend, ["ss", "-tanH", "state", "syn-recv", "dst", f"{CLIENT[4]}:{sport}"]).stdout
+    return [line for line in output.splitlines() if line.strip()]
+
+
+def direct_syn(bed: Bed, hs: Handshake, client_isn: int, tsval: int = CLIENT_TSVAL) -> int:
+    """A SYN from the handshake's client port straight to the backend (as before fronts were put in front
+    of it): the listener keeps a request socket and answers; returns its SYN-ACK's ISN."""
+    syn = raw(IP(src=CLIENT[4], dst=VIP[4]) / TCP(sport=hs.sport, dport=PORT, flags="S", seq=client_isn, window=4096,
+                                                  options=[("MSS", 1460), ("SAckOK", b""),
+                                                           ("Timestamp", (tsval, 0)), ("WScale", 7)]))
+    with incoming_capture(bed) as capture:
+        bed.sender.sendto(syn, (VIP[4], 0))
+        synack = segment_from_server(bed, hs, lambda f: f[TCP].flags == "SA", capture=capture)
+    assert synack[TCP].ack == (client_isn + 1) % 2**32
+    assert request_sockets(bed, hs.sport)
+    return synack[TCP].seq
+
+
+@pytest.mark.parametrize("flags", ["R", "RA"])
+def test_a_clients_reset_through_the_front_removes_its_request_socket(bed, flags):
+    hs = handshake(bed, CASES[1])
+    old_isn = 0x1000_0000
+    server_isn = direct_syn(bed, hs, old_isn)
+    reset = raw(IP(src=CLIENT[4], dst=VIP[4]) / TCP(sport=hs.sport, dport=PORT, flags=flags, seq=old_isn + 1,
+                                                    ack=(server_isn + 1) % 2**32 if "A" in flags else 0, window=0))
+    moved = counters_after(bed, lambda: send_via_front(bed, reset, validated=False))
+    time.sleep(0.1)
+    assert request_sockets(bed, hs.sport) == [], moved
+
+
+def test_a_validated_ack_meeting_a_stale_request_socket_makes_a_connection(bed):
+    hs = handshake(bed, CASES[0])
+    direct_syn(bed, hs, (hs.client_isn + 0x4000_0000) % 2**32, tsval=CLIENT_TSVAL + 5000)
+    with incoming_capture(bed) as capture:
+        moved = counters_after(bed, lambda: send_via_front(bed, hs.ack_packet))
+        conn = accept(bed, 4, timeout=3)
+        assert conn is not None, f"no connection; counters moved: {moved}"
+        with conn:
+            conn.sendall(b"from the backend")
+            data = segment_from_server(bed, hs, lambda f: "R" in f[TCP].flags
+                                       or bytes(f[TCP].payload) == b"from the backend", capture=capture)
+            assert "R" not in data[TCP].flags
+            assert data[TCP].seq == (hs.cookie + 1) % 2**32
+    assert request_sockets(bed, hs.sport) == []
+
+
 def test_sigterm_detaches_the_program(bed):
     """Runs last: it stops the module's loader."""
     assert bed.stop_loader() == 0
