@@ -38,22 +38,6 @@ struct sock___x {
 	__u32 sk_max_ack_backlog;
 } __attribute__((preserve_access_index));
 
-/* The TIME_WAIT socket's fields RFC 6191's test reads (tcp_timewait_state_process), CO-RE like sock___x:
- * tw_rcv_nxt is sock_common's skc_tw_rcv_nxt, in an anonymous union. */
-struct sock_common___x {
-	__u32 skc_tw_rcv_nxt;
-} __attribute__((preserve_access_index));
-
-struct inet_timewait_sock___x {
-	struct sock_common___x __tw_common;
-} __attribute__((preserve_access_index));
-
-struct tcp_timewait_sock___x {
-	struct inet_timewait_sock___x tw_sk;
-	__u32 tw_ts_recent;
-	int tw_ts_recent_stamp;
-} __attribute__((preserve_access_index));
-
 /* The request socket's fields a recycle reads (struct tcp_request_sock), CO-RE like sock___x: rcv_nxt, the
  * client's ISN + 1; ts_recent (request_sock's), the TSval of the SYN that made it, or 0. */
 struct request_sock___x {
@@ -659,18 +643,40 @@ static __always_inline int chain_to(struct __sk_buff *skb, const struct segment 
 	return bpf_redirect(fib.ifindex, 0);
 }
 
-/* Does a connection here own the flow of `seg` (a socket other than a listener: established, request or
- * time-wait)? */
-static __always_inline int owned_here(struct __sk_buff *skb, const struct segment *seg)
+/* Who owns the flow of `seg` here (flow_owner). */
+static __always_inline enum flow_owner owner_here(struct __sk_buff *skb, const struct segment *seg)
 {
 	struct bpf_sock *skc = socket_of(skb, seg);
+	enum flow_owner owner = flow_owner(skc, seg);
 
-	if (!skc)
-		return 0;
-	int listening = skc->state == BPF_TCP_LISTEN;
+	if (skc)
+		bpf_sk_release(skc);
+	return owner;
+}
 
-	bpf_sk_release(skc);
-	return !listening;
+/* Deliver the segment to the listener of its VIP and port, past the TIME_WAIT socket the stack would find
+ * first (bpf_sk_assign: tcp_v4_rcv and tcp_v6_rcv take the assigned socket before their lookup): the
+ * listener answers it with a RST. The lookup without the client's address and port finds no connection,
+ * only the listener. 0, or -1 when there is none or it cannot be assigned. */
+static __always_inline int deliver_to_listener(struct __sk_buff *skb, const struct segment *seg)
+{
+	struct bpf_sock_tuple tuple = {};
+	__u32 tuple_size = socket_tuple_of(&tuple, seg);
+
+	if (seg->family == 4) {
+		tuple.ipv4.saddr = 0;
+		tuple.ipv4.sport = 0;
+	} else {
+		__builtin_memset(tuple.ipv6.saddr, 0, sizeof(tuple.ipv6.saddr));
+		tuple.ipv6.sport = 0;
+	}
+	struct bpf_sock *listener = bpf_sk_lookup_tcp(skb, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
+	if (!listener)
+		return -1;
+	long assigned = listener->state == BPF_TCP_LISTEN ? bpf_sk_assign(skb, listener, 0) : -1;
+
+	bpf_sk_release(listener);
+	return assigned ? -1 : 0;
 }
 
 /* No connection here owns the flow of `seg`: pass the packet on to the next owner the header names
@@ -699,7 +705,8 @@ static __always_inline int pass_on(struct __sk_buff *skb, const struct segment *
 
 /* A decapsulated unflagged segment, or an ICMP error about the flow `seg` (icmp_error_accepted). A front
  * cannot tell a forged ACK from one of an established connection, so it forwards both: pass what a
- * connection owns. What none owns (no socket, or only a listener) may belong to a connection a former
+ * connection owns. What none owns (no socket, only a listener, or a TIME_WAIT socket of an earlier
+ * connection: flow_owner; then delivered past it to the listener for the RST) may belong to a connection a former
  * owner of the flow holds (a backend change moved the flow here): pass it on (next_owner), an error
  * about the flow as its segments. The last hop is where the kernel would answer a segment with a RST,
  * unbounded, so it is passed only within the reset budget (a client whose connection this backend lost
@@ -709,8 +716,9 @@ static __always_inline int pass_if_owned(struct __sk_buff *skb, const struct seg
 					 const struct arrival *arrival, const struct backend_config *cfg)
 {
 	int icmp = arrival->header.flags & ENCAP_FLAG_ICMP;
+	enum flow_owner owner = owner_here(skb, seg);
 
-	if (owned_here(skb, seg)) {
+	if (owner == FLOW_OWNED) {
 		if (icmp)
 			COUNT(COUNTER_ICMP_PASSED);
 		return TC_ACT_OK;
@@ -723,7 +731,8 @@ static __always_inline int pass_if_owned(struct __sk_buff *skb, const struct seg
 		COUNT(COUNTER_ICMP_PASSED);
 		return TC_ACT_OK;
 	}
-	if (!(seg->flags & TCP_FLAG_RST) && reset_allowed(cfg)) {
+	if (!(seg->flags & TCP_FLAG_RST) && reset_allowed(cfg) &&
+	    (owner != FLOW_TIME_WAIT_PAST || !deliver_to_listener(skb, seg))) {
 		COUNT(COUNTER_NO_FLOW_RESET);
 		return TC_ACT_OK;
 	}
