@@ -38,20 +38,19 @@ struct sock___x {
 	__u32 sk_max_ack_backlog;
 } __attribute__((preserve_access_index));
 
-/* The TIME_WAIT socket's fields RFC 6191's test reads (tcp_timewait_state_process), CO-RE like sock___x:
- * tw_rcv_nxt is sock_common's skc_tw_rcv_nxt, in an anonymous union. */
-struct sock_common___x {
-	__u32 skc_tw_rcv_nxt;
+/* The request socket's fields a recycle reads (struct tcp_request_sock), CO-RE like sock___x: rcv_nxt, the
+ * client's ISN + 1; ts_recent (request_sock's), the TSval of the SYN that made it, or 0. */
+struct request_sock___x {
+	__u32 ts_recent;
 } __attribute__((preserve_access_index));
 
-struct inet_timewait_sock___x {
-	struct sock_common___x __tw_common;
+struct inet_request_sock___x {
+	struct request_sock___x req;
 } __attribute__((preserve_access_index));
 
-struct tcp_timewait_sock___x {
-	struct inet_timewait_sock___x tw_sk;
-	__u32 tw_ts_recent;
-	int tw_ts_recent_stamp;
+struct tcp_request_sock___x {
+	struct inet_request_sock___x req;
+	__u32 rcv_nxt;
 } __attribute__((preserve_access_index));
 
 extern int bpf_sk_assign_tcp_reqsk(struct __sk_buff *skb, struct sock *sk,
@@ -83,7 +82,7 @@ struct {
 	__type(value, struct time_wait_event);
 } time_wait_scratch SEC(".maps");
 
-/* A new connection whose tuple's TIME_WAIT socket is being recycled in the kernel (recycle_time_wait),
+/* A new connection whose tuple's TIME_WAIT or request socket is being recycled in the kernel (recycle),
  * named by its tuple and its segments' sequence number (the client's ISN + 1, which every validated
  * segment of it carries: the ACK and the data right behind it; a client reconnecting from the same port
  * within the window has another). Its state word RECYCLE_STATE packs when the recycle began (µs), whether
@@ -114,15 +113,14 @@ static __always_inline void count_in(void *map, __u32 index)
 }
 #define COUNT(index) count_in(&counters, (index))
 
-/* The ACK's own timestamp option, if any: TSval is the client's clock, TSecr the front's. Walks a
- * scalar offset with bpf_skb_load_bytes (packet-pointer walks defeat the verifier's pruning); 40
- * bytes of options hold at most 40 options, so the bound never cuts a real header short. */
-static __always_inline int ack_timestamps(struct __sk_buff *skb, const struct segment *seg,
-					  __u32 *tsval, __u32 *tsecr)
+/* Where the segment's timestamp option starts (its kind byte), or 0 when it has none. Walks a scalar offset
+ * with bpf_skb_load_bytes (packet-pointer walks defeat the verifier's pruning); 40 bytes of options hold
+ * at most 40 options, so the bound never cuts a real header short. */
+static __always_inline __u32 timestamp_option(struct __sk_buff *skb, const struct segment *seg)
 {
 	__u32 offset = seg->tcp_offset + sizeof(struct tcphdr);
 	__u32 end = seg->tcp_offset + seg->tcp_length;
-	__u8 option[TCPOLEN_TIMESTAMP];
+	__u8 option[2];
 
 	for (int i = 0; i < MAX_OPTIONS_WALKED; i++) {
 		if (offset >= end || offset > 0xffff)
@@ -135,19 +133,25 @@ static __always_inline int ack_timestamps(struct __sk_buff *skb, const struct se
 		}
 		if (offset + 2 > end || bpf_skb_load_bytes(skb, offset, option, 2) || option[1] < 2)
 			return 0;
-		if (option[0] == TCPOPT_TIMESTAMP && option[1] == TCPOLEN_TIMESTAMP) {
-			if (offset + TCPOLEN_TIMESTAMP > end ||
-			    bpf_skb_load_bytes(skb, offset, option, TCPOLEN_TIMESTAMP))
-				return 0;
-			__builtin_memcpy(tsval, &option[2], 4);
-			__builtin_memcpy(tsecr, &option[6], 4);
-			*tsval = bpf_ntohl(*tsval);
-			*tsecr = bpf_ntohl(*tsecr);
-			return 1;
-		}
+		if (option[0] == TCPOPT_TIMESTAMP && option[1] == TCPOLEN_TIMESTAMP)
+			return offset + TCPOLEN_TIMESTAMP <= end ? offset : 0;
 		offset += option[1];
 	}
 	return 0;
+}
+
+/* The ACK's own timestamp option, if any: TSval is the client's clock, TSecr the front's. */
+static __always_inline int ack_timestamps(struct __sk_buff *skb, const struct segment *seg,
+					  __u32 *tsval, __u32 *tsecr)
+{
+	__u32 offset = timestamp_option(skb, seg);
+	__be32 values[2];
+
+	if (!offset || bpf_skb_load_bytes(skb, offset + 2, values, sizeof(values)))
+		return 0;
+	*tsval = bpf_ntohl(values[0]);
+	*tsecr = bpf_ntohl(values[1]);
+	return 1;
 }
 
 /* Would the kernel drop the connection for a full accept queue (sk_acceptq_is_full)? It would create it
@@ -218,11 +222,11 @@ struct arrival {
 };
 
 /* Tell the loader, through the ring buffer, that this validated segment met a TIME_WAIT socket RFC 6191
- * accepts, and drop it: the loader destroys the socket (sock_diag SOCK_DESTROY) and re-injects the segment,
+ * accepts (or a stale request socket), and drop it: the loader destroys the socket (sock_diag SOCK_DESTROY) and re-injects the segment,
  * encapsulated again, on the loopback device, where this program meets it once more and makes the
  * connection. The event carries the inner packet for that (and what the outer headers held), unless it is
  * larger than TIME_WAIT_PACKET_MAX: the client's retransmission then makes the connection. The fallback
- * of recycle_time_wait (docs/backend.md). */
+ * of recycle (docs/backend.md). */
 static __always_inline int report_time_wait(struct __sk_buff *skb, const struct segment *seg,
 					    const struct arrival *arrival, const struct backend_config *cfg)
 {
@@ -312,27 +316,60 @@ static __always_inline int queue_again(struct __sk_buff *skb, const struct segme
 	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
 }
 
-/* Send, to this interface's ingress, a copy of the segment made the RST that kills the TIME_WAIT socket:
- * its sequence number the socket's tw_rcv_nxt, its flags RST alone (tcp_timewait_state_process: an
- * in-window RST is "TIME-WAIT assassination", fatal while net.ipv4.tcp_rfc1337 is 0; the RST may carry
- * the segment's payload and options, which the kernel ignores there, and its timestamp, no older than
- * the socket's, passes PAWS). The segment itself is restored. 0, or the clone's error. */
-static __always_inline long send_assassination(struct __sk_buff *skb, const struct segment *seg, __u32 tw_rcv_nxt)
+/* The socket a new connection's validated segment met on its tuple, and what the RST that kills it carries
+ * (send_assassination): the sequence number the socket expects; with `set_timestamps`, TSval `tsval` and
+ * TSecr 0 in place of the segment's, if the segment has a timestamp option. */
+struct victim {
+	__u32 rcv_nxt;
+	__u32 tsval;
+	int set_timestamps;
+};
+
+/* Rewrite the 4 bytes at `at` from `from` to `to`, the TCP checksum at `csum_at` with them. */
+static __always_inline long rewrite_word(struct __sk_buff *skb, __u32 at, __u32 csum_at, __be32 from, __be32 to)
+{
+	if (bpf_skb_store_bytes(skb, at, &to, 4, 0))
+		return -1;
+	return bpf_l4_csum_replace(skb, csum_at, from, to, 4);
+}
+
+/* Send, to this interface's ingress, a copy of the segment made the RST that kills the victim: its
+ * sequence number the victim's rcv_nxt, its flags RST alone. A TIME_WAIT socket: tcp_timewait_state_process
+ * takes an in-window RST as "TIME-WAIT assassination", fatal while net.ipv4.tcp_rfc1337 is 0; the RST may
+ * carry the segment's payload and options, which the kernel ignores there, and its timestamp, no older
+ * than the socket's, passes PAWS. A request socket: tcp_check_req drops the request for a RST at rcv_nxt
+ * without ACK (one with an ACK not of its own SYN-ACK would go to the listener), after two timestamp
+ * checks it applies to a RST too: PAWS, passed by the request's ts_recent as TSval (the new connection's
+ * TSval may be older), and a TSecr not 0 must lie among the TSvals of its SYN-ACKs (the segment's echoes
+ * the front's), skipped for a TSecr of 0. The segment itself is restored. 0, or the clone's error. */
+static __always_inline long send_assassination(struct __sk_buff *skb, const struct segment *seg,
+					       const struct victim *victim)
 {
 	__u32 seq_at = seg->tcp_offset + 4, flags_at = seg->tcp_offset + 12, csum_at = seg->tcp_offset + 16;
-	__be32 seq = bpf_htonl(seg->seq), rst_seq = bpf_htonl(tw_rcv_nxt);
+	__u32 tsval_at = victim->set_timestamps ? timestamp_option(skb, seg) : 0;
+	__be32 seq = bpf_htonl(seg->seq), rst_seq = bpf_htonl(victim->rcv_nxt);
+	__be32 timestamps[2] = {}, rst_tsval = bpf_htonl(victim->tsval);
 	__be16 word, rst_word; /* data offset and flags */
 	long sent;
 
+	if (tsval_at) {
+		tsval_at += 2; /* past kind and length */
+		if (bpf_skb_load_bytes(skb, tsval_at, timestamps, sizeof(timestamps)) ||
+		    rewrite_word(skb, tsval_at, csum_at, timestamps[0], rst_tsval) ||
+		    rewrite_word(skb, tsval_at + 4, csum_at, timestamps[1], 0))
+			return -1;
+	}
 	if (bpf_skb_load_bytes(skb, flags_at, &word, 2))
 		return -1;
 	rst_word = (word & bpf_htons(0xff00)) | bpf_htons(TCP_FLAG_RST);
-	if (bpf_skb_store_bytes(skb, seq_at, &rst_seq, 4, 0) || bpf_l4_csum_replace(skb, csum_at, seq, rst_seq, 4) ||
+	if (rewrite_word(skb, seq_at, csum_at, seq, rst_seq) ||
 	    bpf_skb_store_bytes(skb, flags_at, &rst_word, 2, 0) || bpf_l4_csum_replace(skb, csum_at, word, rst_word, 2))
 		return -1;
 	sent = bpf_clone_redirect(skb, skb->ifindex, BPF_F_INGRESS);
-	if (bpf_skb_store_bytes(skb, seq_at, &seq, 4, 0) || bpf_l4_csum_replace(skb, csum_at, rst_seq, seq, 4) ||
-	    bpf_skb_store_bytes(skb, flags_at, &word, 2, 0) || bpf_l4_csum_replace(skb, csum_at, rst_word, word, 2))
+	if (rewrite_word(skb, seq_at, csum_at, rst_seq, seq) ||
+	    bpf_skb_store_bytes(skb, flags_at, &word, 2, 0) || bpf_l4_csum_replace(skb, csum_at, rst_word, word, 2) ||
+	    (tsval_at && (rewrite_word(skb, tsval_at, csum_at, rst_tsval, timestamps[0]) ||
+			  rewrite_word(skb, tsval_at + 4, csum_at, 0, timestamps[1]))))
 		return -1;
 	return sent;
 }
@@ -380,27 +417,56 @@ static __always_inline int recycle_claimed(const struct segment *seg, __u64 now_
 	return __sync_val_compare_and_swap(state, old, claim) == old;
 }
 
-/* A validated segment met a TIME_WAIT socket. The kernel recycles one for a SYN RFC 6191 accepts, but the
- * kfunc's connection cannot be inserted next to it (inet_ehash_insert finds the duplicate). What RFC 6191
- * refuses is passed to the TIME_WAIT socket, as the kernel would pass the SYN. What it accepts: the first
- * segment of the new connection to get here (the owner) sends the socket its assassination RST and is queued again
- * behind it on this CPU, so the RST is processed first and the owner then meets the listener and makes the
- * connection. Another of its segments meanwhile (the data right behind the ACK, on another CPU) is
- * queued again until that connection exists (recycle_waits), so it never makes a second one. The owner
- * meeting the socket again means the RST did not kill it (net.ipv4.tcp_rfc1337=1): the recycle falls back
- * to the loader (report_time_wait), the connection's other segments too. docs/backend.md, "4-tuple reuse". */
-static __always_inline int recycle_time_wait(struct __sk_buff *skb, const struct segment *seg, struct bpf_sock *skc,
-					     const struct arrival *arrival, const struct backend_config *cfg)
+/* What kills the socket a validated segment met (a TIME_WAIT or request socket): 0 when it is gone meanwhile. */
+static __always_inline int victim_of(struct bpf_sock *skc, struct victim *victim)
 {
-	struct tcp_timewait_sock___x *tw;
-	__u64 now_us = bpf_ktime_get_ns() / 1000, *state;
+	if (skc->state == BPF_TCP_TIME_WAIT) {
+		struct tcp_timewait_sock___x *tw = (void *)bpf_skc_to_tcp_timewait_sock(skc);
 
-	if (!rfc6191_accepts(skb, seg, skc)) {
+		if (!tw)
+			return 0;
+		victim->rcv_nxt = tw->tw_sk.__tw_common.skc_tw_rcv_nxt;
+		return 1;
+	}
+	struct tcp_request_sock___x *request = (void *)bpf_skc_to_tcp_request_sock(skc);
+
+	if (!request)
+		return 0;
+	victim->rcv_nxt = request->rcv_nxt;
+	victim->tsval = request->req.req.ts_recent;
+	victim->set_timestamps = 1;
+	return 1;
+}
+
+/* A validated segment met a TIME_WAIT socket or a request socket of its tuple. The kfunc's connection
+ * cannot be inserted next to either (inet_ehash_insert finds the duplicate), and tc cannot remove them.
+ * The kernel recycles a TIME_WAIT socket for a SYN RFC 6191 accepts; what RFC 6191 refuses is passed to
+ * the TIME_WAIT socket, as the kernel would pass the SYN. A request socket is one a SYN that reached this
+ * backend directly made (fronts put in front of a server already serving, a bypass), still sending
+ * SYN-ACKs of its own ISN after its client gave up; the client's RSTs to them may have been lost (the
+ * route moving to the fronts). The segment proves that the client's socket for the tuple is the
+ * cookie's connection now (it acknowledges the cookie), so the request is stale: passed, it would meet
+ * tcp_check_req, which hands an ACK of another ISN to the listener, and the listener answers it with a
+ * RST. Both are recycled alike: the first segment of the new connection to get here (the owner) sends
+ * the socket its RST (send_assassination) and is queued again behind it on this CPU, so the RST is
+ * processed first and the owner then meets the listener and makes the connection. Another of its segments
+ * meanwhile (the data right behind the ACK, on another CPU) is queued again until that connection exists
+ * (recycle_waits), so it never makes a second one. The owner meeting the socket again means the RST did
+ * not kill it (a TIME_WAIT socket under net.ipv4.tcp_rfc1337=1, a RST lost): the recycle falls back to
+ * the loader (report_time_wait), the connection's other segments too. docs/backend.md, "4-tuple reuse". */
+static __always_inline int recycle(struct __sk_buff *skb, const struct segment *seg, struct bpf_sock *skc,
+				   const struct arrival *arrival, const struct backend_config *cfg)
+{
+	__u32 recycled = skc->state == BPF_TCP_TIME_WAIT ? COUNTER_TIME_WAIT_RECYCLED : COUNTER_REQUEST_RECYCLED;
+	__u64 now_us = bpf_ktime_get_ns() / 1000, *state;
+	struct victim victim = {};
+
+	if (skc->state == BPF_TCP_TIME_WAIT && !rfc6191_accepts(skb, seg, skc)) {
 		COUNT(COUNTER_TIME_WAIT_REFUSED);
 		return TC_ACT_OK;
 	}
 	if (skb->ingress_ifindex == LOOPBACK_IFINDEX) { /* the loader re-injected it: not again */
-		COUNT(COUNTER_TIME_WAIT_RECYCLED);
+		COUNT(recycled);
 		return report_time_wait(skb, seg, arrival, cfg);
 	}
 	state = recycle_under_way(seg, now_us);
@@ -414,9 +480,8 @@ static __always_inline int recycle_time_wait(struct __sk_buff *skb, const struct
 	}
 	if (!recycle_claimed(seg, now_us))
 		return queue_again(skb, seg, arrival, cfg);
-	COUNT(COUNTER_TIME_WAIT_RECYCLED);
-	tw = (void *)bpf_skc_to_tcp_timewait_sock(skc);
-	if (!tw || send_assassination(skb, seg, tw->tw_sk.__tw_common.skc_tw_rcv_nxt)) {
+	COUNT(recycled);
+	if (!victim_of(skc, &victim) || send_assassination(skb, seg, &victim)) {
 		state = recycle_under_way(seg, now_us);
 		if (state)
 			__sync_fetch_and_or(state, RECYCLE_FALLBACK);
@@ -486,13 +551,13 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 		COUNT(COUNTER_NO_SOCKET);
 		return TC_ACT_OK;
 	}
-	if (skc->state == BPF_TCP_TIME_WAIT) {
-		int verdict = recycle_time_wait(skb, seg, skc, arrival, cfg);
+	if (skc->state == BPF_TCP_TIME_WAIT || skc->state == BPF_TCP_NEW_SYN_RECV) {
+		int verdict = recycle(skb, seg, skc, arrival, cfg);
 
 		bpf_sk_release(skc);
 		return verdict;
 	}
-	/* The lookup also finds established and request sockets: only a listener is ours. */
+	/* The lookup also finds established sockets: only a listener is ours. */
 	struct tcp_sock *listener = skc->state == BPF_TCP_LISTEN ? bpf_skc_to_tcp_sock(skc) : 0;
 	if (!listener) {
 		COUNT(COUNTER_NOT_LISTENER);
@@ -578,18 +643,40 @@ static __always_inline int chain_to(struct __sk_buff *skb, const struct segment 
 	return bpf_redirect(fib.ifindex, 0);
 }
 
-/* Does a connection here own the flow of `seg` (a socket other than a listener: established, request or
- * time-wait)? */
-static __always_inline int owned_here(struct __sk_buff *skb, const struct segment *seg)
+/* Who owns the flow of `seg` here (flow_owner). */
+static __always_inline enum flow_owner owner_here(struct __sk_buff *skb, const struct segment *seg)
 {
 	struct bpf_sock *skc = socket_of(skb, seg);
+	enum flow_owner owner = flow_owner(skc, seg);
 
-	if (!skc)
-		return 0;
-	int listening = skc->state == BPF_TCP_LISTEN;
+	if (skc)
+		bpf_sk_release(skc);
+	return owner;
+}
 
-	bpf_sk_release(skc);
-	return !listening;
+/* Deliver the segment to the listener of its VIP and port, past the TIME_WAIT socket the stack would find
+ * first (bpf_sk_assign: tcp_v4_rcv and tcp_v6_rcv take the assigned socket before their lookup): the
+ * listener answers it with a RST. The lookup without the client's address and port finds no connection,
+ * only the listener. 0, or -1 when there is none or it cannot be assigned. */
+static __always_inline int deliver_to_listener(struct __sk_buff *skb, const struct segment *seg)
+{
+	struct bpf_sock_tuple tuple = {};
+	__u32 tuple_size = socket_tuple_of(&tuple, seg);
+
+	if (seg->family == 4) {
+		tuple.ipv4.saddr = 0;
+		tuple.ipv4.sport = 0;
+	} else {
+		__builtin_memset(tuple.ipv6.saddr, 0, sizeof(tuple.ipv6.saddr));
+		tuple.ipv6.sport = 0;
+	}
+	struct bpf_sock *listener = bpf_sk_lookup_tcp(skb, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
+	if (!listener)
+		return -1;
+	long assigned = listener->state == BPF_TCP_LISTEN ? bpf_sk_assign(skb, listener, 0) : -1;
+
+	bpf_sk_release(listener);
+	return assigned ? -1 : 0;
 }
 
 /* No connection here owns the flow of `seg`: pass the packet on to the next owner the header names
@@ -618,7 +705,8 @@ static __always_inline int pass_on(struct __sk_buff *skb, const struct segment *
 
 /* A decapsulated unflagged segment, or an ICMP error about the flow `seg` (icmp_error_accepted). A front
  * cannot tell a forged ACK from one of an established connection, so it forwards both: pass what a
- * connection owns. What none owns (no socket, or only a listener) may belong to a connection a former
+ * connection owns. What none owns (no socket, only a listener, or a TIME_WAIT socket of an earlier
+ * connection: flow_owner; then delivered past it to the listener for the RST) may belong to a connection a former
  * owner of the flow holds (a backend change moved the flow here): pass it on (next_owner), an error
  * about the flow as its segments. The last hop is where the kernel would answer a segment with a RST,
  * unbounded, so it is passed only within the reset budget (a client whose connection this backend lost
@@ -628,8 +716,9 @@ static __always_inline int pass_if_owned(struct __sk_buff *skb, const struct seg
 					 const struct arrival *arrival, const struct backend_config *cfg)
 {
 	int icmp = arrival->header.flags & ENCAP_FLAG_ICMP;
+	enum flow_owner owner = owner_here(skb, seg);
 
-	if (owned_here(skb, seg)) {
+	if (owner == FLOW_OWNED) {
 		if (icmp)
 			COUNT(COUNTER_ICMP_PASSED);
 		return TC_ACT_OK;
@@ -642,7 +731,8 @@ static __always_inline int pass_if_owned(struct __sk_buff *skb, const struct seg
 		COUNT(COUNTER_ICMP_PASSED);
 		return TC_ACT_OK;
 	}
-	if (!(seg->flags & TCP_FLAG_RST) && reset_allowed(cfg)) {
+	if (!(seg->flags & TCP_FLAG_RST) && reset_allowed(cfg) &&
+	    (owner != FLOW_TIME_WAIT_PAST || !deliver_to_listener(skb, seg))) {
 		COUNT(COUNTER_NO_FLOW_RESET);
 		return TC_ACT_OK;
 	}
@@ -755,7 +845,7 @@ int synproxy_backend(struct __sk_buff *skb)
 	    ip->ihl != 5 || ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(IP_MF_OR_OFFSET)) ||
 	    udp->dest != bpf_htons(cfg->encap_port)) {
 		/* The loopback device's own traffic: this program is there only for the TIME_WAIT recycler's
-		 * re-injected segments (recycle_time_wait). */
+		 * re-injected segments (recycle). */
 		if (skb->ingress_ifindex == LOOPBACK_IFINDEX)
 			return TC_ACT_OK;
 		count_plain_syn(skb);

@@ -46,6 +46,54 @@ struct {
 	__type(value, struct token_bucket);
 } reset_budget SEC(".maps");
 
+/* The TIME_WAIT socket's fields both programs read (tcp_timewait_state_process's), CO-RE: libbpf relocates
+ * them to the running kernel's offsets (the objects are built with -g). tw_rcv_nxt and tw_snd_nxt are
+ * sock_common's skc_tw_rcv_nxt and skc_tw_snd_nxt, in anonymous unions. */
+struct sock_common___x {
+	__u32 skc_tw_rcv_nxt;
+	__u32 skc_tw_snd_nxt;
+} __attribute__((preserve_access_index));
+
+struct inet_timewait_sock___x {
+	struct sock_common___x __tw_common;
+} __attribute__((preserve_access_index));
+
+struct tcp_timewait_sock___x {
+	struct inet_timewait_sock___x tw_sk;
+	__u32 tw_ts_recent;
+	int tw_ts_recent_stamp;
+} __attribute__((preserve_access_index));
+
+/* Who owns an unflagged segment here, from the socket the lookup found for its tuple (or none). */
+enum flow_owner {
+	FLOW_UNOWNED,   /* no socket, or only a listener */
+	FLOW_OWNED,     /* a connection: established, request, or TIME_WAIT and the segment its connection's */
+	FLOW_TIME_WAIT_PAST, /* a TIME_WAIT socket of an earlier connection of the tuple: the segment acknowledges
+			      * what that connection never sent */
+};
+
+/* A TIME_WAIT socket owns the last segments of its connection: a retransmitted FIN, its ACK, a RST, which
+ * acknowledge tw_snd_nxt (or one less: a FIN sent before ours was received), or carry no ACK. A segment
+ * acknowledging anything else is of a later connection of the tuple that this backend never made (the
+ * client's port met the TIME_WAIT socket of its earlier connection, and the new one's handshake ACK was
+ * never validated: its cookie expired, or forged). Passed to the TIME_WAIT socket, it would be answered
+ * with that socket's last ACK, its 60 s restarted, never a RST: the client, which believes it is
+ * connected, would wait until its own timeout (tests/test_lab.py, two epochs old). It is no connection's
+ * here. */
+static __always_inline enum flow_owner flow_owner(struct bpf_sock *skc, const struct segment *seg)
+{
+	if (!skc || skc->state == BPF_TCP_LISTEN)
+		return FLOW_UNOWNED;
+	if (skc->state != BPF_TCP_TIME_WAIT || !(seg->flags & TCP_FLAG_ACK))
+		return FLOW_OWNED;
+	struct tcp_timewait_sock___x *tw = (void *)bpf_skc_to_tcp_timewait_sock(skc);
+	if (!tw)
+		return FLOW_OWNED;
+	__u32 snd_nxt = tw->tw_sk.__tw_common.skc_tw_snd_nxt;
+
+	return seg->ack == snd_nxt || seg->ack == snd_nxt - 1 ? FLOW_OWNED : FLOW_TIME_WAIT_PAST;
+}
+
 /* Did a front that holds one of our encap keys write this header for these outer addresses and this
  * inner segment? */
 static __always_inline int encap_mac_valid(const struct encap_header *header, __be32 outer_saddr,

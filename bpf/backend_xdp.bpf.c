@@ -23,8 +23,9 @@ enum backend_xdp_counter {
 	BACKEND_XDP_DECAPSULATED, /* unflagged, of a connection here: the encapsulation removed */
 	BACKEND_XDP_FLAGGED,      /* encapsulated and flagged: left to the tc program */
 	BACKEND_XDP_LEFT,         /* encapsulated, unflagged, of no connection here but naming a further owner
-				   * (passed on by the tc program), or failing a check the tc program makes:
-				   * left to the tc program */
+				   * (passed on by the tc program) or meeting a TIME_WAIT socket of an earlier
+				   * connection (delivered past it by the tc program), or failing a check the tc
+				   * program makes: left to the tc program */
 	BACKEND_XDP_NO_FLOW_DROPPED, /* unflagged, of no connection here, at the last hop, a RST or beyond the
 				      * reset budget: dropped, as the tc program would (its no_flow_dropped) */
 	BACKEND_XDP_NO_FLOW_RESET,   /* the same within the reset budget, not a RST: decapsulated for the
@@ -48,19 +49,18 @@ static __always_inline int count(__u32 index)
 	return XDP_PASS;
 }
 
-/* Does a connection here (any socket but a listener: established, request, TIME_WAIT) own the segment?
- * The tc program passes an unflagged segment of such a socket as it is (pass_if_owned). */
-static __always_inline int owned(struct xdp_md *ctx, const struct segment *seg)
+/* Who owns the segment here (flow_owner): the tc program passes an unflagged segment of a connection as it
+ * is (pass_if_owned). */
+static __always_inline enum flow_owner owner_of(struct xdp_md *ctx, const struct segment *seg)
 {
 	struct bpf_sock_tuple tuple = {};
 	__u32 tuple_size = socket_tuple_of(&tuple, seg);
 
 	struct bpf_sock *skc = bpf_skc_lookup_tcp(ctx, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
-	if (!skc)
-		return 0;
-	int listening = skc->state == BPF_TCP_LISTEN;
-	bpf_sk_release(skc);
-	return !listening;
+	enum flow_owner owner = flow_owner(skc, seg);
+	if (skc)
+		bpf_sk_release(skc);
+	return owner;
 }
 
 /* What this stage does with an unflagged segment from a trusted front. */
@@ -88,8 +88,11 @@ static __always_inline enum fate fate_of(struct xdp_md *ctx, const struct encap_
 	if ((seg->flags & TCP_FLAG_SYN) || !bpf_map_lookup_elem(&protected_vips, seg->daddr) ||
 	    !bpf_map_lookup_elem(&protected_ports, &port))
 		return FATE_LEFT;
-	int connection = owned(ctx, seg);
-	if ((!connection && next_owner(header, outer_daddr)) || !encap_mac_valid(header, outer_saddr, outer_daddr, seg))
+	enum flow_owner owner = owner_of(ctx, seg);
+	int connection = owner == FLOW_OWNED;
+	/* Past a TIME_WAIT socket only the tc program can deliver it (deliver_to_listener). */
+	if (owner == FLOW_TIME_WAIT_PAST || (!connection && next_owner(header, outer_daddr)) ||
+	    !encap_mac_valid(header, outer_saddr, outer_daddr, seg))
 		return FATE_LEFT;
 	if (connection)
 		return FATE_DECAPSULATE;

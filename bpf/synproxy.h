@@ -271,6 +271,8 @@ enum counter {
 	COUNTER_TIME_WAIT_REFUSED,    /* the same, RFC 6191 would refuse the SYN: passed to the TIME_WAIT socket */
 	COUNTER_TIME_WAIT_UNREPORTED, /* the same as recycled, but the ring buffer was full: dropped, unreported */
 	COUNTER_FASTOPEN_PASSED,      /* flagged FASTOPEN: a SYN whose TFO cookie a front found valid, passed to the stack */
+	COUNTER_REQUEST_RECYCLED,     /* valid cookie meeting a request socket a SYN straight to this backend left: reset, and
+				       * the segment queued again behind its RST, once per new connection (as time_wait_recycled) */
 	COUNTER_MAX,
 };
 #define KFUNC_ERRNO_SLOTS 64

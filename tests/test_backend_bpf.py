@@ -734,14 +734,10 @@ def server_states(name: str) -> dict[int, str]:
 
 
 @contextlib.contextmanager
-def server_side_time_wait(rfc1337: int = 0):
-    """In namespaces of the test's own, a client's and a server's on a link (the server's the farm
-    interface, where runs come in): a connection from CLIENT4:TW_PORT to the VIP:80 that the server closed
-    first, so the server's side is in TIME_WAIT; beside it, what recycling that one must leave alone: the
-    same from TW_PORT + 1, and a connection from TW_PORT + 2 still established. Yields the server's
-    namespace, its run context and interface address (as `farm`), the old connection's tw_rcv_nxt and the
-    client's last TSval (timestamps without random offsets, tcp_timestamps=2: the client's TSval is
-    CLOCK_MONOTONIC in ms)."""
+def client_and_server(sysctls: dict[str, str]):
+    """Namespaces of the test's own, a client's and a server's on a link (the server's the farm interface,
+    where runs come in), the server listening on the VIP:80: yields the server's namespace, its run context
+    and interface address (as `farm`), the client's namespace and the listener."""
     server, client = netns.unique_name("sptw"), netns.unique_name("sptc")
     with netns.namespaces(server, client):
         netns.link(server, FARM_LINK, client, "sptc")
@@ -750,23 +746,36 @@ def server_side_time_wait(rfc1337: int = 0):
         netns.add_addresses(client, "sptc", f"{CLIENT4}/24")
         netns.add_route(client, f"{VIPS[0]}/32", "198.18.1.1")
         for name in (server, client):
-            netns.write_sysctls(name, {"net.ipv4.tcp_timestamps": "2", "net.ipv4.tcp_rfc1337": str(rfc1337)})
+            netns.write_sysctls(name, sysctls)
         link = json.loads(netns.run(server, ["ip", "-j", "link", "show", FARM_LINK]).stdout)[0]
         farm = server, SK_BUFF_IFINDEX.pack(link["ifindex"]), bytes.fromhex(link["address"].replace(":", ""))
         with netns.inside(server):
             listener = socket.create_server((VIPS[0], 80))
-        with listener, netns.inside(client):
-            rcv_nxt, last_tsval = closed_by_the_server(listener, TW_PORT)
-            closed_by_the_server(listener, TW_PORT + 1)
-            with socket.create_connection((VIPS[0], 80), source_address=(CLIENT4, TW_PORT + 2)), \
-                    listener.accept()[0]:
-                time.sleep(0.05)
-                assert server_states(server) == {TW_PORT: "TIME-WAIT", TW_PORT + 1: "TIME-WAIT",
-                                                 TW_PORT + 2: "ESTAB"}
-                yield farm, rcv_nxt, last_tsval
+        with listener:
+            yield farm, client, listener
 
 
-def validated_ack(monkeypatch, plane: DataPlane, farm, isn: int, tsval: int | None, payload: bytes = b"") -> bytes:
+@contextlib.contextmanager
+def server_side_time_wait(rfc1337: int = 0):
+    """A connection from CLIENT4:TW_PORT to the VIP:80 that the server closed first, so the server's side
+    is in TIME_WAIT; beside it, what recycling that one must leave alone: the same from TW_PORT + 1, and a
+    connection from TW_PORT + 2 still established. Yields `farm` (client_and_server), the old connection's
+    tw_rcv_nxt and the client's last TSval (timestamps without random offsets, tcp_timestamps=2: the
+    client's TSval is CLOCK_MONOTONIC in ms)."""
+    with client_and_server({"net.ipv4.tcp_timestamps": "2", "net.ipv4.tcp_rfc1337": str(rfc1337)}) as \
+            (farm, client, listener), netns.inside(client):
+        rcv_nxt, last_tsval = closed_by_the_server(listener, TW_PORT)
+        closed_by_the_server(listener, TW_PORT + 1)
+        with socket.create_connection((VIPS[0], 80), source_address=(CLIENT4, TW_PORT + 2)), \
+                listener.accept()[0]:
+            time.sleep(0.05)
+            assert server_states(farm[0]) == {TW_PORT: "TIME-WAIT", TW_PORT + 1: "TIME-WAIT",
+                                              TW_PORT + 2: "ESTAB"}
+            yield farm, rcv_nxt, last_tsval
+
+
+def validated_ack(monkeypatch, plane: DataPlane, farm, isn: int, tsval: int | None, payload: bytes = b"",
+                  port: int = TW_PORT) -> bytes:
     """The client's handshake ACK for a new connection from the TIME_WAIT tuple (or, with a payload, the
     request right behind it), its cookie valid now; in a frame to the farm interface's address (the RST
     the program sends at its ingress must be for this host)."""
@@ -776,10 +785,10 @@ def validated_ack(monkeypatch, plane: DataPlane, farm, isn: int, tsval: int | No
     plane.refresh_salts(schedule, now)
     epoch = schedule.current_epoch(now)
     cookie = make_cookie(derive_salt(SECRET, epoch), epoch, ipaddress.ip_address(CLIENT4).packed,
-                         ipaddress.ip_address(VIPS[0]).packed, TW_PORT, 80, isn,
+                         ipaddress.ip_address(VIPS[0]).packed, port, 80, isn,
                          SynOptions(mss=1460, wscale=7, sack=True, ecn=False))
     options = [("NOP", None), ("NOP", None), ("Timestamp", (tsval, 1))] if tsval is not None else []
-    segment = TCP(sport=TW_PORT, dport=80, flags="PA" if payload else "A", seq=(isn + 1) % 2**32,
+    segment = TCP(sport=port, dport=80, flags="PA" if payload else "A", seq=(isn + 1) % 2**32,
                   ack=(cookie + 1) % 2**32, options=options) / Raw(payload)
     return farm[2] + encapsulated(raw(IP(src=CLIENT4, dst=VIPS[0]) / segment))[6:]
 
@@ -865,3 +874,46 @@ def test_where_the_rst_cannot_kill_rfc_1337_the_recycle_falls_back_to_the_loader
     assert not any(event.reinjected for event in events)
     assert as_received(bytes(12) + reinjection_frame(events[0])[12:], bytes(12) + ack[12:]), \
         "the loader encapsulates it again as it came"
+
+
+REQUEST_PORT = 41100
+
+
+@contextlib.contextmanager
+def server_side_request(tsval: int):
+    """A SYN from CLIENT4:REQUEST_PORT straight to the server (timestamp ``tsval``), whose client never
+    answers the SYN-ACK (its RSTs dropped): the server keeps a request socket for the tuple, as a backend
+    does after a client gave up on a direct SYN before fronts were put in front of it. Beside it, a request
+    socket from REQUEST_PORT + 1 that recycling this one must leave alone. Yields `farm`."""
+    with client_and_server({}) as (farm, client, _):
+        netns.run(client, ["iptables", "-A", "OUTPUT", "-p", "tcp", "--tcp-flags", "RST", "RST", "-j", "DROP"])
+        with netns.inside(client), socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as sender:
+            for port in (REQUEST_PORT, REQUEST_PORT + 1):
+                syn = IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=port, dport=80, flags="S", seq=0x1000_0000,
+                                                         options=[("MSS", 1460), ("Timestamp", (tsval, 0))])
+                sender.sendto(raw(syn), (VIPS[0], 0))
+        time.sleep(0.05)
+        assert server_states(farm[0]) == {REQUEST_PORT: "SYN-RECV", REQUEST_PORT + 1: "SYN-RECV"}
+        yield farm
+
+
+@pytest.mark.parametrize("timestamps", ["none", "older than the syn's"])
+def test_a_validated_ack_resets_a_stale_request_socket_of_its_tuple_and_is_queued_behind_the_rst(
+        monkeypatch, plane, timestamps):
+    """The request socket a direct SYN left would hand the new connection's ACK (another ISN) to the
+    listener, which resets it, and the kfunc's connection could not be inserted next to it. The ACK sends it
+    an in-window RST, its TSval the SYN's and its TSecr 0 (tcp_check_req checks a RST's timestamps too: the
+    ACK's TSval, older here, fails PAWS, and its TSecr, the front's clock, is none of the request's SYN-ACK
+    TSvals), and is queued again, as it came, behind it; the copy queued meets the listener (where the kfunc
+    fails: BPF_PROG_TEST_RUN runs outside tc's ingress)."""
+    syn_tsval = 0x7000_0000
+    with server_side_request(syn_tsval) as farm:
+        ack = validated_ack(monkeypatch, plane, farm, 0x2000_0000, syn_tsval - 1000 if timestamps != "none" else None,
+                            port=REQUEST_PORT)
+        verdict, queued, changed = run_in(farm, plane, ack)
+        assert (verdict, changed) == (TC_ACT_REDIRECT, {"decapsulated": 1, "request_recycled": 1})
+        assert as_received(queued, ack)
+        assert dead_soon(farm[0], REQUEST_PORT)
+        assert server_states(farm[0]) == {REQUEST_PORT + 1: "SYN-RECV"}
+        verdict, _, changed = run_in(farm, plane, queued)
+        assert (verdict, changed) == (TC_ACT_OK, {"decapsulated": 1, "kfunc_failed": 1})

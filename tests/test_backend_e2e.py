@@ -659,6 +659,90 @@ def test_loader_raised_syncookies_and_reports_to_other_processes(bed):
     assert stats["created"] >= len(CASES) and stats["kfunc_failed"] == 0 and stats["kfunc_errors"] == {}
 
 
+def request_sockets(bed: Bed, sport: int) -> list[str]:
+    """The backend's SYN-RECV request sockets for this client port."""
+    output = netns.run(bed.backend, ["ss", "-tanH", "state", "syn-recv", "dst", f"{CLIENT[4]}:{sport}"]).stdout
+    return [line for line in output.splitlines() if line.strip()]
+
+
+def direct_syn(bed: Bed, hs: Handshake, client_isn: int, tsval: int = CLIENT_TSVAL) -> int:
+    """A SYN from the handshake's client port straight to the backend (as before fronts were put in front
+    of it): the listener keeps a request socket and answers; returns its SYN-ACK's ISN."""
+    syn = raw(IP(src=CLIENT[4], dst=VIP[4]) / TCP(sport=hs.sport, dport=PORT, flags="S", seq=client_isn, window=4096,
+                                                  options=[("MSS", 1460), ("SAckOK", b""),
+                                                           ("Timestamp", (tsval, 0)), ("WScale", 7)]))
+    with incoming_capture(bed) as capture:
+        bed.sender.sendto(syn, (VIP[4], 0))
+        synack = segment_from_server(bed, hs, lambda f: f[TCP].flags == "SA", capture=capture)
+    assert synack[TCP].ack == (client_isn + 1) % 2**32
+    assert request_sockets(bed, hs.sport)
+    return synack[TCP].seq
+
+
+@pytest.mark.parametrize("flags", ["R", "RA"])
+def test_a_clients_reset_through_the_front_removes_its_request_socket(bed, flags):
+    hs = handshake(bed, CASES[1])
+    old_isn = 0x1000_0000
+    server_isn = direct_syn(bed, hs, old_isn)
+    reset = raw(IP(src=CLIENT[4], dst=VIP[4]) / TCP(sport=hs.sport, dport=PORT, flags=flags, seq=old_isn + 1,
+                                                    ack=(server_isn + 1) % 2**32 if "A" in flags else 0, window=0))
+    moved = counters_after(bed, lambda: send_via_front(bed, reset, validated=False))
+    time.sleep(0.1)
+    assert request_sockets(bed, hs.sport) == [], moved
+
+
+def test_a_validated_ack_meeting_a_stale_request_socket_makes_a_connection(bed):
+    hs = handshake(bed, CASES[0])
+    direct_syn(bed, hs, (hs.client_isn + 0x4000_0000) % 2**32, tsval=CLIENT_TSVAL + 5000)
+    with incoming_capture(bed) as capture:
+        moved = counters_after(bed, lambda: send_via_front(bed, hs.ack_packet))
+        conn = accept(bed, 4, timeout=3)
+        assert conn is not None, f"no connection; counters moved: {moved}"
+        with conn:
+            conn.sendall(b"from the backend")
+            data = segment_from_server(bed, hs, lambda f: "R" in f[TCP].flags
+                                       or bytes(f[TCP].payload) == b"from the backend", capture=capture)
+            assert "R" not in data[TCP].flags
+            assert data[TCP].seq == (hs.cookie + 1) % 2**32
+    assert request_sockets(bed, hs.sport) == []
+
+
+def test_a_later_connections_segment_meeting_a_time_wait_socket_is_reset_not_acknowledged(bed):
+    """The server closed a connection first: its side is in TIME_WAIT. The client connects again from the
+    same port, but its handshake ACK reaches a front only after the cookie expired (test_lab, two epochs
+    old), so its request comes unflagged. Passed to the TIME_WAIT socket, it got that socket's last ACK
+    (and a restarted 60 s), never a RST, and the client waited until its own timeout; now it is delivered
+    past the TIME_WAIT socket to the listener, whose RST the client accepts (its sequence number is the
+    segment's acknowledgment number). The old connection's last ACK still reaches the TIME_WAIT socket."""
+    hs = handshake(bed, CASES[1])
+    send_via_front(bed, hs.ack_packet)
+    conn = accept(bed, 4, timeout=3)
+    assert conn is not None
+    server_fin = (hs.cookie + 1) % 2**32
+    client_seq = (hs.client_isn + 1) % 2**32
+
+    def from_client(flags: str, seq: int, ack: int, payload: bytes = b"") -> bytes:
+        return raw(IP(src=CLIENT[4], dst=VIP[4]) / TCP(sport=hs.sport, dport=PORT, flags=flags, seq=seq, ack=ack,
+                                                       window=4096) / payload)
+
+    with incoming_capture(bed) as capture:
+        conn.close()  # the server closes first
+        segment_from_server(bed, hs, lambda f: "F" in f[TCP].flags, capture=capture)
+        send_via_front(bed, from_client("FA", client_seq, server_fin + 1), validated=False)
+        time.sleep(0.1)
+        assert netns.run(bed.backend, ["ss", "-tanH", "state", "time-wait", "dst",
+                                       f"{CLIENT[4]}:{hs.sport}"]).stdout.strip()
+        # the old connection's FIN again: the TIME_WAIT socket's (decapsulated by the XDP stage, passed)
+        assert counters_after(bed, lambda: send_via_front(bed, from_client("FA", client_seq, server_fin + 1),
+                                                          validated=False)) == {}
+        stale_ack = int.from_bytes(os.urandom(4), "big")
+        request = from_client("PA", (client_seq + 0x1000_0000) % 2**32, stale_ack, b"GET / HTTP/1.0\r\n\r\n")
+        moved = counters_after(bed, lambda: send_via_front(bed, request, validated=False))
+        reset = segment_from_server(bed, hs, lambda f: "R" in f[TCP].flags, capture=capture)
+    assert reset[TCP].seq == stale_ack
+    assert moved == {"decapsulated": 1, "no_flow_reset": 1}
+
+
 def test_sigterm_detaches_the_program(bed):
     """Runs last: it stops the module's loader."""
     assert bed.stop_loader() == 0

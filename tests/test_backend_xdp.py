@@ -34,6 +34,7 @@ from tests.test_backend_bpf import (  # noqa: F401 (plane, farm, budget: the tc 
     TC_ACT_OK,
     TC_ACT_REDIRECT,
     TC_ACT_SHOT,
+    TW_PORT,
     VIPS,
     budget,
     encapsulated,
@@ -41,6 +42,7 @@ from tests.test_backend_bpf import (  # noqa: F401 (plane, farm, budget: the tc 
     plane,
     run,
     run_in,
+    server_side_time_wait,
 )
 
 pytestmark = needs_root
@@ -297,3 +299,20 @@ def test_a_segment_naming_a_former_owner_goes_on_along_the_chain(plane, stage, b
 def test_naming_no_former_owner_but_itself_is_the_last_hop(plane, stage, budget, farm, former):  # noqa: F811
     budget(0)
     assert both(stage, plane, encapsulated(segment(CLIENT4, 4000), flags=0, former=former), farm) == DROPPED
+
+
+def test_a_later_connections_segment_meeting_a_time_wait_socket_is_left_to_the_tc_program(plane, stage, budget):  # noqa: F811
+    """A segment from a TIME_WAIT socket's tuple acknowledging what that connection never sent is a later
+    connection's (flow_owner): the stage leaves it encapsulated, without spending the budget, since only
+    the tc program can deliver it past the TIME_WAIT socket to the listener (bpf_sk_assign, which needs a
+    real tc ingress: tests/test_backend_e2e.py and tests/test_lab.py run it there). Before, the stage
+    decapsulated it for the TIME_WAIT socket, which answered with an ACK."""
+    budget(1000)
+    refilled(plane)
+    with server_side_time_wait() as (tw_farm, rcv_nxt, _):
+        inner = raw(IP(src=CLIENT4, dst=VIPS[0]) / TCP(sport=TW_PORT, dport=80, flags="PA", seq=(rcv_nxt + 5000) % 2**32,
+                                                        ack=12345) / b"GET / HTTP/1.0\r\n\r\n")
+        packet = tw_farm[2] + encapsulated(inner, flags=0)[6:]
+        with netns.inside(tw_farm[0]):
+            verdict, out, changed = xdp_run(stage, packet)
+        assert (verdict, changed, out) == (XDP_PASS, {"left": 1}, packet)

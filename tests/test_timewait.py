@@ -1,9 +1,10 @@
 """The loader's side of 4-tuple reuse (synproxy/backend/timewait.py) on real sockets in a namespace of the
-test's own: only a TIME_WAIT socket of the reported tuple is destroyed; and the frame that re-injects a
-dropped segment."""
+test's own: only a TIME_WAIT or request socket of the reported tuple is destroyed; and the frame that
+re-injects a dropped segment."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import time
@@ -11,7 +12,7 @@ import time
 import pytest
 
 from synproxy import netns
-from synproxy.backend.timewait import NETLINK_SOCK_DIAG, TimeWaitEvent, destroy_time_wait, reinjection_frame
+from synproxy.backend.timewait import NETLINK_SOCK_DIAG, TimeWaitEvent, destroy_recycled, reinjection_frame
 from synproxy.packet import ACK, PROTO_TCP, PSH, build_tcp_packet, internet_checksum, tcp_checksum_completed
 from tests.lab_fixtures import needs_root
 
@@ -43,16 +44,32 @@ def test_only_the_time_wait_socket_of_the_tuple_is_destroyed(namespace):
     name, diag, listener = namespace
     client = socket.create_connection((VIP, PORT), source_address=(CLIENT, CLIENT_PORT))
     server, _ = listener.accept()
-    assert not destroy_time_wait(diag, event_for()), "an established connection is not touched"
+    assert not destroy_recycled(diag, event_for()), "an established connection is not touched"
     assert "ESTAB" in states(name)
     server.close()
     client.close()
     time.sleep(0.05)
     assert "TIME-WAIT" in states(name)
-    assert not destroy_time_wait(diag, event_for(CLIENT_PORT + 1))  # another tuple: nothing there
-    assert destroy_time_wait(diag, event_for())
+    assert not destroy_recycled(diag, event_for(CLIENT_PORT + 1))  # another tuple: nothing there
+    assert destroy_recycled(diag, event_for())
     assert states(name) == ""
-    assert not destroy_time_wait(diag, event_for()), "reported twice: the second finds nothing"
+    assert not destroy_recycled(diag, event_for()), "reported twice: the second finds nothing"
+
+
+def test_a_request_socket_of_the_tuple_is_destroyed(namespace):
+    """The stale request socket a validated ACK met (the program's RST to it lost): the client's ACK of the
+    SYN-ACK dropped, the server's side stays SYN-RECV."""
+    name, diag, _ = namespace
+    netns.run(name, ["iptables", "-A", "OUTPUT", "-p", "tcp", "--sport", str(CLIENT_PORT), "-j", "DROP", "!",
+                     "--tcp-flags", "SYN", "SYN"])
+    with socket.socket() as client:
+        client.bind((CLIENT, CLIENT_PORT))
+        client.setblocking(False)
+        assert client.connect_ex((VIP, PORT)) == errno.EINPROGRESS
+        time.sleep(0.05)
+        assert states(name).split()[0] == "SYN-RECV"
+        assert destroy_recycled(diag, event_for())
+        assert "SYN-RECV" not in states(name)
 
 
 @pytest.mark.parametrize("client, vip", [(CLIENT, VIP), ("2001:db8:1::2", "2001:db8::10")])

@@ -35,7 +35,7 @@ EVENT = struct.Struct("=16s16s2s2sIIBBH4s4s2s2s20s")  # struct time_wait_event u
 ETH_P_IP = 0x0800
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, SOCK_DESTROY = 4, 20, 21
 NLM_F_REQUEST, NLM_F_ACK, NLMSG_ERROR = 0x1, 0x4, 2
-TCP_TIME_WAIT, TCP_LISTEN = 6, 10  # include/net/tcp_states.h
+TCP_SYN_RECV, TCP_TIME_WAIT, TCP_LISTEN = 3, 6, 10  # include/net/tcp_states.h; a request socket is SYN_RECV
 _NLMSG = struct.Struct("=IHHII")
 _REQUEST = struct.Struct("=BBBxI2s2s16s16sIQ")  # struct inet_diag_req_v2 with its inet_diag_sockid
 _NO_COOKIE = 0xFFFFFFFFFFFFFFFF  # INET_DIAG_NOCOOKIE in both words
@@ -107,10 +107,11 @@ def connected(sock: socket.socket, event: TimeWaitEvent) -> bool:
     return found is not None and found[0] != TCP_LISTEN
 
 
-def destroy_time_wait(sock: socket.socket, event: TimeWaitEvent) -> bool:
-    """Destroy the event's TIME_WAIT socket, and nothing else: True when it was there and is gone."""
+def destroy_recycled(sock: socket.socket, event: TimeWaitEvent) -> bool:
+    """Destroy the socket the event's segment met, a TIME_WAIT or a stale request socket (the program's
+    `recycle`), and nothing else: True when it was there and is gone."""
     found = _socket_of(sock, event)
-    if found is None or found[0] != TCP_TIME_WAIT:
+    if found is None or found[0] not in (TCP_TIME_WAIT, TCP_SYN_RECV):
         return False  # gone, or the tuple's connection is a new one
     cookie = found[1]
     destroyed = _diag(sock, SOCK_DESTROY, event, cookie)
@@ -176,7 +177,7 @@ class TimeWaitRecycler:
         events, self.reported = self.reported, []
         for event in events:
             try:
-                if destroy_time_wait(self.diag, event):
+                if destroy_recycled(self.diag, event):
                     self.recycled += 1
                 frame = reinjection_frame(event)
                 if frame is not None:
