@@ -1718,6 +1718,17 @@ static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment 
 	if (!parse_icmp_error(packet_data(ctx, xdp), packet_end(ctx, xdp), error, &flow) ||
 	    addresses_refused(error) || !protected_vip(copy, error->daddr))
 		return NOT_OURS;
+	/* The kernel checks the IPv4 header after this hook and drops what fails: nothing is decided (not
+	 * even a drop, counted as the handler's) before it holds. Behind IPv4 options (which the fold does
+	 * not cover) the queue decides, as for segments. */
+	if (error->family == 4) {
+		const struct iphdr *ip = packet_data(ctx, xdp) + sizeof(struct ethhdr);
+
+		if ((void *)(ip + 1) > packet_end(ctx, xdp) || ip->ihl != 5)
+			return FRONT_QUEUED;
+		if (ipv4_header_fold(ip))
+			return FRONT_UNVERIFIED;
+	}
 	__u32 port = bpf_ntohs(flow.dport);
 	const __u8 *port_slot = bpf_map_lookup_elem(&protected_port_slots, &port);
 	if (__builtin_memcmp(error->daddr, flow.daddr, 16) || !port_slot || !*port_slot)
@@ -1727,12 +1738,6 @@ static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment 
 		return FRONT_QUEUED;
 	if (error->ip_length + ENCAP_OVERHEAD > fwd->farm_mtu)
 		return FRONT_TOO_BIG;
-	if (error->family == 4) { /* the kernel checks it after this hook and drops what fails */
-		const struct iphdr *ip = packet_data(ctx, xdp) + sizeof(struct ethhdr);
-
-		if ((void *)(ip + 1) > packet_end(ctx, xdp) || ipv4_header_fold(ip))
-			return FRONT_UNVERIFIED;
-	}
 	__u32 outcome = plan_encapsulation(ctx, xdp, copy, &flow, ENCAP_FLAG_ICMP, bpf_ktime_get_tai_ns(),
 					   FRONT_ICMP_FORWARDED, plan);
 	const struct token_limit *limit = bpf_map_lookup_elem(&icmp_limit, &zero);
