@@ -82,13 +82,23 @@ struct {
 	__type(value, struct time_wait_event);
 } time_wait_scratch SEC(".maps");
 
+/* What the encapsulation said, kept past decapsulate() (which moves the packet). */
+struct arrival {
+	struct encap_header header;
+	__be32 front;       /* the outer source: a front (or a backend passing it on) */
+	__be32 self;        /* the outer destination: this backend's farm address */
+	__be16 source_port; /* the front's flow-hash port, kept along the chain */
+};
+
 /* A new connection whose tuple's TIME_WAIT or request socket is being recycled in the kernel (recycle),
  * named by its tuple and its segments' sequence number (the client's ISN + 1, which every validated
  * segment of it carries: the ACK and the data right behind it; a client reconnecting from the same port
  * within the window has another). Its state word RECYCLE_STATE packs when the recycle began (µs), whether
  * it fell back to the loader, and the IP length of the segment that began it (the owner: its re-queued
- * copy makes the connection). One 64-bit word, so a claim is one compare-and-swap. LRU: entries are young
- * for RECYCLE_WINDOW_US only, never deleted. */
+ * copy makes the connection). One 64-bit word, so a claim is one compare-and-swap. Beside it what the
+ * owner's re-queued copy, decapsulated, no longer carries (recycle_owner_again): its ack (the cookie + 1)
+ * and its encapsulation, which the loader's fallback puts back. LRU: entries are young for
+ * RECYCLE_WINDOW_US only, never deleted. */
 struct recycle_key {
 	__u8 saddr[16];
 	__u8 daddr[16];
@@ -97,11 +107,17 @@ struct recycle_key {
 	__u32 seq;
 };
 
+struct recycle {
+	__u64 state;
+	__u32 owner_ack;
+	struct arrival owner_arrival;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 4096);
 	__type(key, struct recycle_key);
-	__type(value, __u64);
+	__type(value, struct recycle);
 } time_wait_recycling SEC(".maps");
 
 static __always_inline void count_in(void *map, __u32 index)
@@ -212,14 +228,6 @@ static __always_inline int rfc6191_accepts(struct __sk_buff *skb, const struct s
 	}
 	return (__s32)(seg->seq - 1 - tw->tw_sk.__tw_common.skc_tw_rcv_nxt) > 0;
 }
-
-/* What the encapsulation said, kept past decapsulate() (which moves the packet). */
-struct arrival {
-	struct encap_header header;
-	__be32 front;       /* the outer source: a front (or a backend passing it on) */
-	__be32 self;        /* the outer destination: this backend's farm address */
-	__be16 source_port; /* the front's flow-hash port, kept along the chain */
-};
 
 /* Tell the loader, through the ring buffer, that this validated segment met a TIME_WAIT socket RFC 6191
  * accepts (or a stale request socket), and drop it: the loader destroys the socket (sock_diag SOCK_DESTROY) and re-injects the segment,
@@ -388,33 +396,51 @@ static __always_inline void recycle_key_of(struct recycle_key *key, const struct
 	key->seq = seg->seq;
 }
 
-/* The state of the connection's recycle if one is under way (begun less than RECYCLE_WINDOW_US ago), else none. */
-static __always_inline __u64 *recycle_under_way(const struct segment *seg, __u64 now_us)
+/* The connection's recycle if one is under way (begun less than RECYCLE_WINDOW_US ago), else none. */
+static __always_inline struct recycle *recycle_under_way(const struct segment *seg, __u64 now_us)
 {
 	struct recycle_key key;
-	__u64 *state;
+	struct recycle *recycling;
 
 	recycle_key_of(&key, seg);
-	state = bpf_map_lookup_elem(&time_wait_recycling, &key);
-	if (!state || now_us - (*state >> 17) >= RECYCLE_WINDOW_US)
+	recycling = bpf_map_lookup_elem(&time_wait_recycling, &key);
+	if (!recycling || now_us - (recycling->state >> 17) >= RECYCLE_WINDOW_US)
 		return 0;
-	return state;
+	return recycling;
 }
 
 /* Begin the connection's recycle, owned by this segment: 0 when another of its segments just began it. */
-static __always_inline int recycle_claimed(const struct segment *seg, __u64 now_us)
+static __always_inline int recycle_claimed(const struct segment *seg, const struct arrival *arrival, __u64 now_us)
 {
 	struct recycle_key key;
-	__u64 claim = RECYCLE_STATE(now_us, seg->ip_length), *state;
+	struct recycle claim = {.state = RECYCLE_STATE(now_us, seg->ip_length), .owner_ack = seg->ack,
+				.owner_arrival = *arrival}, *recycling;
 
 	recycle_key_of(&key, seg);
-	state = bpf_map_lookup_elem(&time_wait_recycling, &key);
-	if (!state)
+	recycling = bpf_map_lookup_elem(&time_wait_recycling, &key);
+	if (!recycling)
 		return bpf_map_update_elem(&time_wait_recycling, &key, &claim, BPF_NOEXIST) == 0;
-	__u64 old = *state;
-	if (now_us - (old >> 17) < RECYCLE_WINDOW_US)
+	__u64 old = recycling->state;
+	if (now_us - (old >> 17) < RECYCLE_WINDOW_US ||
+	    __sync_val_compare_and_swap(&recycling->state, old, claim.state) != old)
 		return 0;
-	return __sync_val_compare_and_swap(state, old, claim) == old;
+	recycling->owner_ack = claim.owner_ack; /* read only by this owner's copy, queued after */
+	recycling->owner_arrival = claim.owner_arrival;
+	return 1;
+}
+
+/* The mark of the owner's copy queued behind the RST (queue_owner_again): skb->mark is host-local (a packet
+ * from another namespace arrives with it cleared, skb_scrub_packet), so only a program or a privileged process
+ * of this host can set it, and recycle_owner_again accepts it only as the owner of a recycle under way. */
+#define RECYCLE_OWNER_MARK 0x52435943 /* "RCYC" */
+
+/* Queue the owner again at this interface's ingress, behind its RST on this CPU's backlog, decapsulated and
+ * marked: its encapsulation and cookie were checked in this run, so its next run (recycle_owner_again) only
+ * looks its socket up, instead of growing the packet here and stripping it and checking two MACs there. */
+static __always_inline int queue_owner_again(struct __sk_buff *skb)
+{
+	skb->mark = RECYCLE_OWNER_MARK;
+	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
 }
 
 /* What kills the socket a validated segment met (a TIME_WAIT or request socket): 0 when it is gone meanwhile. */
@@ -438,6 +464,19 @@ static __always_inline int victim_of(struct bpf_sock *skc, struct victim *victim
 	return 1;
 }
 
+/* A segment of a connection whose recycle is under way met the socket again: the owner's RST did not kill it
+ * (net.ipv4.tcp_rfc1337=1, a RST lost), or the recycle fell back already. Reported to the loader, the owner's
+ * first: the loader keeps their order. */
+static __always_inline int recycle_fallen_back(struct __sk_buff *skb, const struct segment *seg,
+					       const struct arrival *arrival, struct recycle *recycling,
+					       const struct backend_config *cfg)
+{
+	int verdict = report_time_wait(skb, seg, arrival, cfg);
+
+	__sync_fetch_and_or(&recycling->state, RECYCLE_FALLBACK); /* after the owner's report */
+	return verdict;
+}
+
 /* A validated segment met a TIME_WAIT socket or a request socket of its tuple. The kfunc's connection
  * cannot be inserted next to either (inet_ehash_insert finds the duplicate), and tc cannot remove them.
  * The kernel recycles a TIME_WAIT socket for a SYN RFC 6191 accepts; what RFC 6191 refuses is passed to
@@ -458,7 +497,8 @@ static __always_inline int recycle(struct __sk_buff *skb, const struct segment *
 				   const struct arrival *arrival, const struct backend_config *cfg)
 {
 	__u32 recycled = skc->state == BPF_TCP_TIME_WAIT ? COUNTER_TIME_WAIT_RECYCLED : COUNTER_REQUEST_RECYCLED;
-	__u64 now_us = bpf_ktime_get_ns() / 1000, *state;
+	__u64 now_us = bpf_ktime_get_ns() / 1000;
+	struct recycle *recycling;
 	struct victim victim = {};
 
 	if (skc->state == BPF_TCP_TIME_WAIT && !rfc6191_accepts(skb, seg, skc)) {
@@ -469,25 +509,22 @@ static __always_inline int recycle(struct __sk_buff *skb, const struct segment *
 		COUNT(recycled);
 		return report_time_wait(skb, seg, arrival, cfg);
 	}
-	state = recycle_under_way(seg, now_us);
-	if (state) {
-		if (!(*state & RECYCLE_FALLBACK) && RECYCLE_OWNER_LENGTH(*state) != seg->ip_length)
+	recycling = recycle_under_way(seg, now_us);
+	if (recycling) {
+		if (!(recycling->state & RECYCLE_FALLBACK) && RECYCLE_OWNER_LENGTH(recycling->state) != seg->ip_length)
 			return queue_again(skb, seg, arrival, cfg); /* the owner's RST is on its way */
-		int verdict = report_time_wait(skb, seg, arrival, cfg);
-
-		__sync_fetch_and_or(state, RECYCLE_FALLBACK); /* after the owner's report: the loader keeps their order */
-		return verdict;
+		return recycle_fallen_back(skb, seg, arrival, recycling, cfg);
 	}
-	if (!recycle_claimed(seg, now_us))
+	if (!recycle_claimed(seg, arrival, now_us))
 		return queue_again(skb, seg, arrival, cfg);
 	COUNT(recycled);
 	if (!victim_of(skc, &victim) || send_assassination(skb, seg, &victim)) {
-		state = recycle_under_way(seg, now_us);
-		if (state)
-			__sync_fetch_and_or(state, RECYCLE_FALLBACK);
+		recycling = recycle_under_way(seg, now_us);
+		if (recycling)
+			__sync_fetch_and_or(&recycling->state, RECYCLE_FALLBACK);
 		return report_time_wait(skb, seg, arrival, cfg);
 	}
-	return queue_again(skb, seg, arrival, cfg);
+	return queue_owner_again(skb);
 }
 
 /* Must this validated segment, which met the listener, wait? Yes while its connection's recycle is under way in
@@ -496,28 +533,28 @@ static __always_inline int recycle(struct __sk_buff *skb, const struct segment *
  * CPU would race it, the loser dropped by inet_ehash_insert (a request right behind the ACK then waits
  * for the client's retransmission, 200 ms). Segments the loader re-injects never wait: they come one at a
  * time from its thread. The owner's state is returned through `owned`, so a failure can end the wait. */
-static __always_inline int recycle_waits(struct __sk_buff *skb, const struct segment *seg, __u64 **owned)
+static __always_inline int recycle_waits(struct __sk_buff *skb, const struct segment *seg, struct recycle **owned)
 {
-	__u64 *state;
+	struct recycle *recycling;
 
 	*owned = 0;
 	if (skb->ingress_ifindex == LOOPBACK_IFINDEX)
 		return 0;
-	state = recycle_under_way(seg, bpf_ktime_get_ns() / 1000);
-	if (!state || (*state & RECYCLE_FALLBACK))
+	recycling = recycle_under_way(seg, bpf_ktime_get_ns() / 1000);
+	if (!recycling || (recycling->state & RECYCLE_FALLBACK))
 		return 0;
-	if (RECYCLE_OWNER_LENGTH(*state) != seg->ip_length)
+	if (RECYCLE_OWNER_LENGTH(recycling->state) != seg->ip_length)
 		return 1;
-	*owned = state;
+	*owned = recycling;
 	return 0;
 }
 
 /* The owner could not make the connection (a full accept queue, a refusing kfunc): let the connection's other
  * segments stop waiting for it. */
-static __always_inline void recycle_abandoned(__u64 *owned)
+static __always_inline void recycle_abandoned(struct recycle *owned)
 {
 	if (owned)
-		*owned = 0;
+		owned->state = 0;
 }
 
 /* The socket the kernel would deliver this segment to (established, request, time-wait or listener), or
@@ -530,50 +567,22 @@ static __always_inline struct bpf_sock *socket_of(struct __sk_buff *skb, const s
 	return bpf_skc_lookup_tcp(skb, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
 }
 
-/* A decapsulated VALIDATED segment: if it is a handshake ACK with a valid cookie and a listener waits on
- * its tuple, have the kernel create the connection. */
-static __always_inline int create_connection(struct __sk_buff *skb, const struct segment *seg,
-					     const struct arrival *arrival, const struct backend_config *cfg)
+/* Have the kernel create the connection of a validated segment whose cookie is `cookie` at `skc`, the
+ * listener its tuple met (released here); `owned`, the recycle this segment owns, if any, is ended when it
+ * cannot. */
+static __always_inline int connect_at_listener(struct __sk_buff *skb, const struct segment *seg, struct bpf_sock *skc,
+					       __u32 cookie, struct recycle *owned, const struct backend_config *cfg)
 {
-	if ((seg->flags & (TCP_FLAG_ACK | TCP_FLAG_SYN | TCP_FLAG_RST | TCP_FLAG_FIN)) != TCP_FLAG_ACK)
-		return TC_ACT_OK;
-	__u32 cookie = seg->ack - 1;
-	const struct salt_slot *slot = cookie_slot(cookie);
-	if (!slot || !epoch_accepted(slot->epoch, bpf_ktime_get_tai_ns() + cfg->clock_offset_ns, cfg->period_ns,
-				     cfg->skew_ns) ||
-	    !cookie_mac_valid(slot, seg, cookie)) {
-		COUNT(COUNTER_COOKIE_BAD);
-		return TC_ACT_SHOT;
-	}
+	struct tcp_sock *listener = bpf_skc_to_tcp_sock(skc);
 
-	struct bpf_sock *skc = socket_of(skb, seg);
-	if (!skc) {
-		COUNT(COUNTER_NO_SOCKET);
-		return TC_ACT_OK;
-	}
-	if (skc->state == BPF_TCP_TIME_WAIT || skc->state == BPF_TCP_NEW_SYN_RECV) {
-		int verdict = recycle(skb, seg, skc, arrival, cfg);
-
-		bpf_sk_release(skc);
-		return verdict;
-	}
-	/* The lookup also finds established sockets: only a listener is ours. */
-	struct tcp_sock *listener = skc->state == BPF_TCP_LISTEN ? bpf_skc_to_tcp_sock(skc) : 0;
 	if (!listener) {
 		COUNT(COUNTER_NOT_LISTENER);
 		bpf_sk_release(skc);
 		return TC_ACT_OK;
 	}
-
-	__u64 *recycle_owned;
-	if (recycle_waits(skb, seg, &recycle_owned)) {
-		bpf_sk_release(skc);
-		return queue_again(skb, seg, arrival, cfg);
-	}
-
 	if (accept_queue_full((void *)listener, cfg)) {
 		COUNT(COUNTER_LISTEN_OVERFLOW);
-		recycle_abandoned(recycle_owned);
+		recycle_abandoned(owned);
 		bpf_sk_release(skc);
 		return TC_ACT_OK;
 	}
@@ -585,13 +594,97 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 	if (err) {
 		__u32 errno_slot = -err;
 
-		recycle_abandoned(recycle_owned);
+		recycle_abandoned(owned);
 		COUNT(COUNTER_KFUNC_FAILED);
 		count_in(&kfunc_errors, errno_slot < KFUNC_ERRNO_SLOTS ? errno_slot : KFUNC_ERRNO_SLOTS - 1);
 		return TC_ACT_OK;
 	}
 	COUNT(COUNTER_CREATED);
 	return TC_ACT_OK;
+}
+
+/* A decapsulated VALIDATED segment: if it is a handshake ACK with a valid cookie and a listener waits on
+ * its tuple, have the kernel create the connection. */
+static __always_inline int create_connection(struct __sk_buff *skb, const struct segment *seg,
+					     const struct arrival *arrival, const struct backend_config *cfg)
+{
+	if ((seg->flags & (TCP_FLAG_ACK | TCP_FLAG_SYN | TCP_FLAG_RST | TCP_FLAG_FIN)) != TCP_FLAG_ACK)
+		return TC_ACT_OK;
+	/* The lookup first: a connection the segment's tuple already has (the request right behind the ACK that
+	 * made it, a retransmitted ACK) owns it as it owns an unflagged segment, which passes on the encapsulation's
+	 * MAC alone; the cookie only guards what the segment makes or kills (a connection, a recycled socket). */
+	struct bpf_sock *skc = socket_of(skb, seg);
+	if (skc && skc->state != BPF_TCP_LISTEN && skc->state != BPF_TCP_TIME_WAIT &&
+	    skc->state != BPF_TCP_NEW_SYN_RECV) {
+		COUNT(COUNTER_NOT_LISTENER);
+		bpf_sk_release(skc);
+		return TC_ACT_OK;
+	}
+	__u32 cookie = seg->ack - 1;
+	const struct salt_slot *slot = cookie_slot(cookie);
+	if (!slot || !epoch_accepted(slot->epoch, bpf_ktime_get_tai_ns() + cfg->clock_offset_ns, cfg->period_ns,
+				     cfg->skew_ns) ||
+	    !cookie_mac_valid(slot, seg, cookie)) {
+		COUNT(COUNTER_COOKIE_BAD);
+		if (skc)
+			bpf_sk_release(skc);
+		return TC_ACT_SHOT;
+	}
+	if (!skc) {
+		COUNT(COUNTER_NO_SOCKET);
+		return TC_ACT_OK;
+	}
+	if (skc->state != BPF_TCP_LISTEN) {
+		int verdict = recycle(skb, seg, skc, arrival, cfg);
+
+		bpf_sk_release(skc);
+		return verdict;
+	}
+	struct recycle *recycle_owned;
+	if (recycle_waits(skb, seg, &recycle_owned)) {
+		bpf_sk_release(skc);
+		return queue_again(skb, seg, arrival, cfg);
+	}
+	return connect_at_listener(skb, seg, skc, cookie, recycle_owned, cfg);
+}
+
+/* The owner's copy queued behind its RST (queue_owner_again), decapsulated and marked: accepted only as the
+ * owner its tuple's recycle names (its IP length and ack, which its first run checked with the encapsulation
+ * and the cookie), however long the backlog held it (the window only bounds how long the others wait). The
+ * RST killed the socket: it meets the listener and makes the connection. It did not: the recycle falls back
+ * to the loader, with the encapsulation the owner arrived in. */
+static __always_inline int recycle_owner_again(struct __sk_buff *skb, const struct backend_config *cfg)
+{
+	struct recycle_key key;
+	struct segment seg = {};
+	struct recycle *recycling = 0;
+
+	skb->mark = 0; /* the host's own marks are no business of this program's */
+	if (parse_segment(skb, &seg)) {
+		recycle_key_of(&key, &seg);
+		recycling = bpf_map_lookup_elem(&time_wait_recycling, &key);
+	}
+	if (!recycling || (recycling->state & RECYCLE_FALLBACK) ||
+	    RECYCLE_OWNER_LENGTH(recycling->state) != seg.ip_length || recycling->owner_ack != seg.ack) {
+		COUNT(COUNTER_TIME_WAIT_UNREPORTED);
+		return TC_ACT_SHOT;
+	}
+	struct arrival arrival = recycling->owner_arrival;
+	struct bpf_sock *skc = socket_of(skb, &seg);
+	if (!skc) {
+		COUNT(COUNTER_NO_SOCKET);
+		return TC_ACT_OK;
+	}
+	if (skc->state == BPF_TCP_TIME_WAIT || skc->state == BPF_TCP_NEW_SYN_RECV) {
+		bpf_sk_release(skc);
+		return recycle_fallen_back(skb, &seg, &arrival, recycling, cfg);
+	}
+	if (skc->state != BPF_TCP_LISTEN) {
+		COUNT(COUNTER_NOT_LISTENER);
+		bpf_sk_release(skc);
+		return TC_ACT_OK;
+	}
+	return connect_at_listener(skb, &seg, skc, seg.ack - 1, recycling, cfg);
 }
 
 /* Pass the decapsulated segment on to `next`, as encap.chain builds it: the same inner packet, UDP ports
@@ -848,6 +941,8 @@ int synproxy_backend(struct __sk_buff *skb)
 		 * re-injected segments (recycle). */
 		if (skb->ingress_ifindex == LOOPBACK_IFINDEX)
 			return TC_ACT_OK;
+		if (cfg && skb->mark == RECYCLE_OWNER_MARK)
+			return recycle_owner_again(skb, cfg);
 		count_plain_syn(skb);
 		COUNT(COUNTER_PASSED);
 		return TC_ACT_OK;

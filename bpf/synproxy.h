@@ -249,7 +249,7 @@ enum counter {
 	COUNTER_MALFORMED,         /* encapsulated, but the header or inner version is wrong: dropped */
 	COUNTER_COOKIE_BAD,        /* flagged VALIDATED, but no accepted salt gives its MAC: dropped */
 	COUNTER_NO_SOCKET,         /* valid cookie, nothing listens on the tuple */
-	COUNTER_NOT_LISTENER,      /* valid cookie, a connection already exists (a retransmitted ACK) */
+	COUNTER_NOT_LISTENER,      /* a connection already exists (a retransmitted ACK): passed, the cookie unchecked */
 	COUNTER_CREATED,           /* the kfunc made a request socket: a connection is born */
 	COUNTER_KFUNC_FAILED,      /* the kfunc refused (see kfunc_errors by errno) */
 	COUNTER_SYN_RECEIVED,      /* TCP SYNs that reached this backend (should stay 0 behind fronts) */
@@ -269,7 +269,7 @@ enum counter {
 				       * SYN: once per new connection, the program's RST ends the socket (or, where the
 				       * kernel ignores it, the loader destroys it and re-injects the segments) */
 	COUNTER_TIME_WAIT_REFUSED,    /* the same, RFC 6191 would refuse the SYN: passed to the TIME_WAIT socket */
-	COUNTER_TIME_WAIT_UNREPORTED, /* the same as recycled, but the ring buffer was full: dropped, unreported */
+	COUNTER_TIME_WAIT_UNREPORTED, /* the same as recycled, but the ring buffer was full (or no re-queue): dropped, unreported */
 	COUNTER_FASTOPEN_PASSED,      /* flagged FASTOPEN: a SYN whose TFO cookie a front found valid, passed to the stack */
 	COUNTER_REQUEST_RECYCLED,     /* valid cookie meeting a request socket a SYN straight to this backend left: reset, and
 				       * the segment queued again behind its RST, once per new connection (as time_wait_recycled) */

@@ -801,6 +801,20 @@ def as_received(out: bytes, packet: bytes) -> bool:
                                                                   packet[outer_end:])
 
 
+RECYCLE_OWNER_MARK = 0x52435943  # bpf/backend.bpf.c: the mark of the owner's copy queued behind its RST
+SK_BUFF_MARK_IFINDEX = struct.Struct("=8xI28xI")  # struct __sk_buff's mark, and its ifindex
+
+
+def marked(farm) -> bytes:
+    """The context of the owner's queued copy: the farm interface, the program's mark."""
+    return SK_BUFF_MARK_IFINDEX.pack(RECYCLE_OWNER_MARK, SK_BUFF_IFINDEX.unpack(farm[1])[0])
+
+
+def decapsulated(packet: bytes) -> bytes:
+    """``packet`` (inner IPv4) without its encapsulation, in the Ethernet header it came in."""
+    return packet[:12] + b"\x08\x00" + packet[ETH_HEADER + encap.OVERHEAD:]
+
+
 def dead_soon(name: str, port: int) -> bool:
     """Is the server's socket to CLIENT4:port gone (the RST is processed in a softirq: give it a moment)?"""
     deadline = time.monotonic() + 1
@@ -816,8 +830,9 @@ def within_the_recycle_window(monkeypatch, plane: DataPlane, order: tuple[str, .
                               attempts: int = 5):
     """On a fresh TIME_WAIT socket, the ACK and the request behind it (same sequence number) run in the
     ``order`` a race can bring them ("ack" first; "request": the request, as on another CPU; "queued ack":
-    the copy the ACK's run queued again). Repeated until one attempt runs within the recycle window (a
-    descheduled test would see it expire). Returns the ACK and the request, each run's verdict and packet,
+    the copy the ACK's run queued again, in its mark; "marked request", "marked other ack": the request
+    decapsulated, and that copy with another ack, both in the mark). Repeated until one attempt runs within
+    the recycle window (a descheduled test would see it expire). Returns the ACK and the request, each run's verdict and packet,
     and the counters that moved over them all."""
     for _ in range(attempts):
         with server_side_time_wait(rfc1337) as (farm, rcv_nxt, _):
@@ -829,8 +844,11 @@ def within_the_recycle_window(monkeypatch, plane: DataPlane, order: tuple[str, .
             with netns.inside(farm[0]):
                 started = time.monotonic()
                 for name in order:
-                    runs.append(prog_test_run(plane.prog_fd, packets[name], context=farm[1]))
+                    context = farm[1] if name in ("ack", "request") else marked(farm)
+                    runs.append(prog_test_run(plane.prog_fd, packets[name], context=context))
                     packets.setdefault("queued ack", runs[0][1])
+                    packets.setdefault("marked request", decapsulated(packets["request"]))
+                    packets.setdefault("marked other ack", other_ack(runs[0][1]))
                 elapsed = time.monotonic() - started
             after = read_counters(plane.counters, plane.kfunc_errors)
             if elapsed < RECYCLE_WINDOW:
@@ -844,13 +862,14 @@ def test_the_request_behind_the_ack_waits_for_the_acks_connection_and_never_make
     listener after the RST and before the re-queued ACK made the connection. It is queued again, as it came,
     as long as the ACK, the recycle's owner, may still make that connection: a second connection made from
     the request would race the ACK's, and the loser is dropped (the request: 200 ms to its retransmission).
-    Here the owner's kfunc fails (BPF_PROG_TEST_RUN runs outside tc's ingress), which ends the wait: the
-    request then tries itself."""
+    The ACK is queued decapsulated, its checks done: its copy's run is no second decapsulation. Here the
+    owner's kfunc fails (BPF_PROG_TEST_RUN runs outside tc's ingress), which ends the wait: the request then
+    tries itself."""
     ack, request, runs, changed = within_the_recycle_window(
         monkeypatch, plane, ("ack", "request", "request", "queued ack", "request"))
     assert [verdict for verdict, _ in runs] == [TC_ACT_REDIRECT, TC_ACT_REDIRECT, TC_ACT_REDIRECT, TC_ACT_OK, TC_ACT_OK]
-    assert as_received(runs[0][1], ack) and as_received(runs[1][1], request) and as_received(runs[2][1], request)
-    assert changed == {"decapsulated": 5, "time_wait_recycled": 1, "kfunc_failed": 2}, \
+    assert runs[0][1] == decapsulated(ack) and as_received(runs[1][1], request) and as_received(runs[2][1], request)
+    assert changed == {"decapsulated": 4, "time_wait_recycled": 1, "kfunc_failed": 2}, \
         "only the owner tried, until it failed"
 
 
@@ -867,7 +886,7 @@ def test_where_the_rst_cannot_kill_rfc_1337_the_recycle_falls_back_to_the_loader
     finally:
         ring.close()
     assert [verdict for verdict, _ in runs] == [TC_ACT_REDIRECT, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_SHOT]
-    assert changed == {"decapsulated": 4, "time_wait_recycled": 1}
+    assert changed == {"decapsulated": 3, "time_wait_recycled": 1}
     events = [TimeWaitEvent.unpack(record) for record in reported]
     assert [event.packet for event in events] == [ack[ETH_HEADER + encap.OVERHEAD:],
                                                   request[ETH_HEADER + encap.OVERHEAD:]]
@@ -904,16 +923,56 @@ def test_a_validated_ack_resets_a_stale_request_socket_of_its_tuple_and_is_queue
     listener, which resets it, and the kfunc's connection could not be inserted next to it. The ACK sends it
     an in-window RST, its TSval the SYN's and its TSecr 0 (tcp_check_req checks a RST's timestamps too: the
     ACK's TSval, older here, fails PAWS, and its TSecr, the front's clock, is none of the request's SYN-ACK
-    TSvals), and is queued again, as it came, behind it; the copy queued meets the listener (where the kfunc
-    fails: BPF_PROG_TEST_RUN runs outside tc's ingress)."""
+    TSvals), and is queued again behind it, decapsulated and marked; the copy queued meets the listener (where
+    the kfunc fails: BPF_PROG_TEST_RUN runs outside tc's ingress)."""
     syn_tsval = 0x7000_0000
     with server_side_request(syn_tsval) as farm:
         ack = validated_ack(monkeypatch, plane, farm, 0x2000_0000, syn_tsval - 1000 if timestamps != "none" else None,
                             port=REQUEST_PORT)
-        verdict, queued, changed = run_in(farm, plane, ack)
-        assert (verdict, changed) == (TC_ACT_REDIRECT, {"decapsulated": 1, "request_recycled": 1})
-        assert as_received(queued, ack)
+        before = read_counters(plane.counters, plane.kfunc_errors)
+        with netns.inside(farm[0]):  # the queued copy's run right behind, within the recycle's window
+            verdict, queued = prog_test_run(plane.prog_fd, ack, context=farm[1])
+            verdict_queued = prog_test_run(plane.prog_fd, queued, context=marked(farm))[0]
+        after = read_counters(plane.counters, plane.kfunc_errors)
+        assert (verdict, verdict_queued) == (TC_ACT_REDIRECT, TC_ACT_OK)
+        assert queued == decapsulated(ack)
+        assert {key: after[key] - before[key] for key in COUNTERS if after[key] != before[key]} == \
+            {"decapsulated": 1, "request_recycled": 1, "kfunc_failed": 1}
         assert dead_soon(farm[0], REQUEST_PORT)
         assert server_states(farm[0]) == {REQUEST_PORT + 1: "SYN-RECV"}
-        verdict, _, changed = run_in(farm, plane, queued)
-        assert (verdict, changed) == (TC_ACT_OK, {"decapsulated": 1, "kfunc_failed": 1})
+
+
+def other_ack(frame: bytes) -> bytes:
+    """The decapsulated IPv4 segment ``frame`` with another acknowledgment number (its checksum not kept)."""
+    changed = bytearray(frame)
+    changed[ETH_HEADER + 20 + 8] ^= 1
+    return bytes(changed)
+
+
+def test_a_marked_segment_is_only_ever_the_owner_of_a_recycle_under_way(monkeypatch, plane):
+    """The owner's queued copy skips the checks its first run made, so the mark alone admits nothing: a marked
+    segment that is not the owner its tuple's recycle names (another IP length: the request; another ack) is
+    dropped. The owner's copy is still its owner after the window (a backlog that held it longer): it meets
+    the listener; unmarked, it is plain TCP, passed."""
+    _, _, runs, changed = within_the_recycle_window(monkeypatch, plane, ("ack", "marked request", "marked other ack"))
+    assert [verdict for verdict, _ in runs] == [TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_SHOT]
+    assert changed == {"decapsulated": 1, "time_wait_recycled": 1, "time_wait_unreported": 2}
+    time.sleep(RECYCLE_WINDOW)
+    with client_and_server({}) as (farm, _, _):
+        assert run_in(farm, plane, runs[0][1])[::2] == (TC_ACT_OK, {"passed": 1})
+        assert run_in((farm[0], marked(farm), farm[2]), plane, runs[0][1])[::2] == \
+            (TC_ACT_OK, {"kfunc_failed": 1})
+
+
+def test_a_validated_segment_of_an_existing_connection_is_passed_without_its_cookie(monkeypatch, plane):
+    """A connection of the tuple owns the segment (the request right behind the ACK that made it), as it owns
+    an unflagged one: passed on the encapsulation's MAC alone, the cookie not checked. What the segment
+    would make or kill (a connection at the listener, a recycled TIME_WAIT socket) still needs its cookie."""
+    with server_side_time_wait() as (farm, rcv_nxt, _):
+        for port, expected in ((TW_PORT + 2, (TC_ACT_OK, {"decapsulated": 1, "not_listener": 1})),
+                               (TW_PORT, (TC_ACT_SHOT, {"decapsulated": 1, "cookie_bad": 1})),
+                               (TW_PORT + 3, (TC_ACT_SHOT, {"decapsulated": 1, "cookie_bad": 1}))):
+            segment = bytearray(validated_ack(monkeypatch, plane, farm, (rcv_nxt + 1000) % 2**32, None,
+                                              b"GET / HTTP/1.0\r\n\r\n", port=port))
+            segment[ETH_HEADER + encap.OVERHEAD + 20 + 8] ^= 0x80  # a cookie bit (the encap MAC covers no ack)
+            assert run_in(farm, plane, bytes(segment))[::2] == expected, port
