@@ -609,14 +609,19 @@ static __always_inline int chain_to(struct __sk_buff *skb, const struct segment 
 	__u8 flags = arrival->header.flags | ENCAP_FLAG_CHAINED;
 	union encap_message message;
 	struct encap_header header = arrival->header;
+	/* The outer lengths count what the packet carries (encap.chain), not the inner header's own length
+	 * field, which nothing checked: tests/test_fuzz_backend.py. */
+	__u32 carried = skb->len - sizeof(struct ethhdr);
 
+	if (carried > 0xffff - ENCAP_OVERHEAD)
+		return CHAIN_UNROUTED;
 	/* From the egress's view, out of the interface it came in by: a backend need not forward. */
 	struct bpf_fib_lookup fib = {
 		.family = AF_INET,
 		.l4_protocol = IPPROTO_UDP,
 		.sport = arrival->source_port,
 		.dport = bpf_htons(cfg->encap_port),
-		.tot_len = ENCAP_OVERHEAD + seg->ip_length,
+		.tot_len = ENCAP_OVERHEAD + carried,
 		.ifindex = skb->ifindex,
 		.ipv4_src = arrival->self,
 		.ipv4_dst = next,
@@ -630,7 +635,7 @@ static __always_inline int chain_to(struct __sk_buff *skb, const struct segment 
 	__u64 mac = bpf_cpu_to_be64(encap_mac(&message, keys->keys[0]));
 	header.flags = flags;
 	__builtin_memcpy(header.mac, &mac, sizeof(mac));
-	if (encapsulate(skb, arrival->self, next, arrival->source_port, &header, seg->ip_length, cfg,
+	if (encapsulate(skb, arrival->self, next, arrival->source_port, &header, carried, cfg,
 			BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
 		return CHAIN_BROKEN;
 	if (route == BPF_FIB_LKUP_RET_NO_NEIGH) {
