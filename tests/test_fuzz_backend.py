@@ -20,6 +20,7 @@ ACK that meets the listener ends in the kfunc, which fails outside a real tc ing
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import struct
@@ -43,7 +44,7 @@ from synproxy.backend.loader import (
 from synproxy.bpf.libbpf import prog_test_run
 from synproxy.bpf.loading import build_object
 from synproxy.config import MAX_UNKNOWN_FLOW_RESETS_PER_SECOND
-from synproxy.cookie import Reject, check_cookie
+from synproxy.cookie import Reject, SynOptions, check_cookie, make_cookie
 from synproxy.front.handler import Action, handle
 from synproxy.packet import (
     ACK,
@@ -84,7 +85,9 @@ from tests.test_fuzz_front import (
     fix_ipv4_checksum,
     icmp_errors,
     kernel_view,
+    mutated,
     segments,
+    tcp_options,
 )
 
 pytestmark = needs_root
@@ -126,19 +129,24 @@ def stage(plane):
     stage.close()
 
 
+CLIENTS = {4: "198.18.1.2", 6: "2001:db8:1::2"}
+CONNECTED_PORT = 41500  # the client port of the connection each client holds to its VIP's LISTENING_PORT
+
+
 @pytest.fixture(scope="module")
 def listening(farm):  # noqa: F811
-    """`farm` with the VIPs on its loopback and a listener on each VIP's LISTENING_PORT."""
+    """`farm` with the VIPs and the clients on its loopback, a listener on each VIP's LISTENING_PORT and a
+    connection to it from CONNECTED_PORT of the client of its family (OWNED)."""
     name = farm[0]
-    netns.add_addresses(name, "lo", f"{VIPS[0]}/32", f"{VIPS[1]}/128")
-    with netns.inside(name):
-        listeners = [socket.create_server((vip, LISTENING_PORT), family=family)
-                     for vip, family in zip(VIPS, (socket.AF_INET, socket.AF_INET6))]
-    try:
+    netns.add_addresses(name, "lo", f"{VIPS[0]}/32", f"{VIPS[1]}/128", f"{CLIENTS[4]}/32", f"{CLIENTS[6]}/128")
+    with netns.inside(name), contextlib.ExitStack() as sockets:
+        for vip, family in zip(VIPS, (socket.AF_INET, socket.AF_INET6)):
+            listener = sockets.enter_context(socket.create_server((vip, LISTENING_PORT), family=family))
+            sockets.enter_context(socket.create_connection((vip, LISTENING_PORT),
+                                                          source_address=(CLIENTS[4 if family == socket.AF_INET else 6],
+                                                                          CONNECTED_PORT)))
+            sockets.enter_context(listener.accept()[0])
         yield farm
-    finally:
-        for listener in listeners:
-            listener.close()
 
 
 # --- the reference ---
@@ -191,6 +199,13 @@ def whole_header(frame: bytes) -> bool:
 
 PROTECTED_VIPS = frozenset(ipaddress.ip_address(vip).packed for vip in VIPS)
 TRUSTED = frozenset(ipaddress.ip_address(front).packed for front in (FRONT, OTHER_FRONT))
+OWNED = frozenset((ipaddress.ip_address(CLIENTS[family]).packed, CONNECTED_PORT, ipaddress.ip_address(vip).packed,
+                   LISTENING_PORT) for family, vip in zip((4, 6), VIPS))
+
+
+def owned(flow) -> bool:
+    """Does a connection here own the flow (the `listening` fixture's; a listener alone does not)?"""
+    return (flow.saddr, flow.sport, flow.daddr, flow.dport) in OWNED
 
 
 def protected(flow) -> bool:
@@ -233,8 +248,11 @@ def routed(address: bytes) -> bool:
 
 
 def pass_if_owned(frame: bytes, flow, icmp: bool, farm_mac: bytes) -> Expected:
-    """No connection owns any flow here (a listener alone does not): along the chain, else the last hop."""
+    """A connection's flow is passed; any other along the chain, else at the last hop by the reset budget."""
     counts = {"decapsulated": 1}
+    if owned(flow):
+        return Expected(TC_ACT_OK, decapsulated_frame(frame), {**counts, **({"icmp_passed": 1} if icmp else {})},
+                        "a connection's")
     following = encap.next_owner(frame[HEADER + 1], frame[ETH + 16:ETH + 20], frame[HEADER + 4:HEADER + 12])
     if following is not None:
         # The route's MTU (the farm link's) bounds the packet the program means to send: past it, refused.
@@ -300,8 +318,8 @@ def expected_tc(frame: bytes, now: float, farm_mac: bytes) -> Expected:
                           (segment.seq - 1) % 2**32, (segment.ack - 1) % 2**32)
     if isinstance(cookie, Reject):
         return Expected(TC_ACT_SHOT, None, {"decapsulated": 1, "cookie_bad": 1}, "cookie bad")
-    # A listener: the kfunc, which refuses outside a real tc ingress; none: no socket.
-    outcome = "kfunc_failed" if segment.dport == LISTENING_PORT else "no_socket"
+    # A connection: not a listener; a listener: the kfunc, which refuses outside a real tc ingress; none.
+    outcome = "not_listener" if owned(segment) else "kfunc_failed" if segment.dport == LISTENING_PORT else "no_socket"
     return Expected(TC_ACT_OK, decapsulated_frame(frame), {"decapsulated": 1, outcome: 1}, f"validated: {outcome}")
 
 
@@ -316,9 +334,11 @@ def expected_xdp(frame: bytes) -> tuple[str, bool]:
             or frame[INNER] >> 4 not in (4, 6):
         return "left", False
     segment = parsed_segment(decapsulated_frame(frame))
-    if segment is None or segment.flags & SYN or not protected(segment) or \
-            encap.next_owner(0, frame[ETH + 16:ETH + 20], frame[HEADER + 4:HEADER + 12]) or not mac_holds(frame, segment):
+    if segment is None or segment.flags & SYN or not protected(segment) or not mac_holds(frame, segment) or \
+            not owned(segment) and encap.next_owner(0, frame[ETH + 16:ETH + 20], frame[HEADER + 4:HEADER + 12]):
         return "left", False
+    if owned(segment):
+        return "decapsulated", True
     return ("no_flow_dropped" if segment.flags & RST else "no_flow_reset"), True
 
 
@@ -364,8 +384,8 @@ def judge(site, plane, stage, frame: bytes) -> str:
         elif counter == "no_flow_dropped":
             assert xdp_verdict == XDP_DROP and expected.counts == {"decapsulated": 1, counter: 1}
         else:
-            assert (xdp_verdict, xdp_out) == (XDP_PASS, expected.frame) and expected.counts == {"decapsulated": 1,
-                                                                                                counter: 1}
+            assert (xdp_verdict, xdp_out) == (XDP_PASS, expected.frame)
+            assert expected.counts == {"decapsulated": 1, **({} if counter == "decapsulated" else {counter: 1})}
     return expected.path
 
 
@@ -415,8 +435,28 @@ OTHER_FLAGS = {
             0],
     "icmp": [encap.FLAG_ICMP | encap.FLAG_CHAINED, encap.FLAG_ICMP | encap.FLAG_VALIDATED, 0],
     "bytes": [0, encap.FLAG_VALIDATED, encap.FLAG_ICMP],
+    "connection": [encap.FLAG_VALIDATED, encap.FLAG_CHAINED, encap.FLAG_ICMP, encap.FLAG_FASTOPEN],
 }
-INNERS = {"segment": segments(), "syn": segments(syn_only=True), "icmp": icmp_errors(), "bytes": st.binary(max_size=64)}
+
+
+@st.composite
+def connection_segments(draw) -> bytes:
+    """A segment of a connection a client holds here (OWNED), any flags, options and length, a handshake ACK
+    whose cookie holds now and then; broken as the front fuzz breaks its segments."""
+    family = draw(st.sampled_from((4, 6)))
+    client, vip = ip(CLIENTS[family]), ip(VIPS[0 if family == 4 else 1])
+    seq, ack = draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**32 - 1))
+    if draw(st.booleans()):
+        epoch, salt = HANDSHAKE_SCHEDULE.minting_salt(START)
+        cookie = make_cookie(salt, epoch, client, vip, CONNECTED_PORT, LISTENING_PORT, seq, SynOptions(1460, 7, True, False))
+        seq, ack = (seq + 1) % 2**32, (cookie + 1) % 2**32
+    packet = build_tcp_packet(client, vip, CONNECTED_PORT, LISTENING_PORT, seq, ack, draw(st.integers(0, 255)),
+                              draw(st.integers(0, 65535)), draw(tcp_options()), bytes(draw(st.integers(0, 1400))))
+    return bytes(draw(mutated(bytearray(packet))))
+
+
+INNERS = {"segment": segments(), "syn": segments(syn_only=True), "icmp": icmp_errors(), "bytes": st.binary(max_size=64),
+          "connection": connection_segments()}
 
 
 def mostly(draw, usual, others: list):
@@ -445,7 +485,7 @@ def encapsulations(draw) -> bytes:
     OWNERS, the MAC right or right for something else, the header's constants wrong, the outer headers
     broken, cut at any length, or grown. Each breakage is drawn one time in ten, so the deep paths are
     reached too."""
-    kind = draw(st.sampled_from(["segment", "segment", "segment", "icmp", "syn", "bytes"]))
+    kind = draw(st.sampled_from(["segment", "segment", "connection", "connection", "icmp", "syn", "bytes"]))
     inner = draw(INNERS[kind])
     flags = mostly(draw, natural_flags(kind, inner), OTHER_FLAGS[kind] + [draw(st.integers(0, 255))])
     source = mostly(draw, FRONT, [OTHER_FRONT, UNTRUSTED, UNRESOLVED_OWNER])
