@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import socket
 import struct
 import time
@@ -79,14 +80,19 @@ from tests.test_backend_bpf import (  # noqa: F401 (farm: the namespace fixture,
 from tests.test_backend_xdp import XDP_DROP, XDP_PASS
 from tests.test_fuzz_front import (
     FUZZ,
+    GRO_SIZES,
     HANDSHAKE_SCHEDULE,
     LONGEST_FRAME,
     START,
+    arriving,
     fix_ipv4_checksum,
+    forwarded_as_sent,
     icmp_errors,
     kernel_view,
     mutated,
     segments,
+    send_as_one_skb,
+    tc_program_on,
     tcp_options,
 )
 
@@ -616,3 +622,68 @@ def test_what_a_front_forwards_is_decapsulated_as_sent(backend, plane, packet, m
         return
     outcome = backend(frame)
     assert outcome not in ("untrusted", "malformed", "encap_refused", "encap_bad_mac"), outcome
+
+
+# --- GRO-sized frames at the tc hook (real skbs: BPF_PROG_TEST_RUN refuses them; tests/test_fuzz_front.py) ---
+
+GRO_LINK, GRO_PEER, GRO_GATEWAY4, GRO_GATEWAY6 = "sgra", "sgrb", "198.18.40.1", "fd00:40::1"
+
+
+@pytest.fixture(scope="module")
+def forwarding():
+    """A namespace of its own whose veth pair carries frames in (GRO_PEER -> GRO_LINK) and, forwarded by it
+    to a gateway behind GRO_LINK, out again: what the program passes is seen at GRO_PEER as it left."""
+    name = netns.unique_name("sgr")
+    with netns.namespaces(name):
+        netns.link(name, GRO_LINK, name, GRO_PEER)
+        netns.add_addresses(name, GRO_LINK, "198.18.40.2/24", "fd00:40::2/64")
+        for gateway in (GRO_GATEWAY4, GRO_GATEWAY6):
+            netns.run(name, ["ip", "neigh", "replace", gateway, "lladdr", "02:00:00:00:40:01", "dev", GRO_LINK, "nud",
+                             "permanent"])
+        netns.add_route(name, "0.0.0.0/0", GRO_GATEWAY4)
+        netns.add_route(name, "::/0", GRO_GATEWAY6)
+        # The injecting end sends nothing of its own (MLD reports would meet the program too).
+        netns.write_sysctls(name, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1",
+                                   f"net.ipv6.conf.{GRO_PEER}.disable_ipv6": "1"})
+        shown = json.loads(netns.run(name, ["ip", "-j", "link", "show", GRO_LINK]).stdout)
+        yield name, bytes.fromhex(shown[0]["address"].replace(":", ""))
+
+
+def client_segment(family: int, size: int, sport: int = 40000) -> bytes:
+    """An ACK with data of ``size`` bytes in all, from a client to its VIP's LISTENING_PORT."""
+    header = 40 if family == 4 else 60
+    vip, client = (ip(VIPS[0]), ip(CLIENTS[4])) if family == 4 else (ip(VIPS[1]), ip(CLIENTS[6]))
+    return build_tcp_packet(client, vip, sport, LISTENING_PORT, 7, 9, ACK | 0x08, 1000, b"", bytes(size - header))
+
+
+@pytest.mark.parametrize("family", (4, 6))
+@pytest.mark.parametrize("size", GRO_SIZES)
+def test_gro_sized_frames_at_the_tc_hook_are_decided_as_the_reference_says(forwarding, plane, family, size):
+    """Encapsulated, ``size`` bytes in all (a jumbo farm link's; a front sends no more than its farm MTU):
+    decapsulated to exactly the inner bytes (seen forwarded) with a valid MAC, whether the headers are in
+    the skb's linear area or, as a packet socket leaves them, in its pages; dropped and counted with a
+    wrong MAC, or marked UDP GSO (UDP GRO forwarding, off by default, would coalesce them so: the program
+    cannot strip the encapsulation of a GSO UDP packet). Not encapsulated, the same size (GRO's, marked
+    GSO at 64 KB): passed on unchanged."""
+    name, link_mac = forwarding
+    ether = link_mac + bytes.fromhex("020000000001") + b"\x08\x00"
+    inner = client_segment(family, size - encap.OVERHEAD)
+    headers = INNER + (20 if family == 4 else 40) + 20
+    good = ether + bytes(frame_around(inner))[ETH:]
+    bad = ether + bytes(frame_around(inner, mac=0))[ETH:]
+    plain_segment = client_segment(family, size, 40001)
+    cases = ((good, headers, 0, False, {"decapsulated": 1, "no_flow_reset": 1}, inner),
+             (good, ETH, 0, False, {"decapsulated": 1, "no_flow_reset": 1}, inner),
+             (good, headers, 1440, True, {"malformed": 1}, None),
+             (bad, headers, 0, False, {"encap_bad_mac": 1}, None),
+             (ether[:12] + ETHER_TYPE[family] + plain_segment, headers - encap.OVERHEAD,
+              1440 if size > 9000 else 0, False, {"passed": 1}, plain_segment))
+    with tc_program_on(name, (GRO_LINK, GRO_PEER), plane.prog_fd):
+        for frame, linear, gso_size, udp, counts, passed in cases:
+            before = read_counters(plane.counters, plane.kfunc_errors)
+            with netns.inside(name), arriving(GRO_PEER) as frames:
+                send_as_one_skb(GRO_PEER, frame, linear, gso_size, udp)
+            after = read_counters(plane.counters, plane.kfunc_errors)
+            assert {key: after[key] - before[key] for key in COUNTERS if after[key] != before[key]} == counts, linear
+            ours = [out for out in frames if out[12:14] == ETHER_TYPE[family] and len(out) > 1000]
+            assert [forwarded_as_sent(out, passed) for out in ours] == ([True] if passed else []), counts

@@ -433,16 +433,18 @@ def test_the_handler_gives_any_bytes_a_verdict(policy, schedule, packet):
 
 VNET_HEADER = struct.Struct("<BBHHHH")  # struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_*
 SOL_PACKET, PACKET_VNET_HDR, ETH_P_ALL, PACKET_OUTGOING = 263, 15, 3, 4
-VIRTIO_NET_HDR_F_NEEDS_CSUM, GSO_TCP = 1, {4: 1, 6: 4}
+VIRTIO_NET_HDR_F_NEEDS_CSUM, GSO_TCP, GSO_UDP_L4 = 1, {4: 1, 6: 4}, 5
 GRO_SIZES = (9000, 64000)
 
 
-def send_as_one_skb(interface: str, frame: bytes, linear: int, gso_size: int = 0) -> None:
+def send_as_one_skb(interface: str, frame: bytes, linear: int, gso_size: int = 0, udp: bool = False) -> None:
     """``frame`` out of ``interface`` (in this thread's namespace) as one skb, its first ``linear`` bytes in
-    the linear area; with ``gso_size``, a TCP GSO packet, as GRO marks what it coalesced."""
+    the linear area; with ``gso_size``, a TCP GSO packet, as GRO marks what it coalesced (``udp``: a UDP
+    one, as UDP GRO would)."""
     family = 6 if frame[12:14] == b"\x86\xdd" else 4
     transport = 14 + (40 if family == 6 else (frame[14] & 0xF) * 4)
-    vnet = VNET_HEADER.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, GSO_TCP[family], linear, gso_size, transport, 16) \
+    gso_type, checksum_at = (GSO_UDP_L4, 6) if udp else (GSO_TCP[family], 16)
+    vnet = VNET_HEADER.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, linear, gso_size, transport, checksum_at) \
         if gso_size else VNET_HEADER.pack(0, 0, linear, 0, 0, 0)
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as sender:
         sender.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
