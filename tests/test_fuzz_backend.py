@@ -121,21 +121,40 @@ ETHER_TYPE = {4: b"\x08\x00", 6: b"\x86\xdd"}
 @pytest.fixture(scope="module")
 def plane():
     """The tc program, its maps filled as a backend's loader fills them: the front fuzz's handshake
-    schedule, a clock that reads START when the module starts, and a reset budget no run of this module
-    empties (each reset costs 2 µs of a CPU's one second of credit), so the budget's answer is always yes.
-    plane.now() reads the program's clock."""
+    schedule's keys and salts (held at START), and a reset budget no run of this module empties (each reset
+    costs 2 µs of a CPU's one second of credit), so the budget's answer is always yes."""
     plane = DataPlane(build_object("backend"))
-    offset = round(START * 1e9) - time.clock_gettime_ns(time.CLOCK_TAI)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loader, "clock_offset_ns", lambda: offset)
-        plane.configure(ENCAP_PORT, 7, MAX_UNKNOWN_FLOW_RESETS_PER_SECOND)
-        plane.trust([ipaddress.ip_address(FRONT), ipaddress.ip_address(OTHER_FRONT)])
-        plane.protect([ipaddress.ip_address(vip) for vip in VIPS], PORTS)
-        plane.refresh_encap_keys(HANDSHAKE_SCHEDULE)
-        plane.refresh_salts(HANDSHAKE_SCHEDULE, START)
-    plane.now = lambda: (time.clock_gettime_ns(time.CLOCK_TAI) + offset) / 1e9
+    plane.configure(ENCAP_PORT, 7, MAX_UNKNOWN_FLOW_RESETS_PER_SECOND)
+    plane.trust([ipaddress.ip_address(FRONT), ipaddress.ip_address(OTHER_FRONT)])
+    plane.protect([ipaddress.ip_address(vip) for vip in VIPS], PORTS)
+    plane.refresh_encap_keys(HANDSHAKE_SCHEDULE)
+    plane.refresh_salts(HANDSHAKE_SCHEDULE, START)
     yield plane
     plane.close()
+
+
+class ProgramClock:
+    """The program's wall clock (the loader's offset from CLOCK_TAI), set back to read START at each example:
+    the strategies' handshakes carry cookies minted at START, which would expire 92 s into a campaign."""
+
+    def __init__(self, plane: DataPlane):
+        self.plane, self.offset = plane, 0
+
+    def restart(self) -> None:
+        self.offset = round(START * 1e9) - time.clock_gettime_ns(time.CLOCK_TAI)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(loader, "clock_offset_ns", lambda: self.offset)
+            self.plane.configure(ENCAP_PORT, 7, MAX_UNKNOWN_FLOW_RESETS_PER_SECOND)
+
+    def now(self) -> float:
+        return (time.clock_gettime_ns(time.CLOCK_TAI) + self.offset) / 1e9
+
+
+@pytest.fixture(scope="module")
+def clock(plane) -> ProgramClock:
+    clock = ProgramClock(plane)
+    clock.restart()
+    return clock
 
 
 @pytest.fixture(scope="module")
@@ -376,16 +395,17 @@ def run_xdp(site, stage, frame: bytes) -> tuple[int, bytes, dict]:
     return verdict, out, {key: after[key] - before[key] for key in XDP_COUNTERS if after[key] != before[key]}
 
 
-def judge(site, plane, stage, frame: bytes) -> str:
+def judge(site, plane, stage, clock: ProgramClock, frame: bytes) -> str:
     """Run ``frame`` through the tc program and the XDP stage, each held to the reference; the outcome."""
-    started = plane.now()
+    clock.restart()
+    started = clock.now()
     if len(frame) - ETH < {b"\x08\x00": 20, b"\x86\xdd": 40}.get(frame[12:14], 0):
         # BPF_PROG_TEST_RUN builds no skb shorter than its IP header (EINVAL); the XDP stage's run
         expected = Expected(TC_ACT_OK, frame, {}, "untested at tc")
     else:
         verdict, out, changed = run_tc(site, plane, frame)
         # The cookie's epoch window moves with the program's clock: the reference at either reading.
-        candidates = [expected_tc(frame, moment, site[2]) for moment in (started, plane.now())]
+        candidates = [expected_tc(frame, moment, site[2]) for moment in (started, clock.now())]
         expected = next((e for e in candidates if e.counts == changed), candidates[-1])
         assert (verdict, changed) == (expected.verdict, expected.counts), expected.path
         if expected.frame is not None:
@@ -562,8 +582,8 @@ def plain(packet: bytes) -> bytes:
 # --- the tests ---
 
 @pytest.fixture(scope="module")
-def backend(listening, plane, stage):
-    return lambda frame: event(judge(listening, plane, stage, frame))
+def backend(listening, plane, stage, clock):
+    return lambda frame: event(judge(listening, plane, stage, clock, frame))
 
 
 def chained_along(inner: bytes) -> bytes:
@@ -623,10 +643,10 @@ def forwarded(packet: bytes, now: float, moved: bool) -> bytes | None:
 
 @FUZZ
 @given(packet=st.one_of(segments(), icmp_errors()), moved=st.booleans())
-def test_what_a_front_forwards_is_decapsulated_as_sent(backend, plane, packet, moved):
+def test_what_a_front_forwards_is_decapsulated_as_sent(backend, packet, moved):
     """The two data planes' rules meet: every packet the front's reference forwards authenticates here and
     is decapsulated (or passed on) as it left the front."""
-    frame = forwarded(packet, plane.now(), moved)
+    frame = forwarded(packet, START, moved)
     if frame is None or len(frame) > LONGEST_FRAME:
         event("not forwarded")
         return
