@@ -486,11 +486,13 @@ def tc_program_on(namespace: str, interfaces: tuple[str, str], prog_fd: int, mtu
 
 
 def forwarded_as_sent(frame: bytes, packet: bytes) -> bool:
-    """Is ``frame`` ``packet`` as the namespace forwards it (its TTL or hop limit one less)?"""
-    def hop_free(ip_packet: bytes) -> bytes:
-        at = (8, 10) if ip_packet[0] >> 4 == 4 else (7, 8)  # the TTL, and IPv4's header checksum with it
-        return ip_packet[:at[0]] + bytes(at[1] - at[0] + (2 if at[0] == 8 else 0)) + ip_packet[at[1] + (2 if at[0] == 8 else 0):]
-    return hop_free(frame[14:]) == hop_free(packet)
+    """Is ``frame`` ``packet`` as the namespace forwards it: its TTL (hop limit) one less, so IPv4's header
+    checksum another, and nothing else changed?"""
+    hop = 8 if packet[0] >> 4 == 4 else 7
+    ip = frame[14:]
+    ignored = (hop, 10, 11) if hop == 8 else (hop,)
+    return len(ip) == len(packet) and ip[hop] == packet[hop] - 1 and \
+        all(a == b for at, (a, b) in enumerate(zip(ip, packet)) if at not in ignored)
 
 
 # What the queue hands the handler of a larger packet: NFQUEUE copies ~4 KB (tests/test_front_handler.py).
@@ -506,8 +508,8 @@ def test_gro_sized_segments_at_the_tc_hook_are_passed_on_unchanged_for_the_queue
     on, `unverified`, and the queue's cut copy is dropped (docs/front.md, "a SYN carrying 8 KB of data").
     A segment with data too big for the farm MTU is left to the queue, `too_big` (GRO's, marked GSO at 64
     KB: `queued`, before any parsing of it), where the handler answers the cut copy "too big" as it would
-    the whole packet. Either leaves the program unchanged (the
-    namespace forwards it), and nothing else leaves it."""
+    the whole packet. Either leaves the program unchanged (the namespace forwards it), and nothing else
+    leaves it."""
     vip, client = (VIP4_BYTES, CLIENT4) if family == 4 else (VIP6_BYTES, CLIENT6)
     shown = json.loads(netns.run(namespace, ["ip", "-j", "link", "show", test_front_xdp.LINK]).stdout)
     ether = bytes.fromhex(shown[0]["address"].replace(":", "")) + bytes.fromhex("020000000001") + \
