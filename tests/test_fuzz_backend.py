@@ -92,9 +92,11 @@ from tests.test_fuzz_front import (
     arriving,
     fix_ipv4_checksum,
     forwarded_as_sent,
+    icmp_error,
     icmp_errors,
     kernel_view,
     mutated,
+    quoted_segment,
     segments,
     send_as_one_skb,
     tc_program_on,
@@ -583,7 +585,9 @@ def plain(packet: bytes) -> bytes:
 
 @pytest.fixture(scope="module")
 def backend(listening, plane, stage, clock):
-    return lambda frame: event(judge(listening, plane, stage, clock, frame))
+    """judge(frame) with the module's programs and clock; a hypothesis test makes the outcome an event
+    (`--hypothesis-show-statistics`: what the strategies reach)."""
+    return lambda frame: judge(listening, plane, stage, clock, frame)
 
 
 def chained_along(inner: bytes) -> bytes:
@@ -622,13 +626,47 @@ DECLARED_JUMBO_CHAINED = chained_along(with_ip_length(client_ack(6, b"x"), 40 + 
 @example(frame=DECLARED_LENGTH_ZERO_CHAINED)
 @example(frame=DECLARED_JUMBO_CHAINED)
 def test_every_encapsulation_is_decided_as_the_reference_says(backend, frame):
-    backend(frame[:LONGEST_FRAME])
+    event(backend(frame[:LONGEST_FRAME]))
+
+
+def handshake_ack(family: int) -> bytes:
+    """The handshake ACK of a new connection from the client of ``family`` to its VIP's LISTENING_PORT (a
+    listener there), its cookie minted at START, with timestamps and a request."""
+    client, vip = ip(CLIENTS[family]), ip(VIPS[0 if family == 4 else 1])
+    epoch, salt = HANDSHAKE_SCHEDULE.minting_salt(START)
+    cookie = make_cookie(salt, epoch, client, vip, 40100, LISTENING_PORT, 999, SynOptions(1460, 7, True, False))
+    return build_tcp_packet(client, vip, 40100, LISTENING_PORT, 1000, (cookie + 1) % 2**32, ACK | 0x08, 502,
+                            b"\x01\x01\x08\x0a" + bytes(range(8)), b"GET / HTTP/1.0\r\n\r\n")
+
+
+WHOLE_FRAMES = {
+    "validated v4": bytes(frame_around(handshake_ack(4), flags=encap.FLAG_VALIDATED)),
+    "validated v6": bytes(frame_around(handshake_ack(6), flags=encap.FLAG_VALIDATED)),
+    "a connection's v6": bytes(frame_around(build_tcp_packet(ip(CLIENTS[6]), ip(VIPS[1]), CONNECTED_PORT,
+                                                             LISTENING_PORT, 7, 9, ACK | 0x08, 1000, b"", b"data"))),
+    "chained v4": TRAILING_BYTES_CHAINED,
+    "icmp v4": bytes(frame_around(bytes(icmp_error(4, quoted_segment(4)[:548])), flags=encap.FLAG_ICMP)),
+}
+
+
+# The most the programs read of a frame in place (HEADERS_READ in bpf/backend.bpf.c): the outer headers, an
+# inner IPv4 header with options, an ICMP error's quote; past it a cut changes only the payload.
+HEADERS_READ = INNER + 60 + 8 + 60 + 8
+
+
+@pytest.mark.parametrize("name", WHOLE_FRAMES)
+def test_an_encapsulation_cut_at_every_length_is_decided_as_the_reference_says(backend, name):
+    """Every length through the headers, then every 37th byte."""
+    whole = WHOLE_FRAMES[name]
+    assert backend(whole) in ("validated: kfunc_failed", "a connection's", "chained", "icmp passed")
+    for length in (*range(ETH, min(len(whole), HEADERS_READ)), *range(HEADERS_READ, len(whole), 37)):
+        backend(whole[:length])
 
 
 @FUZZ
 @given(packet=st.one_of(segments(), segments(syn_only=True), icmp_errors(), st.binary(max_size=120)))
 def test_plain_traffic_is_passed_unchanged(backend, packet):
-    backend(plain(packet)[:LONGEST_FRAME])
+    event(backend(plain(packet)[:LONGEST_FRAME]))
 
 
 def forwarded(packet: bytes, now: float, moved: bool) -> bytes | None:
@@ -651,6 +689,7 @@ def test_what_a_front_forwards_is_decapsulated_as_sent(backend, packet, moved):
         event("not forwarded")
         return
     outcome = backend(frame)
+    event(outcome)
     assert outcome not in ("untrusted", "malformed", "encap_refused", "encap_bad_mac"), outcome
 
 
