@@ -25,11 +25,11 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks.contenders import BACKEND, FRONT, PORT, Front, KernelSyncookies, nft
+from benchmarks.contenders import BACKEND, FRONT, PORT, Front, KernelSyncookies, lab_host, nft
 from benchmarks.generator import PACER_TABLE, GeneratorError, pacer, trafgen_argv
 from benchmarks.measure import CONTENDER_CPU, GENERATOR_CPU, pin_process, process_tree
 from benchmarks.report import append_scenario, spread
-from synproxy.lab.topology import VIP, Lab
+from synproxy.lab.topology import BACKEND_METRICS_PORT, FRONT_METRICS_PORT, VIP, Lab, scrape
 
 LOAD_GENERATOR = "ab"
 DOCUMENT = "/1k"                  # a static body (synproxy/lab/nginx.py): every answer the same length
@@ -38,6 +38,9 @@ FLOOD_CONCURRENCY = 32
 FLOODS = ("syn", "ack")           # each unpaced, with new connections at the flood concurrency
 REQUEST_TIMEOUT_SECONDS = 5       # ab -s: a lost SYN and its retransmits at 1 and 3 s still count
 MIN_SECONDS = 1.0
+# What an aborted step keeps (evidence()): the sockets ab's client and the backend still hold, and the tails
+# of the front's and the backend's logs, each at most this many lines.
+EVIDENCE_LINES = 20
 
 
 class DefaultFront(Front):
@@ -94,6 +97,7 @@ def parse_ab(report: str, percentiles: str) -> dict:
 def run_ab(lab: Lab, concurrency: int, seconds: float, keepalive: bool, work_dir: Path) -> dict:
     percentiles = work_dir / "ab-percentiles.csv"
     percentiles.unlink(missing_ok=True)
+    before = counters(lab)
     done = lab.run("client", ab_argv(concurrency, seconds, keepalive, percentiles), check=False,
                    timeout=seconds + 4 * REQUEST_TIMEOUT_SECONDS + 30)
     figures = parse_ab(done.stdout, percentiles.read_text() if percentiles.exists() else "")
@@ -104,7 +108,66 @@ def run_ab(lab: Lab, concurrency: int, seconds: float, keepalive: bool, work_dir
     # counts as a receive, a length and an exception failure in its report), or why it gave up.
     if figures["aborted"] or figures["failed"]:
         figures["message"] = (done.stderr.strip().splitlines() or [""])[-1][:200]
+    if figures["aborted"]:
+        figures["evidence"] = evidence(lab, before, done.stderr)
     return figures
+
+
+def counters(lab: Lab) -> dict[str, dict[str, float]]:
+    """Every counter an aborted step can be read by, per place: the front's and the backend's metrics
+    (synproxy_*: the data planes' outcomes, e.g. a TIME_WAIT recycle refused or a packet no connection owns)
+    and the kernel's TCP and IP counters (/proc/net/netstat and snmp) where ab and nginx run. Read before
+    every step (a few ms); a node that is not running (the bypass stops both) is left out."""
+    places: dict[str, dict[str, float]] = {}
+    for name, port in ((FRONT, FRONT_METRICS_PORT), (BACKEND, BACKEND_METRICS_PORT)):
+        with contextlib.suppress(OSError, ValueError):
+            places[f"{name} metrics"] = {
+                metric + "{" + ",".join(f"{key}={value}" for key, value in labels) + "}": value
+                for (metric, labels), value in scrape(lab, name, lab_host(lab, name).address, port).items()
+                if metric.startswith("synproxy_")}
+    for host in ("client", BACKEND):
+        done = lab.run(host, ["cat", "/proc/net/netstat", "/proc/net/snmp"], check=False)
+        places[f"{host} kernel"] = kernel_counters(done.stdout)
+    return places
+
+
+def kernel_counters(text: str) -> dict[str, float]:
+    """/proc/net/netstat and /proc/net/snmp: each group is a line of names and a line of values
+    ("TcpExt: SyncookiesSent ..." then "TcpExt: 0 ..."), read as {"TcpExt:SyncookiesSent": 0, ...}."""
+    lines = text.splitlines()
+    found = {}
+    for names, values in zip(lines[0::2], lines[1::2]):
+        group, *names = names.split()
+        for name, value in zip(names, values.split()[1:]):
+            with contextlib.suppress(ValueError):
+                found[group + name] = float(value)
+    return found
+
+
+def moved(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per place, the counters that changed between two readings (a place read only once: left out)."""
+    return {place: changed for place, values in after.items() if place in before
+            if (changed := {name: value - before[place].get(name, 0.0) for name, value in values.items()
+                            if value != before[place].get(name, 0.0)})}
+
+
+def evidence(lab: Lab, before: dict[str, dict[str, float]], ab_said: str) -> dict:
+    """What an aborted step leaves to read, gathered at once (cheap, bounded): what ab said, the counters
+    that moved during the step, the sockets the client and the backend still hold other than listeners
+    and TIME_WAIT (ab's stalled connection, if its close left it in FIN_WAIT or the backend still has
+    it; a SYN_SENT one is gone with ab), and the front's and backend's log tails. The one abort met so far
+    (repetition 0's first proxy step, 2026-11-30) left only ab's message, and six re-runs did not repeat it."""
+    sockets = {}
+    for host in ("client", BACKEND):
+        listing = lab.run(host, ["ss", "-Htanoi", "exclude", "listening", "exclude", "time-wait"], check=False).stdout
+        sockets[host] = [line.rstrip() for line in listing.splitlines()[:EVIDENCE_LINES]]
+    logs = {}
+    for name in (FRONT, BACKEND):
+        path = lab.state_dir / "logs" / f"{name}.log"
+        if path.exists():
+            logs[name] = path.read_text(errors="replace").splitlines()[-EVIDENCE_LINES:]
+    return {"ab_said": ab_said.strip().splitlines()[-EVIDENCE_LINES:], "moved": moved(before, counters(lab)),
+            "sockets": sockets, "logs": logs}
 
 
 @contextlib.contextmanager

@@ -49,15 +49,78 @@ def test_ab_opens_a_new_connection_per_request_unless_asked_for_keepalive():
     assert "-r" in new and new[new.index("-v") + 1] == "1"
 
 
-def test_a_run_with_failed_requests_keeps_what_ab_said_of_them(tmp_path):
+class FakeLab:
+    """The lab as run_ab reads it: ab's outcome, the kernel's counters and sockets in a namespace (each
+    reading of /proc/net/netstat one TCPTimeouts more than the last), and the nodes' logs."""
+
+    def __init__(self, tmp_path: Path, ab: SimpleNamespace):
+        self.ab, self.state_dir, self.readings = ab, tmp_path, 0
+        self.hosts = [SimpleNamespace(name=name, address=f"198.18.{link}.2")
+                      for link, name in enumerate(("client", "front0", "backend0"), start=1)]
+        (tmp_path / "logs").mkdir()
+        for name in ("front0", "backend0"):
+            (tmp_path / "logs" / f"{name}.log").write_text("".join(f'{{"event": "{name} {i}"}}\n' for i in range(30)))
+
+    def run(self, host, argv, **kwargs):
+        if argv[0] == "cat":
+            self.readings += 1
+            netstat = f"TcpExt: TCPTimeouts TW\nTcpExt: {self.readings} 7\nTcp: RtoMin OutRsts\nTcp: 200 0\n"
+            return SimpleNamespace(stdout=netstat, stderr="", returncode=0)
+        if argv[0] == "ss":
+            return SimpleNamespace(stdout=f"FIN-WAIT-1 0 1 198.18.1.2:40000 198.19.0.10:80 in {host} \n",
+                                   stderr="", returncode=0)
+        return self.ab
+
+
+def fake_scrape(readings):
+    """The nodes' metrics: the backend counts one more TIME_WAIT recycle refused at each reading."""
+    def scrape(lab, host, address, port):
+        readings[host] = readings.get(host, 0) + 1
+        refused = readings[host] if host == "backend0" else 0
+        return {("synproxy_backend_packets_total", (("outcome", "time_wait_refused"),)): float(refused),
+                ("synproxy_front_up", ()): 1.0, ("python_gc_objects_collected_total", ()): float(readings[host])}
+    return scrape
+
+
+def test_a_run_with_failed_requests_keeps_what_ab_said_of_them(tmp_path, monkeypatch):
     """A reset connection is no abort (ab exits 0) but its message must reach the results."""
+    monkeypatch.setattr(connection_rate, "scrape", fake_scrape({}))
     said = "apr_socket_recv: Connection reset by peer (104)\n"
     report = AB_REPORT.replace("Length: 3, Exceptions: 0", "Length: 1, Exceptions: 1").replace("Receive: 0", "Receive: 1")
-    done = SimpleNamespace(stdout=report, stderr=said, returncode=0)
-    lab = SimpleNamespace(run=lambda *args, **kwargs: done)
+    lab = FakeLab(tmp_path, SimpleNamespace(stdout=report, stderr=said, returncode=0))
     figures = connection_rate.run_ab(lab, 1, 5.0, False, tmp_path)
     assert not figures["aborted"] and figures["failed_by_kind"]["receive"] == 1
     assert figures["message"] == said.strip()
+    assert "evidence" not in figures  # kept for an abort only
+
+
+def test_an_aborted_step_keeps_what_moved_the_sockets_left_and_the_logs(tmp_path, monkeypatch):
+    """Repetition 0's first proxy step of the 2026-11-30 full run gave up after 5 s without an answer, and
+    only ab's last line was kept: nothing said where the connection stopped, and six re-runs did not
+    repeat it. An aborted step now keeps the counters that moved (front, backend, the client's and the
+    backend's kernels), the sockets still held, and the logs' tails."""
+    monkeypatch.setattr(connection_rate, "scrape", fake_scrape({}))
+    said = "Benchmarking 198.19.0.10 (be patient)\napr_pollset_poll: The timeout specified has expired (70007)\n"
+    lab = FakeLab(tmp_path, SimpleNamespace(stdout="", stderr=said, returncode=1))
+    figures = connection_rate.run_ab(lab, 1, 5.0, False, tmp_path)
+    assert figures["aborted"] and figures["requests"] == 0
+    kept = figures["evidence"]
+    assert kept["ab_said"] == said.strip().splitlines()
+    # Only what moved, per place: the backend's refusal and the kernels' timeouts; the unchanged and the
+    # non-synproxy metrics are left out.
+    assert kept["moved"] == {
+        "backend0 metrics": {"synproxy_backend_packets_total{outcome=time_wait_refused}": 1.0},
+        "client kernel": {"TcpExt:TCPTimeouts": 2.0}, "backend0 kernel": {"TcpExt:TCPTimeouts": 2.0}}
+    assert kept["sockets"]["client"] == ["FIN-WAIT-1 0 1 198.18.1.2:40000 198.19.0.10:80 in client"]
+    assert kept["logs"]["backend0"][-1] == '{"event": "backend0 29"}'
+    assert len(kept["logs"]["front0"]) == connection_rate.EVIDENCE_LINES
+
+
+def test_kernel_counters_read_netstat_and_snmp_pairs():
+    text = "TcpExt: SyncookiesSent TW\nTcpExt: 3 9\nIp: Forwarding DefaultTTL\nIp: 1 64\n"
+    assert connection_rate.kernel_counters(text) == {"TcpExt:SyncookiesSent": 3.0, "TcpExt:TW": 9.0,
+                                                     "Ip:Forwarding": 1.0, "Ip:DefaultTTL": 64.0}
+    assert connection_rate.moved({"a": {"x": 1.0}}, {"a": {"x": 1.0, "y": 2.0}, "b": {"x": 5.0}}) == {"a": {"y": 2.0}}
 
 
 def _run(route, repetition, rps, p99, mode="new", concurrency=8, flood=None, errors=0):
