@@ -375,12 +375,13 @@ OFF = {"net.ipv4.tcp_timestamps": "0", "net.ipv4.tcp_sack": "0", "net.ipv4.tcp_w
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("settings", [
     {"net.ipv4.tcp_ecn": "1"},
+    {"net.ipv4.tcp_ecn": "1", "net.ipv4.tcp_ecn_option": "0"},  # AccECN's option sysctl (tcp_ecn=3: EINVAL here)
     {"net.ipv4.tcp_timestamps": "0"},
     {"net.ipv4.tcp_sack": "0"},
     {"net.ipv4.tcp_window_scaling": "0"},
     {**OFF, "net.ipv4.tcp_ecn": "1"},
     OFF,
-], ids=["ecn", "no-ts", "no-sack", "no-wscale", "only-ecn", "nothing"])
+], ids=["ecn", "ecn-option0", "no-ts", "no-sack", "no-wscale", "only-ecn", "nothing"])
 def test_a_linux_client_negotiates_through_each_plane_what_it_would_directly(lab, plane, family, settings):
     with sysctls(lab, "client", settings):
         seen = direct_and_proxied(lab, family, size=1 << 16)
