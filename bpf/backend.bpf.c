@@ -53,6 +53,17 @@ struct tcp_request_sock___x {
 	__u32 rcv_nxt;
 } __attribute__((preserve_access_index));
 
+/* A connection's fields (struct tcp_sock) that tell its own segments from another connection's on the tuple
+ * (segment_of_connection) and what its RST carries (victim_of), CO-RE like sock___x. */
+struct tcp_sock___x {
+	__u32 rcv_nxt;
+	__u32 snd_nxt;
+	__u32 snd_una;
+	__u32 rcv_wnd;
+	__u32 max_window;
+	__u64 bytes_acked;
+} __attribute__((preserve_access_index));
+
 extern int bpf_sk_assign_tcp_reqsk(struct __sk_buff *skb, struct sock *sk,
 				   struct bpf_tcp_req_attrs *attrs, int attrs__sz) __ksym;
 
@@ -443,7 +454,9 @@ static __always_inline int queue_owner_again(struct __sk_buff *skb)
 	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
 }
 
-/* What kills the socket a validated segment met (a TIME_WAIT or request socket): 0 when it is gone meanwhile. */
+/* What kills the socket a validated segment met (a TIME_WAIT or request socket, or another connection of the
+ * tuple: a RST at its rcv_nxt, which tcp_validate_incoming takes whatever its timestamp): 0 when it is gone
+ * meanwhile. */
 static __always_inline int victim_of(struct bpf_sock *skc, struct victim *victim)
 {
 	if (skc->state == BPF_TCP_TIME_WAIT) {
@@ -454,6 +467,14 @@ static __always_inline int victim_of(struct bpf_sock *skc, struct victim *victim
 		victim->rcv_nxt = tw->tw_sk.__tw_common.skc_tw_rcv_nxt;
 		return 1;
 	}
+	if (skc->state != BPF_TCP_NEW_SYN_RECV) {
+		struct tcp_sock___x *connection = (void *)bpf_skc_to_tcp_sock(skc);
+
+		if (!connection)
+			return 0;
+		victim->rcv_nxt = connection->rcv_nxt;
+		return 1;
+	}
 	struct tcp_request_sock___x *request = (void *)bpf_skc_to_tcp_request_sock(skc);
 
 	if (!request)
@@ -462,6 +483,27 @@ static __always_inline int victim_of(struct bpf_sock *skc, struct victim *victim
 	victim->tsval = request->req.req.ts_recent;
 	victim->set_timestamps = 1;
 	return 1;
+}
+
+/* Is a validated segment that met `skc`, a connection of its tuple, that connection's? Its handshake ACK again,
+ * or the request right behind it: the ack is the connection's first byte (its ISN, the cookie, + 1: what it
+ * has acknowledged since is bytes_acked). Or a segment the connection accepts anyway, its ack within what the
+ * connection sent or its seq within its window (a later segment whose ack - 1 passed for a cookie: the cookie's
+ * MAC is 22 bits). Anything else is a new connection's, from a client that reused its port while this backend
+ * kept an earlier connection of it that the client has forgotten (its side reset, or made where this program
+ * was not running): delivered to that socket, the new connection would hang until the old one dies. */
+static __always_inline int segment_of_connection(struct bpf_sock *skc, const struct segment *seg)
+{
+	struct tcp_sock___x *connection = (void *)bpf_skc_to_tcp_sock(skc);
+
+	if (!connection)
+		return 1;
+	__u32 snd_una = connection->snd_una, rcv_nxt = connection->rcv_nxt;
+	__u32 sent_back = connection->max_window + 0x10000, window = connection->rcv_wnd + 0x10000;
+
+	return seg->ack == snd_una - (__u32)connection->bytes_acked ||
+	       seg->ack - (snd_una - sent_back) <= connection->snd_nxt - (snd_una - sent_back) ||
+	       seg->seq - (rcv_nxt - window) <= 2 * window;
 }
 
 /* A segment of a connection whose recycle is under way met the socket again: the owner's RST did not kill it
@@ -496,7 +538,8 @@ static __always_inline int recycle_fallen_back(struct __sk_buff *skb, const stru
 static __always_inline int recycle(struct __sk_buff *skb, const struct segment *seg, struct bpf_sock *skc,
 				   const struct arrival *arrival, const struct backend_config *cfg)
 {
-	__u32 recycled = skc->state == BPF_TCP_TIME_WAIT ? COUNTER_TIME_WAIT_RECYCLED : COUNTER_REQUEST_RECYCLED;
+	__u32 recycled = skc->state == BPF_TCP_TIME_WAIT ? COUNTER_TIME_WAIT_RECYCLED :
+			 skc->state == BPF_TCP_NEW_SYN_RECV ? COUNTER_REQUEST_RECYCLED : COUNTER_CONNECTION_RECYCLED;
 	__u64 now_us = bpf_ktime_get_ns() / 1000;
 	struct recycle *recycling;
 	struct victim victim = {};
@@ -615,7 +658,7 @@ static __always_inline int create_connection(struct __sk_buff *skb, const struct
 	 * MAC alone; the cookie only guards what the segment makes or kills (a connection, a recycled socket). */
 	struct bpf_sock *skc = socket_of(skb, seg);
 	if (skc && skc->state != BPF_TCP_LISTEN && skc->state != BPF_TCP_TIME_WAIT &&
-	    skc->state != BPF_TCP_NEW_SYN_RECV) {
+	    skc->state != BPF_TCP_NEW_SYN_RECV && segment_of_connection(skc, seg)) {
 		COUNT(COUNTER_NOT_LISTENER);
 		bpf_sk_release(skc);
 		return TC_ACT_OK;

@@ -273,6 +273,8 @@ enum counter {
 	COUNTER_FASTOPEN_PASSED,      /* flagged FASTOPEN: a SYN whose TFO cookie a front found valid, passed to the stack */
 	COUNTER_REQUEST_RECYCLED,     /* valid cookie meeting a request socket a SYN straight to this backend left: reset, and
 				       * the segment queued again behind its RST, once per new connection (as time_wait_recycled) */
+	COUNTER_CONNECTION_RECYCLED,  /* valid cookie meeting another connection of the tuple, one its client forgot: reset,
+				       * and the segment queued again behind its RST (as request_recycled) */
 	COUNTER_MAX,
 };
 #define KFUNC_ERRNO_SLOTS 64

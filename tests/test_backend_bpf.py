@@ -702,7 +702,7 @@ def test_a_chained_icmp_error_is_admitted_by_its_mac_and_a_validated_one_never(f
     assert run_in(farm, plane, with_header(sent, flags=encap.FLAG_ICMP))[::2] == (TC_ACT_SHOT, {"untrusted": 1})
 
 
-TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_SEND_QUEUE = 19, 20, 21, 2
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_RECV_QUEUE, TCP_SEND_QUEUE = 19, 20, 21, 1, 2
 TW_PORT = 41000
 
 
@@ -964,15 +964,59 @@ def test_a_marked_segment_is_only_ever_the_owner_of_a_recycle_under_way(monkeypa
             (TC_ACT_OK, {"kfunc_failed": 1})
 
 
+def sequence_numbers(client: socket.socket) -> tuple[int, int]:
+    """An idle connection's next sequence numbers, the client's and the server's (TCP_REPAIR's view of its
+    queues): the server's rcv_nxt and snd_nxt."""
+    client.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    numbers = []
+    for queue in (TCP_SEND_QUEUE, TCP_RECV_QUEUE):
+        client.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
+        numbers.append(client.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF)
+    client.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
+    return numbers[0], numbers[1]
+
+
+OWN_PORT = TW_PORT + 4
+
+
 def test_a_validated_segment_of_an_existing_connection_is_passed_without_its_cookie(monkeypatch, plane):
-    """A connection of the tuple owns the segment (the request right behind the ACK that made it), as it owns
+    """A connection of the tuple owns a segment that is its own (its seq within the connection's window: the
+    request right behind the ACK that made it, or a later segment whose ack - 1 passed for a cookie), as it owns
     an unflagged one: passed on the encapsulation's MAC alone, the cookie not checked. What the segment
     would make or kill (a connection at the listener, a recycled TIME_WAIT socket) still needs its cookie."""
-    with server_side_time_wait() as (farm, rcv_nxt, _):
-        for port, expected in ((TW_PORT + 2, (TC_ACT_OK, {"decapsulated": 1, "not_listener": 1})),
-                               (TW_PORT, (TC_ACT_SHOT, {"decapsulated": 1, "cookie_bad": 1})),
-                               (TW_PORT + 3, (TC_ACT_SHOT, {"decapsulated": 1, "cookie_bad": 1}))):
-            segment = bytearray(validated_ack(monkeypatch, plane, farm, (rcv_nxt + 1000) % 2**32, None,
-                                              b"GET / HTTP/1.0\r\n\r\n", port=port))
+    with server_side_time_wait() as (farm, rcv_nxt, _), \
+            socket.create_connection((VIPS[0], 80), source_address=(CLIENT4, OWN_PORT)) as own:
+        own_isn = (sequence_numbers(own)[0] - 1) % 2**32
+        for port, isn, expected in ((OWN_PORT, own_isn, (TC_ACT_OK, {"decapsulated": 1, "not_listener": 1})),
+                                    (TW_PORT, (rcv_nxt + 1000) % 2**32, (TC_ACT_SHOT, {"decapsulated": 1, "cookie_bad": 1})),
+                                    (TW_PORT + 3, 1000, (TC_ACT_SHOT, {"decapsulated": 1, "cookie_bad": 1}))):
+            segment = bytearray(validated_ack(monkeypatch, plane, farm, isn, None, b"GET / HTTP/1.0\r\n\r\n",
+                                              port=port))
             segment[ETH_HEADER + encap.OVERHEAD + 20 + 8] ^= 0x80  # a cookie bit (the encap MAC covers no ack)
             assert run_in(farm, plane, bytes(segment))[::2] == expected, port
+
+
+def test_a_validated_ack_meeting_another_connection_of_its_tuple_resets_it_and_is_queued_again(monkeypatch, plane):
+    """A client reused its port while the backend kept an earlier connection of it that the client forgot (the
+    bench's concurrency-1 abort of 2026-12-01: a socket in CLOSING, made by a kernel handshake before the fronts,
+    met a proxied connection's ACK and request, which were delivered to it and hung). Neither the segment's seq
+    nor its ack is that connection's: with a valid cookie, the program sends the connection a RST at its
+    rcv_nxt, which kills it, and queues the segment again, as for a stale request socket; with a bad cookie the
+    segment is dropped and the connection kept."""
+    with server_side_time_wait() as (farm, _, _), \
+            socket.create_connection((VIPS[0], 80), source_address=(CLIENT4, OWN_PORT)) as own:
+        client_next, server_next = sequence_numbers(own)
+        isn = (client_next + 0x4000_0000) % 2**32
+        while True:  # a cookie (the ack) outside what the connection sent
+            ack = validated_ack(monkeypatch, plane, farm, isn, None, port=OWN_PORT)
+            if (struct.unpack_from("!I", ack, ETH_HEADER + encap.OVERHEAD + 28)[0] - server_next + 2**24) % 2**32 > 2**25:
+                break
+            isn = (isn + 1) % 2**32
+        forged = bytearray(ack)
+        forged[ETH_HEADER + encap.OVERHEAD + 20 + 8] ^= 0x80  # a cookie bit
+        assert run_in(farm, plane, bytes(forged))[::2] == (TC_ACT_SHOT, {"decapsulated": 1, "cookie_bad": 1})
+        assert server_states(farm[0])[OWN_PORT] == "ESTAB"
+        verdict, queued, changed = run_in(farm, plane, ack)
+        assert (verdict, changed) == (TC_ACT_REDIRECT, {"decapsulated": 1, "connection_recycled": 1})
+        assert queued == decapsulated(ack)
+        assert dead_soon(farm[0], OWN_PORT)

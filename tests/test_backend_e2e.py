@@ -189,9 +189,9 @@ def _ip(family: int, source: str, destination: str):
 _ports = iter(range(40000, 60000))
 
 
-def handshake(bed: Bed, case: Case, port: int = PORT) -> Handshake:
-    """The ACK a client sends after the front's SYN-ACK (whose ISN is the cookie)."""
-    sport, client_isn = next(_ports), int.from_bytes(os.urandom(4), "big")
+def handshake(bed: Bed, case: Case, port: int = PORT, sport: int | None = None) -> Handshake:
+    """The ACK a client sends after the front's SYN-ACK (whose ISN is the cookie); from a new port unless told."""
+    sport, client_isn = sport or next(_ports), int.from_bytes(os.urandom(4), "big")
     epoch, salt = bed.schedule.minting_salt(time.time())
     saddr, daddr = (ipaddress.ip_address(a).packed for a in (CLIENT[case.family], VIP[case.family]))
     cookie = make_cookie(salt, epoch, saddr, daddr, sport, port, client_isn,
@@ -705,6 +705,34 @@ def test_a_validated_ack_meeting_a_stale_request_socket_makes_a_connection(bed):
             assert "R" not in data[TCP].flags
             assert data[TCP].seq == (hs.cookie + 1) % 2**32
     assert request_sockets(bed, hs.sport) == []
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=["ipv4", "ipv6"])
+def test_a_validated_ack_meeting_a_connection_its_client_forgot_makes_the_new_one(bed, case):
+    """The client reused its port while the backend kept its earlier connection, which the client has forgotten
+    (here: made through the front, the client a raw socket). The new connection's ACK resets the old one and
+    makes the new one, whose data reaches the client from the new cookie's sequence numbers; delivered to the
+    old socket, it hung (the bench's concurrency-1 abort of 2026-12-01)."""
+    family = case.family
+    old = handshake(bed, case)
+    send_via_front(bed, old.ack_packet)
+    forgotten = accept(bed, family, timeout=3)
+    assert forgotten is not None
+    with forgotten:
+        new = handshake(bed, case, sport=old.sport)
+        with incoming_capture(bed) as capture:
+            moved = counters_after(bed, lambda: send_via_front(bed, new.ack_packet))
+            conn = accept(bed, family, timeout=3)
+            assert conn is not None, f"no connection; counters moved: {moved}"
+            with conn:
+                conn.sendall(b"from the backend")
+                data = segment_from_server(bed, new, lambda f: "R" not in f[TCP].flags
+                                           and bytes(f[TCP].payload) == b"from the backend", capture=capture)
+                assert data[TCP].seq == (new.cookie + 1) % 2**32
+        assert moved.get("connection_recycled") == 1, moved
+        forgotten.settimeout(1)
+        with pytest.raises(ConnectionResetError):
+            forgotten.recv(10)
 
 
 def test_a_later_connections_segment_meeting_a_time_wait_socket_is_reset_not_acknowledged(bed):

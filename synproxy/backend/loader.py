@@ -83,7 +83,8 @@ SALT_CHECK_SECONDS = 0.25  # how often the salts are refreshed (the next epoch's
 COUNTERS = ("passed", "decapsulated", "untrusted", "malformed", "cookie_bad", "no_socket", "not_listener",
             "created", "kfunc_failed", "syn_received", "encap_bad_mac", "encap_refused", "listen_overflow",
             "no_flow_reset", "no_flow_dropped", "chained", "chain_failed", "icmp_passed", "time_wait_recycled",
-            "time_wait_refused", "time_wait_unreported", "fastopen_passed", "request_recycled")
+            "time_wait_refused", "time_wait_unreported", "fastopen_passed", "request_recycled",
+            "connection_recycled")
 # The XDP stage (bpf/backend_xdp.bpf.c): enum backend_xdp_counter, in order, and the tc program's maps it
 # reads, handed to it by fd.
 XDP_PROGRAM = "synproxy_backend_xdp"
