@@ -968,18 +968,22 @@ static __always_inline int icmp_error_accepted(struct __sk_buff *skb, const stru
 }
 
 /* The most of a frame the checks below read in place: the outer headers, the inner IPv4 header with options and
- * an ICMP error's quote (header, IPv4 header with options, 8 bytes of TCP). A frame larger than this may hold
- * part of it in pages (a packet socket's does: only its Ethernet header is linear), where the checks would
- * not see it and an authentic encapsulation would go to the UDP stack as plain traffic: pulled into the
- * linear area first. A smaller frame is linear in practice (drivers copy short ones): the flood's bare ACKs
- * pay only the comparison. tests/test_fuzz_backend.py. */
+ * an ICMP error's quote (header, IPv4 header with options, 8 bytes of TCP). Any frame may hold part of that in
+ * pages, where the checks would not see it and an authentic encapsulation would go to the UDP stack as plain
+ * traffic or be dropped as malformed: a packet socket's large frame (only its Ethernet header linear), a
+ * driver's short one built from its receive pages (napi_gro_frags: a tap with IFF_NAPI_FRAGS; GRO pulls only
+ * the headers it parses). So whatever of it the frame holds (all of a shorter frame) is pulled into the linear
+ * area first; a linear frame, the flood's bare ACKs included, pays only the comparison.
+ * tests/test_fuzz_backend.py. */
 #define HEADERS_READ (sizeof(struct ethhdr) + ENCAP_OVERHEAD + 60 + ICMP_HEADER_BYTES + 60 + QUOTED_TCP_BYTES)
 
 SEC("tc")
 int synproxy_backend(struct __sk_buff *skb)
 {
-	if (skb->len > HEADERS_READ && (void *)(long)skb->data + HEADERS_READ > (void *)(long)skb->data_end)
-		bpf_skb_pull_data(skb, HEADERS_READ);
+	__u32 headers = skb->len < HEADERS_READ ? skb->len : HEADERS_READ;
+
+	if ((void *)(long)skb->data + headers > (void *)(long)skb->data_end)
+		bpf_skb_pull_data(skb, headers);
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
@@ -1006,6 +1010,12 @@ int synproxy_backend(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 
+	/* Not as a front or a backend writes it: its source address means nothing, and decapsulated it
+	 * would pass the inner packet beyond ip_rcv's checks of the outer header. */
+	if (!outer_ipv4_sound(ip, skb->len - sizeof(*eth))) {
+		COUNT(COUNTER_MALFORMED);
+		return TC_ACT_SHOT;
+	}
 	/* A chained packet comes from a backend, which this one may not know (added since its last
 	 * reload): its MAC alone admits it. Everything else must come from a trusted front. */
 	__u8 front[16];

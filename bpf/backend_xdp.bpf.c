@@ -123,8 +123,8 @@ int synproxy_backend_xdp(struct xdp_md *ctx)
 	if (header->flags)
 		return count(BACKEND_XDP_FLAGGED);
 	ipv4_mapped(front, &ip->saddr);
-	if (header->magic != ENCAP_MAGIC || header->version != ENCAP_VERSION || header->reserved ||
-	    !bpf_map_lookup_elem(&trusted_fronts, front))
+	if (!outer_ipv4_sound(ip, data_end - (void *)ip) || header->magic != ENCAP_MAGIC ||
+	    header->version != ENCAP_VERSION || header->reserved || !bpf_map_lookup_elem(&trusted_fronts, front))
 		return count(BACKEND_XDP_LEFT);
 
 	/* Write the decapsulated frame's Ethernet header where it will start, over the last 14 bytes of the

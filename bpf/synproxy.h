@@ -246,7 +246,7 @@ enum counter {
 	COUNTER_PASSED,            /* not encapsulated: left alone */
 	COUNTER_DECAPSULATED,      /* from a trusted front, header removed */
 	COUNTER_UNTRUSTED,         /* encapsulated, but not from a trusted front: dropped */
-	COUNTER_MALFORMED,         /* encapsulated, but the header or inner version is wrong: dropped */
+	COUNTER_MALFORMED,         /* encapsulated, but a wrong outer IPv4 header, header or inner version: dropped */
 	COUNTER_COOKIE_BAD,        /* flagged VALIDATED, but no accepted salt gives its MAC: dropped */
 	COUNTER_NO_SOCKET,         /* valid cookie, nothing listens on the tuple */
 	COUNTER_NOT_LISTENER,      /* a connection already exists (a retransmitted ACK): passed, the cookie unchecked */
@@ -488,6 +488,15 @@ static __always_inline void ipv4_mapped(__u8 out[16], const void *address)
 	out[10] = 0xff;
 	out[11] = 0xff;
 	__builtin_memcpy(&out[12], address, 4);
+}
+
+/* Is an encapsulation's outer IPv4 header (IHL 5, read in place) one a front or a backend writes for the
+ * `ip_bytes` the frame carries behind its Ethernet header: version 4, that total length, its checksum right?
+ * The programs run before ip_rcv checks it, and decapsulating skips those checks: the inner packet would carry
+ * whatever lay past a shorter total length. docs/backend.md, "What the backend trusts". */
+static __always_inline int outer_ipv4_sound(const struct iphdr *ip, __u32 ip_bytes)
+{
+	return ip->version == 4 && bpf_ntohs(ip->tot_len) == ip_bytes && !ipv4_header_fold(ip);
 }
 
 /* What parse_frame() found. */

@@ -29,7 +29,7 @@ from synproxy.bpf.loading import MAP_KEY, SALT_SLOT, build_object
 from synproxy.cookie import SynOptions, check_cookie, make_cookie
 from synproxy.front.handler import FrontPolicy, handle
 from synproxy.maglev import PreviousOwners
-from synproxy.packet import RST, parse_icmp_error, parse_tcp
+from synproxy.packet import RST, internet_checksum, parse_icmp_error, parse_tcp
 from synproxy.salt import SaltSchedule, derive_salt
 from tests.lab_fixtures import needs_root
 from tests.test_front_handler import icmp_error
@@ -180,12 +180,36 @@ def test_untrusted_source_is_dropped_before_anything_is_parsed(monkeypatch, plan
         assert (verdict, changed) == (TC_ACT_SHOT, {"untrusted": 1})
 
 
+def with_outer_ipv4(frame: bytes, version: int = 4, total_length: int | None = None, checksum_flip: int = 0) -> bytes:
+    """``frame`` (an encapsulation) with its outer IPv4 header's version and total length (default: what the
+    frame carries) as given, its checksum right but for the bits of ``checksum_flip``; the UDP length
+    follows the total."""
+    out = bytearray(frame)
+    total = len(frame) - ETH_HEADER if total_length is None else total_length
+    out[ETH_HEADER] = version << 4 | out[ETH_HEADER] & 0xF
+    out[ETH_HEADER + 2:ETH_HEADER + 4] = total.to_bytes(2, "big")
+    out[ETH_HEADER + 24:ETH_HEADER + 26] = ((total - 20) % 2**16).to_bytes(2, "big")
+    out[ETH_HEADER + 10:ETH_HEADER + 12] = bytes(2)
+    checksum = internet_checksum(bytes(out[ETH_HEADER:ETH_HEADER + 20])) ^ checksum_flip
+    out[ETH_HEADER + 10:ETH_HEADER + 12] = checksum.to_bytes(2, "big")
+    return bytes(out)
+
+
+# Outer IPv4 headers no front or backend writes (outer_ipv4_sound, bpf/synproxy.h).
+UNSOUND_OUTER = {
+    "bytes past its total length": lambda frame: frame + bytes(6),
+    "total length past the frame": lambda frame: with_outer_ipv4(frame, total_length=len(frame) - ETH_HEADER + 6),
+    "checksum wrong": lambda frame: with_outer_ipv4(frame, checksum_flip=0x0100),
+    "version 6": lambda frame: with_outer_ipv4(frame, version=6),
+}
+
+
 @pytest.mark.parametrize("packet", [
     encapsulated(raw(IP() / TCP()), magic=0x5D),
     encapsulated(raw(IP() / TCP()), reserved=1),
     encapsulated(raw(IP() / TCP()), version=2),
-    encapsulated(b"")[:-2],                    # the header cut short
-    encapsulated(b"")[:-10],                   # the MAC cut short
+    with_outer_ipv4(encapsulated(b"")[:-2]),   # the header cut short
+    with_outer_ipv4(encapsulated(b"")[:-10]),  # the MAC cut short
     encapsulated(b""),                         # a header and nothing inside
     encapsulated(b"\x50" + bytes(39)),          # inner IP version 5
 ], ids=["bad magic", "reserved bits", "v2 header", "truncated header", "truncated MAC", "no inner packet",
@@ -193,6 +217,23 @@ def test_untrusted_source_is_dropped_before_anything_is_parsed(monkeypatch, plan
 def test_malformed_encapsulation_is_dropped(plane, packet):
     verdict, _, changed = run(plane, packet)
     assert (verdict, changed) == (TC_ACT_SHOT, {"malformed": 1})
+
+
+@pytest.mark.parametrize("breakage", UNSOUND_OUTER)
+def test_an_outer_ipv4_header_no_front_writes_is_malformed_before_its_source_is_trusted(monkeypatch, plane,
+                                                                                    cookie_vectors, breakage):
+    """The program reads the outer header before ip_rcv checks it, and decapsulating skips those checks:
+    each of these, authentic otherwise, was decapsulated before (bytes past the total length riding in the
+    inner packet). Checked first: the source address of a header no one wrote names no one."""
+    vector = first_vector(cookie_vectors, 4)
+    load_salts(monkeypatch, plane, cookie_vectors, vector)
+    unflagged = raw(IP(src="198.18.1.2", dst=VIPS[0]) / TCP(sport=4000, dport=80, flags="PA") / b"data")
+    for packet, sound in ((encapsulated(ack_of(vector)), {"decapsulated": 1, "no_socket": 1}),
+                          (encapsulated(unflagged, flags=0), {"decapsulated": 1, "no_flow_reset": 1}),
+                          (encapsulated(unflagged, flags=0, source="198.18.99.9"), {"untrusted": 1})):
+        assert run(plane, packet)[2] == sound
+        verdict, _, changed = run(plane, UNSOUND_OUTER[breakage](packet))
+        assert (verdict, changed) == (TC_ACT_SHOT, {"malformed": 1}), sound
 
 
 @pytest.mark.parametrize("inner, ether_type", [

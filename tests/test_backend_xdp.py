@@ -35,6 +35,7 @@ from tests.test_backend_bpf import (  # noqa: F401 (plane, farm, budget: the tc 
     TC_ACT_REDIRECT,
     TC_ACT_SHOT,
     TW_PORT,
+    UNSOUND_OUTER,
     VIPS,
     budget,
     encapsulated,
@@ -43,6 +44,7 @@ from tests.test_backend_bpf import (  # noqa: F401 (plane, farm, budget: the tc 
     run,
     run_in,
     server_side_time_wait,
+    with_outer_ipv4,
 )
 
 pytestmark = needs_root
@@ -113,7 +115,8 @@ def test_everything_else_reaches_the_tc_program_untouched(stage, connection):
         encapsulated(owned, flags=0, magic=0x5D),
         encapsulated(owned, flags=0, version=2),
         encapsulated(owned, flags=0)[:-len(owned)] + b"\x50" + owned[1:],            # inner version 5
-        encapsulated(owned, flags=0)[:-len(owned) + 10],                              # inner packet cut short
+        with_outer_ipv4(encapsulated(owned, flags=0)[:-len(owned) + 10]),             # inner packet cut short
+        *(unsound(encapsulated(owned, flags=0)) for unsound in UNSOUND_OUTER.values()),  # no front's outer IPv4
     ]
     with netns.inside(name):
         assert xdp_run(stage, encapsulated(owned, flags=0))[0::2] == (XDP_PASS, {"decapsulated": 1})
@@ -278,6 +281,7 @@ def test_what_fails_a_tc_check_is_left_for_the_tc_program_to_count(plane, stage,
     with netns.inside(name):
         for packet, outcome in ((encapsulated(forged, flags=0, key=bytes(16)), "encap_bad_mac"),
                                 (encapsulated(forged, flags=0, source="198.18.99.9"), "untrusted"),
+                                (UNSOUND_OUTER["checksum wrong"](encapsulated(forged, flags=0)), "malformed"),
                                 (encapsulated(segment(CLIENT4, 4000, "S"), flags=0), "encap_refused")):
             verdict, changed, tc_verdict, tc_changed = both(stage, plane, packet)
             assert (verdict, changed, tc_verdict, outcome in tc_changed) == (XDP_PASS, {"left": 1}, TC_ACT_SHOT,

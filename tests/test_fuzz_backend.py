@@ -3,8 +3,10 @@ and its XDP stage (bpf/backend_xdp.bpf.c) under BPF_PROG_TEST_RUN, held to a ref
 docs/backend.md ("What the backend trusts", the chain, "Packets no connection owns") and synproxy/encap.py.
 
 The rule, whatever the frame: what is not encapsulated (the program's own test: outer IPv4 without options
-or fragmentation, UDP to the encap port) is passed unchanged; an encapsulation that does not authenticate
-is dropped under exactly one of untrusted, malformed, encap_refused, encap_bad_mac, never passed inner; an
+or fragmentation, UDP to the encap port) is passed unchanged; an encapsulation whose outer IPv4 header is
+not as a front writes it (version 4, the frame's total length, its checksum right) is dropped as
+malformed; one that does not authenticate is dropped under exactly one of untrusted, malformed,
+encap_refused, encap_bad_mac, never passed inner; an
 authentic one is decapsulated to exactly its inner bytes behind the same Ethernet addresses, passed on
 along the chain byte for byte as encap.chain builds it, or dropped as the reset budget and the cookie say.
 The XDP stage either passes a frame unchanged to the tc program or does what the tc program would.
@@ -25,8 +27,10 @@ through the tc hook as real skbs at the end of the module.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import json
+import os
 import socket
 import struct
 import time
@@ -59,6 +63,7 @@ from synproxy.packet import (
     MalformedPacket,
     build_ip_header,
     build_tcp_packet,
+    internet_checksum,
     parse_icmp_error,
 )
 from tests.lab_fixtures import needs_root
@@ -76,11 +81,13 @@ from tests.test_backend_bpf import (  # noqa: F401 (farm: the namespace fixture,
     TC_ACT_SHOT,
     UNRESOLVED_OWNER,
     UNROUTED_OWNER,
+    UNSOUND_OUTER,
     VIPS,
     farm,
     inner_flow,
     moved_policy,
     sequence_numbers,
+    with_outer_ipv4,
 )
 from tests.test_backend_xdp import XDP_DROP, XDP_PASS
 from tests.test_fuzz_front import (
@@ -230,6 +237,13 @@ def encapsulated(frame: bytes) -> bool:
             and int.from_bytes(frame[ETH + 22:ETH + 24], "big") == ENCAP_PORT)
 
 
+def outer_sound(frame: bytes) -> bool:
+    """outer_ipv4_sound (bpf/synproxy.h): version 4, the total length the frame carries, the checksum right."""
+    outer = frame[ETH:ETH + 20]
+    return outer[0] >> 4 == 4 and int.from_bytes(outer[2:4], "big") == len(frame) - ETH and \
+        not internet_checksum(outer)
+
+
 def whole_header(frame: bytes) -> bool:
     return len(frame) >= INNER and frame[HEADER] == encap.MAGIC and frame[HEADER + 2] == encap.VERSION \
         and frame[HEADER + 3] == 0
@@ -333,6 +347,8 @@ def expected_tc(frame: bytes, now: float, farm_mac: bytes) -> Expected:
         segment = parsed_segment(frame)
         syn = segment is not None and segment.flags & (SYN | ACK) == SYN and segment.daddr in PROTECTED_VIPS
         return Expected(TC_ACT_OK, frame, {"passed": 1, **({"syn_received": 1} if syn else {})}, "not encapsulated")
+    if not outer_sound(frame):
+        return refused("malformed")
     flags = frame[HEADER + 1] if len(frame) > HEADER + 1 else 0
     if not flags & encap.FLAG_CHAINED and frame[ETH + 12:ETH + 16] not in TRUSTED:
         return refused("untrusted")
@@ -394,8 +410,8 @@ def expected_xdp(frame: bytes) -> tuple[str, bool]:
         return "", False
     if frame[HEADER + 1]:
         return "flagged", False
-    if not whole_header(frame) or frame[ETH + 12:ETH + 16] not in TRUSTED or len(frame) == INNER \
-            or frame[INNER] >> 4 not in (4, 6):
+    if not outer_sound(frame) or not whole_header(frame) or frame[ETH + 12:ETH + 16] not in TRUSTED \
+            or len(frame) == INNER or frame[INNER] >> 4 not in (4, 6):
         return "left", False
     segment = parsed_segment(decapsulated_frame(frame))
     if segment is None or segment.flags & SYN or not protected(segment) or not mac_holds(frame, segment) or \
@@ -594,7 +610,9 @@ def outer_mutated(draw, frame: bytearray) -> bytearray:
         frame[ETH] = draw(st.sampled_from([0, 6, 15])) << 4 | frame[ETH] & 0xF
     if "total_length" in mutations:
         frame[ETH + 2:ETH + 4] = draw(st.integers(0, 65535)).to_bytes(2, "big")
-    if "checksum" not in mutations:
+    if "checksum" in mutations:
+        frame[ETH + 10] ^= draw(st.integers(1, 255))
+    else:
         packet = frame[ETH:]
         fix_ipv4_checksum(packet, 20)
         frame[ETH:] = packet
@@ -649,11 +667,20 @@ DECLARED_LENGTH_ZERO_CHAINED = chained_along(with_ip_length(client_ack(4, b"x"),
 DECLARED_JUMBO_CHAINED = chained_along(with_ip_length(client_ack(6, b"x"), 40 + 65535))
 
 
+# Decapsulated before outer_ipv4_sound (bpf/synproxy.h), by the XDP stage too: an authentic front's packet
+# whose outer IPv4 header no front writes (tests/test_backend_bpf.py's UNSOUND_OUTER).
+UNSOUND_OUTER_FRAMES = [breakage(bytes(frame_around(client_ack(4)))) for breakage in UNSOUND_OUTER.values()]
+
+
 @settings(FUZZ, max_examples=EXAMPLES * 2)
 @given(frame=encapsulations())
 @example(frame=TRAILING_BYTES_CHAINED)
 @example(frame=DECLARED_LENGTH_ZERO_CHAINED)
 @example(frame=DECLARED_JUMBO_CHAINED)
+@example(frame=UNSOUND_OUTER_FRAMES[0])
+@example(frame=UNSOUND_OUTER_FRAMES[1])
+@example(frame=UNSOUND_OUTER_FRAMES[2])
+@example(frame=UNSOUND_OUTER_FRAMES[3])
 def test_every_encapsulation_is_decided_as_the_reference_says(backend, frame):
     event(backend(frame[:LONGEST_FRAME]))
 
@@ -685,11 +712,14 @@ HEADERS_READ = INNER + 60 + 8 + 60 + 8
 
 @pytest.mark.parametrize("name", WHOLE_FRAMES)
 def test_an_encapsulation_cut_at_every_length_is_decided_as_the_reference_says(backend, name):
-    """Every length through the headers, then every 37th byte."""
+    """Every length through the headers, then every 37th byte: cut as it arrived (its outer total length
+    then the frame's no longer), and with the outer lengths of what is left, to reach the inner parse."""
     whole = WHOLE_FRAMES[name]
     assert backend(whole) in ("validated: kfunc_failed", "a connection's", "chained", "icmp passed")
     for length in (*range(ETH, min(len(whole), HEADERS_READ)), *range(HEADERS_READ, len(whole), 37)):
         backend(whole[:length])
+        if length >= HEADER:
+            backend(with_outer_ipv4(whole[:length]))
 
 
 @FUZZ
@@ -785,3 +815,54 @@ def test_gro_sized_frames_at_the_tc_hook_are_decided_as_the_reference_says(forwa
             assert {key: after[key] - before[key] for key in COUNTERS if after[key] != before[key]} == counts, linear
             ours = [out for out in frames if out[12:14] == ETHER_TYPE[family] and len(out) > 1000]
             assert [forwarded_as_sent(out, passed) for out in ours] == ([True] if passed else []), counts
+
+
+# --- short frames whose headers lie in pages (a tap device's NAPI frags) ---
+
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_NAPI, IFF_NAPI_FRAGS = 0x0002, 0x1000, 0x0010, 0x0020
+NAPI_TAP = "sgrt"
+
+
+@contextlib.contextmanager
+def napi_frags_tap(namespace: str, name: str):
+    """A tap device in ``namespace`` that turns each frame written to it into an skb as a NIC's driver
+    builds one from its receive pages (IFF_NAPI_FRAGS: tun_napi_alloc_frags puts the first iovec in the
+    linear area and each further one in a page frag, then napi_gro_frags). A packet socket's skb is
+    linear under a page (packet_alloc_skb), so only this path gives a short frame its headers in pages.
+    Yields the tap's fd; the device goes when it is closed."""
+    with netns.inside(namespace):
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        flags = IFF_TAP | IFF_NO_PI | IFF_NAPI | IFF_NAPI_FRAGS
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+        netns.write_sysctls(namespace, {f"net.ipv4.conf.{name}.rp_filter": "0", "net.ipv4.conf.all.rp_filter": "0"})
+        netns.run(namespace, ["ip", "link", "set", name, "up"])
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("family", (4, 6))
+def test_a_short_frame_whose_headers_lie_in_pages_is_decided_as_when_linear(forwarding, plane, family):
+    """A front's bare ACK encapsulated (102 or 122 bytes, under HEADERS_READ), arriving with only its
+    Ethernet header, or its outer IPv4 and UDP headers too, in the linear area: authenticated and
+    decapsulated as when the whole frame is linear (before, the program saw only the linear part: to the
+    UDP stack as plain traffic, or dropped as malformed)."""
+    name, _ = forwarding
+    inner = client_segment(family, 40 if family == 4 else 60)
+    with napi_frags_tap(name, NAPI_TAP) as tap, tc_program_on(name, (NAPI_TAP,), plane.prog_fd, mtu=1500):
+        shown = json.loads(netns.run(name, ["ip", "-j", "link", "show", NAPI_TAP]).stdout)
+        frame = bytes.fromhex(shown[0]["address"].replace(":", "")) + bytes.fromhex("020000000001") + \
+            bytes(frame_around(inner))[12:]
+        assert len(frame) < HEADERS_READ
+        for linear in (len(frame), ETH, ETH + 28):
+            before = read_counters(plane.counters, plane.kfunc_errors)
+            with netns.inside(name), arriving(GRO_PEER) as frames:
+                os.writev(tap, [frame[:linear], frame[linear:]] if linear < len(frame) else [frame])
+            after = read_counters(plane.counters, plane.kfunc_errors)
+            changed = {key: after[key] - before[key] for key in COUNTERS if after[key] != before[key]}
+            assert changed == {"decapsulated": 1, "no_flow_reset": 1}, linear
+            # The namespace's own IPv6 (MLD, neighbour discovery) leaves by the same link.
+            ours = [out for out in frames if out[12:14] == ETHER_TYPE[family] and out[23 if family == 4 else 20] == 6]
+            assert [forwarded_as_sent(out, inner) for out in ours] == [True], linear
