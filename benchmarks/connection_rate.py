@@ -27,7 +27,7 @@ from pathlib import Path
 
 from benchmarks.contenders import BACKEND, FRONT, PORT, Front, KernelSyncookies, lab_host, nft
 from benchmarks.generator import PACER_TABLE, GeneratorError, pacer, trafgen_argv
-from benchmarks.measure import CONTENDER_CPU, GENERATOR_CPU, pin_process, process_tree
+from benchmarks.measure import CONTENDER_CPU, GENERATOR_CPU, pin_process, process_tree, steer_receive
 from benchmarks.report import append_scenario, spread
 from synproxy.lab.topology import BACKEND_METRICS_PORT, FRONT_METRICS_PORT, VIP, Lab, scrape
 
@@ -171,6 +171,25 @@ def evidence(lab: Lab, before: dict[str, dict[str, float]], ab_said: str) -> dic
 
 
 @contextlib.contextmanager
+def unsteered(bench) -> Iterator[None]:
+    """The kernel's default receive path (no RPS) on the lab's interfaces for the block, the bench's steering
+    onto the contender CPU again after it. Without a flood every frame is sent from the contender CPU, so each
+    veth's receive (the backlog a plain veth queues on, or the poll a native XDP program runs in, scheduled by
+    the send) is on that CPU already and RPS moves nothing. It only adds a step on the proxy's route: the farm
+    link's poll, where the backend's XDP stage builds each frame into an skb, hands it to the CPU's backlog
+    instead of the stack, a second queue on the same CPU that a NIC's poll does not take (the bypass's veth
+    queues on the backlog either way). Measured in one lab: 1.03x [1.01-1.12] the proxy's requests/s without it (5 rounds)
+    (benchmarks/README.md, "Connection rate"). The floods stay steered: their frames come from the generator CPU."""
+    for host, interface in bench.steered:
+        steer_receive(bench.lab.ns(host), interface, None)
+    try:
+        yield
+    finally:
+        for host, interface in bench.steered:
+            steer_receive(bench.lab.ns(host), interface, CONTENDER_CPU)
+
+
+@contextlib.contextmanager
 def flooding(bench, flood: str) -> Iterator[None]:
     """trafgen sending ``flood`` unpaced (the router's pacer removed) until the block ends."""
     from benchmarks.harness import stop_group
@@ -213,10 +232,11 @@ def measure_route(bench, route_name: str, repetition: int, seconds: float, quick
     try:
         for pid in (route.pid(lab), lab.pid(BACKEND), *process_tree(lab.pid(f"{BACKEND}-nginx"))):
             pin_process(pid, CONTENDER_CPU)
-        for keepalive in (False, True):
-            for concurrency in levels:
-                runs.append({**common, "mode": "keepalive" if keepalive else "new", "concurrency": concurrency,
-                             "flood": None, **run_ab(lab, concurrency, seconds, keepalive, bench.work_dir)})
+        with unsteered(bench):
+            for keepalive in (False, True):
+                for concurrency in levels:
+                    runs.append({**common, "mode": "keepalive" if keepalive else "new", "concurrency": concurrency,
+                                 "flood": None, **run_ab(lab, concurrency, seconds, keepalive, bench.work_dir)})
         for flood in FLOODS:
             with flooding(bench, flood):
                 before = bench.delivered()

@@ -113,7 +113,8 @@ class Bench:
                                   "resets": f"ip daddr {SPOOFED_SOURCES} tcp flags & rst == rst"})
         self._counters(BACKEND, {"flood_syns": f"ip saddr {SPOOFED_SOURCES} tcp flags & (syn|ack) == syn",
                                  "flood_acks": f"ip saddr {SPOOFED_SOURCES} tcp flags & (syn|ack) == ack"})
-        for host, interface in ((FRONT, "eth0"), (BACKEND, "eth0"), *([(BACKEND, FARM_INTERFACE)] if lab.farm_link else [])):
+        self.steered = ((FRONT, "eth0"), (BACKEND, "eth0"), *([(BACKEND, FARM_INTERFACE)] if lab.farm_link else []))
+        for host, interface in self.steered:
             steer_receive(lab.ns(host), interface, CONTENDER_CPU)
         self.other_load = OtherLoad(namespace_inodes([lab.ns(host.name) for host in lab.hosts] + [lab.ns("router")]))
 

@@ -166,3 +166,38 @@ def test_the_routes_are_measured_with_bpf_stats_off(monkeypatch):
     runs = connection_rate.measure(SimpleNamespace(stats=SimpleNamespace(paused=paused)), 0, 5.0, False)
     assert [run["route"] for run in runs] == ["proxy", "bypass"]
     assert seen == [("proxy", False), ("bypass", False)] and stats_on == [True]
+
+
+def test_the_idle_steps_run_without_rps_and_the_floods_with_it(tmp_path, monkeypatch):
+    """Without a flood every frame comes from the contender CPU, where RPS would move it anyway: it only adds a
+    backlog behind the farm link's poll, on the proxy's route alone. The floods keep the bench's steering (their
+    frames come from the generator CPU), and the route leaves it as it found it."""
+    steering = {("backend0", "farm"): 1, ("backend0", "eth0"): 1, ("front0", "eth0"): 1}
+    seen = []
+
+    class Route:
+        def enter(self, lab):
+            pass
+
+        def leave(self, lab):
+            pass
+
+        def pid(self, lab):
+            return None
+
+    monkeypatch.setattr(connection_rate, "ROUTES", {"proxy": Route})
+    monkeypatch.setattr(connection_rate, "steer_receive",
+                        lambda namespace, interface, cpu: steering.__setitem__((namespace, interface), cpu))
+    monkeypatch.setattr(connection_rate, "pin_process", lambda pid, cpu: None)
+    monkeypatch.setattr(connection_rate, "process_tree", lambda pid: [])
+    monkeypatch.setattr(connection_rate, "flooding", lambda bench, flood: contextlib.nullcontext())
+    monkeypatch.setattr(connection_rate, "run_ab", lambda lab, concurrency, seconds, keepalive, work_dir:
+                        seen.append(set(steering.values())) or {"seconds": 1.0})
+    lab = SimpleNamespace(ns=lambda host: host, pid=lambda name: None)
+    bench = SimpleNamespace(lab=lab, work_dir=tmp_path, steered=list(steering), delivered=lambda: 0)
+    runs = connection_rate.measure_route(bench, "proxy", 0, 1.0, False)
+    idle = [steered for run, steered in zip(runs, seen) if run["flood"] is None]
+    flooded = [steered for run, steered in zip(runs, seen) if run["flood"] is not None]
+    assert len(idle) == 2 * len(connection_rate.CONCURRENCY) and idle == [{None}] * len(idle)
+    assert len(flooded) == len(connection_rate.FLOODS) and flooded == [{connection_rate.CONTENDER_CPU}] * len(flooded)
+    assert set(steering.values()) == {connection_rate.CONTENDER_CPU}
