@@ -327,8 +327,10 @@ static __always_inline int encapsulate(struct __sk_buff *skb, __be32 saddr, __be
 static __always_inline int queue_again(struct __sk_buff *skb, const struct segment *seg, const struct arrival *arrival,
 				       const struct backend_config *cfg)
 {
-	if (encapsulate(skb, arrival->front, arrival->self, arrival->source_port, &arrival->header, seg->ip_length,
-			cfg, 0)) {
+	/* The outer lengths count what the segment carries, as chain_to's: with its own length field a frame
+	 * carrying more (which the MAC does not cover) would fail outer_ipv4_sound on its next run. */
+	if (encapsulate(skb, arrival->front, arrival->self, arrival->source_port, &arrival->header,
+			skb->len - sizeof(struct ethhdr), cfg, 0)) {
 		COUNT(COUNTER_TIME_WAIT_UNREPORTED);
 		return TC_ACT_SHOT;
 	}

@@ -816,10 +816,11 @@ def server_side_time_wait(rfc1337: int = 0):
 
 
 def validated_ack(monkeypatch, plane: DataPlane, farm, isn: int, tsval: int | None, payload: bytes = b"",
-                  port: int = TW_PORT) -> bytes:
+                  port: int = TW_PORT, trailer: bytes = b"") -> bytes:
     """The client's handshake ACK for a new connection from the TIME_WAIT tuple (or, with a payload, the
     request right behind it), its cookie valid now; in a frame to the farm interface's address (the RST
-    the program sends at its ingress must be for this host)."""
+    the program sends at its ingress must be for this host). ``trailer``: bytes the frame carries past the
+    inner packet's IP length (no front sends them; the MAC does not cover them)."""
     schedule = SaltSchedule((SECRET,))
     now = time.time()
     set_clock(monkeypatch, plane, now)
@@ -831,7 +832,7 @@ def validated_ack(monkeypatch, plane: DataPlane, farm, isn: int, tsval: int | No
     options = [("NOP", None), ("NOP", None), ("Timestamp", (tsval, 1))] if tsval is not None else []
     segment = TCP(sport=port, dport=80, flags="PA" if payload else "A", seq=(isn + 1) % 2**32,
                   ack=(cookie + 1) % 2**32, options=options) / Raw(payload)
-    return farm[2] + encapsulated(raw(IP(src=CLIENT4, dst=VIPS[0]) / segment))[6:]
+    return farm[2] + encapsulated(raw(IP(src=CLIENT4, dst=VIPS[0]) / segment) + trailer)[6:]
 
 
 def as_received(out: bytes, packet: bytes) -> bool:
@@ -868,7 +869,7 @@ RECYCLE_WINDOW = 0.002  # RECYCLE_WINDOW_US in bpf/backend.bpf.c: a sequence mus
 
 
 def within_the_recycle_window(monkeypatch, plane: DataPlane, order: tuple[str, ...], rfc1337: int = 0,
-                              attempts: int = 5):
+                              attempts: int = 5, request_trailer: bytes = b""):
     """On a fresh TIME_WAIT socket, the ACK and the request behind it (same sequence number) run in the
     ``order`` a race can bring them ("ack" first; "request": the request, as on another CPU; "queued ack":
     the copy the ACK's run queued again, in its mark; "marked request", "marked other ack": the request
@@ -879,7 +880,8 @@ def within_the_recycle_window(monkeypatch, plane: DataPlane, order: tuple[str, .
         with server_side_time_wait(rfc1337) as (farm, rcv_nxt, _):
             isn = (rcv_nxt + 1000) % 2**32
             packets = {"ack": validated_ack(monkeypatch, plane, farm, isn, None),
-                       "request": validated_ack(monkeypatch, plane, farm, isn, None, b"GET / HTTP/1.0\r\n\r\n")}
+                       "request": validated_ack(monkeypatch, plane, farm, isn, None, b"GET / HTTP/1.0\r\n\r\n",
+                                                trailer=request_trailer)}
             before = read_counters(plane.counters, plane.kfunc_errors)
             runs = []
             with netns.inside(farm[0]):
@@ -896,6 +898,18 @@ def within_the_recycle_window(monkeypatch, plane: DataPlane, order: tuple[str, .
                 changed = {key: after[key] - before[key] for key in COUNTERS if after[key] != before[key]}
                 return packets["ack"], packets["request"], runs, changed
     pytest.fail(f"no attempt of {attempts} ran within {RECYCLE_WINDOW} s")
+
+
+def test_a_segment_queued_again_keeps_in_its_outer_lengths_all_it_carries(monkeypatch, plane):
+    """A request carrying bytes past its IP length, queued again while the ACK's recycle is under way, comes
+    out with outer lengths of all it carries: with the inner length field's, its next run would find the outer
+    header unsound and drop it as malformed."""
+    _, request, runs, changed = within_the_recycle_window(monkeypatch, plane, ("ack", "request"),
+                                                          request_trailer=bytes(6))
+    verdict, queued = runs[1]
+    assert verdict == TC_ACT_REDIRECT and as_received(queued, request)
+    assert struct.unpack_from("!H", queued, ETH_HEADER + 2)[0] == len(queued) - ETH_HEADER
+    assert "malformed" not in changed
 
 
 def test_the_request_behind_the_ack_waits_for_the_acks_connection_and_never_makes_its_own(monkeypatch, plane):
