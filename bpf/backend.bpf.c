@@ -974,24 +974,31 @@ static __always_inline int icmp_error_accepted(struct __sk_buff *skb, const stru
  * pages, where the checks would not see it and an authentic encapsulation would go to the UDP stack as plain
  * traffic or be dropped as malformed: a packet socket's large frame (only its Ethernet header linear), a
  * driver's short one built from its receive pages (napi_gro_frags: a tap with IFF_NAPI_FRAGS; GRO pulls only
- * the headers it parses). So whatever of it the frame holds (all of a shorter frame) is pulled into the linear
- * area first; a linear frame, the flood's bare ACKs included, pays only the comparison.
- * tests/test_fuzz_backend.py. */
+ * the headers it parses). tests/test_fuzz_backend.py. */
 #define HEADERS_READ (sizeof(struct ethhdr) + ENCAP_OVERHEAD + 60 + ICMP_HEADER_BYTES + 60 + QUOTED_TCP_BYTES)
+/* What tells an encapsulation from plain traffic: Ethernet, IPv4 without options, UDP. */
+#define ENCAPSULATION_TOLD (sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct udphdr))
+
+/* Make the first `bytes` of the frame (all of a shorter one) linear. A linear frame pays one comparison; plain
+ * traffic is pulled only as far as ENCAPSULATION_TOLD, which a TCP segment's linear headers always cover: a
+ * clone (loopback's, a local client's short segments) would otherwise be copied for nothing. */
+static __always_inline void pull_headers(struct __sk_buff *skb, __u32 bytes)
+{
+	if (skb->len < bytes)
+		bytes = skb->len;
+	if ((void *)(long)skb->data + bytes > (void *)(long)skb->data_end)
+		bpf_skb_pull_data(skb, bytes);
+}
 
 SEC("tc")
 int synproxy_backend(struct __sk_buff *skb)
 {
-	__u32 headers = skb->len < HEADERS_READ ? skb->len : HEADERS_READ;
-
-	if ((void *)(long)skb->data + headers > (void *)(long)skb->data_end)
-		bpf_skb_pull_data(skb, headers);
+	pull_headers(skb, ENCAPSULATION_TOLD);
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct iphdr *ip = (void *)(eth + 1);
 	struct udphdr *udp = (void *)(ip + 1);
-	struct encap_header *header = (void *)(udp + 1);
 	__u32 zero = 0;
 	struct backend_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct segment seg = {};
@@ -1010,6 +1017,17 @@ int synproxy_backend(struct __sk_buff *skb)
 		count_plain_syn(skb);
 		COUNT(COUNTER_PASSED);
 		return TC_ACT_OK;
+	}
+	pull_headers(skb, HEADERS_READ);
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	ip = (void *)(eth + 1);
+	udp = (void *)(ip + 1);
+	struct encap_header *header = (void *)(udp + 1);
+	if ((void *)(udp + 1) > data_end) { /* the pull never shortens the linear part: for the verifier */
+		COUNT(COUNTER_MALFORMED);
+		return TC_ACT_SHOT;
 	}
 
 	/* Not as a front or a backend writes it: its source address means nothing, and decapsulated it
