@@ -178,8 +178,9 @@ def unsteered(bench) -> Iterator[None]:
     the send) is on that CPU already and RPS moves nothing. It only adds a step on the proxy's route: the farm
     link's poll, where the backend's XDP stage builds each frame into an skb, hands it to the CPU's backlog
     instead of the stack, a second queue on the same CPU that a NIC's poll does not take (the bypass's veth
-    queues on the backlog either way). Measured in one lab: 1.03x [1.01-1.12] the proxy's requests/s without it (5 rounds)
-    (benchmarks/README.md, "Connection rate"). The floods stay steered: their frames come from the generator CPU."""
+    queues on the backlog either way). Measured in one lab: 1.03x [1.01-1.12] the proxy's requests/s without it (5 rounds);
+    the bench's own A/B could not tell it from its noise (benchmarks/README.md, "Connection rate"). The floods
+    stay steered: their frames come from the generator CPU."""
     for host, interface in bench.steered:
         steer_receive(bench.lab.ns(host), interface, None)
     try:
