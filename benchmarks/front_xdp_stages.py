@@ -49,7 +49,7 @@ STAGES = (
     ("forward: configuration, length and IPv4 header checks", "\t__u32 outcome = FRONT_FORWARDED;\n", "fwd",
      FORWARD_EXIT),
     ("forward: clock, salt slot", "\t\tif (!slot || !epoch_accepted(slot->epoch, now_ns,", "slot", FORWARD_EXIT),
-    ("forward: cookie check", "\treturn plan_encapsulation(ctx, xdp, copy, seg, flags, tai_ns, outcome, plan);",
+    ("forward: cookie check", "\treturn plan_encapsulation(ctx, xdp, copy, seg, flags, outcome, plan);",
      "outcome", FORWARD_EXIT),
     ("forward: flow hash (SipHash-1-3, 40 bytes)", "\t__u32 index = flow % MAGLEV_TABLE_SIZE;\n", "flow",
      FORWARD_EXIT),
