@@ -32,6 +32,10 @@ ETHERNET = bytes(12) + b"\x08\x00"
 RUN_SECONDS = 5
 # What the method itself costs: bpf/xdp_pass.bpf.c, which only returns XDP_PASS, measured the same way.
 FLOOR = "floor (a program that only passes)"
+# What any forwarder of the front's shape costs here: bpf/xdp_min_forward.bpf.c parses, looks one target up,
+# grows the head and writes the encapsulation's headers (no hash, no MAC, no cookie), on the 100-byte segment.
+ANCHOR = "anchor: a minimal forwarder (no hash, no MAC)"
+ANCHOR_PACKET = "forwarded_bad_mac (established, 100 B)"
 # The SYN again, with front.syn_reply: ingress (no route lookup back to the client).
 SYN_TO_SENDER = "syn_answered (syn_reply: ingress)"
 
@@ -100,7 +104,9 @@ def measure(object_path, runs: int, repetitions: int, program: str = "xdp") -> d
     with cost_namespace() as name:
         loaded, to_sender = FastPath(object_path), FastPath(object_path)
         floor = BpfObject(build_object("xdp_pass"))
+        anchor = BpfObject(build_object("xdp_min_forward"))
         try:
+            anchor.map("min_forward_target").update(bytes(4), _anchor_target(policy))
             with netns.inside(name):  # the route back proved from the routing the runs look routes up in
                 loaded.watch_routes_back()
             loaded.configure(policy, schedule)
@@ -109,15 +115,26 @@ def measure(object_path, runs: int, repetitions: int, program: str = "xdp") -> d
                 if program == "xdp":
                     results.setdefault(FLOOR, []).append(per_run(name, floor.program_fd("xdp_pass"), ETHERNET, runs))
                 kinds = packets(policy, schedule, time.time())
+                if program == "xdp":
+                    results.setdefault(ANCHOR, []).append(
+                        per_run(name, anchor.program_fd("xdp_min_forward"), ETHERNET + kinds[ANCHOR_PACKET], runs))
                 for kind, packet in kinds.items():
                     results.setdefault(kind, []).append(_measured(name, loaded, program, kind, packet, runs))
                 results.setdefault(SYN_TO_SENDER, []).append(
                     _measured(name, to_sender, program, SYN_TO_SENDER, kinds["syn_answered"], runs))
         finally:
             floor.close()
+            anchor.close()
             loaded.close()
             to_sender.close()
     return results
+
+
+def _anchor_target(policy: FrontPolicy) -> bytes:
+    """The anchor's one target (struct min_forward_target): the policy's farm address and first backend,
+    the gateway's MAC as the benchmarks' namespace has it."""
+    return (policy.farm_address + policy.backends[0] + policy.encap_port.to_bytes(2, "big") + b"\xc0\x01"
+            + bytes.fromhex("020000009902") + bytes(6))
 
 
 def _measured(namespace: str, loaded: FastPath, program: str, kind: str, packet: bytes, runs: int) -> float:
