@@ -1462,6 +1462,60 @@ struct forwarding_plan {
 	__u64 mac; /* big endian */
 };
 
+/* What a flow's packets share, per CPU: its flow hash, and its encapsulation MAC for the last backend, former
+ * owners and flags it was computed for. The two SipHashes are ~85 ns of a forwarded packet's ~270
+ * (docs/front.md, "Its own cost") and give the same result for every packet of a flow: a packet whose
+ * 4-tuple, copy generation (the flow and encap keys, the farm's address), backend, former owners and
+ * flags are the entry's takes them from it, the bytes unchanged. Direct-mapped by a multiplicative hash
+ * of the tuple: tuples that share a slot (a flood's, or aimed there) only replace each other, each
+ * computing its own. */
+#define FLOW_CACHE_BITS 9
+struct flow_entry {
+	__u64 generation; /* the local copy's when written; 0: empty */
+	__u32 tuple[9];   /* struct segment's saddr, daddr, sport and dport */
+	__be32 backend;   /* the MAC's; 0: no MAC kept */
+	__u64 flow;       /* flow_hash */
+	struct former_owners former;
+	__u8 flags;
+	__u8 pad[7];
+	__u64 mac;        /* encap_mac, host order */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1 << FLOW_CACHE_BITS);
+	__type(key, __u32);
+	__type(value, struct flow_entry);
+} flows SEC(".maps");
+
+/* This CPU's entry for `seg`'s flow, holding its flow hash under the copy's generation (computed now if
+ * the entry held another flow, or another generation's); NULL cannot happen (the slot is in range). */
+static __always_inline struct flow_entry *flow_of(const struct segment *seg, const struct local_copy *copy)
+{
+	const header_word *tuple = (const void *)seg;
+	__u32 mix = 0, differs = 0;
+
+#pragma unroll
+	for (__u32 i = 0; i < 9; i++)
+		mix ^= tuple[i];
+	__u32 slot = (mix * 2654435761u) >> (32 - FLOW_CACHE_BITS);
+	struct flow_entry *entry = bpf_map_lookup_elem(&flows, &slot);
+	if (!entry)
+		return 0;
+#pragma unroll
+	for (__u32 i = 0; i < 9; i++)
+		differs |= entry->tuple[i] ^ tuple[i];
+	if (differs || entry->generation != copy->generation) {
+		entry->flow = flow_hash(seg, copy->forwarding.flow_key);
+#pragma unroll
+		for (__u32 i = 0; i < 9; i++)
+			entry->tuple[i] = tuple[i];
+		entry->generation = copy->generation;
+		entry->backend = 0;
+	}
+	return entry;
+}
+
 /* The outcomes of a segment the program encapsulates; every other one is left to the queue. */
 static __always_inline int forwarded(__u32 outcome)
 {
@@ -1477,7 +1531,10 @@ static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct
 						struct forwarding_plan *plan)
 {
 	const struct front_forwarding *fwd = &copy->forwarding;
-	__u64 flow = flow_hash(seg, fwd->flow_key);
+	struct flow_entry *kept = flow_of(seg, copy);
+	if (!kept)
+		return FRONT_QUEUED;
+	__u64 flow = kept->flow;
 	__u32 index = flow % MAGLEV_TABLE_SIZE;
 	const struct maglev_owners *entry = bpf_map_lookup_elem(&maglev, &index);
 	if (!entry)
@@ -1495,11 +1552,19 @@ static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct
 	if (!route)
 		return FRONT_UNROUTED;
 
-	union encap_message message;
-	encap_message_of(&message, fwd->farm_address, plan->backend, seg, flags, &plan->former);
-	/* encap_mac's value, from the state the route cache keeps after the message's first word(s) */
-	plan->mac = bpf_cpu_to_be64(seg->family == 4 ? siphash_finish(&route->encap_mac[1], &message.words[2], 5, 7, 2, 4)
-						     : siphash_finish(&route->encap_mac[0], &message.words[1], 6, 7, 2, 4));
+	if (kept->backend != backend || kept->former.previous != former.previous ||
+	    kept->former.earlier != former.earlier || kept->flags != flags) {
+		union encap_message message;
+
+		encap_message_of(&message, fwd->farm_address, plan->backend, seg, flags, &plan->former);
+		/* encap_mac's value, from the state the route cache keeps after the message's first word(s) */
+		kept->mac = seg->family == 4 ? siphash_finish(&route->encap_mac[1], &message.words[2], 5, 7, 2, 4)
+					     : siphash_finish(&route->encap_mac[0], &message.words[1], 6, 7, 2, 4);
+		kept->backend = backend;
+		kept->former = former;
+		kept->flags = flags;
+	}
+	plan->mac = bpf_cpu_to_be64(kept->mac);
 	plan->farm_address = fwd->farm_address;
 	plan->encap_port = fwd->encap_port;
 	plan->flags = flags;
