@@ -97,10 +97,11 @@ struct {
 /* How long a CPU keeps a route it looked up (to a backend; back to the clients, the probe's), on the
  * jiffies clock: bpf_jiffies64 is inlined by the JIT (a load, no helper call), so a packet whose cookie
  * needs no clock (FIN, RST, data without ACK, an ICMP error, a TFO SYN) reads none, where the TAI helper
- * cost it ~20 ns (docs/front.md, "Its own cost"). 100 ms in the kernel's ticks; where its CONFIG_HZ
- * cannot be read, as at HZ=100 (10 ticks): shorter, never longer. */
-extern unsigned int CONFIG_HZ __kconfig __weak;
-#define ROUTE_CACHE_JIFFIES ((CONFIG_HZ ? CONFIG_HZ : 100) / 10)
+ * cost it ~60 ns (docs/front.md, "Its own cost"). 10 ticks: 100 ms at HZ=100, the lowest rate Linux
+ * builds with, 40 ms at this VM's 250, 10 at 1000 (one lookup per 10 ms per CPU and backend costs little).
+ * Not CONFIG_HZ by a __kconfig extern: libbpf then refuses to load without /proc/config.gz or
+ * /boot/config-*, which a container often lacks. */
+#define ROUTE_CACHE_JIFFIES 10
 
 /* The probe's lookup, per CPU, family and ingress interface (the lookup is the forwarding of a packet that
  * came in there: the interface's forwarding setting counts), used for ROUTE_CACHE_JIFFIES and under the

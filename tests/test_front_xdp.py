@@ -91,7 +91,7 @@ BACKENDS = tuple(f"10.98.0.{host}" for host in (11, 12, 13, 14, 15, 16, 17))
 UNREACHABLE_BACKEND = "192.0.2.9"     # an unreachable route
 UNRESOLVED_BACKEND = "10.97.0.9"      # routed through a gateway without a neighbour entry
 LINK = "fxa"
-ROUTE_CACHE_SECONDS = 0.1  # ROUTE_CACHE_JIFFIES in bpf/front.bpf.c
+ROUTE_CACHE_SECONDS = 0.1  # ROUTE_CACHE_JIFFIES in bpf/front.bpf.c: at most 100 ms (HZ >= 100)
 
 
 @pytest.fixture(scope="module")
