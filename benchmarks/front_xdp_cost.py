@@ -32,6 +32,14 @@ ETHERNET = bytes(12) + b"\x08\x00"
 RUN_SECONDS = 5
 # What the method itself costs: bpf/xdp_pass.bpf.c, which only returns XDP_PASS, measured the same way.
 FLOOR = "floor (a program that only passes)"
+# What any forwarder of the front's shape costs here: bpf/xdp_min_forward.bpf.c parses, looks one target up,
+# grows the head and writes the encapsulation's headers (no hash, no MAC, no cookie), on the 100-byte segment.
+ANCHOR = "anchor: a minimal forwarder (no hash, no MAC)"
+ANCHOR_PACKET = "forwarded_bad_mac (established, 100 B)"
+# The same segment from a new client address and port each packet, as an ACK flood's are: the program's
+# per-flow state (bpf/front.bpf.c, flow_of) never holds the flow, each computes its own hashes.
+NEW_FLOWS = "forwarded_bad_mac (established, 100 B, a new flow each packet)"
+NEW_FLOW_COUNT = 4096
 # The SYN again, with front.syn_reply: ingress (no route lookup back to the client).
 SYN_TO_SENDER = "syn_answered (syn_reply: ingress)"
 
@@ -100,7 +108,9 @@ def measure(object_path, runs: int, repetitions: int, program: str = "xdp") -> d
     with cost_namespace() as name:
         loaded, to_sender = FastPath(object_path), FastPath(object_path)
         floor = BpfObject(build_object("xdp_pass"))
+        anchor = BpfObject(build_object("xdp_min_forward"))
         try:
+            anchor.map("min_forward_target").update(bytes(4), _anchor_target(policy))
             with netns.inside(name):  # the route back proved from the routing the runs look routes up in
                 loaded.watch_routes_back()
             loaded.configure(policy, schedule)
@@ -109,35 +119,61 @@ def measure(object_path, runs: int, repetitions: int, program: str = "xdp") -> d
                 if program == "xdp":
                     results.setdefault(FLOOR, []).append(per_run(name, floor.program_fd("xdp_pass"), ETHERNET, runs))
                 kinds = packets(policy, schedule, time.time())
+                if program == "xdp":
+                    results.setdefault(ANCHOR, []).append(
+                        per_run(name, anchor.program_fd("xdp_min_forward"), ETHERNET + kinds[ANCHOR_PACKET], runs))
                 for kind, packet in kinds.items():
                     results.setdefault(kind, []).append(_measured(name, loaded, program, kind, packet, runs))
                 results.setdefault(SYN_TO_SENDER, []).append(
                     _measured(name, to_sender, program, SYN_TO_SENDER, kinds["syn_answered"], runs))
+                results.setdefault(NEW_FLOWS, []).append(
+                    _measured(name, loaded, program, NEW_FLOWS, new_flows(kinds[ANCHOR_PACKET]), runs))
         finally:
             floor.close()
+            anchor.close()
             loaded.close()
             to_sender.close()
     return results
 
 
-def _measured(namespace: str, loaded: FastPath, program: str, kind: str, packet: bytes, runs: int) -> float:
-    """per_run of one kind of packet, once the program has counted it as that kind."""
+def _anchor_target(policy: FrontPolicy) -> bytes:
+    """The anchor's one target (struct min_forward_target): the policy's farm address and first backend,
+    the gateway's MAC as the benchmarks' namespace has it."""
+    return (policy.farm_address + policy.backends[0] + policy.encap_port.to_bytes(2, "big") + b"\xc0\x01"
+            + bytes.fromhex("020000009902") + bytes(6))
+
+
+def new_flows(packet: bytes) -> list[bytes]:
+    """`packet` (IPv4) from NEW_FLOW_COUNT random client addresses and ports, checksums made again."""
+    segment = parse_tcp(packet)
+    payload = packet[len(packet) - segment.payload_length:]
+    return [build_tcp_packet(b"\xc6\x12" + os.urandom(2), segment.daddr, 1024 + i, segment.dport, segment.seq,
+                             segment.ack, segment.flags, segment.window, segment.raw_options, payload)
+            for i in range(NEW_FLOW_COUNT)]
+
+
+def _measured(namespace: str, loaded: FastPath, program: str, kind: str, packet: bytes | list[bytes],
+              runs: int) -> float:
+    """per_run of one kind of packet (or of packets, in turn), once the program has counted it as that kind."""
     prog_fd = loaded.xdp_prog_fd if program == "xdp" else loaded.prog_fd
+    packets_ = packet if isinstance(packet, list) else [packet]
     counted = loaded.counts(program)
     with netns.inside(namespace):
-        prog_test_run(prog_fd, ETHERNET + packet)
+        prog_test_run(prog_fd, ETHERNET + packets_[0])
     moved = {key[0] for key, value in loaded.counts(program).items() if value != counted[key]}
     if moved != {kind.split()[0]}:
         raise SystemExit(f"{kind}: the program counted {moved}")
-    return per_run(namespace, prog_fd, ETHERNET + packet, runs)
+    return per_run(namespace, prog_fd, [ETHERNET + one for one in packets_], runs)
 
 
-def per_run(namespace: str, prog_fd: int, frame: bytes, runs: int) -> float:
+def per_run(namespace: str, prog_fd: int, frame: bytes | list[bytes], runs: int) -> float:
+    """ns per run inside the program: `runs` runs of `frame` (or of the frames, in turn)."""
+    frames = frame if isinstance(frame, list) else [frame]
     prog = program_id(prog_fd)
     before = _run_stats(prog)
     with netns.inside(namespace):
-        for _ in range(runs):
-            prog_test_run(prog_fd, frame)
+        for run in range(runs):
+            prog_test_run(prog_fd, frames[run % len(frames)])
     after = _run_stats(prog)
     return (after[0] - before[0]) / (after[1] - before[1])
 

@@ -49,14 +49,14 @@ STAGES = (
     ("forward: configuration, length and IPv4 header checks", "\t__u32 outcome = FRONT_FORWARDED;\n", "fwd",
      FORWARD_EXIT),
     ("forward: clock, salt slot", "\t\tif (!slot || !epoch_accepted(slot->epoch, now_ns,", "slot", FORWARD_EXIT),
-    ("forward: cookie check", "\treturn plan_encapsulation(ctx, xdp, copy, seg, flags, tai_ns, outcome, plan);",
+    ("forward: cookie check", "\treturn plan_encapsulation(ctx, xdp, copy, seg, flags, outcome, plan);",
      "outcome", FORWARD_EXIT),
-    ("forward: flow hash (SipHash-1-3, 40 bytes)", "\t__u32 index = flow % MAGLEV_TABLE_SIZE;\n", "flow",
+    ("forward: flow hash (SipHash-1-3, 40 bytes; or the flow's kept one)", "\t__u32 index = flow % MAGLEV_TABLE_SIZE;\n", "flow",
      FORWARD_EXIT),
     ("forward: Maglev entry", "\tplan->backend = backend;\n", "backend", FORWARD_EXIT),
-    ("forward: route to the backend (cached)", "\tunion encap_message message;\n\tencap_message_of(",
+    ("forward: route to the backend (cached)", "\tif (kept->backend != backend || kept->former.previous",
      "plan->next_hop.ifindex", FORWARD_EXIT),
-    ("forward: encapsulation MAC (SipHash-2-4 from the route's state)", "\tplan->farm_address = fwd->farm_address;\n",
+    ("forward: encapsulation MAC (SipHash-2-4 from the route's state; or the flow's kept one)", "\tplan->farm_address = fwd->farm_address;\n",
      "plan->mac", FORWARD_EXIT),
 )
 WHOLE = "the whole program"

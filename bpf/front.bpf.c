@@ -94,12 +94,21 @@ struct {
 	__type(value, struct route_back_proof);
 } route_proof SEC(".maps");
 
+/* How long a CPU keeps a route it looked up (to a backend; back to the clients, the probe's), on the
+ * jiffies clock: bpf_jiffies64 is inlined by the JIT (a load, no helper call), so a packet whose cookie
+ * needs no clock (FIN, RST, data without ACK, an ICMP error, a TFO SYN) reads none, where the TAI helper
+ * cost it ~60 ns (docs/front.md, "Its own cost"). 10 ticks: 100 ms at HZ=100, the lowest rate Linux
+ * builds with, 40 ms at this VM's 250, 10 at 1000 (one lookup per 10 ms per CPU and backend costs little).
+ * Not CONFIG_HZ by a __kconfig extern: libbpf then refuses to load without /proc/config.gz or
+ * /boot/config-*, which a container often lacks. */
+#define ROUTE_CACHE_JIFFIES 10
+
 /* The probe's lookup, per CPU, family and ingress interface (the lookup is the forwarding of a packet that
- * came in there: the interface's forwarding setting counts), used for ROUTE_CACHE_NS by the coarse clock
- * and under the copy's generation only. */
+ * came in there: the interface's forwarding setting counts), used for ROUTE_CACHE_JIFFIES and under the
+ * copy's generation only. */
 #define NEXT_HOP_BACK_SLOTS 4
 struct next_hop_back {
-	__u64 checked_ns; /* bpf_ktime_get_coarse_ns() of the lookup */
+	__u64 checked_jiffies; /* bpf_jiffies64() of the lookup */
 	__u64 generation; /* the copy's when looked up; 0: empty */
 	__u32 ingress_ifindex;
 	__u32 ifindex;
@@ -255,12 +264,11 @@ static __always_inline const struct front_forwarding *copied_forwarding(const st
 
 /* The next hop to a backend, as bpf_fib_lookup gave it, per CPU: the lookup costs ~200 ns of a forwarded
  * packet's ~750 (benchmarks/front_xdp_cost.py), and the farm's routes change far more rarely than every
- * ROUTE_CACHE_NS. A direct-mapped array (an array lookup is inlined; a hash map's costs about as much
+ * ROUTE_CACHE_JIFFIES. A direct-mapped array (an array lookup is inlined; a hash map's costs about as much
  * as it saves), each slot tagged with what it holds. */
-#define ROUTE_CACHE_NS 100000000ULL /* 100 ms */
 #define ROUTE_CACHE_SLOTS 256
 struct route {
-	__u64 checked_ns; /* bpf_ktime_get_tai_ns() of the lookup; 0: empty */
+	__u64 checked_jiffies; /* bpf_jiffies64() of the lookup; 0: empty */
 	__be32 backend;   /* the tag: for this backend */
 	__u32 ingress_ifindex;
 	__u32 ifindex;
@@ -915,7 +923,7 @@ static __always_inline int routed_by_default(const struct route_back_family *pro
 
 /* The route back to the client: the egress interface and MAC addresses left in `fib`, and bpf_fib_lookup's
  * result (or its cached SUCCESS). A client the control plane's proof covers (routed_by_default) gets this
- * CPU's cached lookup of the proof's probe, younger than ROUTE_CACHE_NS and of the copy's generation,
+ * CPU's cached lookup of the proof's probe, younger than ROUTE_CACHE_JIFFIES and of the copy's generation,
  * else a new one; every other client (and a probe lookup that did not succeed: no neighbour yet, an MTU
  * too small, ...) its own lookup, as the kernel would forward the queue's SYN-ACK. */
 static __always_inline int route_back(void *ctx, struct local_copy *copy, __u32 ifindex, const struct segment *seg,
@@ -926,17 +934,17 @@ static __always_inline int route_back(void *ctx, struct local_copy *copy, __u32 
 
 	if (routed_by_default(proof, seg->saddr)) {
 		struct next_hop_back *cached = &copy->next_hops_back[v6 & 1][ifindex & (NEXT_HOP_BACK_SLOTS - 1)];
-		__u64 now_ns = bpf_ktime_get_coarse_ns();
+		__u64 now = bpf_jiffies64();
 
 		if (cached->generation != copy->generation || cached->ingress_ifindex != ifindex ||
-		    now_ns - cached->checked_ns >= ROUTE_CACHE_NS) {
+		    now - cached->checked_jiffies >= ROUTE_CACHE_JIFFIES) {
 			if (fib_lookup_back(ctx, ifindex, seg, proof->probe, SYN_ACK_LONGEST(seg->family), fib) !=
 			    BPF_FIB_LKUP_RET_SUCCESS) {
 				cached->generation = 0;
 				__builtin_memset(fib, 0, sizeof(*fib));
 				return fib_lookup_back(ctx, ifindex, seg, seg->saddr, length, fib);
 			}
-			cached->checked_ns = now_ns;
+			cached->checked_jiffies = now;
 			cached->generation = copy->generation;
 			cached->ingress_ifindex = ifindex;
 			cached->ifindex = fib->ifindex;
@@ -1390,25 +1398,25 @@ static __always_inline int segment_checksum_holds(void *ctx, int xdp, const stru
 	return xdp ? segment_checksum_holds_xdp(ctx, seg) : segment_checksum_holds_tc(ctx, seg);
 }
 
-/* The next hop to `backend`: this CPU's cached lookup while younger than ROUTE_CACHE_NS by `now_ns` (the
- * packet's one clock reading, CLOCK_TAI: a clock step only ends an entry early), else a new
+/* The next hop to `backend`: this CPU's cached lookup while younger than ROUTE_CACHE_JIFFIES, else a new
  * bpf_fib_lookup. It is looked up for a packet of farm_mtu bytes, so a route whose MTU is smaller leaves
  * every packet to the queue. 0 when there is no route or the neighbour is unresolved (XDP has no
  * bpf_redirect_neigh: the kernel resolves it for the queue's packet; tc does as XDP does). */
 static __always_inline const struct route_entry *route_to_backend(void *ctx, int xdp, const struct local_copy *copy,
-								   __be32 backend, __be16 source_port, __u64 now_ns,
-								   struct route *next_hop)
+								   __be32 backend, __be16 source_port, struct route *next_hop)
 {
 	const struct front_forwarding *fwd = &copy->forwarding;
 	__u32 ingress = xdp ? ((struct xdp_md *)ctx)->ingress_ifindex : ((struct __sk_buff *)ctx)->ifindex;
 	__u32 slot = ((bpf_ntohl(backend) ^ ingress) * 2654435761u) >> 24; /* Knuth's multiplicative hash */
 	struct route_entry *entry = bpf_map_lookup_elem(&routes, &slot);
+	__u64 now = bpf_jiffies64();
 
 	if (!entry)
 		return 0;
 	struct route *cached = &entry->route;
 	if (cached->backend == backend && cached->ingress_ifindex == ingress &&
-	    now_ns - cached->checked_ns < ROUTE_CACHE_NS && entry->generation == copy->generation && copy->generation) {
+	    now - cached->checked_jiffies < ROUTE_CACHE_JIFFIES && entry->generation == copy->generation &&
+	    copy->generation) {
 		*next_hop = *cached;
 		return entry;
 	}
@@ -1423,10 +1431,10 @@ static __always_inline const struct route_entry *route_to_backend(void *ctx, int
 		.ipv4_dst = backend,
 	};
 	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS) {
-		cached->checked_ns = 0;
+		cached->checked_jiffies = 0;
 		return 0;
 	}
-	*cached = (struct route){.checked_ns = now_ns, .backend = backend, .ingress_ifindex = ingress,
+	*cached = (struct route){.checked_jiffies = now, .backend = backend, .ingress_ifindex = ingress,
 				 .ifindex = fib.ifindex};
 	__builtin_memcpy(cached->dmac, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(cached->smac, fib.smac, ETH_ALEN);
@@ -1455,6 +1463,60 @@ struct forwarding_plan {
 	__u64 mac; /* big endian */
 };
 
+/* What a flow's packets share, per CPU: its flow hash, and its encapsulation MAC for the last backend, former
+ * owners and flags it was computed for. The two SipHashes are ~85 ns of a forwarded packet's ~270
+ * (docs/front.md, "Its own cost") and give the same result for every packet of a flow: a packet whose
+ * 4-tuple, copy generation (the flow and encap keys, the farm's address), backend, former owners and
+ * flags are the entry's takes them from it, the bytes unchanged. Direct-mapped by a multiplicative hash
+ * of the tuple: tuples that share a slot (a flood's, or aimed there) only replace each other, each
+ * computing its own. */
+#define FLOW_CACHE_BITS 9
+struct flow_entry {
+	__u64 generation; /* the local copy's when written; 0: empty */
+	__u32 tuple[9];   /* struct segment's saddr, daddr, sport and dport */
+	__be32 backend;   /* the MAC's; 0: no MAC kept */
+	__u64 flow;       /* flow_hash */
+	struct former_owners former;
+	__u8 flags;
+	__u8 pad[7];
+	__u64 mac;        /* encap_mac, host order */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1 << FLOW_CACHE_BITS);
+	__type(key, __u32);
+	__type(value, struct flow_entry);
+} flows SEC(".maps");
+
+/* This CPU's entry for `seg`'s flow, holding its flow hash under the copy's generation (computed now if
+ * the entry held another flow, or another generation's); NULL cannot happen (the slot is in range). */
+static __always_inline struct flow_entry *flow_of(const struct segment *seg, const struct local_copy *copy)
+{
+	const header_word *tuple = (const void *)seg;
+	__u32 mix = 0, differs = 0;
+
+#pragma unroll
+	for (__u32 i = 0; i < 9; i++)
+		mix ^= tuple[i];
+	__u32 slot = (mix * 2654435761u) >> (32 - FLOW_CACHE_BITS);
+	struct flow_entry *entry = bpf_map_lookup_elem(&flows, &slot);
+	if (!entry)
+		return 0;
+#pragma unroll
+	for (__u32 i = 0; i < 9; i++)
+		differs |= entry->tuple[i] ^ tuple[i];
+	if (differs || entry->generation != copy->generation) {
+		entry->flow = flow_hash(seg, copy->forwarding.flow_key);
+#pragma unroll
+		for (__u32 i = 0; i < 9; i++)
+			entry->tuple[i] = tuple[i];
+		entry->generation = copy->generation;
+		entry->backend = 0;
+	}
+	return entry;
+}
+
 /* The outcomes of a segment the program encapsulates; every other one is left to the queue. */
 static __always_inline int forwarded(__u32 outcome)
 {
@@ -1466,11 +1528,14 @@ static __always_inline int forwarded(__u32 outcome)
  * `flags` and the slot's former owners (an ICMP error's too: its flow's slot), for a packet decided as
  * `outcome`: that outcome, or the one that leaves it to the queue. */
 static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct local_copy *copy,
-						const struct segment *seg, __u8 flags, __u64 tai_ns, __u32 outcome,
+						const struct segment *seg, __u8 flags, __u32 outcome,
 						struct forwarding_plan *plan)
 {
 	const struct front_forwarding *fwd = &copy->forwarding;
-	__u64 flow = flow_hash(seg, fwd->flow_key);
+	struct flow_entry *kept = flow_of(seg, copy);
+	if (!kept)
+		return FRONT_QUEUED;
+	__u64 flow = kept->flow;
 	__u32 index = flow % MAGLEV_TABLE_SIZE;
 	const struct maglev_owners *entry = bpf_map_lookup_elem(&maglev, &index);
 	if (!entry)
@@ -1483,16 +1548,24 @@ static __always_inline __u32 plan_encapsulation(void *ctx, int xdp, const struct
 	plan->backend = backend;
 	plan->former = former;
 	plan->source_port = bpf_htons(ENCAP_SOURCE_PORT_BASE | (flow & ENCAP_SOURCE_PORT_MASK));
-	const struct route_entry *route = route_to_backend(ctx, xdp, copy, plan->backend, plan->source_port, tai_ns,
+	const struct route_entry *route = route_to_backend(ctx, xdp, copy, plan->backend, plan->source_port,
 							   &plan->next_hop);
 	if (!route)
 		return FRONT_UNROUTED;
 
-	union encap_message message;
-	encap_message_of(&message, fwd->farm_address, plan->backend, seg, flags, &plan->former);
-	/* encap_mac's value, from the state the route cache keeps after the message's first word(s) */
-	plan->mac = bpf_cpu_to_be64(seg->family == 4 ? siphash_finish(&route->encap_mac[1], &message.words[2], 5, 7, 2, 4)
-						     : siphash_finish(&route->encap_mac[0], &message.words[1], 6, 7, 2, 4));
+	if (kept->backend != backend || kept->former.previous != former.previous ||
+	    kept->former.earlier != former.earlier || kept->flags != flags) {
+		union encap_message message;
+
+		encap_message_of(&message, fwd->farm_address, plan->backend, seg, flags, &plan->former);
+		/* encap_mac's value, from the state the route cache keeps after the message's first word(s) */
+		kept->mac = seg->family == 4 ? siphash_finish(&route->encap_mac[1], &message.words[2], 5, 7, 2, 4)
+					     : siphash_finish(&route->encap_mac[0], &message.words[1], 6, 7, 2, 4);
+		kept->backend = backend;
+		kept->former = former;
+		kept->flags = flags;
+	}
+	plan->mac = bpf_cpu_to_be64(kept->mac);
 	plan->farm_address = fwd->farm_address;
 	plan->encap_port = fwd->encap_port;
 	plan->flags = flags;
@@ -1528,10 +1601,10 @@ static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct se
 
 	__u32 outcome = FRONT_FORWARDED;
 	__u8 flags = 0;
-	__u64 tai_ns = bpf_ktime_get_tai_ns(); /* the one clock reading: a helper call costs ~20 ns */
 	if ((seg->flags & TCP_FLAG_ACK) && !(seg->flags & (TCP_FLAG_RST | TCP_FLAG_FIN))) {
 		__u32 cookie = seg->ack - 1;
-		__u64 now_ns = tai_ns + cfg->clock_offset_ns;
+		/* the one clock reading, for the cookie only: a helper call costs ~20 ns */
+		__u64 now_ns = bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
 		__u64 epoch = now_ns / cfg->period_ns;
 		const struct salt_slot *slot = copied_cookie_slot(copy, cookie);
 		/* A cookie of the current epoch names the minting slot itself. */
@@ -1555,7 +1628,7 @@ static __always_inline __u32 plan_forwarding(void *ctx, int xdp, const struct se
 		}
 	}
 
-	return plan_encapsulation(ctx, xdp, copy, seg, flags, tai_ns, outcome, plan);
+	return plan_encapsulation(ctx, xdp, copy, seg, flags, outcome, plan);
 }
 
 /* The Ethernet, outer IPv4, UDP and encapsulation headers as encap.encapsulate builds them, for an
@@ -1675,8 +1748,7 @@ static __always_inline __u32 plan_fastopen(void *ctx, int xdp, const struct segm
 
 	if (!fwd)
 		return FRONT_QUEUED;
-	return plan_encapsulation(ctx, xdp, copy, seg, ENCAP_FLAG_FASTOPEN, bpf_ktime_get_tai_ns(),
-				  FRONT_FASTOPEN_ACCEPTED, plan);
+	return plan_encapsulation(ctx, xdp, copy, seg, ENCAP_FLAG_FASTOPEN, FRONT_FASTOPEN_ACCEPTED, plan);
 }
 
 static __noinline int forward_fastopen_xdp(struct xdp_md *ctx, const struct segment *seg,
@@ -1738,8 +1810,8 @@ static __always_inline __u32 plan_icmp_error(void *ctx, int xdp, struct segment 
 		return FRONT_QUEUED;
 	if (error->ip_length + ENCAP_OVERHEAD > fwd->farm_mtu)
 		return FRONT_TOO_BIG;
-	__u32 outcome = plan_encapsulation(ctx, xdp, copy, &flow, ENCAP_FLAG_ICMP, bpf_ktime_get_tai_ns(),
-					   FRONT_ICMP_FORWARDED, plan);
+	__u32 outcome = plan_encapsulation(ctx, xdp, copy, &flow, ENCAP_FLAG_ICMP, FRONT_ICMP_FORWARDED,
+					   plan);
 	const struct token_limit *limit = bpf_map_lookup_elem(&icmp_limit, &zero);
 	if (outcome == FRONT_ICMP_FORWARDED &&
 	    (!limit || !token_take(bpf_map_lookup_elem(&icmp_budget, &zero), limit->cost_ns, limit->credit_max_ns)))

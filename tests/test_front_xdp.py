@@ -91,7 +91,7 @@ BACKENDS = tuple(f"10.98.0.{host}" for host in (11, 12, 13, 14, 15, 16, 17))
 UNREACHABLE_BACKEND = "192.0.2.9"     # an unreachable route
 UNRESOLVED_BACKEND = "10.97.0.9"      # routed through a gateway without a neighbour entry
 LINK = "fxa"
-ROUTE_CACHE_SECONDS = 0.1  # ROUTE_CACHE_NS in bpf/front.bpf.c
+ROUTE_CACHE_SECONDS = 0.1  # ROUTE_CACHE_JIFFIES in bpf/front.bpf.c: at most 100 ms (HZ >= 100)
 
 
 @pytest.fixture(scope="module")
@@ -344,6 +344,52 @@ def test_a_moved_flow_names_its_former_owners_as_the_handler_does_until_the_wind
                 assert expected.outcome == "icmp_forwarded" and out[14:] == expected.packet, step
                 errors_named.update((out[14 + 32:14 + 36], out[14 + 36:14 + 40]))
             assert errors_named <= named and (errors_named != {none}) == (step > 0), step
+    finally:
+        loaded.close()
+
+
+def test_a_flows_kept_hash_and_mac_follow_its_flags_and_its_maglev_slot_rewritten_in_place(
+        hook, one_cpu, monkeypatch, namespace, link_mac, cookie_vectors, schedule):
+    """Each CPU keeps a flow's flow hash and encapsulation MAC (bpf/front.bpf.c, flow_of): on one CPU, the
+    same flows' packets stay the handler's bytes when only the flags change (a handshake ACK between
+    unflagged ones) and when the loader rewrites their Maglev slots in place (former owners expired: no
+    new generation)."""
+    rng = random.Random(11)
+    vectors = cookie_vectors["vectors"]
+    loaded = FastPath(build_object("front"))
+    try:
+        policy = make_policy(vectors)
+        loaded.configure(policy, schedule)
+        for vector in usable(vectors)[:10]:
+            now = vector["epoch"] * PERIOD + PERIOD / 2
+            set_clock(monkeypatch, loaded, policy, schedule, now)
+            for delta, outcome in ((1 << 12, "forwarded_bad_mac"), (0, "validated"), (1 << 12, "forwarded_bad_mac")):
+                frame = vector_ack(vector, cookie_delta=delta)
+                expected = handle(frame[14:], now, schedule, policy)
+                verdict, out, changed = run(namespace, loaded, frame, hook=hook)
+                assert changed == {(outcome, vector["family"]): 1}, vector["name"]
+                assert_encapsulated(verdict, out, expected, link_mac, hook)
+        previous = PreviousOwners(window=60.0)
+        flows = [build_tcp_packet(bytes([rng.randrange(1, 127)]) + rng.randbytes(3), ipaddress.ip_address(VIP4).packed,
+                                  rng.randrange(1, 65536), PORT, rng.randrange(2**32), 0, ACK, 1000)
+                 for _ in range(200)]
+        named = []
+        for step, backends in enumerate((BACKENDS[:3], BACKENDS[:4], None)):
+            if backends:
+                current = dataclasses.replace(make_policy(vectors, backends=backends), previous=previous)
+                previous.follow(current.owner_table(), current.draining_table(), current.down, float(step))
+                loaded.configure(current, schedule)
+            else:  # the window ends: the slots rewritten in place, the same generation
+                assert previous.expire(step + 61.0)
+                loaded.write_maglev(current)
+            now = 1000 * PERIOD + 30
+            set_clock(monkeypatch, loaded, current, schedule, now)
+            for packet in flows * 2:  # the second time from the kept hash and MAC
+                _, out, _ = run(namespace, loaded, frame_of(packet), hook=hook)
+                assert out[14:] == handle(packet, now, schedule, current).packet, step
+            named.append(sum(out[14 + 32:14 + 40] != bytes(8) for out in
+                             (run(namespace, loaded, frame_of(packet), hook=hook)[1] for packet in flows)))
+        assert named[0] == 0 and named[1] > 0 and named[2] == 0
     finally:
         loaded.close()
 

@@ -47,7 +47,7 @@ _FAMILY = struct.Struct(f"=II16s{MAX_EXCEPTIONS * 32}s")
 PROOFS_SIZE = 2 * _FAMILY.size
 # Netlink groups whose messages may change the proof (<linux/rtnetlink.h>): links, addresses (their local
 # routes), routes, rules, nexthop objects. Neighbours do not: the programs look the probe up again
-# every ROUTE_CACHE_NS.
+# every ROUTE_CACHE_JIFFIES.
 _GROUPS = (1, 5, 7, 8, 9, 11, 19, 32)  # LINK, IPV4_IFADDR, IPV4_ROUTE, IPV4_RULE, IPV6_IFADDR, IPV6_ROUTE, IPV6_RULE, NEXTHOP
 SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
 
@@ -75,7 +75,7 @@ class Route:
 class Proof:
     """Every client address outside `exceptions` is routed as `probe` is, to the default route's `next_hop`;
     `refused` says why not, if not. A new next hop is a new proof, though the programs' map does not hold
-    it: their kept lookups are then dropped at once, not after ROUTE_CACHE_NS. `detail` (the counts) is
+    it: their kept lookups are then dropped at once, not after ROUTE_CACHE_JIFFIES. `detail` (the counts) is
     logged but not compared: a routing daemon churning a large table would otherwise re-log the refusal
     and make every CPU re-copy its maps at each refresh."""
     exceptions: tuple[Network, ...] = ()
