@@ -27,7 +27,7 @@ from pathlib import Path
 
 from benchmarks.contenders import BACKEND, FRONT, PORT, Front, KernelSyncookies, lab_host, nft
 from benchmarks.generator import PACER_TABLE, GeneratorError, pacer, trafgen_argv
-from benchmarks.measure import CONTENDER_CPU, GENERATOR_CPU, pin_process, process_tree, steer_receive
+from benchmarks.measure import CONTENDER_CPU, GENERATOR_CPU, pin_process, process_tree, receive_steered
 from benchmarks.report import append_scenario, spread
 from synproxy.lab.topology import BACKEND_METRICS_PORT, FRONT_METRICS_PORT, VIP, Lab, scrape
 
@@ -181,13 +181,10 @@ def unsteered(bench) -> Iterator[None]:
     queues on the backlog either way). Measured in one lab: 1.03x [1.01-1.12] the proxy's requests/s without it (5 rounds);
     the bench's own A/B could not tell it from its noise (benchmarks/README.md, "Connection rate"). The floods
     stay steered: their frames come from the generator CPU."""
-    for host, interface in bench.steered:
-        steer_receive(bench.lab.ns(host), interface, None)
-    try:
-        yield
-    finally:
+    with contextlib.ExitStack() as steering:
         for host, interface in bench.steered:
-            steer_receive(bench.lab.ns(host), interface, CONTENDER_CPU)
+            steering.enter_context(receive_steered(bench.lab.ns(host), interface, None, after=CONTENDER_CPU))
+        yield
 
 
 @contextlib.contextmanager

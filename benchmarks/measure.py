@@ -86,13 +86,13 @@ def steer_receive(namespace: str, interface: str, cpu: int | None) -> None:
 
 
 @contextmanager
-def receive_steered(namespace: str, interface: str, cpu: int) -> Iterator[None]:
-    """RPS onto ``cpu`` for the block only, then the kernel's default again."""
+def receive_steered(namespace: str, interface: str, cpu: int | None, after: int | None = None) -> Iterator[None]:
+    """RPS onto ``cpu`` for the block only (None: none), then onto ``after`` (default: the kernel's default)."""
     steer_receive(namespace, interface, cpu)
     try:
         yield
     finally:
-        steer_receive(namespace, interface, None)
+        steer_receive(namespace, interface, after)
 
 
 def steer_napi(namespace: str, interface: str, cpu: int) -> list[int]:

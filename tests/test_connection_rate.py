@@ -7,7 +7,7 @@ import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 
-from benchmarks import connection_rate
+from benchmarks import connection_rate, measure
 from benchmarks.connection_rate import ab_argv, markdown, parse_ab, summarise
 
 # ab 2.3's report (Debian's apache2-utils), trimmed, from a run against the lab's nginx.
@@ -186,7 +186,7 @@ def test_the_idle_steps_run_without_rps_and_the_floods_with_it(tmp_path, monkeyp
             return None
 
     monkeypatch.setattr(connection_rate, "ROUTES", {"proxy": Route})
-    monkeypatch.setattr(connection_rate, "steer_receive",
+    monkeypatch.setattr(measure, "steer_receive",
                         lambda namespace, interface, cpu: steering.__setitem__((namespace, interface), cpu))
     monkeypatch.setattr(connection_rate, "pin_process", lambda pid, cpu: None)
     monkeypatch.setattr(connection_rate, "process_tree", lambda pid: [])
